@@ -1,0 +1,58 @@
+"""What a validator reports: one record per event it saw, the same on its disk, on the air and in the back office.
+
+Every record carries (device_id, device_seq), the dedupe key. A purchase also carries the card's ASN and its
+offline counter (TTC) before the debit, the PSAM's terminal number and sequence, and the card's TAC, so the back
+office can recompute the TAC with the issuer's key and trust the amount without trusting the bus.
+
+Times are UTC, whole seconds. The card's transaction date and time (which the TAC covers) are this same instant
+written as BCD in UTC, so the back office recomputes the TAC from the record alone, without knowing the bus's
+time zone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from datetime import datetime, timezone
+
+
+class RecordKind(str, enum.Enum):
+    PURCHASE = "purchase"  # a fare taken from a rider's e-purse
+    SHIFT_OPEN = "shift_open"  # a driver signed in with a driver card
+    SHIFT_CLOSE = "shift_close"  # a driver signed out
+    DENIED = "denied"  # a deny-listed card was presented and refused
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TapRecord:
+    device_id: str
+    device_seq: int
+    kind: RecordKind
+    occurred_at: datetime  # UTC, whole seconds
+    operator: str
+    route: str
+    vehicle: str
+    driver: str  # the driver's staff number; "" before any shift
+    shift_no: int
+    card_asn: str = ""  # 20 hex digits
+    card_type: int = 0
+    card_ttc: int = 0  # the card's offline counter before this purchase
+    amount: int = 0  # fen
+    balance_after: int = 0  # fen
+    terminal_id: str = ""  # 12 hex digits, the PSAM's terminal number
+    terminal_seq: int = 0  # the PSAM's transaction sequence
+    tac: str = ""  # 8 hex digits
+    reason: str = ""  # why a card was refused (DENIED)
+
+    def __post_init__(self):
+        if self.occurred_at.tzinfo is None or self.occurred_at.utcoffset().total_seconds() != 0:
+            raise ValueError("occurred_at must be an aware UTC datetime")
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.device_id, self.device_seq)
+
+
+def utc(ts: float | int) -> datetime:
+    """A POSIX timestamp as an aware UTC datetime, truncated to whole seconds."""
+    return datetime.fromtimestamp(int(ts), tz=timezone.utc)
