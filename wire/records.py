@@ -56,3 +56,19 @@ class TapRecord:
 def utc(ts: float | int) -> datetime:
     """A POSIX timestamp as an aware UTC datetime, truncated to whole seconds."""
     return datetime.fromtimestamp(int(ts), tz=timezone.utc)
+
+
+def to_plain(record: TapRecord) -> dict:
+    """The record as JSON-ready values (time as POSIX seconds, kind as its name)."""
+    out = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+    out["kind"] = record.kind.value
+    out["occurred_at"] = int(record.occurred_at.timestamp())
+    return out
+
+
+def from_plain(values: dict) -> TapRecord:
+    """Inverse of :func:`to_plain`, for trusted stores (the validator's own journal); the wire decoder is stricter."""
+    values = dict(values)
+    values["kind"] = RecordKind(values["kind"])
+    values["occurred_at"] = utc(values["occurred_at"])
+    return TapRecord(**values)
