@@ -1,0 +1,66 @@
+# farebox: two commands.  `make demo` runs the whole system on this machine; `make test` runs the tests.
+# Works on a fresh Debian 12 with python3 (3.11) as root; nothing to install by hand.
+
+SHELL       := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS   += --no-print-directory
+
+PYTHON  ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.farebox-installed
+PCSC_H  := /usr/include/PCSC/winscard.h
+SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: help venv demo test bench clean
+
+help:
+	@echo "make demo    run the simulated fleet and back office (embedded broker and SQLite, nothing to set up)"
+	@echo "make test    make sure PostgreSQL and Mosquitto run, then run all tests"
+	@echo "make bench   run the benchmarks (each beside its baseline)"
+	@echo "make venv    create .venv and install farebox with its test extras"
+	@echo "make clean   remove var/ and caches (keeps .venv)"
+
+venv: $(STAMP)
+	@:
+
+# pyscard has no Linux wheel: it compiles (gcc, Python.h) against winscard.h from libpcsclite-dev.
+# A bare Debian 12 also lacks python3-venv (ensurepip). The checks run only when the stamp is stale;
+# reinstall only when pyproject.toml is newer than the stamp, so repeat runs cost nothing.
+$(STAMP): pyproject.toml
+	@pkgs=""; \
+	[ -f $(PCSC_H) ] || pkgs="$$pkgs libpcsclite-dev"; \
+	[ -x $(BIN)/python ] || $(PYTHON) -c 'import ensurepip' 2>/dev/null || pkgs="$$pkgs python3-venv"; \
+	command -v gcc >/dev/null || pkgs="$$pkgs gcc"; \
+	$(PYTHON) -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
+	  || pkgs="$$pkgs python3-dev"; \
+	if [ -n "$$pkgs" ]; then \
+	  echo "venv: apt-get install$$pkgs"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $(SUDO) apt-get install -y -q $$pkgs >/dev/null \
+	    || { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q $$pkgs >/dev/null; }; \
+	fi
+	@if [ ! -x $(BIN)/python ]; then \
+	  echo "venv: creating $(VENV)"; \
+	  $(PYTHON) -m venv $(VENV); \
+	fi
+	@echo "venv: pip install -e '.[test]'"
+	@$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+demo: venv
+	$(BIN)/farebox demo
+
+# scripts/ensure-services.sh installs/starts PostgreSQL and Mosquitto (or says why it cannot).
+# pytest's exit status goes straight to make: 5 ("no tests collected") fails the target too.
+test: venv
+	@scripts/ensure-services.sh
+	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: venv
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf var .pytest_cache .ruff_cache .mypy_cache .hypothesis build
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Make sure the services the tests use answer on loopback:
+#   PostgreSQL on 127.0.0.1:5432 (trust auth, database "test") and Mosquitto on 127.0.0.1:1883.
+# Installs them with apt-get when missing (root only), starts them when down, waits until each port
+# answers, and prints one line per service. Idempotent; a few tens of milliseconds when all is up.
+# When something is missing and we are not root, it says so and exits 0: the tests then skip with reasons.
+set -euo pipefail
+
+PG_HOST=127.0.0.1 PG_PORT=5432 PG_DB=test PG_USER=postgres
+MQ_HOST=127.0.0.1 MQ_PORT=1883
+WAIT_SECONDS=${ENSURE_SERVICES_TIMEOUT:-30}
+
+is_root() { [[ $(id -u) -eq 0 ]]; }
+say() { printf '%s\n' "$*"; }
+
+# true when something accepts TCP connections on host:port (bash's /dev/tcp; refused is immediate on loopback)
+answers() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+wait_for() { # name host port
+    local deadline=$((SECONDS + WAIT_SECONDS))
+    until answers "$2" "$3"; do
+        if ((SECONDS >= deadline)); then
+            say "$1: DOWN - nothing answers on $2:$3 after ${WAIT_SECONDS}s"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
+apt_install() { # packages...
+    export DEBIAN_FRONTEND=noninteractive
+    # no init system in containers: keep package scripts from trying to start services; we start them
+    local policy=/usr/sbin/policy-rc.d created_policy=
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && created_policy=1
+    fi
+    local rc=0
+    if ! apt-get install -y -q "$@" >/tmp/ensure-services-apt.log 2>&1; then
+        apt-get update -q >>/tmp/ensure-services-apt.log 2>&1 || true
+        apt-get install -y -q "$@" >>/tmp/ensure-services-apt.log 2>&1 || rc=$?
+    fi
+    [[ -n $created_policy ]] && rm -f "$policy"
+    if ((rc != 0)); then
+        say "apt-get install $* failed (log: /tmp/ensure-services-apt.log):"
+        tail -n 5 /tmp/ensure-services-apt.log
+    fi
+    return "$rc"
+}
+
+# ---------------------------------------------------------------- PostgreSQL
+pg_trust_loopback() { # version: let 127.0.0.1 / ::1 in without a password, as on the project's machines
+    local hba=/etc/postgresql/$1/main/pg_hba.conf
+    if ! grep -q '^# farebox: trust loopback' "$hba"; then
+        local tmp
+        tmp=$(mktemp)
+        {
+            echo '# farebox: trust loopback (test machines only)'
+            echo 'host    all    all    127.0.0.1/32    trust'
+            echo 'host    all    all    ::1/128         trust'
+            cat "$hba"
+        } >"$tmp"
+        cat "$tmp" >"$hba" && rm -f "$tmp"
+    fi
+}
+
+pg_version() { # highest configured cluster version, or the highest installed server
+    local v
+    v=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+    [[ -z $v ]] && v=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1)
+    printf '%s' "$v"
+}
+
+ensure_postgresql() {
+    local fresh=
+    if ! answers "$PG_HOST" "$PG_PORT"; then
+        if ! command -v pg_ctlcluster >/dev/null || [[ -z $(pg_version) ]]; then
+            if ! is_root; then
+                say "postgresql: not installed, and not root so cannot install it - PostgreSQL tests will be skipped"
+                return 0
+            fi
+            say "postgresql: installing (apt-get install postgresql) ..."
+            apt_install postgresql || { say "postgresql: install failed - PostgreSQL tests will be skipped"; return 0; }
+            fresh=1
+        fi
+        local ver
+        ver=$(pg_version)
+        if [[ ! -d /etc/postgresql/$ver/main ]]; then
+            is_root || { say "postgresql: no cluster and not root - PostgreSQL tests will be skipped"; return 0; }
+            pg_createcluster --port "$PG_PORT" "$ver" main >/dev/null
+            fresh=1
+        fi
+        if [[ -n $fresh ]]; then
+            pg_trust_loopback "$ver"
+        fi
+        if ! is_root && [[ $(id -un) != postgres ]]; then
+            say "postgresql: down on $PG_HOST:$PG_PORT, and not root so cannot start it - PostgreSQL tests will be skipped"
+            return 0
+        fi
+        pg_ctlcluster --skip-systemctl-redirect "$ver" main start ||
+            { say "postgresql: start failed (see /var/log/postgresql/postgresql-$ver-main.log)"; return 0; }
+        wait_for postgresql "$PG_HOST" "$PG_PORT" || return 0
+    fi
+    if command -v psql >/dev/null; then
+        local psql=(psql -X -q -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres -v ON_ERROR_STOP=1 -tA)
+        local have
+        # the server may accept TCP a moment before it accepts logins
+        for _ in $(seq 1 50); do
+            if have=$("${psql[@]}" -c "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'" 2>/tmp/ensure-services-psql.log); then
+                break
+            fi
+            have=ERR
+            sleep 0.1
+        done
+        if [[ $have == ERR ]]; then
+            say "postgresql: answers on $PG_HOST:$PG_PORT but user $PG_USER cannot log in: $(tail -n 1 /tmp/ensure-services-psql.log)"
+            return 0
+        fi
+        if [[ $have != 1 ]]; then
+            "${psql[@]}" -c "CREATE DATABASE $PG_DB" >/dev/null
+        fi
+    fi
+    say "postgresql: up ($PG_HOST:$PG_PORT, database $PG_DB)"
+}
+
+# ---------------------------------------------------------------- Mosquitto
+ensure_mosquitto() {
+    local conf=/etc/mosquitto/mosquitto.conf
+    if ! answers "$MQ_HOST" "$MQ_PORT"; then
+        if ! command -v mosquitto >/dev/null && [[ ! -x /usr/sbin/mosquitto ]]; then
+            if ! is_root; then
+                say "mosquitto: not installed, and not root so cannot install it - Mosquitto tests will be skipped"
+                return 0
+            fi
+            say "mosquitto: installing (apt-get install mosquitto) ..."
+            apt_install mosquitto || { say "mosquitto: install failed - Mosquitto tests will be skipped"; return 0; }
+            # Debian's stock config listens on loopback only (no listener line) and includes conf.d;
+            # the default max_queued_messages (1000) silently drops QoS 1 messages for slow subscribers.
+            if [[ -d /etc/mosquitto/conf.d ]] && grep -q '^include_dir /etc/mosquitto/conf.d' "$conf"; then
+                printf '# farebox: never drop queued QoS 1 messages\nmax_queued_messages 0\n' \
+                    >/etc/mosquitto/conf.d/farebox.conf
+            fi
+        fi
+        if ! is_root; then
+            say "mosquitto: down on $MQ_HOST:$MQ_PORT, and not root so cannot start it - Mosquitto tests will be skipped"
+            return 0
+        fi
+        # what the systemd unit would do before starting it
+        mkdir -p /run/mosquitto /var/log/mosquitto /var/lib/mosquitto
+        if id mosquitto >/dev/null 2>&1; then
+            chown mosquitto: /run/mosquitto /var/log/mosquitto /var/lib/mosquitto
+        fi
+        local mosquitto_bin
+        mosquitto_bin=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+        "$mosquitto_bin" -d -c "$conf" ||
+            { say "mosquitto: start failed (see /var/log/mosquitto/mosquitto.log)"; return 0; }
+        wait_for mosquitto "$MQ_HOST" "$MQ_PORT" || return 0
+    fi
+    say "mosquitto: up ($MQ_HOST:$MQ_PORT)"
+}
+
+ensure_postgresql
+ensure_mosquitto
