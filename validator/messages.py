@@ -1,0 +1,51 @@
+"""What the rider and the driver read on the validator's screen, in Chinese and English."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Outcome(str, enum.Enum):
+    PAID = "paid"
+    ALREADY_PAID = "already_paid"
+    INSUFFICIENT_BALANCE = "insufficient_balance"
+    CARD_BLOCKED = "card_blocked"
+    CARD_EXPIRED = "card_expired"
+    CARD_UNREADABLE = "card_unreadable"
+    TAP_AGAIN = "tap_again"
+    NO_SHIFT = "no_shift"
+    SHIFT_OPENED = "shift_opened"
+    SHIFT_CLOSED = "shift_closed"
+    OUT_OF_SERVICE = "out_of_service"
+
+
+MESSAGES: dict[Outcome, tuple[str, str]] = {
+    Outcome.PAID: ("扣款成功", "Paid"),
+    Outcome.ALREADY_PAID: ("已付款", "Already paid"),
+    Outcome.INSUFFICIENT_BALANCE: ("余额不足", "Insufficient balance"),
+    Outcome.CARD_BLOCKED: ("此卡已停用", "Card blocked"),
+    Outcome.CARD_EXPIRED: ("卡已过期", "Card expired"),
+    Outcome.CARD_UNREADABLE: ("无法识别此卡", "Card not recognised"),
+    Outcome.TAP_AGAIN: ("请重新刷卡", "Please tap again"),
+    Outcome.NO_SHIFT: ("司机未签到", "Driver not signed in"),
+    Outcome.SHIFT_OPENED: ("签到成功", "Shift started"),
+    Outcome.SHIFT_CLOSED: ("签退成功", "Shift ended"),
+    Outcome.OUT_OF_SERVICE: ("暂停服务", "Out of service"),
+}
+
+
+def yuan(fen: int) -> str:
+    sign = "-" if fen < 0 else ""
+    whole, cents = divmod(abs(fen), 100)
+    return f"{sign}{whole}.{cents:02d}"
+
+
+def screen_text(outcome: Outcome, fare: int | None = None, balance: int | None = None) -> str:
+    """One line for the validator's display, Chinese first."""
+    zh, en = MESSAGES[outcome]
+    parts = [f"{zh} {en}"]
+    if fare is not None:
+        parts.append(f"票价 Fare ¥{yuan(fare)}")
+    if balance is not None:
+        parts.append(f"余额 Balance ¥{yuan(balance)}")
+    return " | ".join(parts)
