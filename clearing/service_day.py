@@ -11,7 +11,7 @@ take the date. `day_bounds` gives the UTC window of exactly those moments, so a 
 
 from __future__ import annotations
 
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 
 import pandas as pd
 
@@ -27,14 +27,15 @@ def _check_cutoff(cutoff_hour: int) -> None:
 def service_day(ts_utc: pd.Series, tz: str = DEFAULT_TZ, cutoff_hour: int = DEFAULT_CUTOFF_HOUR) -> pd.Series:
     """The service day (a `datetime.date`) of each timestamp; NaT stays NaT.
 
-    `ts_utc` must be timezone-aware: a naive time could be UTC or local, and guessing would move taps between days.
+    `ts_utc` must be timezone-aware (TypeError otherwise): a naive time could be UTC or local, and guessing
+    would move taps between days.
     """
     _check_cutoff(cutoff_hour)
     ts = pd.Series(ts_utc) if not isinstance(ts_utc, pd.Series) else ts_utc
     if len(ts) == 0 and not isinstance(ts.dtype, pd.DatetimeTZDtype):
         return pd.Series([], index=ts.index, dtype=object)
     if not isinstance(ts.dtype, pd.DatetimeTZDtype):
-        raise ValueError(
+        raise TypeError(
             f"service_day needs timezone-aware UTC timestamps, got dtype {ts.dtype}: "
             "localize them first, e.g. series.dt.tz_localize('UTC')"
         )
@@ -50,7 +51,9 @@ def _first_instant_at(wall: datetime, tz: str) -> pd.Timestamp:
     try:
         # A wall time skipped by a spring-forward gap starts at the moment the clock jumps.
         local = naive.tz_localize(tz, ambiguous="raise", nonexistent="shift_forward")
-    except ValueError:  # AmbiguousTimeError: the wall time happens twice (autumn); the first one starts the day
+    except (
+        ValueError
+    ):  # AmbiguousTimeError: the wall time happens twice (autumn); the first one starts the day
         local = min(
             naive.tz_localize(tz, ambiguous=True, nonexistent="shift_forward"),
             naive.tz_localize(tz, ambiguous=False, nonexistent="shift_forward"),
@@ -68,6 +71,6 @@ def day_bounds(
     start = _first_instant_at(datetime.combine(day, time(cutoff_hour)), tz)
     end = _first_instant_at(datetime.combine(day + timedelta(days=1), time(cutoff_hour)), tz)
     return (
-        start.to_pydatetime().astimezone(timezone.utc),
-        end.to_pydatetime().astimezone(timezone.utc),
+        start.to_pydatetime().astimezone(UTC),
+        end.to_pydatetime().astimezone(UTC),
     )

@@ -108,9 +108,7 @@ def _breakdown(purchases: pd.DataFrame, key: str) -> pd.DataFrame:
         return _empty_table(key)
     # dropna=False: a purchase with an unknown key still has to be counted somewhere, or the tables disagree.
     table = (
-        purchases.groupby(key, sort=True, dropna=False)["amount"]
-        .agg(taps="size", amount="sum")
-        .reset_index()
+        purchases.groupby(key, sort=True, dropna=False)["amount"].agg(taps="size", amount="sum").reset_index()
     )
     table["taps"] = table["taps"].astype("int64")
     table["amount"] = table["amount"].astype("int64")

@@ -14,7 +14,7 @@ import functools
 import operator
 import os
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -50,7 +50,7 @@ def _cjk_font() -> str | None:
     """Register STSong-Light once; None if this reportlab cannot (then Chinese falls back to Helvetica)."""
     try:
         pdfmetrics.registerFont(UnicodeCIDFont(CJK_FONT))
-    except Exception:  # any failure here only costs the Chinese glyphs, never the report
+    except Exception:  # noqa: BLE001 - a failure here costs only the Chinese glyphs, never the report
         return None
     return CJK_FONT
 
@@ -75,7 +75,9 @@ def _markup(text: str) -> str:
             runs[-1] = (latin, runs[-1][1] + ch)
         else:
             runs.append((latin, ch))
-    return "".join(escape(run) if latin else f'<font name="{cjk}">{escape(run)}</font>' for latin, run in runs)
+    return "".join(
+        escape(run) if latin else f'<font name="{cjk}">{escape(run)}</font>' for latin, run in runs
+    )
 
 
 class _NumberedCanvas(canvas.Canvas):
@@ -86,7 +88,7 @@ class _NumberedCanvas(canvas.Canvas):
         self._footer = footer
         self._pages: list[dict] = []
 
-    def showPage(self):  # noqa: N802 - reportlab's name
+    def showPage(self):
         self._pages.append(dict(self.__dict__))
         self._startPage()
 
@@ -103,7 +105,7 @@ class _NumberedCanvas(canvas.Canvas):
 
 
 def _key_text(value) -> str:
-    return MISSING_KEY if value is None or value is pd.NA or (isinstance(value, float) and value != value) else str(value)
+    return MISSING_KEY if pd.isna(value) else str(value)
 
 
 def _table(table: pd.DataFrame, key: str, names: dict | None, styles) -> Table:
@@ -177,7 +179,7 @@ def write_settlement_pdf(
     path.parent.mkdir(parents=True, exist_ok=True)
     styles = _styles()
     day = settlement.day.isoformat()
-    made = generated_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    made = generated_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
     story: list = [
         Paragraph(_markup(f"Daily settlement — {operator_name} — service day {day}"), styles["title"]),
