@@ -64,10 +64,15 @@ pg_trust_loopback() { # version: let 127.0.0.1 / ::1 in without a password, as o
 }
 
 pg_version() { # highest configured cluster version, or the highest installed server
-    local v
-    v=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
-    [[ -z $v ]] && v=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1)
-    printf '%s' "$v"
+    local dir d
+    for dir in /etc/postgresql /usr/lib/postgresql; do
+        [[ -d $dir ]] || continue
+        d=$(find "$dir" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' | sort -V | tail -n 1)
+        if [[ -n $d ]]; then
+            printf '%s' "$d"
+            return 0
+        fi
+    done
 }
 
 ensure_postgresql() {
@@ -102,19 +107,22 @@ ensure_postgresql() {
     fi
     if command -v psql >/dev/null; then
         local psql=(psql -X -q -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres -v ON_ERROR_STOP=1 -tA)
-        local have
+        local have errf
+        errf=$(mktemp)
         # the server may accept TCP a moment before it accepts logins
         for _ in $(seq 1 50); do
-            if have=$("${psql[@]}" -c "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'" 2>/tmp/ensure-services-psql.log); then
+            if have=$("${psql[@]}" -c "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'" 2>"$errf"); then
                 break
             fi
             have=ERR
             sleep 0.1
         done
         if [[ $have == ERR ]]; then
-            say "postgresql: answers on $PG_HOST:$PG_PORT but user $PG_USER cannot log in: $(tail -n 1 /tmp/ensure-services-psql.log)"
+            say "postgresql: answers on $PG_HOST:$PG_PORT but user $PG_USER cannot log in: $(tail -n 1 "$errf")"
+            rm -f "$errf"
             return 0
         fi
+        rm -f "$errf"
         if [[ $have != 1 ]]; then
             "${psql[@]}" -c "CREATE DATABASE $PG_DB" >/dev/null
         fi
