@@ -62,5 +62,6 @@ bench: venv
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf var .pytest_cache .ruff_cache .mypy_cache .hypothesis build
-	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+	@echo "clean: var/ and caches (.venv kept)"
+	@rm -rf var .pytest_cache .ruff_cache .mypy_cache .hypothesis build
+	@find . -path ./$(VENV) -prune -o -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
