@@ -167,8 +167,22 @@ class EmbeddedBroker:
             return self.url
         self._proc = None
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        if self.port is None:
+        if self.port is not None:  # a restart keeps its port: clients have its URL
+            self._start_on_port(timeout)
+            return self.url
+        # a fresh port: another process may grab it between free_port() and the child's bind; try another
+        for attempt in range(3):
             self.port = free_port()
+            try:
+                self._start_on_port(timeout)
+                return self.url
+            except BrokerStartError as exc:
+                if attempt == 2 or not _address_in_use(str(exc)):
+                    self.port = None
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_on_port(self, timeout: float) -> None:
         self._write_files()
         self.ready_path.unlink(missing_ok=True)
         with self.log_path.open("ab") as log:
@@ -201,7 +215,7 @@ class EmbeddedBroker:
             # the child writes the ready file once amqtt's listener is bound (a bare TCP probe would
             # make amqtt log an error for the empty connection)
             if self.ready_path.exists():
-                return self.url
+                return
             if time.monotonic() > deadline:
                 self.kill()
                 raise BrokerStartError(
@@ -282,6 +296,11 @@ def broker_config(port: int, passwd_file: Path) -> dict:
             "amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(passwd_file)},
         },
     }
+
+
+def _address_in_use(text: str) -> bool:
+    text = text.lower()
+    return "address already in use" in text or "errno 98" in text
 
 
 def _check_username(name: str) -> None:

@@ -21,7 +21,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from farebox.broker import BrokerStartError, EmbeddedBroker
-from farebox.mqtt_url import MqttTarget, configure_client, parse_mqtt_url
+from wire.mqtt_url import MqttTarget, configure_client, parse_mqtt_url
 
 TIMEOUT = 10.0
 
@@ -300,6 +300,21 @@ def test_start_failure_says_why(tmp_path: Path) -> None:
     assert "broker.log" in text
     assert "in use" in text.lower() or "errno 98" in text.lower(), text
     assert not broker.running
+
+
+def test_fresh_port_taken_meanwhile_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import farebox.broker as fb
+
+    real_free_port = fb.free_port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        ports = iter([taken])
+        monkeypatch.setattr(fb, "free_port", lambda host="127.0.0.1": next(ports, None) or real_free_port(host))
+        with EmbeddedBroker(tmp_path) as broker:
+            assert broker.port != taken
+            assert "address already in use" in broker.log_path.read_text().lower()
 
 
 def test_broker_process_exits_when_its_parent_dies(tmp_path: Path) -> None:
