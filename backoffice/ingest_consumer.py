@@ -37,7 +37,8 @@ class IngestConsumer:
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         client.on_connect = self._on_connect
         client.on_message = self._on_message
-        client.on_subscribe = lambda *a: self._subscribed.set()
+        client.on_subscribe = self._on_subscribe
+        self.on_ready = lambda: None  # called once subscribed (the demo waits for it)
         self.client = client
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -47,6 +48,10 @@ class IngestConsumer:
         client.subscribe(topics.ALL_TAPS, qos=1)
         log.info("ingest: connected to %s, subscribed to %s", self.target.url(with_password=False),
                  topics.ALL_TAPS)
+
+    def _on_subscribe(self, *args):
+        self._subscribed.set()
+        self.on_ready()
 
     def _on_message(self, client, userdata, message):
         try:

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from farebox.broker import EmbeddedBroker
-from farebox.mqtt_url import parse_mqtt_url
+from wire.mqtt_url import parse_mqtt_url
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"

@@ -72,10 +72,12 @@ class Uplink:
         """The bus drives into a dead zone: the link drops and stays down until :meth:`go_online`."""
         self._offline = True
         self.client.disconnect()
+        self.client.loop_stop()  # a user disconnect ends paho's network thread; go_online starts a new one
 
     def go_online(self) -> None:
         self._offline = False
-        self.client.reconnect()
+        self.client.connect_async(self.target.host, self.target.port, keepalive=30)
+        self.client.loop_start()
 
     def notify(self) -> None:
         """A new record is in the journal: send without waiting for the next poll."""

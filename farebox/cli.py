@@ -1,0 +1,105 @@
+"""The `farebox` command. Each subcommand turns its arguments into one call; the wiring lives in farebox/."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from datetime import date
+from pathlib import Path
+
+from farebox.config import load_settings
+
+
+def _demo(args, settings) -> int:
+    from farebox.demo import run_demo
+
+    kills = tuple(float(x) for x in args.kill_ingest_at.split(",")) if args.kill_ingest_at else ()
+    result = run_demo(settings, seed=args.seed, day=args.day, riders=args.riders, kill_ingest_at=kills)
+    return 0 if result.consistent else 1
+
+
+def _ingest(args, settings) -> int:
+    from backoffice.db import make_engine, upgrade
+    from backoffice.ingest_consumer import IngestConsumer
+    from farebox.keys import issuer_keys
+    from wire.mqtt_url import parse_mqtt_url
+
+    if not settings.mqtt_url:
+        print("farebox ingest needs a broker: set FAREBOX_MQTT_URL (e.g. mqtt://127.0.0.1:1883)", file=sys.stderr)
+        return 2
+    engine = make_engine(settings.effective_database_url)
+    upgrade(engine)
+    consumer = IngestConsumer(engine, parse_mqtt_url(settings.mqtt_url), keys=issuer_keys(settings),
+                              client_id=args.client_id)
+    if args.ready_file:
+        consumer.on_ready = lambda: Path(args.ready_file).touch()
+    consumer.run_forever()
+    return 0
+
+
+def _db_upgrade(args, settings) -> int:
+    from backoffice.db import make_engine, upgrade
+
+    engine = make_engine(settings.effective_database_url)
+    upgrade(engine)
+    print(f"schema is current on {engine.url.render_as_string(hide_password=True)}")
+    return 0
+
+
+def _settle(args, settings) -> int:
+    from backoffice.db import make_engine
+    from backoffice.settle import settle
+
+    engine = make_engine(settings.effective_database_url)
+    with engine.connect() as conn:
+        result = settle(conn, operator=args.operator, day=args.day, reports_dir=args.out)
+    s = result.settlement
+    print(f"{args.operator} {args.day}: {s.taps} fares, {s.amount} fen; PDF {result.pdf}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="farebox", description="An open bus smartcard system.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="one service day of a simulated city, from card to settlement PDF")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--day", type=date.fromisoformat, default=None, help="service day (default: yesterday)")
+    p.add_argument("--riders", type=int, default=200)
+    p.add_argument("--kill-ingest-at", default="", help="fractions of the day (e.g. 0.3,0.6) at which ingest "
+                                                        "is killed with SIGKILL and restarted")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("ingest", help="store validators' tap batches from the broker (FAREBOX_MQTT_URL)")
+    p.add_argument("--client-id", default="farebox_ingest", help="MQTT client id (the persistent session's name)")
+    p.add_argument("--ready-file", default=None, help="touch this file once subscribed")
+    p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("db", help="database schema")
+    p.add_argument("action", choices=["upgrade"])
+    p.set_defaults(func=_db_upgrade)
+
+    p = sub.add_parser("settle", help="settle one service day and write its PDF")
+    p.add_argument("--operator", required=True)
+    p.add_argument("--day", type=date.fromisoformat, required=True)
+    p.add_argument("--out", type=Path, default=Path("var/reports"))
+    p.set_defaults(func=_settle)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose or args.command == "ingest" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings()
+    except (OSError, ValueError) as e:
+        print(f"farebox: bad configuration: {e}", file=sys.stderr)
+        return 2
+    return args.func(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Settings: environment variables ``FAREBOX_*``, or one TOML file named by ``FAREBOX_CONFIG``; every setting has a
+default that runs the demo with nothing configured."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    var_dir: Path = Path("var")
+    database_url: str | None = None  # None: a SQLite file under var/
+    mqtt_url: str | None = None  # None: an embedded broker started by the program
+    issuer_keys_file: Path | None = None  # None: the published simulator test keys (epurse.keys)
+
+    @property
+    def sqlite_url(self) -> str:
+        return f"sqlite:///{(self.var_dir / 'backoffice.db').resolve()}"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or self.sqlite_url
+
+
+_ENV = {"var_dir": "FAREBOX_VAR_DIR", "database_url": "FAREBOX_DATABASE_URL", "mqtt_url": "FAREBOX_MQTT_URL",
+        "issuer_keys_file": "FAREBOX_ISSUER_KEYS"}
+
+
+def load_settings(environ=os.environ) -> Settings:
+    values: dict = {}
+    config_file = environ.get("FAREBOX_CONFIG")
+    if config_file:
+        with open(config_file, "rb") as f:
+            doc = tomllib.load(f)
+        unknown = set(doc) - set(_ENV)
+        if unknown:
+            raise ValueError(f"{config_file}: unknown settings {sorted(unknown)}; known: {sorted(_ENV)}")
+        values.update(doc)
+    for name, var in _ENV.items():
+        if environ.get(var):
+            values[name] = environ[var]
+    for name in ("var_dir", "issuer_keys_file"):
+        if values.get(name) is not None:
+            values[name] = Path(values[name])
+    return Settings(**values)

@@ -1,0 +1,318 @@
+"""`farebox demo`: one service day of a small simulated city, on real parts, from card to settlement PDF.
+
+The back office's database (SQLite under var/ unless FAREBOX_DATABASE_URL), an MQTT broker (started here unless
+FAREBOX_MQTT_URL), the ingest consumer as a child process of its own, six real validators with simulated cards and
+PSAMs, and a day of taps in accelerated time with a deny-listed card and a bus that loses its link for four hours.
+At the end the day is settled, the PDF written, and the settlement checked against what the cards lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from backoffice import registry
+from backoffice.db import make_engine, upgrade
+from backoffice.settle import settle
+from blacklist.denylist import DenyList, write_atomic
+from epurse.cardtypes import CardType
+from epurse.keys import TEST_ISSUER_KEYS
+from farebox.broker import EmbeddedBroker
+from farebox.config import Settings
+from hardware_sim.card import SimCard
+from hardware_sim.city import CityPlan, plan_city
+from hardware_sim.psam import SimPsam
+from validator.fares import FareTable
+from validator.journal import Journal
+from validator.messages import Outcome, yuan
+from validator.readers.sim import SimReader
+from validator.terminal import Terminal, TerminalConfig
+from validator.uplink import Uplink
+from wire.mqtt_url import parse_mqtt_url
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Bus:
+    reader: SimReader
+    terminal: Terminal
+    uplink: Uplink
+    journal: Journal
+
+
+@dataclasses.dataclass
+class DemoResult:
+    run_dir: Path
+    operator: str
+    day: date
+    pdf: Path
+    taps_by_outcome: dict[str, int]
+    cards_lost: int  # fen: what the riders' cards lost in balance, read off the cards
+    settled_amount: int  # fen
+    settled_taps: int
+    stored_records: int  # rows in the back office for this run
+    journal_records: int  # completed records the validators wrote
+    quarantined: int
+    ingest_kills: int
+    seconds: float
+
+    @property
+    def consistent(self) -> bool:
+        return (self.cards_lost == self.settled_amount and self.stored_records == self.journal_records
+                and self.quarantined == 0)
+
+
+class IngestProcess:
+    """`farebox ingest` as a child process, so that it can be killed for real."""
+
+    def __init__(self, run_dir: Path, database_url: str, mqtt_url: str, client_id: str):
+        self.run_dir = run_dir
+        self.env = {**os.environ, "FAREBOX_DATABASE_URL": database_url, "FAREBOX_MQTT_URL": mqtt_url}
+        self.client_id = client_id
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 30.0) -> None:
+        ready = self.run_dir / "ingest.ready"
+        ready.unlink(missing_ok=True)
+        self.starts += 1
+        log_file = open(self.run_dir / "ingest.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "farebox.cli", "ingest", "--client-id", self.client_id, "--ready-file", str(ready)],
+            env=self.env, stdout=log_file, stderr=subprocess.STDOUT)
+        log_file.close()
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ingest did not start; see {self.run_dir / 'ingest.log'}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _seed_registry(engine, plan: CityPlan) -> None:
+    with engine.begin() as conn:
+        registry.add_operator(conn, code=plan.operator, name=plan.operator_name, timezone=plan.tz)
+        for r in plan.routes:
+            registry.add_route(conn, code=r.code, operator=plan.operator, name=r.name, flat_fare=r.fare)
+        for b in plan.buses:
+            registry.add_vehicle(conn, code=b.vehicle, operator=plan.operator, plate=b.plate)
+        for d in plan.drivers:
+            registry.add_driver(conn, staff_no=f"{d.staff_no}", operator=plan.operator, name=d.name,
+                                card_asn=d.asn.hex())
+        for b in plan.buses:
+            registry.add_device(conn, device_id=b.device_id, operator=plan.operator, vehicle=b.vehicle,
+                                terminal_id=b.terminal_id.hex())
+        registry.add_cards(conn, [{"asn": c.asn.hex(), "card_type": int(c.card_type),
+                                   "status": "lost" if c.asn in plan.denied else "active"} for c in plan.cards])
+
+
+def _sam_slot(psam: SimPsam):
+    """The validator's SAM slot is a reader of its own, holding the PSAM for good."""
+    slot = SimReader()
+    slot.present(psam)
+    return slot.poll()
+
+
+def _sim_clock():
+    """A clock the simulation moves forward; the terminals read it as their wall clock."""
+    now = [datetime.now(timezone.utc)]
+    return now, (lambda: now[0])
+
+
+def run_demo(settings: Settings, *, seed: int = 7, day: date | None = None, riders: int = 200,
+             kill_ingest_at: tuple[float, ...] = (), console: Console | None = None) -> DemoResult:
+    """Run the day; ``kill_ingest_at`` lists fractions of the day at which ingest is SIGKILLed and restarted."""
+    console = console or Console()
+    started = time.monotonic()
+    tag = secrets.token_hex(3)
+    run_dir = (settings.var_dir / "demo" / tag).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(filename=run_dir / "demo.log", level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    day = day or (datetime.now(ZoneInfo("Asia/Shanghai")) - timedelta(days=1)).date()
+    plan = plan_city(tag=tag, day=day, seed=seed, riders=riders)
+    console.print(f"[bold]farebox demo[/] run [cyan]{tag}[/]: {len(plan.routes)} routes, {len(plan.buses)} buses, "
+                  f"{len(plan.drivers)} drivers, {len(plan.cards)} rider cards, service day {day}")
+
+    database_url = settings.effective_database_url
+    engine = make_engine(database_url)
+    upgrade(engine)
+    _seed_registry(engine, plan)
+    console.print(f"back office database: {engine.url.render_as_string(hide_password=True)}")
+
+    broker = None
+    mqtt_url = settings.mqtt_url
+    if mqtt_url is None:
+        broker = EmbeddedBroker(run_dir / "broker")
+        mqtt_url = broker.start()
+    target = parse_mqtt_url(mqtt_url)
+    console.print(f"MQTT broker: {target.url(with_password=False)}{' (embedded)' if broker else ''}")
+
+    ingest = IngestProcess(run_dir, database_url, mqtt_url, client_id=f"ingest_{tag}")
+    buses: list[Bus] = []
+    try:
+        ingest.start()
+        deny_file = write_atomic(run_dir / "denylist.bin", [a.hex() for a in plan.denied], version=1)
+        deny_list = DenyList.load(deny_file)
+        fares = FareTable(version=1, flat={r.code: r.fare for r in plan.routes})
+        now, clock = _sim_clock()
+        for b in plan.buses:
+            journal = Journal(run_dir / f"{b.device_id}.journal")
+            terminal = Terminal(TerminalConfig(device_id=b.device_id, operator=plan.operator, route=b.route,
+                                               vehicle=b.vehicle),
+                                journal=journal, psam=_sam_slot(SimPsam(b.terminal_id, keys=TEST_ISSUER_KEYS)),
+                                fares=fares, deny_list=deny_list, clock=clock)
+            uplink = Uplink(journal, target, device_id=b.device_id, operator=plan.operator, ack_timeout=3.0)
+            uplink.start()
+            buses.append(Bus(SimReader(), terminal, uplink, journal))
+
+        cards = {c.asn: SimCard(c.asn, int(c.card_type), c.balance, start=day - timedelta(days=365),
+                                end=day + timedelta(days=365 * 5)) for c in plan.cards}
+        driver_cards = {d.staff_no: SimCard(d.asn, CardType.DRIVER, 0, staff_no=d.staff_no, holder_name=d.name,
+                                            start=day - timedelta(days=365), end=day + timedelta(days=365 * 5))
+                        for d in plan.drivers}
+        outcomes = _ride(plan, buses, cards, driver_cards, now, ingest, kill_ingest_at, console)
+
+        console.print("waiting for every validator's backlog to reach the back office ...")
+        for bus in buses:
+            if not bus.uplink.wait_drained(timeout=120):
+                console.print(f"[red]{bus.terminal.config.device_id}: {bus.journal.backlog()} records still unsent")
+    finally:
+        for bus in buses:
+            bus.uplink.stop()
+        ingest.stop()
+        if broker:
+            broker.stop()
+
+    with engine.connect() as conn:
+        result = settle(conn, operator=plan.operator, day=day, reports_dir=settings.var_dir / "reports")
+        stored, quarantined = _count_rows(conn, plan)
+    journal_records = sum(len(bus.journal.records_since(0)) for bus in buses)
+    for bus in buses:
+        bus.journal.close()
+    cards_lost = sum(c.balance for c in plan.cards) - sum(card.balance for card in cards.values())
+    demo = DemoResult(run_dir=run_dir, operator=plan.operator, day=day, pdf=result.pdf, taps_by_outcome=outcomes,
+                      cards_lost=cards_lost, settled_amount=result.settlement.amount,
+                      settled_taps=result.settlement.taps, stored_records=stored, journal_records=journal_records,
+                      quarantined=quarantined, ingest_kills=ingest.starts - 1, seconds=time.monotonic() - started)
+    _write_summary(demo, result.settlement, cards, plan)
+    _print_summary(console, demo, result.settlement)
+    return demo
+
+
+def _ride(plan, buses, cards, driver_cards, now, ingest, kill_ingest_at, console) -> dict[str, int]:
+    outcomes: dict[str, int] = {}
+    kills = sorted(int(f * len(plan.taps)) for f in kill_ingest_at)
+    offline: set[int] = set()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} taps"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("riding", total=len(plan.taps))
+        for i, tap in enumerate(plan.taps):
+            now[0] = tap.at
+            for o in plan.outages:  # the link goes down and comes back on the simulated clock
+                down = o.start <= tap.at < o.end
+                if down and o.bus not in offline:
+                    buses[o.bus].uplink.go_offline()
+                    offline.add(o.bus)
+                elif not down and o.bus in offline:
+                    buses[o.bus].uplink.go_online()
+                    offline.discard(o.bus)
+            if kills and i == kills[0]:
+                kills.pop(0)
+                ingest.kill()
+                progress.console.print(f"[yellow]ingest killed with SIGKILL at tap {i}; restarting it")
+                ingest.start()
+            bus = buses[tap.bus]
+            card = driver_cards[plan.buses[tap.bus].driver] if tap.card is None else cards[tap.card]
+            bus.reader.present(card)
+            result = bus.terminal.tap(bus.reader.poll())
+            bus.reader.remove()
+            outcomes[result.outcome.value] = outcomes.get(result.outcome.value, 0) + 1
+            if result.record is not None:
+                bus.uplink.notify()
+            local = tap.at.astimezone(ZoneInfo(plan.tz)).strftime("%H:%M")
+            progress.update(task, advance=1, description=f"riding {local}")
+        for b in offline:
+            buses[b].uplink.go_online()
+    return outcomes
+
+
+def _count_rows(conn, plan: CityPlan) -> tuple[int, int]:
+    from sqlalchemy import func, select
+
+    from backoffice.models import Quarantine, Tap
+
+    devices = [b.device_id for b in plan.buses]
+    stored = conn.execute(select(func.count()).select_from(Tap).where(Tap.device_id.in_(devices))).scalar_one()
+    quarantined = conn.execute(select(func.count()).select_from(Quarantine)
+                               .where(Quarantine.device_id.in_(devices))).scalar_one()
+    return stored, quarantined
+
+
+def _write_summary(demo: DemoResult, settlement, cards, plan: CityPlan) -> None:
+    """What the run did, for a person or a test to check without re-running it."""
+    doc = {
+        "operator": demo.operator, "day": demo.day.isoformat(), "pdf": str(demo.pdf),
+        "taps_by_outcome": demo.taps_by_outcome, "cards_lost": demo.cards_lost,
+        "settled_amount": demo.settled_amount, "settled_taps": demo.settled_taps,
+        "stored_records": demo.stored_records, "journal_records": demo.journal_records,
+        "quarantined": demo.quarantined, "ingest_kills": demo.ingest_kills, "seconds": round(demo.seconds, 1),
+        "devices": [b.device_id for b in plan.buses],
+        "cards": {asn.hex(): {"initial": c.balance, "final": cards[asn].balance} for asn, c in
+                  ((c.asn, c) for c in plan.cards)},
+        "by_route": settlement.by_route.to_dict(orient="records"),
+        "by_vehicle": settlement.by_vehicle.to_dict(orient="records"),
+        "by_driver": settlement.by_driver.to_dict(orient="records"),
+    }
+    (demo.run_dir / "summary.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False, default=int))
+
+
+def _print_summary(console: Console, demo: DemoResult, settlement) -> None:
+    for title, frame, key in (("By route", settlement.by_route, "route"),
+                              ("By vehicle", settlement.by_vehicle, "vehicle"),
+                              ("By driver", settlement.by_driver, "driver")):
+        table = Table(title=f"{title} — service day {demo.day}")
+        table.add_column(key)
+        table.add_column("taps", justify="right")
+        table.add_column("amount ¥", justify="right")
+        for row in frame.itertuples(index=False):
+            table.add_row(str(getattr(row, key)), str(row.taps), yuan(int(row.amount)))
+        table.add_row("[bold]Total", f"[bold]{int(frame['taps'].sum())}", f"[bold]{yuan(int(frame['amount'].sum()))}")
+        console.print(table)
+    outcomes = ", ".join(f"{Outcome(k).name.lower().replace('_', ' ')} {v}"
+                         for k, v in sorted(demo.taps_by_outcome.items()))
+    console.print(f"taps: {outcomes}")
+    console.print(f"records: {demo.journal_records} written by validators, {demo.stored_records} stored once in the "
+                  f"back office, {demo.quarantined} quarantined; ingest killed {demo.ingest_kills} time(s)")
+    verdict = "[green]agree" if demo.consistent else "[red]DO NOT AGREE"
+    console.print(f"cards lost ¥{yuan(demo.cards_lost)}; settlement ¥{yuan(demo.settled_amount)} in "
+                  f"{demo.settled_taps} fares: {verdict}")
+    console.print(f"PDF: {demo.pdf}")
+    console.print(f"took {demo.seconds:.1f} s")

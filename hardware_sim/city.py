@@ -1,0 +1,125 @@
+"""A small simulated city: one bus company, its routes, buses with validators, drivers and riders' cards.
+
+Everything the plan names is built from a seed, so two runs with the same seed tap the same cards at the same
+times. The riders' cards and the PSAMs are hardware_sim devices; the validators are the real validator code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from datetime import date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from epurse.cardtypes import CardType
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutePlan:
+    code: str
+    name: str
+    fare: int  # fen
+
+
+@dataclasses.dataclass(frozen=True)
+class BusPlan:
+    vehicle: str
+    plate: str
+    device_id: str
+    terminal_id: bytes  # the PSAM's terminal number
+    route: str
+    driver: str  # staff number
+
+
+@dataclasses.dataclass(frozen=True)
+class DriverPlan:
+    staff_no: str
+    name: str
+    asn: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class CardPlan:
+    asn: bytes
+    card_type: CardType
+    balance: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Tap:
+    at: datetime  # UTC
+    bus: int  # index into CityPlan.buses
+    card: bytes | None  # a rider's ASN, or None for the bus's driver card
+
+
+@dataclasses.dataclass(frozen=True)
+class Outage:
+    bus: int
+    start: datetime  # UTC
+    end: datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class CityPlan:
+    operator: str
+    operator_name: str
+    tz: str
+    day: date
+    routes: tuple[RoutePlan, ...]
+    buses: tuple[BusPlan, ...]
+    drivers: tuple[DriverPlan, ...]
+    cards: tuple[CardPlan, ...]
+    denied: frozenset[bytes]  # ASNs on the deny list
+    taps: tuple[Tap, ...]  # the whole day in time order, driver sign-in and sign-out included
+    outages: tuple[Outage, ...]
+
+
+def _asn(tag: str, kind: int, n: int) -> bytes:
+    """A 10-byte ASN: the run tag (6 hex digits), a kind (riders 5100, drivers 5900), a serial number."""
+    return bytes.fromhex(f"{tag}{kind:04d}{n:010d}")
+
+
+def plan_city(*, tag: str, day: date, seed: int = 7, riders: int = 200, buses: int = 6,
+              trips_per_hour: float = 12.0, tz: str = "Asia/Shanghai") -> CityPlan:
+    """The demo city. ``tag`` (6 hex digits) keeps this run's codes, staff numbers and card numbers apart from
+    earlier runs in the same database and broker."""
+    rng = random.Random(seed)
+    routes = (RoutePlan(f"{tag}_r1", "1路 Station Loop", 200), RoutePlan(f"{tag}_r15", "15路 University", 200),
+              RoutePlan(f"{tag}_k3", "K3 快线 Airport Express", 500))
+    drivers = tuple(DriverPlan(f"{tag}-{101 + i}", name, _asn(tag, 5900, i + 1)) for i, name in
+                    enumerate(["王伟 Wang Wei", "李娜 Li Na", "张敏 Zhang Min", "刘洋 Liu Yang", "陈静 Chen Jing",
+                               "杨帆 Yang Fan"][:buses]))
+    bus_plans = tuple(BusPlan(vehicle=f"{tag}_b{i + 1:02d}", plate=f"沪A-{81000 + i}", device_id=f"{tag}_v{i + 1:02d}",
+                              terminal_id=bytes.fromhex(f"0100{i + 1:08d}"), route=routes[i % len(routes)].code,
+                              driver=drivers[i].staff_no) for i in range(buses))
+    kinds = [CardType.ADULT] * 6 + [CardType.STUDENT, CardType.ELDERLY, CardType.STAFF]
+    cards = []
+    for n in range(riders):
+        # Most riders carry enough for the day; one in ten runs dry, to show "insufficient balance".
+        balance = rng.choice([300, 500, 700]) if n % 10 == 3 else rng.randrange(2000, 10000, 100)
+        cards.append(CardPlan(_asn(tag, 5100, 1 + n), rng.choice(kinds), balance))
+    denied = frozenset({cards[7].asn})
+
+    local = ZoneInfo(tz)
+    def at(hour: float) -> datetime:
+        wall = datetime.combine(day, time(0)) + timedelta(hours=hour)
+        return wall.replace(tzinfo=local).astimezone(ZoneInfo("UTC"))
+
+    taps: list[Tap] = []
+    for b in range(buses):
+        start, end = 6.0 + rng.random() * 0.5, 21.5 + rng.random()
+        taps.append(Tap(at(start), b, None))  # sign in
+        taps.append(Tap(at(end), b, None))  # sign out
+        hour = start + 0.05
+        while hour < end - 0.05:
+            rush = 2.0 if 7 <= hour < 9 or 17 <= hour < 19 else 1.0
+            hour += rng.expovariate(trips_per_hour * rush)
+            if hour < end - 0.05:
+                taps.append(Tap(at(hour), b, rng.choice(cards).asn))
+    # The deny-listed card tries its luck twice.
+    taps += [Tap(at(8.25), 0, cards[7].asn), Tap(at(17.5), 3, cards[7].asn)]
+    taps.sort(key=lambda t: (t.at, t.bus))
+    outages = (Outage(2, at(9.0), at(13.0)),)  # bus 3 drives through a dead zone for four hours
+    return CityPlan(operator=f"{tag}_bus", operator_name="示例公交 Example City Bus Co.", tz=tz, day=day,
+                    routes=routes, buses=bus_plans, drivers=drivers, cards=tuple(cards), denied=denied,
+                    taps=tuple(taps), outages=outages)
