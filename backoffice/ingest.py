@@ -62,12 +62,13 @@ class DeviceDirectory:
 
 
 def _insert_ignoring_duplicates(conn: Connection, table, rows: list[dict]) -> int:
-    """One multi-row INSERT ... ON CONFLICT DO NOTHING; returns how many rows were new."""
+    """One multi-row INSERT ... ON CONFLICT DO NOTHING; returns how many rows were new (counted by RETURNING,
+    since drivers disagree on the rowcount of a multi-row insert)."""
     if not rows:
         return 0
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(table).values(rows).on_conflict_do_nothing()
-    return conn.execute(stmt).rowcount
+    stmt = dialect.insert(table).values(rows).on_conflict_do_nothing().returning(table.c.id)
+    return len(conn.execute(stmt).all())
 
 
 def _quarantine_row(now, topic, device_id, seq, reason, payload) -> dict:

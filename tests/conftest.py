@@ -59,6 +59,13 @@ def _tcp_answers(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
+def _service_missing(reason: str):
+    """Skip with the reason; under CI (FAREBOX_REQUIRE_SERVICES=1, set by .ci/run) a missing service fails."""
+    if os.environ.get("FAREBOX_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason} (CI requires it)", pytrace=False)
+    pytest.skip(reason)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -83,7 +90,7 @@ def pg_url() -> str:
             _drop_orphan_test_databases(conn)
     except psycopg.Error as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        pytest.skip(f"PostgreSQL not reachable at {url}: run scripts/ensure-services.sh ({reason})")
+        _service_missing(f"PostgreSQL not reachable at {url}: run scripts/ensure-services.sh ({reason})")
     return url
 
 
@@ -128,7 +135,7 @@ def mosquitto_url() -> str:
     url = os.environ.get("FAREBOX_TEST_MQTT_URL", DEFAULT_MQTT_URL)
     target = parse_mqtt_url(url)
     if not _tcp_answers(target.host, target.port):
-        pytest.skip(
+        _service_missing(
             f"Mosquitto not reachable at {target.url(with_password=False)}: run scripts/ensure-services.sh"
         )
     return url
