@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 
 import paho.mqtt.client as mqtt
 from sqlalchemy import Engine
@@ -23,8 +24,10 @@ log = logging.getLogger(__name__)
 
 
 class IngestConsumer:
-    def __init__(self, engine: Engine, target: MqttTarget, *, keys: IssuerKeys, client_id: str = "farebox_ingest"):
+    def __init__(self, engine: Engine, target: MqttTarget, *, keys: IssuerKeys, client_id: str = "farebox_ingest",
+                 operator: str | None = None):
         self.engine = engine
+        self.subscription = topics.operator_taps(operator)  # one operator's buses, or every operator's
         self.target = target
         self.keys = keys
         self.devices = DeviceDirectory()
@@ -45,9 +48,9 @@ class IngestConsumer:
         if reason_code.is_failure:
             log.error("ingest: broker refused the connection: %s", reason_code)
             return
-        client.subscribe(topics.ALL_TAPS, qos=1)
+        client.subscribe(self.subscription, qos=1)
         log.info("ingest: connected to %s, subscribed to %s", self.target.url(with_password=False),
-                 topics.ALL_TAPS)
+                 self.subscription)
 
     def _on_subscribe(self, *args):
         self._subscribed.set()
@@ -89,3 +92,20 @@ class IngestConsumer:
         done.wait()
         self.stop()
         log.info("ingest: stopped after %s", self.counts)
+
+
+def end_session(target: MqttTarget, client_id: str, timeout: float = 10.0) -> None:
+    """Drop the broker's persistent session of ``client_id`` (what it queued and its subscriptions), for an
+    ingest that is retired for good; otherwise the broker keeps queueing every batch for it."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
+                         protocol=mqtt.MQTTv311)
+    configure_client(client, target)
+    client.connect(target.host, target.port, keepalive=10)
+    client.loop_start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        client.disconnect()
+        client.loop_stop()

@@ -31,7 +31,7 @@ def _ingest(args, settings) -> int:
     engine = make_engine(settings.effective_database_url)
     upgrade(engine)
     consumer = IngestConsumer(engine, parse_mqtt_url(settings.mqtt_url), keys=issuer_keys(settings),
-                              client_id=args.client_id)
+                              client_id=args.client_id, operator=args.operator)
     if args.ready_file:
         consumer.on_ready = lambda: Path(args.ready_file).touch()
     consumer.run_forever()
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ingest", help="store validators' tap batches from the broker (FAREBOX_MQTT_URL)")
     p.add_argument("--client-id", default="farebox_ingest", help="MQTT client id (the persistent session's name)")
+    p.add_argument("--operator", default=None, help="only this operator's buses (default: every operator's)")
     p.add_argument("--ready-file", default=None, help="touch this file once subscribed")
     p.set_defaults(func=_ingest)
 

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from backoffice import registry
 from backoffice.db import make_engine, upgrade
+from backoffice.ingest_consumer import end_session
 from backoffice.settle import settle
 from blacklist.denylist import DenyList, write_atomic
 from epurse.cardtypes import CardType
@@ -80,10 +81,11 @@ class DemoResult:
 class IngestProcess:
     """`farebox ingest` as a child process, so that it can be killed for real."""
 
-    def __init__(self, run_dir: Path, database_url: str, mqtt_url: str, client_id: str):
+    def __init__(self, run_dir: Path, database_url: str, mqtt_url: str, client_id: str, operator: str):
         self.run_dir = run_dir
         self.env = {**os.environ, "FAREBOX_DATABASE_URL": database_url, "FAREBOX_MQTT_URL": mqtt_url}
         self.client_id = client_id
+        self.operator = operator
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
@@ -93,7 +95,8 @@ class IngestProcess:
         self.starts += 1
         log_file = open(self.run_dir / "ingest.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "farebox.cli", "ingest", "--client-id", self.client_id, "--ready-file", str(ready)],
+            [sys.executable, "-m", "farebox.cli", "ingest", "--client-id", self.client_id, "--operator", self.operator,
+             "--ready-file", str(ready)],
             env=self.env, stdout=log_file, stderr=subprocess.STDOUT)
         log_file.close()
         deadline = time.monotonic() + timeout
@@ -175,7 +178,7 @@ def run_demo(settings: Settings, *, seed: int = 7, day: date | None = None, ride
     target = parse_mqtt_url(mqtt_url)
     console.print(f"MQTT broker: {target.url(with_password=False)}{' (embedded)' if broker else ''}")
 
-    ingest = IngestProcess(run_dir, database_url, mqtt_url, client_id=f"ingest_{tag}")
+    ingest = IngestProcess(run_dir, database_url, mqtt_url, client_id=f"ingest_{tag}", operator=plan.operator)
     buses: list[Bus] = []
     try:
         ingest.start()
@@ -210,6 +213,8 @@ def run_demo(settings: Settings, *, seed: int = 7, day: date | None = None, ride
         ingest.stop()
         if broker:
             broker.stop()
+        else:  # a shared broker would keep this run's ingest session, and queue for it, for ever
+            end_session(target, ingest.client_id)
 
     with engine.connect() as conn:
         result = settle(conn, operator=plan.operator, day=day, reports_dir=settings.var_dir / "reports")

@@ -33,6 +33,11 @@ def ack(operator: str, device: str) -> str:
 ALL_TAPS = f"{PREFIX}/+/+/taps"
 
 
+def operator_taps(operator: str | None) -> str:
+    """The subscription for one operator's tap batches (all operators' when None)."""
+    return ALL_TAPS if operator is None else f"{PREFIX}/{check_segment(operator, 'operator')}/+/taps"
+
+
 def parse(topic: str) -> tuple[str, str, str]:
     """``(operator, device, message)`` of a farebox topic; TopicError if it is not one."""
     parts = topic.split("/")
