@@ -1,0 +1,129 @@
+"""A validator and the back office over a real broker (the embedded amqtt and the machine's Mosquitto): every
+completed tap reaches the database once, through a dead link and through an ingest outage."""
+
+from __future__ import annotations
+
+import time
+from datetime import date, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import func, select
+
+from backoffice import registry
+from backoffice.db import make_engine, upgrade
+from backoffice.ingest_consumer import IngestConsumer, end_session
+from backoffice.models import Tap
+from epurse.cardtypes import CardType
+from epurse.keys import TEST_ISSUER_KEYS
+from hardware_sim.card import SimCard
+from hardware_sim.psam import SimPsam
+from validator.fares import FareTable
+from validator.journal import Journal
+from validator.messages import Outcome
+from validator.readers.sim import SimReader
+from validator.terminal import Terminal, TerminalConfig
+from validator.uplink import Uplink
+from wire.mqtt_url import parse_mqtt_url
+
+TERMINAL = bytes.fromhex("010000000777")
+TODAY = date.today()
+
+
+class Bus:
+    """One validator wired as on a bus: SimReader in front, a PSAM in its slot, a journal, an uplink."""
+
+    def __init__(self, tmp_path, target, operator: str, device: str):
+        self.clock_now = datetime(2026, 5, 1, 6, 0, tzinfo=timezone.utc)
+        slot = SimReader()
+        slot.present(SimPsam(TERMINAL, keys=TEST_ISSUER_KEYS))
+        self.journal = Journal(tmp_path / f"{device}.journal")
+        self.terminal = Terminal(TerminalConfig(device_id=device, operator=operator, route="r1", vehicle="b1"),
+                                 journal=self.journal, psam=slot.poll(), fares=FareTable(1, {"r1": 200}),
+                                 clock=lambda: self.clock_now)
+        self.reader = SimReader()
+        self.uplink = Uplink(self.journal, target, device_id=device, operator=operator, ack_timeout=1.0,
+                             max_backoff=2.0)
+        self.driver = SimCard(bytes.fromhex("99990000000000000001"), CardType.DRIVER, 0, staff_no="D7",
+                              start=TODAY - timedelta(days=400), end=TODAY + timedelta(days=400))
+        self.riders = [SimCard(bytes.fromhex(f"9999{n:016d}"), CardType.ADULT, 1_000_000,
+                               start=TODAY - timedelta(days=400), end=TODAY + timedelta(days=400))
+                       for n in range(1, 21)]
+
+    def tap(self, card) -> Outcome:
+        self.clock_now += timedelta(seconds=40)
+        self.reader.present(card)
+        result = self.terminal.tap(self.reader.poll())
+        self.reader.remove()
+        self.uplink.notify()
+        return result.outcome
+
+    def ride(self, n: int) -> None:
+        for i in range(n):
+            assert self.tap(self.riders[i % len(self.riders)]) is Outcome.PAID
+
+
+@pytest.fixture
+def world(tmp_path, broker_url, uid):
+    operator, device = f"op_{uid}", f"v_{uid}"
+    engine = make_engine(f"sqlite:///{tmp_path}/bo.db")
+    upgrade(engine)
+    with engine.begin() as conn:
+        registry.add_operator(conn, code=operator, name="Link Test Bus")
+        registry.add_device(conn, device_id=device, operator=operator, vehicle=None, terminal_id=TERMINAL.hex())
+    target = parse_mqtt_url(broker_url)
+    consumer = IngestConsumer(engine, target, keys=TEST_ISSUER_KEYS, client_id=f"ingest_{uid}", operator=operator)
+    consumer.start()
+    assert consumer.wait_subscribed(10)
+    bus = Bus(tmp_path, target, operator, device)
+    bus.uplink.start()
+    yield engine, consumer, bus, target, uid
+    bus.uplink.stop()
+    consumer.stop()
+    end_session(target, f"ingest_{uid}")
+    bus.journal.close()
+
+
+def stored(engine) -> tuple[int, int]:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count(), func.coalesce(func.sum(Tap.amount), 0))).one()
+
+
+def test_every_tap_arrives_once_and_the_journal_empties(world):
+    engine, _, bus, _, _ = world
+    assert bus.tap(bus.driver) is Outcome.SHIFT_OPENED
+    bus.ride(120)
+    assert bus.uplink.wait_drained(30), f"backlog {bus.journal.backlog()}"
+    count, amount = stored(engine)
+    assert (count, amount) == (121, 120 * 200)
+    assert sum(1_000_000 - c.balance for c in bus.riders) == amount
+
+
+def test_a_dead_link_keeps_taps_on_the_bus_until_it_comes_back(world):
+    engine, _, bus, _, _ = world
+    bus.tap(bus.driver)
+    bus.uplink.go_offline()
+    bus.ride(60)
+    time.sleep(0.5)
+    assert bus.journal.backlog() == 61
+    assert stored(engine)[0] == 0
+    bus.uplink.go_online()
+    assert bus.uplink.wait_drained(30)
+    assert stored(engine) == (61, 60 * 200)
+
+
+def test_taps_sent_while_ingest_is_down_are_stored_when_it_returns(world):
+    engine, consumer, bus, target, uid = world
+    bus.tap(bus.driver)
+    assert bus.uplink.wait_drained(30)
+    consumer.stop()  # the broker keeps the persistent session and queues for it
+    bus.ride(40)
+    time.sleep(1.0)
+    assert bus.journal.backlog() == 40  # nobody acknowledged: the bus forgets nothing
+    again = IngestConsumer(engine, target, keys=TEST_ISSUER_KEYS, client_id=f"ingest_{uid}",
+                           operator=f"op_{uid}")
+    again.start()
+    try:
+        assert bus.uplink.wait_drained(30)
+        assert stored(engine) == (41, 40 * 200)
+    finally:
+        again.stop()
