@@ -1,0 +1,275 @@
+"""`python -m bench tap`: software time per rider tap through the real validator, beside the unavoidable floor.
+
+Measured (per tap, perf_counter_ns around one call):
+
+- **terminal**: ``validator.terminal.Terminal.tap`` with a SimReader holding a SimCard, a SimPsam in the SAM slot
+  (a SimReader of its own, as the demo wires it) and a real Journal on disk in a temp dir (WAL, synchronous=FULL:
+  the grey record and the completed record are two fsync'd commits). A driver shift is opened first; riders are a
+  pool of cards with big balances, and a fake clock moves 2 s per tap so no card comes back inside the
+  double-tap window. Every timed tap must come out PAID, or the run stops (it would not be measuring a purchase).
+- **floor**: the work no validator can skip, timed the same way: the purchase APDUs sent straight to the same
+  kind of SimCard and SimPsam (INITIALIZE FOR PURCHASE, PSAM INIT FOR PURCHASE, DEBIT FOR PURCHASE, PSAM VERIFY
+  MAC2; command bytes concatenated by hand, status words checked) and two fsync'd SQLite commits of a record of
+  the same size in a WAL + synchronous=FULL database, in the terminal's order (pending row before the DEBIT,
+  completed row after MAC2).
+- **disk**: what one commit costs alone (a tiny row, WAL + FULL), and a bare ``write`` + ``fsync`` of 4 KiB.
+
+Terminal and floor run in alternating blocks so that both see the same machine; a warm-up of each is not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from bench.common import fmt_ratio, fmt_us, ratio, summary_us, table, write_result
+from epurse import crypto
+from epurse.cardtypes import CardType
+from epurse.keys import TEST_ISSUER_CODE
+from hardware_sim.card import SimCard
+from hardware_sim.psam import SimPsam
+from validator.fares import FareTable
+from validator.journal import Journal
+from validator.messages import Outcome
+from validator.readers.sim import SimReader
+from validator.terminal import Terminal, TerminalConfig
+from wire.records import RecordKind, TapRecord, to_plain
+
+FARE = 200  # fen
+BALANCE = 100_000_000  # fen: a million yuan, enough for any run
+TERMINAL_ID = bytes.fromhex("010000000042")
+STEP = timedelta(seconds=2)  # the fake clock's move per tap
+OK = b"\x90\x00"
+
+
+def _asn(kind: int, i: int) -> bytes:
+    return bytes([0x10, kind]) + i.to_bytes(8, "big")
+
+
+def _cards(n: int, kind: int, start, end) -> list[SimCard]:
+    return [SimCard(_asn(kind, i), CardType.ADULT, BALANCE, start=start, end=end) for i in range(n)]
+
+
+def _sam_slot(psam: SimPsam):
+    """The validator's SAM slot is a reader of its own holding the PSAM (as farebox.demo wires it)."""
+    slot = SimReader()
+    slot.present(psam)
+    return slot.poll()
+
+
+class TerminalRig:
+    """A real Terminal on a real Journal, a driver shift open, a pool of rider cards."""
+
+    def __init__(self, work: Path, riders: int, now: datetime):
+        self.now = now
+        self.journal = Journal(work / "validator.journal")
+        self.terminal = Terminal(
+            TerminalConfig(device_id="bench_v1", operator="bench", route="r1", vehicle="bus1"),
+            journal=self.journal, psam=_sam_slot(SimPsam(TERMINAL_ID)),
+            fares=FareTable(version=1, flat={"r1": FARE}), clock=lambda: self.now)
+        start, end = now.date() - timedelta(days=365), now.date() + timedelta(days=3650)
+        self.reader = SimReader()
+        driver = SimCard(_asn(0xDD, 1), CardType.DRIVER, 0, staff_no="D0001", holder_name="Bench Driver",
+                         start=start, end=end)
+        if self._tap(driver) is not Outcome.SHIFT_OPENED:
+            raise RuntimeError("the driver card did not open a shift")
+        self.cards = _cards(riders, 0x01, start, end)
+        self.i = 0
+
+    def _tap(self, card) -> Outcome:
+        self.reader.present(card)
+        result = self.terminal.tap(self.reader.poll())
+        self.reader.remove()
+        return result.outcome
+
+    def run(self, n: int, out: list[int] | None) -> None:
+        reader, terminal, cards = self.reader, self.terminal, self.cards
+        for _ in range(n):
+            self.now += STEP
+            reader.present(cards[self.i % len(cards)])
+            self.i += 1
+            session = reader.poll()
+            t0 = time.perf_counter_ns()
+            result = terminal.tap(session)
+            t1 = time.perf_counter_ns()
+            reader.remove()
+            if result.outcome is not Outcome.PAID:
+                raise RuntimeError(f"tap {self.i} came out {result.outcome.value} ({result.detail}), not paid: "
+                                   "the benchmark would not be timing a purchase")
+            if out is not None:
+                out.append(t1 - t0)
+
+    def close(self) -> None:
+        self.journal.close()
+
+
+def _open_synced(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None)
+    mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    db.execute("PRAGMA synchronous=FULL")
+    if mode.lower() != "wal" or db.execute("PRAGMA synchronous").fetchone()[0] != 2:
+        raise RuntimeError(f"{path}: could not get WAL + synchronous=FULL")
+    return db
+
+
+class FloorRig:
+    """The purchase APDUs straight to a SimCard and a SimPsam, and two fsync'd commits of a journal-sized row."""
+
+    def __init__(self, work: Path, riders: int, now: datetime):
+        self.now = now
+        start, end = now.date() - timedelta(days=365), now.date() + timedelta(days=3650)
+        self.cards = _cards(riders, 0x02, start, end)
+        for card in self.cards:  # the terminal selects on every tap; the floor keeps each card selected
+            if card.transmit(bytes.fromhex("00A4040008A000000632010105"))[-2:] != OK:
+                raise RuntimeError("SELECT failed on a floor card")
+        self.psam = SimPsam(TERMINAL_ID)
+        self.db = _open_synced(work / "floor.db")
+        self.db.execute("CREATE TABLE record (device_seq INTEGER PRIMARY KEY, state TEXT NOT NULL, "
+                        "acked INTEGER NOT NULL DEFAULT 0, body TEXT NOT NULL)")
+        sample = TapRecord(device_id="bench_v1", device_seq=1, kind=RecordKind.PURCHASE, occurred_at=now,
+                           operator="bench", route="r1", vehicle="bus1", driver="D0001", shift_no=1,
+                           card_asn=_asn(0x02, 1).hex(), card_type=1, card_ttc=17, amount=FARE,
+                           balance_after=BALANCE - 18 * FARE, terminal_id=TERMINAL_ID.hex(), terminal_seq=1234,
+                           tac="0123abcd")
+        self.body = json.dumps(to_plain(sample), separators=(",", ":"))
+        self.init_cmd = (b"\x80\x50\x01\x02\x0b\x01" + FARE.to_bytes(4, "big") + TERMINAL_ID + b"\x0f")
+        self.amount4 = FARE.to_bytes(4, "big")
+        self.seq = 0
+        self.i = 0
+
+    def run(self, n: int, out: list[int] | None, apdu_out: list[int] | None = None) -> None:
+        """Time ``n`` purchases into ``out``; ``apdu_out`` gets the same taps without their two commits."""
+        cards, psam, db, body = self.cards, self.psam, self.db, self.body
+        for _ in range(n):
+            self.now += STEP
+            card = cards[self.i % len(cards)]
+            self.i += 1
+            self.seq += 1
+            t0 = time.perf_counter_ns()
+            date4, time3 = crypto.bcd_date(self.now), crypto.bcd_time(self.now)
+            r = card.transmit(self.init_cmd)
+            if r[-2:] != OK:
+                raise RuntimeError(f"floor INITIALIZE FOR PURCHASE answered {r[-2:].hex()}")
+            # balance(4) TTC(2) overdraft(3) key version(1) algorithm(1) random(4)
+            r = psam.transmit(b"\x80\x70\x00\x00\x24" + r[11:15] + r[4:6] + self.amount4 + b"\x06" + date4 + time3
+                              + r[9:11] + card.asn[2:] + TEST_ISSUER_CODE + b"\x08")
+            if r[-2:] != OK:
+                raise RuntimeError(f"floor PSAM INIT FOR PURCHASE answered {r[-2:].hex()}")
+            c0 = time.perf_counter_ns()
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO record (device_seq, state, body) VALUES (?, 'pending', ?)", (self.seq, body))
+            db.execute("COMMIT")
+            c1 = time.perf_counter_ns()
+            r = card.transmit(b"\x80\x54\x01\x00\x0f" + r[0:4] + date4 + time3 + r[4:8] + b"\x08")
+            if r[-2:] != OK:
+                raise RuntimeError(f"floor DEBIT FOR PURCHASE answered {r[-2:].hex()}")
+            r = psam.transmit(b"\x80\x72\x00\x00\x04" + r[4:8])
+            if r != OK:
+                raise RuntimeError(f"floor PSAM VERIFY MAC2 answered {r.hex()}")
+            c2 = time.perf_counter_ns()
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("UPDATE record SET state = 'done', body = ? WHERE device_seq = ?", (body, self.seq))
+            db.execute("COMMIT")
+            t1 = time.perf_counter_ns()
+            if out is not None:
+                out.append(t1 - t0)
+            if apdu_out is not None:
+                apdu_out.append((t1 - t0) - (c1 - c0) - (t1 - c2))
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def disk_costs(work: Path, n: int) -> tuple[list[int], list[int]]:
+    """Per commit of a tiny row (WAL + FULL), and per bare 4 KiB write + fsync, in ns."""
+    db = _open_synced(work / "commit.db")
+    db.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)")
+    commits = []
+    for i in range(n):
+        t0 = time.perf_counter_ns()
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO t VALUES (?, 'x')", (i,))
+        db.execute("COMMIT")
+        commits.append(time.perf_counter_ns() - t0)
+    db.close()
+    fsyncs = []
+    block = os.urandom(4096)
+    fd = os.open(work / "fsync.bin", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            os.write(fd, block)
+            os.fsync(fd)
+            fsyncs.append(time.perf_counter_ns() - t0)
+    finally:
+        os.close(fd)
+    return commits, fsyncs
+
+
+def run(*, taps: int = 5000, block: int = 250, riders: int = 200, warmup: int = 100, disk_samples: int = 1000,
+        console=None, results_dir=None) -> dict:
+    started = time.monotonic()
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    terminal_ns: list[int] = []
+    floor_ns: list[int] = []
+    floor_apdu_ns: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="farebox_bench_tap_") as tmp:
+        work = Path(tmp)
+        rig, floor = TerminalRig(work, riders, now), FloorRig(work, riders, now)
+        try:
+            rig.run(warmup, None)
+            floor.run(warmup, None)
+            while len(terminal_ns) < taps:  # alternate blocks: both see the same machine
+                step = min(block, taps - len(terminal_ns))
+                rig.run(step, terminal_ns)
+                floor.run(step, floor_ns, floor_apdu_ns)
+            journal_records = len(rig.journal.records_since(0))
+        finally:
+            rig.close()
+            floor.close()
+        commit_ns, fsync_ns = disk_costs(work, disk_samples)
+
+    t, f = summary_us(terminal_ns), summary_us(floor_ns)
+    c, s = summary_us(commit_ns), summary_us(fsync_ns)
+    doc = {
+        "params": {"taps": taps, "block": block, "riders": riders, "warmup": warmup, "disk_samples": disk_samples,
+                   "fare_fen": FARE},
+        "terminal": t,
+        "floor": f,
+        "floor_apdus_only": summary_us(floor_apdu_ns),
+        "commit_tiny_row": c,
+        "write_fsync_4k": s,
+        "ratio_terminal_to_floor": {"p50": ratio(t["p50_us"], f["p50_us"]), "p99": ratio(t["p99_us"], f["p99_us"])},
+        "terminal_overhead_p50_us": round(t["p50_us"] - f["p50_us"], 1),
+        "journal_records": journal_records,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    path = write_result("tap", doc, **({"results_dir": results_dir} if results_dir else {}))
+    if console is not None:
+        print_result(console, doc, path)
+    return doc
+
+
+def print_result(console, doc: dict, path) -> None:
+    t, f, c, s = doc["terminal"], doc["floor"], doc["commit_tiny_row"], doc["write_fsync_4k"]
+    a = doc["floor_apdus_only"]
+    r = doc["ratio_terminal_to_floor"]
+    rows = [
+        ["Terminal.tap, journal on disk", fmt_us(t["p50_us"]), fmt_us(t["p99_us"]), fmt_us(t["mean_us"]),
+         str(t["n"])],
+        ["floor: 4 APDUs + 2 commits", fmt_us(f["p50_us"]), fmt_us(f["p99_us"]), fmt_us(f["mean_us"]), str(f["n"])],
+        ["[bold]ratio terminal / floor", f"[bold]{fmt_ratio(r['p50'])}", f"[bold]{fmt_ratio(r['p99'])}", "", ""],
+        ["  floor's 4 APDUs alone", fmt_us(a["p50_us"]), fmt_us(a["p99_us"]), fmt_us(a["mean_us"]), str(a["n"])],
+        ["disk: 1 commit, tiny row", fmt_us(c["p50_us"]), fmt_us(c["p99_us"]), fmt_us(c["mean_us"]), str(c["n"])],
+        ["disk: write 4 KiB + fsync", fmt_us(s["p50_us"]), fmt_us(s["p99_us"]), fmt_us(s["mean_us"]), str(s["n"])],
+    ]
+    console.print(table(
+        f"tap: time per rider tap ({t['n']} taps, alternating blocks of {doc['params']['block']})",
+        ["what", "p50", "p99", "mean", "n"], rows,
+        caption=f"commits: SQLite WAL + synchronous=FULL. p50 terminal - floor = "
+                f"{doc['terminal_overhead_p50_us']:+.0f} µs. {doc['seconds']} s. {path}"))
