@@ -92,8 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose or args.command == "ingest" else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console_log = logging.StreamHandler()
+    # The level sits on the handler, so a command may log more to its own files than to the console.
+    console_log.setLevel(logging.INFO if args.verbose or args.command == "ingest" else logging.WARNING)
+    console_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=console_log.level, handlers=[console_log])
     try:
         settings = load_settings()
     except (OSError, ValueError) as e:

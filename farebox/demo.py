@@ -157,8 +157,20 @@ def run_demo(settings: Settings, *, seed: int = 7, day: date | None = None, ride
     tag = secrets.token_hex(3)
     run_dir = (settings.var_dir / "demo" / tag).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(filename=run_dir / "demo.log", level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    # The console shows progress; the details (reconnects, quarantine reasons) go to the run's own log file.
+    log_file = logging.FileHandler(run_dir / "demo.log")
+    log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(log_file)
+    root.setLevel(logging.INFO)
+    try:
+        return _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, started)
+    finally:
+        root.removeHandler(log_file)
+        log_file.close()
+
+
+def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, started) -> DemoResult:
     day = day or (datetime.now(ZoneInfo("Asia/Shanghai")) - timedelta(days=1)).date()
     plan = plan_city(tag=tag, day=day, seed=seed, riders=riders)
     console.print(f"[bold]farebox demo[/] run [cyan]{tag}[/]: {len(plan.routes)} routes, {len(plan.buses)} buses, "
