@@ -11,6 +11,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.farebox-installed
 PCSC_H  := /usr/include/PCSC/winscard.h
+CJK_TTF := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: help venv demo test bench clean
@@ -26,11 +27,13 @@ venv: $(STAMP)
 	@:
 
 # pyscard has no Linux wheel: it compiles (gcc, Python.h) against winscard.h from libpcsclite-dev.
-# A bare Debian 12 also lacks python3-venv (ensurepip). The checks run only when the stamp is stale;
+# A bare Debian 12 also lacks python3-venv (ensurepip). Settlement PDFs embed a CJK font (fonts-wqy-microhei).
+# The checks run only when the stamp is stale;
 # reinstall only when pyproject.toml is newer than the stamp, so repeat runs cost nothing.
 $(STAMP): pyproject.toml
 	@pkgs=""; \
 	[ -f $(PCSC_H) ] || pkgs="$$pkgs libpcsclite-dev"; \
+	[ -f $(CJK_TTF) ] || pkgs="$$pkgs fonts-wqy-microhei"; \
 	[ -x $(BIN)/python ] || $(PYTHON) -c 'import ensurepip' 2>/dev/null || pkgs="$$pkgs python3-venv"; \
 	command -v gcc >/dev/null || pkgs="$$pkgs gcc"; \
 	$(PYTHON) -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \

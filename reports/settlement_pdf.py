@@ -4,8 +4,10 @@ One A4 document: title, a line saying when it was made and the day's totals, the
 vehicle and by driver, each with a bold total row, and "Page i of n" at the foot of every page.
 
 Codes and figures are set in Helvetica. Names of routes, vehicles and drivers are often Chinese, which Helvetica
-cannot show, so runs of such characters are set in reportlab's built-in CID font STSong-Light (nothing to install:
-the PDF viewer supplies the glyphs).
+cannot show, so runs of such characters are set in a CJK font embedded in the PDF (WenQuanYi Micro Hei, Debian's
+fonts-wqy-microhei, which the Makefile installs), so that every viewer and printer shows them. Where that font file
+is missing the report falls back to reportlab's CID font STSong-Light, which only viewers with an Asian font pack
+can draw.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
 from reportlab.lib.units import mm
 from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.cidfonts import UnicodeCIDFont
+from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.pdfgen import canvas
 from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
@@ -33,7 +36,8 @@ from clearing.settlement import Settlement
 
 LATIN_FONT = "Helvetica"
 LATIN_BOLD = "Helvetica-Bold"
-CJK_FONT = "STSong-Light"
+CJK_FONT_FILES = ("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc", "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
+CJK_FALLBACK = "STSong-Light"
 MISSING_KEY = "(none)"  # shown for a purchase whose route / vehicle / driver was not recorded
 
 
@@ -47,12 +51,20 @@ def yuan(fen: int) -> str:
 
 @functools.cache
 def _cjk_font() -> str | None:
-    """Register STSong-Light once; None if this reportlab cannot (then Chinese falls back to Helvetica)."""
+    """Register an embeddable CJK font once (else STSong-Light); None if neither works (Chinese then shows as
+    blanks, but the report is still written)."""
+    for path in CJK_FONT_FILES:
+        if os.path.exists(path):
+            try:
+                pdfmetrics.registerFont(TTFont("FareboxCJK", path, subfontIndex=0))
+                return "FareboxCJK"
+            except Exception:  # noqa: BLE001 - a broken font file costs only the Chinese glyphs
+                continue
     try:
-        pdfmetrics.registerFont(UnicodeCIDFont(CJK_FONT))
+        pdfmetrics.registerFont(UnicodeCIDFont(CJK_FALLBACK))
     except Exception:  # noqa: BLE001 - a failure here costs only the Chinese glyphs, never the report
         return None
-    return CJK_FONT
+    return CJK_FALLBACK
 
 
 def _latin(ch: str) -> bool:
