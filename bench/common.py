@@ -12,7 +12,7 @@ import platform
 import socket
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.console import Console
@@ -46,10 +46,10 @@ def summary_us(samples_ns) -> dict:
 
 
 def ratio(a: float, b: float) -> float | None:
-    """a / b, rounded; None when b is zero or either is missing."""
+    """a / b to 3 decimals; None when b is zero or either is missing."""
     if a is None or b is None or not b:
         return None
-    return round(a / b, 2)
+    return round(a / b, 3)
 
 
 def fmt_us(us: float | None) -> str:
@@ -59,14 +59,16 @@ def fmt_us(us: float | None) -> str:
 
 
 def fmt_ratio(r: float | None) -> str:
-    return "-" if r is None else f"{r:.2f}×"
+    if r is None:
+        return "-"
+    return f"{r:.2f}×" if r >= 0.1 else f"{r:.3f}× (1/{1 / r:.0f})" if r > 0 else "0×"
 
 
 def machine() -> dict:
     """Where and what ran: enough to tell two result files apart, nothing secret."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=5).stdout.strip()
+                                capture_output=True, text=True, timeout=5, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     try:
@@ -80,7 +82,7 @@ def machine() -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "commit": commit,
-        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -24,10 +24,10 @@ import os
 import sqlite3
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from bench.common import fmt_ratio, fmt_us, ratio, summary_us, table, write_result
+from bench.common import fmt_ratio, fmt_us, percentile, ratio, summary_us, table, write_result
 from epurse import crypto
 from epurse.cardtypes import CardType
 from epurse.keys import TEST_ISSUER_CODE
@@ -214,10 +214,11 @@ def disk_costs(work: Path, n: int) -> tuple[list[int], list[int]]:
 def run(*, taps: int = 5000, block: int = 250, riders: int = 200, warmup: int = 100, disk_samples: int = 1000,
         console=None, results_dir=None) -> dict:
     started = time.monotonic()
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
     terminal_ns: list[int] = []
     floor_ns: list[int] = []
     floor_apdu_ns: list[int] = []
+    blocks: list[tuple[int, float, float]] = []  # (taps so far, terminal p50 µs, floor p50 µs) per block
     with tempfile.TemporaryDirectory(prefix="farebox_bench_tap_") as tmp:
         work = Path(tmp)
         rig, floor = TerminalRig(work, riders, now), FloorRig(work, riders, now)
@@ -228,6 +229,8 @@ def run(*, taps: int = 5000, block: int = 250, riders: int = 200, warmup: int = 
                 step = min(block, taps - len(terminal_ns))
                 rig.run(step, terminal_ns)
                 floor.run(step, floor_ns, floor_apdu_ns)
+                blocks.append((len(terminal_ns), percentile(terminal_ns[-step:], 50) / 1000,
+                               percentile(floor_ns[-step:], 50) / 1000))
             journal_records = len(rig.journal.records_since(0))
         finally:
             rig.close()
@@ -247,6 +250,8 @@ def run(*, taps: int = 5000, block: int = 250, riders: int = 200, warmup: int = 
         "ratio_terminal_to_floor": {"p50": ratio(t["p50_us"], f["p50_us"]), "p99": ratio(t["p99_us"], f["p99_us"])},
         "terminal_overhead_p50_us": round(t["p50_us"] - f["p50_us"], 1),
         "journal_records": journal_records,
+        # A per-tap cost that grows with the journal shows here (the floor's table grows the same way).
+        "p50_us_by_block": [{"taps": n, "terminal": round(t_, 1), "floor": round(f_, 1)} for n, t_, f_ in blocks],
         "seconds": round(time.monotonic() - started, 1),
     }
     path = write_result("tap", doc, **({"results_dir": results_dir} if results_dir else {}))
@@ -257,7 +262,7 @@ def run(*, taps: int = 5000, block: int = 250, riders: int = 200, warmup: int = 
 
 def print_result(console, doc: dict, path) -> None:
     t, f, c, s = doc["terminal"], doc["floor"], doc["commit_tiny_row"], doc["write_fsync_4k"]
-    a = doc["floor_apdus_only"]
+    a, b = doc["floor_apdus_only"], doc["p50_us_by_block"]
     r = doc["ratio_terminal_to_floor"]
     rows = [
         ["Terminal.tap, journal on disk", fmt_us(t["p50_us"]), fmt_us(t["p99_us"]), fmt_us(t["mean_us"]),
@@ -272,4 +277,7 @@ def print_result(console, doc: dict, path) -> None:
         f"tap: time per rider tap ({t['n']} taps, alternating blocks of {doc['params']['block']})",
         ["what", "p50", "p99", "mean", "n"], rows,
         caption=f"commits: SQLite WAL + synchronous=FULL. p50 terminal - floor = "
-                f"{doc['terminal_overhead_p50_us']:+.0f} µs. {doc['seconds']} s. {path}"))
+                f"{doc['terminal_overhead_p50_us']:+.0f} µs. Block p50, first -> last "
+                f"{len(b)} blocks: terminal {fmt_us(b[0]['terminal'])} -> {fmt_us(b[-1]['terminal'])}, floor "
+                f"{fmt_us(b[0]['floor'])} -> {fmt_us(b[-1]['floor'])} (journal {doc['journal_records']} records). "
+                f"{doc['seconds']} s. {path}"))
