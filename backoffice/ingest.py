@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import Connection, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -72,14 +72,14 @@ def _insert_ignoring_duplicates(conn: Connection, table, rows: list[dict]) -> in
 
 
 def _quarantine_row(now, topic, device_id, seq, reason, payload) -> dict:
-    return dict(received_at=now, topic=topic[:200], device_id=device_id[:32], device_seq=seq, reason=reason,
-                payload=payload)
+    return {"received_at": now, "topic": topic[:200], "device_id": device_id[:32], "device_seq": seq, "reason": reason,
+                "payload": payload}
 
 
 def ingest_batch(conn: Connection, topic: str, payload: bytes, *, keys: IssuerKeys, devices: DeviceDirectory,
                  now: datetime | None = None) -> IngestResult:
     """Store one batch inside the caller's transaction; the caller commits, then acknowledges ``ack_seqs``."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     try:
         operator, device_id, _ = topics.parse(topic)
     except topics.TopicError as e:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -48,6 +48,6 @@ def settle(conn: Connection, *, operator: str, day: date, reports_dir: Path | No
         names = registry.names(conn, operator)
         pdf = write_settlement_pdf(
             result, Path(reports_dir) / f"settlement-{operator}-{day.isoformat()}.pdf", operator_name=op.name,
-            generated_at=datetime.now(timezone.utc), route_names=names["route"], vehicle_names=names["vehicle"],
+            generated_at=datetime.now(UTC), route_names=names["route"], vehicle_names=names["vehicle"],
             driver_names=names["driver"])
     return DaySettlement(result, pdf)

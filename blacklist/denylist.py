@@ -46,7 +46,15 @@ class DenyList:
             raise DenyListError(f"not a farebox deny list (magic {magic!r}, format {fmt})")
         if len(blob) != _HEADER.size + count * ASN_LEN:
             raise DenyListError(f"deny list says {count} cards but holds {len(blob) - _HEADER.size} bytes of them")
-        return cls(memoryview(blob)[_HEADER.size:] if count else b"", version, count)
+        body = memoryview(blob)[_HEADER.size:] if count else b""
+        # A binary search over a damaged (unsorted) list would miss listed cards: check the order once, at load.
+        previous = b""
+        for i in range(count):
+            here = bytes(body[i * ASN_LEN:(i + 1) * ASN_LEN])
+            if here <= previous:
+                raise DenyListError(f"deny list version {version} is damaged: entry {i} is out of order")
+            previous = here
+        return cls(body, version, count)
 
     @classmethod
     def load(cls, path: str | Path) -> DenyList:
@@ -84,9 +92,10 @@ def encode(asns, version: int) -> bytes:
 def write_atomic(path: str | Path, asns, version: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    blob = encode(asns, version)  # refuse a bad list before touching the disk
     tmp = path.with_name(path.name + ".new")
     with open(tmp, "wb") as f:
-        f.write(encode(asns, version))
+        f.write(blob)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -93,12 +93,11 @@ class IngestProcess:
         ready = self.run_dir / "ingest.ready"
         ready.unlink(missing_ok=True)
         self.starts += 1
-        log_file = open(self.run_dir / "ingest.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "farebox.cli", "ingest", "--client-id", self.client_id, "--operator", self.operator,
-             "--ready-file", str(ready)],
-            env=self.env, stdout=log_file, stderr=subprocess.STDOUT)
-        log_file.close()
+        with open(self.run_dir / "ingest.log", "ab") as log_file:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "farebox.cli", "ingest", "--client-id", self.client_id,
+                 "--operator", self.operator, "--ready-file", str(ready)],
+                env=self.env, stdout=log_file, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while not ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -145,7 +144,7 @@ def _sam_slot(psam: SimPsam):
 
 def _sim_clock():
     """A clock the simulation moves forward; the terminals read it as their wall clock."""
-    now = [datetime.now(timezone.utc)]
+    now = [datetime.now(UTC)]
     return now, (lambda: now[0])
 
 

@@ -48,7 +48,14 @@ class Journal:
         # One connection shared by the tap path and the uplink thread, serialised by a lock.
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._lock = threading.RLock()
-        self._open()
+        try:
+            self._open()
+        except sqlite3.DatabaseError as e:  # damage bad enough that SQLite cannot even check the file
+            self._db.close()
+            raise JournalError(f"journal {self.path} is unreadable: {e}; keep the file for recovery") from e
+        except BaseException:
+            self._db.close()
+            raise
 
     def _open(self) -> None:
         db = self._db
@@ -127,14 +134,15 @@ class Journal:
         self._put("last_seq", str(seq))
         return dataclasses.replace(record, device_seq=seq)
 
-    def append(self, record: TapRecord, *, state: tuple[str, dict | None] | None = None) -> TapRecord:
+    def append(self, record: TapRecord, *, state: dict[str, dict | None] | None = None) -> TapRecord:
         """A finished record (shift event, refusal), given the next device sequence; on disk when this returns.
-        ``state`` (key, value) is saved in the same transaction, so a shift and its record never disagree."""
+        ``state`` (key -> value, None to delete) is saved in the same transaction, so a shift and its record
+        never disagree."""
         with self._lock, self._tx():
             record = self._assign(record)
             self._write(record, "done")
-            if state is not None:
-                self._set_state(*state)
+            for key, value in (state or {}).items():
+                self._set_state(key, value)
         return record
 
     def begin_purchase(self, record: TapRecord) -> TapRecord:

@@ -2,8 +2,9 @@
 
 A driver card opens or closes the driver's shift. A rider card pays the route's fare, crash-safe: the pending
 ("grey") record is on disk before the DEBIT reaches the card, the completed one (with the card's TAC) before the
-rider is told "paid". A card on the deny list is refused and the refusal recorded. Nothing here knows which reader
-or which link is underneath.
+rider is told "paid"; a card pulled away in between leaves the grey record, which GET TRANSACTION PROVE settles when
+that card is seen again. A card on the deny list is refused and the refusal recorded. Nothing here knows which
+reader or which link is underneath.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from blacklist.denylist import DenyList
 from epurse import apdu
 from epurse.cardtypes import CardType
 from epurse.crypto import bcd_date, bcd_time
-from validator.fares import FareTable
+from validator.fares import FareError, FareTable
 from validator.journal import Journal
 from validator.messages import Outcome
 from validator.readers.base import CardRemoved, CardSession, ReaderError
@@ -47,7 +48,7 @@ class TapResult:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 class Terminal:
@@ -64,7 +65,7 @@ class Terminal:
 
     @property
     def shift(self) -> dict | None:
-        """The open driver shift: driver (staff number), shift_no, opened_at, first_seq; None when signed out."""
+        """The open driver shift: driver (staff number), shift_no, opened_at; None when signed out."""
         return self.journal.get_state("shift")
 
     def tap(self, card: CardSession) -> TapResult:
@@ -74,6 +75,9 @@ class Terminal:
             return TapResult(Outcome.TAP_AGAIN, detail=f"card left the field: {e}")
         except ReaderError as e:
             return TapResult(Outcome.TAP_AGAIN, detail=f"reader: {e}")
+        except FareError as e:
+            log.error("device %s takes no fares: %s", self.config.device_id, e)
+            return TapResult(Outcome.OUT_OF_SERVICE, detail=str(e))
         except (apdu.StatusError, apdu.ResponseError, ValueError) as e:
             log.warning("card refused on %s: %s", self.config.device_id, e)
             return TapResult(Outcome.CARD_UNREADABLE, detail=str(e))
@@ -88,6 +92,11 @@ class Terminal:
             raise
         info = apdu.parse_public_info(apdu.check(card.exchange(apdu.read_public_info()), "READ BINARY 0015"))
         asn = info.asn.hex()
+        for grey in self.journal.pending():
+            if grey.card_asn == asn:
+                settled = self._settle_grey(card, grey, now)
+                if settled is not None:
+                    return settled
         if asn in self.deny_list:
             record = self.journal.append(self._record(RecordKind.DENIED, now, card_asn=asn,
                                                       card_type=info.card_type, reason="on deny list"))
@@ -104,6 +113,29 @@ class Terminal:
             return TapResult(Outcome.ALREADY_PAID)
         return self._purchase(card, info, now)
 
+    def _settle_grey(self, card: CardSession, grey: TapRecord, now: datetime) -> TapResult | None:
+        """The card left mid-purchase last time: ask it whether that debit happened (GET TRANSACTION PROVE), and
+        complete or cancel the grey record accordingly; never guess, never charge twice. Returns the answer for this
+        tap when it was the rider's retry of that purchase, None when the tap goes on as a new one."""
+        try:
+            prove = apdu.parse_transaction_prove(apdu.check(
+                card.exchange(apdu.get_transaction_prove(apdu.TX_PURCHASE, grey.card_ttc)), "GET TRANSACTION PROVE"))
+        except apdu.StatusError as e:
+            if e.sw != apdu.SW_PROVE_NOT_AVAILABLE:
+                raise
+            self.journal.cancel(grey.device_seq)  # the card never debited
+            log.info("device %s seq %d: card %s was not debited; grey record cancelled", self.config.device_id,
+                     grey.device_seq, grey.card_asn)
+            return None
+        record = dataclasses.replace(grey, tac=prove.tac.hex())
+        self.journal.complete_purchase(record)
+        log.info("device %s seq %d: card %s was debited; grey record completed with its TAC", self.config.device_id,
+                 grey.device_seq, grey.card_asn)
+        if (now - grey.occurred_at).total_seconds() >= self.config.double_tap_seconds:
+            return None  # settled an old trip; this tap is a new one
+        self._last_paid[grey.card_asn] = grey.occurred_at
+        return TapResult(Outcome.PAID, fare=grey.amount, balance=grey.balance_after, record=record)
+
     def _local_date(self, now: datetime):
         return now.date()  # validity dates are whole days; UTC is within a day of any service area
 
@@ -111,27 +143,24 @@ class Terminal:
         shift = self.shift
         if shift is not None and shift["driver"] == staff_no:
             record = self.journal.append(self._record(RecordKind.SHIFT_CLOSE, now, card_asn=asn,
-                                                      card_type=CardType.DRIVER), state=("shift", None))
+                                                      card_type=CardType.DRIVER), state={"shift": None})
             return TapResult(Outcome.SHIFT_CLOSED, record=record)
         if shift is not None:
             # Hand-over without sign-out: the old shift ends where the new driver's begins.
             self.journal.append(self._record(RecordKind.SHIFT_CLOSE, now, reason=f"handed over to {staff_no}"),
-                                state=("shift", None))
+                                state={"shift": None})
         last_no = (self.journal.get_state("last_shift") or {}).get("shift_no", 0)
         new = {"driver": staff_no, "shift_no": last_no + 1, "opened_at": int(now.timestamp())}
         record = self.journal.append(
             self._record(RecordKind.SHIFT_OPEN, now, driver=staff_no, shift_no=new["shift_no"], card_asn=asn,
-                         card_type=CardType.DRIVER), state=("shift", {**new, "first_seq": 0}))
-        # first_seq lets the shift report read its own records back from the journal.
-        self.journal.put_state("shift", {**new, "first_seq": record.device_seq})
-        self.journal.put_state("last_shift", new)
+                         card_type=CardType.DRIVER), state={"shift": new, "last_shift": new})
         return TapResult(Outcome.SHIFT_OPENED, record=record)
 
     def _record(self, kind: RecordKind, now: datetime, **fields) -> TapRecord:
         shift = self.shift or {}
-        base = dict(device_id=self.config.device_id, device_seq=0, kind=kind, occurred_at=now,
-                    operator=self.config.operator, route=self.config.route, vehicle=self.config.vehicle,
-                    driver=shift.get("driver", ""), shift_no=shift.get("shift_no", 0))
+        base = {"device_id": self.config.device_id, "device_seq": 0, "kind": kind, "occurred_at": now,
+                    "operator": self.config.operator, "route": self.config.route, "vehicle": self.config.vehicle,
+                    "driver": shift.get("driver", ""), "shift_no": shift.get("shift_no", 0)}
         base.update(fields)
         return TapRecord(**base)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from wire.records import RecordKind, TapRecord
 
@@ -77,20 +77,30 @@ def _load(payload: bytes) -> dict:
         raise WireError("payload must be bytes")
     try:
         doc = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, an integer literal of thousands of digits
         raise WireError(f"not UTF-8 JSON: {e}") from None
     if not isinstance(doc, dict):
         raise WireError("message is not a JSON object")
-    if doc.get("v") != VERSION:
+    version = doc.get("v")
+    if type(version) is not int or version != VERSION:  # true and 1.0 equal 1 in Python; not on the wire
         raise WireError(f"unknown message version {doc.get('v')!r}; this back office reads version {VERSION}")
     return doc
 
 
 def _str(doc: dict, key: str, where: str, max_len: int = 64) -> str:
     value = doc.get(key)
-    if not isinstance(value, str) or len(value) > max_len:
+    if not isinstance(value, str) or len(value) > max_len or not _is_text(value):
         raise WireError(f"{where}: {key!r} must be a string of at most {max_len} characters")
     return value
+
+
+def _is_text(value: str) -> bool:
+    """JSON can carry lone surrogates ("\\ud800"), which are not text and could never be stored or re-sent."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _int(value, name: str, where: str) -> int:
@@ -113,7 +123,7 @@ def _record(item, device_id: str, operator: str, index: int) -> TapRecord:
     if "device_seq" not in item or "t" not in item:
         raise WireError(f"{where}: 'device_seq' and 't' are required")
     values = {"device_id": device_id, "operator": operator, "kind": kind}
-    values["occurred_at"] = datetime.fromtimestamp(_int(item["t"], "t", where), tz=timezone.utc)
+    values["occurred_at"] = datetime.fromtimestamp(_int(item["t"], "t", where), tz=UTC)
     for name in _INT_FIELDS:
         if name in item:
             values[name] = _int(item[name], name, where)
@@ -123,7 +133,7 @@ def _record(item, device_id: str, operator: str, index: int) -> TapRecord:
     for name, width in _HEX_FIELDS.items():
         if name in item:
             value = item[name]
-            if not isinstance(value, str) or len(value) != width or not _HEX.match(value):
+            if not isinstance(value, str) or len(value) != width or not _HEX.fullmatch(value):
                 raise WireError(f"{where}: {name!r} must be {width} lower-case hex digits")
             values[name] = value
     for name in ("route", "vehicle", "driver"):

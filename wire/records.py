@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 
 class RecordKind(str, enum.Enum):
@@ -53,9 +53,9 @@ class TapRecord:
         return (self.device_id, self.device_seq)
 
 
-def utc(ts: float | int) -> datetime:
+def utc(ts: float) -> datetime:
     """A POSIX timestamp as an aware UTC datetime, truncated to whole seconds."""
-    return datetime.fromtimestamp(int(ts), tz=timezone.utc)
+    return datetime.fromtimestamp(int(ts), tz=UTC)
 
 
 def to_plain(record: TapRecord) -> dict:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import re
 
 PREFIX = "farebox/v1"
-_SEGMENT = re.compile(r"^[0-9a-z_]{1,32}$")
+_SEGMENT = re.compile(r"[0-9a-z_]{1,32}")
+MESSAGES = ("taps", "ack")
 
 
 class TopicError(ValueError):
@@ -16,7 +17,7 @@ class TopicError(ValueError):
 
 
 def check_segment(name: str, what: str) -> str:
-    if not _SEGMENT.match(name):
+    if not isinstance(name, str) or not _SEGMENT.fullmatch(name):
         raise TopicError(f"{what} {name!r} cannot be a topic segment: use 1-32 characters of [0-9a-z_]")
     return name
 
@@ -46,4 +47,6 @@ def parse(topic: str) -> tuple[str, str, str]:
     operator, device, message = parts[2:]
     check_segment(operator, "operator")
     check_segment(device, "device")
+    if message not in MESSAGES:
+        raise TopicError(f"unknown message {message!r} in topic {topic!r}; farebox v1 knows {', '.join(MESSAGES)}")
     return operator, device, message

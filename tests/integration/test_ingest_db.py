@@ -4,7 +4,7 @@ quarantined with their reason, and the schema the migrations build matches the m
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from Crypto.Cipher import DES, DES3
@@ -19,7 +19,7 @@ from wire import codec, topics
 from wire.records import RecordKind, TapRecord
 
 OP, DEV, TERMINAL = "op_t", "dev_t1", "010000000001"
-WHEN = datetime(2026, 3, 5, 7, 30, 0, tzinfo=timezone.utc)
+WHEN = datetime(2026, 3, 5, 7, 30, 0, tzinfo=UTC)
 
 
 def independent_tac(asn: bytes, amount: int, terminal: bytes, seq: int, when: datetime) -> str:
@@ -38,10 +38,10 @@ def independent_tac(asn: bytes, amount: int, terminal: bytes, seq: int, when: da
 def purchase(seq: int, amount: int = 200, asn: str = "01020304050607080910", terminal_seq: int | None = None,
              **over) -> TapRecord:
     tseq = terminal_seq if terminal_seq is not None else 1000 + seq
-    values = dict(device_id=DEV, device_seq=seq, kind=RecordKind.PURCHASE, occurred_at=WHEN, operator=OP,
-                  route="r1", vehicle="b1", driver="d1", shift_no=1, card_asn=asn, card_type=1, card_ttc=seq,
-                  amount=amount, balance_after=5000, terminal_id=TERMINAL, terminal_seq=tseq,
-                  tac=independent_tac(bytes.fromhex(asn), amount, bytes.fromhex(TERMINAL), tseq, WHEN))
+    values = {"device_id": DEV, "device_seq": seq, "kind": RecordKind.PURCHASE, "occurred_at": WHEN, "operator": OP,
+                  "route": "r1", "vehicle": "b1", "driver": "d1", "shift_no": 1, "card_asn": asn, "card_type": 1, "card_ttc": seq,
+                  "amount": amount, "balance_after": 5000, "terminal_id": TERMINAL, "terminal_seq": tseq,
+                  "tac": independent_tac(bytes.fromhex(asn), amount, bytes.fromhex(TERMINAL), tseq, WHEN)}
     values.update(over)
     return TapRecord(**values)
 

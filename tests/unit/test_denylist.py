@@ -136,12 +136,6 @@ def test_a_mapped_list_keeps_answering_after_the_file_is_replaced(tmp_path):
     assert b"\x02" * 10 in new and b"\x01" * 10 not in new
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG blacklist/denylist.py:87-89: write_atomic opens "
-    "<name>.new before encode() runs, so a refused list leaves an empty .new file behind",
-)
 def test_a_refused_list_leaves_the_old_file_and_no_temporary_file(tmp_path):
     path = write_atomic(tmp_path / "denylist.bin", [b"\x01" * 10], version=1)
     with pytest.raises(DenyListError):
@@ -175,12 +169,6 @@ def test_corrupt_files_are_refused(tmp_path, blob):
         DenyList.from_bytes(blob)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG blacklist/denylist.py:41-49: from_bytes never checks that the ASNs are in ascending "
-    "order, so a damaged body loads and the binary search then misses listed cards",
-)
 def test_a_body_out_of_order_is_refused(tmp_path):
     body = b"\x09" * 10 + b"\x01" * 10 + b"\x05" * 10
     path = tmp_path / "denylist.bin"

@@ -324,12 +324,6 @@ def test_decode_ack_refuses_with_wire_error(payload):
         decode_ack(payload)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="BUG wire/codec.py:154: json.loads raises a plain ValueError (Python's "
-    "4300-digit int limit) for a very long integer literal; _load only catches JSONDecodeError",
-)
 @pytest.mark.parametrize("decode", [decode_batch, decode_ack])
 def test_decode_refuses_a_5000_digit_integer_with_wire_error(decode):
     payload = b'{"v":1,"device":"d","operator":"o","seqs":[' + b"7" * 5000 + b'],"records":[]}'
@@ -337,35 +331,17 @@ def test_decode_refuses_a_5000_digit_integer_with_wire_error(decode):
         decode(payload)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG wire/codec.py:158: doc.get('v') != VERSION lets true and 1.0 pass as "
-    "version 1 (True == 1 == 1.0 in Python)",
-)
 @pytest.mark.parametrize("version", [True, 1.0], ids=["true", "1.0"])
 def test_decode_refuses_a_version_that_is_not_the_integer_1(version):
     with pytest.raises(WireError):
         decode_batch(dump({**valid_doc(), "v": version}))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG wire/codec.py:121/200: _HEX uses '$', which also matches before a "
-    "trailing newline, so 7 hex digits + '\\n' pass as an 8-digit TAC",
-)
 def test_decode_refuses_hex_with_a_trailing_newline():
     with pytest.raises(WireError):
         decode_batch(dump(valid_doc(tac="620098f\n")))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeEncodeError,
-    reason="BUG wire/codec.py:163-167: strings with lone surrogates (JSON '\\ud800') are "
-    "accepted; the record can then not be encoded as UTF-8 again (UnicodeEncodeError)",
-)
 def test_decode_refuses_strings_that_are_not_unicode_text():
     payload = dump(valid_doc(route="\ud800"))
     try:
@@ -499,23 +475,11 @@ def test_parse_refuses_bad_topics(topic):
         topics.parse(topic)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG wire/topics.py:246: _SEGMENT ends in '$', which matches before a "
-    "trailing newline, so 'bus1\\n' passes as a segment",
-)
 def test_segments_with_a_trailing_newline_are_refused():
     with pytest.raises(topics.TopicError):
         topics.taps("op", "bus1\n")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG wire/topics.py:276-279: parse() checks operator and device but not the "
-    "message segment, so '' / 'TAPS' / '#' come back as the message",
-)
 @pytest.mark.parametrize("message", ["", "TAPS", "#", "ta ps"])
 def test_parse_refuses_a_bad_message_segment(message):
     with pytest.raises(topics.TopicError):
