@@ -59,6 +59,32 @@ def _settle(args, settings) -> int:
     return 0
 
 
+def _device_add(args, settings) -> int:
+    from backoffice import registry
+    from backoffice.db import make_engine, upgrade
+
+    engine = make_engine(settings.effective_database_url)
+    upgrade(engine)
+    from sqlalchemy.exc import IntegrityError
+
+    try:
+        with engine.begin() as conn:
+            registry.add_device(conn, device_id=args.device_id, operator=args.operator, vehicle=args.vehicle,
+                                terminal_id=args.terminal_id.lower())
+    except IntegrityError:
+        print(f"farebox: device {args.device_id} is registered already, or operator {args.operator!r} / vehicle "
+              f"{args.vehicle!r} is not", file=sys.stderr)
+        return 1
+    print(f"device {args.device_id} registered for {args.operator} (PSAM terminal {args.terminal_id.lower()})")
+    return 0
+
+
+def _terminal_id(text: str) -> str:
+    if len(text) != 12 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise argparse.ArgumentTypeError("a PSAM terminal number is 12 hex digits, e.g. 010000000042")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="farebox", description="An open bus smartcard system.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -81,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("db", help="database schema")
     p.add_argument("action", choices=["upgrade"])
     p.set_defaults(func=_db_upgrade)
+
+    p = sub.add_parser("device", help="validators")
+    device = p.add_subparsers(dest="action", required=True)
+    p = device.add_parser("add", help="register a validator so ingest accepts its taps")
+    p.add_argument("--device-id", required=True)
+    p.add_argument("--operator", required=True)
+    p.add_argument("--terminal-id", required=True, type=_terminal_id, help="its PSAM's terminal number (hex)")
+    p.add_argument("--vehicle", default=None)
+    p.set_defaults(func=_device_add)
 
     p = sub.add_parser("settle", help="settle one service day and write its PDF")
     p.add_argument("--operator", required=True)

@@ -1,0 +1,44 @@
+"""The `farebox` command as an operator types it, on a SQLite file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from sqlalchemy import create_engine, text
+
+
+def farebox(tmp_path, *args):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAREBOX_")}
+    env["FAREBOX_DATABASE_URL"] = f"sqlite:///{tmp_path}/bo.db"
+    return subprocess.run([sys.executable, "-m", "farebox.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_db_upgrade_then_device_add_registers_the_device(tmp_path):
+    assert farebox(tmp_path, "db", "upgrade").returncode == 0
+    engine = create_engine(f"sqlite:///{tmp_path}/bo.db")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO operator VALUES ('op1', 'Op One', 'Asia/Shanghai', 3)"))
+    done = farebox(tmp_path, "device", "add", "--device-id", "v1", "--operator", "op1", "--terminal-id",
+                   "0100000000AB")
+    assert done.returncode == 0, done.stderr
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT device_id, terminal_id FROM device")).all() == [("v1", "0100000000ab")]
+
+
+def test_a_bad_terminal_number_is_refused_with_a_reason(tmp_path):
+    done = farebox(tmp_path, "device", "add", "--device-id", "v1", "--operator", "op1", "--terminal-id", "xyz")
+    assert done.returncode == 2 and "12 hex digits" in done.stderr
+
+
+def test_ingest_without_a_broker_says_what_to_set(tmp_path):
+    done = farebox(tmp_path, "ingest")
+    assert done.returncode == 2 and "FAREBOX_MQTT_URL" in done.stderr
+
+
+def test_device_of_an_unknown_operator_is_refused_plainly(tmp_path):
+    done = farebox(tmp_path, "device", "add", "--device-id", "v1", "--operator", "nobody", "--terminal-id",
+                   "010000000001")
+    assert done.returncode == 1 and "'nobody'" in done.stderr and "Traceback" not in done.stderr
