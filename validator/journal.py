@@ -20,7 +20,7 @@ from pathlib import Path
 
 from wire.records import TapRecord, from_plain, to_plain
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _MIGRATIONS = {
     1: """
@@ -33,6 +33,10 @@ _MIGRATIONS = {
         CREATE INDEX record_unsent ON record (device_seq) WHERE state = 'done' AND acked = 0;
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         INSERT INTO meta VALUES ('last_seq', '0');
+    """,
+    # Every tap looks for the card's grey records: keep that lookup from scanning the whole journal.
+    2: """
+        CREATE INDEX record_pending ON record (device_seq) WHERE state = 'pending';
     """,
 }
 

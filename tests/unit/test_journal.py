@@ -66,7 +66,7 @@ def test_opens_with_wal_and_synchronous_full(tmp_path):
         other = sqlite3.connect(path)
         try:
             assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+            assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         finally:
             other.close()
     finally:
@@ -335,3 +335,51 @@ def test_a_record_survives_its_process_dying_right_after_append(tmp_path):
         assert j.append(rec()).device_seq == 3
     finally:
         j.close()
+
+
+def _v1_journal(path):
+    """A journal as the first validator software left it: schema 1, one unsent record."""
+    from validator import journal as journal_module
+
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    for statement in journal_module._MIGRATIONS[1].split(";"):
+        if statement.strip():
+            db.execute(statement)
+    db.execute("INSERT INTO record (device_seq, state, body) VALUES (1, 'done', ?)",
+               ('{"device_id":"bus1","device_seq":1,"kind":"shift_open","occurred_at":1709623800,'
+                '"operator":"op","route":"r","vehicle":"v","driver":"d","shift_no":1}',))
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'last_seq'")
+    db.execute("PRAGMA user_version=1")
+    db.close()
+
+
+def test_a_schema_1_journal_is_migrated_keeping_its_records(tmp_path):
+    path = tmp_path / "old.journal"
+    _v1_journal(path)
+    journal = Journal(path)
+    assert [r.device_seq for r in journal.unsent(10)] == [1]
+    journal.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("SELECT name FROM sqlite_master WHERE name = 'record_pending'").fetchone()
+    db.close()
+
+
+def test_a_migration_that_breaks_halfway_changes_nothing(tmp_path, monkeypatch):
+    from validator import journal as journal_module
+
+    path = tmp_path / "old.journal"
+    _v1_journal(path)
+    broken = "CREATE INDEX record_pending ON record (device_seq) WHERE state = 'pending'; THIS IS NOT SQL"
+    monkeypatch.setitem(journal_module._MIGRATIONS, 2, broken)
+    with pytest.raises(JournalError):
+        Journal(path)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("SELECT name FROM sqlite_master WHERE name = 'record_pending'").fetchone() is None
+    db.close()
+    monkeypatch.undo()
+    journal = Journal(path)  # the real migration still applies afterwards
+    assert journal.backlog() == 1
+    journal.close()
