@@ -7,7 +7,7 @@ import dataclasses
 from datetime import UTC, datetime
 
 import pytest
-from Crypto.Cipher import DES, DES3
+from reference_crypto import ref_purchase_tac
 from sqlalchemy import MetaData, func, select
 
 from backoffice import registry
@@ -22,26 +22,14 @@ OP, DEV, TERMINAL = "op_t", "dev_t1", "010000000001"
 WHEN = datetime(2026, 3, 5, 7, 30, 0, tzinfo=UTC)
 
 
-def independent_tac(asn: bytes, amount: int, terminal: bytes, seq: int, when: datetime) -> str:
-    """TAC per DESIGN.md, with pycryptodome and hand-written padding: not the code under test."""
-    master = TEST_ISSUER_KEYS.tac
-    d = asn[-8:]
-    k3 = DES3.new(master + master[:8], DES3.MODE_ECB)
-    dtk = k3.encrypt(d) + k3.encrypt(bytes(b ^ 0xFF for b in d))
-    key = bytes(a ^ b for a, b in zip(dtk[:8], dtk[8:]))
-    data = (amount.to_bytes(4, "big") + b"\x06" + terminal + seq.to_bytes(4, "big")
-            + bytes.fromhex(when.strftime("%Y%m%d")) + bytes.fromhex(when.strftime("%H%M%S")))
-    data += b"\x80" + b"\x00" * ((8 - (len(data) + 1) % 8) % 8)
-    return DES.new(key, DES.MODE_CBC, iv=bytes(8)).encrypt(data)[-8:-4].hex()
-
-
 def purchase(seq: int, amount: int = 200, asn: str = "01020304050607080910", terminal_seq: int | None = None,
              **over) -> TapRecord:
     tseq = terminal_seq if terminal_seq is not None else 1000 + seq
     values = {"device_id": DEV, "device_seq": seq, "kind": RecordKind.PURCHASE, "occurred_at": WHEN, "operator": OP,
                   "route": "r1", "vehicle": "b1", "driver": "d1", "shift_no": 1, "card_asn": asn, "card_type": 1, "card_ttc": seq,
                   "amount": amount, "balance_after": 5000, "terminal_id": TERMINAL, "terminal_seq": tseq,
-                  "tac": independent_tac(bytes.fromhex(asn), amount, bytes.fromhex(TERMINAL), tseq, WHEN)}
+                  "tac": ref_purchase_tac(TEST_ISSUER_KEYS.tac, bytes.fromhex(asn), amount,
+                                          bytes.fromhex(TERMINAL), tseq, WHEN).hex()}
     values.update(over)
     return TapRecord(**values)
 

@@ -1,5 +1,6 @@
-"""epurse.crypto and epurse.apdu checked against an independent implementation (pycryptodome, padding and CBC written
-here) and against the openssl command line; never against values the code under test produced."""
+"""epurse.crypto and epurse.apdu checked against an independent implementation (tests/reference_crypto.py:
+pycryptodome, padding and CBC written by hand) and against the openssl command line; never against values the
+code under test produced."""
 
 from __future__ import annotations
 
@@ -11,46 +12,12 @@ import pytest
 from Crypto.Cipher import DES, DES3
 from hypothesis import given
 from hypothesis import strategies as st
+from reference_crypto import be, ref_3des, ref_card_key, ref_mac, ref_tac_key
 
 from epurse import apdu, crypto
 from epurse import keys as keys_module
 from epurse.cardtypes import CardType
 from epurse.keys import TEST_ISSUER_CODE, TEST_ISSUER_KEYS, IssuerKeys
-
-# --- the reference implementation: written from DESIGN.md, sharing no code with epurse -------------------------
-
-
-def ref_3des(key16: bytes, block: bytes) -> bytes:
-    k1, k2 = key16[:8], key16[8:]
-    # EDE by hand with single DES, so the test does not even share pycryptodome's 3DES key handling.
-    step = DES.new(k1, DES.MODE_ECB).encrypt(block)
-    step = DES.new(k2, DES.MODE_ECB).decrypt(step)
-    return DES.new(k1, DES.MODE_ECB).encrypt(step)
-
-
-def ref_mac(key8: bytes, data: bytes) -> bytes:
-    padded = data + b"\x80"
-    while len(padded) % 8:
-        padded += b"\x00"
-    des = DES.new(key8, DES.MODE_ECB)
-    chain = bytes(8)
-    for i in range(0, len(padded), 8):
-        chain = des.encrypt(bytes(a ^ b for a, b in zip(chain, padded[i : i + 8])))
-    return chain[:4]
-
-
-def ref_diversify(master: bytes, asn: bytes) -> bytes:
-    d = asn[-8:]
-    return ref_3des(master, d) + ref_3des(master, bytes(0xFF - b for b in d))
-
-
-def ref_tac_key(dtk: bytes) -> bytes:
-    return bytes(dtk[i] ^ dtk[i + 8] for i in range(8))
-
-
-def be(n: int, size: int) -> bytes:
-    return n.to_bytes(size, "big")
-
 
 ASN = bytes.fromhex("31000000000000012345")
 TERMINAL = bytes.fromhex("010000000042")
@@ -77,7 +44,7 @@ def test_des3_encrypt_property(key, block):
 
 
 def test_diversify_uses_last_8_bytes_of_asn_and_its_complement():
-    expected = ref_diversify(TEST_ISSUER_KEYS.purchase, ASN)
+    expected = ref_card_key(TEST_ISSUER_KEYS.purchase, ASN)
     assert crypto.diversify(TEST_ISSUER_KEYS.purchase, ASN) == expected
     # the PSAM only knows the 8-byte card number; it must reach the same key
     assert crypto.diversify(TEST_ISSUER_KEYS.purchase, crypto.card_number(ASN)) == expected
@@ -167,8 +134,8 @@ def test_keys_docstring_worked_example_tac():
 
 
 def test_purchase_session_key_mac1_mac2_tac():
-    dpk = ref_diversify(TEST_ISSUER_KEYS.purchase, ASN)
-    dtk = ref_diversify(TEST_ISSUER_KEYS.tac, ASN)
+    dpk = ref_card_key(TEST_ISSUER_KEYS.purchase, ASN)
+    dtk = ref_card_key(TEST_ISSUER_KEYS.tac, ASN)
     ttc, seq, amount = 0x0102, 0x00ABCDEF, 200
     sespk = ref_3des(dpk, RANDOM + be(ttc, 2) + be(seq, 4)[2:])
 
@@ -206,8 +173,8 @@ def test_purchase_property(dpk, random, ttc, seq, amount, tx_type):
 
 
 def test_load_session_key_mac1_mac2_tac():
-    dlk = ref_diversify(TEST_ISSUER_KEYS.load, ASN)
-    dtk = ref_diversify(TEST_ISSUER_KEYS.tac, ASN)
+    dlk = ref_card_key(TEST_ISSUER_KEYS.load, ASN)
+    dtk = ref_card_key(TEST_ISSUER_KEYS.tac, ASN)
     online_ttc, balance, amount = 5, 1234, 5000
     sesk = ref_3des(dlk, RANDOM + be(online_ttc, 2) + b"\x80\x00")
 

@@ -1,14 +1,14 @@
 """SimCard and SimPsam driven from the terminal's side with epurse.apdu only; MACs and TACs checked with an
-independent pycryptodome implementation from the master keys."""
+independent pycryptodome implementation (tests/reference_crypto.py) from the master keys."""
 
 from __future__ import annotations
 
 from datetime import date, datetime
 
 import pytest
-from Crypto.Cipher import DES
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_crypto import be, ref_3des, ref_card_key, ref_mac, ref_tac_key
 
 from epurse import apdu
 from epurse.crypto import bcd_date, bcd_time
@@ -19,38 +19,6 @@ from hardware_sim.psam import SimPsam
 ASN = bytes.fromhex("31000000000000012345")
 TERMINAL = bytes.fromhex("010000000042")
 WHEN = datetime(2024, 3, 5, 7, 30, 0)
-
-
-# --- independent reference crypto (DESIGN.md, pycryptodome single DES only) ----------------------------------
-
-
-def ref_3des(key16: bytes, block: bytes) -> bytes:
-    k1, k2 = key16[:8], key16[8:]
-    step = DES.new(k1, DES.MODE_ECB).encrypt(block)
-    step = DES.new(k2, DES.MODE_ECB).decrypt(step)
-    return DES.new(k1, DES.MODE_ECB).encrypt(step)
-
-
-def ref_mac(key8: bytes, data: bytes) -> bytes:
-    padded = data + b"\x80" + b"\x00" * ((-len(data) - 1) % 8)
-    des, chain = DES.new(key8, DES.MODE_ECB), bytes(8)
-    for i in range(0, len(padded), 8):
-        chain = des.encrypt(bytes(a ^ b for a, b in zip(chain, padded[i : i + 8])))
-    return chain[:4]
-
-
-def ref_card_key(master: bytes, asn: bytes) -> bytes:
-    d = asn[-8:]
-    return ref_3des(master, d) + ref_3des(master, bytes(b ^ 0xFF for b in d))
-
-
-def ref_tac_key(master_tac: bytes, asn: bytes) -> bytes:
-    dtk = ref_card_key(master_tac, asn)
-    return bytes(a ^ b for a, b in zip(dtk[:8], dtk[8:]))
-
-
-def be(n: int, size: int) -> bytes:
-    return n.to_bytes(size, "big")
 
 
 # --- a terminal, written against epurse.apdu only ------------------------------------------------------------
@@ -106,7 +74,7 @@ def test_full_purchase_debits_counts_and_gives_a_tac_the_back_office_can_verify(
     assert card.balance == 800 and card.ttc == 42
     assert psam_answer.terminal_seq == 7 and psam.sequence == 8
     expected_tac = ref_mac(
-        ref_tac_key(TEST_ISSUER_KEYS.tac, ASN),
+        ref_tac_key(ref_card_key(TEST_ISSUER_KEYS.tac, ASN)),
         be(200, 4) + b"\x06" + TERMINAL + be(7, 4) + bcd_date(WHEN) + bcd_time(WHEN),
     )
     assert debit.tac == expected_tac
@@ -304,7 +272,7 @@ def test_load_with_host_mac2_credits_and_gives_a_load_tac():
     )
     assert card.balance == 5300 and card.online_ttc == 3 and card.ttc == 0
     assert tac == ref_mac(
-        ref_tac_key(TEST_ISSUER_KEYS.tac, ASN),
+        ref_tac_key(ref_card_key(TEST_ISSUER_KEYS.tac, ASN)),
         be(5300, 4) + be(2, 2) + be(5000, 4) + b"\x02" + TERMINAL + bcd_date(WHEN) + bcd_time(WHEN),
     )
     assert (card.log[0].tx_type, card.log[0].amount, card.log[0].tac) == (0x02, 5000, tac)

@@ -1,13 +1,13 @@
 """validator.terminal: a real Terminal over a SimReader with SimCards and a SimPsam in its SAM slot (as
 farebox/demo.py wires it), a real Journal in tmp_path and a clock the test moves. TACs are checked with a
-DES / CBC-MAC written here on pycryptodome from the published test TAC master key, not with epurse.crypto."""
+DES / CBC-MAC of tests/reference_crypto.py from the published test TAC master key, not with epurse.crypto."""
 
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
-from Crypto.Cipher import DES
+from reference_crypto import ref_purchase_tac
 
 from blacklist.denylist import DenyList
 from epurse.cardtypes import CardType
@@ -34,38 +34,11 @@ DRIVER2_ASN = bytes.fromhex("31000000000000900002")
 # --------------------------------------------------------------------------------------- reference crypto
 
 
-def ref_3des(key16: bytes, block: bytes) -> bytes:
-    k1, k2 = key16[:8], key16[8:]
-    step = DES.new(k1, DES.MODE_ECB).encrypt(block)
-    step = DES.new(k2, DES.MODE_ECB).decrypt(step)
-    return DES.new(k1, DES.MODE_ECB).encrypt(step)
-
-
-def ref_cbc_mac(key8: bytes, data: bytes) -> bytes:
-    """ISO 9797-1 algorithm 1, padding method 2 (80 00..), zero IV, first 4 bytes of the last block."""
-    padded = data + b"\x80" + b"\x00" * ((-len(data) - 1) % 8)
-    return DES.new(key8, DES.MODE_CBC, iv=bytes(8)).encrypt(padded)[-8:-4]
-
-
-def ref_tac(asn: bytes, amount: int, terminal: bytes, terminal_seq: int, when: datetime, tx_type: int = 0x06):
-    d = asn[-8:]
-    dtk = ref_3des(TEST_ISSUER_KEYS.tac, d) + ref_3des(TEST_ISSUER_KEYS.tac, bytes(b ^ 0xFF for b in d))
-    key = bytes(a ^ b for a, b in zip(dtk[:8], dtk[8:]))
-    data = (
-        amount.to_bytes(4, "big")
-        + bytes([tx_type])
-        + terminal
-        + terminal_seq.to_bytes(4, "big")
-        + bytes.fromhex(when.strftime("%Y%m%d"))
-        + bytes.fromhex(when.strftime("%H%M%S"))
-    )
-    return ref_cbc_mac(key, data)
-
-
 def test_reference_tac_reproduces_the_published_example():
     # epurse/keys.py works one TAC through by hand with OpenSSL: 620098f7
     when = datetime(2024, 3, 5, 7, 30, 0)
-    assert ref_tac(bytes.fromhex("00000000000000012345"), 200, TERMINAL_ID, 7, when).hex() == "620098f7"
+    asn = bytes.fromhex("00000000000000012345")
+    assert ref_purchase_tac(TEST_ISSUER_KEYS.tac, asn, 200, TERMINAL_ID, 7, when).hex() == "620098f7"
 
 
 # --------------------------------------------------------------------------------------- the bus
@@ -243,7 +216,7 @@ def test_rider_pays_the_route_fare_with_a_verifiable_tac(on_shift):
     assert r.terminal_seq == sequence_before == 41 and bus.psam.sequence == 42
     assert (r.driver, r.shift_no, r.route, r.vehicle, r.occurred_at) == ("D1001", 1, "r12", "v7", bus.now)
     assert r.reason == ""
-    expected = ref_tac(RIDER_ASN, 200, TERMINAL_ID, 41, bus.now)
+    expected = ref_purchase_tac(TEST_ISSUER_KEYS.tac, RIDER_ASN, 200, TERMINAL_ID, 41, bus.now)
     assert r.tac == expected.hex() and len(r.tac) == 8
     assert card.log[0].tac == expected  # the card agrees with the record
     # the completed record is in the outbox, not pending
@@ -259,8 +232,12 @@ def test_two_riders_and_a_second_fare(on_shift):
     assert [x.outcome for x in (ra, rb, ra2)] == [Outcome.PAID] * 3
     assert (a.balance, b.balance) == (100, 1034) and (a.ttc, b.ttc) == (2, 1)
     assert (ra2.record.card_ttc, ra2.record.balance_after, ra2.record.terminal_seq) == (1, 100, 43)
-    assert ra2.record.tac == ref_tac(RIDER_ASN, 200, TERMINAL_ID, 43, bus.now).hex()
-    assert rb.record.tac == ref_tac(OTHER_ASN, 200, TERMINAL_ID, 42, T0 + timedelta(seconds=60)).hex()
+    assert ra2.record.tac == ref_purchase_tac(
+        TEST_ISSUER_KEYS.tac, RIDER_ASN, 200, TERMINAL_ID, 43, bus.now
+    ).hex()
+    assert rb.record.tac == ref_purchase_tac(
+        TEST_ISSUER_KEYS.tac, OTHER_ASN, 200, TERMINAL_ID, 42, T0 + timedelta(seconds=60)
+    ).hex()
     seqs = [r.device_seq for r in bus.records(RecordKind.PURCHASE)]
     assert seqs == sorted(seqs) and len(set(seqs)) == 3
 
