@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class IngestResult:
     device_id: str
     operator: str
-    ack_seqs: list[int]  # everything now safe in the database (stored, already stored, or quarantined)
+    ack_seqs: list[int]  # the device's records now safe in the database (stored, already stored, or quarantined)
     stored: int = 0
     duplicates: int = 0
     quarantined: int = 0
@@ -72,8 +72,8 @@ def _insert_ignoring_duplicates(conn: Connection, table, rows: list[dict]) -> in
 
 
 def _quarantine_row(now, topic, device_id, seq, reason, payload) -> dict:
-    return {"received_at": now, "topic": topic[:200], "device_id": device_id[:32], "device_seq": seq, "reason": reason,
-                "payload": payload}
+    return {"received_at": now, "topic": topic[:200], "device_id": device_id[:32], "device_seq": seq,
+            "reason": reason[:500], "payload": payload}
 
 
 def ingest_batch(conn: Connection, topic: str, payload: bytes, *, keys: IssuerKeys, devices: DeviceDirectory,
@@ -106,9 +106,20 @@ def ingest_batch(conn: Connection, topic: str, payload: bytes, *, keys: IssuerKe
     elif problem is None and registered[0] != operator:
         problem = f"device {device_id} belongs to operator {registered[0]!r}, not {operator!r}"
 
+    if problem:
+        # Nothing is acknowledged: a batch that is not what its topic says, or from a device this back office does
+        # not know, must not make any validator forget records. The bus keeps them and sends them again; once the
+        # device is registered they are stored. Quarantine keeps one copy per record meanwhile, for operations.
+        _insert_ignoring_duplicates(conn, Quarantine.__table__, [
+            _quarantine_row(now, topic, device_id, r.device_seq, problem, codec.encode_batch([r]))
+            for r in batch.records])
+        result.quarantined = len(batch.records)
+        log.warning("batch on %s not accepted: %s", topic, problem)
+        return result
+
     taps, bad = [], []
     for record in batch.records:
-        reason = problem or _record_problem(record, registered[1], keys)
+        reason = _record_problem(record, registered[1], keys)
         if reason:
             bad.append(_quarantine_row(now, topic, device_id, record.device_seq, reason,
                                        codec.encode_batch([record])))

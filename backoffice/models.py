@@ -16,7 +16,6 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
-    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -106,13 +105,14 @@ class Quarantine(Base):
     """What ingest could not accept, with the reason; kept, never cleared, for operations to look at."""
 
     __tablename__ = "quarantine"
-    # A record quarantined once is not quarantined again when its batch is resent (NULL seqs stay distinct).
-    __table_args__ = (UniqueConstraint("device_id", "device_seq", name="uq_quarantine_device_seq"),)
+    # A record quarantined once is not quarantined again for the same reason when its batch is resent; a forged
+    # copy of a device's record (another reason) cannot take the place of the genuine one. NULL seqs stay distinct.
+    __table_args__ = (UniqueConstraint("device_id", "device_seq", "reason", name="uq_quarantine_record_reason"),)
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     topic: Mapped[str] = mapped_column(String(200))
     device_id: Mapped[str] = mapped_column(String(32))
     device_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    reason: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(String(500))
     payload: Mapped[bytes] = mapped_column(LargeBinary)

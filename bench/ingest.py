@@ -18,12 +18,8 @@ Two phases on the same broker with the same payloads, each timed from the first 
   synchronous=FULL, as the back office opens it); one commit per batch, as farebox does.
 
 Isolation on a shared Mosquitto: client ids and the operator (a topic segment) carry a random run id, and both
-subscribers subscribe to ``farebox/v1/<this run's operator>/+/taps`` only. The IngestConsumer's own subscription is
-the wildcard ``farebox/v1/+/+/taps``; the bench replaces its on_connect with one that subscribes to the run's
-operator, because with the wildcard it would quarantine other runs' batches as unknown devices *and acknowledge
-them*, telling those runs' validators to forget records no database of theirs stored. Message handling
-(``_on_message`` -> ``ingest_batch`` -> commit -> ack) is the consumer's own. Only this run's operator's rows are
-counted. The consumer's persistent session is removed from the broker afterwards (a clean-session connect).
+subscribers subscribe to ``farebox/v1/<this run's operator>/+/taps`` only (the IngestConsumer through its
+``operator`` argument). Only this run's operator's rows are counted. The consumer's persistent session is removed from the broker afterwards (a clean-session connect).
 
 Publishers keep at most ``window`` batches beyond what the database holds, so that Mosquitto's default
 ``max_queued_messages 1000`` never drops a message for the subscriber however large --taps is.
@@ -499,13 +495,8 @@ def run_backend(backend: Backend, *, uid: str, validators: int, taps: int, batch
                     result["store_errors"] = sub.errors
                 else:
                     client_id = f"bench_{uid}_ingest"
-                    consumer = IngestConsumer(engine, target, keys=TEST_ISSUER_KEYS, client_id=client_id)
-
-                    def on_connect(client, userdata, flags, reason_code, properties):
-                        if not reason_code.is_failure:  # the run's operator only; see the module docstring
-                            client.subscribe(scoped, qos=1)
-
-                    consumer.client.on_connect = on_connect
+                    consumer = IngestConsumer(engine, target, keys=TEST_ISSUER_KEYS, client_id=client_id,
+                                              operator=fleet.operator)
                     consumer.start()
                     try:
                         if not consumer.wait_subscribed(20):

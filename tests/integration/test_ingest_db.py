@@ -101,9 +101,10 @@ def test_wrong_psam_unknown_device_and_foreign_topic(engine):
     assert result.quarantined == 1 and result.stored == 0
     stranger = dataclasses.replace(purchase(1), device_id="dev_unknown")
     result = ingest(engine, [stranger], topic=topics.taps(OP, "dev_unknown"))
-    assert result.quarantined == 1 and result.ack_seqs == [1]
+    assert result.quarantined == 1 and result.ack_seqs == []  # it stays on the bus until registered
     moved = ingest(engine, [purchase(5)], topic=topics.taps(OP, "dev_other"))  # replayed on another's topic
     assert moved.stored == 0 and moved.quarantined == 1
+    assert moved.ack_seqs == []  # acknowledging would make dev_other forget its own record 5
     with engine.connect() as conn:
         reasons = [r for (r,) in conn.execute(select(Quarantine.reason).order_by(Quarantine.id))]
     assert "not the PSAM registered" in reasons[0]
@@ -136,3 +137,24 @@ def test_migrations_build_the_schema_the_models_describe(engine):
         assert set(got.columns.keys()) == set(table.columns.keys()), table.name
         for column in table.columns:
             assert got.columns[column.name].nullable == column.nullable, f"{table.name}.{column.name}"
+
+
+def test_a_forged_copy_cannot_take_the_place_of_the_genuine_record_in_quarantine(engine):
+    forged = dataclasses.replace(purchase(7), device_id="dev_t1")
+    ingest(engine, [forged], topic=topics.taps(OP, "dev_elsewhere"))  # forged copy on a foreign topic
+    genuine_bad = dataclasses.replace(purchase(7), tac="00000000")
+    result = ingest(engine, [genuine_bad])
+    assert result.ack_seqs == [7] and result.quarantined == 1
+    assert count(engine, Quarantine) == 2
+
+
+def test_a_device_registered_later_gets_its_waiting_records_stored(engine):
+    late = dataclasses.replace(purchase(1), device_id="dev_late")
+    topic = topics.taps(OP, "dev_late")
+    assert ingest(engine, [late], topic=topic).ack_seqs == []
+    assert ingest(engine, [late], topic=topic).ack_seqs == []  # resent: still one quarantine row
+    with engine.begin() as conn:
+        registry.add_device(conn, device_id="dev_late", operator=OP, vehicle=None, terminal_id=TERMINAL)
+    result = ingest(engine, [late], topic=topic)
+    assert (result.stored, result.ack_seqs) == (1, [1])
+    assert count(engine, Quarantine) == 1

@@ -90,9 +90,9 @@ def upgrade() -> None:
         sa.Column("topic", sa.String(200), nullable=False),
         sa.Column("device_id", sa.String(32), nullable=False),
         sa.Column("device_seq", sa.BigInteger, nullable=True),
-        sa.Column("reason", sa.Text, nullable=False),
+        sa.Column("reason", sa.String(500), nullable=False),
         sa.Column("payload", sa.LargeBinary, nullable=False),
-        sa.UniqueConstraint("device_id", "device_seq", name="uq_quarantine_device_seq"),
+        sa.UniqueConstraint("device_id", "device_seq", "reason", name="uq_quarantine_record_reason"),
     )
     op.create_index("ix_quarantine_received_at", "quarantine", ["received_at"])
 
