@@ -14,8 +14,7 @@ from farebox.config import load_settings
 def _demo(args, settings) -> int:
     from farebox.demo import run_demo
 
-    kills = tuple(float(x) for x in args.kill_ingest_at.split(",")) if args.kill_ingest_at else ()
-    result = run_demo(settings, seed=args.seed, day=args.day, riders=args.riders, kill_ingest_at=kills)
+    result = run_demo(settings, seed=args.seed, day=args.day, riders=args.riders, kill_ingest_at=args.kill_ingest_at)
     return 0 if result.consistent else 1
 
 
@@ -79,6 +78,16 @@ def _device_add(args, settings) -> int:
     return 0
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = (-1.0,)
+    if any(not 0 <= v < 1 for v in values):
+        raise argparse.ArgumentTypeError("give fractions of the day from 0 to 1, e.g. 0.3,0.6")
+    return values
+
+
 def _terminal_id(text: str) -> str:
     if len(text) != 12 or any(c not in "0123456789abcdefABCDEF" for c in text):
         raise argparse.ArgumentTypeError("a PSAM terminal number is 12 hex digits, e.g. 010000000042")
@@ -94,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--day", type=date.fromisoformat, default=None, help="service day (default: yesterday)")
     p.add_argument("--riders", type=int, default=200)
-    p.add_argument("--kill-ingest-at", default="", help="fractions of the day (e.g. 0.3,0.6) at which ingest "
-                                                        "is killed with SIGKILL and restarted")
+    p.add_argument("--kill-ingest-at", type=_fractions, default=(),
+                   help="fractions of the day (e.g. 0.3,0.6) at which ingest is killed with SIGKILL and restarted")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("ingest", help="store validators' tap batches from the broker (FAREBOX_MQTT_URL)")
