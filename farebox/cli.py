@@ -78,6 +78,23 @@ def _device_add(args, settings) -> int:
     return 0
 
 
+def _quarantine(args, settings) -> int:
+    from sqlalchemy import select
+
+    from backoffice.db import make_engine
+    from backoffice.models import Quarantine
+
+    engine = make_engine(settings.effective_database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(select(Quarantine.received_at, Quarantine.device_id, Quarantine.device_seq,
+                                   Quarantine.reason).order_by(Quarantine.id.desc()).limit(args.limit)).all()
+    for r in rows:
+        seq = "-" if r.device_seq is None else r.device_seq
+        print(f"{r.received_at:%Y-%m-%d %H:%M:%S}  {r.device_id:<20} {seq:>8}  {r.reason}")
+    print(f"{len(rows)} most recent quarantined record(s) shown")
+    return 0
+
+
 def _fractions(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(x) for x in text.split(",") if x.strip())
@@ -125,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--terminal-id", required=True, type=_terminal_id, help="its PSAM's terminal number (hex)")
     p.add_argument("--vehicle", default=None)
     p.set_defaults(func=_device_add)
+
+    p = sub.add_parser("quarantine", help="what ingest could not accept, newest first, with the reason")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=_quarantine)
 
     p = sub.add_parser("settle", help="settle one service day and write its PDF")
     p.add_argument("--operator", required=True)

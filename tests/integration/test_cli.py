@@ -42,3 +42,17 @@ def test_device_of_an_unknown_operator_is_refused_plainly(tmp_path):
     done = farebox(tmp_path, "device", "add", "--device-id", "v1", "--operator", "nobody", "--terminal-id",
                    "010000000001")
     assert done.returncode == 1 and "'nobody'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_quarantine_lists_what_ingest_refused_with_its_reason(tmp_path):
+    from datetime import UTC, datetime
+
+    assert farebox(tmp_path, "db", "upgrade").returncode == 0
+    engine = create_engine(f"sqlite:///{tmp_path}/bo.db")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO quarantine (received_at, topic, device_id, device_seq, reason, payload) "
+                          "VALUES (:t, 'farebox/v1/op/v9/taps', 'v9', 12, 'TAC does not verify', x'00')"),
+                     {"t": datetime(2026, 5, 1, 8, 0, tzinfo=UTC)})
+    done = farebox(tmp_path, "quarantine")
+    assert done.returncode == 0
+    assert "v9" in done.stdout and "12" in done.stdout and "TAC does not verify" in done.stdout
