@@ -24,10 +24,12 @@ from zoneinfo import ZoneInfo
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from sqlalchemy import func, select
 
 from backoffice import registry
 from backoffice.db import make_engine, upgrade
 from backoffice.ingest_consumer import end_session
+from backoffice.models import Quarantine, Tap
 from backoffice.settle import settle
 from blacklist.denylist import DenyList, write_atomic
 from epurse.cardtypes import CardType
@@ -230,6 +232,7 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
     with engine.connect() as conn:
         result = settle(conn, operator=plan.operator, day=day, reports_dir=settings.var_dir / "reports")
         stored, quarantined = _count_rows(conn, plan)
+        names = registry.names(conn, plan.operator)
     journal_records = sum(len(bus.journal.records_since(0)) for bus in buses)
     for bus in buses:
         bus.journal.close()
@@ -239,7 +242,7 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
                       settled_taps=result.settlement.taps, stored_records=stored, journal_records=journal_records,
                       quarantined=quarantined, ingest_kills=ingest.starts - 1, seconds=time.monotonic() - started)
     _write_summary(demo, result.settlement, cards, plan)
-    _print_summary(console, demo, result.settlement)
+    _print_summary(console, demo, result.settlement, names)
     return demo
 
 
@@ -281,10 +284,6 @@ def _ride(plan, buses, cards, driver_cards, now, ingest, kill_ingest_at, console
 
 
 def _count_rows(conn, plan: CityPlan) -> tuple[int, int]:
-    from sqlalchemy import func, select
-
-    from backoffice.models import Quarantine, Tap
-
     devices = [b.device_id for b in plan.buses]
     stored = conn.execute(select(func.count()).select_from(Tap).where(Tap.device_id.in_(devices))).scalar_one()
     quarantined = conn.execute(select(func.count()).select_from(Quarantine)
@@ -310,17 +309,20 @@ def _write_summary(demo: DemoResult, settlement, cards, plan: CityPlan) -> None:
     (demo.run_dir / "summary.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False, default=int))
 
 
-def _print_summary(console: Console, demo: DemoResult, settlement) -> None:
+def _print_summary(console: Console, demo: DemoResult, settlement, names: dict[str, dict[str, str]]) -> None:
     for title, frame, key in (("By route", settlement.by_route, "route"),
                               ("By vehicle", settlement.by_vehicle, "vehicle"),
                               ("By driver", settlement.by_driver, "driver")):
-        table = Table(title=f"{title} — service day {demo.day}")
+        table = Table(title=f"{title}, service day {demo.day}", title_justify="left")
         table.add_column(key)
+        table.add_column("name")
         table.add_column("taps", justify="right")
         table.add_column("amount ¥", justify="right")
         for row in frame.itertuples(index=False):
-            table.add_row(str(getattr(row, key)), str(row.taps), yuan(int(row.amount)))
-        table.add_row("[bold]Total", f"[bold]{int(frame['taps'].sum())}", f"[bold]{yuan(int(frame['amount'].sum()))}")
+            code = str(getattr(row, key))
+            table.add_row(code, names[key].get(code, ""), str(row.taps), yuan(int(row.amount)))
+        table.add_row("[bold]Total", "", f"[bold]{int(frame['taps'].sum())}",
+                      f"[bold]{yuan(int(frame['amount'].sum()))}")
         console.print(table)
     outcomes = ", ".join(f"{Outcome(k).name.lower().replace('_', ' ')} {v}"
                          for k, v in sorted(demo.taps_by_outcome.items()))
