@@ -12,13 +12,12 @@ import signal
 import threading
 import time
 
-import paho.mqtt.client as mqtt
 from sqlalchemy import Engine
 
 from backoffice.ingest import DeviceDirectory, ingest_batch
 from epurse.keys import IssuerKeys
 from wire import codec, topics
-from wire.mqtt_url import MqttTarget, configure_client
+from wire.mqtt_url import MqttTarget, new_client
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +32,7 @@ class IngestConsumer:
         self.devices = DeviceDirectory()
         self.counts = {"batches": 0, "stored": 0, "duplicates": 0, "quarantined": 0, "errors": 0}
         self._subscribed = threading.Event()
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
-                             protocol=mqtt.MQTTv311)
-        configure_client(client, target)
-        client.max_inflight_messages_set(100)
+        client = new_client(target, client_id, max_inflight=100)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         client.on_connect = self._on_connect
         client.on_message = self._on_message
@@ -97,9 +93,7 @@ class IngestConsumer:
 def end_session(target: MqttTarget, client_id: str, timeout: float = 10.0) -> None:
     """Drop the broker's persistent session of ``client_id`` (what it queued and its subscriptions), for an
     ingest that is retired for good; otherwise the broker keeps queueing every batch for it."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
-                         protocol=mqtt.MQTTv311)
-    configure_client(client, target)
+    client = new_client(target, client_id, persistent=False)
     client.connect(target.host, target.port, keepalive=10)
     client.loop_start()
     try:

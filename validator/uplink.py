@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 
 from validator.journal import Journal
 from wire import codec, topics
-from wire.mqtt_url import MqttTarget, configure_client
+from wire.mqtt_url import MqttTarget, new_client
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,7 @@ class Uplink:
         self.batches_sent = 0
         self.resends = 0
 
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"dev_{device_id}", clean_session=False,
-                             protocol=mqtt.MQTTv311)
-        configure_client(client, target)
-        client.max_inflight_messages_set(4)
+        client = new_client(target, f"dev_{device_id}", max_inflight=4)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

@@ -135,3 +135,18 @@ def _safe(text: str) -> str:
     except ValueError:
         pass
     return text
+
+
+def new_client(target: MqttTarget, client_id: str, *, persistent: bool = True, max_inflight: int = 20):
+    """A paho 2.x client for ``target``, MQTT 3.1.1 (what every farebox broker speaks), logged in, not connected.
+
+    ``persistent`` asks the broker to keep the session (subscriptions and QoS 1 messages queued while the client is
+    away) under ``client_id``: both ends of the tap link rely on it.
+    """
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent,
+                         protocol=mqtt.MQTTv311)
+    configure_client(client, target)
+    client.max_inflight_messages_set(max_inflight)  # before connecting, or paho ignores it
+    return client
