@@ -202,7 +202,7 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
         for b in plan.buses:
             journal = Journal(run_dir / f"{b.device_id}.journal")
             terminal = Terminal(TerminalConfig(device_id=b.device_id, operator=plan.operator, route=b.route,
-                                               vehicle=b.vehicle),
+                                               vehicle=b.vehicle, tz=plan.tz),
                                 journal=journal, psam=_sam_slot(SimPsam(b.terminal_id, keys=TEST_ISSUER_KEYS)),
                                 fares=fares, deny_list=deny_list, clock=clock)
             uplink = Uplink(journal, target, device_id=b.device_id, operator=plan.operator, ack_timeout=3.0)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from zoneinfo import ZoneInfo
 
 from blacklist.denylist import DenyList
 from epurse import apdu
@@ -36,6 +37,7 @@ class TerminalConfig:
     route: str
     vehicle: str
     double_tap_seconds: int = 30  # the same card again within this window is "already paid", not charged twice
+    tz: str = "Asia/Shanghai"  # where the bus runs: a card's validity dates are local calendar days
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Terminal:
         self.clock = clock
         self.terminal_id = apdu.check(psam.exchange(apdu.psam_read_terminal_id()), "PSAM READ TERMINAL ID")
         self._last_paid: dict[str, datetime] = {}
+        self._zone = ZoneInfo(config.tz)
 
     @property
     def shift(self) -> dict | None:
@@ -136,8 +139,8 @@ class Terminal:
         self._last_paid[grey.card_asn] = grey.occurred_at
         return TapResult(Outcome.PAID, fare=grey.amount, balance=grey.balance_after, record=record)
 
-    def _local_date(self, now: datetime):
-        return now.date()  # validity dates are whole days; UTC is within a day of any service area
+    def _local_date(self, now: datetime) -> date:
+        return now.astimezone(self._zone).date()
 
     def _driver_card(self, staff_no: str, asn: str, now: datetime) -> TapResult:
         shift = self.shift

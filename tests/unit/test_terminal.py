@@ -452,3 +452,10 @@ def test_yuan():
         "-0.05",
         "-2.50",
     ]
+
+
+def test_validity_dates_are_the_local_calendar_days_of_the_bus(on_shift):
+    # 17:00 UTC on 5 March is 01:00 on 6 March in Shanghai: a card that ended on 5 March no longer rides.
+    on_shift.now = datetime(2024, 3, 5, 17, 0, tzinfo=UTC)
+    card = rider(start=date(2020, 1, 1), end=date(2024, 3, 5))
+    assert on_shift.tap(card).outcome is Outcome.CARD_EXPIRED and card.balance == 1000
