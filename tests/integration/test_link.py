@@ -4,62 +4,18 @@ completed tap reaches the database once, through a dead link and through an inge
 from __future__ import annotations
 
 import time
-from datetime import UTC, date, datetime, timedelta
 
 import pytest
+from simbus import TERMINAL, Bus
 from sqlalchemy import func, select
 
 from backoffice import registry
 from backoffice.db import make_engine, upgrade
 from backoffice.ingest_consumer import IngestConsumer, end_session
 from backoffice.models import Tap
-from epurse.cardtypes import CardType
 from epurse.keys import TEST_ISSUER_KEYS
-from hardware_sim.card import SimCard
-from hardware_sim.psam import SimPsam
-from validator.fares import FareTable
-from validator.journal import Journal
 from validator.messages import Outcome
-from validator.readers.sim import SimReader
-from validator.terminal import Terminal, TerminalConfig
-from validator.uplink import Uplink
 from wire.mqtt_url import parse_mqtt_url
-
-TERMINAL = bytes.fromhex("010000000777")
-TODAY = date.today()
-
-
-class Bus:
-    """One validator wired as on a bus: SimReader in front, a PSAM in its slot, a journal, an uplink."""
-
-    def __init__(self, tmp_path, target, operator: str, device: str):
-        self.clock_now = datetime(2026, 5, 1, 6, 0, tzinfo=UTC)
-        slot = SimReader()
-        slot.present(SimPsam(TERMINAL, keys=TEST_ISSUER_KEYS))
-        self.journal = Journal(tmp_path / f"{device}.journal")
-        self.terminal = Terminal(TerminalConfig(device_id=device, operator=operator, route="r1", vehicle="b1"),
-                                 journal=self.journal, psam=slot.poll(), fares=FareTable(1, {"r1": 200}),
-                                 clock=lambda: self.clock_now)
-        self.reader = SimReader()
-        self.uplink = Uplink(self.journal, target, device_id=device, operator=operator, ack_timeout=1.0,
-                             max_backoff=2.0)
-        self.driver = SimCard(bytes.fromhex("99990000000000000001"), CardType.DRIVER, 0, staff_no="D7",
-                              start=TODAY - timedelta(days=400), end=TODAY + timedelta(days=400))
-        self.riders = [SimCard(bytes.fromhex(f"9999{n:016d}"), CardType.ADULT, 1_000_000,
-                               start=TODAY - timedelta(days=400), end=TODAY + timedelta(days=400))
-                       for n in range(1, 21)]
-
-    def tap(self, card) -> Outcome:
-        self.clock_now += timedelta(seconds=40)
-        self.reader.present(card)
-        result = self.terminal.tap(self.reader.poll())
-        self.reader.remove()
-        self.uplink.notify()
-        return result.outcome
-
-    def ride(self, n: int) -> None:
-        for i in range(n):
-            assert self.tap(self.riders[i % len(self.riders)]) is Outcome.PAID
 
 
 @pytest.fixture
