@@ -346,9 +346,9 @@ def _v1_journal(path):
     for statement in journal_module._MIGRATIONS[1].split(";"):
         if statement.strip():
             db.execute(statement)
-    db.execute("INSERT INTO record (device_seq, state, body) VALUES (1, 'done', ?)",
-               ('{"device_id":"bus1","device_seq":1,"kind":"shift_open","occurred_at":1709623800,'
-                '"operator":"op","route":"r","vehicle":"v","driver":"d","shift_no":1}',))
+    body = ('{"device_id":"bus1","device_seq":1,"kind":"shift_open","occurred_at":1709623800,'
+            '"operator":"op","route":"r","vehicle":"v","driver":"d","shift_no":1}')
+    db.execute("INSERT INTO record (device_seq, state, body) VALUES (1, 'done', ?)", (body,))
     db.execute("UPDATE meta SET value = '1' WHERE key = 'last_seq'")
     db.execute("PRAGMA user_version=1")
     db.close()
