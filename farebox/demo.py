@@ -257,12 +257,18 @@ def _ride(plan, buses, cards, driver_cards, now, ingest, kill_ingest_at, console
             now[0] = tap.at
             for o in plan.outages:  # the link goes down and comes back on the simulated clock
                 down = o.start <= tap.at < o.end
+                bus = buses[o.bus]
                 if down and o.bus not in offline:
-                    buses[o.bus].uplink.go_offline()
+                    bus.uplink.go_offline()
                     offline.add(o.bus)
+                    progress.console.print(f"[yellow]{bus.terminal.config.device_id}: link down at "
+                                           f"{_local_time(tap.at, plan.tz)} (dead zone); its taps wait in its journal")
                 elif not down and o.bus in offline:
-                    buses[o.bus].uplink.go_online()
+                    bus.uplink.go_online()
                     offline.discard(o.bus)
+                    progress.console.print(f"[green]{bus.terminal.config.device_id}: link back at "
+                                           f"{_local_time(tap.at, plan.tz)} with {bus.journal.backlog()} records "
+                                           "waiting; sending them now")
             if kills and i == kills[0]:
                 kills.pop(0)
                 ingest.kill()
@@ -276,11 +282,14 @@ def _ride(plan, buses, cards, driver_cards, now, ingest, kill_ingest_at, console
             outcomes[result.outcome.value] = outcomes.get(result.outcome.value, 0) + 1
             if result.record is not None:
                 bus.uplink.notify()
-            local = tap.at.astimezone(ZoneInfo(plan.tz)).strftime("%H:%M")
-            progress.update(task, advance=1, description=f"riding {local}")
+            progress.update(task, advance=1, description=f"riding {_local_time(tap.at, plan.tz)}")
         for b in offline:
             buses[b].uplink.go_online()
     return outcomes
+
+
+def _local_time(at: datetime, tz: str) -> str:
+    return at.astimezone(ZoneInfo(tz)).strftime("%H:%M")
 
 
 def _count_rows(conn, plan: CityPlan) -> tuple[int, int]:
