@@ -62,22 +62,29 @@ class DeviceDirectory:
         return self._known[device_id]
 
 
-def _insert_ignoring_duplicates(conn: Connection, table, rows: list[dict]) -> int:
-    """INSERT ... ON CONFLICT DO NOTHING for all rows; returns how many were new.
+def _insert_ignoring_duplicates(conn: Connection, table, rows: list[dict]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING for all rows.
 
-    The statement is the same for every batch, so SQLAlchemy compiles it once and sends the rows as one multi-row
-    insert ("insertmanyvalues"); building ``.values(rows)`` instead recompiled 1,000 bind parameters per batch and
-    cost more than the database. New rows are counted by RETURNING, since drivers disagree on an executemany's
-    rowcount."""
-    if not rows:
-        return 0
-    return len(conn.execute(_insert_statement(conn.dialect.name, table), rows).all())
+    One small statement, compiled once, executed for every row in one go (psycopg pipelines them, sqlite3 loops in
+    C). Building ``.values(rows)`` instead recompiled 1,000 bind parameters per batch, and a multi-row VALUES made
+    psycopg re-parse a 20 kB query each time: either cost more than the database itself."""
+    if rows:
+        conn.execute(_insert_statement(conn.dialect.name, table), rows)
 
 
 @functools.cache
 def _insert_statement(dialect_name: str, table):
     dialect = postgresql if dialect_name == "postgresql" else sqlite
-    return dialect.insert(table).on_conflict_do_nothing().returning(table.c.id)
+    return dialect.insert(table).on_conflict_do_nothing()
+
+
+def _already_stored(conn: Connection, device_id: str, seqs: list[int]) -> set[int]:
+    """Which of these sequences the device already has stored. A batch is a run of consecutive sequences, so one
+    range scan of the (device_id, device_seq) index answers it; an IN list of 50 parameters took 20 times longer."""
+    if not seqs:
+        return set()
+    query = select(Tap.device_seq).where(Tap.device_id == device_id, Tap.device_seq.between(min(seqs), max(seqs)))
+    return set(conn.execute(query).scalars()) & set(seqs)
 
 
 def _quarantine_row(now, topic, device_id, seq, reason, payload) -> dict:
@@ -137,9 +144,13 @@ def ingest_batch(conn: Connection, topic: str, payload: bytes, *, keys: IssuerKe
             row["kind"] = record.kind.value
             row["received_at"] = now
             taps.append(row)
-    result.stored = _insert_ignoring_duplicates(conn, Tap.__table__, taps)
-    result.duplicates = len(taps) - result.stored
-    result.quarantined = _insert_ignoring_duplicates(conn, Quarantine.__table__, bad)
+    # Known duplicates (a batch sent again) are counted and skipped; ON CONFLICT still guards against a second
+    # ingest worker storing the same record between this look-up and the insert.
+    stored = _already_stored(conn, device_id, [row["device_seq"] for row in taps])
+    new = [row for row in taps if row["device_seq"] not in stored]
+    _insert_ignoring_duplicates(conn, Tap.__table__, new)
+    _insert_ignoring_duplicates(conn, Quarantine.__table__, bad)
+    result.stored, result.duplicates, result.quarantined = len(new), len(taps) - len(new), len(bad)
     result.ack_seqs = [r.device_seq for r in batch.records]
     if bad:
         log.warning("device %s: %d record(s) quarantined, first reason: %s", device_id, len(bad), bad[0]["reason"])
