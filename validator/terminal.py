@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sqlite3
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo
@@ -20,7 +21,7 @@ from epurse import apdu
 from epurse.cardtypes import CardType
 from epurse.crypto import bcd_date, bcd_time
 from validator.fares import FareError, FareTable
-from validator.journal import Journal
+from validator.journal import Journal, JournalError
 from validator.messages import Outcome
 from validator.readers.base import CardRemoved, CardSession, ReaderError
 from wire.records import RecordKind, TapRecord
@@ -81,6 +82,12 @@ class Terminal:
         except FareError as e:
             log.error("device %s takes no fares: %s", self.config.device_id, e)
             return TapResult(Outcome.OUT_OF_SERVICE, detail=str(e))
+        except (JournalError, sqlite3.Error) as e:
+            # No fare without a record on disk. A debit already sent stays as a grey record (if that write made
+            # it) and is settled when the card comes back.
+            log.error("device %s cannot write its journal (%s): taking no fares; free disk space or replace the "
+                      "storage, nothing unsent is deleted", self.config.device_id, e)
+            return TapResult(Outcome.OUT_OF_SERVICE, detail=f"journal: {e}")
         except (apdu.StatusError, apdu.ResponseError, ValueError) as e:
             log.warning("card refused on %s: %s", self.config.device_id, e)
             return TapResult(Outcome.CARD_UNREADABLE, detail=str(e))

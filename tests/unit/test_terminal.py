@@ -4,6 +4,7 @@ DES / CBC-MAC of tests/reference_crypto.py from the published test TAC master ke
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -459,3 +460,23 @@ def test_validity_dates_are_the_local_calendar_days_of_the_bus(on_shift):
     on_shift.now = datetime(2024, 3, 5, 17, 0, tzinfo=UTC)
     card = rider(start=date(2020, 1, 1), end=date(2024, 3, 5))
     assert on_shift.tap(card).outcome is Outcome.CARD_EXPIRED and card.balance == 1000
+
+
+class FullDiskJournal(Journal):
+    """A journal on a disk that has just filled up: every write fails as SQLite reports it."""
+
+    def _write(self, record, state):
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+def test_a_full_disk_stops_fares_before_any_money_moves(tmp_path):
+    bus = Bus(tmp_path)
+    assert bus.tap(driver()).outcome is Outcome.SHIFT_OPENED
+    bus.journal.close()
+    bus.journal = bus.terminal.journal = FullDiskJournal(tmp_path / "bus0042.journal")
+    bus.later(60)
+    card = rider(balance=1000)
+    result = bus.tap(card)
+    assert result.outcome is Outcome.OUT_OF_SERVICE and "disk is full" in result.detail
+    assert card.balance == 1000  # the grey record could not be written, so no DEBIT was sent
+    bus.journal.close()
