@@ -13,6 +13,7 @@ can draw.
 from __future__ import annotations
 
 import functools
+import logging
 import operator
 import os
 import tempfile
@@ -33,6 +34,8 @@ from reportlab.pdfgen import canvas
 from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
 from clearing.settlement import Settlement
+
+log = logging.getLogger(__name__)
 
 LATIN_FONT = "Helvetica"
 LATIN_BOLD = "Helvetica-Bold"
@@ -58,11 +61,12 @@ def _cjk_font() -> str | None:
             try:
                 pdfmetrics.registerFont(TTFont("FareboxCJK", path, subfontIndex=0))
                 return "FareboxCJK"
-            except Exception:  # noqa: BLE001 - a broken font file costs only the Chinese glyphs
-                continue
+            except Exception as e:  # noqa: BLE001 - a broken font file costs only the Chinese glyphs
+                log.warning("CJK font %s unusable (%s); trying the next one", path, e)
     try:
         pdfmetrics.registerFont(UnicodeCIDFont(CJK_FALLBACK))
-    except Exception:  # noqa: BLE001 - a failure here costs only the Chinese glyphs, never the report
+    except Exception as e:  # noqa: BLE001 - a failure here costs only the Chinese glyphs, never the report
+        log.warning("no CJK font (%s): Chinese names will not show; install fonts-wqy-microhei", e)
         return None
     return CJK_FALLBACK
 
