@@ -66,11 +66,14 @@ class Terminal:
         self.terminal_id = apdu.check(psam.exchange(apdu.psam_read_terminal_id()), "PSAM READ TERMINAL ID")
         self._last_paid: dict[str, datetime] = {}
         self._zone = ZoneInfo(config.tz)
+        # This terminal is the journal's only writer, so the open shift is read once here and kept in step with
+        # every write below, instead of being read back from disk on each tap.
+        self._shift: dict | None = journal.get_state("shift")
 
     @property
     def shift(self) -> dict | None:
         """The open driver shift: driver (staff number), shift_no, opened_at; None when signed out."""
-        return self.journal.get_state("shift")
+        return self._shift
 
     def tap(self, card: CardSession) -> TapResult:
         try:
@@ -152,19 +155,24 @@ class Terminal:
     def _driver_card(self, staff_no: str, asn: str, now: datetime) -> TapResult:
         shift = self.shift
         if shift is not None and shift["driver"] == staff_no:
-            record = self.journal.append(self._record(RecordKind.SHIFT_CLOSE, now, card_asn=asn,
-                                                      card_type=CardType.DRIVER), state={"shift": None})
+            record = self._append_shift(self._record(RecordKind.SHIFT_CLOSE, now, card_asn=asn,
+                                                     card_type=CardType.DRIVER), None)
             return TapResult(Outcome.SHIFT_CLOSED, record=record)
         if shift is not None:
             # Hand-over without sign-out: the old shift ends where the new driver's begins.
-            self.journal.append(self._record(RecordKind.SHIFT_CLOSE, now, reason=f"handed over to {staff_no}"),
-                                state={"shift": None})
+            self._append_shift(self._record(RecordKind.SHIFT_CLOSE, now, reason=f"handed over to {staff_no}"), None)
         last_no = (self.journal.get_state("last_shift") or {}).get("shift_no", 0)
         new = {"driver": staff_no, "shift_no": last_no + 1, "opened_at": int(now.timestamp())}
-        record = self.journal.append(
+        record = self._append_shift(
             self._record(RecordKind.SHIFT_OPEN, now, driver=staff_no, shift_no=new["shift_no"], card_asn=asn,
-                         card_type=CardType.DRIVER), state={"shift": new, "last_shift": new})
+                         card_type=CardType.DRIVER), new, last_shift=new)
         return TapResult(Outcome.SHIFT_OPENED, record=record)
+
+    def _append_shift(self, record: TapRecord, shift: dict | None, **more_state) -> TapRecord:
+        """A shift record and the shift it leaves open, in one journal transaction; the cache follows the disk."""
+        record = self.journal.append(record, state={"shift": shift, **more_state})
+        self._shift = shift
+        return record
 
     def _record(self, kind: RecordKind, now: datetime, **fields) -> TapRecord:
         shift = self.shift or {}
