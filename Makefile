@@ -14,11 +14,12 @@ PCSC_H  := /usr/include/PCSC/winscard.h
 CJK_TTF := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help venv demo test bench clean
+.PHONY: help venv demo test soak bench clean
 
 help:
 	@echo "make demo    run the simulated fleet and back office (embedded broker and SQLite, nothing to set up)"
-	@echo "make test    make sure PostgreSQL and Mosquitto run, then run all tests"
+	@echo "make test    make sure PostgreSQL, Mosquitto and pcscd (with vpcd readers) run, then run all tests"
+	@echo "make soak    the long reliability runs (2M fuzzed messages, vpcd soak, bigger outage/broker/garbage/ingest-kill runs)"
 	@echo "make bench   run the benchmarks (each beside its baseline)"
 	@echo "make venv    create .venv and install farebox with its test extras"
 	@echo "make clean   remove var/ and caches (keeps .venv)"
@@ -55,11 +56,21 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/farebox demo
 
-# scripts/ensure-services.sh installs/starts PostgreSQL and Mosquitto (or says why it cannot).
+# scripts/ensure-services.sh installs/starts PostgreSQL, Mosquitto and pcscd with farebox's vsmartcard vpcd readers
+# (apt: pcscd vsmartcard-vpcd opensc pcsc-tools libpcsclite-dev), or says why it cannot.
 # pytest's exit status goes straight to make: 5 ("no tests collected") fails the target too.
 test: venv
 	@scripts/ensure-services.sh
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The long variants of the reliability tests (about 15-25 minutes here); `make test` runs the short ones.
+soak: venv
+	@scripts/ensure-services.sh
+	FAREBOX_WIRE_FUZZ=2000000 $(BIN)/pytest -q -p no:cacheprovider tests/reliability/test_wire_fuzz.py
+	FAREBOX_VPCD_SOAK=1000 $(BIN)/pytest -q -p no:cacheprovider tests/integration/test_vpcd_soak.py
+	FAREBOX_SOAK=1 $(BIN)/pytest -q -p no:cacheprovider tests/reliability/test_outage.py \
+	  tests/reliability/test_broker_restart.py tests/reliability/test_live_garbage.py \
+	  tests/reliability/test_ingest_workers.py
 
 bench: venv
 	$(BIN)/python -m bench

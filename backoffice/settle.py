@@ -1,29 +1,67 @@
-"""Settle one service day from the stored taps and write its PDF. The entry point for `farebox settle`, the demo and
-(later) the nightly job."""
+"""Settle a service day (or a month) and write its reports: the use case behind `farebox settle`, the nightly job,
+the demo and the clerk's pages.
+
+A day that has ended is settled from its clearing run (``backoffice.clearing_runs.clear_day``): the run is stored in
+the caller's transaction (commit it: ``with engine.begin() as conn``), the shifts of the day are reconciled, and the
+reports name the run. Asked again, the stored run is re-cleared and checked, never replaced. A day still running, or
+an operator with no card-issuer commission rate, gets provisional figures (gross only, nothing stored, the reports
+say "provisional"), so that a clerk can look at today without closing it. ``close_day=False`` never writes: the
+stored run if there is one, else the provisional figures.
+
+Reports (when ``reports_dir`` is given): ``settlement-<operator>-<day>.pdf`` (reports.daily), the same tables as
+``settlement-<operator>-<day>-by_route.csv`` etc. and ``settlement-<operator>-<day>.xlsx`` beside it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pandas as pd
 from sqlalchemy import Connection, select
 
-from backoffice import registry
-from backoffice.models import Operator, Tap
+from backoffice import clearing_runs, registry
+from backoffice.models import ClearingRun as ClearingRunRow
+from backoffice.models import CommissionRate, Fleet, Operator, Tap
+from clearing.runs import NO_FLEET, PURCHASE
 from clearing.service_day import day_bounds
 from clearing.settlement import Settlement, settle_day
-from reports.settlement_pdf import write_settlement_pdf
+from reports.daily import write_daily_pdf
+from reports.monthly import month_bounds, write_monthly_pdf
+from reports.settlement_doc import ClearingRun, SettlementTables
+from reports.tables import write_settlement_csv, write_settlement_xlsx
+
+log = logging.getLogger(__name__)
 
 TAP_COLUMNS = ["device_id", "device_seq", "kind", "occurred_at", "operator", "route", "vehicle", "driver",
                "card_type", "amount"]
+BREAKDOWNS = ("fleet", "route", "vehicle", "driver")
+MONEY = ("taps", "gross", "commission", "net")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DaySettlement:
-    settlement: Settlement
+    settlement: Settlement  # the day's purchases by route / vehicle / driver / card type (``amount`` = gross, fen)
     pdf: Path | None
+    run: clearing_runs.StoredRun | None = None  # None: provisional figures, nothing stored
+    files: tuple[Path, ...] = ()  # every report written: the PDF, the CSVs, the XLSX
+    shift_items: tuple[int, ...] = ()  # ids of new out-of-balance shift items found when the day was cleared
+    provisional: str = ""  # why the figures are provisional ("" when they come from a clearing run)
+
+
+@dataclass(frozen=True, eq=False)
+class MonthSettlement:
+    operator: str
+    first_day: date
+    last_day: date
+    runs: tuple[clearing_runs.StoredRun, ...]  # the stored runs of the month's days, by day
+    missing: tuple[date, ...]  # days of the month with no clearing run (not reported)
+    tables: SettlementTables
+    pdf: Path | None
+    files: tuple[Path, ...] = ()
 
 
 def load_day_taps(conn: Connection, *, operator: str, day: date, tz: str, cutoff_hour: int) -> pd.DataFrame:
@@ -36,18 +74,176 @@ def load_day_taps(conn: Connection, *, operator: str, day: date, tz: str, cutoff
     return frame
 
 
-def settle(conn: Connection, *, operator: str, day: date, reports_dir: Path | None = None) -> DaySettlement:
+def _operator(conn: Connection, operator: str):
     op = conn.execute(select(Operator.name, Operator.timezone, Operator.cutoff_hour)
                       .where(Operator.code == operator)).first()
     if op is None:
-        raise LookupError(f"operator {operator!r} is not registered")
-    taps = load_day_taps(conn, operator=operator, day=day, tz=op.timezone, cutoff_hour=op.cutoff_hour)
-    result = settle_day(taps, day, operator=operator, tz=op.timezone, cutoff_hour=op.cutoff_hour)
-    pdf = None
+        raise LookupError(f"operator {operator!r} is not registered: add it with backoffice.registry.add_operator")
+    return op
+
+
+def _has_rate(conn: Connection, operator: str, day: date) -> bool:
+    return conn.execute(select(CommissionRate.rate_bp).where(
+        CommissionRate.operator == operator, CommissionRate.valid_from <= day).limit(1)).first() is not None
+
+
+def stored_run_id(conn: Connection, operator: str, day: date) -> int | None:
+    return conn.execute(select(ClearingRunRow.id).where(ClearingRunRow.operator == operator,
+                                                        ClearingRunRow.service_day == day)).scalar()
+
+
+def _as_settlement(run: clearing_runs.StoredRun) -> Settlement:
+    """The run's day section in the shape callers of the old settlement know: key, taps, amount (gross)."""
+    tables = {}
+    for dim in ("route", "vehicle", "driver", "card_type"):
+        frame = run.table(dim)[[dim, "taps", "gross"]].rename(columns={"gross": "amount"})
+        if dim == "card_type":
+            frame[dim] = frame[dim].astype("int64")
+        tables[dim] = frame.sort_values(dim, kind="stable").reset_index(drop=True)
+    return Settlement(operator=run.operator, day=run.day, by_route=tables["route"], by_vehicle=tables["vehicle"],
+                      by_driver=tables["driver"], by_card_type=tables["card_type"],
+                      taps=int(run.totals["day_taps"]), amount=int(run.totals["day_gross"]))
+
+
+def _taps_by_hour(conn: Connection, *, operator: str, first: date, last: date, tz: str, cutoff_hour: int,
+                  as_of: datetime | None) -> pd.DataFrame:
+    """Purchases by local hour of the day, as the run counted them (received before its ``as_of``)."""
+    start, end = day_bounds(first, tz, cutoff_hour)[0], day_bounds(last, tz, cutoff_hour)[1]
+    query = select(Tap.occurred_at).where(Tap.operator == operator, Tap.kind == PURCHASE, Tap.occurred_at >= start,
+                                          Tap.occurred_at < end)
+    if as_of is not None:
+        query = query.where(Tap.received_at < as_of)
+    counts = [0] * 24
+    zone = ZoneInfo(tz)
+    for (at,) in conn.execute(query):
+        at = at.replace(tzinfo=UTC) if at.tzinfo is None else at
+        counts[at.astimezone(zone).hour] += 1
+    return pd.DataFrame({"hour": range(24), "taps": counts}, dtype="int64")
+
+
+def _names(conn: Connection, operator: str, at=None) -> dict[str, dict]:
+    """Names as they were at ``at`` (the period's start), so last month's report prints last month's names."""
+    names = registry.names(conn, operator, at=at)
+    names["fleet"] = dict(conn.execute(select(Fleet.code, Fleet.name).where(Fleet.operator == operator)).all())
+    names["fleet"][NO_FLEET] = "not in a fleet"  # a vehicle no fleet claims is still counted, under ""
+    return names
+
+
+def _breakdown(run: clearing_runs.StoredRun, dim: str) -> pd.DataFrame:
+    frame = run.table(dim)
+    return frame[[dim, *MONEY]].sort_values(dim, kind="stable").reset_index(drop=True)
+
+
+def _provisional_table(frame: pd.DataFrame, key: str) -> pd.DataFrame:
+    return frame[[key, "taps", "amount"]].rename(columns={"amount": "gross"}).reset_index(drop=True)
+
+
+def _write(tables: SettlementTables, reports_dir: Path, stem: str, writer, cutoff_hour: int) -> tuple[Path, ...]:
+    reports_dir = Path(reports_dir)
+    pdf = writer(tables, reports_dir / f"{stem}.pdf", cutoff_hour=cutoff_hour)
+    csvs = write_settlement_csv(tables, reports_dir, stem=stem)
+    xlsx = write_settlement_xlsx(tables, reports_dir / f"{stem}.xlsx")
+    return (pdf, *csvs, xlsx)
+
+
+def settle(conn: Connection, *, operator: str, day: date, reports_dir: Path | None = None,
+           now: datetime | None = None, close_day: bool = True) -> DaySettlement:
+    """Settle ``operator``'s service ``day`` as of ``now`` (default: the current time); see the module doc."""
+    now = now or datetime.now(UTC)
+    op = _operator(conn, operator)
+    day_end = day_bounds(day, op.timezone, op.cutoff_hour)[1]
+    run, items, why = None, (), ""
+    run_id = stored_run_id(conn, operator, day)
+    if close_day and (run_id is not None or (now >= day_end and _has_rate(conn, operator, day))):
+        # clear_day stores a new run (catching up skipped days first) or re-clears the stored one and checks it.
+        new = run_id is None
+        run = clearing_runs.clear_day(conn, operator=operator, day=day, now=now)
+        if new:
+            _totals, ids = clearing_runs.reconcile_shifts_day(conn, operator=operator, day=day, now=now)
+            items = tuple(ids)
+    elif run_id is not None:
+        run = clearing_runs.get_run(conn, run_id)
+    elif now < day_end:
+        why = f"service day {day} is still running (it ends {day_end.isoformat()})"
+    elif close_day:
+        why = (f"operator {operator} has no card-issuer commission rate for {day}: set one with "
+               "backoffice.clearing_runs.set_commission_rate to clear the day")
+    else:
+        why = f"service day {day} has no clearing run yet"
+
+    if run is not None:
+        settlement = _as_settlement(run)
+        tables = SettlementTables(
+            operator=operator, operator_name=op.name, first_day=day, last_day=day,
+            by_route=_breakdown(run, "route"), by_vehicle=_breakdown(run, "vehicle"),
+            by_driver=_breakdown(run, "driver"), by_fleet=_breakdown(run, "fleet"),
+            taps_by_hour=None, run=ClearingRun(str(run.id), run.created_at), generated_at=now, names={})
+        as_of = run.as_of
+    else:
+        taps = load_day_taps(conn, operator=operator, day=day, tz=op.timezone, cutoff_hour=op.cutoff_hour)
+        settlement = settle_day(taps, day, operator=operator, tz=op.timezone, cutoff_hour=op.cutoff_hour)
+        tables = SettlementTables(
+            operator=operator, operator_name=op.name, first_day=day, last_day=day,
+            by_route=_provisional_table(settlement.by_route, "route"),
+            by_vehicle=_provisional_table(settlement.by_vehicle, "vehicle"),
+            by_driver=_provisional_table(settlement.by_driver, "driver"),
+            run=None, generated_at=now, names={})  # the header then says "no stored run"
+        as_of = None
+    if reports_dir is None:
+        return DaySettlement(settlement, None, run, (), items, why)
+    hours = _taps_by_hour(conn, operator=operator, first=day, last=day, tz=op.timezone, cutoff_hour=op.cutoff_hour,
+                          as_of=as_of)
+    tables = replace(tables, taps_by_hour=hours,
+                     names=_names(conn, operator, day_bounds(day, op.timezone, op.cutoff_hour)[0]))
+    files = _write(tables, Path(reports_dir), f"settlement-{operator}-{day.isoformat()}", write_daily_pdf,
+                   op.cutoff_hour)
+    return DaySettlement(settlement, files[0], run, files, items, why)
+
+
+def _sum_over_runs(runs: list[clearing_runs.StoredRun], dim: str) -> pd.DataFrame:
+    frames = [run.table(dim) for run in runs]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame({dim: pd.Series([], dtype="str"), **{c: pd.Series([], dtype="int64") for c in MONEY}})
+    out = pd.concat(frames).groupby(dim, sort=True)[list(MONEY)].sum().reset_index()
+    return out.astype({c: "int64" for c in MONEY})
+
+
+def settle_month(conn: Connection, *, operator: str, year: int, month: int, reports_dir: Path | None = None,
+                 now: datetime | None = None) -> MonthSettlement:
+    """The month's settlement from the stored runs of its service days (read only: a day with no run is listed in
+    ``missing`` and left out, because clearing it now would close it out of order; the nightly job or
+    ``farebox settle --day`` clears days). Each row sums the day rows of the runs; commission + net == gross
+    holds per row because it holds per day."""
+    now = now or datetime.now(UTC)
+    op = _operator(conn, operator)
+    first, last = month_bounds(year, month)
+    ids = conn.execute(select(ClearingRunRow.id).where(
+        ClearingRunRow.operator == operator, ClearingRunRow.service_day >= first,
+        ClearingRunRow.service_day <= last).order_by(ClearingRunRow.service_day)).scalars().all()
+    runs = [clearing_runs.get_run(conn, i) for i in ids]
+    cleared = {r.day for r in runs}
+    missing = tuple(date.fromordinal(o) for o in range(first.toordinal(), last.toordinal() + 1)
+                    if date.fromordinal(o) not in cleared)
+    by_day = pd.DataFrame({"day": [r.day for r in runs],
+                           **{c: [int(r.totals[f"day_{c}"]) for r in runs] for c in MONEY}})
+    by_day = by_day.astype({c: "int64" for c in MONEY})
+    if runs:
+        label = f"{runs[0].id}" if len(runs) == 1 else f"{len(runs)} runs, {runs[0].id} to {runs[-1].id}"
+        if missing:
+            label += f"; {len(missing)} day(s) not cleared"
+        run = ClearingRun(label, max(r.created_at for r in runs))
+    else:
+        run = ClearingRun("none: no day of the month is cleared", now)
+    tables = SettlementTables(
+        operator=operator, operator_name=op.name, first_day=first, last_day=last,
+        by_route=_sum_over_runs(runs, "route"), by_vehicle=_sum_over_runs(runs, "vehicle"),
+        by_driver=_sum_over_runs(runs, "driver"), by_fleet=_sum_over_runs(runs, "fleet"), by_day=by_day,
+        run=run, generated_at=now, names=_names(conn, operator, day_bounds(first, op.timezone, op.cutoff_hour)[0]))
+    pdf, files = None, ()
     if reports_dir is not None:
-        names = registry.names(conn, operator)
-        pdf = write_settlement_pdf(
-            result, Path(reports_dir) / f"settlement-{operator}-{day.isoformat()}.pdf", operator_name=op.name,
-            generated_at=datetime.now(UTC), route_names=names["route"], vehicle_names=names["vehicle"],
-            driver_names=names["driver"])
-    return DaySettlement(result, pdf)
+        files = _write(tables, Path(reports_dir), f"settlement-{operator}-{first:%Y-%m}", write_monthly_pdf,
+                       op.cutoff_hour)
+        pdf = files[0]
+    return MonthSettlement(operator, first, last, tuple(runs), missing, tables, pdf, files)
+

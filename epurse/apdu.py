@@ -19,12 +19,14 @@ TX_LOAD = 0x02
 TX_PURCHASE = 0x06
 # A transit purchase whose record cache was updated first (INIT FOR PURCHASE with P1 = 03).
 TX_COMPOSITE = 0x09
+CAPP_RECORD_SIZE = 64  # record 02 of the composite-application file (SFI 17), written by UPDATE CAPP DATA CACHE
 
 ALG_3DES = 0x00
 ALG_SM4 = 0x04
 
 SW_OK = 0x9000
 SW_APP_BLOCKED = 0x6283
+SW_MEMORY_FAILURE = 0x6581
 SW_WRONG_LENGTH = 0x6700
 SW_SECURITY_NOT_SATISFIED = 0x6982
 SW_CONDITIONS_NOT_SATISFIED = 0x6985
@@ -41,10 +43,13 @@ SW_PROVE_NOT_AVAILABLE = 0x9406
 
 SW_MEANING = {
     SW_OK: "success",
-    SW_APP_BLOCKED: "the application is blocked",
+    SW_APP_BLOCKED: "selected, but the application is blocked (deny-listed card)",
+    SW_MEMORY_FAILURE: "memory failure: the card could not write its memory, nothing changed",
     SW_WRONG_LENGTH: "wrong length",
     SW_SECURITY_NOT_SATISFIED: "security status not satisfied",
-    SW_CONDITIONS_NOT_SATISFIED: "conditions of use not satisfied (wrong command order or no application selected)",
+    SW_CONDITIONS_NOT_SATISFIED: (
+        "conditions of use not satisfied (wrong command order, no application selected, or application blocked)"
+    ),
     SW_WRONG_DATA: "incorrect data in the command",
     SW_FILE_NOT_FOUND: "file or application not found",
     SW_RECORD_NOT_FOUND: "record not found",
@@ -58,13 +63,24 @@ SW_MEANING = {
 }
 
 
+def sw_text(sw: int) -> str:
+    """What a status word means, in words: SW_MEANING, plus the two families that carry a number in SW2."""
+    if sw in SW_MEANING:
+        return SW_MEANING[sw]
+    if sw >> 8 == 0x6C:
+        return f"wrong Le: the answer is {sw & 0xFF} bytes (resend with Le {sw & 0xFF:02X})"
+    if sw >> 8 == 0x61:
+        return f"{sw & 0xFF or 256} more bytes available (GET RESPONSE)"
+    return "unknown status"
+
+
 class StatusError(Exception):
     """The card or PSAM answered a status word other than 9000; ``.sw`` holds it."""
 
     def __init__(self, command: str, sw: int):
         self.command = command
         self.sw = sw
-        super().__init__(f"{command} answered {sw:04X}: {SW_MEANING.get(sw, 'unknown status')}")
+        super().__init__(f"{command} answered {sw:04X}: {sw_text(sw)}")
 
 
 class ResponseError(Exception):
@@ -163,6 +179,33 @@ def credit_load(date4: bytes, time3: bytes, mac2: bytes) -> bytes:
     return bytes.fromhex("805200000B") + data + b"\x04"
 
 
+def update_capp_cache(record64: bytes) -> bytes:
+    """UPDATE CAPP DATA CACHE: ``80 DC 02 B8 40`` record(64), record 02 of the composite-application file (SFI 17).
+
+    Only accepted as the very next command after INITIALIZE FOR PURCHASE with P1 ``03``; the card keeps the 64
+    bytes aside and writes them to the record only if the DEBIT FOR PURCHASE that follows succeeds. The card
+    treats the content as opaque (its layout is the transit application's, epurse.transit).
+    """
+    return bytes.fromhex("80DC02B840") + _fixed(record64, CAPP_RECORD_SIZE, "composite record")
+
+
+def read_capp_record() -> bytes:
+    """READ RECORD 02 of the composite-application file (SFI 17), 64 bytes: ``00 B2 02 BC 40``."""
+    return bytes.fromhex("00B202BC40")
+
+
+def get_challenge() -> bytes:
+    """GET CHALLENGE, 4 random bytes for the next secured command (APPLICATION BLOCK): ``00 84 00 00 04``."""
+    return bytes.fromhex("0084000004")
+
+
+def application_block(mac4: bytes) -> bytes:
+    """APPLICATION BLOCK: ``84 1E 00 00 04`` MAC(4). The MAC is the PSAM's answer to :func:`psam_block_mac` for
+    the card's last GET CHALLENGE (epurse.crypto ``CryptoSuite.block_mac``). The card blocks its application for
+    good: SELECT answers ``6283`` afterwards and purchases and loads ``6985``."""
+    return bytes.fromhex("841E000004") + _fixed(mac4, 4, "MAC")
+
+
 def get_transaction_prove(tx_type: int, ttc: int) -> bytes:
     """GET TRANSACTION PROVE: ``80 5A 00 type 02`` TTC(2) ``08`` -> MAC2 and TAC of the card's last transaction."""
     return (
@@ -211,6 +254,23 @@ def psam_verify_mac2(mac2: bytes) -> bytes:
     return bytes.fromhex("8072000004") + _fixed(mac2, 4, "MAC2")
 
 
+def psam_block_mac(card_number8: bytes, issuer8: bytes, challenge4: bytes, algorithm: int) -> bytes:
+    """PSAM APPLICATION BLOCK MAC: ``80 FA 05 00 15`` algorithm(1) card number(8, the last 8 bytes of the ASN)
+    issuer code(8) card challenge(4) ``04``.
+
+    P1 ``05`` = "MAC for an issuer command with the diversified maintenance key". The PSAM diversifies DAMK from its
+    maintenance master key by the card number with the card's algorithm (``00`` 3DES, ``04`` SM4; anything else
+    ``6A80``) and answers the 4-byte MAC over ``84 1E 00 00 04`` with IV = challenge || zeros (epurse.crypto).
+    """
+    data = (
+        _u(algorithm, 1, "algorithm")
+        + _fixed(card_number8, 8, "card number")
+        + _fixed(issuer8, 8, "issuer code")
+        + _fixed(challenge4, 4, "challenge")
+    )
+    return bytes([0x80, 0xFA, 0x05, 0x00, len(data)]) + data + b"\x04"
+
+
 # --- parsers --------------------------------------------------------------------------------------------------
 
 
@@ -240,10 +300,14 @@ class PublicInfo:
     card_type: (
         int  # issuer data byte 0, an epurse.cardtypes.CardType value (kept int: unknown types do not crash)
     )
+    # Issuer data byte 1: the card's algorithm (ALG_3DES 00 / ALG_SM4 04), the same byte its INITIALIZE answers
+    # carry; a terminal needs it before any INITIALIZE, e.g. to have the PSAM compute an APPLICATION BLOCK MAC.
+    algorithm: int = ALG_3DES
 
 
 def parse_public_info(data: bytes) -> PublicInfo:
-    """30 bytes: issuer code(8) app type(1) app version(1) ASN(10) start date(4 BCD) end date(4 BCD) issuer data(2)."""
+    """30 bytes: issuer code(8) app type(1) app version(1) ASN(10) start date(4 BCD) end date(4 BCD) issuer data(2:
+    card type(1) algorithm(1))."""
     data = _length(data, 30, "the public information file")
     return PublicInfo(
         issuer=data[0:8],
@@ -253,6 +317,7 @@ def parse_public_info(data: bytes) -> PublicInfo:
         start=_date(data[20:24], "public information start date"),
         end=_date(data[24:28], "public information end date"),
         card_type=data[28],
+        algorithm=data[29],
     )
 
 
@@ -394,3 +459,18 @@ def parse_log_record(data: bytes) -> LogRecord:
         date=data[16:20],
         time=data[20:23],
     )
+
+
+def parse_challenge(data: bytes) -> bytes:
+    """GET CHALLENGE answer: the card's random challenge(4)."""
+    return _length(data, 4, "the GET CHALLENGE answer")
+
+
+def parse_psam_mac(data: bytes) -> bytes:
+    """PSAM APPLICATION BLOCK MAC answer: MAC(4)."""
+    return _length(data, 4, "the PSAM MAC answer")
+
+
+def parse_capp_record(data: bytes) -> bytes:
+    """READ RECORD of the composite-application record: its 64 bytes, as the transit application wrote them."""
+    return _length(data, CAPP_RECORD_SIZE, "the composite-application record")

@@ -32,6 +32,19 @@ card whose ASN ends in the card number ``0000000000012345``::
 
 MAC1 and MAC2 work the same way with the session key SESPK = 3DES(DPK, card random || TTC || low 2 bytes of the
 terminal sequence) in place of the TAC key; see epurse.crypto for every layout.
+
+The same four master keys serve SM4 cards (algorithm ``04``): a 16-byte key is an SM4 key as it is. An SM4 card's
+keys are SM4(master, D || NOT D), its TAC key is DTK itself, and its MACs are SM4 CBC-MACs padded to 16 bytes. The
+same purchase as a composite one (type ``09``) on an SM4 card, by hand::
+
+    M=4A06C4DC1BC469534F48F867B61BE3F4; D=0000000000012345; NOTD=$(printf '%016X' $(( ~0x$D )))
+    K=$(echo $D$NOTD | xxd -r -p | openssl enc -sm4-ecb -K $M -nopad | xxd -p -c 64)   # DTK = the TAC key
+    DATA=000000C8090100000000420000000720240305073000   # 22 bytes, then 80 and nine 00s to 32
+    echo ${DATA}80000000000000000000 | xxd -r -p \\
+      | openssl enc -sm4-cbc -K $K -iv 00000000000000000000000000000000 -nopad \\
+      | tail -c 16 | head -c 4 | xxd -p                 # the TAC: fef823c9
+
+The maintenance key DAMK only ever computes the APPLICATION BLOCK MAC (epurse.crypto ``block_mac``), in the PSAM.
 """
 
 from __future__ import annotations

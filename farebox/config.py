@@ -15,6 +15,8 @@ class Settings:
     database_url: str | None = None  # None: a SQLite file under var/
     mqtt_url: str | None = None  # None: an embedded broker started by the program
     issuer_keys_file: Path | None = None  # None: the published simulator test keys (epurse.keys)
+    device_master_key_file: Path | None = None  # None: the published test device master (wire.devicekeys)
+    signing_key_file: Path | None = None  # None: the published test package-signing key (farebox.keys)
 
     @property
     def sqlite_url(self) -> str:
@@ -26,7 +28,8 @@ class Settings:
 
 
 _ENV = {"var_dir": "FAREBOX_VAR_DIR", "database_url": "FAREBOX_DATABASE_URL", "mqtt_url": "FAREBOX_MQTT_URL",
-        "issuer_keys_file": "FAREBOX_ISSUER_KEYS"}
+        "issuer_keys_file": "FAREBOX_ISSUER_KEYS", "device_master_key_file": "FAREBOX_DEVICE_MASTER_KEY",
+        "signing_key_file": "FAREBOX_SIGNING_KEY"}
 
 
 def load_settings(environ=os.environ) -> Settings:
@@ -42,7 +45,7 @@ def load_settings(environ=os.environ) -> Settings:
     for name, var in _ENV.items():
         if environ.get(var):
             values[name] = environ[var]
-    for name in ("var_dir", "issuer_keys_file"):
+    for name in ("var_dir", "issuer_keys_file", "device_master_key_file", "signing_key_file"):
         if values.get(name) is not None:
             values[name] = Path(values[name])
     return Settings(**values)

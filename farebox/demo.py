@@ -1,9 +1,11 @@
 """`farebox demo`: one service day of a small simulated city, on real parts, from card to settlement PDF.
 
 The back office's database (SQLite under var/ unless FAREBOX_DATABASE_URL), an MQTT broker (started here unless
-FAREBOX_MQTT_URL), the ingest consumer as a child process of its own, six real validators with simulated cards and
-PSAMs, and a day of taps in accelerated time with a deny-listed card and a bus that loses its link for four hours.
-At the end the day is settled, the PDF written, and the settlement checked against what the cards lost.
+FAREBOX_MQTT_URL), the ingest consumer as a child process of its own, the status consumer and the package publisher
+beside it, six real validators with simulated cards and PSAMs, and a day of taps in accelerated time. The deny list
+reaches the buses over the air as signed packages: the whole list when they first connect, and a delta at noon when a
+rider reports a card lost; one bus loses its link for four hours and catches up when it comes back. At the end the
+day is settled, the PDF written, and the settlement checked against what the cards lost.
 """
 
 from __future__ import annotations
@@ -26,26 +28,33 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import func, select
 
-from backoffice import registry
+from backoffice import clearing_runs, registry
 from backoffice.db import make_engine, upgrade
+from backoffice.devices import fleet_status
 from backoffice.ingest_consumer import end_session
-from backoffice.models import Quarantine, Tap
+from backoffice.models import Card, Quarantine, Tap
+from backoffice.publisher import Publisher
 from backoffice.settle import settle
-from blacklist.denylist import DenyList, write_atomic
+from backoffice.status_consumer import StatusConsumer
+from epurse.apdu import ALG_3DES, ALG_SM4
 from epurse.cardtypes import CardType
 from epurse.keys import TEST_ISSUER_KEYS
 from farebox.broker import EmbeddedBroker
 from farebox.config import Settings
+from farebox.keys import device_master, signing_seed
 from hardware_sim.card import SimCard
 from hardware_sim.city import CityPlan, plan_city
 from hardware_sim.psam import SimPsam
-from validator.fares import FareTable
+from validator.downlink import Downlink
+from validator.fares import FareTable, Transfer
 from validator.journal import Journal
 from validator.messages import Outcome, yuan
 from validator.readers.sim import SimReader
 from validator.terminal import Terminal, TerminalConfig
 from validator.uplink import Uplink
+from wire import devicekeys
 from wire.mqtt_url import parse_mqtt_url
+from wire.packages import public_key
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +65,7 @@ class Bus:
     terminal: Terminal
     uplink: Uplink
     journal: Journal
+    downlink: Downlink
 
 
 @dataclasses.dataclass
@@ -135,6 +145,8 @@ def _seed_registry(engine, plan: CityPlan) -> None:
                                 terminal_id=b.terminal_id.hex())
         registry.add_cards(conn, [{"asn": c.asn.hex(), "card_type": int(c.card_type),
                                    "status": "lost" if c.asn in plan.denied else "active"} for c in plan.cards])
+        # The card issuer keeps 0.6 % of the fares; the settlement shows its commission and the operator's net.
+        clearing_runs.set_commission_rate(conn, operator=plan.operator, rate_bp=60, valid_from=plan.day)
 
 
 def _sam_slot(psam: SimPsam):
@@ -192,44 +204,67 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
     console.print(f"MQTT broker: {target.url(with_password=False)}{' (embedded)' if broker else ''}")
 
     ingest = IngestProcess(run_dir, database_url, mqtt_url, client_id=f"ingest_{tag}", operator=plan.operator)
+    master, seed_key = device_master(settings), signing_seed(settings)
+    status = StatusConsumer(engine, target, master=master, client_id=f"status_{tag}", operator=plan.operator)
+    publisher = Publisher(engine, target, seed=seed_key, device_master=master, operator=plan.operator,
+                          client_id=f"publisher_{tag}")
     buses: list[Bus] = []
     try:
         ingest.start()
-        deny_file = write_atomic(run_dir / "denylist.bin", [a.hex() for a in plan.denied], version=1)
-        deny_list = DenyList.load(deny_file)
-        fares = FareTable(version=1, flat={r.code: r.fare for r in plan.routes})
+        status.start()
+        publisher.start()
+        first = publisher.publish_denylist() or publisher.current
+        # Students pay half, the elderly ride free (their taps are still recorded, for the concession claim), and
+        # a change of route within an hour is 1 yuan cheaper.
+        fares = FareTable(version=1, flat={r.code: r.fare for r in plan.routes},
+                          discounts={CardType.STUDENT: 50, CardType.ELDERLY: 0}, transfer=Transfer(60, 100))
         now, clock = _sim_clock()
         for b in plan.buses:
             journal = Journal(run_dir / f"{b.device_id}.journal")
             terminal = Terminal(TerminalConfig(device_id=b.device_id, operator=plan.operator, route=b.route,
                                                vehicle=b.vehicle, tz=plan.tz),
                                 journal=journal, psam=_sam_slot(SimPsam(b.terminal_id, keys=TEST_ISSUER_KEYS)),
-                                fares=fares, deny_list=deny_list, clock=clock)
-            uplink = Uplink(journal, target, device_id=b.device_id, operator=plan.operator, ack_timeout=3.0)
+                                fares=fares, clock=clock)
+            # Packages are due by the wall clock (they were signed a moment ago), not by the simulated day's.
+            downlink = Downlink(terminal, public_key=public_key(seed_key), staging_dir=run_dir / b.device_id,
+                                clock=lambda: datetime.now(UTC))
+            uplink = Uplink(journal, target, device_id=b.device_id, operator=plan.operator, ack_timeout=3.0,
+                            mac_key=devicekeys.mac_key(master, b.device_id), terminal=terminal, downlink=downlink,
+                            heartbeat_seconds=5)
             uplink.start()
-            buses.append(Bus(SimReader(), terminal, uplink, journal))
+            buses.append(Bus(SimReader(), terminal, uplink, journal, downlink))
+        _await_denylist(buses, first.version, console)
 
+        # A third of the riders carry phone SIMs whose e-purse speaks SM4; the rest are 3DES cards.
         cards = {c.asn: SimCard(c.asn, int(c.card_type), c.balance, start=day - timedelta(days=365),
-                                end=day + timedelta(days=365 * 5)) for c in plan.cards}
+                                end=day + timedelta(days=365 * 5), algorithm=ALG_SM4 if i % 3 == 0 else ALG_3DES)
+                 for i, c in enumerate(plan.cards)}
         driver_cards = {d.staff_no: SimCard(d.asn, CardType.DRIVER, 0, staff_no=d.staff_no, holder_name=d.name,
                                             start=day - timedelta(days=365), end=day + timedelta(days=365 * 5))
                         for d in plan.drivers}
-        outcomes = _ride(plan, buses, cards, driver_cards, now, ingest, kill_ingest_at, console)
+        lost = _lost_at_noon(plan)
+        outcomes = _ride(plan, buses, cards, driver_cards, now, ingest, kill_ingest_at, console,
+                         lambda: _report_lost(engine, publisher, lost, console))
 
         console.print("waiting for every validator's backlog to reach the back office ...")
         for bus in buses:
             if not bus.uplink.wait_drained(timeout=120):
                 console.print(f"[red]{bus.terminal.config.device_id}: {bus.journal.backlog()} records still unsent")
+        with engine.connect() as conn:
+            fleet = fleet_status(conn, plan.operator, datetime.now(UTC))
     finally:
         for bus in buses:
             bus.uplink.stop()
+        publisher.stop()
+        status.stop()
         ingest.stop()
         if broker:
             broker.stop()
-        else:  # a shared broker would keep this run's ingest session, and queue for it, for ever
-            end_session(target, ingest.client_id)
+        else:  # a shared broker would keep this run's sessions, and queue for them, for ever
+            for client_id in (ingest.client_id, f"status_{tag}"):
+                end_session(target, client_id)
 
-    with engine.connect() as conn:
+    with engine.begin() as conn:  # the clearing run is stored with the settlement
         result = settle(conn, operator=plan.operator, day=day, reports_dir=settings.var_dir / "reports")
         stored, quarantined = _count_rows(conn, plan)
         names = registry.names(conn, plan.operator)
@@ -243,11 +278,19 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
                       quarantined=quarantined, ingest_kills=ingest.starts - 1, seconds=time.monotonic() - started)
     _write_summary(demo, result.settlement, cards, plan)
     _print_summary(console, demo, result.settlement, names)
+    if result.run is not None:
+        t = result.run.totals
+        console.print(f"clearing run {result.run.id}: gross ¥{yuan(t['day_gross'])}, issuer commission "
+                      f"¥{yuan(t['day_commission'])}, net to the operator ¥{yuan(t['day_net'])}")
+    else:
+        console.print(f"provisional settlement, nothing stored: {result.provisional}")
+    _print_fleet(console, fleet)
     return demo
 
 
-def _ride(plan, buses, cards, driver_cards, now, ingest, kill_ingest_at, console) -> dict[str, int]:
+def _ride(plan, buses, cards, driver_cards, now, ingest, kill_ingest_at, console, at_noon) -> dict[str, int]:
     outcomes: dict[str, int] = {}
+    noon = len(plan.taps) // 2
     kills = sorted(int(f * len(plan.taps)) for f in kill_ingest_at)
     offline: set[int] = set()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} taps"),
@@ -274,7 +317,10 @@ def _ride(plan, buses, cards, driver_cards, now, ingest, kill_ingest_at, console
                 ingest.kill()
                 progress.console.print(f"[yellow]ingest killed with SIGKILL at tap {i}; restarting it")
                 ingest.start()
+            if i == noon:
+                at_noon()
             bus = buses[tap.bus]
+            bus.downlink.apply_due()  # between taps: a deny list that arrived over the air takes effect now
             card = driver_cards[plan.buses[tap.bus].driver] if tap.card is None else cards[tap.card]
             bus.reader.present(card)
             result = bus.terminal.tap(bus.reader.poll())
@@ -286,6 +332,43 @@ def _ride(plan, buses, cards, driver_cards, now, ingest, kill_ingest_at, console
         for b in offline:
             buses[b].uplink.go_online()
     return outcomes
+
+
+def _await_denylist(buses: list[Bus], version: int, console, timeout: float = 30.0) -> None:
+    """Before service: every bus has received the deny list over the air and applied it."""
+    deadline = time.monotonic() + timeout
+    waiting = list(buses)
+    while waiting and time.monotonic() < deadline:
+        for bus in waiting:
+            bus.downlink.apply_due()
+        waiting = [b for b in waiting if b.terminal.deny_list.version < version]
+        time.sleep(0.05)
+    if waiting:
+        console.print(f"[red]deny list v{version} did not reach {', '.join(b.terminal.config.device_id for b in waiting)}")
+    else:
+        console.print(f"deny list v{version} ({buses[0].terminal.deny_list.count} cards) received over the air by "
+                      f"all {len(buses)} buses")
+
+
+def _lost_at_noon(plan: CityPlan) -> bytes | None:
+    """The rider who will report a card lost at noon: the one with the most taps after it."""
+    later: dict[bytes, int] = {}
+    for tap in plan.taps[len(plan.taps) // 2:]:
+        if tap.card is not None and tap.card not in plan.denied:
+            later[tap.card] = later.get(tap.card, 0) + 1
+    return max(later, key=later.get) if later else None
+
+
+def _report_lost(engine, publisher: Publisher, asn: bytes | None, console) -> None:
+    """A rider phones the mobile operator: card lost. The card goes on the deny list, which goes out as a delta."""
+    if asn is None:
+        return
+    with engine.begin() as conn:
+        conn.execute(Card.__table__.update().where(Card.asn == asn.hex()).values(status="lost"))
+    version = publisher.publish_denylist()
+    if version is not None:
+        console.print(f"[yellow]noon: card {asn.hex()} reported lost; deny list v{version.version} goes out to the "
+                      "buses as a delta")
 
 
 def _local_time(at: datetime, tz: str) -> str:
@@ -316,6 +399,18 @@ def _write_summary(demo: DemoResult, settlement, cards, plan: CityPlan) -> None:
         "by_driver": settlement.by_driver.to_dict(orient="records"),
     }
     (demo.run_dir / "summary.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False, default=int))
+
+
+def _print_fleet(console: Console, fleet) -> None:
+    """What the validators last said about themselves (status birth / heartbeat), as operations sees it."""
+    table = Table(title="Validators, from their status messages", title_justify="left")
+    for column in ("device", "vehicle", "online", "deny list", "backlog", "PSAM", "alarms"):
+        table.add_column(column)
+    for row in fleet:
+        table.add_row(row.device_id, row.plate or row.vehicle or "", {True: "yes", False: "no"}.get(row.online, "?"),
+                      f"v{row.denylist_version}" if row.denylist_version is not None else "?",
+                      str(row.backlog) if row.backlog is not None else "?", row.psam, ", ".join(row.alarms))
+    console.print(table)
 
 
 def _print_summary(console: Console, demo: DemoResult, settlement, names: dict[str, dict[str, str]]) -> None:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Make sure the services the tests use answer on loopback:
-#   PostgreSQL on 127.0.0.1:5432 (trust auth, database "test") and Mosquitto on 127.0.0.1:1883.
+#   PostgreSQL on 127.0.0.1:5432 (trust auth, database "test"), Mosquitto on 127.0.0.1:1883, and pcscd with
+#   farebox's two vsmartcard vpcd readers ("farebox vpcd 00 00" on TCP 0x9C40, "... 00 01" on 0x9C41);
+#   and that Debian's chromium + chromedriver are installed for the web page tests.
 # Installs them with apt-get when missing (root only), starts them when down, waits until each port
 # answers, and prints one line per service. Idempotent; a few tens of milliseconds when all is up.
 # When something is missing and we are not root, it says so and exits 0: the tests then skip with reasons.
@@ -35,9 +37,11 @@ apt_install() { # packages...
         printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && created_policy=1
     fi
     local rc=0
-    if ! apt-get install -y -q "$@" >/tmp/ensure-services-apt.log 2>&1; then
-        apt-get update -q >>/tmp/ensure-services-apt.log 2>&1 || true
-        apt-get install -y -q "$@" >>/tmp/ensure-services-apt.log 2>&1 || rc=$?
+    # another apt (a parallel make venv) may hold the dpkg lock: wait for it rather than fail
+    local lock=(-o DPkg::Lock::Timeout=300)
+    if ! apt-get install -y -q "${lock[@]}" "$@" >/tmp/ensure-services-apt.log 2>&1; then
+        apt-get update -q "${lock[@]}" >>/tmp/ensure-services-apt.log 2>&1 || true
+        apt-get install -y -q "${lock[@]}" "$@" >>/tmp/ensure-services-apt.log 2>&1 || rc=$?
     fi
     [[ -n $created_policy ]] && rm -f "$policy"
     if ((rc != 0)); then
@@ -166,5 +170,82 @@ ensure_mosquitto() {
     say "mosquitto: up ($MQ_HOST:$MQ_PORT)"
 }
 
+# ---------------------------------------------------------------- pcscd + vpcd
+# The reader tests talk to a real pcscd through pyscard; hardware_sim/vpcd.py plugs simulated cards into its vpcd
+# readers. pcscd has one socket per machine (/run/pcscd/pcscd.comm), so the one that runs must be one with farebox's
+# readers: our config goes into /etc/reader.conf.d (so any pcscd started later, by systemd too, has them), and a
+# pcscd that runs without them is restarted. opensc (opensc-tool) and pcsc-tools (scriptor) read the simulated card
+# from outside; libpcsclite-dev is what pyscard compiles against.
+PCSC_PKGS=(pcscd vsmartcard-vpcd libpcsclite-dev opensc pcsc-tools)
+VPCD_LIB=/usr/lib/pcsc/drivers/serial/libifdvpcd.so
+PCSC_CONF=/etc/reader.conf.d/farebox-vpcd
+PCSC_LOG=/var/log/farebox-pcscd.log
+
+pcsc_readers() { opensc-tool -l 2>/dev/null | grep -c 'farebox vpcd 00 0[01]' || true; }
+
+ensure_pcscd() {
+    local missing=() p
+    for p in "${PCSC_PKGS[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+        is_root || { say "pcscd: ${missing[*]} not installed, and not root - PC/SC reader tests will be skipped"; return 0; }
+        say "pcscd: installing (apt-get install ${missing[*]}) ..."
+        apt_install "${missing[@]}" || { say "pcscd: install failed - PC/SC reader tests will be skipped"; return 0; }
+    fi
+    [[ -e $VPCD_LIB ]] || { say "pcscd: $VPCD_LIB missing after install - PC/SC reader tests will be skipped"; return 0; }
+    if [[ $(pcsc_readers) -ge 2 ]]; then
+        say "pcscd: up (readers 'farebox vpcd 00 00' on port 40000, '00 01' on 40001)"
+        return 0
+    fi
+    is_root || { say "pcscd: not running with farebox's vpcd readers, and not root - PC/SC reader tests will be skipped"; return 0; }
+    cat >"$PCSC_CONF" <<'CONF'
+# farebox: two virtual PC/SC readers for hardware_sim cards (hardware_sim/vpcd.py)
+FRIENDLYNAME "farebox vpcd"
+DEVICENAME   /dev/null:0x9C40
+LIBPATH      /usr/lib/pcsc/drivers/serial/libifdvpcd.so
+CHANNELID    0x9C40
+CONF
+    local pid
+    pid=$(tr -dc '0-9' </run/pcscd/pcscd.pid 2>/dev/null || true) # the pid file ends in a NUL
+    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || pid=$(pidof pcscd || true)
+    if [[ -n $pid ]]; then
+        say "pcscd: running without farebox's vpcd readers (pid $pid): restarting it with them"
+        kill $pid 2>/dev/null || true # pidof may give several
+        for _ in $(seq 1 50); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+    fi
+    mkdir -p /run/pcscd
+    # setsid: the daemon outlives make's process group; -f keeps its log in our file instead of a syslog we lack
+    setsid nohup pcscd -f >"$PCSC_LOG" 2>&1 </dev/null &
+    local deadline=$((SECONDS + WAIT_SECONDS))
+    until [[ $(pcsc_readers) -ge 2 ]]; do
+        if ((SECONDS >= deadline)); then
+            say "pcscd: DOWN - farebox vpcd readers did not appear after ${WAIT_SECONDS}s (log: $PCSC_LOG)"
+            tail -n 5 "$PCSC_LOG"
+            return 0
+        fi
+        sleep 0.1
+    done
+    say "pcscd: up (readers 'farebox vpcd 00 00' on port 40000, '00 01' on 40001; log $PCSC_LOG)"
+}
+
+# ---------------------------------------------------------------- Chromium (web page tests)
+# tests/e2e/test_web_pages.py drives Debian's chromium through chromedriver (selenium); the pages' Chinese labels
+# need a CJK font. A file check when all is there, so repeat runs cost nothing.
+ensure_chromium() {
+    local missing=()
+    [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+    [[ -x /usr/bin/chromedriver ]] || missing+=(chromium-driver)
+    [[ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ]] || missing+=(fonts-wqy-microhei)
+    if ((${#missing[@]})); then
+        is_root || { say "chromium: ${missing[*]} not installed, and not root - web page tests will be skipped"; return 0; }
+        say "chromium: installing (apt-get install ${missing[*]}) ..."
+        apt_install "${missing[@]}" || { say "chromium: install failed - web page tests will be skipped"; return 0; }
+    fi
+    say "chromium: ready ($(/usr/bin/chromium --version 2>/dev/null | head -n 1 || echo '?'))"
+}
+
 ensure_postgresql
 ensure_mosquitto
+ensure_pcscd
+ensure_chromium

@@ -7,6 +7,7 @@ import enum
 
 class Outcome(str, enum.Enum):
     PAID = "paid"
+    ENTERED = "entered"  # boarded a distance-fare route: the fare is taken when the rider taps out
     ALREADY_PAID = "already_paid"
     INSUFFICIENT_BALANCE = "insufficient_balance"
     CARD_BLOCKED = "card_blocked"
@@ -21,6 +22,7 @@ class Outcome(str, enum.Enum):
 
 MESSAGES: dict[Outcome, tuple[str, str]] = {
     Outcome.PAID: ("扣款成功", "Paid"),
+    Outcome.ENTERED: ("上车成功 下车请刷卡", "Boarded: tap again when you get off"),
     Outcome.ALREADY_PAID: ("已付款", "Already paid"),
     Outcome.INSUFFICIENT_BALANCE: ("余额不足", "Insufficient balance"),
     Outcome.CARD_BLOCKED: ("此卡已停用", "Card blocked"),

@@ -1,10 +1,12 @@
 """The tap state machine: one card in the field, one decision, one record on disk.
 
-A driver card opens or closes the driver's shift. A rider card pays the route's fare, crash-safe: the pending
-("grey") record is on disk before the DEBIT reaches the card, the completed one (with the card's TAC) before the
-rider is told "paid"; a card pulled away in between leaves the grey record, which GET TRANSACTION PROVE settles when
-that card is seen again. A card on the deny list is refused and the refusal recorded. Nothing here knows which
-reader or which link is underneath.
+A driver card opens or closes the driver's shift. A rider card pays what the fare table says (validator.fares),
+always as a composite purchase: INITIALIZE FOR PURCHASE (P1 03), UPDATE CAPP DATA CACHE with the new transit record
+(epurse.transit), DEBIT FOR PURCHASE, so the card's record of where it boarded changes with its balance or not at
+all. Crash-safe: the pending ("grey") record is on disk before the DEBIT reaches the card, the completed one (with
+the card's TAC) before the rider is told "paid"; a card pulled away in between leaves the grey record, which GET
+TRANSACTION PROVE settles when that card is seen again. A card on the deny list is locked on the spot (APPLICATION
+BLOCK with a MAC from the PSAM) and the event recorded. Nothing here knows which reader or which link is underneath.
 """
 
 from __future__ import annotations
@@ -13,17 +15,19 @@ import dataclasses
 import logging
 import sqlite3
 from collections.abc import Callable
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from blacklist.denylist import DenyList
 from epurse import apdu
 from epurse.cardtypes import CardType
 from epurse.crypto import bcd_date, bcd_time
-from validator.fares import FareError, FareTable
-from validator.journal import Journal, JournalError
+from epurse.transit import TransitRecord, TransitRecordError, TripState
+from validator.fares import FareError, FareTable, Quote, Step, quote
+from validator.journal import Journal, JournalError, JournalFull
 from validator.messages import Outcome
-from validator.readers.base import CardRemoved, CardSession, ReaderError
+from validator.readers.base import CardRemoved, CardSession, CommunicationError, ReaderError
+from validator.shift_report import ShiftReport
 from wire.records import RecordKind, TapRecord
 
 log = logging.getLogger(__name__)
@@ -37,7 +41,9 @@ class TerminalConfig:
     operator: str
     route: str
     vehicle: str
-    double_tap_seconds: int = 30  # the same card again within this window is "already paid", not charged twice
+    # The same card on this validator again within this window is "already paid", not charged twice. The card's
+    # own transit record says when it last paid here, so the window survives a restart and costs no memory.
+    double_tap_seconds: int = 30
     tz: str = "Asia/Shanghai"  # where the bus runs: a card's validity dates are local calendar days
 
 
@@ -48,6 +54,7 @@ class TapResult:
     balance: int | None = None
     record: TapRecord | None = None
     detail: str = ""  # for the log and the maintenance screen, not for the rider
+    report: ShiftReport | None = None  # the closed shift's totals, when a driver signed out or handed over
 
 
 def _now() -> datetime:
@@ -64,11 +71,28 @@ class Terminal:
         self.deny_list = deny_list or DenyList.empty()
         self.clock = clock
         self.terminal_id = apdu.check(psam.exchange(apdu.psam_read_terminal_id()), "PSAM READ TERMINAL ID")
-        self._last_paid: dict[str, datetime] = {}
+        self.stop = 0  # the stop the bus is at (GPS or the driver's stop button), for distance fares
         self._zone = ZoneInfo(config.tz)
         # This terminal is the journal's only writer, so the open shift is read once here and kept in step with
         # every write below, instead of being read back from disk on each tap.
         self._shift: dict | None = journal.get_state("shift")
+
+    def at_stop(self, stop: int) -> None:
+        """The bus reached ``stop`` (an index on the route, 0..255)."""
+        if not 0 <= stop <= 0xFF:
+            raise ValueError(f"stop index {stop} does not fit in the transit record (0..255)")
+        self.stop = stop
+
+    def replace_deny_list(self, deny_list: DenyList) -> None:
+        """Use a new deny list from the next tap on. A tap in progress keeps the list it started with."""
+        old, self.deny_list = self.deny_list, deny_list
+        log.info("device %s: deny list v%d (%d cards) replaces v%d", self.config.device_id, deny_list.version,
+                 deny_list.count, old.version)
+
+    def replace_fares(self, fares: FareTable) -> None:
+        """Use a new fare table from the next tap on (called between taps, never mid-purchase)."""
+        old, self.fares = self.fares, fares
+        log.info("device %s: fare table v%d replaces v%d", self.config.device_id, fares.version, old.version)
 
     @property
     def shift(self) -> dict | None:
@@ -85,14 +109,20 @@ class Terminal:
         except FareError as e:
             log.error("device %s takes no fares: %s", self.config.device_id, e)
             return TapResult(Outcome.OUT_OF_SERVICE, detail=str(e))
+        except JournalFull as e:
+            log.error("device %s: %s", self.config.device_id, e)  # says what to do: bring the link back
+            return TapResult(Outcome.OUT_OF_SERVICE, detail=f"journal: {e}")
         except (JournalError, sqlite3.Error) as e:
             # No fare without a record on disk. A debit already sent stays as a grey record (if that write made
             # it) and is settled when the card comes back.
             log.error("device %s cannot write its journal (%s): taking no fares; free disk space or replace the "
                       "storage, nothing unsent is deleted", self.config.device_id, e)
             return TapResult(Outcome.OUT_OF_SERVICE, detail=f"journal: {e}")
-        except (apdu.StatusError, apdu.ResponseError, ValueError) as e:
+        except apdu.StatusError as e:
             log.warning("card refused on %s: %s", self.config.device_id, e)
+            return TapResult(_OUTCOME_OF_STATUS.get(e.sw, Outcome.CARD_UNREADABLE), detail=str(e))
+        except (apdu.ResponseError, ValueError) as e:
+            log.warning("card not understood on %s: %s", self.config.device_id, e)
             return TapResult(Outcome.CARD_UNREADABLE, detail=str(e))
 
     def _tap(self, card: CardSession) -> TapResult:
@@ -111,9 +141,7 @@ class Terminal:
                 if settled is not None:
                     return settled
         if asn in self.deny_list:
-            record = self.journal.append(self._record(RecordKind.DENIED, now, card_asn=asn,
-                                                      card_type=info.card_type, reason="on deny list"))
-            return TapResult(Outcome.CARD_BLOCKED, record=record, detail="card is on the deny list")
+            return self._block(card, info, now)
         if not info.start <= self._local_date(now) <= info.end:
             return TapResult(Outcome.CARD_EXPIRED, detail=f"valid {info.start} to {info.end}")
         if info.card_type == CardType.DRIVER:
@@ -121,10 +149,44 @@ class Terminal:
             return self._driver_card(holder.staff_no, asn, now)
         if self.shift is None:
             return TapResult(Outcome.NO_SHIFT)
-        last = self._last_paid.get(asn)
-        if last is not None and (now - last).total_seconds() < self.config.double_tap_seconds:
+        last = self._last_trip(card, asn)
+        if (last is not None and last.terminal_id == self.terminal_id
+                and timedelta(0) <= now - last.at < timedelta(seconds=self.config.double_tap_seconds)):
             return TapResult(Outcome.ALREADY_PAID)
-        return self._purchase(card, info, now)
+        q = quote(self.fares, route=self.config.route, stop=self.stop, card_type=info.card_type, last=last, now=now)
+        return self._purchase(card, info, q, now)
+
+    def _last_trip(self, card: CardSession, asn: str) -> TransitRecord | None:
+        """The card's transit record; None for a card that never rode, or whose record is not in our layout (another
+        scheme wrote it, or it is damaged): that rider pays the plain fare and the purchase writes a fresh record."""
+        try:
+            raw = apdu.parse_capp_record(apdu.check(card.exchange(apdu.read_capp_record()), "READ RECORD 17/02"))
+        except apdu.StatusError as e:
+            if e.sw == apdu.SW_RECORD_NOT_FOUND:
+                return None
+            raise
+        try:
+            return TransitRecord.decode(raw)
+        except TransitRecordError as e:
+            log.warning("device %s: card %s has a transit record we cannot read (%s); treated as none",
+                        self.config.device_id, asn, e)
+            return None
+
+    def _block(self, card: CardSession, info: apdu.PublicInfo, now: datetime) -> TapResult:
+        """Lock a deny-listed card on the spot: a challenge from the card, the MAC over it from the PSAM (which
+        holds the maintenance key), APPLICATION BLOCK. The refusal is recorded whether or not the lock worked."""
+        reason = "on deny list; application blocked"
+        try:
+            challenge = apdu.parse_challenge(apdu.check(card.exchange(apdu.get_challenge()), "GET CHALLENGE"))
+            mac = apdu.parse_psam_mac(apdu.check(self.psam.exchange(apdu.psam_block_mac(
+                info.asn[-8:], info.issuer, challenge, info.algorithm)), "PSAM BLOCK MAC"))
+            apdu.check(card.exchange(apdu.application_block(mac)), "APPLICATION BLOCK")
+        except (ReaderError, apdu.StatusError, apdu.ResponseError) as e:
+            reason = f"on deny list; could not block the application: {e}"
+            log.warning("device %s: deny-listed card %s %s", self.config.device_id, info.asn.hex(), reason)
+        record = self.journal.append(self._record(RecordKind.DENIED, now, card_asn=info.asn.hex(),
+                                                  card_type=info.card_type, reason=reason))
+        return TapResult(Outcome.CARD_BLOCKED, record=record, detail=reason)
 
     def _settle_grey(self, card: CardSession, grey: TapRecord, now: datetime) -> TapResult | None:
         """The card left mid-purchase last time: ask it whether that debit happened (GET TRANSACTION PROVE), and
@@ -132,7 +194,7 @@ class Terminal:
         tap when it was the rider's retry of that purchase, None when the tap goes on as a new one."""
         try:
             prove = apdu.parse_transaction_prove(apdu.check(
-                card.exchange(apdu.get_transaction_prove(apdu.TX_PURCHASE, grey.card_ttc)), "GET TRANSACTION PROVE"))
+                card.exchange(apdu.get_transaction_prove(grey.tx_type, grey.card_ttc)), "GET TRANSACTION PROVE"))
         except apdu.StatusError as e:
             if e.sw != apdu.SW_PROVE_NOT_AVAILABLE:
                 raise
@@ -146,7 +208,6 @@ class Terminal:
                  grey.device_seq, grey.card_asn)
         if (now - grey.occurred_at).total_seconds() >= self.config.double_tap_seconds:
             return None  # settled an old trip; this tap is a new one
-        self._last_paid[grey.card_asn] = grey.occurred_at
         return TapResult(Outcome.PAID, fare=grey.amount, balance=grey.balance_after, record=record)
 
     def _local_date(self, now: datetime) -> date:
@@ -157,16 +218,25 @@ class Terminal:
         if shift is not None and shift["driver"] == staff_no:
             record = self._append_shift(self._record(RecordKind.SHIFT_CLOSE, now, card_asn=asn,
                                                      card_type=CardType.DRIVER), None)
-            return TapResult(Outcome.SHIFT_CLOSED, record=record)
+            return TapResult(Outcome.SHIFT_CLOSED, record=record,
+                             report=self.journal.shift_report(shift["shift_no"]))
+        handed_over = None
         if shift is not None:
             # Hand-over without sign-out: the old shift ends where the new driver's begins.
             self._append_shift(self._record(RecordKind.SHIFT_CLOSE, now, reason=f"handed over to {staff_no}"), None)
+            handed_over = self.journal.shift_report(shift["shift_no"])
         last_no = (self.journal.get_state("last_shift") or {}).get("shift_no", 0)
         new = {"driver": staff_no, "shift_no": last_no + 1, "opened_at": int(now.timestamp())}
         record = self._append_shift(
             self._record(RecordKind.SHIFT_OPEN, now, driver=staff_no, shift_no=new["shift_no"], card_asn=asn,
                          card_type=CardType.DRIVER), new, last_shift=new)
-        return TapResult(Outcome.SHIFT_OPENED, record=record)
+        return TapResult(Outcome.SHIFT_OPENED, record=record, report=handed_over)
+
+    def shift_report(self, shift_no: int | None = None) -> ShiftReport | None:
+        """A shift's totals for the driver's screen or printer: the open or last shift, or any kept shift by number."""
+        if shift_no is None:
+            shift_no = self.journal.last_shift_no()
+        return None if shift_no is None else self.journal.shift_report(shift_no)
 
     def _append_shift(self, record: TapRecord, shift: dict | None, **more_state) -> TapRecord:
         """A shift record and the shift it leaves open, in one journal transaction; the cache follows the disk."""
@@ -182,41 +252,79 @@ class Terminal:
         base.update(fields)
         return TapRecord(**base)
 
-    def _purchase(self, card: CardSession, info: apdu.PublicInfo, now: datetime) -> TapResult:
-        fare = self.fares.fare(self.config.route, info.card_type)
+    def _purchase(self, card: CardSession, info: apdu.PublicInfo, q: Quote, now: datetime) -> TapResult:
         try:
             init = apdu.parse_init_purchase(apdu.check(
-                card.exchange(apdu.init_purchase(PURCHASE_KEY_INDEX, fare, self.terminal_id)),
+                card.exchange(apdu.init_purchase(PURCHASE_KEY_INDEX, q.amount, self.terminal_id, composite=True)),
                 "INITIALIZE FOR PURCHASE"))
         except apdu.StatusError as e:
             if e.sw == apdu.SW_INSUFFICIENT_FUNDS:
-                return TapResult(Outcome.INSUFFICIENT_BALANCE, fare=fare, detail=str(e))
+                return TapResult(Outcome.INSUFFICIENT_BALANCE, fare=q.amount, detail=str(e))
             raise
+        if init.balance < q.required_balance:
+            # Nothing was debited: the card drops the open purchase with the next command.
+            return TapResult(Outcome.INSUFFICIENT_BALANCE, fare=q.amount, balance=init.balance,
+                             detail=f"balance {init.balance} fen is below the {q.required_balance} fen needed")
         sam = apdu.parse_psam_init_purchase(apdu.check(self.psam.exchange(apdu.psam_init_purchase(
-            init.random, init.ttc, fare, apdu.TX_PURCHASE, now, init.key_version, init.algorithm, info.asn[-8:],
-            info.issuer)), "PSAM INIT FOR PURCHASE"))
+            init.random, init.ttc, q.amount, apdu.TX_COMPOSITE, now, init.key_version, init.algorithm,
+            info.asn[-8:], info.issuer)), "PSAM INIT FOR PURCHASE"))
+        shift = self.shift or {}
+        trip = TransitRecord(state=TripState.ON_BOARD if q.step is Step.ENTRY else TripState.DONE,
+                             route=self.config.route, vehicle=self.config.vehicle, driver=shift.get("driver", ""),
+                             terminal_id=self.terminal_id, at=now, amount=q.amount, full_fare=q.full_fare,
+                             entry_stop=q.entry_stop, exit_stop=q.exit_stop)
         record = self.journal.begin_purchase(self._record(
             RecordKind.PURCHASE, now, card_asn=info.asn.hex(), card_type=info.card_type, card_ttc=init.ttc,
-            amount=fare, balance_after=init.balance - fare, terminal_id=self.terminal_id.hex(),
-            terminal_seq=sam.terminal_seq))
+            amount=q.amount, balance_after=init.balance - q.amount, terminal_id=self.terminal_id.hex(),
+            terminal_seq=sam.terminal_seq, tx_type=apdu.TX_COMPOSITE, algorithm=init.algorithm,
+            full_fare=q.full_fare, entry_stop=q.entry_stop, exit_stop=q.exit_stop, reason=q.note))
         try:
+            apdu.check(card.exchange(apdu.update_capp_cache(trip.encode())), "UPDATE CAPP DATA CACHE")
             debit = apdu.parse_debit(apdu.check(card.exchange(
                 apdu.debit_purchase(sam.terminal_seq, bcd_date(now), bcd_time(now), sam.mac1)),
                 "DEBIT FOR PURCHASE"))
-        except (ReaderError, apdu.ResponseError):
+        except ReaderError:
             # We cannot know whether the card debited: the grey record stays until the card is seen again.
             raise
-        except apdu.StatusError:
-            self.journal.cancel(record.device_seq)  # the card said no: nothing was taken
-            raise
-        reason = ""
+        except apdu.ResponseError as e:
+            # Nor here; and the rider must be asked to tap again (so the card comes back), not told it is unknown.
+            raise CommunicationError(f"DEBIT FOR PURCHASE answer unreadable: {e}") from e
+        except apdu.StatusError as refused:
+            # A refusal, or an answer garbled on its way into one: only the card knows, so ask it while it is here.
+            debit = self._prove(card, record, refused)
+        reason = q.note
         try:
             apdu.check(self.psam.exchange(apdu.psam_verify_mac2(debit.mac2)), "PSAM VERIFY MAC2")
         except apdu.StatusError as e:
             # The card debited (it gave a TAC) but its MAC2 is wrong: keep the record, flag it for the back office.
-            reason = f"MAC2 did not verify: {e}"
-            log.error("device %s seq %d: %s", self.config.device_id, record.device_seq, reason)
+            reason = "; ".join(filter(None, (q.note, f"MAC2 did not verify: {e}")))
+            log.error("device %s seq %d: MAC2 did not verify: %s", self.config.device_id, record.device_seq, e)
         record = dataclasses.replace(record, tac=debit.tac.hex(), reason=reason)
         self.journal.complete_purchase(record)
-        self._last_paid[record.card_asn] = now
-        return TapResult(Outcome.PAID, fare=fare, balance=record.balance_after, record=record)
+        return TapResult(Outcome.ENTERED if q.step is Step.ENTRY and not q.amount else Outcome.PAID,
+                         fare=q.amount, balance=record.balance_after, record=record)
+
+
+    def _prove(self, card: CardSession, record: TapRecord, refused: apdu.StatusError) -> apdu.DebitResult:
+        """DEBIT answered an error status: GET TRANSACTION PROVE for this purchase's TTC says whether the card
+        debited after all (then its TAC and MAC2 complete the record as usual) or not (then the grey record is
+        cancelled and the refusal stands). If the card cannot say, the grey record stays for its next tap."""
+        try:
+            prove = apdu.parse_transaction_prove(apdu.check(card.exchange(
+                apdu.get_transaction_prove(record.tx_type, record.card_ttc)), "GET TRANSACTION PROVE"))
+        except apdu.StatusError as e:
+            if e.sw != apdu.SW_PROVE_NOT_AVAILABLE:
+                raise
+            self.journal.cancel(record.device_seq)  # the card never debited: nothing was taken
+            raise refused from None
+        log.warning("device %s seq %d: DEBIT answered %04X but the card proves it debited; completing the record",
+                    self.config.device_id, record.device_seq, refused.sw)
+        return apdu.DebitResult(tac=prove.tac, mac2=prove.mac2)
+
+
+# Status words a card answers to an ordinary tap, and what the rider is told.
+_OUTCOME_OF_STATUS = {
+    apdu.SW_APP_BLOCKED: Outcome.CARD_BLOCKED,
+    apdu.SW_INSUFFICIENT_FUNDS: Outcome.INSUFFICIENT_BALANCE,
+    apdu.SW_MAC_INVALID: Outcome.TAP_AGAIN,  # a MAC the card did not accept: nothing was debited, try again
+}

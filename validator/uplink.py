@@ -1,9 +1,26 @@
-"""Store-and-forward from the journal to the back office over MQTT (paho-mqtt, QoS 1, persistent session).
+"""The validator's MQTT link (paho-mqtt, QoS 1, persistent session): taps up, status up, packages down.
 
-The journal is the outbox: paho keeps nothing on disk, so a batch is built from the journal, published, and
-nothing is forgotten until the back office's acknowledgement names its sequences (it sends one only after its
-database commit). One batch is in flight at a time, oldest records first; an unacknowledged batch is sent again
-after a timeout that doubles up to a ceiling, so a bus back from a dead zone catches up without flooding the link.
+Taps, store-and-forward: the journal is the outbox. paho keeps nothing on disk, so a batch is built from the
+journal, encoded as ``wire.codec`` v2 and MAC'd with the device's key, published, and nothing is forgotten until the
+back office's acknowledgement names its sequences (it sends one only after its database commit). An acknowledgement
+is believed only if its MAC verifies with the same key: a forged one is logged and ignored, so nobody on the broker
+can make a bus forget taps. One batch is in flight at a time, oldest records first; an unacknowledged batch is sent
+again after a timeout that doubles up to a ceiling, so a bus back from a dead zone catches up without flooding the
+link.
+
+Status (``wire.status``, retained, MAC'd with the device key): a birth right after every connect, a heartbeat every
+``heartbeat_seconds`` and at once when something a back office acts on changes (a package applied or refused, a
+deny-list delta from another base: the heartbeat carries the version the bus has, so the back office sends the right
+delta or the full list), and a death set as the MQTT last will before every (re)connect, which the broker publishes
+when the bus vanishes without a DISCONNECT. The death carries the ``at`` of the connection it belongs to.
+
+Downlink: the device's own ``ack``, ``denylist``, ``params`` and ``software`` topics and the fleet's, all QoS 1.
+Packages go to a :class:`validator.downlink.Downlink` (checked and staged on this thread, applied between taps by the
+main loop); without one they are logged and dropped.
+
+The broker user and password come from the MQTT URL (``mqtt://<device>:<password>@host``; ``farebox device add``
+prints both). Without ``mac_key`` the key is derived from the published TEST device master, with a warning: right
+for the demo fleet, never for a real bus.
 """
 
 from __future__ import annotations
@@ -11,39 +28,67 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 import paho.mqtt.client as mqtt
 
 from validator.journal import Journal
-from wire import codec, topics
+from wire import codec, devicekeys, topics
+from wire import status as wstatus
 from wire.mqtt_url import MqttTarget, new_client
 
 log = logging.getLogger(__name__)
 
+JOURNAL_ALARM_FRACTION = 0.85  # the journal's disk budget this full raises an alarm
+
 
 class Uplink:
     def __init__(self, journal: Journal, target: MqttTarget, *, device_id: str, operator: str,
-                 batch_size: int = 50, ack_timeout: float = 5.0, max_backoff: float = 60.0):
+                 mac_key: bytes | None = None, terminal=None, downlink=None, software: str | None = None,
+                 heartbeat_seconds: float = 60.0, batch_size: int = 50, ack_timeout: float = 5.0,
+                 max_backoff: float = 60.0, clock: Callable[[], datetime] | None = None):
         self.journal = journal
         self.target = target
         self.device_id = device_id
+        self.operator = operator
+        if mac_key is None:
+            log.warning("device %s: MAC key derived from the published TEST device master: demo fleets only",
+                        device_id)
+            mac_key = devicekeys.mac_key(devicekeys.TEST_DEVICE_MASTER, device_id)
+        self.mac_key = mac_key
+        self.terminal = terminal
+        self.downlink = downlink
+        if downlink is not None:
+            downlink.on_change = self.send_status_now
+        self.software = software or (downlink.software if downlink is not None else _running_software())
+        self.heartbeat_seconds = heartbeat_seconds
         self.batch_size = batch_size
         self.ack_timeout = ack_timeout
         self.max_backoff = max_backoff
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.last_tap: datetime | None = None
         self._taps_topic = topics.taps(operator, device_id)
-        self._ack_topic = topics.ack(operator, device_id)
+        self._status_topic = topics.status(operator, device_id)
+        self._subscriptions = [(topics.device_topic(operator, device_id, m), 1) for m in topics.DOWNLINK]
+        self._subscriptions += [(topics.fleet_topic(operator, m), 1) for m in topics.FLEET_MESSAGES]
         self._wake = threading.Event()
+        self._status_due = threading.Event()
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._inflight: set[int] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._offline = False
+        self._connection_at: datetime | None = None
         self.batches_sent = 0
         self.resends = 0
+        self.forged_acks = 0
+        self.statuses_sent = 0
 
         client = new_client(target, f"dev_{device_id}", max_inflight=4)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -58,6 +103,7 @@ class Uplink:
         self._thread.start()
 
     def stop(self) -> None:
+        """A clean shutdown: a DISCONNECT, so the broker does not publish the death (the bus said goodbye)."""
         self._stop.set()
         self._wake.set()
         if self._thread:
@@ -76,8 +122,14 @@ class Uplink:
         self.client.connect_async(self.target.host, self.target.port, keepalive=30)
         self.client.loop_start()
 
-    def notify(self) -> None:
-        """A new record is in the journal: send without waiting for the next poll."""
+    def notify(self, at: datetime | None = None) -> None:
+        """A new record is in the journal (a tap at ``at``): send without waiting for the next poll."""
+        self.last_tap = at or (self.terminal.clock() if self.terminal is not None else self.clock())
+        self._wake.set()
+
+    def send_status_now(self) -> None:
+        """Send a heartbeat at the next turn of the sender (something the back office acts on changed)."""
+        self._status_due.set()
         self._wake.set()
 
     @property
@@ -94,14 +146,63 @@ class Uplink:
             time.sleep(0.05)
         return self.journal.backlog() == 0
 
+    # -- status --------------------------------------------------------------------------------------------
+
+    def status(self, kind: str, at: datetime | None = None) -> wstatus.Status:
+        """What the bus says about itself now."""
+        usage = self.journal.usage()
+        alarms: list[str] = []
+        if usage.refusing:
+            alarms.append("journal full")
+        elif usage.fraction is not None and usage.fraction >= JOURNAL_ALARM_FRACTION:
+            alarms.append(f"journal {int(usage.fraction * 100)}% full")
+        params_version = denylist_version = 0
+        psam = ""
+        terminal = self.terminal
+        if terminal is not None:
+            params_version = terminal.fares.version
+            denylist_version = terminal.deny_list.version
+            psam = terminal.terminal_id.hex()
+        if self.downlink is not None:
+            params_version = self.downlink.params_version
+            alarms.extend(self.downlink.alarms())
+        return wstatus.Status(kind=kind, device_id=self.device_id, at=at or self.clock(), software=self.software,
+                             params_version=params_version, denylist_version=denylist_version,
+                             backlog=usage.unsent, oldest_unsent=usage.oldest_unsent, psam=psam,
+                             last_tap=self.last_tap, alarms=tuple(alarms[:wstatus.MAX_ALARMS]))
+
+    def _publish_status(self, kind: str, at: datetime | None = None) -> None:
+        try:
+            payload = wstatus.encode_status(self.status(kind, at), key=self.mac_key)
+        except Exception:  # a bad field must not stop the taps
+            log.exception("device %s: cannot build its %s status", self.device_id, kind)
+            return
+        info = self.client.publish(self._status_topic, payload, qos=1, retain=True)
+        if info.rc == mqtt.MQTT_ERR_SUCCESS:
+            self.statuses_sent += 1
+
+    def _set_will(self) -> None:
+        self._connection_at = self.clock()
+        try:
+            will = wstatus.encode_status(self.status("death", self._connection_at), key=self.mac_key)
+        except Exception:
+            log.exception("device %s: cannot build its last will", self.device_id)
+            return
+        self.client.will_set(self._status_topic, will, qos=1, retain=True)
+
     # -- paho callbacks (network thread) ---------------------------------------------------------------------
+
+    def _on_pre_connect(self, client, userdata):
+        # Before every (re)connect: the will names this connection, so a late will of an old one can be told apart.
+        self._set_will()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
             log.error("device %s: broker refused the connection: %s (check the device's MQTT user and password)",
                       self.device_id, reason_code)
             return
-        client.subscribe(self._ack_topic, qos=1)
+        client.subscribe(self._subscriptions)
+        self._publish_status("birth", self._connection_at)
         self._connected.set()
         with self._lock:
             self._inflight.clear()  # whatever was in flight is sent again; the back office drops duplicates
@@ -115,7 +216,33 @@ class Uplink:
 
     def _on_message(self, client, userdata, message):
         try:
-            ack = codec.decode_ack(message.payload)
+            _operator, target, kind = topics.parse(message.topic)
+        except topics.TopicError as e:
+            log.error("device %s: message on an unexpected topic ignored: %s", self.device_id, e)
+            return
+        if not ((target == self.device_id and kind in topics.DOWNLINK)
+                or (target == topics.FLEET and kind in topics.FLEET_MESSAGES)):
+            # Not something this device subscribed to (amqtt has been seen to deliver other clients' retained
+            # status messages): not a package, and not worth an error line per message.
+            log.debug("device %s: message on %s ignored: not this device's downlink", self.device_id,
+                      message.topic)
+            return
+        if kind == "ack":
+            self._on_ack(message)
+        elif self.downlink is not None:
+            self.downlink.receive(kind, message.payload, fleet=target == topics.FLEET)
+        else:
+            log.info("device %s: %s package on %s ignored (no downlink configured)", self.device_id, kind,
+                     message.topic)
+
+    def _on_ack(self, message) -> None:
+        try:
+            ack = codec.decode_ack(message.payload, key=self.mac_key)
+        except codec.MacError as e:
+            self.forged_acks += 1
+            log.error("device %s: acknowledgement with a bad MAC on %s ignored (forged, or sent with another key): "
+                      "%s", self.device_id, message.topic, e)
+            return
         except codec.WireError as e:
             log.error("device %s: unreadable acknowledgement on %s: %s", self.device_id, message.topic, e)
             return
@@ -132,11 +259,16 @@ class Uplink:
     def _run(self) -> None:
         backoff = self.ack_timeout
         sent_at = 0.0
+        next_heartbeat = time.monotonic() + self.heartbeat_seconds
         while not self._stop.is_set():
             self._wake.wait(timeout=0.5)
             self._wake.clear()
             if not self._connected.is_set():
                 continue
+            if self._status_due.is_set() or time.monotonic() >= next_heartbeat:
+                self._status_due.clear()
+                self._publish_status("heartbeat")
+                next_heartbeat = time.monotonic() + self.heartbeat_seconds
             with self._lock:
                 waiting = bool(self._inflight)
             if waiting and time.monotonic() - sent_at < backoff:
@@ -153,10 +285,25 @@ class Uplink:
                 continue
             if not batch:
                 continue
+            try:
+                payload = codec.encode_batch(batch, key=self.mac_key)
+            except codec.WireError:
+                log.exception("device %s: records %d-%d cannot be encoded; they stay in the journal",
+                              self.device_id, batch[0].device_seq, batch[-1].device_seq)
+                sent_at = time.monotonic()
+                with self._lock:
+                    self._inflight = {r.device_seq for r in batch}  # retried with backoff, never dropped
+                continue
             with self._lock:
                 self._inflight = {r.device_seq for r in batch}
-            info = self.client.publish(self._taps_topic, codec.encode_batch(batch), qos=1)
+            info = self.client.publish(self._taps_topic, payload, qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 log.warning("device %s: publish failed (%s); will retry", self.device_id, mqtt.error_string(info.rc))
             sent_at = time.monotonic()
             self.batches_sent += 1
+
+
+def _running_software() -> str:
+    from validator.downlink import running_software
+
+    return running_software()

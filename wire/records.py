@@ -42,7 +42,12 @@ class TapRecord:
     terminal_id: str = ""  # 12 hex digits, the PSAM's terminal number
     terminal_seq: int = 0  # the PSAM's transaction sequence
     tac: str = ""  # 8 hex digits
-    reason: str = ""  # why a card was refused (DENIED)
+    reason: str = ""  # why a card was refused (DENIED), or why a fare is not the plain fare (transfer, recovery)
+    tx_type: int = 0x06  # the card transaction type the TAC covers: 06 purchase, 09 composite (transit record)
+    algorithm: int = 0x00  # the card's algorithm: 00 3DES, 04 SM4
+    full_fare: int = 0  # fen before card-type and transfer discounts, so concessions can be claimed
+    entry_stop: int = 0  # distance-fare routes: where the rider boarded ...
+    exit_stop: int = 0  # ... and alighted (0 on entry and on flat routes)
 
     def __post_init__(self):
         if self.occurred_at.tzinfo is None or self.occurred_at.utcoffset().total_seconds() != 0:

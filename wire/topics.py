@@ -1,6 +1,25 @@
-"""MQTT topic names. One scheme: ``farebox/v1/<operator>/<device>/<message>``, segments in ``[0-9a-z_]``.
+"""MQTT topic names: one scheme, ``farebox/v1/<operator>/<target>/<message>``, every segment in ``[0-9a-z_]``.
 
-Uplink (bus -> back office): ``taps``. Downlink (back office -> bus): ``ack``.
+``v1`` is the topic scheme's version (a payload carries its own format version). ``<target>`` is a device id
+(which never starts with ``_``) or ``_fleet``, the operator's whole fleet. The messages:
+
+| topic | direction | QoS / retained | payload |
+|---|---|---|---|
+| ``.../<device>/taps`` | bus -> back office | 1 | a batch of journal records (purchases, refusals, driver shift sign-in / sign-out), ``wire.codec`` |
+| ``.../<device>/status`` | bus -> back office | 1, retained | birth, heartbeat and (as the MQTT last will) death, ``wire.status`` |
+| ``.../<device>/ack`` | back office -> bus | 1 | the sequences now stored, ``wire.codec.encode_ack`` |
+| ``.../<device>/denylist`` | back office -> bus | 1 | a deny-list delta from the device's version, or the full list, ``wire.packages`` |
+| ``.../<device>/params`` | back office -> bus | 1 | a parameter package (fare table, route assignment) for this device, ``wire.packages`` |
+| ``.../<device>/software`` | back office -> bus | 1 | a software package for this device, ``wire.packages`` |
+| ``.../_fleet/denylist`` | back office -> every bus | 1, retained | the current deny-list version: a signed package whose JSON body is ``{version, count, checksum, created_at}`` (a bus behind reports its version in its status and gets a delta) |
+| ``.../_fleet/params`` | back office -> every bus | 1, retained | the fleet's parameter package |
+| ``.../_fleet/software`` | back office -> every bus | 1, retained | the fleet's software package |
+
+Driver shift events travel in the taps stream (kinds ``shift_open`` / ``shift_close``): they need the same
+exactly-once delivery and device sequence as fares, and a shift report must agree with the fares beside it.
+
+A device may publish only ``.../<its id>/taps`` and ``.../<its id>/status`` and read only its own downlink and
+``_fleet``; ``farebox broker config`` writes that as a Mosquitto ACL (the user name is the device id).
 """
 
 from __future__ import annotations
@@ -8,8 +27,12 @@ from __future__ import annotations
 import re
 
 PREFIX = "farebox/v1"
-_SEGMENT = re.compile(r"[0-9a-z_]{1,32}")
-MESSAGES = ("taps", "ack")
+FLEET = "_fleet"
+_SEGMENT = re.compile(r"[0-9a-z][0-9a-z_]{0,31}")
+UPLINK = ("taps", "status")
+DOWNLINK = ("ack", "denylist", "params", "software")
+FLEET_MESSAGES = ("denylist", "params", "software")
+MESSAGES = UPLINK + DOWNLINK
 
 
 class TopicError(ValueError):
@@ -18,20 +41,38 @@ class TopicError(ValueError):
 
 def check_segment(name: str, what: str) -> str:
     if not isinstance(name, str) or not _SEGMENT.fullmatch(name):
-        raise TopicError(f"{what} {name!r} cannot be a topic segment: use 1-32 characters of [0-9a-z_]")
+        raise TopicError(f"{what} {name!r} cannot be a topic segment: use 1-32 characters of [0-9a-z_], "
+                         "not starting with _")
     return name
 
 
+def device_topic(operator: str, device: str, message: str) -> str:
+    if message not in MESSAGES:
+        raise TopicError(f"unknown device message {message!r}; farebox v1 knows {', '.join(MESSAGES)}")
+    return f"{PREFIX}/{check_segment(operator, 'operator')}/{check_segment(device, 'device')}/{message}"
+
+
+def fleet_topic(operator: str, message: str) -> str:
+    if message not in FLEET_MESSAGES:
+        raise TopicError(f"unknown fleet message {message!r}; farebox v1 knows {', '.join(FLEET_MESSAGES)}")
+    return f"{PREFIX}/{check_segment(operator, 'operator')}/{FLEET}/{message}"
+
+
 def taps(operator: str, device: str) -> str:
-    return f"{PREFIX}/{check_segment(operator, 'operator')}/{check_segment(device, 'device')}/taps"
+    return device_topic(operator, device, "taps")
 
 
 def ack(operator: str, device: str) -> str:
-    return f"{PREFIX}/{check_segment(operator, 'operator')}/{check_segment(device, 'device')}/ack"
+    return device_topic(operator, device, "ack")
 
 
-# What the back office subscribes to: every device's tap batches.
+def status(operator: str, device: str) -> str:
+    return device_topic(operator, device, "status")
+
+
+# What the back office subscribes to: every device's tap batches, and every device's status.
 ALL_TAPS = f"{PREFIX}/+/+/taps"
+ALL_STATUS = f"{PREFIX}/+/+/status"
 
 
 def operator_taps(operator: str | None) -> str:
@@ -39,14 +80,24 @@ def operator_taps(operator: str | None) -> str:
     return ALL_TAPS if operator is None else f"{PREFIX}/{check_segment(operator, 'operator')}/+/taps"
 
 
+def shared(group: str, subscription: str) -> str:
+    """An MQTT 5 / Mosquitto shared subscription: the broker hands each message to one member of ``group``."""
+    return f"$share/{check_segment(group, 'share group')}/{subscription}"
+
+
 def parse(topic: str) -> tuple[str, str, str]:
-    """``(operator, device, message)`` of a farebox topic; TopicError if it is not one."""
+    """``(operator, target, message)`` of a farebox topic (target a device id or ``_fleet``); TopicError if it is
+    not one."""
     parts = topic.split("/")
     if len(parts) != 5 or "/".join(parts[:2]) != PREFIX:
         raise TopicError(f"not a farebox v1 topic: {topic!r}")
-    operator, device, message = parts[2:]
+    operator, target, message = parts[2:]
     check_segment(operator, "operator")
-    check_segment(device, "device")
+    if target == FLEET:
+        if message not in FLEET_MESSAGES:
+            raise TopicError(f"unknown fleet message {message!r} in topic {topic!r}")
+        return operator, target, message
+    check_segment(target, "device")
     if message not in MESSAGES:
         raise TopicError(f"unknown message {message!r} in topic {topic!r}; farebox v1 knows {', '.join(MESSAGES)}")
-    return operator, device, message
+    return operator, target, message

@@ -20,7 +20,8 @@ def test_db_upgrade_then_device_add_registers_the_device(tmp_path):
     assert farebox(tmp_path, "db", "upgrade").returncode == 0
     engine = create_engine(f"sqlite:///{tmp_path}/bo.db")
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO operator VALUES ('op1', 'Op One', 'Asia/Shanghai', 3)"))
+        conn.execute(text("INSERT INTO operator (code, name, timezone, cutoff_hour) "
+                          "VALUES ('op1', 'Op One', 'Asia/Shanghai', 3)"))
     done = farebox(tmp_path, "device", "add", "--device-id", "v1", "--operator", "op1", "--terminal-id",
                    "0100000000AB")
     assert done.returncode == 0, done.stderr

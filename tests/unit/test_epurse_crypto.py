@@ -10,9 +10,21 @@ from datetime import date, datetime
 
 import pytest
 from Crypto.Cipher import DES, DES3
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference_crypto import be, ref_3des, ref_card_key, ref_mac, ref_tac_key
+from reference_crypto import (
+    OpensslUnavailable,
+    be,
+    openssl_sm4,
+    ref_3des,
+    ref_card_key,
+    ref_mac,
+    ref_retail_mac,
+    ref_sm4_card_key,
+    ref_sm4_mac,
+    ref_sm4_session,
+    ref_tac_key,
+)
 
 from epurse import apdu, crypto
 from epurse import keys as keys_module
@@ -27,6 +39,17 @@ TIME = bytes.fromhex("073000")
 
 keys16 = st.binary(min_size=16, max_size=16)
 keys8 = st.binary(min_size=8, max_size=8)
+SM4 = crypto.suite(apdu.ALG_SM4)
+T3DES = crypto.suite(apdu.ALG_3DES)
+
+
+@pytest.fixture
+def openssl():
+    """Skip, saying why, where the openssl command cannot do SM4."""
+    try:
+        openssl_sm4("ecb", bytes(16), bytes(16))
+    except OpensslUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 # --- block cipher, diversification, keys ---------------------------------------------------------------------
@@ -353,3 +376,256 @@ def test_parse_fixed_answers():
             parse(bytes(size + 1))
         with pytest.raises(apdu.ResponseError):
             parse(bytes(size - 1))
+
+
+
+# --- suites --------------------------------------------------------------------------------------------------
+
+
+def test_suite_lookup_and_unknown_algorithms():
+    assert crypto.suite(0) is T3DES and crypto.suite(4) is SM4
+    assert (T3DES.algorithm, SM4.algorithm, T3DES.block_size, SM4.block_size) == (0, 4, 8, 16)
+    for bad in (1, 2, 3, 5, 0xFF, -1, None, "04"):
+        with pytest.raises(ValueError, match="unknown e-purse algorithm"):
+            crypto.suite(bad)
+
+
+def test_module_level_functions_are_the_3des_suite():
+    dpk, dtk = ref_card_key(TEST_ISSUER_KEYS.purchase, ASN), ref_card_key(TEST_ISSUER_KEYS.tac, ASN)
+    sespk = crypto.purchase_session_key(dpk, RANDOM, 3, 9)
+    assert sespk == T3DES.purchase_session_key(dpk, RANDOM, 3, 9)
+    assert crypto.diversify(TEST_ISSUER_KEYS.tac, ASN) == T3DES.diversify(TEST_ISSUER_KEYS.tac, ASN)
+    assert crypto.purchase_mac1(sespk, 5, 6, TERMINAL, DATE, TIME) == T3DES.purchase_mac1(
+        sespk, 5, 6, TERMINAL, DATE, TIME
+    )
+    assert crypto.purchase_tac(dtk, 5, 6, TERMINAL, 9, DATE, TIME) == T3DES.purchase_tac(
+        dtk, 5, 6, TERMINAL, 9, DATE, TIME
+    )
+    assert crypto.load_tac(dtk, 9, 1, 5, TERMINAL, DATE, TIME) == T3DES.load_tac(dtk, 9, 1, 5, TERMINAL, DATE, TIME)
+    assert crypto.block_mac(dtk, RANDOM) == T3DES.block_mac(dtk, RANDOM)
+    for name in ("diversify", "purchase_session_key", "purchase_mac1", "purchase_mac2", "purchase_tac",
+                 "load_session_key", "load_mac1", "load_mac2", "load_tac", "block_mac"):
+        assert callable(getattr(SM4, name)) and callable(getattr(crypto, name))
+
+
+# --- 3DES block MAC ------------------------------------------------------------------------------------------
+
+
+def test_3des_block_mac_is_a_retail_mac_over_the_header_from_the_challenge():
+    damk = ref_card_key(TEST_ISSUER_KEYS.maintenance, ASN)
+    expected = ref_retail_mac(damk, RANDOM + bytes(4), bytes.fromhex("841E000004"))
+    assert T3DES.block_mac(damk, RANDOM) == expected
+    assert crypto.block_mac(damk, RANDOM) == expected
+    # a retail MAC, not a single-DES MAC with the left half: a card with equal halves is the only overlap
+    assert expected != ref_mac(damk[:8], bytes.fromhex("841E000004"))
+    assert T3DES.block_mac(damk, b"\x00\x00\x00\x01") != expected
+
+
+@given(keys16, st.binary(min_size=4, max_size=4))
+def test_3des_block_mac_property(damk, challenge):
+    assert T3DES.block_mac(damk, challenge) == ref_retail_mac(damk, challenge + bytes(4), b"\x84\x1e\x00\x00\x04")
+
+
+def test_retail_mac_matches_openssl_command_line():
+    # ISO 9797-1 alg. 3 = single-DES CBC with K1, then 3DES (K1 K2 K1) on the last block: openssl des-ede-cbc over
+    # a one-block message with the IV gives exactly that
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command on this machine")
+    key = ref_card_key(TEST_ISSUER_KEYS.maintenance, ASN)
+    padded = bytes.fromhex("841E000004800000")
+    run = subprocess.run(
+        ["openssl", "enc", "-des-ede-cbc", "-K", key.hex(), "-iv", (RANDOM + bytes(4)).hex(), "-nopad"],
+        input=padded, capture_output=True, check=False,
+    )  # fmt: skip
+    if run.returncode != 0:
+        pytest.skip(f"openssl cannot do 3DES here: {run.stderr.decode()[:200]}")
+    assert crypto.block_mac(key, RANDOM) == run.stdout[:4]
+
+
+# --- SM4 -----------------------------------------------------------------------------------------------------
+
+GBT_KEY = bytes.fromhex("0123456789abcdeffedcba9876543210")
+GBT_CIPHERTEXT = bytes.fromhex("681edf34d206965e86b3e94f536e4246")
+
+
+def test_sm4_gbt_32907_example():
+    # GB/T 32907-2016 appendix A, example 1: key = plaintext = 0123456789abcdeffedcba9876543210
+    assert crypto.sm4_encrypt(GBT_KEY, GBT_KEY) == GBT_CIPHERTEXT
+    assert SM4.encrypt_block(GBT_KEY, GBT_KEY) == GBT_CIPHERTEXT
+
+
+def test_openssl_reference_gives_the_gbt_example_too(openssl):
+    assert openssl_sm4("ecb", GBT_KEY, GBT_KEY) == GBT_CIPHERTEXT
+
+
+def test_sm4_diversify_matches_openssl(openssl):
+    for master in (TEST_ISSUER_KEYS.purchase, TEST_ISSUER_KEYS.tac, GBT_KEY):
+        expected = ref_sm4_card_key(master, ASN)
+        assert SM4.diversify(master, ASN) == expected
+        assert SM4.diversify(master, crypto.card_number(ASN)) == expected  # the PSAM's way
+    # the same master key gives a different card key per algorithm
+    assert SM4.diversify(TEST_ISSUER_KEYS.tac, ASN) != T3DES.diversify(TEST_ISSUER_KEYS.tac, ASN)
+
+
+@pytest.mark.parametrize("length", [0, 1, 8, 15, 16, 17, 31, 32, 33])
+def test_sm4_mac_padding_is_always_applied(openssl, length):
+    data = bytes(range(length))
+    assert SM4.mac(GBT_KEY, data) == ref_sm4_mac(GBT_KEY, data)
+
+
+@settings(max_examples=15, deadline=None)  # each example runs openssl
+@given(keys16, st.binary(max_size=70))
+def test_sm4_mac_property(key, data):
+    try:
+        expected = ref_sm4_mac(key, data)
+    except OpensslUnavailable as exc:
+        pytest.skip(str(exc))
+    assert SM4.mac(key, data) == expected
+
+
+def test_sm4_purchase_session_key_mac1_mac2_tac(openssl):
+    dpk = ref_sm4_card_key(TEST_ISSUER_KEYS.purchase, ASN)
+    dtk = ref_sm4_card_key(TEST_ISSUER_KEYS.tac, ASN)
+    ttc, seq, amount = 0x0102, 0x00ABCDEF, 200
+    sespk = ref_sm4_session(dpk, RANDOM + be(ttc, 2) + be(seq, 4)[2:])
+    assert len(sespk) == 16
+
+    assert SM4.purchase_session_key(dpk, RANDOM, ttc, seq) == sespk
+    assert SM4.purchase_mac1(sespk, amount, 0x09, TERMINAL, DATE, TIME) == ref_sm4_mac(
+        sespk, be(amount, 4) + b"\x09" + TERMINAL + DATE + TIME
+    )
+    assert SM4.purchase_mac2(sespk, amount) == ref_sm4_mac(sespk, be(amount, 4))
+    # the SM4 TAC key is DTK itself
+    assert SM4.purchase_tac(dtk, amount, 0x09, TERMINAL, seq, DATE, TIME) == ref_sm4_mac(
+        dtk, be(amount, 4) + b"\x09" + TERMINAL + be(seq, 4) + DATE + TIME
+    )
+
+
+def test_sm4_load_session_key_mac1_mac2_tac(openssl):
+    dlk = ref_sm4_card_key(TEST_ISSUER_KEYS.load, ASN)
+    dtk = ref_sm4_card_key(TEST_ISSUER_KEYS.tac, ASN)
+    online_ttc, balance, amount = 5, 1234, 5000
+    sesk = ref_sm4_session(dlk, RANDOM + be(online_ttc, 2) + b"\x80\x00")
+
+    assert SM4.load_session_key(dlk, RANDOM, online_ttc) == sesk
+    assert SM4.load_mac1(sesk, balance, amount, TERMINAL) == ref_sm4_mac(
+        sesk, be(balance, 4) + be(amount, 4) + b"\x02" + TERMINAL
+    )
+    assert SM4.load_mac2(sesk, amount, TERMINAL, DATE, TIME) == ref_sm4_mac(
+        sesk, be(amount, 4) + b"\x02" + TERMINAL + DATE + TIME
+    )
+    assert SM4.load_tac(dtk, balance + amount, online_ttc, amount, TERMINAL, DATE, TIME) == ref_sm4_mac(
+        dtk, be(balance + amount, 4) + be(online_ttc, 2) + be(amount, 4) + b"\x02" + TERMINAL + DATE + TIME
+    )
+
+
+def test_sm4_block_mac_matches_openssl(openssl):
+    damk = ref_sm4_card_key(TEST_ISSUER_KEYS.maintenance, ASN)
+    expected = ref_sm4_mac(damk, bytes.fromhex("841E000004"), iv16=RANDOM + bytes(12))
+    assert SM4.block_mac(damk, RANDOM) == expected
+
+
+SM4_TAC_BY_HAND = r"""
+set -eu -o pipefail
+M=4A06C4DC1BC469534F48F867B61BE3F4                  # the tac master key (epurse.keys)
+D=0000000000012345                                  # card number: the last 8 bytes of the ASN
+NOTD=$(printf '%016X' $(( ~0x$D )))
+# DTK = SM4(master, D || NOT D); for SM4 the TAC key is DTK itself
+K=$(echo $D$NOTD | xxd -r -p | openssl enc -sm4-ecb -K $M -nopad | xxd -p -c 64)
+# amount(4) type(1) terminal(6) terminal seq(4) date(4) time(3) = 22 bytes, then 80 and 00s to 32
+DATA=000000C8090100000000420000000720240305073000
+echo ${DATA}80000000000000000000 | xxd -r -p \
+  | openssl enc -sm4-cbc -K $K -iv 00000000000000000000000000000000 -nopad \
+  | tail -c 16 | head -c 4 | xxd -p
+"""
+
+
+def test_sm4_tac_by_hand_with_the_openssl_command_line(openssl):
+    # A whole SM4 TAC with nothing but a shell, xxd and openssl: what a certification lab would do.
+    if shutil.which("xxd") is None or shutil.which("bash") is None:
+        pytest.skip("needs bash and xxd")
+    run = subprocess.run(["bash", "-c", SM4_TAC_BY_HAND], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    by_hand = bytes.fromhex(run.stdout.strip())
+    dtk = SM4.diversify(TEST_ISSUER_KEYS.tac, bytes.fromhex("0000000000012345"))
+    assert SM4.purchase_tac(dtk, 200, 0x09, TERMINAL, 7, DATE, TIME) == by_hand
+    assert len(by_hand) == 4
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: SM4.mac(bytes(8), b""),  # an SM4 key is 16 bytes
+        lambda: SM4.diversify(bytes(8), ASN),
+        lambda: SM4.block_mac(bytes(16), bytes(5)),
+        lambda: T3DES.block_mac(bytes(8), bytes(4)),
+        lambda: SM4.purchase_session_key(bytes(16), RANDOM, 0x10000, 0),
+        lambda: SM4.tac_key(bytes(8)),
+        lambda: crypto.sm4_encrypt(bytes(16), bytes(8)),
+    ],
+)
+def test_sm4_bad_lengths_raise_value_error(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+# --- the new APDUs -------------------------------------------------------------------------------------------
+
+
+def test_block_and_capp_builders_give_the_documented_bytes():
+    assert apdu.get_challenge() == bytes.fromhex("0084000004")
+    assert apdu.application_block(bytes.fromhex("11223344")) == bytes.fromhex("841E00000411223344")
+    command = apdu.psam_block_mac(ASN[2:], TEST_ISSUER_CODE, RANDOM, apdu.ALG_SM4)
+    assert command == bytes.fromhex("80FA050015") + b"\x04" + ASN[2:] + TEST_ISSUER_CODE + RANDOM + b"\x04"
+    assert command[4] == len(command) - 6
+    record = bytes(range(64))
+    assert apdu.update_capp_cache(record) == bytes.fromhex("80DC02B840") + record
+    assert apdu.read_capp_record() == bytes.fromhex("00B202BC40")
+    for bad in (
+        lambda: apdu.update_capp_cache(bytes(63)),
+        lambda: apdu.application_block(bytes(3)),
+        lambda: apdu.psam_block_mac(ASN, TEST_ISSUER_CODE, RANDOM, 0),
+        lambda: apdu.psam_block_mac(ASN[2:], TEST_ISSUER_CODE, RANDOM, 256),
+    ):
+        with pytest.raises(ValueError):
+            bad()
+
+
+def test_block_and_capp_parsers():
+    assert apdu.parse_challenge(RANDOM) == RANDOM
+    assert apdu.parse_psam_mac(b"\x01\x02\x03\x04") == b"\x01\x02\x03\x04"
+    assert apdu.parse_capp_record(bytes(64)) == bytes(64)
+    for parse, size in [(apdu.parse_challenge, 4), (apdu.parse_psam_mac, 4), (apdu.parse_capp_record, 64)]:
+        with pytest.raises(apdu.ResponseError):
+            parse(bytes(size + 1))
+        with pytest.raises(apdu.ResponseError):
+            parse(bytes(size - 1))
+
+
+def test_public_info_says_the_algorithm():
+    raw = TEST_ISSUER_CODE + b"\x02\x01" + ASN + bytes.fromhex("2024010120291231") + b"\x01\x04"
+    assert apdu.parse_public_info(raw).algorithm == apdu.ALG_SM4
+
+
+def test_every_status_word_has_a_meaning():
+    for name in dir(apdu):
+        if name.startswith("SW_") and name != "SW_MEANING":
+            sw = getattr(apdu, name)
+            assert apdu.SW_MEANING.get(sw), name
+    assert "blocked" in apdu.sw_text(apdu.SW_APP_BLOCKED)
+    assert "Le 40" in str(apdu.StatusError("READ RECORD", 0x6C40))
+    assert apdu.sw_text(0x6F00) == "unknown status"
+
+
+def test_keys_docstring_sm4_commands_run_as_written(openssl):
+    # The SM4 example in epurse.keys is meant to be pasted into a shell: run it verbatim and get its TAC.
+    if shutil.which("xxd") is None or shutil.which("bash") is None:
+        pytest.skip("needs bash and xxd")
+    doc = keys_module.__doc__
+    block = doc[doc.index("on an SM4 card, by hand::") :].split("\n\n")[1]
+    script = "\n".join(line[4:] for line in block.splitlines())
+    run = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "fef823c9" and "the TAC: fef823c9" in block
+    dtk = SM4.diversify(TEST_ISSUER_KEYS.tac, bytes.fromhex("0000000000012345"))
+    assert SM4.purchase_tac(dtk, 200, 0x09, TERMINAL, 7, DATE, TIME) == bytes.fromhex("fef823c9")

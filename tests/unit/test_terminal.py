@@ -13,9 +13,10 @@ from reference_crypto import ref_purchase_tac
 from blacklist.denylist import DenyList
 from epurse.cardtypes import CardType
 from epurse.keys import TEST_ISSUER_KEYS
+from epurse.transit import TransitRecord, TripState
 from hardware_sim.card import SimCard
 from hardware_sim.psam import SimPsam
-from validator.fares import FareTable
+from validator.fares import DistanceFare, FareTable, Stage, Transfer
 from validator.journal import Journal
 from validator.messages import Outcome, screen_text, yuan
 from validator.readers import CardRemoved
@@ -48,18 +49,19 @@ def test_reference_tac_reproduces_the_published_example():
 class Bus:
     """A validator as demo.py builds one, with a clock the test moves and a reader the test puts cards on."""
 
-    def __init__(self, tmp_path, *, deny=(), route="r12", psam_sequence=41):
+    def __init__(self, tmp_path, *, deny=(), route="r12", psam_sequence=41, fares=None, terminal_id=TERMINAL_ID,
+                 name="bus0042"):
         self.now = T0
-        self.psam = SimPsam(TERMINAL_ID, keys=TEST_ISSUER_KEYS, sequence=psam_sequence)
+        self.psam = SimPsam(terminal_id, keys=TEST_ISSUER_KEYS, sequence=psam_sequence)
         slot = SimReader()
         slot.present(self.psam)
-        self.journal = Journal(tmp_path / "bus0042.journal")
+        self.journal = Journal(tmp_path / f"{name}.journal")
         self.reader = SimReader()
         self.terminal = Terminal(
-            TerminalConfig(device_id="bus0042", operator="citybus", route=route, vehicle="v7"),
+            TerminalConfig(device_id=name, operator="citybus", route=route, vehicle="v7"),
             journal=self.journal,
             psam=slot.poll(),
-            fares=FareTable(version=1, flat={"r12": FARE, "r30": 300}),
+            fares=fares or FareTable(version=1, flat={"r12": FARE, "r30": 300}),
             deny_list=DenyList.from_asns(list(deny)),
             clock=lambda: self.now,
         )
@@ -217,7 +219,7 @@ def test_rider_pays_the_route_fare_with_a_verifiable_tac(on_shift):
     assert r.terminal_seq == sequence_before == 41 and bus.psam.sequence == 42
     assert (r.driver, r.shift_no, r.route, r.vehicle, r.occurred_at) == ("D1001", 1, "r12", "v7", bus.now)
     assert r.reason == ""
-    expected = ref_purchase_tac(TEST_ISSUER_KEYS.tac, RIDER_ASN, 200, TERMINAL_ID, 41, bus.now)
+    expected = ref_purchase_tac(TEST_ISSUER_KEYS.tac, RIDER_ASN, 200, TERMINAL_ID, 41, bus.now, 0x09)
     assert r.tac == expected.hex() and len(r.tac) == 8
     assert card.log[0].tac == expected  # the card agrees with the record
     # the completed record is in the outbox, not pending
@@ -234,10 +236,10 @@ def test_two_riders_and_a_second_fare(on_shift):
     assert (a.balance, b.balance) == (100, 1034) and (a.ttc, b.ttc) == (2, 1)
     assert (ra2.record.card_ttc, ra2.record.balance_after, ra2.record.terminal_seq) == (1, 100, 43)
     assert ra2.record.tac == ref_purchase_tac(
-        TEST_ISSUER_KEYS.tac, RIDER_ASN, 200, TERMINAL_ID, 43, bus.now
+        TEST_ISSUER_KEYS.tac, RIDER_ASN, 200, TERMINAL_ID, 43, bus.now, 0x09
     ).hex()
     assert rb.record.tac == ref_purchase_tac(
-        TEST_ISSUER_KEYS.tac, OTHER_ASN, 200, TERMINAL_ID, 42, T0 + timedelta(seconds=60)
+        TEST_ISSUER_KEYS.tac, OTHER_ASN, 200, TERMINAL_ID, 42, T0 + timedelta(seconds=60), 0x09
     ).hex()
     seqs = [r.device_seq for r in bus.records(RecordKind.PURCHASE)]
     assert seqs == sorted(seqs) and len(set(seqs)) == 3
@@ -480,3 +482,221 @@ def test_a_full_disk_stops_fares_before_any_money_moves(tmp_path):
     assert result.outcome is Outcome.OUT_OF_SERVICE and "disk is full" in result.detail
     assert card.balance == 1000  # the grey record could not be written, so no DEBIT was sent
     bus.journal.close()
+
+
+# --------------------------------------------------------------------------------------- fares from the table
+
+TABLE = FareTable(
+    version=3,
+    flat={"r12": 200, "r30": 300},
+    distance={"k8": DistanceFare((Stage(5, 200), Stage(10, 300), Stage(30, 500)))},
+    discounts={CardType.STUDENT: 50, CardType.ELDERLY: 0},
+    transfer=Transfer(window_minutes=90, discount=100),
+    min_balance=100,
+)
+
+
+def card_transit_record(card: SimCard) -> TransitRecord | None:
+    """Read the transit record off the card with plain APDUs, as any reader would."""
+    assert card.transmit(bytes.fromhex("00A4040008A000000632010105"))[-2:] == b"\x90\x00"
+    answer = card.transmit(bytes.fromhex("00B202BC40"))
+    if answer == b"\x6a\x83":
+        return None
+    assert answer[-2:] == b"\x90\x00"
+    return TransitRecord.decode(answer[:-2])
+
+
+@pytest.fixture
+def two_buses(tmp_path):
+    a = Bus(tmp_path, route="r30", fares=TABLE, terminal_id=bytes.fromhex("010000000301"), name="bus0301")
+    b = Bus(tmp_path, route="r12", fares=TABLE, name="bus0042")
+    for bus, staff in ((a, "D1"), (b, "D2")):
+        assert bus.tap(driver(staff_no=staff)).outcome is Outcome.SHIFT_OPENED
+        bus.later(60)
+    yield a, b
+    a.journal.close()
+    b.journal.close()
+
+
+def test_a_ride_writes_the_transit_record_with_the_debit(on_shift):
+    card = rider()
+    result = on_shift.tap(card)
+    assert result.record.tx_type == 0x09 and result.record.full_fare == 200
+    trip = card_transit_record(card)
+    assert (trip.state, trip.route, trip.vehicle, trip.driver) == (TripState.DONE, "r12", "v7", "D1001")
+    assert (trip.terminal_id, trip.at, trip.amount) == (TERMINAL_ID, on_shift.now, 200)
+
+
+def test_transfer_to_another_route_within_the_window(two_buses):
+    a, b = two_buses
+    card = rider(balance=1000)
+    assert a.tap(card).fare == 300
+    b.now = a.now + timedelta(minutes=40)
+    result = b.tap(card)
+    assert (result.outcome, result.fare, result.balance) == (Outcome.PAID, 100, 600)
+    assert result.record.full_fare == 200 and "transfer from r30" in result.record.reason
+    b.later(60 * 60)  # past the window: full fare again, even after a transfer
+    c = rider(balance=1000, asn=OTHER_ASN)
+    assert b.tap(c).fare == 200 and b.tap(card).fare == 200
+
+
+def test_concession_cards_pay_their_share_and_free_rides_are_recorded(two_buses):
+    _a, b = two_buses
+    student, elder = rider(card_type=CardType.STUDENT), rider(asn=OTHER_ASN, card_type=CardType.ELDERLY)
+    s, e = b.tap(student), b.tap(elder)
+    assert (s.fare, student.balance) == (100, 900)
+    assert (e.outcome, e.fare, elder.balance) == (Outcome.PAID, 0, 1000)
+    assert e.record.tac == ref_purchase_tac(TEST_ISSUER_KEYS.tac, OTHER_ASN, 0, TERMINAL_ID, e.record.terminal_seq,
+                                            b.now, 0x09).hex()
+
+
+def test_minimum_balance_refuses_without_touching_the_card(two_buses):
+    _a, b = two_buses
+    card = rider(balance=99, card_type=CardType.ELDERLY)  # a free ride, but below the 100 fen minimum
+    result = b.tap(card)
+    assert result.outcome is Outcome.INSUFFICIENT_BALANCE and card.balance == 99 and card.ttc == 0
+    assert b.journal.pending() == [] and b.records(RecordKind.PURCHASE) == []
+
+
+def test_distance_fare_entry_and_exit(tmp_path):
+    bus = Bus(tmp_path, route="k8", fares=TABLE)
+    bus.tap(driver())
+    card = rider(balance=1000)
+    bus.terminal.at_stop(2)
+    bus.later(60)
+    entry = bus.tap(card)
+    assert (entry.outcome, entry.fare, card.balance) == (Outcome.ENTERED, 0, 1000)
+    assert (entry.record.entry_stop, entry.record.exit_stop, entry.record.amount) == (2, 0, 0)
+    assert card_transit_record(card).state is TripState.ON_BOARD
+    bus.terminal.at_stop(9)
+    bus.later(20 * 60)
+    out = bus.tap(card)
+    assert (out.outcome, out.fare, card.balance) == (Outcome.PAID, 300, 700)  # 7 stops: the 10-stop stage
+    assert (out.record.entry_stop, out.record.exit_stop) == (2, 9)
+    assert card_transit_record(card).state is TripState.DONE
+    bus.journal.close()
+
+
+def test_entry_needs_the_maximum_fare_and_an_evaded_exit_is_recovered(tmp_path):
+    bus = Bus(tmp_path, route="k8", fares=TABLE)
+    bus.tap(driver())
+    bus.later(60)
+    poor = rider(balance=499)
+    assert bus.tap(poor).outcome is Outcome.INSUFFICIENT_BALANCE and poor.ttc == 0
+    card = rider(balance=2000, asn=OTHER_ASN)
+    assert bus.tap(card).outcome is Outcome.ENTERED
+    bus.now += timedelta(hours=5)  # never tapped out; boards again hours later
+    again = bus.tap(card)
+    assert (again.outcome, again.fare, card.balance) == (Outcome.PAID, 500, 1500)
+    assert "unfinished trip on k8" in again.record.reason
+    assert card_transit_record(card).state is TripState.ON_BOARD  # and this is a new trip's entry
+    bus.journal.close()
+
+
+def test_a_new_fare_table_applies_from_the_next_tap(on_shift):
+    on_shift.terminal.replace_fares(FareTable(version=2, flat={"r12": 250}))
+    assert on_shift.tap(rider()).fare == 250
+
+
+# --------------------------------------------------------------------------------------- deny list
+
+
+def test_deny_listed_card_is_locked_on_the_card_itself(tmp_path):
+    bus = Bus(tmp_path, deny=[RIDER_ASN.hex()])
+    bus.tap(driver())
+    card = rider()
+    first = bus.tap(card)
+    assert first.outcome is Outcome.CARD_BLOCKED and first.record.reason == "on deny list; application blocked"
+    assert card.blocked
+    # Anywhere else, even on a validator with an old list, the card now refuses to pay.
+    other = Bus(tmp_path, name="bus0099")
+    other.tap(driver())
+    again = other.tap(card)
+    assert again.outcome is Outcome.CARD_BLOCKED and card.balance == 1000
+    for b in (bus, other):
+        b.journal.close()
+
+
+class PulledDuringBlock(PulledBeforeDebit):
+    def transmit(self, apdu: bytes) -> bytes:
+        if apdu[:2] == b"\x84\x1e":
+            raise CardRemoved("card left the field before APPLICATION BLOCK")
+        return self.card.transmit(apdu)
+
+
+def test_a_block_that_fails_is_still_recorded(tmp_path):
+    bus = Bus(tmp_path, deny=[RIDER_ASN.hex()])
+    card = rider()
+    result = bus.tap(PulledDuringBlock(card))
+    assert result.outcome is Outcome.CARD_BLOCKED and not card.blocked
+    assert "could not block" in result.record.reason and bus.records(RecordKind.DENIED) == [result.record]
+    bus.journal.close()
+
+
+def test_a_new_deny_list_applies_from_the_next_tap(on_shift):
+    card = rider()
+    assert on_shift.tap(card).outcome is Outcome.PAID
+    on_shift.terminal.replace_deny_list(DenyList.from_asns([RIDER_ASN.hex()], version=2))
+    on_shift.later(60)
+    assert on_shift.tap(card).outcome is Outcome.CARD_BLOCKED and card.blocked
+
+
+# --------------------------------------------------------------------------------------- cards that misbehave
+
+
+class Answers:
+    """A card whose answer to one instruction is replaced."""
+
+    def __init__(self, card: SimCard, ins: int, answer: bytes):
+        self.card, self.ins, self.answer = card, ins, answer
+
+    def transmit(self, apdu: bytes) -> bytes:
+        real = self.card.transmit(apdu)
+        return self.answer if apdu[1] == self.ins else real
+
+
+@pytest.mark.parametrize("ins, answer, outcome", [
+    (0xB0, b"\x6a\x82", Outcome.CARD_UNREADABLE),  # no public file: not our card
+    (0xB0, b"\x01\x02\x90\x00", Outcome.CARD_UNREADABLE),  # truncated public file
+    (0x50, b"\x6a\x81", Outcome.CARD_UNREADABLE),  # unexpected status word
+    (0x50, b"\x93\x02", Outcome.TAP_AGAIN),
+    (0x50, b"", Outcome.CARD_UNREADABLE),  # a card that answers nothing at all
+])
+def test_bad_cards_get_a_clear_outcome_and_take_nothing(on_shift, ins, answer, outcome):
+    card = rider()
+    result = on_shift.tap(Answers(card, ins, answer))
+    assert result.outcome is outcome and card.balance == 1000
+    assert on_shift.journal.pending() == [] and on_shift.records(RecordKind.PURCHASE) == []
+    assert on_shift.tap(rider(asn=OTHER_ASN)).outcome is Outcome.PAID  # and the validator keeps going
+
+
+def test_a_transit_record_we_cannot_read_is_overwritten_not_a_refusal(on_shift):
+    card = rider()
+    # A record another scheme wrote (or garbage): the rider pays the plain fare and gets a fresh record.
+    result = on_shift.tap(Answers(card, 0xB2, b"\x99" * 64 + b"\x90\x00"))
+    assert (result.outcome, result.fare, card.balance) == (Outcome.PAID, 200, 800)
+    assert card_transit_record(card).route == "r12"
+
+
+# --------------------------------------------------------------------------------------- the driver's totals
+
+
+def test_sign_out_and_hand_over_show_the_shift_totals(two_buses):
+    _a, bus = two_buses  # D2 signed in on r12: adults pay 200, students 100
+    riders = [rider(asn=bytes.fromhex(f"3100000000000007{n:04d}"), card_type=t)
+              for n, t in enumerate([CardType.ADULT, CardType.STUDENT, CardType.ADULT, CardType.ELDERLY])]
+    paid = [bus.tap(c).fare for c in riders]
+    bus.tap(PulledBeforeDebit(rider(asn=OTHER_ASN)))  # grey: not in the totals until settled
+    handed = bus.tap(driver(staff_no="D3", asn=DRIVER2_ASN))
+    assert handed.outcome is Outcome.SHIFT_OPENED
+    report = handed.report
+    assert (report.driver, report.close_reason, report.unsettled) == ("D2", "handed over to D3", 1)
+    by_type = {r.card_type: (r.taps, r.amount) for r in report.rows}
+    assert by_type == {CardType.ADULT: (2, 400), CardType.STUDENT: (1, 100), CardType.ELDERLY: (1, 0)}
+    assert (report.taps, report.amount) == (len(paid), sum(paid)) == (4, 500)
+    bus.later(60)
+    assert bus.tap(rider(asn=bytes.fromhex("31000000000000080001"))).fare == 200
+    closed = bus.tap(driver(staff_no="D3", asn=DRIVER2_ASN))
+    assert closed.outcome is Outcome.SHIFT_CLOSED and (closed.report.taps, closed.report.amount) == (1, 200)
+    assert bus.terminal.shift_report().shift_no == closed.report.shift_no  # the reprint is the last shift
+    assert bus.terminal.shift_report(report.shift_no) == report

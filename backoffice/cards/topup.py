@@ -1,0 +1,495 @@
+"""Top-ups, at the counter and over the air: the back office as the issuer host of the load protocol.
+
+The card says INITIALIZE FOR LOAD -> balance, online TTC, random, MAC1; the host checks MAC1 and answers MAC2
+(:mod:`backoffice.keyservice`, keys never leave it); the card runs CREDIT FOR LOAD and answers the TAC, which the
+host verifies and records. Every MAC2 the host gives is a ``card_load`` row written and committed *before* it
+leaves, so a load whose TAC never comes back is never invisible.
+
+How the card's online counter (TTC) settles a load the host did not hear back about: the counter names the load.
+A load authorised at TTC t happened if and only if the card's online TTC is past t *and* its log shows a load at t
+with that amount, terminal, date and time. So when the card is seen again (a new INITIALIZE FOR LOAD, its log read
+by READ RECORD at the counter or relayed by the phone):
+
+- its online TTC still t: the MAC2 was never used (a later INITIALIZE ends the old session, so it never can be):
+  the load is void, and its order can be loaded again (retry) or refunded;
+- its log shows the load at t: the load is loaded (confirmed by the card log);
+- its TTC moved past t and the log no longer reaches t: nobody can tell here; the order stays "paid, load
+  unconfirmed" with a case, for staff with the issuer's file.
+
+Over-the-air order states (``topup_order.status``)::
+
+    created --signed webhook, amount matches--> paid
+    paid --phone relays INITIALIZE, MAC1 good--> authorized        (MAC2 given, card_load row at TTC t)
+    authorized --same TTC, same random (a retry)--> authorized      (the same MAC2 again)
+    authorized --same TTC, new random (phone started over)--> authorized  (old load void, new MAC2)
+    authorized --a higher TTC for this order--> unconfirmed         (refused: the first MAC2 may have loaded)
+    authorized|unconfirmed --TAC reported and verified--> loaded
+    authorized|unconfirmed --card seen: log shows the load--> loaded
+    authorized|unconfirmed --card seen: TTC still t--> paid          (then retry, or staff refund)
+    unconfirmed --staff, with the issuer's file--> loaded
+    paid --staff refund--> refunded
+
+Exactly once: an order has at most one live (authorized) load at a time, a loaded order gets no further MAC2, and
+at most one loaded row exists per (card, online TTC) (a unique index). Duplicate webhooks find their event row;
+duplicate TAC reports find the order loaded. Every step that changes money has an audit record.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Connection, Engine, select, update
+
+from backoffice.cards import audit, cases
+from backoffice.keyservice import KeyService, LoadRefused, LoadRequest
+from backoffice.models import Card, CardLoad, TopupOrder
+from epurse import apdu, crypto
+
+_LOAD = CardLoad.__table__
+_ORDER = TopupOrder.__table__
+_CARD = Card.__table__
+HOST = "ota-host"  # who the audit names when the host itself acts
+
+
+class TopupRefused(Exception):
+    """The host will not do this step; ``reason`` is a short code (the phone menu and the API map it)."""
+
+    def __init__(self, reason: str, message: str, *, keep: bool = False):
+        super().__init__(message)
+        self.reason = reason
+        self.keep = keep  # the refusal itself changed state (an order now unconfirmed, a case): commit it
+
+
+@dataclass(frozen=True)
+class LoadGrant:
+    """The host's answer to INITIALIZE FOR LOAD: what CREDIT FOR LOAD sends."""
+
+    load_id: int
+    date4: bytes
+    time3: bytes
+    mac2: bytes
+
+    def credit_apdu(self) -> bytes:
+        return apdu.credit_load(self.date4, self.time3, self.mac2)
+
+
+@dataclass(frozen=True)
+class Order:
+    order_id: str
+    asn: str
+    rider: str
+    amount: int
+    status: str
+    created_at: datetime
+    updated_at: datetime
+    payment_ref: str | None
+
+
+def _order(r) -> Order:
+    return Order(r.order_id, r.asn, r.rider, r.amount, r.status, r.created_at, r.updated_at, r.payment_ref)
+
+
+def _request(row) -> LoadRequest:
+    return LoadRequest(asn=bytes.fromhex(row.asn), algorithm=row.algorithm, balance=row.balance_before,
+                       online_ttc=row.online_ttc, random=bytes.fromhex(row.card_random),
+                       mac1=bytes.fromhex(row.mac1), amount=row.amount, terminal_id=bytes.fromhex(row.terminal_id))
+
+
+# --- the host's core, both channels -------------------------------------------------------------------------
+
+
+def _card_status(conn: Connection, asn: str) -> str:
+    status = conn.execute(select(_CARD.c.status).where(_CARD.c.asn == asn)).scalar()
+    if status is None:
+        raise TopupRefused("unknown_card", f"card {asn} is not issued here")
+    return status
+
+
+def _grant(conn: Connection, *, keys: KeyService, asn: str, init: apdu.LoadInit, amount: int, terminal_id: bytes,
+           channel: str, staff: str, now: datetime, order_id: str | None) -> LoadGrant:
+    status = _card_status(conn, asn)
+    if status != "active":
+        raise TopupRefused("card_denied", f"card {asn} is {status}: no load")
+    if amount <= 0:
+        raise TopupRefused("bad_amount", "a load is a positive number of fen")
+    request = LoadRequest(asn=bytes.fromhex(asn), algorithm=init.algorithm, balance=init.balance,
+                          online_ttc=init.online_ttc, random=init.random, mac1=init.mac1, amount=amount,
+                          terminal_id=terminal_id)
+    date4, time3 = crypto.bcd_date(now), crypto.bcd_time(now)
+    try:
+        mac2 = keys.load_mac2(request, date4, time3)
+    except LoadRefused as e:
+        raise TopupRefused("bad_mac1", str(e)) from None
+    _settle_older(conn, asn=asn, online_ttc=init.online_ttc, now=now)
+    load_id = conn.execute(_LOAD.insert().values(
+        asn=asn, channel=channel, order_id=order_id, amount=amount, balance_before=init.balance,
+        online_ttc=init.online_ttc, algorithm=init.algorithm, card_random=init.random.hex(), mac1=init.mac1.hex(),
+        terminal_id=terminal_id.hex(), tx_date=date4.hex(), tx_time=time3.hex(), mac2=mac2.hex(),
+        status="authorized", staff=staff, authorized_at=now).returning(_LOAD.c.id)).scalar_one()
+    audit.record(conn, who=staff, action="authorize_load", why=f"{channel} load", now=now, asn=asn,
+                 order_id=order_id, amount=amount, load_id=load_id, online_ttc=init.online_ttc)
+    return LoadGrant(load_id, date4, time3, mac2)
+
+
+def _settle_older(conn: Connection, *, asn: str, online_ttc: int, now: datetime) -> None:
+    """The card shows online TTC ``online_ttc`` in a new INITIALIZE FOR LOAD: every live load of this card at the
+    same counter is void (its session is gone and it never credited); at a lower counter it may have happened."""
+    live = conn.execute(select(_LOAD).where(_LOAD.c.asn == asn, _LOAD.c.status == "authorized")).all()
+    for row in live:
+        if row.online_ttc == online_ttc:
+            _void(conn, row, now, why="the card's online counter has not moved: this MAC2 was never used")
+        elif row.online_ttc > online_ttc:
+            cases.raise_case(conn, asn=asn, kind=cases.COUNTER_BACKWARDS, key=f"load{row.online_ttc}",
+                             detail=f"online counter {online_ttc} is below load {row.id}'s {row.online_ttc}", now=now)
+        else:
+            _unconfirmed(conn, row, now)
+
+
+def _void(conn: Connection, row, now: datetime, *, why: str, who: str = HOST) -> None:
+    conn.execute(update(_LOAD).where(_LOAD.c.id == row.id).values(status="void", settled_at=now))
+    if row.order_id is not None:
+        conn.execute(update(_ORDER).where(_ORDER.c.order_id == row.order_id,
+                                          _ORDER.c.status.in_(("authorized", "unconfirmed")))
+                     .values(status="paid", updated_at=now))
+    audit.record(conn, who=who, action="void_load", why=why, now=now, asn=row.asn, order_id=row.order_id,
+                 amount=row.amount, load_id=row.id, online_ttc=row.online_ttc)
+
+
+def _unconfirmed(conn: Connection, row, now: datetime) -> None:
+    if row.order_id is not None:
+        conn.execute(update(_ORDER).where(_ORDER.c.order_id == row.order_id, _ORDER.c.status == "authorized")
+                     .values(status="unconfirmed", updated_at=now))
+    cases.raise_case(conn, asn=row.asn, kind=cases.LOAD_UNCONFIRMED, key=f"load{row.id}",
+                     detail=f"load {row.id} ({row.amount} fen at online counter {row.online_ttc}) got its MAC2 "
+                            "but no TAC, and the card has moved on: read its log, or check the issuer's file", now=now)
+
+
+def _loaded(conn: Connection, row, now: datetime, *, tac: str | None, by: str, who: str = HOST) -> None:
+    conn.execute(update(_LOAD).where(_LOAD.c.id == row.id).values(status="loaded", tac=tac, confirmed_by=by,
+                                                                  settled_at=now))
+    if row.order_id is not None:
+        conn.execute(update(_ORDER).where(_ORDER.c.order_id == row.order_id).values(status="loaded",
+                                                                                    updated_at=now))
+    audit.record(conn, who=who, action="load_confirmed", why=f"confirmed by {by}", now=now, asn=row.asn,
+                 order_id=row.order_id, amount=row.amount, load_id=row.id, tac=tac)
+
+
+def confirm_load(conn: Connection, *, keys: KeyService, load_id: int, tac: bytes, now: datetime) -> None:
+    """The card's TAC for a load: verified, the load recorded as loaded (a repeat of the same TAC is a no-op)."""
+    row = conn.execute(select(_LOAD).where(_LOAD.c.id == load_id)).first()
+    if row is None:
+        raise TopupRefused("unknown_load", f"no load {load_id}")
+    if row.status == "loaded":
+        if row.tac == tac.hex():
+            return
+        raise TopupRefused("already_loaded", f"load {load_id} is recorded already")
+    if not keys.verify_load_tac(_request(row), bytes.fromhex(row.tx_date), bytes.fromhex(row.tx_time), tac):
+        raise TopupRefused("bad_tac", f"load {load_id}: the TAC does not verify")
+    _loaded(conn, row, now, tac=tac.hex(), by="tac")
+
+
+def resolve_from_card(conn: Connection, *, asn: str, online_ttc: int, log: list[apdu.LogRecord], now: datetime,
+                      who: str = HOST) -> dict[int, str]:
+    """The card is seen again, with its online TTC now and its log (READ RECORD, newest first): settle its loads
+    that got a MAC2 and no TAC. Returns load id -> what became of it (loaded / void / unconfirmed)."""
+    out = {}
+    for row in conn.execute(select(_LOAD).where(_LOAD.c.asn == asn, _LOAD.c.status == "authorized")).all():
+        if online_ttc == row.online_ttc:
+            _void(conn, row, now, why="the card's online counter proves this load never happened", who=who)
+            out[row.id] = "void"
+            continue
+        if online_ttc < row.online_ttc:
+            out[row.id] = "authorized"  # a stale read of the card: nothing to conclude
+            continue
+        at_t = [r for r in log if r.tx_type == apdu.TX_LOAD and r.ttc == row.online_ttc]
+        if not at_t:
+            _unconfirmed(conn, row, now)
+            out[row.id] = "unconfirmed"
+        elif (at_t[0].amount, at_t[0].terminal_id.hex(), at_t[0].date.hex(), at_t[0].time.hex()) == (
+                row.amount, row.terminal_id, row.tx_date, row.tx_time):
+            _loaded(conn, row, now, tac=None, by="card_log", who=who)
+            out[row.id] = "loaded"
+        else:
+            _void(conn, row, now, why=f"the card's load at online counter {row.online_ttc} is another load",
+                  who=who)
+            out[row.id] = "void"
+    return out
+
+
+# --- counter top-up -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CounterLoad:
+    asn: str
+    load_id: int
+    amount: int
+    new_balance: int
+    online_ttc: int
+    tac: bytes
+
+
+def read_card_log(session) -> list[apdu.LogRecord]:
+    """READ RECORD 1..10 of the card's transaction log (the application must be selected), newest first."""
+    out = []
+    for n in range(1, 11):
+        answer = session.exchange(apdu.read_log_record(n))
+        if answer[-2:] != b"\x90\x00":
+            break
+        out.append(apdu.parse_log_record(answer[:-2]))
+    return out
+
+
+def counter_topup(engine: Engine, session, *, keys: KeyService, amount: int, terminal_id: bytes, staff: str,
+                  now: datetime) -> CounterLoad:
+    """A staff member loads ``amount`` fen onto the card in the desk reader (``session``: ``exchange(apdu)``).
+
+    First the card's earlier unfinished loads are settled from its log; the authorisation is committed before
+    CREDIT FOR LOAD is sent, the TAC after. A card pulled away between the two leaves an authorized load that the
+    next sight of the card settles. Raises TopupRefused, epurse.apdu.StatusError / ResponseError, or the reader's
+    errors (validator.readers.ReaderError) as they come."""
+    from backoffice.cards.issuance import read_card
+
+    facts = read_card(session)
+    log = read_card_log(session)
+    init = apdu.parse_init_load(apdu.check(session.exchange(apdu.init_load(1, amount, terminal_id)),
+                                           "INITIALIZE FOR LOAD"))
+    with engine.begin() as conn:
+        resolve_from_card(conn, asn=facts.asn, online_ttc=init.online_ttc, log=log, now=now, who=staff)
+        grant = _grant(conn, keys=keys, asn=facts.asn, init=init, amount=amount, terminal_id=terminal_id,
+                       channel="counter", staff=staff, now=now, order_id=None)
+    tac = apdu.parse_credit(apdu.check(session.exchange(grant.credit_apdu()), "CREDIT FOR LOAD"))
+    with engine.begin() as conn:
+        confirm_load(conn, keys=keys, load_id=grant.load_id, tac=tac, now=now)
+    return CounterLoad(facts.asn, grant.load_id, amount, init.balance + amount, init.online_ttc, tac)
+
+
+# --- over the air -------------------------------------------------------------------------------------------
+
+
+def create_order(conn: Connection, *, asn: str, rider: str, amount: int, now: datetime,
+                 order_id: str | None = None) -> Order:
+    """A rider asks for a top-up in the phone menu: an order waiting for its payment."""
+    if not isinstance(amount, int) or amount <= 0:
+        raise TopupRefused("bad_amount", "a top-up is a positive whole number of fen")
+    status = _card_status(conn, asn)
+    if status != "active":
+        raise TopupRefused("card_denied", f"card {asn} is {status}: no top-up")
+    order_id = order_id or "T" + secrets.token_hex(12)
+    conn.execute(_ORDER.insert().values(order_id=order_id, asn=asn, rider=rider, amount=amount, status="created",
+                                        created_at=now, updated_at=now))
+    audit.record(conn, who=rider, action="order_created", why="top-up asked in the phone menu", now=now, asn=asn,
+                 order_id=order_id, amount=amount)
+    return get_order(conn, order_id=order_id)
+
+
+def get_order(conn: Connection, *, order_id: str) -> Order:
+    row = conn.execute(select(_ORDER).where(_ORDER.c.order_id == order_id)).first()
+    if row is None:
+        raise TopupRefused("unknown_order", f"no order {order_id}")
+    return _order(row)
+
+
+def _lock_order(conn: Connection, order_id: str, now: datetime):
+    # A write first: it takes the row lock on PostgreSQL and the write lock on SQLite, so two retries of one
+    # order arriving together are served one after the other and the second sees the first's MAC2.
+    conn.execute(update(_ORDER).where(_ORDER.c.order_id == order_id).values(updated_at=now))
+    row = conn.execute(select(_ORDER).where(_ORDER.c.order_id == order_id)).first()
+    if row is None:
+        raise TopupRefused("unknown_order", f"no order {order_id}")
+    return row
+
+
+def mark_paid(conn: Connection, *, order_id: str, amount: int, payment_ref: str, now: datetime) -> str:
+    """The payment platform says the order is paid. Idempotent; returns what happened, in words."""
+    row = _lock_order(conn, order_id, now)
+    if row.payment_ref is not None:
+        if row.payment_ref == payment_ref:
+            return f"order {order_id} was paid already ({payment_ref})"
+        raise TopupRefused("paid_twice", f"order {order_id} is paid by {row.payment_ref} already; "
+                                         f"{payment_ref} must be refunded by the platform")
+    if amount != row.amount:
+        raise TopupRefused("amount_differs", f"order {order_id} is for {row.amount} fen, the payment says {amount}")
+    if row.status != "created":
+        raise TopupRefused("bad_state", f"order {order_id} is {row.status}")
+    conn.execute(update(_ORDER).where(_ORDER.c.order_id == order_id).values(
+        status="paid", payment_ref=payment_ref, paid_at=now, updated_at=now))
+    audit.record(conn, who="payment-webhook", action="order_paid", why="signed payment notification", now=now,
+                 asn=row.asn, order_id=order_id, amount=amount, payment_ref=payment_ref)
+    return f"order {order_id} paid ({payment_ref})"
+
+
+def authorize_ota(conn: Connection, *, keys: KeyService, order_id: str, asn: str, init: apdu.LoadInit,
+                  terminal_id: bytes, now: datetime, log: list[apdu.LogRecord] | None = None) -> LoadGrant:
+    """The phone relays its SIM's INITIALIZE FOR LOAD answer for a paid order; the host answers MAC2.
+
+    ``log``: the SIM's log records, when the phone read them first; they settle earlier unfinished loads."""
+    row = _lock_order(conn, order_id, now)
+    if row.asn != asn:
+        raise TopupRefused("wrong_card", f"order {order_id} is for card {row.asn}, not {asn}")
+    live = conn.execute(select(_LOAD).where(_LOAD.c.order_id == order_id, _LOAD.c.status == "authorized")
+                        .order_by(_LOAD.c.id.desc())).first()
+    if live is not None and live.online_ttc == init.online_ttc and live.card_random == init.random.hex():
+        if live.mac1 != init.mac1.hex() or live.balance_before != init.balance:
+            raise TopupRefused("bad_mac1", f"order {order_id}: a retry that differs from the first request")
+        # The phone did not get the answer (a timeout) and asks again for the same card session.
+        return LoadGrant(live.id, bytes.fromhex(live.tx_date), bytes.fromhex(live.tx_time), bytes.fromhex(live.mac2))
+    if log is not None:
+        settled = resolve_from_card(conn, asn=asn, online_ttc=init.online_ttc, log=log, now=now)
+        row = conn.execute(select(_ORDER).where(_ORDER.c.order_id == order_id)).one()
+    else:
+        settled = {}
+    try:
+        return _authorize_paid(conn, keys=keys, row=row, asn=asn, init=init, terminal_id=terminal_id, now=now)
+    except TopupRefused as e:
+        # What the SIM's log settled stands even when this request is refused (e.g. "already loaded").
+        e.keep = e.keep or any(v != "authorized" for v in settled.values())
+        raise
+
+
+def _authorize_paid(conn: Connection, *, keys: KeyService, row, asn: str, init: apdu.LoadInit,
+                    terminal_id: bytes, now: datetime) -> LoadGrant:
+    order_id = row.order_id
+    if row.status == "loaded":
+        raise TopupRefused("already_loaded", f"order {order_id} is loaded already")
+    if row.status in ("created", "refunded"):
+        raise TopupRefused("not_paid" if row.status == "created" else "refunded",
+                           f"order {order_id} is {row.status}: no load")
+    live = conn.execute(select(_LOAD).where(_LOAD.c.order_id == order_id, _LOAD.c.status == "authorized")
+                        .order_by(_LOAD.c.id.desc())).first()
+    if live is not None:
+        if init.online_ttc > live.online_ttc:
+            _unconfirmed(conn, live, now)
+            raise TopupRefused("load_unconfirmed", f"order {order_id}: the card's online counter moved past the "
+                                                   "MAC2 given for this order; it may be loaded. Its log or "
+                                                   "staff will settle it", keep=True)
+        if init.online_ttc < live.online_ttc:
+            raise TopupRefused("counter_backwards", f"order {order_id}: the card's online counter "
+                                                    f"{init.online_ttc} is below the {live.online_ttc} it showed")
+    if row.status == "unconfirmed":
+        raise TopupRefused("load_unconfirmed", f"order {order_id} may be loaded already: its load is unconfirmed")
+    grant = _grant(conn, keys=keys, asn=asn, init=init, amount=row.amount, terminal_id=terminal_id,
+                   channel="ota", staff=HOST, now=now, order_id=order_id)
+    conn.execute(update(_ORDER).where(_ORDER.c.order_id == order_id).values(status="authorized", updated_at=now))
+    return grant
+
+
+def report_tac(conn: Connection, *, keys: KeyService, order_id: str, tac: bytes, now: datetime) -> Order:
+    """The phone reports the TAC its SIM answered to CREDIT FOR LOAD. A repeat is harmless."""
+    row = _lock_order(conn, order_id, now)
+    loads = conn.execute(select(_LOAD).where(_LOAD.c.order_id == order_id, _LOAD.c.status != "void")).all()
+    for load in loads:
+        if load.status == "loaded":
+            if load.tac in (None, tac.hex()):
+                return _order(row)  # a report we have (or the card log told us first)
+            continue
+        if keys.verify_load_tac(_request(load), bytes.fromhex(load.tx_date), bytes.fromhex(load.tx_time), tac):
+            _loaded(conn, load, now, tac=tac.hex(), by="tac")
+            return get_order(conn, order_id=order_id)
+    raise TopupRefused("bad_tac", f"order {order_id}: the TAC does not verify for any of its loads")
+
+
+def unconfirmed_orders(conn: Connection, *, now: datetime, grace: timedelta = timedelta(minutes=5)) -> list[Order]:
+    """Paid, load unconfirmed: a MAC2 went out more than ``grace`` ago and no TAC came, or the card moved on."""
+    q = select(_ORDER).where(
+        (_ORDER.c.status == "unconfirmed")
+        | ((_ORDER.c.status == "authorized") & (_ORDER.c.updated_at < now - grace))).order_by(_ORDER.c.created_at)
+    return [_order(r) for r in conn.execute(q)]
+
+
+def staff_confirm_loaded(conn: Connection, *, order_id: str, who: str, why: str, now: datetime) -> Order:
+    """Staff settle an unconfirmed order as loaded (e.g. the issuer's file shows the load)."""
+    row = _lock_order(conn, order_id, now)
+    if row.status not in ("authorized", "unconfirmed"):
+        raise TopupRefused("bad_state", f"order {order_id} is {row.status}")
+    load = conn.execute(select(_LOAD).where(_LOAD.c.order_id == order_id, _LOAD.c.status == "authorized")
+                        .order_by(_LOAD.c.id.desc())).first()
+    _loaded(conn, load, now, tac=None, by="staff", who=who)
+    audit.record(conn, who=who, action="staff_confirm", why=why, now=now, asn=row.asn, order_id=order_id,
+                 amount=row.amount)
+    return get_order(conn, order_id=order_id)
+
+
+def staff_retry(conn: Connection, *, order_id: str, card_online_ttc: int, who: str, why: str, now: datetime
+                ) -> Order:
+    """Staff let an unconfirmed order be loaded again, only when the card's online counter (read from the card)
+    proves its MAC2 was never used."""
+    row = _lock_order(conn, order_id, now)
+    if row.status not in ("authorized", "unconfirmed"):
+        raise TopupRefused("bad_state", f"order {order_id} is {row.status}: nothing to retry")
+    for load in conn.execute(select(_LOAD).where(_LOAD.c.order_id == order_id, _LOAD.c.status == "authorized")):
+        if load.online_ttc != card_online_ttc:
+            raise TopupRefused("may_be_loaded", f"order {order_id}: the card's online counter is "
+                                                f"{card_online_ttc}, past this order's load at {load.online_ttc}: "
+                                                "it may be loaded; read its log or the issuer's file")
+        _void(conn, load, now, why=why, who=who)
+    audit.record(conn, who=who, action="staff_retry", why=why, now=now, asn=row.asn, order_id=order_id,
+                 amount=row.amount, card_online_ttc=card_online_ttc)
+    return get_order(conn, order_id=order_id)
+
+
+def refund_order(conn: Connection, *, order_id: str, who: str, why: str, now: datetime) -> Order:
+    """Give a paid order's money back (the platform pays it out); only while no load of it can have happened."""
+    row = _lock_order(conn, order_id, now)
+    if row.status != "paid":
+        hint = (" first settle its load from the card (its online counter or log)"
+                if row.status in ("authorized", "unconfirmed") else "")
+        raise TopupRefused("bad_state", f"order {order_id} is {row.status}: no refund;{hint}")
+    conn.execute(update(_ORDER).where(_ORDER.c.order_id == order_id).values(status="refunded", updated_at=now))
+    audit.record(conn, who=who, action="refund_order", why=why, now=now, asn=row.asn, order_id=order_id,
+                 amount=row.amount, payment_ref=row.payment_ref)
+    return get_order(conn, order_id=order_id)
+
+
+class OtaHost:
+    """The over-the-air host as the phone (and the payment platform) reach it: each call one transaction, committed
+    even when the answer is a refusal that changed state (``TopupRefused.keep``)."""
+
+    def __init__(self, engine: Engine, keys: KeyService, *, webhook_key: bytes | None = None,
+                 clock=None):
+        self.engine = engine
+        self.keys = keys
+        self.webhook_key = webhook_key  # the payment platform's Ed25519 public key (32 bytes)
+        self.clock = clock or (lambda: datetime.now(UTC))
+
+    def __repr__(self) -> str:
+        return f"<OtaHost on {self.engine.url.render_as_string(hide_password=True)}>"
+
+    def _run(self, fn, **kwargs):
+        with self.engine.connect() as conn:
+            trans = conn.begin()
+            try:
+                result = fn(conn, now=self.clock(), **kwargs)
+            except TopupRefused as e:
+                (trans.commit if e.keep else trans.rollback)()
+                raise
+            except BaseException:
+                trans.rollback()
+                raise
+            trans.commit()
+            return result
+
+    def payment_webhook(self, body: bytes, signature: str) -> str:
+        from backoffice.cards import payments
+
+        return self._run(payments.handle_webhook, body=body, signature=signature, public_key=self.webhook_key)
+
+    def authorize(self, *, order_id: str, asn: str, init_answer: bytes, terminal_id: bytes,
+                  log: list[bytes] | None = None) -> LoadGrant:
+        """``init_answer``: the SIM's INITIALIZE FOR LOAD data (16 bytes); ``log``: its READ RECORD data."""
+        try:
+            init = apdu.parse_init_load(init_answer)
+            records = None if log is None else [apdu.parse_log_record(r) for r in log]
+        except apdu.ResponseError as e:
+            raise TopupRefused("bad_request", str(e)) from None
+        return self._run(authorize_ota, keys=self.keys, order_id=order_id, asn=asn, init=init,
+                         terminal_id=terminal_id, log=records)
+
+    def report(self, *, order_id: str, tac: bytes) -> Order:
+        return self._run(report_tac, keys=self.keys, order_id=order_id, tac=tac)
+
+    def card_seen(self, *, asn: str, online_ttc: int, log: list[bytes]) -> dict[int, str]:
+        records = [apdu.parse_log_record(r) for r in log]
+        return self._run(resolve_from_card, asn=asn, online_ttc=online_ttc, log=records)

@@ -1,0 +1,379 @@
+"""Clearing runs and reconciliation items in the database: the use cases the nightly job, the CLI and the clerk's
+pages call. Each runs inside the caller's transaction (``with engine.begin() as conn``) and commits nothing itself.
+
+- ``clear_day``: clear an operator's service day (catching up any day skipped since the last run), store the run and
+  its rows, carry the clerk's adjustments into it; asked again for a cleared day, it re-clears from the stored
+  window and checks that the result is the same (``ClearingMismatch`` otherwise: a closed day never changes).
+- ``reconcile_shifts_day``, ``import_issuer_file``, ``store_items``: reconciliation items, stored once each.
+- ``resolve_item``: accept / adjust / dispute, with who and when.
+
+The figures come from ``clearing.runs`` and ``clearing.reconcile``; this module only loads and stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+import pandas as pd
+from sqlalchemy import Connection, and_, func, or_, select, tuple_, update
+
+from backoffice.models import (
+    ClearingRow,
+    ClearingRun,
+    CommissionRate,
+    Fleet,
+    FleetVehicle,
+    Operator,
+    ReconItem,
+    Tap,
+)
+from clearing import commission as fee
+from clearing.reconcile import (
+    ISSUER_COLUMNS,
+    Discrepancy,
+    read_issuer_file,
+    reconcile_issuer,
+    reconcile_shifts,
+)
+from clearing.runs import (
+    NO_FLEET,
+    PURCHASE,
+    RUN_TAP_COLUMNS,
+    Adjustment,
+    ClearingResult,
+    ClearingWindow,
+    clear,
+)
+from clearing.service_day import day_bounds
+
+STATUSES = ("open", "accepted", "adjusted", "disputed")
+ROW_FIELDS = ("section", "dimension", "key", "for_day", "taps", "gross", "commission", "net")
+_TOTALS = ("day_taps", "day_gross", "day_commission", "day_net", "late_taps", "late_gross", "late_commission",
+           "late_net", "reconciliation_gross", "reconciliation_commission", "reconciliation_net")
+
+
+class ClearingMismatch(RuntimeError):
+    """A cleared day, cleared again from its stored window, does not give its stored result."""
+
+
+@dataclass(frozen=True, eq=False)
+class StoredRun:
+    id: int
+    operator: str
+    day: date
+    created_at: datetime
+    as_of: datetime
+    fingerprint: str
+    totals: dict  # the run's totals in fen (``_TOTALS``) plus payable_net
+    rows: pd.DataFrame  # ROW_FIELDS
+    recleared: bool = False  # True when this call found the day cleared and checked it again
+
+    def table(self, dimension: str, section: str = "day") -> pd.DataFrame:
+        """A breakdown for reports: the key column named after the dimension (``route``...), taps, gross,
+        commission, net, in fen."""
+        sel = self.rows[(self.rows["section"] == section) & (self.rows["dimension"] == dimension)]
+        out = sel[["key", "for_day", "taps", "gross", "commission", "net"]].rename(columns={"key": dimension})
+        return out.reset_index(drop=True)
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything stored is UTC."""
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def add_fleet(conn: Connection, *, code: str, operator: str, name: str) -> None:
+    conn.execute(Fleet.__table__.insert().values(code=code, operator=operator, name=name))
+
+
+def assign_vehicle(conn: Connection, *, vehicle: str, fleet: str, valid_from: date) -> None:
+    """Put a vehicle in a fleet from service day ``valid_from`` on (earlier days keep their fleet)."""
+    conn.execute(FleetVehicle.__table__.insert().values(vehicle=vehicle, fleet=fleet, valid_from=valid_from))
+
+
+def set_commission_rate(conn: Connection, *, operator: str, rate_bp: int, valid_from: date) -> None:
+    """The card issuer's commission on ``operator``'s gross from service day ``valid_from`` on, in basis points."""
+    conn.execute(CommissionRate.__table__.insert().values(operator=operator, rate_bp=fee.check_rate(rate_bp),
+                                                          valid_from=valid_from))
+
+
+def commission_rate(conn: Connection, operator: str, day: date) -> int:
+    rate = conn.execute(select(CommissionRate.rate_bp).where(
+        CommissionRate.operator == operator, CommissionRate.valid_from <= day)
+        .order_by(CommissionRate.valid_from.desc()).limit(1)).scalar()
+    if rate is None:
+        raise LookupError(f"operator {operator!r} has no card-issuer commission rate for {day}: set one with "
+                          "backoffice.clearing_runs.set_commission_rate(..., valid_from=<first day>)")
+    return int(rate)
+
+
+def _operator(conn: Connection, operator: str):
+    op = conn.execute(select(Operator.timezone, Operator.cutoff_hour).where(Operator.code == operator)).first()
+    if op is None:
+        raise LookupError(f"operator {operator!r} is not registered")
+    return op
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _with_fleets(conn: Connection, taps: pd.DataFrame, operator: str, tz: str, cutoff_hour: int) -> pd.DataFrame:
+    """Each tap's fleet: the vehicle's assignment in force on the tap's own service day ("" when none)."""
+    assigned = pd.DataFrame(conn.execute(
+        select(FleetVehicle.vehicle, FleetVehicle.valid_from, FleetVehicle.fleet)
+        .join(Fleet, Fleet.code == FleetVehicle.fleet).where(Fleet.operator == operator)).all(),
+        columns=["vehicle", "valid_from", "fleet"])
+    if taps.empty or assigned.empty:
+        return taps.assign(fleet=NO_FLEET)
+    assigned["since"] = pd.to_datetime([day_bounds(d, tz, cutoff_hour)[0] for d in assigned["valid_from"]],
+                                       utc=True).as_unit("us")
+    left = taps.assign(_row=range(len(taps)), occurred_at=taps["occurred_at"].dt.as_unit("us"))
+    merged = pd.merge_asof(left.sort_values("occurred_at"), assigned.sort_values("since")[["vehicle", "since",
+                                                                                          "fleet"]],
+                           left_on="occurred_at", right_on="since", by="vehicle", direction="backward")
+    merged = merged.sort_values("_row")
+    return taps.assign(fleet=merged["fleet"].fillna(NO_FLEET).astype(str).to_numpy())
+
+
+def load_run_taps(conn: Connection, window: ClearingWindow) -> pd.DataFrame:
+    """The purchases a run can take (``clearing.runs``): its day's received before ``as_of``, and earlier days'
+    received in ``[carried_from, as_of)``; with their fleets."""
+    start, end = day_bounds(window.day, window.tz, window.cutoff_hour)
+    late = Tap.occurred_at < start
+    if window.carried_from is not None:
+        late = and_(late, Tap.received_at >= window.carried_from)
+    cols = [c for c in RUN_TAP_COLUMNS if c != "fleet"]
+    query = (select(*[getattr(Tap, c) for c in cols])
+             .where(Tap.operator == window.operator, Tap.kind == PURCHASE, Tap.received_at < window.as_of,
+                    or_(and_(Tap.occurred_at >= start, Tap.occurred_at < end), late))
+             .order_by(Tap.device_id, Tap.device_seq))
+    frame = pd.DataFrame(conn.execute(query).all(), columns=cols)
+    for col in ("occurred_at", "received_at"):
+        frame[col] = pd.to_datetime(frame[col], utc=True)
+    frame["amount"] = frame["amount"].astype("int64")
+    frame["card_type"] = frame["card_type"].astype("int64")
+    return _with_fleets(conn, frame, window.operator, window.tz, window.cutoff_hour)
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def _stored(conn: Connection, run, *, recleared: bool = False) -> StoredRun | None:
+    if run is None:
+        return None
+    rows = pd.DataFrame(conn.execute(
+        select(*[getattr(ClearingRow, c) for c in ROW_FIELDS]).where(ClearingRow.run_id == run.id)).all(),
+        columns=list(ROW_FIELDS))
+    rows = rows.sort_values(["section", "for_day", "dimension", "key"], kind="stable").reset_index(drop=True)
+    for col in ("taps", "gross", "commission", "net"):
+        rows[col] = rows[col].astype("int64")
+    totals = {k: int(getattr(run, k)) for k in _TOTALS}
+    totals["payable_net"] = totals["day_net"] + totals["late_net"] + totals["reconciliation_net"]
+    return StoredRun(run.id, run.operator, run.service_day, _utc(run.created_at), _utc(run.as_of),
+                     run.fingerprint, totals, rows, recleared)
+
+
+def _run_row(conn: Connection, where):
+    # Core rows (attribute access by column), not ORM objects: these use cases run on a Connection.
+    return conn.execute(select(ClearingRun.__table__).where(where)).first()
+
+
+def get_run(conn: Connection, run_id: int) -> StoredRun | None:
+    return _stored(conn, _run_row(conn, ClearingRun.id == run_id))
+
+
+def latest_run(conn: Connection, operator: str) -> StoredRun | None:
+    return _stored(conn, conn.execute(select(ClearingRun.__table__).where(ClearingRun.operator == operator)
+                                      .order_by(ClearingRun.service_day.desc()).limit(1)).first())
+
+
+def _window_of(run) -> ClearingWindow:
+    return ClearingWindow(run.operator, run.service_day, _utc(run.as_of), _utc(run.carried_from), run.rate_bp,
+                          run.tz, run.cutoff_hour)
+
+
+def _carried(conn: Connection, run_id: int) -> list[Adjustment]:
+    rows = conn.execute(select(ReconItem.id, ReconItem.service_day, ReconItem.adjustment)
+                        .where(ReconItem.carried_run_id == run_id)).all()
+    return [Adjustment(r.id, r.service_day, int(r.adjustment)) for r in rows]
+
+
+def _same_rows(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    cols = list(ROW_FIELDS)
+    a = a[cols].sort_values(cols[:4]).reset_index(drop=True)
+    b = b[cols].sort_values(cols[:4]).reset_index(drop=True)
+    return a.astype(str).equals(b.astype(str))
+
+
+def _reclear(conn: Connection, run) -> StoredRun:
+    window = _window_of(run)
+    result = clear(load_run_taps(conn, window), window, _carried(conn, run.id))
+    stored = _stored(conn, run, recleared=True)
+    if result.fingerprint != run.fingerprint or not _same_rows(result.rows, stored.rows):
+        raise ClearingMismatch(
+            f"{run.operator} {run.service_day}: cleared again from run {run.id}'s window, the inputs' fingerprint is "
+            f"{result.fingerprint[:16]}… (stored {run.fingerprint[:16]}…) and the day's gross "
+            f"{result.totals['day_gross']} fen (stored {run.day_gross}); stored taps of a closed day have changed: "
+            "look at the tap table, the run stays as it was")
+    return stored
+
+
+def _insert(conn: Connection, result: ClearingResult, created_at: datetime, adjustments: list[Adjustment]) -> int:
+    w = result.window
+    values = {k: result.totals[k] for k in _TOTALS}
+    run_id = conn.execute(ClearingRun.__table__.insert().values(
+        operator=w.operator, service_day=w.day, created_at=created_at, as_of=w.as_of, carried_from=w.carried_from,
+        rate_bp=w.rate_bp, tz=w.tz, cutoff_hour=w.cutoff_hour, fingerprint=result.fingerprint, **values)
+        .returning(ClearingRun.id)).scalar_one()
+    rows = [dict(zip(ROW_FIELDS, r, strict=True), run_id=run_id)
+            for r in result.rows[list(ROW_FIELDS)].itertuples(index=False, name=None)]
+    for r in rows:
+        for k in ("taps", "gross", "commission", "net"):
+            r[k] = int(r[k])
+    if rows:
+        conn.execute(ClearingRow.__table__.insert(), rows)
+    if adjustments:
+        conn.execute(update(ReconItem).where(ReconItem.id.in_([a.item_id for a in adjustments]),
+                                             ReconItem.carried_run_id.is_(None))
+                     .values(carried_run_id=run_id))
+    return run_id
+
+
+def clear_day(conn: Connection, *, operator: str, day: date, now: datetime | None = None) -> StoredRun:
+    """Clear ``operator``'s service ``day`` as of ``now`` (default: the current time), or re-clear and check it
+    when it is cleared already. Days skipped since the operator's last run are cleared first, in order, so that no
+    late tap falls between two runs."""
+    now = _utc(now) or datetime.now(UTC)
+    existing = _run_row(conn, and_(ClearingRun.operator == operator, ClearingRun.service_day == day))
+    if existing is not None:
+        return _reclear(conn, existing)
+    op = _operator(conn, operator)
+    last = conn.execute(select(ClearingRun.__table__).where(ClearingRun.operator == operator)
+                        .order_by(ClearingRun.service_day.desc()).limit(1)).first()
+    if last is not None:
+        if day < last.service_day:
+            raise ValueError(f"{operator} {day} comes before the last cleared day {last.service_day} and was never "
+                             "cleared itself: its taps were carried as late taps into the runs after it")
+        if day > last.service_day + timedelta(days=1):
+            clear_day(conn, operator=operator, day=day - timedelta(days=1), now=now)
+            return clear_day(conn, operator=operator, day=day, now=now)
+        if now < _utc(last.as_of):
+            raise ValueError(f"clearing as of {now.isoformat()} would go back before the last run's "
+                             f"{_utc(last.as_of).isoformat()}")
+    window = ClearingWindow(operator, day, now, _utc(last.as_of) if last else None,
+                            commission_rate(conn, operator, day), op.timezone, op.cutoff_hour)
+    adjustments = [Adjustment(r.id, r.service_day, int(r.adjustment)) for r in conn.execute(
+        select(ReconItem.id, ReconItem.service_day, ReconItem.adjustment).where(
+            ReconItem.operator == operator, ReconItem.status == "adjusted", ReconItem.carried_run_id.is_(None)))]
+    result = clear(load_run_taps(conn, window), window, adjustments)
+    run_id = _insert(conn, result, now, adjustments)
+    return _stored(conn, _run_row(conn, ClearingRun.id == run_id))
+
+
+# ------------------------------------------------------------------------------------------- reconciliation
+def store_items(conn: Connection, *, operator: str, day: date, items: list[Discrepancy],
+                now: datetime | None = None) -> list[int]:
+    """Store discrepancies as open items; one already stored (same kind, ref, problem) is left as it is, with
+    whatever a clerk decided on it. Returns the ids of the new items."""
+    now = _utc(now) or datetime.now(UTC)
+    if not items:
+        return []
+    keys = {(i.kind, i.ref, i.problem) for i in items}
+    known = set(conn.execute(select(ReconItem.kind, ReconItem.ref, ReconItem.problem).where(
+        ReconItem.operator == operator,
+        tuple_(ReconItem.kind, ReconItem.ref, ReconItem.problem).in_(list(keys)))).all())
+    new = []
+    for it in items:
+        key = (it.kind, it.ref, it.problem)
+        if key in known:
+            continue
+        known.add(key)
+        new.append(conn.execute(ReconItem.__table__.insert().values(
+            operator=operator, kind=it.kind, service_day=day, ref=it.ref[:80], problem=it.problem, ours=it.ours,
+            theirs=it.theirs, detail=it.detail[:500], status="open", created_at=now, note="")
+            .returning(ReconItem.id)).scalar_one())
+    return new
+
+
+def load_shift_taps(conn: Connection, *, operator: str, day: date) -> pd.DataFrame:
+    """Every record of the shifts that have a record in service ``day`` (the whole shift, also past the cut-off)."""
+    op = _operator(conn, operator)
+    start, end = day_bounds(day, op.timezone, op.cutoff_hour)
+    shifts = (select(Tap.device_id, Tap.shift_no).where(
+        Tap.operator == operator, Tap.shift_no > 0, Tap.occurred_at >= start, Tap.occurred_at < end)
+        .distinct().subquery())
+    cols = ["device_id", "device_seq", "kind", "shift_no", "amount", "occurred_at"]
+    query = (select(*[getattr(Tap, c) for c in cols])
+             .join(shifts, and_(Tap.device_id == shifts.c.device_id, Tap.shift_no == shifts.c.shift_no))
+             .where(Tap.operator == operator).order_by(Tap.device_id, Tap.device_seq))
+    frame = pd.DataFrame(conn.execute(query).all(), columns=cols)
+    frame["amount"] = frame["amount"].astype("int64")
+    return frame
+
+
+def reconcile_shifts_day(conn: Connection, *, operator: str, day: date, declared: pd.DataFrame | None = None,
+                         now: datetime | None = None) -> tuple[pd.DataFrame, list[int]]:
+    """Shift totals of the day and the ids of new out-of-balance items."""
+    totals, items = reconcile_shifts(load_shift_taps(conn, operator=operator, day=day), declared)
+    return totals, store_items(conn, operator=operator, day=day, items=items, now=now)
+
+
+def load_day_purchases(conn: Connection, *, operator: str, day: date) -> pd.DataFrame:
+    """The operator's stored purchases of service ``day`` in the issuer file's columns."""
+    op = _operator(conn, operator)
+    start, end = day_bounds(day, op.timezone, op.cutoff_hour)
+    frame = pd.DataFrame(conn.execute(select(*[getattr(Tap, c) for c in ISSUER_COLUMNS]).where(
+        Tap.operator == operator, Tap.kind == PURCHASE, Tap.occurred_at >= start, Tap.occurred_at < end)).all(),
+        columns=list(ISSUER_COLUMNS))
+    frame["occurred_at"] = pd.to_datetime(frame["occurred_at"], utc=True)
+    return frame
+
+
+def import_issuer_file(conn: Connection, *, operator: str, day: date, source, now: datetime | None = None
+                       ) -> tuple[list[Discrepancy], list[int]]:
+    """Reconcile the issuer's daily file (``clearing.reconcile.ISSUER_FILE_DOC``) against the day's purchases;
+    returns every discrepancy found and the ids of the items that are new."""
+    items = reconcile_issuer(load_day_purchases(conn, operator=operator, day=day), read_issuer_file(source))
+    return items, store_items(conn, operator=operator, day=day, items=items, now=now)
+
+
+def resolve_item(conn: Connection, *, item_id: int, status: str, by: str, now: datetime | None = None,
+                 adjustment: int | None = None, note: str = "") -> None:
+    """A clerk's decision: ``accepted`` (our figure stands), ``adjusted`` (carry ``adjustment`` fen, by default
+    the item's suggestion, into the next run) or ``disputed`` (taken up with the other side). An item already
+    carried into a run is closed."""
+    if status not in STATUSES[1:]:
+        raise ValueError(f"status must be one of {STATUSES[1:]}, got {status!r}")
+    if not by:
+        raise ValueError("say who decided (by=...): every decision on money is signed")
+    item = conn.execute(select(ReconItem.__table__).where(ReconItem.id == item_id)).first()
+    if item is None:
+        raise LookupError(f"reconciliation item {item_id} does not exist")
+    if item.carried_run_id is not None:
+        raise ValueError(f"item {item_id} was carried into clearing run {item.carried_run_id}; it is closed")
+    if status == "adjusted":
+        if adjustment is None and item.theirs is None and item.kind == "shift":
+            # A shift's gap has no other side's figure: the money missing is unknown, so the clerk must say it.
+            raise ValueError(f"item {item_id} is a shift discrepancy: give the adjustment in fen")
+        adjustment = (item.theirs or 0) - (item.ours or 0) if adjustment is None else adjustment
+        if isinstance(adjustment, bool) or not isinstance(adjustment, int):
+            raise TypeError(f"adjustment must be int fen, got {adjustment!r}")
+    else:
+        adjustment = None
+    conn.execute(update(ReconItem).where(ReconItem.id == item_id).values(
+        status=status, adjustment=adjustment, resolved_by=by[:64], resolved_at=_utc(now) or datetime.now(UTC),
+        note=note[:500]))
+
+
+def items(conn: Connection, *, operator: str, status: str | None = None) -> pd.DataFrame:
+    """The reconciliation work list (all, or one status), oldest first."""
+    cols = ["id", "kind", "service_day", "ref", "problem", "ours", "theirs", "detail", "status", "adjustment",
+            "created_at", "resolved_by", "resolved_at", "note", "carried_run_id"]
+    q = select(*[getattr(ReconItem, c) for c in cols]).where(ReconItem.operator == operator)
+    if status is not None:
+        q = q.where(ReconItem.status == status)
+    return pd.DataFrame(conn.execute(q.order_by(ReconItem.id)).all(), columns=cols)
+
+
+def open_count(conn: Connection, operator: str) -> int:
+    return int(conn.execute(select(func.count()).select_from(ReconItem).where(
+        ReconItem.operator == operator, ReconItem.status == "open")).scalar_one())

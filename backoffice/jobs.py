@@ -1,0 +1,122 @@
+"""The scheduled jobs: what the nightly run and `farebox jobs run` do.
+
+APScheduler keeps a job in its database table as a reference to a module-level function and its keyword arguments,
+pickled; so the job functions here take plain values (an operator code) and use the engine and reports folder
+bound to this process (``bind``, done by ``backoffice.scheduler.start_scheduler``), never a pickled engine, and
+no database password lands in the job table.
+
+Clearing an operator (``clear_operator``): the service day that has ended (its cut-off plus ``SETTLE_DELAY``, for
+the last uploads of the night) and every day skipped since the operator's last run, oldest first, each in its own
+transaction through ``backoffice.settle.settle`` (clearing run, shift reconciliation), then its reports. A day
+someone else cleared meanwhile (another scheduler on the same database, a clerk) is left alone: the stored run
+is looked for first, and the unique (operator, service day) of ``clearing_run`` turns a race into an error here,
+after which the day is found cleared and skipped. So a day is never cleared twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from backoffice.models import ClearingRun, Operator
+from backoffice.settle import settle, stored_run_id
+
+log = logging.getLogger(__name__)
+
+SETTLE_DELAY = timedelta(hours=1)  # after the cut-off, buses still upload the night's last taps
+_bound: dict = {}
+
+
+def bind(engine: Engine, *, reports_dir: Path | None) -> None:
+    """The engine and reports folder the job functions use in this process."""
+    _bound.update(engine=engine, reports_dir=reports_dir)
+
+
+def _context() -> tuple[Engine, Path | None]:
+    if "engine" not in _bound:
+        raise RuntimeError("backoffice.jobs is not bound to a database in this process: start the scheduler with "
+                           "backoffice.scheduler.start_scheduler(engine, settings)")
+    return _bound["engine"], _bound["reports_dir"]
+
+
+def last_ended_day(tz: str, cutoff_hour: int, now: datetime, delay: timedelta = SETTLE_DELAY) -> date:
+    """The latest service day whose end (the next cut-off) plus ``delay`` is not after ``now``."""
+    local = (now - delay).astimezone(ZoneInfo(tz))
+    return (local - timedelta(hours=cutoff_hour)).date() - timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class DayDone:
+    day: date
+    run_id: int
+    cleared: bool  # False: someone else had cleared it (the run was left as it was)
+    reports: tuple[Path, ...] = ()
+    shift_items: int = 0
+
+
+def _clear_one(engine: Engine, operator: str, day: date, now: datetime, *, recheck: bool) -> tuple[int, bool, int]:
+    """Clear one day in its own transaction; (run id, cleared here, new shift items)."""
+    for attempt in (1, 2):
+        try:
+            with engine.begin() as conn:
+                existing = stored_run_id(conn, operator, day)
+                if existing is not None and not recheck:
+                    return existing, False, 0
+                result = settle(conn, operator=operator, day=day, now=now)
+                if result.run is None:
+                    raise ValueError(f"{operator} {day} cannot be cleared: {result.provisional}")
+                return result.run.id, existing is None, len(result.shift_items)
+        except (IntegrityError, OperationalError):
+            # Another scheduler (or clerk) stored this day between our look and our insert (unique violation), or
+            # SQLite's writer lock went to it; once more, and the day will be found cleared.
+            if attempt == 2:
+                raise
+            log.info("clearing %s %s: raced with another run of the same day; looking again", operator, day)
+    raise AssertionError("unreachable")
+
+
+def clear_operator(engine: Engine, *, operator: str, day: date | None = None, reports_dir: Path | None = None,
+                   now: datetime | None = None) -> list[DayDone]:
+    """Clear ``day`` (default: the last service day that has ended) and the days skipped before it; see the module
+    doc. Asked for a day cleared already (on demand), the stored run is checked again and its reports written
+    again; the nightly run (``day=None``) leaves cleared days alone."""
+    now = now or datetime.now(UTC)
+    with engine.connect() as conn:
+        op = conn.execute(select(Operator.timezone, Operator.cutoff_hour).where(Operator.code == operator)).first()
+        if op is None:
+            raise LookupError(f"operator {operator!r} is not registered")
+        last = conn.execute(select(ClearingRun.service_day).where(ClearingRun.operator == operator)
+                            .order_by(ClearingRun.service_day.desc()).limit(1)).scalar()
+    target = day or last_ended_day(op.timezone, op.cutoff_hour, now)
+    if day is None and last is not None and last >= target:
+        log.info("clearing %s: nothing to clear, service day %s (the last that has ended) is cleared already",
+                 operator, target)
+        return []
+    days = [target]
+    if last is not None and target > last:
+        days = [last + timedelta(days=n) for n in range(1, (target - last).days + 1)]
+    done = []
+    for d in days:
+        run_id, cleared, items = _clear_one(engine, operator, d, now, recheck=day is not None)
+        reports: tuple[Path, ...] = ()
+        if reports_dir is not None and (cleared or day is not None):
+            with engine.connect() as conn:  # after the commit, read only: the reports name a stored run
+                reports = settle(conn, operator=operator, day=d, reports_dir=reports_dir, now=now,
+                                 close_day=False).files
+        done.append(DayDone(d, run_id, cleared, reports, items))
+        log.info("clearing %s %s: run %d %s%s", operator, d, run_id,
+                 "stored" if cleared else "found stored already (left as it was)",
+                 f", {items} shift(s) out of balance" if items else "")
+    return done
+
+
+def nightly_clearing(operator: str) -> list[DayDone]:
+    """The scheduled job: ``clear_operator`` for the day just ended, with this process's engine and reports."""
+    engine, reports_dir = _context()
+    return clear_operator(engine, operator=operator, reports_dir=reports_dir)

@@ -1,0 +1,16 @@
+"""The API's routers, one per domain. Each endpoint names the roles that own it (backoffice.web.auth.owned_by)."""
+
+from backoffice.web.api import (
+    cards,
+    clearing,
+    devices,
+    ota,
+    payments_recon,
+    reconcile,
+    registry,
+    registry_edit,
+    reports,
+)
+
+ROUTERS = (registry.router, clearing.router, devices.router, cards.router, ota.router, reconcile.router,
+           registry_edit.router, reports.router, payments_recon.router)

@@ -1,0 +1,95 @@
+"""The web application: the API (``/api/v1``, OpenAPI at ``/openapi.json`` and ``/docs``) and the server-rendered
+pages, wired in one place.
+
+    app = create_app(settings)                 # the configured database, migrated; tokens from the token file
+    app = create_app(engine, tokens=store)     # tests: an engine and a TokenStore of their own
+
+Views are thin: each turns its request into one call of a use case (backoffice.registry, backoffice.settle,
+backoffice.devices, backoffice.denylist_publish, backoffice.web.reads) with keyword arguments and shapes the answer.
+Routers of work still being built (cards and top-ups, clearing runs, reports) plug in through ``extra_routers``
+or by being added to ``ROUTERS`` when they land, and declare their owners with ``auth.owned_by`` like these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import Connection, Engine
+
+from backoffice.devices import DEFAULT_STALE_AFTER
+from backoffice.web.auth import Principal, TokenStore, default_tokens_path
+
+HERE = Path(__file__).parent
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclasses.dataclass
+class Services:
+    """What every view gets: the database, the tokens, the clock (tests fix it), how long a silent validator may
+    stay quiet before it is flagged stale."""
+
+    engine: Engine
+    tokens: TokenStore
+    clock: Callable[[], datetime] = _utc_now
+    stale_after: timedelta = DEFAULT_STALE_AFTER
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def connection(request: Request) -> Iterator[Connection]:
+    """A connection for one request's reads (no transaction is committed: these views do not write)."""
+    with request.app.state.services.engine.connect() as conn:
+        yield conn
+
+
+def scoped(principal: Principal, operator: str | None) -> str | None:
+    """The operator a request is limited to. A clerk asking for another operator's data is told it does not exist
+    (404), the same answer as for an operator that really does not, so codes cannot be probed."""
+    if not principal.may_see(operator if operator is not None else principal.operator):
+        raise HTTPException(404, f"operator {operator!r} not found")
+    return principal.scope(operator)
+
+
+def create_app(source, *, tokens: TokenStore | Path | None = None, clock: Callable[[], datetime] | None = None,
+               stale_after: timedelta = DEFAULT_STALE_AFTER, migrate: bool = True,
+               extra_routers: tuple[APIRouter, ...] = ()) -> FastAPI:
+    """The app for ``source``: a farebox.config.Settings (its database, migrated on start; its token file) or an
+    Engine (then ``tokens`` is a TokenStore or the path of a token file)."""
+    from backoffice.db import make_engine, upgrade
+    from backoffice.web import api, pages, pages_cards, pages_registry, pages_reports
+
+    if isinstance(source, Engine):
+        engine = source
+        if tokens is None:
+            raise ValueError("create_app(engine) needs tokens=: a TokenStore or a token file path")
+    else:
+        engine = make_engine(source.effective_database_url)
+        if tokens is None:
+            tokens = default_tokens_path(source.var_dir)
+    if migrate:
+        upgrade(engine)
+    store = tokens if isinstance(tokens, TokenStore) else TokenStore(Path(tokens))
+    app = FastAPI(title="farebox back office", version="1",
+                  description="Registry, taps, settlements, devices, quarantine, deny lists and cards of the farebox "
+                              "back office. Every endpoint needs `Authorization: Bearer <token>` (`farebox token "
+                              "add`); each names the roles that own it.")
+    app.state.services = Services(engine=engine, tokens=store, clock=clock or _utc_now, stale_after=stale_after)
+    for router in (*api.ROUTERS, *extra_routers):
+        app.include_router(router, prefix="/api/v1")
+    app.include_router(pages.router)
+    app.include_router(pages_cards.router)
+    app.include_router(pages_registry.router)
+    app.include_router(pages_reports.router)
+    pages.install_error_pages(app)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    return app

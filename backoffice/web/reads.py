@@ -1,0 +1,151 @@
+"""The back office's read use cases that the API and pages need and no domain module has yet: registry lists, one
+operator's taps of a service day, the quarantine, a card with its records, the dashboard's figures.
+
+Keyword-only functions run inside the caller's connection, like backoffice.registry; ``operator=None`` means every
+operator (the caller decides who may ask for that, see backoffice.web.auth.Principal.scope). When the cards work
+(backoffice/cards/) lands, ``card`` belongs there, with the ledger and cases.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+
+import pandas as pd
+from sqlalchemy import Connection, func, select
+
+from backoffice.devices import DEFAULT_STALE_AFTER, fleet_status
+from backoffice.models import Card, Device, Driver, Operator, Quarantine, Route, Tap, Vehicle
+from backoffice.settle import load_day_taps
+from clearing.service_day import day_bounds, service_day
+from clearing.settlement import settle_day
+
+# kind -> (table, key column); every registry table has an ``operator`` column but the operator table itself
+REGISTRY = {
+    "operators": (Operator, "code"),
+    "routes": (Route, "code"),
+    "vehicles": (Vehicle, "code"),
+    "drivers": (Driver, "staff_no"),
+    "devices": (Device, "device_id"),
+}
+TAP_FIELDS = ("id", "device_id", "device_seq", "kind", "occurred_at", "received_at", "operator", "route", "vehicle",
+              "driver", "shift_no", "card_asn", "card_type", "card_ttc", "amount", "balance_after", "terminal_id",
+              "terminal_seq", "tac", "reason", "full_fare")
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """SQLite hands timezone-aware columns back naive; they were stored as UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def _plain(row) -> dict:
+    return {k: utc(v) if isinstance(v, datetime) else v for k, v in row._mapping.items()}
+
+
+def _operator_column(table):
+    return table.code if table is Operator else table.operator
+
+
+def registry_list(conn: Connection, *, kind: str, operator: str | None = None) -> list[dict]:
+    table, key = REGISTRY[kind]
+    query = select(table.__table__).order_by(getattr(table, key))
+    if operator is not None:
+        query = query.where(_operator_column(table) == operator)
+    return [_plain(r) for r in conn.execute(query)]
+
+
+def registry_item(conn: Connection, *, kind: str, key: str, operator: str | None = None) -> dict | None:
+    """One registry row by its key; None when it does not exist or belongs to another operator than ``operator``."""
+    table, key_name = REGISTRY[kind]
+    query = select(table.__table__).where(getattr(table, key_name) == key)
+    if operator is not None:
+        query = query.where(_operator_column(table) == operator)
+    row = conn.execute(query).first()
+    return None if row is None else _plain(row)
+
+
+def operator_day(conn: Connection, *, operator: str) -> tuple[str, str, int] | None:
+    """(name, time zone, cut-off hour) of an operator, None when it is not registered."""
+    row = conn.execute(select(Operator.name, Operator.timezone, Operator.cutoff_hour)
+                       .where(Operator.code == operator)).first()
+    return None if row is None else (row.name, row.timezone, row.cutoff_hour)
+
+
+def taps_of_day(conn: Connection, *, operator: str, day: date, tz: str, cutoff_hour: int, limit: int = 100,
+                offset: int = 0, kind: str | None = None) -> tuple[list[dict], int]:
+    """One page of an operator's records of a service day, in the order they happened, and how many there are."""
+    start, end = day_bounds(day, tz, cutoff_hour)
+    where = [Tap.operator == operator, Tap.occurred_at >= start, Tap.occurred_at < end]
+    if kind is not None:
+        where.append(Tap.kind == kind)
+    total = conn.execute(select(func.count()).select_from(Tap).where(*where)).scalar_one()
+    rows = conn.execute(select(*[getattr(Tap, f) for f in TAP_FIELDS]).where(*where)
+                        .order_by(Tap.occurred_at, Tap.id).limit(limit).offset(offset))
+    return [_plain(r) for r in rows], total
+
+
+def _quarantine_where(operator: str | None) -> list:
+    # By the registered device, not the topic: a topic is what the sender claims, the device table is ours. Records
+    # from devices nobody registered are seen by operations and admins only.
+    if operator is None:
+        return []
+    return [Quarantine.device_id.in_(select(Device.device_id).where(Device.operator == operator))]
+
+
+def quarantine(conn: Connection, *, operator: str | None = None, limit: int = 100,
+               offset: int = 0) -> tuple[list[dict], int]:
+    """What ingest could not accept, newest first (without the raw payload, only its size), and the count."""
+    where = _quarantine_where(operator)
+    total = conn.execute(select(func.count()).select_from(Quarantine).where(*where)).scalar_one()
+    rows = conn.execute(select(Quarantine.id, Quarantine.received_at, Quarantine.topic, Quarantine.device_id,
+                               Quarantine.device_seq, Quarantine.reason,
+                               func.length(Quarantine.payload).label("payload_bytes"))
+                        .where(*where).order_by(Quarantine.id.desc()).limit(limit).offset(offset))
+    return [_plain(r) for r in rows], total
+
+
+def card(conn: Connection, *, asn: str, limit: int = 50) -> dict | None:
+    """A card as issued (may be missing: a card of another issuer still rides) with its newest records; the
+    balance is the one the card reported in its latest purchase. None when farebox knows nothing of it."""
+    asn = asn.strip().lower()
+    issued = conn.execute(select(Card.asn, Card.card_type, Card.status).where(Card.asn == asn)).first()
+    rows = [_plain(r) for r in conn.execute(
+        select(*[getattr(Tap, f) for f in TAP_FIELDS]).where(Tap.card_asn == asn)
+        .order_by(Tap.occurred_at.desc(), Tap.card_ttc.desc(), Tap.id.desc()).limit(limit))]
+    if issued is None and not rows:
+        return None
+    total = conn.execute(select(func.count()).select_from(Tap).where(Tap.card_asn == asn)).scalar_one()
+    latest = next((r for r in rows if r["kind"] == "purchase"), None)
+    return {"asn": asn, "issued": issued is not None,
+            "card_type": issued.card_type if issued else (rows[0]["card_type"] if rows else None),
+            "status": issued.status if issued else "unknown",
+            "balance": None if latest is None else latest["balance_after"],
+            "balance_at": None if latest is None else latest["occurred_at"],
+            "records": rows, "records_total": total}
+
+
+def dashboard(conn: Connection, *, operator: str, now: datetime,
+              stale_after: timedelta = DEFAULT_STALE_AFTER) -> dict | None:
+    """An operator's day so far: fares and revenue of the current service day (as settlement counts them),
+    validators offline / stale / never heard, and the quarantine count. None when the operator is unknown."""
+    info = operator_day(conn, operator=operator)
+    if info is None:
+        return None
+    name, tz, cutoff = info
+    today = current_service_day(now, tz=tz, cutoff_hour=cutoff)
+    taps = load_day_taps(conn, operator=operator, day=today, tz=tz, cutoff_hour=cutoff)
+    settlement = settle_day(taps, today, operator=operator, tz=tz, cutoff_hour=cutoff)
+    fleet = fleet_status(conn, operator, now, stale_after=stale_after)
+    quarantined = conn.execute(select(func.count()).select_from(Quarantine)
+                               .where(*_quarantine_where(operator))).scalar_one()
+    return {"operator": operator, "name": name, "day": today, "records": len(taps), "fares": settlement.taps,
+            "revenue": settlement.amount, "devices": len(fleet),
+            "online": sum(r.online is True for r in fleet), "offline": sum(r.online is False for r in fleet),
+            "never_heard": sum(r.online is None for r in fleet), "stale": sum(r.stale for r in fleet),
+            "quarantined": quarantined}
+
+
+def current_service_day(now: datetime, *, tz: str, cutoff_hour: int) -> date:
+    """The service day ``now`` belongs to, by the same rule settlement uses."""
+    return service_day(pd.Series([pd.Timestamp(now).tz_convert("UTC")]), tz, cutoff_hour).iloc[0]

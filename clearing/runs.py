@@ -1,0 +1,273 @@
+"""A clearing run: one operator's service day settled by operator, fleet, route, vehicle, driver and card type, with
+the card issuer's commission and the operator's net, plus the adjustments it carries for earlier days.
+
+Which taps a run takes (``ClearingWindow``): runs of an operator form a chain, one per service day, days in order,
+each made at a moment ``as_of`` (taps *received* before it count) and carrying on from the previous run's
+``as_of`` (``carried_from``).
+
+- **day**: purchases of service day ``day`` received before ``as_of``.
+- **late**: purchases of an earlier service day received in ``[carried_from, as_of)``: they arrived after their own
+  day's run was made, so they land here, on the day they arrived, as "adjustments for earlier days" (by the day
+  they belong to), and the closed day is never changed.
+- **reconciliation**: adjustments a clerk decided on reconciliation items (``Adjustment``), carried once.
+
+With days in order and no day skipped, every purchase is counted exactly once (the back office clears an empty
+day too, for that reason). The same inputs give the same rows and the same ``fingerprint``, so re-clearing a
+closed day can be checked, not trusted.
+
+Pure: works on frames and values handed in; money is int fen; times are UTC. The rounding rule is
+``clearing.commission``'s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import date, datetime
+
+import numpy as np
+import pandas as pd
+
+from clearing import commission as fee
+from clearing.service_day import day_bounds, service_day
+
+RUN_TAP_COLUMNS = ("device_id", "device_seq", "kind", "occurred_at", "received_at", "route", "vehicle", "driver",
+                   "fleet", "card_type", "amount")
+DIMENSIONS = ("operator", "fleet", "route", "vehicle", "driver", "card_type")
+ROW_COLUMNS = ("section", "dimension", "key", "for_day", "taps", "gross", "commission", "net")
+PURCHASE = "purchase"
+NO_FLEET = ""  # a vehicle not (yet) in any fleet: still counted, under this key
+
+
+@dataclass(frozen=True)
+class ClearingWindow:
+    operator: str
+    day: date
+    as_of: datetime  # taps received before this moment count (UTC, aware)
+    carried_from: datetime | None  # the previous run's as_of; None for an operator's first run
+    rate_bp: int  # the card issuer's commission, basis points
+    tz: str = "Asia/Shanghai"
+    cutoff_hour: int = 3
+
+    def params(self) -> dict:
+        return {"operator": self.operator, "day": self.day.isoformat(), "as_of": self.as_of.isoformat(),
+                "carried_from": self.carried_from.isoformat() if self.carried_from else None,
+                "rate_bp": self.rate_bp, "tz": self.tz, "cutoff_hour": self.cutoff_hour}
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """A clerk's decision on a reconciliation item, carried into this run: signed fen (+ owed to the operator)."""
+
+    item_id: int
+    for_day: date
+    amount: int
+
+
+@dataclass(frozen=True, eq=False)
+class ClearingResult:
+    window: ClearingWindow
+    rows: pd.DataFrame  # ROW_COLUMNS, sorted by section, for_day, dimension, key
+    fingerprint: str
+    totals: dict = field(default_factory=dict)
+
+    def table(self, dimension: str, section: str = "day") -> pd.DataFrame:
+        """One breakdown, e.g. ``table("route")``: key, for_day, taps, gross, commission, net."""
+        sel = self.rows[(self.rows["section"] == section) & (self.rows["dimension"] == dimension)]
+        return sel.drop(columns=["section", "dimension"]).reset_index(drop=True)
+
+
+def _check(taps: pd.DataFrame) -> None:
+    missing = [c for c in RUN_TAP_COLUMNS if c not in taps.columns]
+    if missing:
+        raise ValueError(f"tap frame is missing column(s) {missing}; a clearing run needs {list(RUN_TAP_COLUMNS)}")
+    for col in ("occurred_at", "received_at"):
+        if len(taps) and not isinstance(taps[col].dtype, pd.DatetimeTZDtype):
+            raise TypeError(f"{col} must be timezone-aware UTC timestamps, got {taps[col].dtype}")
+    amount = taps["amount"]
+    if not pd.api.types.is_integer_dtype(amount) or pd.api.types.is_bool_dtype(amount):
+        raise TypeError(f"amount must be integer fen, got dtype {amount.dtype}")
+
+
+def _codes(col: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """Integer codes 0..k-1 of a key column and the k labels (missing values get the label "")."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        codes, labels = col.cat.codes.to_numpy(), [str(c) for c in col.cat.categories]
+    elif pd.api.types.is_integer_dtype(col) and len(col):
+        values = col.to_numpy()
+        low, high = int(values.min()), int(values.max())
+        if high - low < 1 << 20:  # card types and the like: offsets, no hashing
+            return (values - low).astype(np.int64), [str(v) for v in range(low, high + 1)]
+        codes, uniques = pd.factorize(col)
+        labels = [str(u) for u in uniques]
+    else:
+        codes, uniques = pd.factorize(col)
+        labels = [str(u) for u in uniques]
+    if (codes < 0).any():
+        codes = np.where(codes < 0, len(labels), codes)
+        labels = [*labels, ""]
+    return codes, labels
+
+
+# float64 adds integers exactly while every partial sum stays below 2**53 fen (90 trillion yuan); below that
+# bound np.bincount's weighted sum is exact and far faster than an integer group-by. Above it, pandas' int64.
+_EXACT_FLOAT = 1 << 53
+
+
+class _Section:
+    """The purchases of one section, taken once: selection, amounts (int64 and, when exact, float64)."""
+
+    def __init__(self, select: np.ndarray, amount: np.ndarray):
+        self.select = select  # a boolean mask or an index array
+        self.amount = amount[select]
+        self.gross = int(self.amount.sum(dtype=np.int64))
+        self.exact_float = int(np.abs(self.amount).sum(dtype=np.int64)) < _EXACT_FLOAT
+        self.weights = self.amount.astype(np.float64) if self.exact_float else None
+
+    def sums(self, codes: np.ndarray, k: int) -> np.ndarray:
+        """Exact int64 sum of the section's amounts per code."""
+        if self.exact_float:
+            out = np.rint(np.bincount(codes, weights=self.weights, minlength=k)).astype(np.int64)
+        else:
+            out = (pd.Series(self.amount).groupby(codes).sum().reindex(range(k), fill_value=0)
+                   .to_numpy(dtype=np.int64))
+        if int(out.sum()) != self.gross:  # cannot happen below the bound; never print wrong money
+            raise ArithmeticError("per-key sums do not add up to the total; refusing to settle")
+        return out
+
+
+def _breakdowns(section_taps: _Section, keys: dict, operator: str, rate_bp: int, section: str,
+                for_day: date) -> list[tuple]:
+    """Rows of every dimension of one section's purchases; every dimension shares the same commission."""
+    gross_total, n = section_taps.gross, len(section_taps.amount)
+    commission_total = fee.commission_of(gross_total, rate_bp)
+    out = [(section, "operator", operator, for_day, n, gross_total, commission_total,
+            gross_total - commission_total)]
+    if not n:
+        return out
+    for dim in DIMENSIONS[1:]:
+        all_codes, labels = keys[dim]
+        codes = all_codes[section_taps.select]
+        taps = np.bincount(codes, minlength=len(labels))
+        grosses = section_taps.sums(codes, len(labels))
+        present = sorted(np.flatnonzero(taps).tolist(), key=labels.__getitem__)
+        sorted_gross = [int(grosses[i]) for i in present]
+        commissions = fee.allocate(sorted_gross, commission_total)
+        for i, gross, com in zip(present, sorted_gross, commissions, strict=True):
+            out.append((section, dim, labels[i], for_day, int(taps[i]), gross, com, gross - com))
+    return out
+
+
+def clear(taps: pd.DataFrame, window: ClearingWindow, adjustments: list[Adjustment] | tuple = ()) -> ClearingResult:
+    """Settle ``window.day`` for ``window.operator`` from ``taps`` (that operator's stored taps: unique by
+    (device_id, device_seq), as the tap table guarantees; other kinds than purchases are ignored)."""
+    _check(taps)
+    fee.check_rate(window.rate_bp)
+    start, end = (pd.Timestamp(t) for t in day_bounds(window.day, window.tz, window.cutoff_hour))
+    as_of = pd.Timestamp(window.as_of)
+    occurred, received = taps["occurred_at"], taps["received_at"]
+    purchase = (taps["kind"] == PURCHASE).to_numpy()
+    received_in = (received < as_of).to_numpy()
+    day_mask = purchase & received_in & ((occurred >= start) & (occurred < end)).to_numpy()
+    late_mask = purchase & received_in & (occurred < start).to_numpy()
+    if window.carried_from is not None:
+        late_mask &= (received >= pd.Timestamp(window.carried_from)).to_numpy()
+
+    amount = taps["amount"].to_numpy(dtype=np.int64)
+    keys = {dim: _codes(taps[dim]) for dim in DIMENSIONS[1:]}
+    rows = _breakdowns(_Section(day_mask, amount), keys, window.operator, window.rate_bp, "day", window.day)
+    if late_mask.any():  # few rows: index arrays, and service days computed for them only
+        late_idx = np.flatnonzero(late_mask)
+        late_days = service_day(occurred.iloc[late_idx], tz=window.tz, cutoff_hour=window.cutoff_hour).to_numpy()
+        for d in sorted(set(late_days)):
+            rows += _breakdowns(_Section(late_idx[late_days == d], amount), keys, window.operator, window.rate_bp,
+                                "late", d)
+    for adj in sorted(adjustments, key=lambda a: a.item_id):
+        com, net = fee.split(adj.amount, window.rate_bp)
+        rows.append(("reconciliation", "item", str(adj.item_id), adj.for_day, 0, int(adj.amount), com, net))
+
+    frame = pd.DataFrame(rows, columns=list(ROW_COLUMNS))
+    frame = frame.sort_values(["section", "for_day", "dimension", "key"], kind="stable").reset_index(drop=True)
+    for col in ("taps", "gross", "commission", "net"):
+        frame[col] = frame[col].astype("int64")
+    totals = _totals(frame)
+    fp = fingerprint(taps, day_mask | late_mask, window, adjustments)
+    return ClearingResult(window, frame, fp, totals)
+
+
+def _totals(rows: pd.DataFrame) -> dict:
+    out = {}
+    for section in ("day", "late", "reconciliation"):
+        dim = "item" if section == "reconciliation" else "operator"
+        sel = rows[(rows["section"] == section) & (rows["dimension"] == dim)]
+        for col in ("taps", "gross", "commission", "net"):
+            out[f"{section}_{col}"] = int(sel[col].sum())
+    for col in ("gross", "commission", "net"):
+        out[f"payable_{col}"] = out[f"day_{col}"] + out[f"late_{col}"] + out[f"reconciliation_{col}"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- fingerprint
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser, vectorised: a well-mixed 64-bit value per element (uint64 wraps by design)."""
+    x = x + _GOLDEN
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _text_hash(values) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little")
+                     for v in values], dtype=np.uint64)
+
+
+_PER_SECOND = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}
+
+
+def _column_hash(col: pd.Series, k: np.uint64) -> np.ndarray:
+    """``k`` times one uint64 per row that depends on the value only (not on category codes, dtype or time
+    unit); a new array, never a view of the frame."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        # Multiply the small table, not the column: one pass over the rows fewer.
+        table = np.append(_text_hash(col.cat.categories), np.uint64(0)) * k  # code -1 (missing) -> last slot
+        return table[col.cat.codes.to_numpy()]
+    if isinstance(col.dtype, pd.DatetimeTZDtype):
+        # Whole seconds: the unit a frame arrives in (ns, us) must not change the fingerprint.
+        return (col.array.asi8 // _PER_SECOND[col.dtype.unit]).view(np.uint64) * k
+    if pd.api.types.is_integer_dtype(col):
+        return col.to_numpy(dtype="int64").view(np.uint64) * k
+    codes, uniques = pd.factorize(col.astype(str))
+    return (np.append(_text_hash(uniques), np.uint64(0)) * k)[codes]
+
+
+# One odd multiplier per column (from SplitMix64 itself), so that equal values in different columns differ.
+_MULTIPLIERS = [np.uint64(int(_splitmix(np.array([i], dtype=np.uint64))[0]) | 1) for i in range(1, 16)]
+
+
+def fingerprint(taps: pd.DataFrame, mask: np.ndarray, window: ClearingWindow, adjustments=()) -> str:
+    """SHA-256 (hex) of the run's parameters and of the multiset of taps it took (``mask``), content and all.
+
+    Each tap's columns are combined into one 64-bit value (text by BLAKE2b of its value, so nothing depends on
+    category codes or row order; columns weighted by distinct odd multipliers, then mixed by SplitMix64); the set
+    is summarised by count, wrapping sum and XOR of those values. It tells "same inputs" from "changed inputs"
+    across runs and machines; it is not a signature.
+    """
+    n = int(mask.sum())
+    h = np.zeros(len(taps), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for name, k in zip(RUN_TAP_COLUMNS, _MULTIPLIERS, strict=False):
+            if name != "kind":  # every tap a run takes is a purchase: the column says nothing here
+                h += _column_hash(taps[name], k)
+        h = _splitmix(h[mask])
+        total = int(h.sum(dtype=np.uint64)) if n else 0
+    xor = int(np.bitwise_xor.reduce(h)) if n else 0
+    doc = {"window": window.params(), "taps": n, "sum": total, "xor": xor,
+           "adjustments": sorted([a.item_id, a.for_day.isoformat(), int(a.amount)] for a in adjustments)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()

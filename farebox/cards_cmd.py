@@ -1,0 +1,208 @@
+"""``farebox keys``, ``farebox card`` and ``farebox topup``: the issuer key file, issuing and losing cards, and the
+counter top-up on a desk reader. Registered in farebox/cli.py by ``add_parser(sub)``.
+
+- ``farebox keys init --out FILE``: new random master keys, written encrypted (passphrase from
+  ``FAREBOX_ISSUER_KEYS_PASSPHRASE``, or ``--kek-env`` names a variable holding a 32-byte KEK in hex).
+- ``farebox keys encrypt --toml FILE --out FILE``: the same for keys kept so far in a plain TOML file.
+- ``farebox card issue --reader PATH | --sim-state FILE`` ``--deposit FEN --staff WHO [--proof TEXT]``.
+- ``farebox card lost --asn HEX --staff WHO --why TEXT``; ``farebox card show --asn HEX`` (ledger and cases).
+- ``farebox topup counter --reader PATH --amount FEN --terminal-id HEX --staff WHO``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+
+def _kek(args) -> tuple[str | None, bytes | None]:
+    if args.kek_env:
+        value = os.environ.get(args.kek_env, "")
+        try:
+            kek = bytes.fromhex(value)
+        except ValueError:
+            kek = b""
+        if len(kek) != 32:
+            raise SystemExit(f"farebox keys: {args.kek_env} must hold 64 hex digits")
+        return None, kek
+    passphrase = os.environ.get("FAREBOX_ISSUER_KEYS_PASSPHRASE")
+    if not passphrase:
+        import getpass
+
+        passphrase = getpass.getpass("passphrase for the issuer key file: ")
+    return passphrase, None
+
+
+def _keys_write(args, keys) -> int:
+    from backoffice.keyservice import write_key_file
+
+    passphrase, kek = _kek(args)
+    try:
+        write_key_file(args.out, keys, passphrase=passphrase, kek=kek)
+    except (ValueError, FileExistsError) as e:
+        print(f"farebox keys: {e}", file=sys.stderr)
+        return 2
+    print(f"issuer keys written encrypted to {args.out} (mode 600). Set FAREBOX_ISSUER_KEYS={args.out} and "
+          f"{'FAREBOX_ISSUER_KEYS_KEK' if kek else 'FAREBOX_ISSUER_KEYS_PASSPHRASE'} for the back office.")
+    return 0
+
+
+def _keys_init(args, settings) -> int:
+    from epurse.keys import IssuerKeys
+
+    return _keys_write(args, IssuerKeys(*(secrets.token_bytes(16) for _ in range(4))))
+
+
+def _keys_encrypt(args, settings) -> int:
+    from farebox.keys import read_plain_keys
+
+    return _keys_write(args, read_plain_keys(args.toml))
+
+
+def _engine(settings):
+    from backoffice.db import make_engine, upgrade
+
+    engine = make_engine(settings.effective_database_url)
+    upgrade(engine)
+    return engine
+
+
+def _session(args):
+    """A card session: the card in the desk reader, or a simulated card from its state file."""
+    if getattr(args, "sim_state", None):
+        from hardware_sim.card import SimCard
+
+        path = Path(args.sim_state)
+        if path.exists():
+            card = SimCard.load(path)
+        else:
+            card = SimCard(secrets.token_bytes(10), args.card_type, 0, start=date.today(),
+                           end=date.today() + timedelta(days=3650), state_file=path)
+
+        class _Direct:
+            exchange = staticmethod(card.transmit)
+
+        return _Direct()
+    from validator.readers import open_reader
+
+    session = open_reader(args.reader).poll(args.wait)
+    if session is None:
+        raise SystemExit(f"no card on {args.reader} within {args.wait} s")
+    return session
+
+
+def _card_issue(args, settings) -> int:
+    from backoffice.cards import issuance
+
+    facts = issuance.read_card(_session(args))
+    with _engine(settings).begin() as conn:
+        try:
+            issuance.issue_card(conn, card=facts, deposit=args.deposit, who=args.staff, now=datetime.now(UTC),
+                                proof=args.proof, holder=args.holder)
+        except issuance.IssueError as e:
+            print(f"farebox card issue: {e}", file=sys.stderr)
+            return 1
+    print(f"card {facts.asn} issued: type {facts.card_type}, balance {facts.balance} fen, deposit {args.deposit} "
+          f"fen, valid {facts.valid_from} to {facts.valid_to}")
+    return 0
+
+
+def _card_lost(args, settings) -> int:
+    from backoffice.cards import issuance
+
+    with _engine(settings).begin() as conn:
+        try:
+            frozen = issuance.report_lost(conn, asn=args.asn, who=args.staff, why=args.why, now=datetime.now(UTC))
+        except issuance.IssueError as e:
+            print(f"farebox card lost: {e}", file=sys.stderr)
+            return 1
+    print(f"card {args.asn} is lost: on the next deny list (farebox denylist publish); {frozen} fen frozen for "
+          "refund")
+    return 0
+
+
+def _card_show(args, settings) -> int:
+    from backoffice.cards import cases, ledger
+
+    with _engine(settings).connect() as conn:
+        book = ledger.card_ledger(conn, asn=args.asn)
+        open_ = cases.open_cases(conn, asn=args.asn)
+    print(f"card {args.asn}: opening {book.opening} + loads {book.loads} - purchases {book.purchases} "
+          f"+ adjustments {book.adjustments} - refunds {book.refunds} = {book.balance} fen; the card last said "
+          f"{book.card_balance if book.card_balance is not None else '-'} ({'agrees' if book.agrees else 'DIFFERS'})")
+    for c in open_:
+        print(f"  case {c.id} [{c.kind}] {c.detail}")
+    return 0
+
+
+def _topup_counter(args, settings) -> int:
+    from backoffice.cards import topup
+    from epurse.apdu import ResponseError, StatusError
+    from farebox.keys import key_service
+    from validator.readers import ReaderError
+
+    try:
+        done = topup.counter_topup(_engine(settings), _session(args), keys=key_service(settings),
+                                   amount=args.amount, terminal_id=bytes.fromhex(args.terminal_id),
+                                   staff=args.staff, now=datetime.now(UTC))
+    except topup.TopupRefused as e:
+        print(f"farebox topup: refused ({e.reason}): {e}", file=sys.stderr)
+        return 1
+    except (StatusError, ResponseError, ReaderError) as e:
+        print(f"farebox topup: the card did not finish: {e}. If it left after CREDIT FOR LOAD, present it again: "
+              "its log settles the load", file=sys.stderr)
+        return 1
+    print(f"card {done.asn}: loaded {done.amount} fen, balance {done.new_balance} fen (load {done.load_id}, "
+          f"online counter {done.online_ttc}, TAC {done.tac.hex()})")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("keys", help="the issuer's master keys, encrypted at rest")
+    keys = p.add_subparsers(dest="action", required=True)
+    for name, func, help_ in (("init", _keys_init, "new random master keys in a new encrypted key file"),
+                              ("encrypt", _keys_encrypt, "a plain TOML key file, encrypted into a key file")):
+        k = keys.add_parser(name, help=help_)
+        k.add_argument("--out", type=Path, required=True)
+        k.add_argument("--kek-env", default=None, metavar="VAR",
+                       help="encrypt with the 32-byte key in this variable (hex) instead of a passphrase")
+        if name == "encrypt":
+            k.add_argument("--toml", type=Path, required=True)
+        k.set_defaults(func=func)
+
+    def card_source(q):
+        src = q.add_mutually_exclusive_group(required=True)
+        src.add_argument("--reader", help="desk reader path, e.g. pcsc: or pcsc:0")
+        src.add_argument("--sim-state", help="a simulated card's state file (made if missing)")
+        q.add_argument("--wait", type=float, default=10.0, help="seconds to wait for a card")
+        q.add_argument("--card-type", type=int, default=1, help="simulated card only: 1 adult, 2 student ...")
+
+    p = sub.add_parser("card", help="issue cards, report them lost, show their ledger")
+    card = p.add_subparsers(dest="action", required=True)
+    q = card.add_parser("issue", help="record the card in the desk reader as issued")
+    card_source(q)
+    q.add_argument("--deposit", type=int, default=0, help="fen")
+    q.add_argument("--staff", required=True)
+    q.add_argument("--proof", default="", help="a concession type's proof, e.g. the student id")
+    q.add_argument("--holder", default="")
+    q.set_defaults(func=_card_issue)
+    q = card.add_parser("lost", help="deny the card and freeze its balance for refund")
+    q.add_argument("--asn", required=True)
+    q.add_argument("--staff", required=True)
+    q.add_argument("--why", required=True)
+    q.set_defaults(func=_card_lost)
+    q = card.add_parser("show", help="the card's ledger against its own balance, and its open cases")
+    q.add_argument("--asn", required=True)
+    q.set_defaults(func=_card_show)
+
+    p = sub.add_parser("topup", help="load cards")
+    top = p.add_subparsers(dest="action", required=True)
+    q = top.add_parser("counter", help="load the card in the desk reader (the back office is the issuer host)")
+    card_source(q)
+    q.add_argument("--amount", type=int, required=True, help="fen")
+    q.add_argument("--terminal-id", default="0e0000000001", help="the desk's terminal number (12 hex digits)")
+    q.add_argument("--staff", required=True)
+    q.set_defaults(func=_topup_counter)

@@ -1,0 +1,192 @@
+"""``farebox validator``: one bus validator as a process, wired from its command line.
+
+    farebox validator --device bus0042 --operator citybus --route r12 --vehicle v7 \\
+        --reader rfid24:/dev/ttyS1 --psam pcsc:1 --journal /var/lib/farebox/journal.db \\
+        --fares /var/lib/farebox/fares.json --deny-list /var/lib/farebox/denylist.bin \\
+        --mqtt mqtts://bus0042@broker.example:8883 --mqtt-password-file /etc/farebox/mqtt.pass \
+        --mac-key @/etc/farebox/mac.key --signing-public-key @/etc/farebox/signing.pub \
+        --staging-dir /var/lib/farebox/staging
+
+The rider reader and the PSAM are reader paths (``sim:``, ``pcsc:``, ``nfc:``, ``rfid24:``). ``--psam sim:<terminal
+number>`` puts a simulated PSAM with the published test keys in the slot, for benches and demos; its terminal
+sequence starts after the highest one in the journal, as a real PSAM's counter would survive a restart. Without
+``--mqtt`` the validator runs offline and its journal keeps everything. SIGTERM or Ctrl-C stops it cleanly.
+
+The link: the broker user is the device id and its password and MAC key are the two values ``farebox device add``
+prints (the password in the URL or, kept out of ``ps``, in ``--mqtt-password-file``; a key as hex or ``@file``).
+Packages from the back office are checked with ``--signing-public-key`` and staged in ``--staging-dir`` (default:
+``staging`` beside the journal), then applied between taps; the deny list and fare table they bring are written to
+``--deny-list`` (default: ``denylist.bin`` in the staging folder) and ``--fares``. Left out, the MAC key and the
+signing key are the published TEST values (with a warning): right for the demo fleet, never for a real bus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("validator", help="run one bus validator (reader, PSAM, journal, display, uplink)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", required=True, help="device id, as registered in the back office")
+    p.add_argument("--operator", required=True)
+    p.add_argument("--route", required=True)
+    p.add_argument("--vehicle", required=True)
+    p.add_argument("--reader", required=True, help="the riders' reader: sim:, pcsc:NAME|N, nfc:PATH, rfid24:DEV")
+    p.add_argument("--psam", required=True, help="the PSAM slot: a reader path, or sim:<12 hex digits>")
+    p.add_argument("--journal", type=Path, required=True)
+    p.add_argument("--journal-budget-mb", type=int, default=256)
+    p.add_argument("--fares", type=Path, required=True, help="fare table JSON (reloaded when it changes)")
+    p.add_argument("--deny-list", type=Path, default=None, help="deny list file (reloaded when it changes)")
+    p.add_argument("--mqtt", default=None, help="broker URL for the uplink, mqtt[s]://<device>:<password>@host "
+                   "(default: offline)")
+    p.add_argument("--mqtt-password-file", type=Path, default=None,
+                   help="the device's broker password, read from this file instead of the URL")
+    p.add_argument("--mac-key", default=None,
+                   help="the device's MAC key (64 hex digits, or @FILE holding them), as 'farebox device add' "
+                        "prints; default: derived from the published TEST device master")
+    p.add_argument("--signing-public-key", default=None,
+                   help="the back office's Ed25519 package-signing public key (64 hex digits or @FILE); "
+                        "default: the published TEST key")
+    p.add_argument("--staging-dir", type=Path, default=None,
+                   help="where packages wait for their activation time (default: staging/ beside the journal)")
+    p.add_argument("--software-version", default=None, help="the version reported in status (default: the "
+                   "installed farebox's)")
+    p.add_argument("--heartbeat-seconds", type=float, default=60.0)
+    p.add_argument("--denylist-max-age-hours", type=float, default=48.0,
+                   help="a deny list older than this raises the 'denylist stale' alarm")
+    p.add_argument("--double-tap-seconds", type=int, default=30,
+                   help="the same card again within this window is told 'already paid'")
+    p.add_argument("--tz", default="Asia/Shanghai")
+    p.add_argument("--languages", default="zh,en", help="display languages, comma-separated")
+    p.set_defaults(func=run)
+
+
+def _psam_session(path: str, journal):
+    from validator.readers import ReaderError, open_reader
+
+    scheme, _, rest = path.partition(":")
+    if scheme == "sim":
+        from epurse.keys import TEST_ISSUER_KEYS
+        from hardware_sim.psam import SimPsam
+        from validator.readers.sim import SimReader
+
+        try:
+            terminal_id = bytes.fromhex(rest)
+        except ValueError:
+            terminal_id = b""
+        if len(terminal_id) != 6:
+            raise ReaderError(f"--psam sim: needs the 12-hex-digit terminal number, got {rest!r}")
+        used = [r.terminal_seq for r in journal.records_since(0)]
+        slot = SimReader()
+        slot.present(SimPsam(terminal_id, keys=TEST_ISSUER_KEYS, sequence=max(used, default=0) + 1))
+        return slot.poll()
+    session = open_reader(path).poll(timeout=5.0)
+    if session is None:
+        raise ReaderError(f"no PSAM answers in {path}: is it seated in its slot?")
+    return session
+
+
+def _hex_option(value: str | None, what: str, length: int) -> bytes | None:
+    """A key given as hex or as @FILE holding hex; ValueError saying what is wrong."""
+    if value is None:
+        return None
+    text = Path(value[1:]).read_text("ascii").strip() if value.startswith("@") else value.strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"{what} must be hex") from None
+    if len(key) != length:
+        raise ValueError(f"{what} must be {length} bytes ({2 * length} hex digits), not {len(key)}")
+    return key
+
+
+def run(args, _settings=None) -> int:
+    from blacklist.denylist import DenyList
+    from validator.app import ValidatorApp
+    from validator.display import ConsoleDisplay
+    from validator.fares import FareError, FareTable
+    from validator.journal import Journal, JournalError
+    from validator.readers import ReaderError, open_reader
+    from validator.terminal import Terminal, TerminalConfig
+
+    staging = args.staging_dir or args.journal.parent / "staging"
+    deny_file = args.deny_list or staging / "denylist.bin"
+    try:
+        mac_key = _hex_option(args.mac_key, "--mac-key", 32)
+        signing_key = _hex_option(args.signing_public_key, "--signing-public-key", 32)
+        target = None
+        if args.mqtt:
+            from dataclasses import replace
+
+            from wire.mqtt_url import parse_mqtt_url
+
+            target = parse_mqtt_url(args.mqtt)
+            if args.mqtt_password_file is not None:
+                target = replace(target, password=args.mqtt_password_file.read_text("utf-8").strip())
+        fares = FareTable.from_dict(json.loads(args.fares.read_text("utf-8")))
+        deny = DenyList.load(deny_file) if deny_file.exists() else DenyList.empty()
+        journal = Journal(args.journal, budget_bytes=args.journal_budget_mb * 1024 * 1024)
+    except (OSError, ValueError, FareError, JournalError) as e:
+        print(f"farebox validator: cannot start: {e}", file=sys.stderr)
+        return 2
+    try:
+        psam = _psam_session(args.psam, journal)
+        reader = open_reader(args.reader)
+        terminal = Terminal(TerminalConfig(device_id=args.device, operator=args.operator, route=args.route,
+                                           vehicle=args.vehicle, tz=args.tz,
+                                           double_tap_seconds=args.double_tap_seconds),
+                            journal=journal, psam=psam, fares=fares, deny_list=deny)
+    except (ReaderError, ValueError) as e:
+        journal.close()
+        print(f"farebox validator: cannot start: {e}", file=sys.stderr)
+        return 2
+    uplink = downlink = None
+    if target is not None:
+        from datetime import timedelta
+
+        from validator.downlink import Downlink
+        from validator.uplink import Uplink
+
+        if signing_key is None:
+            from wire.packages import TEST_PUBLIC_KEY
+
+            log.warning("checking packages with the published TEST signing key: demo fleets only")
+            signing_key = TEST_PUBLIC_KEY
+        try:
+            downlink = Downlink(terminal, public_key=signing_key, staging_dir=staging, deny_file=deny_file,
+                                fares_file=args.fares, software=args.software_version,
+                                denylist_max_age=timedelta(hours=args.denylist_max_age_hours))
+        except OSError as e:
+            journal.close()
+            print(f"farebox validator: cannot start: staging folder {staging}: {e}", file=sys.stderr)
+            return 2
+        uplink = Uplink(journal, target, device_id=args.device, operator=args.operator, mac_key=mac_key,
+                        terminal=terminal, downlink=downlink, software=downlink.software,
+                        heartbeat_seconds=args.heartbeat_seconds)
+        uplink.start()
+    display = ConsoleDisplay(languages=tuple(args.languages.split(",")), tz=args.tz)
+    app = ValidatorApp(terminal, reader, display, uplink=uplink, downlink=downlink, fares_file=args.fares,
+                       deny_file=deny_file)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    log.info("validator %s on route %s: reader %s, PSAM %s, journal %s", args.device, args.route, args.reader,
+             args.psam, args.journal)
+    try:
+        app.run(stop)
+    finally:
+        if uplink is not None:
+            uplink.stop()
+        reader.close()
+        journal.close()
+    print(f"validator {args.device} stopped after {app.taps} taps", flush=True)
+    return 0

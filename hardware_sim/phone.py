@@ -1,0 +1,92 @@
+"""A simulated phone running the operator's top-up menu: it relays the load protocol between the back office
+(the issuer host) and its RFID-SIM, and can misbehave the way phones do.
+
+``Phone(sim, host, terminal_id)``: ``sim`` answers APDUs (a hardware_sim SimCard); ``host`` is the back office as
+the phone reaches it (``authorize(order_id=, asn=, init_answer=, terminal_id=, log=)`` -> a grant with
+``credit_apdu()``, ``report(order_id=, tac=)``; backoffice.cards.topup.OtaHost, or an HTTP client with the same
+methods). ``topup(order_id, amount)`` runs: SELECT, read the public file and the log (READ RECORD 1..10),
+INITIALIZE FOR LOAD, ask the host for MAC2, CREDIT FOR LOAD, report the TAC.
+
+Faults, each for the next ``topup`` only, set as attributes:
+- ``lose_answer``: the host's MAC2 answer is lost on the way (a timeout): ``topup`` raises HostTimeout, and the
+  phone remembers its open card session, so ``retry(order_id)`` asks again with the same INITIALIZE answer.
+- ``vanish_after_credit``: the phone dies right after the SIM answered CREDIT FOR LOAD: no report (PhoneGone).
+``send_log`` (default True) relays the SIM's log with each request, which lets the host settle earlier loads.
+"""
+
+from __future__ import annotations
+
+from epurse import apdu
+
+
+class HostTimeout(Exception):
+    """The host's answer never reached the phone."""
+
+
+class PhoneGone(Exception):
+    """The phone switched off (battery, signal) in the middle of a top-up."""
+
+
+class Phone:
+    def __init__(self, sim, host, terminal_id: bytes):
+        self.sim = sim
+        self.host = host
+        self.terminal_id = terminal_id
+        self.lose_answer = False
+        self.vanish_after_credit = False
+        self.send_log = True  # False: an older menu app that relays INITIALIZE FOR LOAD only
+        self._open: tuple[str, str, bytes, list[bytes]] | None = None  # order, asn, INITIALIZE answer, log
+
+    def __repr__(self) -> str:
+        return f"<Phone with SIM {self.sim.asn.hex()}>"
+
+    def _send(self, command: bytes, what: str) -> bytes:
+        return apdu.check(self.sim.transmit(command), what)
+
+    def read_sim(self) -> tuple[str, list[bytes]]:
+        """SELECT, the SIM's ASN and its log records (raw 23-byte READ RECORD data, newest first)."""
+        answer = self.sim.transmit(apdu.select_aid())
+        if answer[-2:] not in (b"\x90\x00", b"\x62\x83"):
+            apdu.check(answer, "SELECT")
+        info = apdu.parse_public_info(self._send(apdu.read_public_info(), "READ BINARY"))
+        log = []
+        for n in range(1, 11):
+            answer = self.sim.transmit(apdu.read_log_record(n))
+            if answer[-2:] != b"\x90\x00":
+                break
+            log.append(answer[:-2])
+        return info.asn.hex(), log
+
+    def topup(self, order_id: str, amount: int):
+        asn, log = self.read_sim()
+        init_answer = self._send(apdu.init_load(1, amount, self.terminal_id), "INITIALIZE FOR LOAD")
+        self._open = (order_id, asn, init_answer, log)
+        return self._finish()
+
+    def retry(self, order_id: str):
+        """Ask the host again for the card session left open by a lost answer (same INITIALIZE answer)."""
+        if self._open is None or self._open[0] != order_id:
+            raise ValueError(f"no open card session for order {order_id}: start again with topup()")
+        return self._finish()
+
+    def _finish(self):
+        order_id, asn, init_answer, log = self._open
+        grant = self.host.authorize(order_id=order_id, asn=asn, init_answer=init_answer,
+                                    terminal_id=self.terminal_id, log=log if self.send_log else None)
+        if self.lose_answer:
+            self.lose_answer = False
+            raise HostTimeout(f"order {order_id}: no answer from the host")
+        self._open = None
+        # The SIM keeps the load open only for the very next command, so CREDIT follows the answer at once.
+        tac = apdu.parse_credit(self._send(grant.credit_apdu(), "CREDIT FOR LOAD"))
+        if self.vanish_after_credit:
+            self.vanish_after_credit = False
+            raise PhoneGone(f"order {order_id}: the phone went dark after CREDIT FOR LOAD")
+        return self.host.report(order_id=order_id, tac=tac)
+
+    def show_card(self):
+        """The phone comes back: it tells the host what its SIM says (online counter and log)."""
+        asn, log = self.read_sim()
+        init = apdu.parse_init_load(self._send(apdu.init_load(1, 0, self.terminal_id), "INITIALIZE FOR LOAD"))
+        self.sim.transmit(apdu.get_balance())  # any command ends the probe's load session on the SIM
+        return self.host.card_seen(asn=asn, online_ttc=init.online_ttc, log=log)

@@ -1,0 +1,28 @@
+"""The daily settlement PDF: one service day of one operator, by fleet, route, vehicle and driver, with revenue by
+route and taps by hour as charts. Input: ``SettlementTables`` (frames handed in by clearing); see
+``reports.settlement_doc`` for the columns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clearing.service_day import DEFAULT_CUTOFF_HOUR
+from reports.pdf import check_aware, write_pdf
+from reports.settlement_doc import SettlementTables, settlement_story
+
+TITLE = "Daily settlement"
+
+
+def write_daily_pdf(tables: SettlementTables, path: str | Path, *, cutoff_hour: int = DEFAULT_CUTOFF_HOUR) -> Path:
+    """Write the day's settlement report to `path`, atomically. `cutoff_hour` orders the hourly chart from the
+    start of the service day."""
+    if tables.first_day != tables.last_day:
+        raise ValueError(f"a daily report covers one service day, got {tables.first_day} to {tables.last_day}; "
+                         "use reports.monthly.write_monthly_pdf for a period")
+    check_aware("generated_at", tables.generated_at)
+    if tables.run is not None:
+        check_aware("run.at", tables.run.at)
+    day = tables.first_day.isoformat()
+    story, header = settlement_story(tables, title=TITLE, period=f"service day {day}", period_word="Day",
+                                     cutoff_hour=cutoff_hour)
+    return write_pdf(path, story, header, title=f"{TITLE} {tables.operator} {day}")

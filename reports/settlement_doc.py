@@ -1,0 +1,218 @@
+"""The settlement report's content, shared by the daily and the monthly PDF: what goes in (``SettlementTables``,
+pandas frames handed in by clearing) and the story built from it (summary, charts, one table per breakdown).
+
+A breakdown frame has its key column (``route``, ``vehicle``, ``driver``, ``fleet``, ``day``), ``taps``, and its
+money in integer fen: either ``gross`` with, where clearing gives them, ``commission`` (the card issuer's) and
+``net`` (the operator's), or a single ``amount`` (shown as "Amount"). An optional ``name`` column, or a mapping in
+``names``, gives the names people know the codes by. Rows are shown in the order given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+
+import pandas as pd
+from reportlab.lib.units import mm
+from reportlab.platypus import CondPageBreak, KeepTogether, Paragraph, Spacer
+
+from reports import charts
+from reports.pdf import (
+    FRAME_WIDTH,
+    Column,
+    PageHeader,
+    count,
+    data_table,
+    key_text,
+    markup,
+    run_line,
+    styles,
+    yuan,
+)
+
+MONEY_COLUMNS = ("gross", "commission", "net")
+# Two lines: three money columns side by side leave no room for "Issuer commission (yuan)" on one.
+HEADINGS = {"gross": "Gross\n(yuan)", "commission": "Issuer commission\n(yuan)", "net": "Net to operator\n(yuan)",
+            "amount": "Amount (yuan)"}
+KEY_HEADINGS = {"route": "Route", "vehicle": "Vehicle", "driver": "Driver", "fleet": "Fleet", "day": "Day"}
+TOP_ROUTES = 20  # bars in the revenue chart; more would not read at a glance, the table below has them all
+
+
+@dataclass(frozen=True)
+class ClearingRun:
+    """The clearing run the figures came from, as the clearing engineer stores it."""
+
+    id: str
+    at: datetime  # when it ran (aware)
+
+
+@dataclass(frozen=True)
+class SettlementTables:
+    operator: str  # the operator's code
+    operator_name: str
+    first_day: date  # service days covered, inclusive
+    last_day: date
+    by_route: pd.DataFrame
+    by_vehicle: pd.DataFrame
+    by_driver: pd.DataFrame
+    by_fleet: pd.DataFrame | None = None
+    by_day: pd.DataFrame | None = None  # for a month: one row per service day
+    taps_by_hour: pd.DataFrame | None = None  # columns hour (local, 0-23) and taps
+    run: ClearingRun | None = None
+    generated_at: datetime | None = None  # default: now
+    names: Mapping[str, Mapping] = field(default_factory=dict)  # "route" -> {code: name}, ...
+
+    def breakdowns(self) -> dict[str, pd.DataFrame]:
+        """The tables by their key column, in the order the report shows them; absent ones left out."""
+        out = {"fleet": self.by_fleet, "route": self.by_route, "vehicle": self.by_vehicle, "driver": self.by_driver}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def money_columns(frame: pd.DataFrame) -> list[str]:
+    """The fen columns of a breakdown, checked to be integers: a float means money was rounded somewhere."""
+    cols = [c for c in MONEY_COLUMNS if c in frame.columns]
+    if not cols:
+        cols = ["amount"] if "amount" in frame.columns else []
+    if not cols:
+        raise ValueError(f"a breakdown needs 'gross' (and optionally 'commission', 'net') or 'amount' in fen; "
+                         f"got columns {list(frame.columns)}")
+    for c in [*cols, "taps"]:
+        if c not in frame.columns:
+            raise ValueError(f"a breakdown needs a {c!r} column; got {list(frame.columns)}")
+        if len(frame) and not pd.api.types.is_integer_dtype(frame[c]):
+            raise TypeError(f"column {c!r} must be integers (fen / taps), got dtype {frame[c].dtype}")
+    return cols
+
+
+def totals(frame: pd.DataFrame) -> dict[str, int]:
+    return {c: int(frame[c].sum()) for c in ["taps", *money_columns(frame)]}
+
+
+def _names(frame: pd.DataFrame, key: str, names: Mapping | None) -> list[str] | None:
+    if "name" in frame.columns:
+        return ["" if pd.isna(n) else str(n) for n in frame["name"]]
+    if names is None:
+        return None
+    return [str(names.get(code, "")) for code in frame[key]]
+
+
+def _key_cell(value) -> str:
+    if isinstance(value, date):
+        return value.isoformat()
+    return key_text(value)
+
+
+def breakdown_table(frame: pd.DataFrame, key: str, names: Mapping | None):
+    """One breakdown as a table: code, name (if any), taps, money columns; a bold total row."""
+    money = money_columns(frame)
+    shown = _names(frame, key, names)
+    money_width = 27 * mm if len(money) > 1 else 34 * mm
+    taps_width = 20 * mm
+    code_width = 26 * mm if shown is not None else FRAME_WIDTH - taps_width - money_width * len(money)
+    columns = [Column(KEY_HEADINGS.get(key, key.title()), code_width)]
+    if shown is not None:
+        columns.append(Column("Name", FRAME_WIDTH - code_width - taps_width - money_width * len(money)))
+    columns.append(Column("Taps", taps_width, numeric=True))
+    columns += [Column(HEADINGS[c], money_width, numeric=True) for c in money]
+    # Plain lists: iterating numpy arrays row by row is what a month's report spends its time on otherwise.
+    keys = [_key_cell(v) for v in frame[key].tolist()]
+    taps = [count(v) for v in frame["taps"].tolist()]
+    values = [[yuan(v) for v in frame[c].tolist()] for c in money]
+    rows = []
+    for i, code in enumerate(keys):
+        row = [code] if shown is None else [code, shown[i]]
+        row.append(taps[i])
+        row += [v[i] for v in values]
+        rows.append(row)
+    sums = totals(frame)
+    total = ["Total"] + ([""] if shown is not None else []) + [count(sums["taps"])] + [yuan(sums[c]) for c in money]
+    return data_table(columns, rows, total)
+
+
+def _summary(t: SettlementTables, money: dict[str, int], period_word: str) -> str:
+    made = (t.generated_at or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    parts = [f"{count(money['taps'])} taps"]
+    if "gross" in money:
+        parts.append(f"gross {yuan(money['gross'])} yuan")
+        if "commission" in money:
+            parts.append(f"issuer commission {yuan(money['commission'])} yuan")
+        if "net" in money:
+            parts.append(f"net to the operator {yuan(money['net'])} yuan")
+    else:
+        parts.append(f"{yuan(money['amount'])} yuan")
+    return (f"Generated {made} UTC. Operator code {t.operator}. {period_word} total: " + ", ".join(parts) + ".")
+
+
+def _money_key(frame: pd.DataFrame) -> str:
+    return "gross" if "gross" in frame.columns else "amount"
+
+
+def _route_chart(t: SettlementTables):
+    frame = t.by_route
+    if frame.empty:
+        return None
+    col = _money_key(frame)
+    top = frame.nlargest(TOP_ROUTES, col, keep="first")
+    shown = _names(top, "route", t.names.get("route"))
+    labels = [key_text(code) + (f" {shown[i]}" if shown and shown[i] else "") for i, code in enumerate(top["route"])]
+    what = "gross" if col == "gross" else "amount"
+    title = (f"Revenue by route ({what}, yuan)" if len(frame) <= TOP_ROUTES else
+             f"Revenue by route: the {len(top)} biggest of {len(frame):,} ({what}, yuan)")
+    return charts.revenue_bars(labels, top[col].tolist(), title=title)
+
+
+def _hour_chart(t: SettlementTables, cutoff_hour: int):
+    frame = t.taps_by_hour
+    if frame is None or frame.empty or int(frame["taps"].sum()) == 0:
+        return None
+    by_hour = dict.fromkeys(range(24), 0)
+    for h, n in zip(frame["hour"].tolist(), frame["taps"].tolist()):
+        by_hour[int(h)] += int(n)
+    order = [(cutoff_hour + i) % 24 for i in range(24)]  # the service day's order: from the cut-off round
+    return charts.columns([f"{h:02d}" for h in order], [by_hour[h] for h in order], title="Taps by hour",
+                          axis_title="hour of the day (local time; the service day starts at the cut-off hour)")
+
+
+def _day_chart(t: SettlementTables):
+    frame = t.by_day
+    if frame is None or frame.empty:
+        return None
+    days = [d.day if isinstance(d, date) else pd.Timestamp(d).day for d in frame["day"].tolist()]
+    return charts.columns([f"{d:02d}" for d in days], frame["taps"].tolist(), title="Taps by day",
+                          axis_title="day of the month")
+
+
+def settlement_story(t: SettlementTables, *, title: str, period: str, period_word: str,
+                     cutoff_hour: int = 3) -> tuple[list, PageHeader]:
+    """The flowables of a settlement report and the header of its pages."""
+    st = styles()
+    tables = t.breakdowns()
+    money = totals(t.by_route)
+    story: list = [
+        Paragraph(markup(f"{title} — {t.operator_name} — {period}"), st["title"]),
+        Paragraph(markup(_summary(t, money, period_word)), st["body"]),
+    ]
+    # Every breakdown holds each tap once, so all must add up to the same figures; if not, the reader must
+    # not trust any of them.
+    if any(totals(frame) != money for frame in tables.values()):
+        story.append(Paragraph("WARNING: the tables below do not add up to the same figures.", st["bold"]))
+    for drawing in (_route_chart(t), _hour_chart(t, cutoff_hour), _day_chart(t)):
+        if drawing is not None:
+            story += [Spacer(1, 4 * mm), drawing]
+    sections = list(tables.items())
+    if t.by_day is not None:
+        sections.insert(0, ("day", t.by_day))
+    for key, frame in sections:
+        heading = Paragraph(f"By {key}", st["heading"])
+        table = breakdown_table(frame, key, t.names.get(key))
+        # Keep a heading with the first rows of its table: a heading alone at the foot of a page reads as lost.
+        story += [Spacer(1, 3 * mm), CondPageBreak(30 * mm), KeepTogether([heading]), table]
+    header = PageHeader(
+        operator_name=t.operator_name,
+        title=title,
+        period=period,
+        run_line=run_line(t.run.id if t.run else None, t.run.at if t.run else t.generated_at),
+        footer=f"farebox — {title.lower()} {t.operator} {period}",
+    )
+    return story, header

@@ -1,0 +1,271 @@
+"""Device status end to end: validators (paho clients logged in with their own derived passwords) publish birth,
+heartbeats and, as their last will, death on a private Mosquitto loaded with `farebox broker config`'s files; the
+status consumer (broker user `status`) keeps device_status in SQLite and PostgreSQL; fleet_status flags stale devices
+against a clock the test passes in. The use case's ordering rules (late wills, replays, clocks ahead) are checked
+directly against the database too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+from test_broker_acl import OP, Client, PrivateMosquitto, kill_socket, register
+
+from backoffice.db import make_engine
+from backoffice.devices import StatusRefused, fleet_status, record_status, version_counts
+from backoffice.models import DeviceStatus
+from backoffice.status_consumer import StatusConsumer
+from wire import topics
+from wire.devicekeys import TEST_DEVICE_MASTER, mac_key
+from wire.mqtt_url import parse_mqtt_url
+from wire.status import Status, encode_status
+
+A, B, C = "bus_a", "bus_b", "bus_c"
+T0 = datetime(2026, 11, 20, 7, 0, 0, tzinfo=UTC)
+MIN = timedelta(minutes=1)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request):
+    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_schema_url")
+    register(url, A, B, C)
+    return url
+
+
+def signed(kind: str, device: str, at: datetime, **kw) -> bytes:
+    return encode_status(Status(kind=kind, device_id=device, at=at, **kw), key=mac_key(TEST_DEVICE_MASTER, device))
+
+
+def heartbeat(device: str, at: datetime, **kw) -> bytes:
+    fields = {"software": "1.4.2", "params_version": 12, "denylist_version": 305, "backlog": 0,
+              "psam": "010000000001"}
+    return signed("heartbeat", device, at, **{**fields, **kw})
+
+
+def rows_by_device(engine) -> dict[str, dict]:
+    with engine.connect() as conn:
+        return {r.device_id: r._asdict() for r in conn.execute(select(DeviceStatus.__table__))}
+
+
+def wait_for(predicate, what: str, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+def utc(value):
+    return None if value is None else value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+@pytest.fixture
+def rig(tmp_path, db_url):
+    broker = PrivateMosquitto(tmp_path, db_url).start()
+    engine = make_engine(db_url)
+    consumers: list[StatusConsumer] = []
+    clients: list[Client] = []
+
+    def consumer() -> StatusConsumer:
+        # the consumer's clock only guards against device clocks far ahead; T0 + 1 day keeps every test time behind
+        c = StatusConsumer(engine, parse_mqtt_url(broker.url("status")), master=TEST_DEVICE_MASTER,
+                           client_id="t_status", clock=lambda: T0 + timedelta(days=1))
+        c.start()
+        assert c.wait_subscribed(), "status consumer did not subscribe"
+        consumers.append(c)
+        return c
+
+    def device(device_id: str, connected_at: datetime) -> Client:
+        """A validator's connection: its last will is its death, signed with the connection's time."""
+        c = Client(broker.port, device_id, will=(topics.status(OP, device_id), signed("death", device_id,
+                                                                                     connected_at)))
+        assert c.connack.value == 0
+        clients.append(c)
+        return c
+
+    class Rig:
+        pass
+
+    r = Rig()
+    r.broker, r.engine, r.consumer, r.device = broker, engine, consumer, device
+    yield r
+    for c in consumers:
+        c.stop()
+    for c in clients:
+        c.close()
+    broker.stop()
+    engine.dispose()
+
+
+def test_birth_heartbeats_and_a_death_by_last_will(rig):
+    consumer = rig.consumer()
+    a = rig.device(A, T0)
+    a.publish(topics.status(OP, A), signed("birth", A, T0, software="1.4.2"), retain=True)
+    a.publish(topics.status(OP, A), heartbeat(A, T0 + MIN, backlog=7, oldest_unsent=T0 - 3 * MIN,
+                                              last_tap=T0 + 30 * timedelta(seconds=1),
+                                              alarms=("denylist stale", "journal 85% full")), retain=True)
+    b = rig.device(B, T0)
+    b.publish(topics.status(OP, B), signed("birth", B, T0), retain=True)
+    b.publish(topics.status(OP, B), heartbeat(B, T0 + 2 * MIN, software="1.4.3", denylist_version=306),
+              retain=True)
+    wait_for(lambda: utc(rows_by_device(rig.engine).get(B, {}).get("last_seen")) == T0 + 2 * MIN, "B's heartbeat")
+    kill_socket(b)  # the bus drops off without DISCONNECT: the broker publishes B's will
+    wait_for(lambda: rows_by_device(rig.engine)[B]["online"] is False, "B's death")
+
+    rows = rows_by_device(rig.engine)
+    assert set(rows) == {A, B}  # C never said anything
+    ra = rows[A]
+    assert ra["online"] is True
+    assert utc(ra["last_seen"]) == T0 + MIN and utc(ra["last_birth"]) == T0
+    assert (ra["software"], ra["params_version"], ra["denylist_version"], ra["backlog"], ra["psam"]) == \
+        ("1.4.2", 12, 305, 7, "010000000001")
+    assert utc(ra["oldest_unsent"]) == T0 - 3 * MIN and utc(ra["last_tap"]) == T0 + timedelta(seconds=30)
+    assert ra["alarms"] == "denylist stale; journal 85% full"
+    rb = rows[B]
+    assert rb["online"] is False
+    assert utc(rb["last_seen"]) == T0 + 2 * MIN  # last heard from itself, not the will's connection time
+    assert (rb["software"], rb["denylist_version"]) == ("1.4.3", 306)  # the death keeps the last versions
+    assert consumer.counts["refused"] == 0 and consumer.counts["errors"] == 0
+
+    with rig.engine.connect() as conn:
+        fleet = {r.device_id: r for r in fleet_status(conn, OP, T0 + 5 * MIN, stale_after=5 * MIN)}
+        assert (fleet[A].stale, fleet[B].stale, fleet[C].stale) == (False, False, True)
+        assert fleet[A].silent_for == 4 * MIN and fleet[C].online is None and fleet[C].silent_for is None
+        assert fleet[A].alarms == ("denylist stale", "journal 85% full")
+        # a minute later A, still "online", has been silent for 6 minutes: stale; so is B, offline for as long
+        later = {r.device_id: r for r in fleet_status(conn, OP, T0 + 7 * MIN, stale_after=5 * MIN)}
+        assert (later[A].stale, later[A].online, later[B].stale, later[B].online) == (True, True, False, False)
+        assert later[B].silent_for == 5 * MIN  # exactly stale_after: not stale yet
+        counts = version_counts(list(fleet.values()))
+        assert counts["software"] == {"1.4.2": 1, "1.4.3": 1, None: 1}
+        assert counts["denylist"] == {305: 1, 306: 1, None: 1}
+        assert fleet_status(conn, "another_op", T0) == []
+
+
+def test_bad_messages_are_counted_and_kept_out_of_the_table(rig):
+    consumer = rig.consumer()
+    a = rig.device(A, T0)
+    a.publish(topics.status(OP, A), b"not a status at all")
+    # signed with B's key (as a stolen B could), on A's topic: the MAC under A's key fails
+    a.publish(topics.status(OP, A), heartbeat(B, T0).replace(b'"bus_b"', b'"bus_a"'))
+    a.publish(topics.status(OP, A), heartbeat(A, T0 + timedelta(days=2)))  # clock far ahead
+    a.publish(topics.status(OP, A), heartbeat(A, T0, backlog=1))  # a good one, last
+    wait_for(lambda: consumer.counts["applied"] == 1, "the good heartbeat")
+    assert consumer.counts["refused"] == 3
+    reasons = [why for _, why in consumer.refusals]
+    assert "MAC does not match" in reasons[0] and "MAC does not match" in reasons[1]
+    assert "ahead of the back office's clock" in reasons[2]
+    rows = rows_by_device(rig.engine)
+    assert list(rows) == [A] and rows[A]["backlog"] == 1 and utc(rows[A]["last_seen"]) == T0
+
+
+def test_late_will_of_an_old_connection_does_not_knock_a_returned_bus_offline(rig):
+    """The bus is back on a new link before the broker noticed the old one was gone: the old connection's will
+    comes after the new birth, and changes nothing."""
+    consumer = rig.consumer()
+    old = rig.device(A, T0)
+    old.publish(topics.status(OP, A), signed("birth", A, T0), retain=True)
+    back = rig.device(A, T0 + 10 * MIN)  # another client id: the broker still holds the old link open
+    back.publish(topics.status(OP, A), signed("birth", A, T0 + 10 * MIN), retain=True)
+    back.publish(topics.status(OP, A), heartbeat(A, T0 + 11 * MIN), retain=True)
+    wait_for(lambda: utc(rows_by_device(rig.engine).get(A, {}).get("last_seen")) == T0 + 11 * MIN, "heartbeat")
+    kill_socket(old)  # now the broker notices, and publishes the old connection's will
+    wait_for(lambda: consumer.counts["superseded"] == 1, "the old will, received and set aside")
+    assert rows_by_device(rig.engine)[A]["online"] is True
+    kill_socket(back)  # the current connection's will does count
+    wait_for(lambda: rows_by_device(rig.engine)[A]["online"] is False, "the current will")
+
+
+def test_status_sent_while_the_consumer_is_down_arrives_when_it_is_back(rig):
+    consumer = rig.consumer()
+    a = rig.device(A, T0)
+    a.publish(topics.status(OP, A), signed("birth", A, T0), retain=True)
+    wait_for(lambda: A in rows_by_device(rig.engine), "A's birth")
+    consumer.stop()
+    a.publish(topics.status(OP, A), heartbeat(A, T0 + MIN, backlog=3), retain=True)
+    a.publish(topics.status(OP, A), heartbeat(A, T0 + 2 * MIN, backlog=4), retain=True)
+    rig.consumer()  # same client id: the broker kept its session and queued both
+    wait_for(lambda: utc(rows_by_device(rig.engine)[A]["last_seen"]) == T0 + 2 * MIN, "queued heartbeats")
+    assert rows_by_device(rig.engine)[A]["backlog"] == 4
+
+
+# ------------------------------------------------------------------------------------------- the use case alone
+@pytest.fixture
+def conn(db_url):
+    engine = make_engine(db_url)
+    with engine.begin() as c:
+        yield c
+    engine.dispose()
+
+
+def put(conn, payload: bytes, device: str = A, operator: str = OP):
+    return record_status(conn, topic=f"farebox/v1/{operator}/{device}/status", payload=payload,
+                         master=TEST_DEVICE_MASTER, now=T0 + timedelta(days=1))
+
+
+def test_older_copies_change_nothing(conn):
+    assert put(conn, heartbeat(A, T0 + 2 * MIN, backlog=2)).applied
+    replay = put(conn, heartbeat(A, T0 + MIN, backlog=9))
+    assert not replay.applied and "older than the stored" in replay.why
+    assert not put(conn, signed("birth", A, T0)).applied
+    row = conn.execute(select(DeviceStatus.backlog, DeviceStatus.last_seen)).one()
+    assert (row.backlog, utc(row.last_seen)) == (2, T0 + 2 * MIN)
+
+
+def test_death_rules(conn):
+    assert put(conn, signed("birth", A, T0 + 10 * MIN)).applied
+    late = put(conn, signed("death", A, T0))  # will of the connection before this one
+    assert not late.applied and "connected again" in late.why
+    assert conn.execute(select(DeviceStatus.online)).scalar_one() is True
+    assert put(conn, signed("death", A, T0 + 10 * MIN)).applied
+    row = conn.execute(select(DeviceStatus.online, DeviceStatus.last_seen)).one()
+    assert (row.online, utc(row.last_seen)) == (False, T0 + 10 * MIN)
+    # a death first of all (the table is new, the broker still holds the retained will)
+    assert put(conn, signed("death", B, T0), device=B).applied
+    assert conn.execute(select(DeviceStatus.online).where(DeviceStatus.device_id == B)).scalar_one() is False
+
+
+@pytest.mark.parametrize("topic_device, operator, payload, reason", [
+    ("bus_zz", OP, None, "not registered: add it with `farebox device add`"),
+    (A, "other_op", None, "belongs to operator citybus, not other_op"),
+    (A, OP, b"{}" + bytes(16), "MAC does not match"),
+])
+def test_refusals_name_the_reason(conn, topic_device, operator, payload, reason):
+    payload = payload if payload is not None else heartbeat(topic_device, T0)
+    with pytest.raises(StatusRefused, match=reason.replace("(", r"\(").replace(")", r"\)").replace("`", ".")):
+        put(conn, payload, device=topic_device, operator=operator)
+    assert conn.execute(select(DeviceStatus.device_id)).all() == []
+
+
+def test_refused_topics(conn):
+    for topic in ("farebox/v1/citybus/_fleet/denylist", f"farebox/v1/citybus/{A}/taps", "other/topic"):
+        with pytest.raises(StatusRefused):
+            record_status(conn, topic=topic, payload=heartbeat(A, T0), master=TEST_DEVICE_MASTER, now=T0)
+
+
+def test_farebox_devices_prints_the_fleet(tmp_path, sqlite_url):
+    """The command as a person runs it: stale devices flagged, devices counted per version."""
+    register(sqlite_url, A, B, C)
+    now = datetime.now(UTC).replace(microsecond=0)
+    engine = make_engine(sqlite_url)
+    with engine.begin() as c:
+        record_status(c, topic=topics.status(OP, A), payload=heartbeat(A, now - MIN, software="2.0.1"),
+                      master=TEST_DEVICE_MASTER, now=now)
+        record_status(c, topic=topics.status(OP, B), payload=heartbeat(B, now - 30 * MIN, software="2.0.0",
+                                                                        alarms=("journal 90% full",)),
+                      master=TEST_DEVICE_MASTER, now=now)
+    engine.dispose()
+    env = {**os.environ, "FAREBOX_DATABASE_URL": sqlite_url, "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-m", "farebox.cli", "devices", "--operator", OP], env=env, check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = {line.split("│")[1].strip(): line for line in done.stdout.splitlines() if line.count("│") > 5}
+    assert "STALE" not in lines[A] and "online" in lines[A] and "2.0.1" in lines[A]
+    assert "STALE" in lines[B] and "journal 90% full" in lines[B]
+    assert "STALE (never heard)" in lines[C]
+    assert "3 validator(s), 2 online, 2 stale" in done.stdout

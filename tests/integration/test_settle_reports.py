@@ -1,0 +1,261 @@
+"""Settlement through stored clearing runs, on SQLite and PostgreSQL: a demo-like day (four buses in two fleets and
+one without, shifts, student and elderly fares, a refused card, taps after midnight before the cut-off, a tap of
+the day before and one of the day after) settled by ``backoffice.settle.settle`` and ``farebox settle``; its
+figures, PDF, CSV and XLSX checked against plain loops over the tap table read back with SQL; a month from the
+stored runs. Every expected number is worked out here, never taken from the code under test."""
+
+from __future__ import annotations
+
+import csv
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+from openpyxl import load_workbook
+from pypdf import PdfReader
+from sqlalchemy import func, select, text
+
+from backoffice import clearing_runs as cr
+from backoffice import registry
+from backoffice.db import make_engine, upgrade
+from backoffice.models import ClearingRun, Tap
+from backoffice.settle import settle, settle_month
+from farebox.cli import main
+
+OP = "op_s"
+TZ = ZoneInfo("Asia/Shanghai")
+RATE_BP = 60
+DAY = date(2026, 4, 10)
+START = datetime(2026, 4, 10, 3, tzinfo=TZ).astimezone(UTC)  # the cut-off, 03:00 local
+END = START + timedelta(days=1)
+ROUTES = {"R1": "1路 火车站", "R2": "2路 大学城", "R3": "3路"}
+BUSES = [("VAL1", "V1", "R1", "D1"), ("VAL2", "V2", "R2", "D2"), ("VAL3", "V3", "R1", "D3"),
+         ("VAL4", "V4", "R3", "D1")]
+FLEET_OF = {"V1": "F_EAST", "V2": "F_EAST", "V3": "F_WEST"}  # V4 in no fleet: counted under ""
+FARES = {1: 200, 2: 100, 3: 0}  # adult, student (half), elderly (free, still recorded)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request):
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_schema_url")
+
+
+@pytest.fixture
+def engine(url):
+    engine = make_engine(url)
+    upgrade(engine)
+    with engine.begin() as conn:
+        registry.add_operator(conn, code=OP, name="示范公交 Demo Bus", at=START - timedelta(days=30))
+        for code, name in ROUTES.items():
+            registry.add_route(conn, code=code, operator=OP, name=name, flat_fare=200, at=START - timedelta(days=30))
+        for _dev, vehicle, _route, _driver in BUSES:
+            registry.add_vehicle(conn, code=vehicle, operator=OP, plate=f"粤A-{vehicle}",
+                                 at=START - timedelta(days=30))
+        for i, staff in enumerate(("D1", "D2", "D3")):
+            registry.add_driver(conn, staff_no=staff, operator=OP, name=f"司机{i + 1}", card_asn=f"{i + 1:020d}",
+                                at=START - timedelta(days=30))
+        cr.add_fleet(conn, code="F_EAST", operator=OP, name="东站车队")
+        cr.add_fleet(conn, code="F_WEST", operator=OP, name="西站车队")
+        for vehicle, fleet in FLEET_OF.items():
+            cr.assign_vehicle(conn, vehicle=vehicle, fleet=fleet, valid_from=date(2026, 1, 1))
+        cr.set_commission_rate(conn, operator=OP, rate_bp=RATE_BP, valid_from=date(2026, 1, 1))
+    yield engine
+    engine.dispose()
+
+
+def _row(device, seq, kind, at, vehicle, route, driver, *, card_type=1, amount=0, shift_no=1) -> dict:
+    return {"device_id": device, "device_seq": seq, "kind": kind, "occurred_at": at,
+            "received_at": at + timedelta(minutes=3), "operator": OP, "route": route, "vehicle": vehicle,
+            "driver": driver, "shift_no": shift_no, "card_asn": f"{hash((device, seq)) & 0xFFFFFFFF:020d}",
+            "card_type": card_type, "card_ttc": seq, "amount": amount, "balance_after": 5000,
+            "terminal_id": f"0100000000{int(device[-1]):02d}", "terminal_seq": 1000 + seq, "tac": f"{seq:08X}",
+            "reason": ""}
+
+
+def day_rows(start: datetime, riders: int = 45) -> list[dict]:
+    """One service day of the four buses: shift open, riders from 06:00 local to past midnight, a refused card,
+    shift close."""
+    rows = []
+    for b, (device, vehicle, route, driver) in enumerate(BUSES):
+        seq = int(start.timestamp()) // 86400 * 1000  # a new range of device sequences each day
+        rows.append(_row(device, seq := seq + 1, "shift_open", start + timedelta(hours=2, minutes=b), vehicle,
+                         route, driver))
+        n = riders + 7 * b
+        for i in range(n):
+            card_type = (1, 1, 2, 1, 3)[(i + b) % 5]
+            at = start + timedelta(hours=3, minutes=1250 * i // n + b)  # the last ones after midnight, before 03:00
+            rows.append(_row(device, seq := seq + 1, "purchase", at, vehicle, route, driver, card_type=card_type,
+                             amount=FARES[card_type] + (50 if i % 7 == 0 else 0)))
+        rows.append(_row(device, seq := seq + 1, "denied", start + timedelta(hours=9, minutes=b), vehicle, route,
+                         driver))
+        rows.append(_row(device, seq + 1, "shift_close", start + timedelta(hours=23, minutes=50), vehicle, route,
+                         driver))
+    return rows
+
+
+def store(engine, rows):
+    with engine.begin() as conn:
+        conn.execute(Tap.__table__.insert(), rows)
+
+
+def stored_purchases(engine, day: date) -> list[dict]:
+    """The purchases of service ``day`` from the tap table, by plain SQL and the cut-off rule worked out here."""
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT occurred_at, route, vehicle, driver, amount, kind FROM tap "
+                                 "WHERE operator = :op"), {"op": OP}).mappings().all()
+    out = []
+    for r in rows:
+        at = r["occurred_at"]
+        at = datetime.fromisoformat(at) if isinstance(at, str) else at  # SQLite hands back text
+        at = at if at.tzinfo else at.replace(tzinfo=UTC)
+        if r["kind"] == "purchase" and (at.astimezone(TZ) - timedelta(hours=3)).date() == day:
+            out.append({**r, "occurred_at": at, "fleet": FLEET_OF.get(r["vehicle"], "")})
+    return out
+
+
+def sums(purchases, key) -> dict:
+    out = {}
+    for p in purchases:
+        out[p[key]] = out.get(p[key], 0) + p["amount"]
+    return out
+
+
+def half_up_commission(gross: int) -> int:
+    whole, rest = divmod(gross * RATE_BP, 10_000)
+    return whole + (1 if 2 * rest >= 10_000 else 0)
+
+
+def yuan(fen: int) -> str:
+    return f"{fen // 100:,}.{fen % 100:02d}"
+
+
+def test_a_demo_like_day_is_settled_from_its_stored_run_with_reports_naming_it(engine, tmp_path):
+    rows = day_rows(START)
+    rows.append(_row("VAL9", 1, "purchase", START - timedelta(minutes=10), "V1", "R1", "D1", amount=300))  # day before
+    rows.append(_row("VAL9", 2, "purchase", END + timedelta(minutes=10), "V1", "R1", "D1", amount=400))  # day after
+    store(engine, rows)
+    purchases = stored_purchases(engine, DAY)
+    gross = sum(p["amount"] for p in purchases)
+    commission = half_up_commission(gross)
+    assert gross > 0 and len(purchases) == sum(1 for r in rows if r["kind"] == "purchase") - 2
+
+    with engine.begin() as conn:
+        result = settle(conn, operator=OP, day=DAY, reports_dir=tmp_path, now=END + timedelta(hours=1))
+    run = result.run
+    assert run is not None and not result.provisional
+    s = result.settlement
+    assert (s.amount, s.taps) == (gross, len(purchases)) and s.totals_agree()
+    assert (run.totals["day_gross"], run.totals["day_commission"], run.totals["day_net"]) == \
+        (gross, commission, gross - commission)
+    for key in ("route", "vehicle", "driver"):
+        table = getattr(s, f"by_{key}")
+        assert dict(zip(table[key], table["amount"], strict=True)) == sums(purchases, key), key
+    for key in ("route", "vehicle", "driver", "fleet"):
+        table = run.table(key)
+        assert dict(zip(table[key], table["gross"], strict=True)) == sums(purchases, key), key
+        assert int(table["commission"].sum()) == commission, key
+        for g, c, n in zip(table["gross"], table["commission"], table["net"], strict=True):
+            assert c + n == g
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(ClearingRun)).scalar_one() == 1
+
+    # The PDF: the run on every page, the money in the summary, the charts' titles, Chinese names.
+    assert result.pdf == tmp_path / f"settlement-{OP}-{DAY}.pdf"
+    pages = [p.extract_text() for p in PdfReader(result.pdf).pages]
+    for page in pages:
+        assert f"clearing run {run.id} of" in page
+    whole = "".join(pages)
+    for fen in (gross, commission, gross - commission):
+        assert yuan(fen) in whole
+    for words in ("Taps by hour", "Revenue by route", "By fleet", "By route", "By vehicle", "By driver", "东站车队"):
+        assert words in whole
+    # CSV beside it: the route table, names with codes, fen columns summing to the loop sums.
+    with open(tmp_path / f"settlement-{OP}-{DAY}-by_route.csv", encoding="utf-8-sig", newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert {r["route"]: int(r["gross"]) for r in lines} == sums(purchases, "route")
+    assert {r["route"]: r["name"] for r in lines} == {k: ROUTES[k] for k in sums(purchases, "route")}
+    assert sum(int(r["commission"]) for r in lines) == commission
+    with open(tmp_path / f"settlement-{OP}-{DAY}-taps_by_hour.csv", encoding="utf-8-sig", newline="") as f:
+        by_hour = {int(r["hour"]): int(r["taps"]) for r in csv.DictReader(f)}
+    expected_hours = {}
+    for p in purchases:
+        h = p["occurred_at"].astimezone(TZ).hour
+        expected_hours[h] = expected_hours.get(h, 0) + 1
+    assert {h: n for h, n in by_hour.items() if n} == expected_hours
+    # XLSX: the about sheet names the run, the fleet sheet the fleets.
+    book = load_workbook(tmp_path / f"settlement-{OP}-{DAY}.xlsx")
+    about = {r[0]: r[1] for r in book["about"].iter_rows(min_row=2, values_only=True)}
+    assert about["clearing"].startswith(f"clearing run {run.id} of")
+    assert about["total gross (fen)"] == gross and about["total commission (fen)"] == commission
+    fleets = {r[0] or "": r[3] for r in book["by_fleet"].iter_rows(min_row=2, values_only=True)}  # "" reads None
+    assert fleets == sums(purchases, "fleet")
+    assert [r[1] for r in book["by_fleet"].iter_rows(min_row=2, values_only=True) if not r[0]] == ["not in a fleet"]
+    assert set(result.files) >= {result.pdf, tmp_path / f"settlement-{OP}-{DAY}.xlsx"}
+
+    # Settled again (a clerk asks for the report a week later): the same run, checked, nothing new stored.
+    with engine.begin() as conn:
+        again = settle(conn, operator=OP, day=DAY, reports_dir=tmp_path / "again", now=END + timedelta(days=7))
+        runs = conn.execute(select(func.count()).select_from(ClearingRun)).scalar_one()
+    assert again.run.id == run.id and again.run.recleared and runs == 1
+    assert again.settlement.amount == gross
+
+
+def test_a_running_day_or_a_read_only_look_gives_provisional_figures_and_stores_nothing(engine, tmp_path):
+    store(engine, day_rows(START))
+    purchases = stored_purchases(engine, DAY)
+    with engine.begin() as conn:
+        running = settle(conn, operator=OP, day=DAY, reports_dir=tmp_path, now=START + timedelta(hours=20))
+        look = settle(conn, operator=OP, day=DAY, now=END + timedelta(hours=1), close_day=False)
+        runs = conn.execute(select(func.count()).select_from(ClearingRun)).scalar_one()
+    assert runs == 0
+    # The running day counts what is stored so far (here the whole day, stored ahead of the clock).
+    assert running.run is None and "still running" in running.provisional
+    assert running.settlement.amount == sum(p["amount"] for p in purchases) > 0
+    assert look.run is None and look.settlement.amount == sum(p["amount"] for p in purchases)
+    text_ = "".join(p.extract_text() for p in PdfReader(running.pdf).pages)
+    assert "no stored run" in text_ and "clearing run" not in text_.replace("ad hoc clearing", "")
+
+
+def test_a_month_from_its_stored_runs(engine, tmp_path):
+    days = [DAY, DAY + timedelta(days=1), DAY + timedelta(days=2)]
+    for d in days:
+        store(engine, day_rows(START + timedelta(days=(d - DAY).days), riders=30 + (d - DAY).days * 5))
+    with engine.begin() as conn:
+        settle(conn, operator=OP, day=days[0], now=END + timedelta(hours=1))
+    with engine.begin() as conn:
+        # The second day was skipped: clearing the third clears it first (catch-up), each with its own run.
+        settle(conn, operator=OP, day=days[2], now=END + timedelta(days=2, hours=1))
+    with engine.begin() as conn:
+        month = settle_month(conn, operator=OP, year=2026, month=4, reports_dir=tmp_path,
+                             now=END + timedelta(days=3))
+    assert [r.day for r in month.runs] == days
+    assert len(month.missing) == 30 - 3 and DAY not in month.missing
+    by_day = dict(zip(month.tables.by_day["day"], month.tables.by_day["gross"], strict=True))
+    expected = {d: sum(p["amount"] for p in stored_purchases(engine, d)) for d in days}
+    assert by_day == expected
+    every = [p for d in days for p in stored_purchases(engine, d)]
+    for key in ("route", "vehicle", "driver", "fleet"):
+        table = getattr(month.tables, f"by_{key}")
+        assert dict(zip(table[key], table["gross"], strict=True)) == sums(every, key), key
+        assert int(table["commission"].sum()) == sum(half_up_commission(v) for v in expected.values())
+    text_ = "".join(p.extract_text() for p in PdfReader(month.pdf).pages)
+    assert "month 2026-04" in text_ and yuan(sum(expected.values())) in text_
+    assert f"3 runs, {month.runs[0].id} to {month.runs[-1].id}" in text_
+
+
+def test_farebox_settle_writes_the_day_and_the_month(url, engine, tmp_path, monkeypatch, capsys):
+    store(engine, day_rows(START))
+    gross = sum(p["amount"] for p in stored_purchases(engine, DAY))
+    monkeypatch.setenv("FAREBOX_DATABASE_URL", url)
+    monkeypatch.setenv("FAREBOX_VAR_DIR", str(tmp_path / "var"))
+    assert main(["settle", "--operator", OP, "--day", DAY.isoformat(), "--out", str(tmp_path / "out")]) == 0
+    said = capsys.readouterr().out
+    with engine.connect() as conn:
+        run_id = conn.execute(select(ClearingRun.id).where(ClearingRun.service_day == DAY)).scalar_one()
+    assert f"clearing run {run_id}" in said and f"gross {yuan(gross)}" in said
+    assert (tmp_path / "out" / f"settlement-{OP}-{DAY}.pdf").exists()
+    assert (tmp_path / "out" / f"settlement-{OP}-{DAY}.xlsx").exists()
+    assert main(["settle", "--operator", OP, "--month", "2026-04", "--out", str(tmp_path / "out")]) == 0
+    said = capsys.readouterr().out
+    assert (tmp_path / "out" / f"settlement-{OP}-2026-04.pdf").exists() and "1 day(s) cleared" in said
+    assert main(["settle", "--operator", OP, "--out", str(tmp_path / "out")]) == 2  # neither --day nor --month

@@ -1,0 +1,146 @@
+"""The ledger per card (pure): findings for a counter jump, a balance that does not follow, the same counter with
+different content; and, with hypothesis, money conserved across loads, purchases, refunds and adjustments on a real
+simulated card (the host's MAC2 loads it, a simulated PSAM debits it): the ledger equals the card's balance."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backoffice.cards import cases
+from backoffice.cards.ledger import ADJUSTMENT, LOAD, PURCHASE, REFUND, Movement, check
+from backoffice.keyservice import LoadRequest, LocalKeyService
+from epurse import apdu, crypto
+from epurse.keys import TEST_ISSUER_KEYS
+from hardware_sim.card import SimCard
+from hardware_sim.psam import SimPsam
+
+T0 = datetime(2026, 11, 22, 7, 0, tzinfo=UTC)
+TERMINAL = bytes.fromhex("0B0000000007")
+KEYS = LocalKeyService(TEST_ISSUER_KEYS, source="test keys")
+
+
+def at(minutes: int) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+def kinds(ledger) -> list[str]:
+    return sorted(f.kind for f in ledger.findings)
+
+
+def test_a_clean_history_agrees_with_the_card():
+    moves = [Movement(LOAD, 1000, at(0), 0, 1500, "l0"), Movement(PURCHASE, 200, at(1), 0, 1300, "p0"),
+             Movement(PURCHASE, 200, at(2), 1, 1100, "p1"), Movement(LOAD, 500, at(3), 1, 1600, "l1")]
+    ledger = check(moves, opening=500)
+    assert ledger.findings == [] and ledger.agrees
+    assert (ledger.balance, ledger.card_balance) == (1600, 1600)
+
+
+def test_a_missing_purchase_is_a_counter_jump_and_a_balance_that_does_not_follow():
+    moves = [Movement(PURCHASE, 200, at(1), 0, 800, "p0"), Movement(PURCHASE, 200, at(3), 2, 400, "p2")]
+    ledger = check(moves, opening=1000)
+    assert kinds(ledger) == [cases.BALANCE_MISMATCH, cases.BALANCE_MISMATCH, cases.COUNTER_JUMP]
+    assert (ledger.balance, ledger.card_balance) == (600, 400) and not ledger.agrees
+    fixed = check([*moves, Movement(ADJUSTMENT, -200, at(4), ref="lost tap")], opening=1000)
+    assert fixed.agrees and fixed.balance == 400
+    assert kinds(fixed) == [cases.BALANCE_MISMATCH, cases.COUNTER_JUMP]  # the history still shows the gap
+
+
+def test_the_same_counter_with_different_content_is_found_and_counted_once():
+    a = Movement(PURCHASE, 200, at(1), 5, 800, "tap bus1/9", ("t1", 9))
+    clone = Movement(PURCHASE, 200, at(2), 5, 800, "tap bus2/4", ("t2", 4))
+    copy = Movement(PURCHASE, 200, at(1), 5, 800, "tap bus1/9 again", ("t1", 9))
+    ledger = check([a, clone, copy], opening=1000)
+    assert kinds(ledger) == [cases.SAME_COUNTER_DIFFERENT]
+    assert ledger.purchases == 200 and ledger.agrees
+
+
+def test_refunds_leave_the_book_and_not_the_chip():
+    moves = [Movement(PURCHASE, 300, at(1), 0, 700, "p0"), Movement(REFUND, 700, at(9), ref="lost card")]
+    ledger = check(moves, opening=1000)
+    assert ledger.balance == 0 and ledger.card_balance == 700 and ledger.agrees and ledger.findings == []
+
+
+# --- money conserved, on a real simulated card ---------------------------------------------------------------
+
+
+def host_load(card: SimCard, amount: int, when: datetime) -> int:
+    apdu.check(card.transmit(apdu.select_aid()), "SELECT")
+    init = apdu.parse_init_load(apdu.check(card.transmit(apdu.init_load(1, amount, TERMINAL)), "INIT LOAD"))
+    request = LoadRequest(asn=card.asn, algorithm=init.algorithm, balance=init.balance, online_ttc=init.online_ttc,
+                          random=init.random, mac1=init.mac1, amount=amount, terminal_id=TERMINAL)
+    date4, time3 = crypto.bcd_date(when), crypto.bcd_time(when)
+    tac = apdu.parse_credit(apdu.check(card.transmit(apdu.credit_load(date4, time3, KEYS.load_mac2(
+        request, date4, time3))), "CREDIT"))
+    assert KEYS.verify_load_tac(request, date4, time3, tac)
+    return init.online_ttc
+
+
+def purchase(card: SimCard, psam: SimPsam, amount: int, when: datetime) -> int | None:
+    apdu.check(card.transmit(apdu.select_aid()), "SELECT")
+    answer = card.transmit(apdu.init_purchase(1, amount, TERMINAL))
+    if answer[-2:] == b"\x94\x01":
+        return None  # not enough on the card: the bus refuses the rider, nothing moves
+    init = apdu.parse_init_purchase(apdu.check(answer, "INIT PURCHASE"))
+    p = apdu.parse_psam_init_purchase(apdu.check(psam.transmit(apdu.psam_init_purchase(
+        init.random, init.ttc, amount, 0x06, when, init.key_version, init.algorithm, card.asn[2:], card.issuer)),
+        "PSAM"))
+    apdu.check(card.transmit(apdu.debit_purchase(p.terminal_seq, crypto.bcd_date(when), crypto.bcd_time(when),
+                                                 p.mac1)), "DEBIT")
+    return init.ttc
+
+
+ops = st.lists(st.tuples(st.sampled_from(["load", "purchase", "lost_tap"]), st.integers(1, 5000)), max_size=12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(opening=st.integers(0, 3000), ops=ops, algorithm=st.sampled_from([0x00, 0x04]),
+       refund_share=st.integers(0, 100))
+def test_money_is_conserved_and_the_ledger_equals_the_card(opening, ops, algorithm, refund_share):
+    card = SimCard(bytes.fromhex("20000000000000000099"), 1, opening, algorithm=algorithm,
+                   start=date(2026, 1, 1), end=date(2030, 1, 1))
+    psam = SimPsam(TERMINAL)
+    moves: list[Movement] = []
+    loaded = spent = adjusted = lost_taps = 0  # the test's own sums, plain loops
+    reported_is_current = True  # the card's last balance change reached the back office
+    for i, (op, amount) in enumerate(ops):
+        when = at(i)
+        if op == "load":
+            ttc = host_load(card, amount, when)
+            moves.append(Movement(LOAD, amount, when, ttc, card.balance, f"load {i}"))
+            loaded += amount
+            reported_is_current = True
+            continue
+        ttc = purchase(card, psam, amount, when)
+        if ttc is None:
+            continue
+        spent += amount
+        reported_is_current = op == "purchase"
+        if op == "purchase":
+            moves.append(Movement(PURCHASE, amount, when, ttc, card.balance, f"tap {i}"))
+        else:  # the bus's record of it never arrived: staff find the gap and adjust the book
+            lost_taps += 1
+            moves.append(Movement(ADJUSTMENT, -amount, when, ref=f"lost tap {i}"))
+            adjusted -= amount
+    ledger = check(moves, opening=opening)
+    assert ledger.balance == card.balance  # the book, adjusted for lost taps, is what the chip holds
+    if ledger.card_balance is not None and reported_is_current:
+        assert ledger.card_balance == card.balance and ledger.agrees
+    assert opening + loaded - spent == card.balance
+    assert ledger.loads == loaded and ledger.adjustments == adjusted
+    assert ledger.purchases + (-ledger.adjustments) == spent
+    if lost_taps == 0:
+        assert ledger.findings == []
+    # The card is reported lost: part of its frozen balance is paid back.
+    refund = card.balance * refund_share // 100
+    if refund:
+        moves.append(Movement(REFUND, refund, at(len(ops) + 1), ref="refund"))
+    after = check(moves, opening=opening)
+    assert after.balance == card.balance - refund and after.refunds == refund
+    assert after.balance + after.refunds == card.balance
+    # Conservation: what came in (opening + loads) went out as fares, refunds, or is still owed on the card.
+    assert opening + loaded == spent + refund + after.balance
+    if reported_is_current:
+        assert after.agrees

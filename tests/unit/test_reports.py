@@ -1,0 +1,381 @@
+"""The PDF reports read back with pypdf: pages, the header on every page (operator, period, clearing run, page i of
+n), totals against sums made here with plain loops over the raw rows, Chinese names in an embedded CJK font,
+charts, and a table longer than a page repeating its header row."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from datetime import UTC, date, datetime, timedelta
+
+import pandas as pd
+import pytest
+from pypdf import PdfReader
+
+from epurse.cardtypes import CardType
+from reports.daily import write_daily_pdf
+from reports.monthly import write_monthly_pdf
+from reports.pdf import CJK_FONT_FILES
+from reports.settlement_doc import ClearingRun, SettlementTables
+from reports.settlement_pdf import write_settlement_pdf
+from reports.shift_slip import ShiftSlip, VehicleDay, write_shift_pdf, write_vehicle_day_pdf
+
+DAY = date(2024, 5, 2)
+RUN = ClearingRun("2024-05-02/3", datetime(2024, 5, 3, 1, 15, 30, tzinfo=UTC))
+RUN_LINE = "clearing run 2024-05-02/3 of 2024-05-03 01:15 UTC"
+GENERATED = datetime(2024, 5, 3, 1, 16, tzinfo=UTC)
+OPERATOR = "城市公交一公司"
+SURNAMES = "王李张刘陈杨黄赵吴周"
+GIVEN = "伟芳娜敏静丽强磊军洋"
+HAVE_WQY = any(os.path.exists(p) for p in CJK_FONT_FILES)
+
+
+def money(fen: int) -> str:
+    """The expected display, worked out differently from the code: by string slicing."""
+    digits = str(abs(fen)).rjust(3, "0")
+    whole, cents = digits[:-2], digits[-2:]
+    groups = []
+    while whole:
+        groups.insert(0, whole[-3:])
+        whole = whole[:-3]
+    return ("-" if fen < 0 else "") + ",".join(groups) + "." + cents
+
+
+def thousands(n: int) -> str:
+    s = str(n)
+    out = ""
+    while len(s) > 3:
+        out = "," + s[-3:] + out
+        s = s[:-3]
+    return s + out
+
+
+def driver_name(i: int) -> str:
+    return SURNAMES[i % 10] + GIVEN[i // 10 % 10]
+
+
+def shift_rows(n: int, *, routes: int = 6, vehicles: int = 12, drivers: int = 20, days: int = 1, seed: int = 1):
+    """Settlement rows as clearing would hand them over: one per (day, vehicle, driver, route, hour)."""
+    rnd = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        v = rnd.randrange(vehicles)
+        taps = rnd.randint(0, 90)
+        gross = taps * rnd.choice([100, 150, 200]) + rnd.randint(0, 99)
+        commission = gross * 6 // 1000
+        rows.append({"day": date(2024, 5, 1) + timedelta(days=rnd.randrange(days)),
+                     "fleet": f"F{v % 3}", "route": f"R{rnd.randrange(routes) + 1}", "vehicle": f"V{v:03d}",
+                     "driver": f"D{rnd.randrange(drivers):04d}", "hour": rnd.choice([5, 7, 8, 12, 17, 18, 23, 1]),
+                     "taps": taps, "gross": gross, "commission": commission, "net": gross - commission})
+    return rows
+
+
+def group(rows, key):
+    """The input frame for one breakdown (what clearing hands the report)."""
+    df = pd.DataFrame(rows)
+    return (df.groupby(key, sort=True)[["taps", "gross", "commission", "net"]].sum().reset_index()
+            .astype({"taps": "int64", "gross": "int64", "commission": "int64", "net": "int64"}))
+
+
+def loop_sums(rows, key=None):
+    """Independent sums: {key value: [taps, gross, commission, net]} (or one list for key None)."""
+    out: dict = {}
+    for r in rows:
+        k = r[key] if key else None
+        acc = out.setdefault(k, [0, 0, 0, 0])
+        acc[0] += r["taps"]
+        acc[1] += r["gross"]
+        acc[2] += r["commission"]
+        acc[3] += r["net"]
+    return out if key else out[None]
+
+
+def tables_for(rows, *, first=DAY, last=DAY, with_day=False, drivers=20, run=RUN) -> SettlementTables:
+    hours = pd.DataFrame(rows).groupby("hour")["taps"].sum().reset_index()
+    return SettlementTables(
+        operator="BUS1", operator_name=OPERATOR, first_day=first, last_day=last,
+        by_route=group(rows, "route"), by_vehicle=group(rows, "vehicle"), by_driver=group(rows, "driver"),
+        by_fleet=group(rows, "fleet"), by_day=group(rows, "day") if with_day else None,
+        taps_by_hour=hours.astype("int64"), run=run, generated_at=GENERATED,
+        names={"route": {f"R{i}": f"{i}路 环线" for i in range(1, 7)},
+               "driver": {f"D{i:04d}": driver_name(i) for i in range(drivers)},
+               "vehicle": {f"V{i:03d}": f"沪A-{i:05d}" for i in range(12)},
+               "fleet": {"F0": "第一车队", "F1": "第二车队", "F2": "Night fleet"}})
+
+
+def pages(path) -> list[str]:
+    return [p.extract_text() for p in PdfReader(path).pages]
+
+
+def lines(text: str) -> list[str]:
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def total_rows(texts: list[str], width: int) -> list[list[str]]:
+    """The figures after each "Total" cell (pypdf gives one cell a line)."""
+    all_lines = [ln for t in texts for ln in lines(t)]
+    return [all_lines[i + 1:i + 1 + width] for i, ln in enumerate(all_lines) if ln == "Total"]
+
+
+def assert_headers(texts: list[str], period: str, run_line: str = RUN_LINE, operator: str = OPERATOR):
+    n = len(texts)
+    for i, text in enumerate(texts, start=1):
+        flat = text.replace("\n", "")
+        assert operator in flat, f"page {i}: no operator"
+        assert period in flat, f"page {i}: no period"
+        assert run_line in flat, f"page {i}: no clearing run"
+        assert f"Page {i} of {n}" in flat, f"page {i}: no page number"
+
+
+def cjk_fonts_embedded(path) -> set[str]:
+    """BaseFont names of TrueType fonts with an embedded font file (FontFile2), on any page."""
+    found = set()
+    for page in PdfReader(path).pages:
+        for font in page["/Resources"]["/Font"].values():
+            font = font.get_object()
+            descriptor = font.get("/FontDescriptor")
+            if descriptor is not None and "/FontFile2" in descriptor.get_object():
+                found.add(str(font["/BaseFont"]))
+    return found
+
+
+def test_daily_report(tmp_path):
+    rows = shift_rows(300)
+    out = write_daily_pdf(tables_for(rows), tmp_path / "d" / "daily.pdf")
+    assert [p.name for p in out.parent.iterdir()] == ["daily.pdf"]  # no temp file left
+    texts = pages(out)
+    assert_headers(texts, "service day 2024-05-02")
+    assert "Daily settlement" in texts[0]
+
+    taps, gross, commission, net = loop_sums(rows)
+    assert commission > 0 and gross > 1_000_000  # thousands separators and three columns exercised
+    expected = [thousands(taps), money(gross), money(commission), money(net)]
+    totals = total_rows(texts, 4)
+    assert len(totals) == 4  # fleet, route, vehicle, driver
+    assert all(t == expected for t in totals), (totals, expected)
+    flat = "".join(texts).replace("\n", " ")
+    assert (f"{thousands(taps)} taps, gross {money(gross)} yuan, issuer commission {money(commission)} yuan, "
+            f"net to the operator {money(net)} yuan") in flat
+    for key in ("fleet", "route", "vehicle", "driver"):
+        assert f"By {key}" in flat
+        all_lines = [ln for t in texts for ln in lines(t)]
+        for code, (k_taps, k_gross, k_comm, k_net) in loop_sums(rows, key).items():
+            i = all_lines.index(code, all_lines.index(f"By {key}"))
+            row = all_lines[i + 1:i + 6]
+            assert row[-4:] == [thousands(k_taps), money(k_gross), money(k_comm), money(k_net)], (code, row)
+    assert "WARNING" not in flat
+
+
+def test_chinese_names_and_the_font_embedded(tmp_path):
+    rows = shift_rows(200)
+    out = write_daily_pdf(tables_for(rows), tmp_path / "zh.pdf")
+    flat = "".join(pages(out))
+    for d in {r["driver"] for r in rows}:
+        assert driver_name(int(d[1:])) in flat
+    assert "沪A-00003" in flat and "第一车队" in flat and "3路 环线" in flat and OPERATOR in flat
+    if not HAVE_WQY:
+        pytest.skip("fonts-wqy-microhei not installed: Chinese falls back to STSong-Light (not embedded)")
+    embedded = cjk_fonts_embedded(out)
+    assert any("WenQuanYi" in name for name in embedded), embedded
+
+
+def test_charts(tmp_path):
+    rows = shift_rows(300)
+    out = write_daily_pdf(tables_for(rows), tmp_path / "charts.pdf")
+    reader = PdfReader(out)
+    first = lines(reader.pages[0].extract_text())
+    assert "Revenue by route (gross, yuan)" in first and "Taps by hour" in first
+    # each bar carries its route's gross at its end: all six routes, worked out here
+    for _t, gross, _c, _n in loop_sums(rows, "route").values():
+        assert money(gross) in first
+    # the hour axis in service-day order from the 03:00 cut-off; the busiest hour's count above its column
+    axis = [ln for ln in first if re.fullmatch(r"\d\d", ln)]
+    assert axis[:24] == [f"{(3 + i) % 24:02d}" for i in range(24)]
+    by_hour: dict[int, int] = {}
+    for r in rows:
+        by_hour[r["hour"]] = by_hour.get(r["hour"], 0) + r["taps"]
+    assert thousands(max(by_hour.values())) in first
+    content = reader.pages[0].get_contents().get_data()
+    assert b".184314 .419608 .603922 rg" in content  # the bars' fill colour (#2f6b9a)
+    assert content.count(b" re") >= 6 + 8  # rectangles: at least a bar per route and a column per busy hour
+
+
+def test_long_table_repeats_its_header_on_every_page(tmp_path):
+    drivers = 400
+    rows = shift_rows(3000, drivers=drivers, seed=2)
+    out = write_daily_pdf(tables_for(rows, drivers=drivers), tmp_path / "long.pdf")
+    texts = pages(out)
+    assert len(texts) >= 5
+    assert_headers(texts, "service day 2024-05-02")
+    driver_pages = [i for i, t in enumerate(texts) if re.search(r"^D\d{4}$", t, re.MULTILINE)]
+    assert len(driver_pages) >= 3
+    header = ["Driver", "Name", "Taps", "Gross", "(yuan)", "Issuer commission", "(yuan)", "Net to operator",
+              "(yuan)"]
+    for i in driver_pages:
+        page = lines(texts[i])
+        first_code = next(j for j, ln in enumerate(page) if re.fullmatch(r"D\d{4}", ln))
+        if i == driver_pages[0]:  # the heading "By driver", then the header row
+            assert page[first_code - 10:first_code] == ["By driver", *header], f"page {i + 1}"
+        else:  # a page the table runs onto starts with the header row again
+            assert page[:first_code] == header, f"page {i + 1}"
+    # every driver shows up exactly once across the pages
+    codes = [ln for t in texts for ln in lines(t) if re.fullmatch(r"D\d{4}", ln)]
+    assert sorted(codes) == sorted({r["driver"] for r in rows})
+    taps, gross, commission, net = loop_sums(rows)
+    assert total_rows(texts, 4)[-1] == [thousands(taps), money(gross), money(commission), money(net)]
+
+
+def test_monthly_report(tmp_path):
+    rows = shift_rows(900, days=31, seed=3)
+    t = tables_for(rows, first=date(2024, 5, 1), last=date(2024, 5, 31), with_day=True)
+    texts = pages(write_monthly_pdf(t, tmp_path / "m.pdf"))
+    assert_headers(texts, "month 2024-05 (2024-05-01 to 2024-05-31)")
+    assert "Taps by day" in texts[0]
+    taps, gross, commission, net = loop_sums(rows)
+    totals = total_rows(texts, 4)
+    assert len(totals) == 5  # day, fleet, route, vehicle, driver
+    assert all(row == [thousands(taps), money(gross), money(commission), money(net)] for row in totals)
+    all_lines = [ln for x in texts for ln in lines(x)]
+    for day, (d_taps, d_gross, d_comm, d_net) in loop_sums(rows, "day").items():
+        i = all_lines.index(day.isoformat())
+        assert all_lines[i + 1:i + 5] == [thousands(d_taps), money(d_gross), money(d_comm), money(d_net)]
+
+
+def test_monthly_period_that_is_not_a_month_and_bad_input(tmp_path):
+    rows = shift_rows(50, days=7)
+    t = tables_for(rows, first=date(2024, 5, 1), last=date(2024, 5, 7), with_day=True, run=None)
+    texts = pages(write_monthly_pdf(t, tmp_path / "week.pdf"))
+    assert_headers(texts, "service days 2024-05-01 to 2024-05-07",
+                   run_line="ad hoc clearing (no stored run) of 2024-05-03 01:16 UTC")
+    with pytest.raises(ValueError, match="one service day"):
+        write_daily_pdf(t, tmp_path / "x.pdf")
+    bad = tables_for(rows)
+    bad.by_route["gross"] = bad.by_route["gross"] / 100  # yuan as float: money rounded somewhere
+    with pytest.raises(TypeError, match="gross"):
+        write_daily_pdf(bad, tmp_path / "y.pdf")
+    naive = SettlementTables(operator="B", operator_name="B", first_day=DAY, last_day=DAY,
+                             by_route=t.by_route, by_vehicle=t.by_vehicle, by_driver=t.by_driver,
+                             generated_at=datetime(2024, 5, 3))
+    with pytest.raises(ValueError, match="timezone-aware"):
+        write_daily_pdf(naive, tmp_path / "z.pdf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["week.pdf"]
+
+
+def test_disagreeing_tables_are_flagged(tmp_path):
+    rows = shift_rows(100)
+    t = tables_for(rows)
+    t.by_driver.loc[0, "gross"] += 1  # one fen lost somewhere
+    assert "WARNING: the tables below do not add up" in "".join(pages(write_daily_pdf(t, tmp_path / "w.pdf")))
+
+
+def test_empty_day(tmp_path):
+    empty = pd.DataFrame({"route": pd.Series([], dtype=str), "taps": pd.Series([], dtype="int64"),
+                          "gross": pd.Series([], dtype="int64")})
+    t = SettlementTables(operator="B", operator_name="Quiet Bus", first_day=DAY, last_day=DAY, by_route=empty,
+                         by_vehicle=empty.rename(columns={"route": "vehicle"}),
+                         by_driver=empty.rename(columns={"route": "driver"}), run=RUN, generated_at=GENERATED)
+    texts = pages(write_daily_pdf(t, tmp_path / "e.pdf"))
+    assert_headers(texts, "service day 2024-05-02", operator="Quiet Bus")
+    assert total_rows(texts, 2) == [["0", "0.00"]] * 3
+
+
+def test_settlement_pdf_carries_the_run(tmp_path):
+    from clearing.settlement import TAP_COLUMNS, settle_day
+
+    start = datetime(2024, 5, 2, 0, 0, tzinfo=UTC)
+    taps = pd.DataFrame([{"device_id": "V1", "device_seq": i, "kind": "purchase",
+                          "occurred_at": start + timedelta(minutes=i), "operator": "BUS1", "route": "R1",
+                          "vehicle": "V1", "driver": "D1", "card_type": 1, "amount": 200} for i in range(30)],
+                        columns=list(TAP_COLUMNS))
+    s = settle_day(taps, DAY, operator="BUS1")
+    hours = pd.DataFrame({"hour": [8], "taps": [30]})  # 00:00-00:29 UTC is 08:00-08:29 in Shanghai
+    out = write_settlement_pdf(s, tmp_path / "s.pdf", operator_name="City Bus One", generated_at=GENERATED,
+                               run_id=RUN.id, run_at=RUN.at, taps_by_hour=hours)
+    texts = pages(out)
+    assert_headers(texts, "service day 2024-05-02", operator="City Bus One")
+    first = lines(texts[0])
+    assert "Taps by hour" in first and "30" in first and money(30 * 200) in first
+    assert total_rows(texts, 2) == [["30", money(30 * 200)]] * 3
+
+
+# -- the driver's shift report and the vehicle's day --------------------------------------------------------
+
+FARES = [(1, 200), (2, 100), (1, 200), (3, 0), (2, 100), (1, 150), (4, 200), (1, 123456), (9, 300)]
+
+
+def by_card_type(fares):
+    df = pd.DataFrame(fares, columns=["card_type", "amount"])
+    return df.groupby("card_type")["amount"].agg(taps="size", amount="sum").reset_index().astype("int64")
+
+
+def slip(**kw) -> ShiftSlip:
+    base = {"operator_name": OPERATOR, "service_day": DAY, "driver": "D0012", "driver_name": "张伟",
+            "vehicle": "V007", "vehicle_name": "沪A-00007", "route": "R1", "route_name": "1路 环线",
+            "device_id": "bus0042", "shift_no": 3,
+            "signed_in": datetime(2024, 5, 1, 23, 31, tzinfo=UTC),  # 07:31 on the 2nd in Shanghai
+            "signed_out": datetime(2024, 5, 2, 7, 5, tzinfo=UTC), "by_card_type": by_card_type(FARES),
+            "run": RUN, "generated_at": GENERATED,
+            # the back office hands reports epurse's card-type names (reports do not know the card application)
+            "card_type_names": {t.value: f"{t.label} {t.label_zh}" for t in CardType}}
+    return ShiftSlip(**(base | kw))
+
+
+def test_shift_report(tmp_path):
+    total_taps, total_fen, per_type = 0, 0, {}
+    for card_type, fen in FARES:
+        total_taps += 1
+        total_fen += fen
+        per_type[card_type] = per_type.get(card_type, 0) + fen
+    texts = pages(write_shift_pdf(slip(declared_taps=total_taps, declared_amount=total_fen),
+                                  tmp_path / "shift.pdf"))
+    assert len(texts) == 1
+    assert_headers(texts, "service day 2024-05-02")
+    page = lines(texts[0])
+    flat = texts[0].replace("\n", "")
+    assert "张伟" in flat and "沪A-00007" in flat and "1路 环线" in flat
+    assert "2024-05-02 07:31" in flat and "2024-05-02 15:05" in flat and "7 h 34 min" in flat
+    assert total_rows(texts, 2) == [[thousands(total_taps), money(total_fen)]]
+    assert "student card 学生卡" in flat and "card type 9" in flat
+    for card_type, label in ((1, "adult card 普通卡"), (2, "student card 学生卡"), (3, "elderly card 老人卡")):
+        i = page.index(label)
+        assert page[i + 1:i + 3] == [str(sum(1 for ct, _ in FARES if ct == card_type)), money(per_type[card_type])]
+    assert "In balance" in flat and "OUT OF BALANCE" not in flat
+
+
+def test_shift_report_out_of_balance_and_open(tmp_path):
+    received = sum(f for _, f in FARES)
+    texts = pages(write_shift_pdf(slip(declared_taps=len(FARES) + 2, declared_amount=received + 400,
+                                       signed_out=None), tmp_path / "oob.pdf"))
+    flat = " ".join(texts).replace("\n", " ")
+    assert "OUT OF BALANCE" in flat and "not signed out" in flat
+    assert "difference -2 taps, -4.00 yuan" in flat
+    # clearing's own flag wins when given
+    flat = "".join(pages(write_shift_pdf(slip(out_of_balance=True), tmp_path / "flag.pdf")))
+    assert "OUT OF BALANCE" in flat
+
+
+def test_vehicle_day(tmp_path):
+    t0 = datetime(2024, 5, 1, 22, 0, tzinfo=UTC)  # 06:00 local
+    shifts = pd.DataFrame([
+        {"shift_no": 1, "driver": "D0001", "route": "R1", "signed_in": t0, "signed_out": t0 + timedelta(hours=8),
+         "taps": 412, "amount": 80_150, "out_of_balance": False},
+        {"shift_no": 2, "driver": "D0002", "route": "R2", "signed_in": t0 + timedelta(hours=8, minutes=10),
+         "signed_out": t0 + timedelta(hours=18, minutes=30), "taps": 388, "amount": 71_020, "out_of_balance": True},
+    ])
+    routes = pd.DataFrame({"route": ["R1", "R2"], "taps": [412, 388], "amount": [80_150, 71_020]})
+    hours = pd.DataFrame({"hour": [6, 7, 8, 12, 17, 23, 0], "taps": [50, 180, 150, 120, 200, 70, 30]})
+    day = VehicleDay(operator_name=OPERATOR, service_day=DAY, vehicle="V007", vehicle_name="沪A-00007",
+                     shifts=shifts, by_route=routes, taps_by_hour=hours, run=RUN, generated_at=GENERATED,
+                     route_names={"R1": "1路 环线", "R2": "2路"}, driver_names={"D0001": "张伟", "D0002": "王芳"})
+    texts = pages(write_vehicle_day_pdf(day, tmp_path / "vday.pdf"))
+    assert_headers(texts, "service day 2024-05-02")
+    flat = "".join(texts)
+    page = [ln for t in texts for ln in lines(t)]
+    assert "Taps by hour" in flat and "张伟" in flat and "王芳" in flat and "1路 环线" in flat
+    taps = 412 + 388
+    fen = 80_150 + 71_020
+    assert total_rows(texts, 2) == [[thousands(taps), money(fen)]] * 2
+    assert "06:00" in page and "14:00" in page and "14:10" in page and "00:30 +1d" in page
+    assert "OUT OF BALANCE: 1 shift(s)" in flat.replace("\n", "")
+    assert ["OUT"] == [ln for ln in page if ln == "OUT"] and "ok" in page
