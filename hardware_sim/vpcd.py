@@ -19,7 +19,14 @@ between them are the power controls: a new card sees ``04`` (pcscd's presence po
 ``04 01 04`` (``IFDPowerICC``: presence check, power on, ``IFDHGetCapabilities(TAG_IFD_ATR)``), then pcscd's
 presence poll ``04`` every 400 ms. The card checks that order: a request that arrives while an answer is still
 owed is a broken link, and the card leaves the reader (pcscd and the application see a removed card) rather than
-hand any later command the answer meant for an earlier one. ``violations`` counts those.
+hand any later command the answer meant for an earlier one. ``violations`` counts those, and the log line shows
+the early bytes.
+
+That order holds only if one pcscd reader entry uses the driver. ``libifdvpcd.so`` keeps its sockets in one global
+array indexed by slot (``Lun & 0xffff``), so a second entry (Debian's ``/etc/reader.conf.d/vpcd``, "Virtual PCD" on
+0x8C7B) takes over the first one's slots: pcscd then polls one card from two readers, each under its own mutex, and
+their requests cross (``vpcd sent 000104 while the answer to 04 was owed``, or a card never powered). This was the
+"fresh card kept waiting" failure of earlier CI runs; scripts/ensure-services.sh disables the other entry.
 
 One vpcd port holds one card. A second card that connects while another is in the reader sits in the listen
 backlog, unseen, until the first leaves: ``wait_powered()`` tells "pcscd has powered *this* card" from "some card
@@ -150,11 +157,12 @@ class VpcdCard:
                     break
                 self.requests += 1
                 # vpcd now waits for the answer (ATR or R-APDU): nothing may come before we send it
-                if (len(payload) != 1 or payload[0] == 0x04) and _pending(sock):
+                early = _pending(sock) if len(payload) != 1 or payload[0] == 0x04 else b""
+                if early:
                     self.violations += 1
-                    log.error("vpcd card on %s:%d: vpcd sent a request while the answer to %s was owed: the link is "
+                    log.error("vpcd card on %s:%d: vpcd sent %s while the answer to %s was owed: the link is "
                               "out of step; the card leaves the reader (last requests: %s)", self.host, self.port,
-                              payload[:8].hex(), [w[1] for w in self.wire][-6:])
+                              early.hex(), payload[:8].hex(), [w[1] for w in self.wire][-6:])
                     break
                 reply = self._answer(payload)
                 self.wire.append((time.monotonic(), payload[:8].hex(), None if reply is None else len(reply)))
@@ -191,12 +199,12 @@ class VpcdCard:
         return response
 
 
-def _pending(sock: socket.socket) -> bool:
-    """True if bytes are waiting to be read on ``sock`` right now (one non-blocking peek)."""
+def _pending(sock: socket.socket) -> bytes:
+    """What is waiting to be read on ``sock`` right now, up to 32 bytes (one non-blocking peek; b"" if nothing)."""
     try:
-        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        return sock.recv(32, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
-        return False
+        return b""
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:

@@ -176,12 +176,32 @@ ensure_mosquitto() {
 # readers: our config goes into /etc/reader.conf.d (so any pcscd started later, by systemd too, has them), and a
 # pcscd that runs without them is restarted. opensc (opensc-tool) and pcsc-tools (scriptor) read the simulated card
 # from outside; libpcsclite-dev is what pyscard compiles against.
+#
+# Only one reader entry may use the vpcd driver: libifdvpcd.so keeps its sockets in one global array indexed by
+# slot number (Lun & 0xffff), so a second entry (Debian's own /etc/reader.conf.d/vpcd, "Virtual PCD" on 0x8C7B)
+# takes over the first one's slots. pcscd then polls farebox's card from two readers at once, and their requests
+# cross on the card's socket (seen as "vpcd sent 000104 while the answer to 04 was owed", or a card pcscd never
+# powers). Other vpcd entries are therefore commented out, saying why, and pcscd is restarted without them.
 PCSC_PKGS=(pcscd vsmartcard-vpcd libpcsclite-dev opensc pcsc-tools)
 VPCD_LIB=/usr/lib/pcsc/drivers/serial/libifdvpcd.so
 PCSC_CONF=/etc/reader.conf.d/farebox-vpcd
 PCSC_LOG=/var/log/farebox-pcscd.log
 
 pcsc_readers() { opensc-tool -l 2>/dev/null | grep -c 'farebox vpcd 00 0[01]' || true; }
+
+# reader.conf.d files other than ours with an active LIBPATH line for the vpcd driver
+vpcd_rivals() {
+    grep -l -E "^[[:space:]]*LIBPATH[[:space:]]+$VPCD_LIB" /etc/reader.conf.d/* 2>/dev/null | grep -v -x "$PCSC_CONF" || true
+}
+
+# comment out every line of another vpcd entry, with a first line saying why (a dpkg conffile: kept on upgrade)
+disable_vpcd_rivals() {
+    local f
+    for f in $(vpcd_rivals); do
+        sed -i -e 's/^\([^#]\)/# \1/' -e '1i # disabled by farebox (scripts/ensure-services.sh): one pcscd can run only one vpcd reader entry' "$f"
+        say "pcscd: disabled the other vpcd reader entry in $f (it shares the vpcd driver's slots with farebox's)"
+    done
+}
 
 ensure_pcscd() {
     local missing=() p
@@ -194,11 +214,18 @@ ensure_pcscd() {
         apt_install "${missing[@]}" || { say "pcscd: install failed - PC/SC reader tests will be skipped"; return 0; }
     fi
     [[ -e $VPCD_LIB ]] || { say "pcscd: $VPCD_LIB missing after install - PC/SC reader tests will be skipped"; return 0; }
-    if [[ $(pcsc_readers) -ge 2 ]]; then
+    local rivals
+    rivals=$(vpcd_rivals)
+    if [[ -z $rivals && $(pcsc_readers) -ge 2 ]]; then
         say "pcscd: up (readers 'farebox vpcd 00 00' on port 40000, '00 01' on 40001)"
         return 0
     fi
-    is_root || { say "pcscd: not running with farebox's vpcd readers, and not root - PC/SC reader tests will be skipped"; return 0; }
+    if ! is_root; then
+        [[ -n $rivals ]] && say "pcscd: another vpcd reader entry ($rivals) shares farebox's vpcd slots, and not root - PC/SC reader tests will fail"
+        say "pcscd: not running with farebox's vpcd readers alone, and not root - PC/SC reader tests will be skipped"
+        return 0
+    fi
+    disable_vpcd_rivals
     cat >"$PCSC_CONF" <<'CONF'
 # farebox: two virtual PC/SC readers for hardware_sim cards (hardware_sim/vpcd.py)
 FRIENDLYNAME "farebox vpcd"
@@ -210,7 +237,7 @@ CONF
     pid=$(tr -dc '0-9' </run/pcscd/pcscd.pid 2>/dev/null || true) # the pid file ends in a NUL
     [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || pid=$(pidof pcscd || true)
     if [[ -n $pid ]]; then
-        say "pcscd: running without farebox's vpcd readers (pid $pid): restarting it with them"
+        say "pcscd: running without farebox's vpcd readers alone (pid $pid): restarting it with them"
         kill $pid 2>/dev/null || true # pidof may give several
         for _ in $(seq 1 50); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
     fi

@@ -29,6 +29,7 @@ from hardware_sim.vpcd import DEFAULT_PORT, PCSCD_READER_CONF, READER_NAME, Vpcd
 from validator.readers import open_reader
 
 VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
+DEBIAN_VPCD_NAME = "Virtual PCD"  # the reader entry vsmartcard-vpcd installs in /etc/reader.conf.d/vpcd
 
 
 def _service_missing(reason: str):
@@ -59,6 +60,10 @@ def _ours(names: list[str] | None) -> list[str]:
 @pytest.fixture(scope="session")
 def pcsc_vpcd(tmp_path_factory):
     names = _pcsc_readers()
+    rivals = [n for n in names or [] if n.startswith(DEBIAN_VPCD_NAME)]
+    if rivals:  # see scripts/ensure-services.sh: two vpcd reader entries share the driver's slots and cross requests
+        _service_missing(f"pcscd also runs Debian's vpcd reader entry ({rivals}), which takes over the slots of "
+                         "farebox's vpcd readers: run scripts/ensure-services.sh, which disables it and restarts pcscd")
     if len(_ours(names)) >= 2:
         yield _ours(names)
         return
@@ -132,21 +137,15 @@ class CardRig:
         if self.backend == "sim":
             self.reader.present(card)
         elif self.backend == "pcsc":
-            # pcscd has powered *this* card (not another process's in the same vpcd port) and the reader shows it.
-            # Debian's vpcd driver now and then leaves a fresh card connection waiting long after the last card left
-            # (seen in CI, never in isolated soaks): like a rider, the card is taken away and presented again.
-            for attempt in range(3):
-                self._vpcd = VpcdCard(card, port=self._pcsc_port)
-                self._vpcd.insert()
-                try:
-                    settle_vpcd(self.reader, card=self._vpcd)
-                    break
-                except ConnectionError:
-                    self._vpcd.remove()
-                    self._vpcd = None
-                    if attempt == 2:
-                        raise
-                    time.sleep(1.0)
+            # pcscd has powered *this* card (not another process's in the same vpcd port) and the reader shows it
+            self._vpcd = VpcdCard(card, port=self._pcsc_port)
+            self._vpcd.insert()
+            try:
+                settle_vpcd(self.reader, card=self._vpcd)
+            except ConnectionError:
+                self._vpcd.remove()
+                self._vpcd = None
+                raise
         elif self.backend == "nfc":
             if self._nfc is None:
                 from hardware_sim.nfc_card import NfcCard

@@ -153,18 +153,13 @@ def test_opensc_tool_reads_the_served_card(pcsc_vpcd):
     tool = shutil.which("opensc-tool")
     if tool is None:
         pytest.skip("opensc-tool not installed (apt-get install opensc; scripts/ensure-services.sh does)")
-    done = None
-    for _presentation in range(3):  # vpcd now and then keeps a fresh card waiting: present it again, as a rider
-        with VpcdCard(rider(1234), port=DEFAULT_PORT):
-            for _ in range(50):  # pcscd sees the card within its presence poll
-                done = subprocess.run([tool, "-r", reader_name(DEFAULT_PORT), "-s", SELECT.hex(), "-s",
-                                       GET_BALANCE.hex()], capture_output=True, text=True, timeout=20, check=False)
-                if done.returncode == 0:
-                    break
-                time.sleep(0.1)
-        if done.returncode == 0:
-            break
-        time.sleep(1.0)
+    with VpcdCard(rider(1234), port=DEFAULT_PORT):
+        for _ in range(50):  # pcscd sees the card within its presence poll
+            done = subprocess.run([tool, "-r", reader_name(DEFAULT_PORT), "-s", SELECT.hex(), "-s",
+                                   GET_BALANCE.hex()], capture_output=True, text=True, timeout=20, check=False)
+            if done.returncode == 0:
+                break
+            time.sleep(0.1)
     # the next test's card goes into the same reader: let pcscd see this one leave first, as a hand would
     assert open_reader(f"pcsc:{reader_name(DEFAULT_PORT)}").card_gone(3000)
     assert done.returncode == 0, done.stdout + done.stderr
