@@ -161,6 +161,7 @@ class JournalUsage:
     pending: int  # grey purchases waiting for their card to come back
     oldest_unsent: datetime | None
     refusing: bool  # new records are refused (JournalFull); rechecked here, so it clears after acks
+    oldest_pending: datetime | None = None  # when the oldest grey purchase was tapped
 
     @property
     def fraction(self) -> float | None:
@@ -471,7 +472,7 @@ class Journal:
             used = self._used_bytes()
         self._refusing = used >= REFUSE_AT * self.budget_bytes
         if self._refusing:
-            unsent, oldest, pending = self._outbox()
+            unsent, oldest, pending, _ = self._outbox()
             since = f" (the oldest from {oldest:%Y-%m-%d %H:%M} UTC)" if oldest else ""
             grey = f" and {pending} unsettled purchases" if pending else ""
             raise JournalFull(
@@ -479,14 +480,16 @@ class Journal:
                 f"bytes; restore the link so the back office can acknowledge them, and fares resume by "
                 f"themselves; nothing unsent is deleted")
 
-    def _outbox(self) -> tuple[int, datetime | None, int]:
+    def _outbox(self) -> tuple[int, datetime | None, int, datetime | None]:
+        """Unsent records and the oldest one's time; grey records and the oldest one's time."""
         (unsent,) = self._db.execute(
             "SELECT count(*) FROM record WHERE state = 'done' AND acked = 0").fetchone()
         (pending,) = self._db.execute("SELECT count(*) FROM record WHERE state = 'pending'").fetchone()
-        row = self._db.execute("SELECT body FROM record WHERE state = 'done' AND acked = 0 "
-                               "ORDER BY device_seq LIMIT 1").fetchone()
-        oldest = from_plain(json.loads(row[0])).occurred_at if row else None
-        return unsent, oldest, pending
+        return unsent, self._oldest("state = 'done' AND acked = 0"), pending, self._oldest("state = 'pending'")
+
+    def _oldest(self, where: str) -> datetime | None:
+        row = self._db.execute(f"SELECT body FROM record WHERE {where} ORDER BY device_seq LIMIT 1").fetchone()
+        return from_plain(json.loads(row[0])).occurred_at if row else None
 
     def prune(self) -> int:
         """Delete acknowledged (and cancelled) records oldest first down to the budget's low-water mark, if
@@ -535,13 +538,14 @@ class Journal:
                 except JournalFull:
                     pass
             used = self._used_bytes()
-            unsent, oldest, pending = self._outbox()
+            unsent, oldest, pending, oldest_pending = self._outbox()
         try:
             wal = os.stat(f"{self.path}-wal").st_size
         except FileNotFoundError:
             wal = 0
         return JournalUsage(used_bytes=used, budget_bytes=self.budget_bytes, wal_bytes=wal, unsent=unsent,
-                            pending=pending, oldest_unsent=oldest, refusing=self._refusing)
+                            pending=pending, oldest_unsent=oldest, refusing=self._refusing,
+                            oldest_pending=oldest_pending)
 
 
 class _Transaction:

@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import paho.mqtt.client as mqtt
 
@@ -41,6 +41,10 @@ from wire.mqtt_url import MqttTarget, new_client
 log = logging.getLogger(__name__)
 
 JOURNAL_ALARM_FRACTION = 0.85  # the journal's disk budget this full raises an alarm
+# A rider who pulls the card mid-purchase taps again within seconds, and the grey record settles. One still grey
+# after this long belongs to a card that has left the bus: the fare may be off the card with no record at the back
+# office until that card is seen on a validator again, so operations is told (and the issuer's daily file shows it).
+GREY_ALARM_AFTER = timedelta(minutes=10)
 
 
 class Uplink:
@@ -156,6 +160,10 @@ class Uplink:
             alarms.append("journal full")
         elif usage.fraction is not None and usage.fraction >= JOURNAL_ALARM_FRACTION:
             alarms.append(f"journal {int(usage.fraction * 100)}% full")
+        now = at or self.clock()
+        if usage.oldest_pending is not None and now - usage.oldest_pending >= GREY_ALARM_AFTER:
+            plural = "s" if usage.pending != 1 else ""
+            alarms.append(f"{usage.pending} grey purchase{plural} since {usage.oldest_pending:%Y-%m-%d %H:%M}Z")
         params_version = denylist_version = 0
         psam = ""
         terminal = self.terminal
@@ -166,7 +174,7 @@ class Uplink:
         if self.downlink is not None:
             params_version = self.downlink.params_version
             alarms.extend(self.downlink.alarms())
-        return wstatus.Status(kind=kind, device_id=self.device_id, at=at or self.clock(), software=self.software,
+        return wstatus.Status(kind=kind, device_id=self.device_id, at=now, software=self.software,
                              params_version=params_version, denylist_version=denylist_version,
                              backlog=usage.unsent, oldest_unsent=usage.oldest_unsent, psam=psam,
                              last_tap=self.last_tap, alarms=tuple(alarms[:wstatus.MAX_ALARMS]))
