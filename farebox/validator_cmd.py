@@ -1,6 +1,7 @@
-"""``farebox validator``: one bus validator as a process, wired from its command line.
+"""``farebox validator run``: one bus validator as a process, wired from its command line; ``farebox validator
+shift-report``: a driver's shift report reprinted from a validator's journal.
 
-    farebox validator --device bus0042 --operator citybus --route r12 --vehicle v7 \\
+    farebox validator run --device bus0042 --operator citybus --route r12 --vehicle v7 \\
         --reader rfid24:/dev/ttyS1 --psam pcsc:1 --journal /var/lib/farebox/journal.db \\
         --fares /var/lib/farebox/fares.json --deny-list /var/lib/farebox/denylist.bin \\
         --mqtt mqtts://bus0042@broker.example:8883 --mqtt-password-file /etc/farebox/mqtt.pass \
@@ -18,6 +19,12 @@ Packages from the back office are checked with ``--signing-public-key`` and stag
 ``staging`` beside the journal), then applied between taps; the deny list and fare table they bring are written to
 ``--deny-list`` (default: ``denylist.bin`` in the staging folder) and ``--fares``. Left out, the MAC key and the
 signing key are the published TEST values (with a warning): right for the demo fleet, never for a real bus.
+
+    farebox validator shift-report --journal /var/lib/farebox/journal.db [--shift N] [--width 48]
+
+prints the last shift's report (or shift N's), marked as a reprint, as the bus printer would: counts and amounts by
+card type, from the journal's shift summary, which outlives the pruning of the records themselves. The journal
+may be in use by a running validator (SQLite WAL lets a reader beside it).
 """
 
 from __future__ import annotations
@@ -34,8 +41,12 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("validator", help="run one bus validator (reader, PSAM, journal, display, uplink)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = sub.add_parser("validator", help="a bus validator: run one, or reprint a shift report from its journal",
+                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = group.add_subparsers(dest="validator_action", required=True)
+    _add_report_parser(actions)
+    p = actions.add_parser("run", help="run one bus validator (reader, PSAM, journal, display, uplink)",
+                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", required=True, help="device id, as registered in the back office")
     p.add_argument("--operator", required=True)
     p.add_argument("--route", required=True)
@@ -68,6 +79,49 @@ def add_parser(sub) -> None:
     p.add_argument("--tz", default="Asia/Shanghai")
     p.add_argument("--languages", default="zh,en", help="display languages, comma-separated")
     p.set_defaults(func=run)
+
+
+def _add_report_parser(actions) -> None:
+    p = actions.add_parser("shift-report", help="reprint a driver's shift report from a validator's journal")
+    p.add_argument("--journal", type=Path, required=True)
+    p.add_argument("--shift", type=int, default=None, help="the shift number (default: the last shift)")
+    p.add_argument("--width", type=int, default=32, help="printer columns (32 or 48 on bus printers)")
+    p.add_argument("--tz", default="Asia/Shanghai")
+    p.add_argument("--languages", default="zh,en", help="comma-separated, some of zh,en")
+    p.set_defaults(func=shift_report)
+
+
+def shift_report(args, _settings=None) -> int:
+    from validator.journal import Journal, JournalError
+    from validator.shift_report import render
+
+    if not args.journal.exists():  # opening would create an empty journal where the clerk mistyped a path
+        print(f"farebox validator shift-report: no journal at {args.journal}", file=sys.stderr)
+        return 2
+    try:
+        journal = Journal(args.journal, budget_bytes=None)  # reading only: no budget to enforce
+    except (OSError, JournalError) as e:
+        print(f"farebox validator shift-report: cannot open {args.journal}: {e}", file=sys.stderr)
+        return 2
+    try:
+        shift_no = args.shift if args.shift is not None else journal.last_shift_no()
+        report = journal.shift_report(shift_no) if shift_no is not None else None
+    finally:
+        journal.close()
+    if report is None:
+        which = f"shift {args.shift}" if args.shift is not None else "any shift"
+        print(f"farebox validator shift-report: {args.journal} holds no record of {which}", file=sys.stderr)
+        return 1
+    try:
+        from datetime import UTC, datetime
+
+        text = render(report, width=args.width, languages=tuple(args.languages.split(",")), tz=args.tz,
+                      reprint=True, printed_at=datetime.now(UTC))
+    except ValueError as e:
+        print(f"farebox validator shift-report: {e}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    return 0
 
 
 def _psam_session(path: str, journal):

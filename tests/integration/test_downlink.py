@@ -341,7 +341,7 @@ def test_validator_process_applies_a_package_and_dies_by_last_will(tmp_path, mos
     target = parse_mqtt_url(mosquitto_url)
     office = BackOffice(target, operator, device, key, uid)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "farebox.cli", "validator", "--device", device, "--operator", operator,
+        [sys.executable, "-m", "farebox.cli", "validator", "run", "--device", device, "--operator", operator,
          "--route", "r1", "--vehicle", "b1", "--reader", "sim:", "--psam", "sim:010000000888",
          "--journal", str(tmp_path / "journal.db"), "--fares", str(fares), "--mqtt", mosquitto_url,
          "--mac-key", f"@{tmp_path / 'mac.key'}", "--signing-public-key", TEST_PUBLIC_KEY.hex(),

@@ -67,7 +67,7 @@ def test_validator_process_serves_riders_and_swaps_parameters(tmp_path, rfid24_m
     journal = tmp_path / "journal.db"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "farebox.cli", "validator", "--device", "bus0777", "--operator", "citybus",
+        [sys.executable, "-m", "farebox.cli", "validator", "run", "--device", "bus0777", "--operator", "citybus",
          "--route", "r12", "--vehicle", "v7", "--reader", f"rfid24:{rfid24_module.path}",
          "--psam", "sim:010000000777", "--journal", str(journal), "--fares", str(fares), "--deny-list", str(deny),
          # no double-tap window: only waiting for the card to leave keeps a resting card from paying twice
@@ -119,6 +119,20 @@ def test_validator_process_serves_riders_and_swaps_parameters(tmp_path, rfid24_m
     kinds = [r["kind"] for r in rows]
     assert kinds.count("denied") == 1 and (kinds[0], kinds[-1]) == ("shift_open", "shift_close")
 
+    # The depot reprints the shift from the journal the process left behind; its total is the journal's own sum.
+    reprint = subprocess.run([sys.executable, "-m", "farebox.cli", "validator", "shift-report", "--journal",
+                              str(journal), "--width", "48", "--languages", "en"],
+                             check=False, capture_output=True, text=True, timeout=60, env=env)
+    assert reprint.returncode == 0, reprint.stderr
+    total_fen = sum(amount for _, amount in purchases)
+    total_line = next(line for line in reprint.stdout.splitlines() if line.lower().startswith("total"))
+    assert total_line.split()[1:] == [str(len(purchases)), f"{total_fen // 100}.{total_fen % 100:02d}"]
+    assert "D0777" in reprint.stdout and "reprint" in reprint.stdout.lower()
+    missing = subprocess.run([sys.executable, "-m", "farebox.cli", "validator", "shift-report", "--journal",
+                              str(journal), "--shift", "99"], check=False, capture_output=True, text=True,
+                             timeout=60, env=env)
+    assert missing.returncode == 1 and "no record of shift 99" in missing.stderr
+
 
 @pytest.mark.parametrize("problem", ["fares", "reader"])
 def test_validator_refuses_to_start_with_a_clear_reason(tmp_path, problem):
@@ -126,7 +140,7 @@ def test_validator_refuses_to_start_with_a_clear_reason(tmp_path, problem):
     fares.write_text("{not json" if problem == "fares" else json.dumps({"version": 1, "flat": {"r1": 100}}))
     reader = "usb:0" if problem == "reader" else "sim:"
     out = subprocess.run(
-        [sys.executable, "-m", "farebox.cli", "validator", "--device", "b", "--operator", "o", "--route", "r1",
+        [sys.executable, "-m", "farebox.cli", "validator", "run", "--device", "b", "--operator", "o", "--route", "r1",
          "--vehicle", "v", "--reader", reader, "--psam", "sim:010000000001", "--journal", str(tmp_path / "j.db"),
          "--fares", str(fares)], check=False, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "cannot start" in out.stderr
