@@ -1,5 +1,6 @@
 """The back office's scheduler: APScheduler 3 (a BackgroundScheduler in the back-office process), its jobs kept in
-the back office's own database (table ``apscheduler_jobs``, SQLAlchemyJobStore on the same engine).
+the back office's own database (table ``apscheduler_jobs``, SQLAlchemyJobStore on the same engine; the table is
+made by migration 0009, so two schedulers starting at once on a fresh database do not race to create it).
 
 Jobs: ``clearing:<operator>`` for every registered operator, each night at the operator's cut-off plus
 ``backoffice.jobs.SETTLE_DELAY`` in its own time zone (``backoffice.jobs.nightly_clearing``). Operators registered

@@ -236,3 +236,40 @@ def test_farebox_jobs_run_and_list(city, url, tmp_path, monkeypatch, capsys):
     assert clearing_job_id(OP) in said and "nightly clearing of op_j" in said
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(ClearingRun)).scalar_one() == 1
+
+
+def test_the_job_table_is_made_by_the_migration_in_apschedulers_own_layout(url):
+    """Before any scheduler starts, the table exists with the columns APScheduler's job store describes itself."""
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from sqlalchemy import MetaData
+
+    engine = make_engine(url)
+    upgrade(engine)
+    reflected = MetaData()
+    reflected.reflect(engine, only=[JOB_TABLE])
+    theirs = SQLAlchemyJobStore(engine=engine, tablename=JOB_TABLE).jobs_t  # built, not started: creates nothing
+    got = reflected.tables[JOB_TABLE]
+    assert set(got.columns.keys()) == set(theirs.columns.keys())
+    assert [c.name for c in got.primary_key] == [c.name for c in theirs.primary_key]
+    assert {c.name: c.nullable for c in got.columns} == {c.name: c.nullable for c in theirs.columns}
+    assert {tuple(c.name for c in i.columns) for i in got.indexes} == {("next_run_time",)}
+    engine.dispose()
+
+
+def test_a_database_whose_job_table_apscheduler_made_upgrades_and_keeps_its_jobs(url):
+    from alembic import command
+
+    from backoffice.db import alembic_config
+
+    engine = make_engine(url)
+    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "2026_11_22_0008")
+    s = make_scheduler(engine)  # as before revision 0009: the job store makes the table at start
+    s.start(paused=True)
+    s.add_job(print, "interval", hours=1, id="kept", jobstore="default")
+    stop_scheduler(s)
+    upgrade(engine)
+    assert stored_next_run(engine, "kept") is not None
+    engine.dispose()
