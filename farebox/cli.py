@@ -524,9 +524,9 @@ def _serve(args, settings) -> int:
 
 
 def _token_add(args, settings) -> int:
-    from backoffice.web.auth import TokenFileError, add_token, default_tokens_path
+    from backoffice.web.auth import TokenFileError, add_token
 
-    path = args.file or default_tokens_path(settings.var_dir)
+    path = args.file or settings.tokens_path
     try:
         token = add_token(path, role=args.role, name=args.name, operator=args.operator)
     except TokenFileError as e:
@@ -539,9 +539,9 @@ def _token_add(args, settings) -> int:
 
 
 def _token_list(args, settings) -> int:
-    from backoffice.web.auth import TokenFileError, TokenStore, default_tokens_path
+    from backoffice.web.auth import TokenFileError, TokenStore
 
-    path = args.file or default_tokens_path(settings.var_dir)
+    path = args.file or settings.tokens_path
     try:
         principals = TokenStore(path).principals()
     except TokenFileError as e:
@@ -884,14 +884,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-file", type=Path, default=None, help="touch this file once every part is up")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("token", help="API and web-page tokens (kept hashed in FAREBOX_API_TOKENS, "
-                                     "default var/api-tokens.toml)")
+    p = sub.add_parser("token", help="API and web-page tokens (kept hashed in the token file: setting "
+                                     "api_tokens_file or FAREBOX_API_TOKENS, default var/api-tokens.toml)")
     token = p.add_subparsers(dest="action", required=True)
     p = token.add_parser("add", help="make a token, print it once, keep its SHA-256")
     p.add_argument("--role", required=True, choices=["clerk", "operator_staff", "operations", "admin"])
     p.add_argument("--name", required=True, help="who holds it")
     p.add_argument("--operator", default=None, help="a clerk's bus company (clerks only)")
-    p.add_argument("--file", type=Path, default=None, help="the token file (default: FAREBOX_API_TOKENS)")
+    p.add_argument("--file", type=Path, default=None, help="the token file (default: the api_tokens_file setting)")
     p.set_defaults(func=_token_add)
     p = token.add_parser("list", help="names, roles and operators of the tokens")
     p.add_argument("--file", type=Path, default=None)

@@ -55,11 +55,9 @@ class ServeOptions:
 def serve(settings, options: ServeOptions) -> int:
     from backoffice.db import make_engine, upgrade
     from backoffice.web.app import create_app
-    from backoffice.web.auth import default_tokens_path
-
     engine = make_engine(settings.effective_database_url)
     upgrade(engine)
-    tokens = default_tokens_path(settings.var_dir)
+    tokens = settings.tokens_path
     app = create_app(engine, tokens=tokens, migrate=False)
     _configure_ota(app, settings)
     if options.web and not tokens.exists():

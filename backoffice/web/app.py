@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Connection, Engine
 
 from backoffice.devices import DEFAULT_STALE_AFTER
-from backoffice.web.auth import Principal, TokenStore, default_tokens_path
+from backoffice.web.auth import Principal, TokenStore
 
 HERE = Path(__file__).parent
 
@@ -75,7 +75,7 @@ def create_app(source, *, tokens: TokenStore | Path | None = None, clock: Callab
     else:
         engine = make_engine(source.effective_database_url)
         if tokens is None:
-            tokens = default_tokens_path(source.var_dir)
+            tokens = source.tokens_path
     if migrate:
         upgrade(engine)
     store = tokens if isinstance(tokens, TokenStore) else TokenStore(Path(tokens))

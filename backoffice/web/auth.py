@@ -9,7 +9,7 @@ Roles (DESIGN.md, who uses it):
 | ``operations`` | validators, parameters, the deny list, quarantine, the registry of every operator |
 | ``admin`` | everything |
 
-The token file (``FAREBOX_API_TOKENS``, default ``<var_dir>/api-tokens.toml``) holds one ``[[token]]`` table per
+The token file (setting ``api_tokens_file`` / ``FAREBOX_API_TOKENS``, default ``<var_dir>/api-tokens.toml``) holds one ``[[token]]`` table per
 token: name, role, operator (clerks only), created_at and the SHA-256 of the token. The token itself is printed once
 by ``farebox token add`` and stored nowhere, so a copy of the file lets nobody in. The file is re-read when it
 changes, so a token added or removed takes effect without restarting ``farebox serve``.
@@ -38,7 +38,6 @@ from fastapi.security import HTTPBearer
 ROLES = ("clerk", "operator_staff", "operations", "admin")
 COOKIE = "farebox_token"
 TOKEN_PREFIX = "fbx_"
-ENV = "FAREBOX_API_TOKENS"
 
 
 class TokenFileError(ValueError):
@@ -64,10 +63,6 @@ class Principal:
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def default_tokens_path(var_dir: Path, environ=os.environ) -> Path:
-    return Path(environ.get(ENV) or Path(var_dir) / "api-tokens.toml")
 
 
 def _check(role: str, operator: str | None, name: str) -> None:
