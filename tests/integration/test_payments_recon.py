@@ -147,3 +147,45 @@ def test_the_days_orders_are_those_created_that_local_day_plus_those_the_file_na
     start, end = payments_recon.day_bounds(DAY)
     assert (start, end) == (datetime(2026, 11, 21, 16, tzinfo=UTC), datetime(2026, 11, 21, 16, tzinfo=UTC)
                             + timedelta(days=1))
+
+
+def test_staff_upload_the_platforms_file_and_decide_over_http(orders):
+    """The same day through the API as staff use it: multipart upload, the open list, a decision signed with the
+    token's holder; a bad file is a 422 naming its line, and a clerk may not touch any of it."""
+    from fastapi.testclient import TestClient
+
+    from backoffice.web.app import create_app
+    from backoffice.web.auth import Principal, TokenStore
+
+    engine, clock = orders
+    store = TokenStore(tokens={"fbx_staff": Principal("carol", "operator_staff"),
+                               "fbx_clerk": Principal("王芳", "clerk", "citybus")})
+    app = create_app(engine, tokens=store, clock=clock, migrate=False)
+    staff, clerk = {"Authorization": "Bearer fbx_staff"}, {"Authorization": "Bearer fbx_clerk"}
+    url = f"/api/v1/payments/reconciliation?day={DAY.isoformat()}"
+    with TestClient(app) as client:
+        bad = client.post(url, files={"file": ("pay.csv", FILE + "T-X,12.50,paid,2026-11-22T01:00:00Z\n")},
+                          headers=staff)
+        assert bad.status_code == 422 and "line 7" in bad.text and stored(engine) == []
+        assert client.post(url, files={"file": ("pay.csv", FILE)}, headers=clerk).status_code == 403
+
+        # a spreadsheet's UTF-8 BOM is fine
+        up = client.post(url, files={"file": ("pay.csv", "\ufeff" + FILE)}, headers=staff)
+        assert up.status_code == 200, up.text
+        assert up.json()["uploaded_by"] == "carol"
+        assert sorted((i["order_id"], i["problem"], i["ours"], i["theirs"]) for i in up.json()["new_items"]) == \
+            EXPECTED
+        assert client.post(url, files={"file": ("pay.csv", FILE)}, headers=staff).json()["new_items"] == []
+
+        open_items = client.get("/api/v1/payments/reconciliation?status=open", headers=staff).json()
+        assert {(i["order_id"], i["suggested"]) for i in open_items} == {
+            (o, (theirs or 0) - (ours or 0)) for o, _, ours, theirs in EXPECTED}
+        item = next(i for i in open_items if i["order_id"] == "T-AMOUNT")
+        decided = client.post(f"/api/v1/payments/reconciliation/items/{item['id']}", headers=staff,
+                              json={"status": "accepted", "note": "platform fee"})
+        assert decided.status_code == 200, decided.text
+        assert client.get("/api/v1/payments/reconciliation", headers=clerk).status_code == 403
+    assert ("T-AMOUNT", "accepted") in [(r.order_id, r.status) for r in stored(engine)]
+    with engine.connect() as conn:
+        who = conn.execute(select(PaymentReconItem.resolved_by).where(PaymentReconItem.id == item["id"])).scalar()
+    assert who == "carol"
