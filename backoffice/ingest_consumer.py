@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from backoffice.ingest import DeviceDirectory, Ingest, IngestResult
+from backoffice.mqtt_service import MqttService
 from backoffice.signals import stop_requested
 from epurse.keys import IssuerKeys
 from wire import topics
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 COUNTS = ("messages", "transactions", "stored", "duplicates", "quarantined", "fraud", "refused", "errors")
 
 
-class IngestConsumer:
+class IngestConsumer(MqttService):
     """One ingest worker. ``master`` is the device master secret (``farebox.keys.device_master``) every device's
     MAC key derives from; ``share_group`` subscribes through ``$share/<group>/...`` so several workers split the
     batches; ``accept_unsigned`` takes v1 JSON batches from validators not yet upgraded (the migration window)."""
@@ -47,10 +48,12 @@ class IngestConsumer:
                  client_id: str = "farebox_ingest", operator: str | None = None, share_group: str | None = None,
                  accept_unsigned: bool = False, write: str = "copy", max_messages: int = 100,
                  linger: float = 0.005):
-        self.engine = engine
         taps = topics.operator_taps(operator)  # one operator's buses, or every operator's
-        self.subscription = topics.shared(share_group, taps) if share_group else taps
-        self.target = target
+        super().__init__(target, client_id, name="ingest",
+                         subscription=topics.shared(share_group, taps) if share_group else taps,
+                         # only the ingest subscribes through $share/..., which amqtt refuses
+                         refusal_hint="; a shared subscription needs Mosquitto or a cluster broker, amqtt has none")
+        self.engine = engine
         self.ingest = Ingest(keys=keys, master=master, devices=DeviceDirectory(), accept_unsigned=accept_unsigned,
                              write=write if engine.dialect.name == "postgresql" else "insert")
         self.max_messages = max_messages
@@ -59,34 +62,10 @@ class IngestConsumer:
         # Bounded: when the database falls behind, the network thread blocks here and the broker keeps the rest
         # (queued for this persistent session) instead of this process holding them in memory.
         self._inbox: queue.Queue = queue.Queue(maxsize=4 * max_messages)
-        self._subscribed = threading.Event()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
-        client = new_client(target, client_id, max_inflight=100)
-        client.reconnect_delay_set(min_delay=1, max_delay=10)
-        client.on_connect = self._on_connect
-        client.on_message = self._on_message
-        client.on_subscribe = self._on_subscribe
-        self.on_ready = lambda: None  # called once subscribed (the demo waits for it)
-        self.client = client
 
     # -- MQTT (paho's network thread)
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties):
-        if reason_code.is_failure:
-            log.error("ingest: broker refused the connection: %s", reason_code)
-            return
-        client.subscribe(self.subscription, qos=1)
-        log.info("ingest: connected to %s, subscribed to %s", self.target.url(with_password=False),
-                 self.subscription)
-
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
-        if any(rc.is_failure for rc in reason_codes):
-            log.error("ingest: the broker refused the subscription %s (%s); a shared subscription needs "
-                      "Mosquitto or a cluster broker, amqtt has none", self.subscription, reason_codes)
-            return
-        self._subscribed.set()
-        self.on_ready()
 
     def _on_message(self, client, userdata, message):
         while not self._stop.is_set():
@@ -172,30 +151,17 @@ class IngestConsumer:
         self._stop.clear()
         self._worker = threading.Thread(target=self._run, name="ingest-db", daemon=True)
         self._worker.start()
-        self.client.connect_async(self.target.host, self.target.port, keepalive=30)
-        self.client.loop_start()
-
-    def wait_subscribed(self, timeout: float = 10.0) -> bool:
-        return self._subscribed.wait(timeout)
+        super().start()
 
     def stop(self) -> None:
         """Disconnect first (no new messages), then let the database thread finish what it holds."""
-        self.client.disconnect()
-        self.client.loop_stop()
+        super().stop()
         deadline = time.monotonic() + 10
         while not self._inbox.empty() and time.monotonic() < deadline:
             time.sleep(0.01)
         self._stop.set()
         if self._worker is not None:
             self._worker.join(timeout=10)
-
-    def run_forever(self) -> None:
-        """Until SIGTERM or SIGINT."""
-        done = stop_requested()
-        self.start()
-        done.wait()
-        self.stop()
-        log.info("ingest: stopped after %s", self.counts)
 
 
 def end_session(target: MqttTarget, client_id: str, timeout: float = 10.0) -> None:

@@ -67,12 +67,12 @@ from backoffice.denylist_publish import (
     update_for,
 )
 from backoffice.denylist_publish import get_version as _get_version
+from backoffice.mqtt_service import MqttService
 from backoffice.packages_publish import Outgoing, expected_versions
-from backoffice.signals import stop_requested
 from blacklist.delta import encode_delta
 from wire import topics
 from wire.devicekeys import mac_key
-from wire.mqtt_url import MqttTarget, new_client
+from wire.mqtt_url import MqttTarget
 from wire.packages import Package, PackageError, sign_package, verify_package
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def denylist_package(update: Update, device_id: str) -> Package:
     return Package("denylist", str(v.version), device_id, v.created_at, v.body)
 
 
-class Publisher:
+class Publisher(MqttService):
     """One MQTT client that sends every downlink package; see the module for the design.
 
     ``operator`` limits it to one operator's buses (None: every operator's). ``listen_status`` subscribes to the
@@ -128,8 +128,14 @@ class Publisher:
                  operator: str | None = None, client_id: str = "farebox_publisher",
                  max_behind: int = DEFAULT_MAX_BEHIND, retry_after: float = 600.0, listen_status: bool = True,
                  sweep_every: float = 60.0):
+        subscription = None  # a one-shot command works from the device_status table alone
+        if listen_status:
+            op = "+" if operator is None else topics.check_segment(operator, "operator")
+            subscription = STATUS_SUBSCRIPTION.format(prefix=topics.PREFIX, operator=op)
+        # No session to keep: on reconnecting, the retained statuses say again where every bus stands.
+        super().__init__(target, client_id, name="publisher", subscription=subscription, persistent=False,
+                         max_delay=30)
         self.engine = engine
-        self.target = target
         self.seed = seed
         self.master = device_master
         self.operator = operator
@@ -145,33 +151,18 @@ class Publisher:
         self._sent: dict[tuple[str, str], tuple[object, float]] = {}  # (device, kind) -> (what, when)
         self._heard: dict[str, tuple[str, int, bool]] = {}  # device -> (operator, deny-list version, online)
         self._devices: dict[str, str] = {}  # device -> operator (registered devices seen so far)
-        self._ready = threading.Event()
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
-        self.on_ready = lambda: None  # called once connected (and subscribed, when listening)
-        client = new_client(target, client_id, persistent=False, max_inflight=100)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.on_connect = self._on_connect
-        client.on_subscribe = lambda *a: self._ready.set()
-        client.on_message = self._on_message
-        self.client = client
 
     # ------------------------------------------------------------------------------------------- MQTT
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties):
-        if reason_code.is_failure:
-            log.error("publisher: broker refused the connection: %s", reason_code)
-            return
-        if self.listen_status:
-            op = "+" if self.operator is None else topics.check_segment(self.operator, "operator")
-            client.subscribe(STATUS_SUBSCRIPTION.format(prefix=topics.PREFIX, operator=op), qos=1)
-        else:
-            self._ready.set()
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        # Ready even if the broker refused the status subscription (as before); start() calls on_ready, once.
+        self._subscribed.set()
 
     def start(self, timeout: float = 10.0) -> None:
-        self.client.connect_async(self.target.host, self.target.port, keepalive=30)
-        self.client.loop_start()
-        if not self._ready.wait(timeout):
+        super().start()
+        if not self.wait_subscribed(timeout):
             raise TimeoutError(f"publisher: no connection to {self.target.url(with_password=False)} in {timeout} s")
         self.on_ready()
         if self.sweep_every:
@@ -180,16 +171,7 @@ class Publisher:
 
     def stop(self) -> None:
         self._stop.set()
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def run_forever(self) -> None:
-        """Until SIGTERM or SIGINT."""
-        done = stop_requested()
-        self.start()
-        done.wait()
-        self.stop()
-        log.info("publisher: stopped after %s", self.counts)
+        super().stop()
 
     def send(self, messages: list[Outgoing], *, wait: float | None = None) -> None:
         """Publish ``messages`` (QoS 1); with ``wait``, block until the broker has taken each one (never call it

@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine
 
 from backoffice.devices import StatusRefused, record_status, status_subscription
-from backoffice.signals import stop_requested
-from wire.mqtt_url import MqttTarget, new_client
+from backoffice.mqtt_service import MqttService
+from wire.mqtt_url import MqttTarget
 
 log = logging.getLogger(__name__)
 
@@ -27,41 +27,17 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class StatusConsumer:
+class StatusConsumer(MqttService):
     def __init__(self, engine: Engine, target: MqttTarget, *, master: bytes, client_id: str = "farebox_status",
                  operator: str | None = None, clock: Callable[[], datetime] = _utc_now):
+        super().__init__(target, client_id, name="status", subscription=status_subscription(operator))
         self.engine = engine
-        self.target = target
         self.master = master
         self.clock = clock
-        self.subscription = status_subscription(operator)
         # applied / superseded (an older copy) / refused (bad message) / errors (the database failed)
         self.counts = Counter({"applied": 0, "superseded": 0, "refused": 0, "errors": 0})
         self.refusals: list[tuple[str, str]] = []  # (topic, reason), the last 100, for operations and tests
-        self._subscribed = threading.Event()
         self._lock = threading.Lock()
-        self.on_ready = lambda: None
-        client = new_client(target, client_id, max_inflight=100)
-        client.reconnect_delay_set(min_delay=1, max_delay=10)
-        client.on_connect = self._on_connect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        self.client = client
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties):
-        if reason_code.is_failure:
-            log.error("status: broker refused the connection: %s", reason_code)
-            return
-        client.subscribe(self.subscription, qos=1)
-        log.info("status: connected to %s, subscribed to %s", self.target.url(with_password=False),
-                 self.subscription)
-
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
-        if any(rc.is_failure for rc in reason_codes):
-            log.error("status: broker refused the subscription to %s: %s", self.subscription, reason_codes)
-            return
-        self._subscribed.set()
-        self.on_ready()
 
     def _on_message(self, client, userdata, message):
         try:
@@ -85,22 +61,3 @@ class StatusConsumer:
     def _count(self, what: str) -> None:
         with self._lock:
             self.counts[what] += 1
-
-    def start(self) -> None:
-        self.client.connect_async(self.target.host, self.target.port, keepalive=30)
-        self.client.loop_start()
-
-    def wait_subscribed(self, timeout: float = 10.0) -> bool:
-        return self._subscribed.wait(timeout)
-
-    def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def run_forever(self) -> None:
-        """Until SIGTERM or SIGINT."""
-        done = stop_requested()
-        self.start()
-        done.wait()
-        self.stop()
-        log.info("status: stopped after %s", dict(self.counts))
