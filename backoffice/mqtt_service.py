@@ -49,12 +49,12 @@ class MqttService:
             return
         client.subscribe(self.subscription, qos=1)
         self._log.info("%s: connected to %s, subscribed to %s", self._name, self.target.url(with_password=False),
-                 self.subscription)
+                       self.subscription)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
         if any(rc.is_failure for rc in reason_codes):
             self._log.error("%s: broker refused the subscription to %s: %s%s", self._name, self.subscription,
-                      reason_codes, self._refusal_hint)
+                            reason_codes, self._refusal_hint)
             return
         self._subscribed.set()
         self.on_ready()

@@ -157,7 +157,12 @@ class Publisher(MqttService):
     # ------------------------------------------------------------------------------------------- MQTT
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
-        # Ready even if the broker refused the status subscription (as before); start() calls on_ready, once.
+        # Ready even if the broker refused the status subscription: publishing still works, and start() calls
+        # on_ready once; but say so, or nobody learns why buses' versions never prompt a delta.
+        if any(rc.is_failure for rc in reason_codes):
+            self._log.error("publisher: broker refused the subscription to %s: %s; packages are still published, "
+                            "but bus status is not heard (check the publisher's broker ACL)", self.subscription,
+                            reason_codes)
         self._subscribed.set()
 
     def start(self, timeout: float = 10.0) -> None:
