@@ -67,6 +67,7 @@ from backoffice.denylist_publish import (
     update_for,
 )
 from backoffice.denylist_publish import get_version as _get_version
+from backoffice.devices import status_subscription
 from backoffice.mqtt_service import MqttService
 from backoffice.packages_publish import Outgoing, expected_versions
 from blacklist.delta import encode_delta
@@ -77,7 +78,6 @@ from wire.packages import Package, PackageError, sign_package, verify_package
 
 log = logging.getLogger(__name__)
 
-STATUS_SUBSCRIPTION = "{prefix}/{operator}/+/status"
 
 
 def announcement_package(version: DenyListVersion) -> Package:
@@ -130,8 +130,7 @@ class Publisher(MqttService):
                  sweep_every: float = 60.0):
         subscription = None  # a one-shot command works from the device_status table alone
         if listen_status:
-            op = "+" if operator is None else topics.check_segment(operator, "operator")
-            subscription = STATUS_SUBSCRIPTION.format(prefix=topics.PREFIX, operator=op)
+            subscription = status_subscription(operator)
         # No session to keep: on reconnecting, the retained statuses say again where every bus stands.
         super().__init__(target, client_id, name="publisher", subscription=subscription, persistent=False,
                          max_delay=30)
