@@ -1,5 +1,6 @@
 """The daily settlement PDF: one service day of one operator, by fleet, route, vehicle and driver, with revenue by
-route and taps by hour as charts. Input: ``SettlementTables`` (frames handed in by clearing); see
+route and taps by hour as charts, and what the day's clearing run carries for earlier days (late taps,
+reconciliation adjustments) with the net payable. Input: ``SettlementTables`` (frames handed in by clearing); see
 ``reports.settlement_doc`` for the columns."""
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The monthly settlement PDF: one operator's service days from the first to the last of a month, with a table and
-a chart by day beside the breakdowns by fleet, route, vehicle and driver. Input: ``SettlementTables`` with
-``by_day``; see ``reports.settlement_doc`` for the columns."""
+a chart by day beside the breakdowns by fleet, route, vehicle and driver, and what the month's runs carry for
+earlier days with the net payable (the days' net + the adjustments). Input: ``SettlementTables`` with ``by_day``;
+see ``reports.settlement_doc`` for the columns."""
 
 from __future__ import annotations
 

@@ -5,6 +5,16 @@ A breakdown frame has its key column (``route``, ``vehicle``, ``driver``, ``flee
 money in integer fen: either ``gross`` with, where clearing gives them, ``commission`` (the card issuer's) and
 ``net`` (the operator's), or a single ``amount`` (shown as "Amount"). An optional ``name`` column, or a mapping in
 ``names``, gives the names people know the codes by. Rows are shown in the order given.
+
+``adjustments`` (optional) are what the clearing run(s) carry for earlier days besides the period's own taps:
+one row per carried item, with ``kind`` ("late taps": purchases of an earlier service day that arrived after
+that day's run, one row per (``for_day``, route), ``key`` = the route code; "reconciliation": a clerk's
+adjustment on a reconciliation item, ``key`` = the item id), ``for_day`` (the service day it belongs to),
+``taps``, ``gross``, ``commission`` and ``net`` in fen, and optionally ``name`` (what the key is; late taps
+default to the route's name in ``names``). Given, the report adds a table "Adjustments for earlier days" and a
+"Payable" line near the top: the period's net + the adjustments' net = the net payable to the operator, and
+the same for gross and commission. Given but empty, the report says in one line that there are none (the run
+was checked, not forgotten). ``None`` (provisional figures, no stored run) says nothing about them.
 """
 
 from __future__ import annotations
@@ -36,6 +46,11 @@ MONEY_COLUMNS = ("gross", "commission", "net")
 HEADINGS = {"gross": "Gross\n(yuan)", "commission": "Issuer commission\n(yuan)", "net": "Net to operator\n(yuan)",
             "amount": "Amount (yuan)"}
 KEY_HEADINGS = {"route": "Route", "vehicle": "Vehicle", "driver": "Driver", "fleet": "Fleet", "day": "Day"}
+ADJUSTMENT_COLUMNS = ("kind", "for_day", "key", "taps", *MONEY_COLUMNS)
+LATE = "late taps"
+RECONCILIATION = "reconciliation"
+ADJUSTMENT_KINDS = (LATE, RECONCILIATION)
+ADJUSTMENTS_HEADING = "Adjustments for earlier days"
 TOP_ROUTES = 20  # bars in the revenue chart; more would not read at a glance, the table below has them all
 
 
@@ -62,6 +77,7 @@ class SettlementTables:
     run: ClearingRun | None = None
     generated_at: datetime | None = None  # default: now
     names: Mapping[str, Mapping] = field(default_factory=dict)  # "route" -> {code: name}, ...
+    adjustments: pd.DataFrame | None = None  # carried for earlier days (see the module doc); None: not known
 
     def breakdowns(self) -> dict[str, pd.DataFrame]:
         """The tables by their key column, in the order the report shows them; absent ones left out."""
@@ -87,6 +103,42 @@ def money_columns(frame: pd.DataFrame) -> list[str]:
 
 def totals(frame: pd.DataFrame) -> dict[str, int]:
     return {c: int(frame[c].sum()) for c in ["taps", *money_columns(frame)]}
+
+
+def check_adjustments(frame: pd.DataFrame) -> None:
+    """The adjustments frame has its columns, known kinds and integer fen (see the module doc)."""
+    missing = [c for c in ADJUSTMENT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"adjustments need column(s) {missing}; got {list(frame.columns)}")
+    money_columns(frame)  # taps and fen are integers
+    unknown = sorted(set(frame["kind"].tolist()) - set(ADJUSTMENT_KINDS))
+    if unknown:
+        raise ValueError(f"adjustment kind must be one of {ADJUSTMENT_KINDS}, got {unknown}")
+
+
+def adjustment_names(t: SettlementTables) -> list[str]:
+    """What each adjustment's key is: the frame's ``name`` where given, else a late tap's route name."""
+    frame = t.adjustments
+    given = frame["name"].tolist() if "name" in frame.columns else [None] * len(frame)
+    routes = t.names.get("route") or {}
+    out = []
+    for kind, key, name in zip(frame["kind"].tolist(), frame["key"].tolist(), given, strict=True):
+        if name is not None and not (isinstance(name, float) and pd.isna(name)) and str(name):
+            out.append(str(name))
+        else:
+            out.append(str(routes.get(key, "")) if kind == LATE else "")
+    return out
+
+
+def payable(day: dict[str, int], adjustments: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """{"gross"|"commission"|"net": {"day": .., "adjustments": .., "payable": ..}} for the money columns both
+    have."""
+    out = {}
+    for c in MONEY_COLUMNS:
+        if c in day and c in adjustments.columns:
+            adj = int(adjustments[c].sum())
+            out[c] = {"day": day[c], "adjustments": adj, "payable": day[c] + adj}
+    return out
 
 
 def _names(frame: pd.DataFrame, key: str, names: Mapping | None) -> list[str] | None:
@@ -128,6 +180,55 @@ def breakdown_table(frame: pd.DataFrame, key: str, names: Mapping | None):
     sums = totals(frame)
     total = ["Total"] + ([""] if shown is not None else []) + [count(sums["taps"])] + [yuan(sums[c]) for c in money]
     return data_table(columns, rows, total)
+
+
+def adjustments_table(t: SettlementTables):
+    """The adjustments carried, one row each: for day, kind, route or item (with its name), taps, money;
+    a bold total row."""
+    frame = t.adjustments
+    money = list(MONEY_COLUMNS)
+    # Day, kind and taps hold short texts: narrow columns for them leave the route or item and its name room.
+    money_width, taps_width, day_width, kind_width = 27 * mm, 12 * mm, 17 * mm, 19 * mm
+    key_width = FRAME_WIDTH - day_width - kind_width - taps_width - money_width * len(money)
+    columns = [Column("For day", day_width), Column("Kind", kind_width), Column("Route / item", key_width),
+               Column("Taps", taps_width, numeric=True)]
+    columns += [Column(HEADINGS[c], money_width, numeric=True) for c in money]
+    names = adjustment_names(t)
+    rows = []
+    for i, (day, kind, key) in enumerate(zip(frame["for_day"].tolist(), frame["kind"].tolist(),
+                                             frame["key"].tolist(), strict=True)):
+        code = key_text(key)
+        shown = (f"item {code}" if kind == RECONCILIATION else code) + (f" {names[i]}" if names[i] else "")
+        rows.append([_key_cell(day), str(kind), shown, count(frame["taps"].iloc[i]),
+                     *[yuan(frame[c].iloc[i]) for c in money]])
+    sums = totals(frame)
+    total = ["Total", "", "", count(sums["taps"]), *[yuan(sums[c]) for c in money]]
+    return data_table(columns, rows, total)
+
+
+def _plus(a: int, words: str, b: int) -> str:
+    """ "a + words b", or "a - words |b|" for a negative b (a subtraction reads better than "+ -")."""
+    return f"{yuan(a)} + {words}{yuan(b)}" if b >= 0 else f"{yuan(a)} - {words}{yuan(-b)}"
+
+
+def payable_line(t: SettlementTables, money: dict[str, int]) -> str | None:
+    """The "Payable" line (after its bold lead "Payable to the operator:"): the period's own figures + the
+    adjustments = what is payable, for net, gross and commission; None without adjustments or a net."""
+    if t.adjustments is None:
+        return None
+    figures = payable(money, t.adjustments)
+    if "net" not in figures:
+        return None
+    own = "the day" if t.first_day == t.last_day else "the period's days"
+    net = figures["net"]
+    text = (f"net of {own} {_plus(net['day'], 'adjustments for earlier days ', net['adjustments'])} "
+            f"= {yuan(net['payable'])} yuan")
+    more = []
+    for c, word in (("gross", "gross"), ("commission", "issuer commission")):
+        if c in figures:
+            f = figures[c]
+            more.append(f"{word} {_plus(f['day'], '', f['adjustments'])} = {yuan(f['payable'])}")
+    return text + (f" ({'; '.join(more)})." if more else ".")
 
 
 def _summary(t: SettlementTables, money: dict[str, int], period_word: str) -> str:
@@ -183,6 +284,18 @@ def _day_chart(t: SettlementTables):
                           axis_title="day of the month")
 
 
+def _payable_paragraph(t: SettlementTables, money: dict[str, int], st) -> Paragraph:
+    """Near the top: what is payable (the period's net + the adjustments), or a line saying there are none."""
+    if t.adjustments.empty:
+        one_day = t.first_day == t.last_day
+        carry = "this clearing run carries" if one_day else "the clearing runs of this period carry"
+        own = "the day's" if one_day else "the period's"
+        line = (f"No adjustments for earlier days: {carry} no late taps and no reconciliation adjustments, "
+                f"so the net payable to the operator is {own} net, {yuan(money['net'])} yuan.")
+        return Paragraph(markup(line), st["body"])
+    return Paragraph("<b>Payable to the operator:</b> " + markup(payable_line(t, money) or ""), st["body"])
+
+
 def settlement_story(t: SettlementTables, *, title: str, period: str, period_word: str,
                      cutoff_hour: int = 3) -> tuple[list, PageHeader]:
     """The flowables of a settlement report and the header of its pages."""
@@ -193,6 +306,13 @@ def settlement_story(t: SettlementTables, *, title: str, period: str, period_wor
         Paragraph(markup(f"{title} — {t.operator_name} — {period}"), st["title"]),
         Paragraph(markup(_summary(t, money, period_word)), st["body"]),
     ]
+    adjustments = t.adjustments
+    if adjustments is not None:
+        check_adjustments(adjustments)
+        if "net" not in money:
+            raise ValueError("adjustments need the period's gross, commission and net (figures of stored "
+                             "clearing runs); provisional figures carry none: leave adjustments None")
+        story.append(_payable_paragraph(t, money, st))
     # Every breakdown holds each tap once, so all must add up to the same figures; if not, the reader must
     # not trust any of them.
     if any(totals(frame) != money for frame in tables.values()):
@@ -208,6 +328,9 @@ def settlement_story(t: SettlementTables, *, title: str, period: str, period_wor
         table = breakdown_table(frame, key, t.names.get(key))
         # Keep a heading with the first rows of its table: a heading alone at the foot of a page reads as lost.
         story += [Spacer(1, 3 * mm), CondPageBreak(30 * mm), KeepTogether([heading]), table]
+    if adjustments is not None and not adjustments.empty:
+        heading = Paragraph(ADJUSTMENTS_HEADING, st["heading"])
+        story += [Spacer(1, 3 * mm), CondPageBreak(30 * mm), KeepTogether([heading]), adjustments_table(t)]
     header = PageHeader(
         operator_name=t.operator_name,
         title=title,

@@ -5,6 +5,11 @@ integer fen, and beside each fen column comes the same amount in yuan with two d
 ``gross_yuan``), worked out with integer arithmetic (CSV) or as an exact Decimal (XLSX, formatted ``#,##0.00``),
 never through a float. Names of routes, vehicles and drivers come beside their codes.
 
+The adjustments the clearing run(s) carry for earlier days (late taps, reconciliation adjustments), when there
+are any, come as one more table, ``adjustments``: kind, for_day, key (route code or reconciliation item id),
+name, taps and the money columns. The XLSX "about" sheet then also gives the adjustments' totals and what is
+payable (the period's totals + the adjustments), as the PDF's "Payable" line does.
+
 CSV is UTF-8 with a byte-order mark: Excel on a clerk's Windows PC reads a CSV without one in the local code page
 and shows Chinese names as mojibake. Files are written atomically (a temp file renamed into place).
 """
@@ -21,7 +26,14 @@ from pathlib import Path
 import pandas as pd
 
 from reports.pdf import MISSING_KEY, run_line
-from reports.settlement_doc import SettlementTables, money_columns
+from reports.settlement_doc import (
+    MONEY_COLUMNS,
+    SettlementTables,
+    adjustment_names,
+    check_adjustments,
+    money_columns,
+    payable,
+)
 
 CSV_ENCODING = "utf-8-sig"  # UTF-8 with BOM, see above
 YUAN_FORMAT = "#,##0.00"
@@ -56,14 +68,33 @@ def export_frame(frame: pd.DataFrame, key: str, names=None, *, to_yuan: Callable
     return out
 
 
+def export_adjustments(tables: SettlementTables, *, to_yuan: Callable[[int], object] = yuan_text
+                       ) -> pd.DataFrame:
+    """The adjustments ready to export: kind, for_day, key, name, taps, then each fen column and its yuan."""
+    frame = tables.adjustments
+    check_adjustments(frame)
+    out = pd.DataFrame({"kind": frame["kind"].tolist(), "for_day": frame["for_day"].tolist(),
+                        "key": [MISSING_KEY if pd.isna(v) else str(v) for v in frame["key"].tolist()],
+                        "name": adjustment_names(tables)})
+    out["taps"] = frame["taps"].astype("int64").to_numpy()
+    for c in MONEY_COLUMNS:
+        fen = frame[c].astype("int64")
+        out[c] = fen.to_numpy()
+        out[f"{c}_yuan"] = [to_yuan(v) for v in fen.tolist()]
+    return out
+
+
 def export_frames(tables: SettlementTables, *, to_yuan: Callable[[int], object] = yuan_text
                   ) -> dict[str, pd.DataFrame]:
-    """Every table of the report by its name ("by_route", ..., "taps_by_hour"), ready to export."""
+    """Every table of the report by its name ("by_route", ..., "adjustments", "taps_by_hour"), ready to
+    export; "adjustments" only when there are any."""
     out: dict[str, pd.DataFrame] = {}
     if tables.by_day is not None:
         out["by_day"] = export_frame(tables.by_day, "day", to_yuan=to_yuan)
     for key, frame in tables.breakdowns().items():
         out[f"by_{key}"] = export_frame(frame, key, tables.names.get(key), to_yuan=to_yuan)
+    if tables.adjustments is not None and not tables.adjustments.empty:
+        out["adjustments"] = export_adjustments(tables, to_yuan=to_yuan)
     if tables.taps_by_hour is not None:
         out["taps_by_hour"] = tables.taps_by_hour.loc[:, ["hour", "taps"]].astype("int64").reset_index(drop=True)
     return out
@@ -111,6 +142,14 @@ def _about(tables: SettlementTables) -> pd.DataFrame:
         rows.append((f"total {c}" + ("" if c == "taps" else " (fen)"), fen))
         if c != "taps":
             rows.append((f"total {c} (yuan)", yuan_decimal(fen)))
+    if tables.adjustments is not None:
+        figures = payable({c: int(route[c].sum()) for c in money_columns(route)}, tables.adjustments)
+        check_adjustments(tables.adjustments)
+        rows.append(("adjustments for earlier days (rows)", len(tables.adjustments)))
+        for what in ("adjustments", "payable"):
+            for c, f in figures.items():
+                rows.append((f"{what} {c} (fen)", f[what]))
+                rows.append((f"{what} {c} (yuan)", yuan_decimal(f[what])))
     return pd.DataFrame(rows, columns=["item", "value"])
 
 

@@ -4,10 +4,12 @@ charts, and a table longer than a page repeating its header row."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 
 import pandas as pd
 import pytest
@@ -20,6 +22,7 @@ from reports.pdf import CJK_FONT_FILES
 from reports.settlement_doc import ClearingRun, SettlementTables
 from reports.settlement_pdf import write_settlement_pdf
 from reports.shift_slip import ShiftSlip, VehicleDay, write_shift_pdf, write_vehicle_day_pdf
+from reports.tables import write_settlement_csv, write_settlement_xlsx
 
 DAY = date(2024, 5, 2)
 RUN = ClearingRun("2024-05-02/3", datetime(2024, 5, 3, 1, 15, 30, tzinfo=UTC))
@@ -278,6 +281,185 @@ def test_empty_day(tmp_path):
     texts = pages(write_daily_pdf(t, tmp_path / "e.pdf"))
     assert_headers(texts, "service day 2024-05-02", operator="Quiet Bus")
     assert total_rows(texts, 2) == [["0", "0.00"]] * 3
+
+
+# -- adjustments for earlier days and the payable line ------------------------------------------------------
+
+# What a run carries besides its day, as clearing hands it over: late taps by (for_day, route), a clerk's
+# reconciliation adjustments by item (taps 0; one negative: the issuer paid 1.50 yuan less than we counted).
+ADJUSTMENT_ROWS = [
+    {"kind": "late taps", "for_day": date(2024, 4, 30), "key": "R2", "taps": 2, "gross": 350, "commission": 2,
+     "net": 348},
+    {"kind": "late taps", "for_day": date(2024, 5, 1), "key": "R1", "taps": 5, "gross": 1_000, "commission": 6,
+     "net": 994},
+    {"kind": "late taps", "for_day": date(2024, 5, 1), "key": "R5", "taps": 1, "gross": 200, "commission": 1,
+     "net": 199},
+    {"kind": "reconciliation", "for_day": date(2024, 4, 29), "key": "17", "taps": 0, "gross": 12_345,
+     "commission": 74, "net": 12_271, "name": "issuer amount differs"},
+    {"kind": "reconciliation", "for_day": date(2024, 5, 1), "key": "23", "taps": 0, "gross": -150, "commission": -1,
+     "net": -149, "name": "issuer missing in farebox"},
+]
+ADJ_COLUMNS = ["kind", "for_day", "key", "taps", "gross", "commission", "net"]
+
+
+def adjustment_frame(rows) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=[*ADJ_COLUMNS, "name"])
+    return frame.astype({c: "int64" for c in ("taps", "gross", "commission", "net")})
+
+
+def with_adjustments(t: SettlementTables, rows) -> SettlementTables:
+    return dataclasses.replace(t, adjustments=adjustment_frame(rows))
+
+
+def plus(a: int, b: int) -> str:
+    return f"{money(a)} + " if b >= 0 else f"{money(a)} - "
+
+
+def test_adjustments_table_and_the_payable_line_add_up(tmp_path):
+    rows = shift_rows(300)
+    t = with_adjustments(tables_for(rows), ADJUSTMENT_ROWS)
+    texts = pages(write_daily_pdf(t, tmp_path / "adj.pdf"))
+    assert_headers(texts, "service day 2024-05-02")
+    flat = " ".join(texts).replace("\n", " ")
+
+    # Sums worked out here, with plain loops over the rows handed in.
+    day_taps, day_gross, day_comm, day_net = loop_sums(rows)
+    adj = [0, 0, 0, 0]
+    for r in ADJUSTMENT_ROWS:
+        for i, c in enumerate(("taps", "gross", "commission", "net")):
+            adj[i] += r[c]
+    adj_taps, adj_gross, adj_comm, adj_net = adj
+    assert adj_taps == 8 and adj_net == 348 + 994 + 199 + 12_271 - 149
+
+    # The day's tables are the day's alone; the adjustments table comes last, its total the sum of its rows.
+    totals = total_rows(texts, 4)
+    assert len(totals) == 5
+    day = [thousands(day_taps), money(day_gross), money(day_comm), money(day_net)]
+    assert totals[:4] == [day] * 4
+    assert totals[4] == [thousands(adj_taps), money(adj_gross), money(adj_comm), money(adj_net)]
+    assert "WARNING" not in flat
+
+    # Each carried item on its own row: day, kind, route (with its name) or item (with what it is), figures.
+    all_lines = [ln for x in texts for ln in lines(x)]
+    start = all_lines.index("Adjustments for earlier days")
+    assert all_lines[start + 1:start + 4] == ["For day", "Kind", "Route / item"]
+    body = all_lines[start:]
+    route_names = t.names["route"]
+    for r in ADJUSTMENT_ROWS:
+        key = f"{r['key']} {route_names[r['key']]}" if r["kind"] == "late taps" else f"item {r['key']} {r['name']}"
+        i = body.index(key)
+        assert body[i - 2:i] == [r["for_day"].isoformat(), r["kind"]], key
+        assert body[i + 1:i + 5] == [thousands(r["taps"]), money(r["gross"]), money(r["commission"]),
+                                     money(r["net"])], key
+
+    # The payable line near the top: day + adjustments = payable, the three figures each worked out here.
+    assert (f"Payable to the operator: net of the day {plus(day_net, adj_net)}adjustments for earlier days "
+            f"{money(abs(adj_net))} = {money(day_net + adj_net)} yuan (gross {plus(day_gross, adj_gross)}"
+            f"{money(abs(adj_gross))} = {money(day_gross + adj_gross)}; issuer commission "
+            f"{plus(day_comm, adj_comm)}{money(abs(adj_comm))} = {money(day_comm + adj_comm)}).") in flat
+    assert flat.index("Payable to the operator") < flat.index("By fleet")
+    assert "No adjustments" not in flat
+
+
+def test_negative_adjustments_read_as_a_subtraction(tmp_path):
+    rows = shift_rows(50)
+    refund = [{"kind": "reconciliation", "for_day": date(2024, 5, 1), "key": "9", "taps": 0, "gross": -1_234,
+               "commission": -7, "net": -1_227, "name": ""}]
+    flat = " ".join(pages(write_daily_pdf(with_adjustments(tables_for(rows), refund), tmp_path / "n.pdf")))
+    flat = flat.replace("\n", " ")
+    _taps, gross, comm, net = loop_sums(rows)
+    assert (f"net of the day {money(net)} - adjustments for earlier days 12.27 = {money(net - 1_227)} yuan "
+            f"(gross {money(gross)} - 12.34 = {money(gross - 1_234)}; issuer commission {money(comm)} - 0.07 = "
+            f"{money(comm - 7)}).") in flat
+    assert "item 9" in flat
+
+
+def test_a_run_without_adjustments_says_so_in_one_line(tmp_path):
+    rows = shift_rows(100)
+    none = with_adjustments(tables_for(rows), [])
+    texts = pages(write_daily_pdf(none, tmp_path / "none.pdf"))
+    flat = " ".join(texts).replace("\n", " ")
+    net = loop_sums(rows)[3]
+    assert ("No adjustments for earlier days: this clearing run carries no late taps and no reconciliation "
+            f"adjustments, so the net payable to the operator is the day's net, {money(net)} yuan.") in flat
+    assert "Adjustments for earlier days" not in flat and "Payable to the operator:" not in flat
+    assert len(total_rows(texts, 4)) == 4
+    # Not known (provisional figures, or a caller that did not look): the report claims nothing either way.
+    flat = "".join(pages(write_daily_pdf(tables_for(rows), tmp_path / "unknown.pdf")))
+    assert "adjustments" not in flat.lower() and "Payable" not in flat
+
+
+def test_monthly_report_shows_the_days_the_adjustments_and_the_payable(tmp_path):
+    rows = shift_rows(600, days=31, seed=4)
+    t = with_adjustments(tables_for(rows, first=date(2024, 5, 1), last=date(2024, 5, 31), with_day=True),
+                         ADJUSTMENT_ROWS)
+    texts = pages(write_monthly_pdf(t, tmp_path / "m.pdf"))
+    flat = " ".join(texts).replace("\n", " ")
+    taps, gross, _comm, net = loop_sums(rows)
+    adj_net = sum(r["net"] for r in ADJUSTMENT_ROWS)
+    adj_gross = sum(r["gross"] for r in ADJUSTMENT_ROWS)
+    assert f"Period total: {thousands(taps)} taps, gross {money(gross)} yuan" in flat
+    assert (f"Payable to the operator: net of the period's days {money(net)} + adjustments for earlier days "
+            f"{money(adj_net)} = {money(net + adj_net)} yuan (gross {money(gross)} + {money(adj_gross)} = "
+            f"{money(gross + adj_gross)};") in flat
+    totals = total_rows(texts, 4)
+    assert len(totals) == 6  # day, fleet, route, vehicle, driver, then the adjustments
+    assert totals[-1][-1] == money(adj_net)
+
+
+def test_bad_adjustments_are_refused(tmp_path):
+    t = tables_for(shift_rows(20))
+    with pytest.raises(ValueError, match="for_day"):
+        write_daily_pdf(dataclasses.replace(t, adjustments=adjustment_frame(ADJUSTMENT_ROWS).drop(
+            columns="for_day")), tmp_path / "a.pdf")
+    floats = adjustment_frame(ADJUSTMENT_ROWS).astype({"net": "float64"})
+    with pytest.raises(TypeError, match="net"):
+        write_daily_pdf(dataclasses.replace(t, adjustments=floats), tmp_path / "b.pdf")
+    odd = adjustment_frame([{**ADJUSTMENT_ROWS[0], "kind": "bonus"}])
+    with pytest.raises(ValueError, match="kind"):
+        write_daily_pdf(dataclasses.replace(t, adjustments=odd), tmp_path / "c.pdf")
+    gross_only = dataclasses.replace(t, by_route=t.by_route[["route", "taps", "gross"]],
+                                     by_vehicle=t.by_vehicle[["vehicle", "taps", "gross"]],
+                                     by_driver=t.by_driver[["driver", "taps", "gross"]], by_fleet=None,
+                                     adjustments=adjustment_frame(ADJUSTMENT_ROWS))
+    with pytest.raises(ValueError, match="provisional"):
+        write_daily_pdf(gross_only, tmp_path / "d.pdf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_adjustments_in_csv_and_xlsx(tmp_path):
+    openpyxl = pytest.importorskip("openpyxl")
+    rows = shift_rows(200)
+    t = with_adjustments(tables_for(rows), ADJUSTMENT_ROWS)
+    files = write_settlement_csv(t, tmp_path, stem="s")
+    path = tmp_path / "s-adjustments.csv"
+    assert path in files and path.read_bytes().startswith(b"\xef\xbb\xbf")
+    df = pd.read_csv(path, encoding="utf-8-sig", dtype={"key": str, "gross_yuan": str, "commission_yuan": str,
+                                                        "net_yuan": str})
+    assert list(df.columns) == ["kind", "for_day", "key", "name", "taps", "gross", "gross_yuan", "commission",
+                                "commission_yuan", "net", "net_yuan"]
+    got = [(r["kind"], r["for_day"], r["key"], int(r["taps"]), int(r["gross"]), int(r["commission"]),
+            int(r["net"])) for r in df.to_dict("records")]
+    assert got == [(r["kind"], r["for_day"].isoformat(), r["key"], r["taps"], r["gross"], r["commission"],
+                    r["net"]) for r in ADJUSTMENT_ROWS]
+    assert list(df["net_yuan"]) == [money(r["net"]).replace(",", "") for r in ADJUSTMENT_ROWS]
+    assert df.loc[df["key"] == "R1", "name"].item() == "1路 环线"
+    assert df.loc[df["key"] == "17", "name"].item() == "issuer amount differs"
+    # No adjustments: no file (the PDF says so in a line).
+    assert not any("adjustments" in p.name for p in write_settlement_csv(with_adjustments(t, []), tmp_path / "e"))
+
+    book = openpyxl.load_workbook(write_settlement_xlsx(t, tmp_path / "s.xlsx"))
+    assert book.sheetnames == ["about", "by_fleet", "by_route", "by_vehicle", "by_driver", "adjustments",
+                               "taps_by_hour"]
+    sheet = list(book["adjustments"].iter_rows(min_row=2, values_only=True))
+    assert [r[9] for r in sheet] == [r["net"] for r in ADJUSTMENT_ROWS]
+    about = {r[0]: r[1] for r in book["about"].iter_rows(min_row=2, values_only=True)}
+    _taps, gross, comm, net = loop_sums(rows)
+    for c, day in (("gross", gross), ("commission", comm), ("net", net)):
+        adj = sum(r[c] for r in ADJUSTMENT_ROWS)
+        assert about[f"adjustments {c} (fen)"] == adj
+        assert about[f"payable {c} (fen)"] == day + adj
+        assert Decimal(str(about[f"payable {c} (yuan)"])) == Decimal(money(day + adj).replace(",", ""))
 
 
 def test_settlement_pdf_carries_the_run(tmp_path):
