@@ -10,6 +10,10 @@ stored run if there is one, else the provisional figures.
 
 Reports (when ``reports_dir`` is given): ``settlement-<operator>-<day>.pdf`` (reports.daily), the same tables as
 ``settlement-<operator>-<day>-by_route.csv`` etc. and ``settlement-<operator>-<day>.xlsx`` beside it.
+Besides the day's own taps, a run carries adjustments for earlier days (late taps, by day and route; a clerk's
+reconciliation adjustments, by item): the reports list them (also as ``-adjustments.csv`` when there are any)
+and show what is payable: day + adjustments = the run's ``payable_net``. A month's report does the same over
+its runs.
 """
 
 from __future__ import annotations
@@ -25,13 +29,13 @@ from sqlalchemy import Connection, select
 
 from backoffice import clearing_runs, registry
 from backoffice.models import ClearingRun as ClearingRunRow
-from backoffice.models import CommissionRate, Fleet, Operator, Tap
+from backoffice.models import CommissionRate, Fleet, Operator, ReconItem, Tap
 from clearing.runs import NO_FLEET, PURCHASE
 from clearing.service_day import day_bounds
 from clearing.settlement import Settlement, settle_day
 from reports.daily import write_daily_pdf
 from reports.monthly import month_bounds, write_monthly_pdf
-from reports.settlement_doc import ClearingRun, SettlementTables
+from reports.settlement_doc import LATE, RECONCILIATION, ClearingRun, SettlementTables
 from reports.tables import write_settlement_csv, write_settlement_xlsx
 
 log = logging.getLogger(__name__)
@@ -134,6 +138,36 @@ def _breakdown(run: clearing_runs.StoredRun, dim: str) -> pd.DataFrame:
     return frame[[dim, *MONEY]].sort_values(dim, kind="stable").reset_index(drop=True)
 
 
+def _adjustments(conn: Connection, runs: list[clearing_runs.StoredRun]) -> pd.DataFrame:
+    """What the runs carry for earlier days, for the reports: late taps by (for_day, route) and reconciliation
+    adjustments by item (named by the item's kind and problem), summed over the runs; late taps first, then by
+    day and key."""
+    parts = []
+    for run in runs:
+        late = run.table("route", "late").rename(columns={"route": "key"}).assign(kind=LATE)
+        items = (run.table("item", "reconciliation").rename(columns={"item": "key"})
+                 .assign(kind=RECONCILIATION))
+        parts += [f for f in (late, items) if not f.empty]
+    columns = ["kind", "for_day", "key", "name", *MONEY]
+    if not parts:
+        return pd.DataFrame({"kind": pd.Series([], dtype="str"), "for_day": pd.Series([], dtype="object"),
+                             "key": pd.Series([], dtype="str"), "name": pd.Series([], dtype="str"),
+                             **{c: pd.Series([], dtype="int64") for c in MONEY}})[columns]
+    out = (pd.concat(parts).groupby(["kind", "for_day", "key"], sort=False, dropna=False)[list(MONEY)].sum()
+           .reset_index().astype({c: "int64" for c in MONEY}))
+    ids = [int(k) for k in out.loc[out["kind"] == RECONCILIATION, "key"]]
+    described = {}
+    if ids:
+        described = {str(r.id): f"{r.kind} {r.problem}".replace("_", " ") for r in conn.execute(
+            select(ReconItem.id, ReconItem.kind, ReconItem.problem).where(ReconItem.id.in_(ids)))}
+    out["name"] = [described.get(k, "") if kind == RECONCILIATION else ""
+                   for kind, k in zip(out["kind"], out["key"], strict=True)]
+    order = [(0 if kind == LATE else 1, day, int(k) if kind == RECONCILIATION else 0, k)
+             for kind, day, k in zip(out["kind"], out["for_day"], out["key"], strict=True)]
+    out = out.iloc[sorted(range(len(out)), key=order.__getitem__)].reset_index(drop=True)
+    return out[columns]
+
+
 def _provisional_table(frame: pd.DataFrame, key: str) -> pd.DataFrame:
     return frame[[key, "taps", "amount"]].rename(columns={"amount": "gross"}).reset_index(drop=True)
 
@@ -177,7 +211,8 @@ def settle(conn: Connection, *, operator: str, day: date, reports_dir: Path | No
             operator=operator, operator_name=op.name, first_day=day, last_day=day,
             by_route=_breakdown(run, "route"), by_vehicle=_breakdown(run, "vehicle"),
             by_driver=_breakdown(run, "driver"), by_fleet=_breakdown(run, "fleet"),
-            taps_by_hour=None, run=ClearingRun(str(run.id), run.created_at), generated_at=now, names={})
+            taps_by_hour=None, run=ClearingRun(str(run.id), run.created_at), generated_at=now, names={},
+            adjustments=_adjustments(conn, [run]))
         as_of = run.as_of
     else:
         taps = load_day_taps(conn, operator=operator, day=day, tz=op.timezone, cutoff_hour=op.cutoff_hour)
@@ -214,10 +249,12 @@ def settle_month(conn: Connection, *, operator: str, year: int, month: int, repo
     """The month's settlement from the stored runs of its service days (read only: a day with no run is listed in
     ``missing`` and left out, because clearing it now would close it out of order; the nightly job or
     ``farebox settle --day`` clears days). Each row sums the day rows of the runs; commission + net == gross
-    holds per row because it holds per day."""
+    holds per row because it holds per day. ``tables.adjustments`` sums what the runs carry for earlier days,
+    so the report's payable net is the sum of the runs' ``payable_net``."""
     now = now or datetime.now(UTC)
     op = _operator(conn, operator)
     first, last = month_bounds(year, month)
+    start = day_bounds(first, op.timezone, op.cutoff_hour)[0]
     ids = conn.execute(select(ClearingRunRow.id).where(
         ClearingRunRow.operator == operator, ClearingRunRow.service_day >= first,
         ClearingRunRow.service_day <= last).order_by(ClearingRunRow.service_day)).scalars().all()
@@ -239,7 +276,8 @@ def settle_month(conn: Connection, *, operator: str, year: int, month: int, repo
         operator=operator, operator_name=op.name, first_day=first, last_day=last,
         by_route=_sum_over_runs(runs, "route"), by_vehicle=_sum_over_runs(runs, "vehicle"),
         by_driver=_sum_over_runs(runs, "driver"), by_fleet=_sum_over_runs(runs, "fleet"), by_day=by_day,
-        run=run, generated_at=now, names=_names(conn, operator, day_bounds(first, op.timezone, op.cutoff_hour)[0]))
+        run=run, generated_at=now, names=_names(conn, operator, start),
+        adjustments=_adjustments(conn, runs) if runs else None)
     pdf, files = None, ()
     if reports_dir is not None:
         files = _write(tables, Path(reports_dir), f"settlement-{operator}-{first:%Y-%m}", write_monthly_pdf,

@@ -10,6 +10,7 @@ import csv
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+import pandas as pd
 import pytest
 from openpyxl import load_workbook
 from pypdf import PdfReader
@@ -20,6 +21,7 @@ from backoffice import registry
 from backoffice.db import make_engine, upgrade
 from backoffice.models import ClearingRun, Tap
 from backoffice.settle import settle, settle_month
+from clearing.reconcile import ISSUER_COLUMNS, write_issuer_file
 from farebox.cli import main
 
 OP = "op_s"
@@ -198,6 +200,101 @@ def test_a_demo_like_day_is_settled_from_its_stored_run_with_reports_naming_it(e
         runs = conn.execute(select(func.count()).select_from(ClearingRun)).scalar_one()
     assert again.run.id == run.id and again.run.recleared and runs == 1
     assert again.settlement.amount == gross
+
+
+def test_late_taps_and_a_clerks_adjustment_are_printed_with_what_is_payable(engine, tmp_path):
+    """The day before is cleared; then the issuer's file for it shows one purchase 1.50 yuan dearer, a clerk
+    adjusts the item, and a bus offline since the day before uploads two of its purchases. The day's run carries
+    both: its reports list them and print day + adjustments = payable, each figure worked out here."""
+    before, before_start = DAY - timedelta(days=1), START - timedelta(days=1)
+    yesterday = day_rows(before_start, riders=20)
+    store(engine, yesterday)
+    with engine.begin() as conn:
+        first = settle(conn, operator=OP, day=before, reports_dir=tmp_path / "before", now=START + timedelta(hours=1))
+    text_ = " ".join(p.extract_text() for p in PdfReader(first.pdf).pages).replace("\n", " ")
+    assert "this clearing run carries no late taps and no reconciliation adjustments" in text_
+
+    # The issuer's file for the day before: every purchase as we stored it, one of them 150 fen dearer.
+    file = pd.DataFrame([{c: r[c] for c in ISSUER_COLUMNS} for r in yesterday if r["kind"] == "purchase"],
+                        columns=list(ISSUER_COLUMNS))
+    file.loc[3, "amount"] += 150
+    with engine.begin() as conn:
+        found, new = cr.import_issuer_file(conn, operator=OP, day=before, source=write_issuer_file(file),
+                                           now=START + timedelta(hours=2))
+        assert [i.problem for i in found] == ["amount_differs"] and len(new) == 1
+        cr.resolve_item(conn, item_id=new[0], status="adjusted", by="clerk1", now=START + timedelta(hours=3))
+    adjustment = 150  # the item's suggestion: theirs - ours
+    item = new[0]
+
+    # Two purchases of the day before, uploaded in the morning of the day (after the day before was cleared).
+    late = [{**_row("VAL9", 11, "purchase", before_start + timedelta(hours=10), "V2", "R2", "D2", amount=250),
+             "received_at": START + timedelta(hours=6)},
+            {**_row("VAL9", 12, "purchase", before_start + timedelta(hours=11), "V4", "R3", "D1", amount=180),
+             "received_at": START + timedelta(hours=6)}]
+    store(engine, [*late, *day_rows(START)])
+    with engine.begin() as conn:
+        result = settle(conn, operator=OP, day=DAY, reports_dir=tmp_path, now=END + timedelta(hours=1))
+    run = result.run
+
+    # Expected, from the stored taps and the rows inserted here: each section's commission is one figure
+    # rounded half up (the day's gross, the late taps' gross of their day, the adjustment).
+    day_gross = sum(p["amount"] for p in stored_purchases(engine, DAY))
+    day_net = day_gross - half_up_commission(day_gross)
+    late_gross = 0
+    for r in late:
+        late_gross += r["amount"]
+    late_commission = half_up_commission(late_gross)
+    adj_commission = half_up_commission(adjustment)
+    assert adj_commission == 1  # 0.9 fen rounds up: the adjustment's commission is not forgotten
+    adj_gross = late_gross + adjustment
+    adj_commission_all = late_commission + adj_commission
+    adj_net = adj_gross - adj_commission_all
+    payable_net = day_net + adj_net
+    assert run.totals["payable_net"] == payable_net
+    assert (run.totals["late_gross"], run.totals["reconciliation_gross"]) == (late_gross, adjustment)
+
+    # The PDF: the payable line near the top, the adjustments table with one row per route and the item.
+    pages = [p.extract_text() for p in PdfReader(result.pdf).pages]
+    whole = " ".join(pages).replace("\n", " ")
+    assert (f"Payable to the operator: net of the day {yuan(day_net)} + adjustments for earlier days "
+            f"{yuan(adj_net)} = {yuan(payable_net)} yuan (gross {yuan(day_gross)} + {yuan(adj_gross)} = "
+            f"{yuan(day_gross + adj_gross)}; issuer commission {yuan(day_gross - day_net)} + "
+            f"{yuan(adj_commission_all)} = {yuan(day_gross - day_net + adj_commission_all)}).") in whole
+    all_lines = [ln.strip() for p in pages for ln in p.splitlines() if ln.strip()]
+    table = all_lines[all_lines.index("Adjustments for earlier days"):]
+    total = table.index("Total")
+    assert table[total + 1:total + 5] == [str(len(late)), yuan(adj_gross), yuan(adj_commission_all), yuan(adj_net)]
+    for r in late:
+        i = table.index(f"{r['route']} {ROUTES[r['route']]}")
+        assert table[i - 2:i] == [before.isoformat(), "late taps"] and table[i + 2] == yuan(r["amount"])
+    i = table.index(f"item {item} issuer amount differs")
+    assert table[i - 2:i + 3] == [before.isoformat(), "reconciliation", f"item {item} issuer amount differs", "0",
+                                  yuan(adjustment)]
+
+    # The CSV beside it: the same rows in fen; the XLSX's about sheet: what is payable.
+    with open(tmp_path / f"settlement-{OP}-{DAY}-adjustments.csv", encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["kind"], r["for_day"], r["key"], int(r["gross"])) for r in rows] == [
+        ("late taps", before.isoformat(), "R2", 250), ("late taps", before.isoformat(), "R3", 180),
+        ("reconciliation", before.isoformat(), str(item), adjustment)]
+    assert sum(int(r["net"]) for r in rows) == adj_net
+    assert all(int(r["commission"]) + int(r["net"]) == int(r["gross"]) for r in rows)
+    about = {r[0]: r[1] for r in load_workbook(tmp_path / f"settlement-{OP}-{DAY}.xlsx")["about"]
+             .iter_rows(min_row=2, values_only=True)}
+    assert about["payable net (fen)"] == payable_net and about["adjustments net (fen)"] == adj_net
+
+    # The month: both days' own figures, what the runs carry, and what is payable.
+    with engine.begin() as conn:
+        month = settle_month(conn, operator=OP, year=2026, month=4, reports_dir=tmp_path / "month",
+                             now=END + timedelta(hours=2))
+    before_gross = sum(p["amount"] for p in stored_purchases(engine, before)) - late_gross  # counted late
+    days_net = day_net + before_gross - half_up_commission(before_gross)
+    assert first.run.totals["day_gross"] == before_gross
+    assert int(month.tables.adjustments["net"].sum()) == adj_net
+    whole = " ".join(p.extract_text() for p in PdfReader(month.pdf).pages).replace("\n", " ")
+    assert (f"Payable to the operator: net of the period's days {yuan(days_net)} + adjustments for earlier days "
+            f"{yuan(adj_net)} = {yuan(days_net + adj_net)} yuan") in whole
+    assert days_net + adj_net == sum(r.totals["payable_net"] for r in month.runs)
 
 
 def test_a_running_day_or_a_read_only_look_gives_provisional_figures_and_stores_nothing(engine, tmp_path):
