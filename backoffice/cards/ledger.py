@@ -12,11 +12,19 @@ card's chip keeps the number it had. So the check is::
 with its findings (a counter jump, a balance that does not follow, the same counter with different content, a book
 that does not match the card); :func:`review_card` reads a card's movements from the database, checks them and
 raises a case per finding (cases.py). Adjustments and refunds are use cases here, each with an audit record.
+
+The card's own history is two exact chains: loads in online-counter order (made by the back office as
+issuer host) and purchases in offline-counter order (made by bus validators). A bus's clock drifts by minutes,
+so they are merged by evidence, not by clock: the next movement is the chain head whose reported balance
+follows from the running balance. If both heads follow (one moved no money) or neither does (a record is
+missing or wrong), the head after which the other follows goes first; only when the balances cannot tell do
+the times decide.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -98,15 +106,43 @@ def _dedupe(moves: list[Movement], kind: str, findings: list[Finding]) -> list[M
     return kept
 
 
+def _follows(m: Movement, running: int) -> bool:
+    # No reported balance is no evidence against any place, so it counts as following: a head that does not
+    # follow yet can then come after it, not before it by a drifted clock. Its effect still enters the sum.
+    return m.balance_after is None or m.balance_after == running + m.effect
+
+
+def _next(loads: deque[Movement], purchases: deque[Movement], running: int) -> Movement:
+    """Take the next movement of the card's history off the head of one chain (see the module docstring)."""
+    if not loads or not purchases:
+        return (loads or purchases).popleft()
+    load, purchase = loads[0], purchases[0]
+    take_load, take_purchase = _follows(load, running), _follows(purchase, running)
+    if take_load == take_purchase:
+        # Both follow when one moves no money (a zero fare) or reported nothing; neither does when a record
+        # before one of them is missing. The one after which the other follows goes first: else a zero fare
+        # that a fast bus dates after a load makes the load look wrong, and one missing record gives two
+        # findings.
+        take_load = _follows(purchase, _after(load, running))
+        take_purchase = _follows(load, _after(purchase, running))
+    if take_load == take_purchase:  # the balances cannot tell: by time, a load first at the same instant
+        take_load = load.at <= purchase.at
+    return (loads if take_load else purchases).popleft()
+
+
+def _after(m: Movement, running: int) -> int:
+    """The balance after ``m`` as :func:`check` carries it on: the card's word, where it gave one."""
+    return running + m.effect if m.balance_after is None else m.balance_after
+
+
 def check(movements: list[Movement], *, opening: int = 0) -> Ledger:
     findings: list[Finding] = []
     loads = _dedupe([m for m in movements if m.kind == LOAD], "load", findings)
     purchases = _dedupe([m for m in movements if m.kind == PURCHASE], "purchase", findings)
-    # The card's own history in order: loads by online counter and purchases by offline counter are each exact;
-    # between the two the times decide (a load the host made, a tap the bus made).
-    chip = sorted(loads + purchases, key=lambda m: (m.at, m.kind != LOAD, m.counter))
+    heads = (deque(loads), deque(purchases))
     running, last = opening, None
-    for m in chip:
+    while heads[0] or heads[1]:
+        m = _next(*heads, running)
         running += m.effect
         if m.balance_after is not None and m.balance_after != running:
             findings.append(Finding(cases.BALANCE_MISMATCH, f"{m.kind}{m.counter}",

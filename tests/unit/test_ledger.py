@@ -1,11 +1,14 @@
-"""The ledger per card (pure): findings for a counter jump, a balance that does not follow, the same counter with
-different content; and, with hypothesis, money conserved across loads, purchases, refunds and adjustments on a real
-simulated card (the host's MAC2 loads it, a simulated PSAM debits it): the ledger equals the card's balance."""
+"""The ledger per card (pure): findings for a counter jump, a balance that does not follow, the same counter
+with different content; loads and taps put in order by the balances the card reported, whatever the buses'
+clocks say (with hypothesis: skewed clocks give no findings, a lost tap is still found); and, with hypothesis,
+money conserved across loads, purchases, refunds and adjustments on a real simulated card (the host's MAC2
+loads it, a simulated PSAM debits it): the ledger equals the card's balance."""
 
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -61,6 +64,118 @@ def test_refunds_leave_the_book_and_not_the_chip():
     moves = [Movement(PURCHASE, 300, at(1), 0, 700, "p0"), Movement(REFUND, 700, at(9), ref="lost card")]
     ledger = check(moves, opening=1000)
     assert ledger.balance == 0 and ledger.card_balance == 700 and ledger.agrees and ledger.findings == []
+
+
+# --- loads and purchases merged by the balances the card reported, not by the bus's clock -------------------
+
+
+def hm(hour: int, minute: int) -> datetime:
+    return datetime(2026, 11, 22, hour, minute, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("skew", [-5, +5])
+def test_a_bus_clock_minutes_off_does_not_make_a_balance_look_wrong(skew):
+    # A load at 10:00 (the host's clock, which is right); a tap at 10:02 real time. A bus 5 minutes slow
+    # dates the tap 09:57, before the load; its balance says it came after.
+    moves = [Movement(LOAD, 500, hm(10, 0), 0, 1500, "load at 10:00"),
+             Movement(PURCHASE, 200, hm(10, 2) + timedelta(minutes=skew), 0, 1300, "tap at 10:02 real")]
+    ledger = check(moves, opening=1000)
+    assert ledger.findings == [] and ledger.agrees
+    assert (ledger.balance, ledger.card_balance) == (1300, 1300)
+
+
+def test_a_zero_fare_or_a_tap_without_a_balance_dated_on_the_wrong_side_of_a_load():
+    # A free transfer at 09:58 real time, dated 10:03 by a fast bus: at 1000 fen both it and the load
+    # follow; only with the transfer first does the load still follow.
+    free = [Movement(PURCHASE, 0, hm(10, 3), 0, 1000, "free transfer"),
+            Movement(LOAD, 500, hm(10, 0), 0, 1500, "l0")]
+    assert check(free, opening=1000).findings == []
+    # A tap that reported no balance, dated before the load by a slow bus: the load's balance puts it first.
+    silent = [Movement(LOAD, 500, hm(10, 0), 0, 1500, "l0"),
+              Movement(PURCHASE, 200, hm(9, 57), 0, None, "p0"),
+              Movement(PURCHASE, 200, hm(10, 10), 1, 1100, "p1")]
+    ledger = check(silent, opening=1000)
+    assert ledger.findings == [] and ledger.agrees and ledger.card_balance == 1100
+
+
+@pytest.mark.parametrize(("tap_at", "wrong"), [(hm(10, 1), "purchase0"), (hm(9, 59), "load0")])
+def test_when_the_balances_cannot_tell_the_times_decide(tap_at, wrong):
+    # From 1000 fen both follow, but not one after the other (one of them is wrong): whichever the times put
+    # second is the one that does not follow.
+    moves = [Movement(LOAD, 500, hm(10, 0), 0, 1500, "l0"), Movement(PURCHASE, 200, tap_at, 0, 800, "p0")]
+    ledger = check(moves, opening=1000)
+    assert [(f.kind, f.key) for f in ledger.findings if not f.key.startswith("book@")] == \
+        [(cases.BALANCE_MISMATCH, wrong)]
+
+
+@pytest.mark.parametrize("skew", [-5, +40])  # +40: the bus dates the tap after the next load, as well
+def test_a_missing_load_is_one_finding_whatever_the_bus_clock(skew):
+    bus = timedelta(minutes=skew)
+    moves = [Movement(LOAD, 500, hm(8, 0), 0, 1500, "l0"),
+             Movement(PURCHASE, 200, hm(8, 30) + bus, 0, 1300, "p0"),
+             # load 1 (+500 at 09:00, 1800 fen) never reached the ledger
+             Movement(PURCHASE, 200, hm(9, 30) + bus, 1, 1600, "p1"),
+             Movement(LOAD, 500, hm(10, 0), 2, 2100, "l2"),
+             Movement(PURCHASE, 200, hm(10, 30) + bus, 2, 1900, "p2")]
+    ledger = check(moves, opening=1000)
+    assert sorted((f.kind, f.key) for f in ledger.findings) == [
+        (cases.BALANCE_MISMATCH, "book@purchase2"),  # the book lacks the load the card has
+        (cases.BALANCE_MISMATCH, "purchase1"),  # the first tap after the gap, once
+        (cases.COUNTER_JUMP, "load0-2")]
+    assert (ledger.balance, ledger.card_balance) == (1400, 1900)
+
+
+# A real history: loads (1 fen to 50 yuan) and taps (free up to 5 yuan; one the card cannot pay is refused and
+# leaves no record), real times a minute or more apart, each tap dated by a bus clock up to 30 minutes off.
+history = st.lists(st.tuples(st.sampled_from([LOAD, PURCHASE]), st.integers(0, 5000), st.integers(1, 20),
+                             st.integers(-30 * 60, 30 * 60)), max_size=25)
+
+
+def real_history(opening: int, steps) -> tuple[list[Movement], int]:
+    moves: list[Movement] = []
+    balance, counters, now = opening, {LOAD: 3, PURCHASE: 7}, T0  # the test's own sum, a plain loop
+    for kind, amount, gap, skew in steps:
+        now += timedelta(minutes=gap)
+        if kind == LOAD:
+            amount = max(amount, 1)
+            balance += amount
+            moves.append(Movement(LOAD, amount, now, counters[LOAD], balance, f"load {len(moves)}"))
+        else:
+            amount %= 501
+            if amount > balance:
+                continue
+            balance -= amount
+            bus_time = now + timedelta(seconds=skew)
+            moves.append(Movement(PURCHASE, amount, bus_time, counters[PURCHASE], balance,
+                                  f"tap {len(moves)}"))
+        counters[kind] += 1
+    return moves, balance
+
+
+@settings(max_examples=300, deadline=None)
+@given(opening=st.integers(0, 3000), steps=history, drop=st.integers(0, 10**6))
+def test_skewed_bus_clocks_give_no_findings_and_a_lost_tap_is_still_found(opening, steps, drop):
+    moves, balance = real_history(opening, steps)
+    ledger = check(moves, opening=opening)
+    assert ledger.findings == [] and ledger.agrees
+    assert ledger.balance == balance and ledger.card_balance == (balance if moves else None)
+
+    taps = [i for i, m in enumerate(moves) if m.kind == PURCHASE]
+    if not taps:
+        return
+    lost = taps[drop % len(taps)]
+    found = kinds(check(moves[:lost] + moves[lost + 1:], opening=opening))
+    between_taps = taps[0] < lost < taps[-1]  # the ledger knows no counter before the first tap it has
+    if between_taps:
+        assert cases.COUNTER_JUMP in found
+    elif lost == taps[-1] and moves[lost].amount and lost != len(moves) - 1:
+        # Only loads come after it, each with a balance that lacks the fare: no order of the records follows.
+        assert found and set(found) == {cases.BALANCE_MISMATCH}
+    else:
+        # A lost first tap: usually a later balance gives it away, but not always (a later load and tap of
+        # the same amount can be merged into a history that follows without it). A lost last record, or a
+        # free last tap, leaves nothing on the card's side to find.
+        assert cases.COUNTER_JUMP not in found
 
 
 # --- money conserved, on a real simulated card ---------------------------------------------------------------
