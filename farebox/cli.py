@@ -81,7 +81,10 @@ def _settle(args, settings) -> int:
         return 2
     if args.month is not None:
         gross = sum(int(r.totals["day_gross"]) for r in m.runs)
-        print(f"{args.operator} {m.first_day:%Y-%m}: {len(m.runs)} day(s) cleared, gross {yuan(gross)} yuan; "
+        net = sum(int(r.totals["day_net"]) for r in m.runs)
+        payable = sum(int(r.totals["payable_net"]) for r in m.runs)
+        print(f"{args.operator} {m.first_day:%Y-%m}: {len(m.runs)} day(s) cleared, gross {yuan(gross)} yuan, net "
+              f"{yuan(net)} yuan; payable with late taps and adjustments {yuan(payable)} yuan; "
               f"{len(m.missing)} day(s) without a clearing run left out")
         print(f"reports: {', '.join(str(f) for f in m.files)}")
         return 0

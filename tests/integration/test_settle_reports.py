@@ -283,6 +283,22 @@ def test_late_taps_and_a_clerks_adjustment_are_printed_with_what_is_payable(engi
              .iter_rows(min_row=2, values_only=True)}
     assert about["payable net (fen)"] == payable_net and about["adjustments net (fen)"] == adj_net
 
+    # The clerk downloads the same adjustments table through the API.
+    from fastapi.testclient import TestClient
+
+    from backoffice.web.app import create_app
+    from backoffice.web.auth import Principal, TokenStore
+
+    app = create_app(engine, tokens=TokenStore(tokens={"fbx_c": Principal("clerk1", "clerk", OP)}),
+                     clock=lambda: END + timedelta(hours=2), migrate=False)
+    with TestClient(app) as client:
+        got = client.get(f"/api/v1/operators/{OP}/reports/days/{DAY}/settlement?format=csv&table=adjustments",
+                         headers={"Authorization": "Bearer fbx_c"})
+    assert got.status_code == 200, got.text
+    served = list(csv.DictReader(got.content.decode("utf-8-sig").splitlines()))
+    assert [(r["kind"], r["key"], int(r["net"])) for r in served] == [
+        (r["kind"], r["key"], int(r["net"])) for r in rows]
+
     # The month: both days' own figures, what the runs carry, and what is payable.
     with engine.begin() as conn:
         month = settle_month(conn, operator=OP, year=2026, month=4, reports_dir=tmp_path / "month",

@@ -37,7 +37,7 @@ router = APIRouter(tags=["reports"])
 OWNERS = ("clerk",)
 MEDIA = {"pdf": "application/pdf", "csv": "text/csv; charset=utf-8",
          "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"}
-TABLES = ("route", "vehicle", "driver", "fleet")
+TABLES = ("route", "vehicle", "driver", "fleet", "adjustments")  # adjustments: late taps and reconciliation
 PURCHASE, SHIFT_OPEN, SHIFT_CLOSE = "purchase", "shift_open", "shift_close"
 # reconciliation problems that make a shift out of balance; "not_closed" the slip shows on its own line
 OUT_OF_BALANCE = ("records_missing", "no_sign_in", "out_of_balance", "shift_not_received")
@@ -88,7 +88,8 @@ def day_settlement(conn: Connection, *, op: OperatorDay, day: date, fmt: str, ta
     with tempfile.TemporaryDirectory(prefix="farebox-report-") as folder:
         result = settle(conn, operator=op.code, day=day, reports_dir=Path(folder), now=now, close_day=False)
         stem = f"settlement-{op.code}-{day.isoformat()}"
-        name = f"{stem}-by_{table}.csv" if fmt == "csv" else f"{stem}.{fmt}"
+        csv_name = f"{stem}-adjustments.csv" if table == "adjustments" else f"{stem}-by_{table}.csv"
+        name = csv_name if fmt == "csv" else f"{stem}.{fmt}"
         path = Path(folder) / name
         if not path.exists():
             raise HTTPException(404, f"no {table} table in the settlement of {day}")
