@@ -60,12 +60,7 @@ def export_frame(frame: pd.DataFrame, key: str, names=None, *, to_yuan: Callable
         out["name"] = frame["name"].tolist()
     elif names is not None:
         out["name"] = [names.get(code, "") for code in frame[key].tolist()]
-    out["taps"] = frame["taps"].astype("int64").to_numpy()
-    for c in money:
-        fen = frame[c].astype("int64")
-        out[c] = fen.to_numpy()
-        out[f"{c}_yuan"] = [to_yuan(v) for v in fen.tolist()]
-    return out
+    return _with_money(out, frame, money, to_yuan)
 
 
 def export_adjustments(tables: SettlementTables, *, to_yuan: Callable[[int], object] = yuan_text
@@ -76,8 +71,13 @@ def export_adjustments(tables: SettlementTables, *, to_yuan: Callable[[int], obj
     out = pd.DataFrame({"kind": frame["kind"].tolist(), "for_day": frame["for_day"].tolist(),
                         "key": [MISSING_KEY if pd.isna(v) else str(v) for v in frame["key"].tolist()],
                         "name": adjustment_names(tables)})
+    return _with_money(out, frame, MONEY_COLUMNS, to_yuan)
+
+
+def _with_money(out: pd.DataFrame, frame: pd.DataFrame, money, to_yuan) -> pd.DataFrame:
+    """``out`` with ``frame``'s taps, then each fen column followed by its yuan column."""
     out["taps"] = frame["taps"].astype("int64").to_numpy()
-    for c in MONEY_COLUMNS:
+    for c in money:
         fen = frame[c].astype("int64")
         out[c] = fen.to_numpy()
         out[f"{c}_yuan"] = [to_yuan(v) for v in fen.tolist()]
