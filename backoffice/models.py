@@ -450,7 +450,8 @@ from sqlalchemy import text
 
 class CardAccount(Base):
     """What issuance knows of a card beyond the deny list's ``card`` row: its algorithm, validity, deposit, the
-    proof behind a concession type, its opening balance, and (once lost or blocked) the balance frozen for refund."""
+    proof behind a concession type, its opening balance and counters, and (once lost or blocked) the balance
+    frozen for refund."""
 
     __tablename__ = "card_account"
     asn: Mapped[str] = mapped_column(ForeignKey("card.asn"), primary_key=True)
@@ -460,6 +461,10 @@ class CardAccount(Base):
     valid_to: Mapped[date] = mapped_column(Date)
     deposit: Mapped[int] = mapped_column(BigInteger)  # fen, refundable with the card
     opening_balance: Mapped[int] = mapped_column(BigInteger)  # fen on the card when issued
+    # The card's offline (purchase) and online (load) TTC when issued; NULL: not known (a card that would not
+    # tell, or issued before revision 0010). The ledger finds a missing first purchase or load with them.
+    opening_purchase_ttc: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    opening_load_ttc: Mapped[int | None] = mapped_column(Integer, nullable=True)
     proof: Mapped[str] = mapped_column(String(200), server_default="")  # e.g. student id, for concession types
     holder: Mapped[str] = mapped_column(String(200), server_default="")
     issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

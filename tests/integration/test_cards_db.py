@@ -1,10 +1,12 @@
 """Cards and money stored in SQLite and PostgreSQL: revision 2026_11_22_0005 builds what the models describe and
-upgrades from 0004; issuance with proof; loss reporting freezes the balance; refunds never beyond it; adjustments;
-ledger anomalies from real tap rows raise cases once; closing a case can put the card on the deny list; every
-change has its audit record."""
+upgrades from 0004; revision 0010 adds the card's counters at issue and downgrades back; issuance with proof,
+and with the counters a simulated card reports (fresh, used before issue, or blocked and silent); loss
+reporting freezes the balance; refunds never beyond it; adjustments; ledger anomalies from real tap rows raise
+cases once; closing a case can put the card on the deny list; every change has its audit record."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -15,8 +17,12 @@ from backoffice import models
 from backoffice.cards import audit, cases, issuance, ledger
 from backoffice.db import alembic_config, make_engine, upgrade
 from backoffice.denylist_publish import denied_asns
+from epurse import apdu, crypto
+from hardware_sim.card import SimCard
+from hardware_sim.psam import SimPsam
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+BUS = bytes.fromhex("010000000007")  # the bus validator's PSAM terminal number
 MY_TABLES = ("card_account", "topup_order", "payment_event", "card_load", "card_entry", "card_case", "card_audit")
 
 
@@ -66,6 +72,113 @@ def test_upgrade_from_0004_keeps_cards_and_downgrades_back(url):
     reflected.reflect(engine)
     assert not set(MY_TABLES) & set(reflected.tables) and "card" in reflected.tables
     engine.dispose()
+
+
+def test_revision_0010_adds_the_counters_at_issue_and_downgrades_back(url):
+    engine = make_engine(url)
+    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "2026_11_22_0009")
+        conn.execute(insert(models.Card.__table__).values(asn="41000000000000000008", card_type=1,
+                                                          status="active"))
+        conn.execute(insert(models.CardAccount.__table__).values(
+            asn="41000000000000000008", algorithm=0, issuer="4650425800000001", valid_from=date(2026, 1, 1),
+            valid_to=date(2030, 1, 1), deposit=0, opening_balance=500, issued_at=NOW, issued_by="staff:li"))
+    upgrade(engine)
+    account = models.CardAccount.__table__
+    counters = select(account.c.asn, account.c.opening_purchase_ttc, account.c.opening_load_ttc) \
+        .order_by(account.c.asn)
+    with engine.begin() as conn:
+        issuance.issue_card(conn, card=replace(facts("41000000000000000009"), purchase_ttc=4, load_ttc=1),
+                            deposit=0, who="staff:li", now=NOW)
+        assert [tuple(r) for r in conn.execute(counters)] == [
+            ("41000000000000000008", None, None),  # issued before the revision: not known
+            ("41000000000000000009", 4, 1)]
+        # The card issued before: its ledger checks as it always did.
+        conn.execute(insert(models.Tap.__table__), [_tap(1, 3, 200, 300, 1, asn="41000000000000000008")])
+        assert ledger.card_ledger(conn, asn="41000000000000000008").findings == []
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "2026_11_22_0009")
+    reflected = MetaData()
+    reflected.reflect(engine)
+    columns = set(reflected.tables["card_account"].columns.keys())
+    assert not {"opening_purchase_ttc", "opening_load_ttc"} & columns and "opening_balance" in columns
+    with engine.connect() as conn:  # the accounts themselves stay
+        assert len(conn.execute(select(reflected.tables["card_account"].c.asn)).all()) == 2
+    upgrade(engine)
+    with engine.connect() as conn:
+        assert [tuple(r) for r in conn.execute(counters)] == [
+            ("41000000000000000008", None, None), ("41000000000000000009", None, None)]
+    engine.dispose()
+
+
+class Direct:
+    """A card session straight onto a SimCard (issuance reads the card as a desk reader would)."""
+
+    def __init__(self, card):
+        self.exchange = card.transmit
+
+
+def sim_card(asn: str, balance: int = 1000, **kwargs) -> SimCard:
+    return SimCard(bytes.fromhex(asn), 1, balance, start=date(2026, 1, 1), end=date(2030, 1, 1), **kwargs)
+
+
+def opening_counters(engine, asn: str) -> tuple:
+    account = models.CardAccount.__table__
+    with engine.connect() as conn:
+        return tuple(conn.execute(select(account.c.opening_purchase_ttc, account.c.opening_load_ttc)
+                                  .where(account.c.asn == asn)).one())
+
+
+def tap_on_bus(card: SimCard, psam: SimPsam, amount: int, when: datetime) -> int:
+    """A purchase as a bus validator makes it (INITIALIZE, the PSAM's MAC1, DEBIT); returns the card's TTC."""
+    apdu.check(card.transmit(apdu.select_aid()), "SELECT")
+    init = apdu.parse_init_purchase(apdu.check(card.transmit(apdu.init_purchase(1, amount, BUS)), "INIT"))
+    p = apdu.parse_psam_init_purchase(apdu.check(psam.transmit(apdu.psam_init_purchase(
+        init.random, init.ttc, amount, apdu.TX_PURCHASE, when, init.key_version, init.algorithm, card.asn[2:],
+        card.issuer)), "PSAM"))
+    apdu.check(card.transmit(apdu.debit_purchase(p.terminal_seq, crypto.bcd_date(when), crypto.bcd_time(when),
+                                                 p.mac1)), "DEBIT")
+    return init.ttc
+
+
+def test_issuing_a_simulated_card_stores_the_counters_it_reports(engine, caplog):
+    fresh = sim_card("41000000000000000011")
+    with engine.begin() as conn:
+        issuance.issue_card(conn, card=issuance.read_card(Direct(fresh)), deposit=2000, who="staff:li",
+                            now=NOW)
+    assert opening_counters(engine, "41000000000000000011") == (fresh.ttc, fresh.online_ttc) == (0, 0)
+    # Reading the counters completed nothing: the card is as it was, and a bus can debit it at once.
+    assert (fresh.balance, fresh.log) == (1000, [])
+    assert tap_on_bus(fresh, SimPsam(BUS), 200, NOW) == 0 and (fresh.ttc, fresh.balance) == (1, 800)
+
+    # A card used before issue (factory tests, a card handed out again): 17 purchases and 4 loads, then one
+    # more purchase on a bus. Issuance stores the counters the card has now, not zeros.
+    used = sim_card("41000000000000000012", ttc=17, online_ttc=4)
+    tap_on_bus(used, SimPsam(BUS), 150, NOW)
+    with engine.begin() as conn:
+        issuance.issue_card(conn, card=issuance.read_card(Direct(used)), deposit=2000, who="staff:li",
+                            now=NOW)
+    assert opening_counters(engine, "41000000000000000012") == (used.ttc, used.online_ttc) == (18, 4)
+    # The purchase before issue is still provable on a bus (tearing recovery): the INITIALIZEs took nothing.
+    apdu.check(used.transmit(apdu.select_aid()), "SELECT")
+    apdu.check(used.transmit(apdu.get_transaction_prove(apdu.TX_PURCHASE, 17)), "GET TRANSACTION PROVE")
+
+    # A blocked card will not start a transaction (6985): issued all the same, its counters not known.
+    blocked = sim_card("41000000000000000013", blocked=True)
+    with caplog.at_level("WARNING", logger="backoffice.cards.issuance"), engine.begin() as conn:
+        issuance.issue_card(conn, card=issuance.read_card(Direct(blocked)), deposit=0, who="staff:li",
+                            now=NOW)
+    assert opening_counters(engine, "41000000000000000013") == (None, None)
+    said = [r.getMessage() for r in caplog.records if r.name == "backoffice.cards.issuance"]
+    assert len(said) == 2 and "41000000000000000013 did not tell its purchase counter" in said[0]
+    assert "6985" in said[0] and "did not tell its load counter" in said[1]
+    with engine.connect() as conn:
+        issued = [a for a in audit.trail(conn) if a.action == "issue"]
+    assert [(a.detail["purchase_ttc"], a.detail["load_ttc"]) for a in issued] == [(0, 0), (18, 4),
+                                                                                  (None, None)]
 
 
 def test_issue_lose_refund_and_adjust_with_an_audit_trail(engine):
