@@ -19,6 +19,13 @@ so they are merged by evidence, not by clock: the next movement is the chain hea
 follows from the running balance. If both heads follow (one moved no money) or neither does (a record is
 missing or wrong), the head after which the other follows goes first; only when the balances cannot tell do
 the times decide.
+
+A missing record shows as a counter jump between two records the ledger has; a missing FIRST record leaves no
+jump, and a later load and tap of the same amount can even make the books agree while the card holds less.
+So issuance reads the card's counters as they stood at issue (backoffice.cards.issuance.read_counters, kept on
+the card's account), and :func:`check` given them finds a chain whose first record has a higher counter.
+Unknown opening counters (None: a card issued before they were read, or one that would not tell) check as
+before.
 """
 
 from __future__ import annotations
@@ -87,8 +94,11 @@ class Ledger:
         return self.card_balance is None or self.balance + self.refunds == self.card_balance
 
 
-def _dedupe(moves: list[Movement], kind: str, findings: list[Finding]) -> list[Movement]:
-    """One movement per counter; a second with other content is a finding (a clone or a forged record)."""
+def _dedupe(moves: list[Movement], kind: str, findings: list[Finding], opening: int | None = None
+            ) -> list[Movement]:
+    """One movement per counter; a second with other content is a finding (a clone or a forged record). The
+    counters run on from ``opening`` (the card's counter at issue, None: not known) without a gap, or it is a
+    finding (a record missing)."""
     by_counter: dict[int, Movement] = {}
     for m in moves:
         first = by_counter.get(m.counter)
@@ -98,6 +108,14 @@ def _dedupe(moves: list[Movement], kind: str, findings: list[Finding]) -> list[M
             findings.append(Finding(cases.SAME_COUNTER_DIFFERENT, f"{kind}{m.counter}",
                                     f"{kind} counter {m.counter}: {first.ref} and {m.ref} differ"))
     kept = sorted(by_counter.values(), key=lambda m: m.counter)
+    if opening is not None and kept and kept[0].counter > opening:
+        # A counter names the transaction it counts (the TTC before it), so the first record after issue has
+        # the opening counter. "@issue" keeps the key apart from a jump between two records ("purchase0-2").
+        first, missing = kept[0].counter, kept[0].counter - opening
+        plural = "" if missing == 1 else "s"
+        findings.append(Finding(cases.COUNTER_JUMP, f"{kind}@issue{opening}-{first}",
+                                f"{missing} {kind}{plural} after issue missing: the card's {kind} counter "
+                                f"was {opening} at issue, the first record ({kept[0].ref}) has {first}"))
     for a, b in itertools.pairwise(kept):
         if b.counter != a.counter + 1:
             findings.append(Finding(cases.COUNTER_JUMP, f"{kind}{a.counter}-{b.counter}",
@@ -135,10 +153,15 @@ def _after(m: Movement, running: int) -> int:
     return running + m.effect if m.balance_after is None else m.balance_after
 
 
-def check(movements: list[Movement], *, opening: int = 0) -> Ledger:
+def check(movements: list[Movement], *, opening: int = 0, opening_purchase_ttc: int | None = None,
+          opening_load_ttc: int | None = None) -> Ledger:
+    """The ledger of ``movements`` from the ``opening`` balance, with its findings. ``opening_purchase_ttc``
+    and ``opening_load_ttc`` are the card's offline and online counters at issue (None: not known); given, a
+    chain whose first record is past them is a COUNTER_JUMP (records missing before the first one it has)."""
     findings: list[Finding] = []
-    loads = _dedupe([m for m in movements if m.kind == LOAD], "load", findings)
-    purchases = _dedupe([m for m in movements if m.kind == PURCHASE], "purchase", findings)
+    loads = _dedupe([m for m in movements if m.kind == LOAD], "load", findings, opening_load_ttc)
+    purchases = _dedupe([m for m in movements if m.kind == PURCHASE], "purchase", findings,
+                        opening_purchase_ttc)
     heads = (deque(loads), deque(purchases))
     running, last = opening, None
     while heads[0] or heads[1]:
@@ -191,12 +214,16 @@ def movements(conn: Connection, asn: str) -> tuple[int, list[Movement]]:
 
 
 def card_ledger(conn: Connection, *, asn: str) -> Ledger:
+    """A card's ledger, checked against its counters at issue where its account has them."""
     opening, moves = movements(conn, asn)
-    return check(moves, opening=opening)
+    counters = conn.execute(select(_ACCOUNT.c.opening_purchase_ttc, _ACCOUNT.c.opening_load_ttc)
+                            .where(_ACCOUNT.c.asn == asn)).first()
+    purchase_ttc, load_ttc = counters if counters is not None else (None, None)
+    return check(moves, opening=opening, opening_purchase_ttc=purchase_ttc, opening_load_ttc=load_ttc)
 
 
 def review_card(conn: Connection, *, asn: str, now: datetime) -> Ledger:
-    """Check a card's ledger and open a case for each new finding."""
+    """Check a card's ledger (with its opening balance and counters) and open a case for each new finding."""
     ledger = card_ledger(conn, asn=asn)
     for f in ledger.findings:
         cases.raise_case(conn, asn=asn, kind=f.kind, key=f.key, detail=f.detail, now=now)

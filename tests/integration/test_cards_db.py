@@ -2,7 +2,8 @@
 upgrades from 0004; revision 0010 adds the card's counters at issue and downgrades back; issuance with proof,
 and with the counters a simulated card reports (fresh, used before issue, or blocked and silent); loss
 reporting freezes the balance; refunds never beyond it; adjustments; ledger anomalies from real tap rows raise
-cases once; closing a case can put the card on the deny list; every change has its audit record."""
+cases once (a lost first tap too, found by the counters at issue); closing a case can put the card on the deny
+list; every change has its audit record."""
 
 from __future__ import annotations
 
@@ -11,18 +12,22 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from alembic import command
-from sqlalchemy import MetaData, insert, select
+from sqlalchemy import MetaData, delete, insert, select
 
 from backoffice import models
-from backoffice.cards import audit, cases, issuance, ledger
+from backoffice.cards import audit, cases, issuance, ledger, topup
 from backoffice.db import alembic_config, make_engine, upgrade
 from backoffice.denylist_publish import denied_asns
+from backoffice.keyservice import LocalKeyService
 from epurse import apdu, crypto
+from epurse.keys import TEST_ISSUER_KEYS
 from hardware_sim.card import SimCard
 from hardware_sim.psam import SimPsam
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+KEYS = LocalKeyService(TEST_ISSUER_KEYS, source="test keys")
 BUS = bytes.fromhex("010000000007")  # the bus validator's PSAM terminal number
+DESK = bytes.fromhex("0E0000000002")  # the counter's terminal number for top-ups
 MY_TABLES = ("card_account", "topup_order", "payment_event", "card_load", "card_entry", "card_case", "card_audit")
 
 
@@ -179,6 +184,35 @@ def test_issuing_a_simulated_card_stores_the_counters_it_reports(engine, caplog)
         issued = [a for a in audit.trail(conn) if a.action == "issue"]
     assert [(a.detail["purchase_ttc"], a.detail["load_ttc"]) for a in issued] == [(0, 0), (18, 4),
                                                                                   (None, None)]
+
+
+def test_a_lost_first_tap_hidden_by_a_load_and_a_tap_is_a_case(engine):
+    """The colleague's case, end to end: from 1000 fen a 200 tap, a 200 counter top-up, a 200 tap. The first
+    tap's record is deleted: the book (1000) agrees with the card's last word (the load's 1000), while the
+    card holds 800. Only the counter at issue gives it away."""
+    asn = "41000000000000000014"
+    card, psam = sim_card(asn), SimPsam(BUS)
+    with engine.begin() as conn:
+        issuance.issue_card(conn, card=issuance.read_card(Direct(card)), deposit=0, who="staff:li", now=NOW)
+    first = tap_on_bus(card, psam, 200, NOW + timedelta(minutes=1))
+    rows = [_tap(1, first, 200, card.balance, 1, asn=asn)]
+    topup.counter_topup(engine, Direct(card), keys=KEYS, amount=200, terminal_id=DESK, staff="staff:wang",
+                        now=NOW + timedelta(minutes=2))
+    second = tap_on_bus(card, psam, 200, NOW + timedelta(minutes=3))
+    rows.append(_tap(2, second, 200, card.balance, 3, asn=asn))
+    assert (first, second, card.balance) == (0, 1, 800)
+    with engine.begin() as conn:
+        conn.execute(insert(models.Tap.__table__), rows)
+        book = ledger.review_card(conn, asn=asn, now=NOW + timedelta(hours=1))
+        assert book.findings == [] and book.balance == card.balance  # every record there: nothing to find
+        conn.execute(delete(models.Tap.__table__).where(models.Tap.card_asn == asn, models.Tap.card_ttc == 0))
+        book = ledger.review_card(conn, asn=asn, now=NOW + timedelta(hours=2))
+        assert (book.balance, book.card_balance, book.agrees) == (1000, 1000, True)  # the books look right
+        ledger.review_card(conn, asn=asn, now=NOW + timedelta(hours=3))  # reviewed again: no second case
+        opened = cases.open_cases(conn, asn=asn)
+    assert [(c.kind, c.key) for c in opened] == [(cases.COUNTER_JUMP, "purchase@issue0-1")]
+    assert opened[0].detail == ("1 purchase after issue missing: the card's purchase counter was 0 at issue, "
+                                "the first record (tap bus7/2) has 1")
 
 
 def test_issue_lose_refund_and_adjust_with_an_audit_trail(engine):

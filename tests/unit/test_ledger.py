@@ -1,8 +1,9 @@
 """The ledger per card (pure): findings for a counter jump, a balance that does not follow, the same counter
-with different content; loads and taps put in order by the balances the card reported, whatever the buses'
-clocks say (with hypothesis: skewed clocks give no findings, a lost tap is still found); and, with hypothesis,
-money conserved across loads, purchases, refunds and adjustments on a real simulated card (the host's MAC2
-loads it, a simulated PSAM debits it): the ledger equals the card's balance."""
+with different content; a first purchase or load missing after issue, found by the card's counters at issue;
+loads and taps put in order by the balances the card reported, whatever the buses' clocks say (with
+hypothesis: skewed clocks give no findings, a lost tap is still found); and, with hypothesis, money conserved
+across loads, purchases, refunds and adjustments on a real simulated card (the host's MAC2 loads it, a
+simulated PSAM debits it): the ledger equals the card's balance."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backoffice.cards import cases
+from backoffice.cards.issuance import read_card
 from backoffice.cards.ledger import ADJUSTMENT, LOAD, PURCHASE, REFUND, Movement, check
 from backoffice.keyservice import LoadRequest, LocalKeyService
 from epurse import apdu, crypto
@@ -64,6 +66,52 @@ def test_refunds_leave_the_book_and_not_the_chip():
     moves = [Movement(PURCHASE, 300, at(1), 0, 700, "p0"), Movement(REFUND, 700, at(9), ref="lost card")]
     ledger = check(moves, opening=1000)
     assert ledger.balance == 0 and ledger.card_balance == 700 and ledger.agrees and ledger.findings == []
+
+
+# --- the card's counters at issue: a record missing before the first one the ledger has ---------------------
+
+
+def test_a_lost_first_tap_hidden_by_a_later_load_and_tap_is_found_by_the_counters_at_issue():
+    # From 1000 fen the first tap (200, offline counter 0) never arrived; then 200 was loaded and 200 tapped.
+    # The card holds 800, yet the two records follow from 1000 and end where the card's last word (the load's
+    # 1000) says: without the counters at issue the books agree and nothing is found.
+    moves = [Movement(LOAD, 200, at(5), 0, 1000, "load 1"), Movement(PURCHASE, 200, at(6), 1, 800, "tap 2")]
+    blind = check(moves, opening=1000)
+    assert blind.findings == [] and blind.agrees and blind.balance == 1000
+    ledger = check(moves, opening=1000, opening_purchase_ttc=0, opening_load_ttc=0)
+    assert [(f.kind, f.key) for f in ledger.findings] == [(cases.COUNTER_JUMP, "purchase@issue0-1")]
+    assert ledger.findings[0].detail == ("1 purchase after issue missing: the card's purchase counter was 0 "
+                                         "at issue, the first record (tap 2) has 1")
+
+
+def test_a_missing_first_load_and_several_missing_first_taps_name_their_place():
+    moves = [Movement(LOAD, 500, at(1), 3, 1500, "l3"), Movement(PURCHASE, 200, at(2), 9, 1300, "p9")]
+    ledger = check(moves, opening=1000, opening_purchase_ttc=7, opening_load_ttc=2)
+    found = {f.key: f for f in ledger.findings if f.kind == cases.COUNTER_JUMP}
+    assert set(found) == {"load@issue2-3", "purchase@issue7-9"}
+    assert found["purchase@issue7-9"].detail.startswith(
+        "2 purchases after issue missing: the card's purchase counter was 7 at issue")
+    assert found["load@issue2-3"].detail.startswith(
+        "1 load after issue missing: the card's load counter was 2")
+
+
+def test_a_history_from_issue_raises_nothing_and_unknown_counters_check_as_before():
+    # A card used before issue (counters 7 and 2): its first records after issue carry exactly those counters.
+    moves = [Movement(LOAD, 1000, at(0), 2, 1500, "l2"), Movement(PURCHASE, 200, at(1), 7, 1300, "p7"),
+             Movement(PURCHASE, 200, at(2), 8, 1100, "p8"), Movement(LOAD, 500, at(3), 3, 1600, "l3")]
+    ledger = check(moves, opening=500, opening_purchase_ttc=7, opening_load_ttc=2)
+    assert ledger.findings == [] and ledger.agrees
+    # One counter known, the other not: only the known one is checked.
+    assert check(moves[1:], opening=1500, opening_purchase_ttc=7).findings == []
+    assert [f.key for f in check(moves[1:], opening=1500, opening_load_ttc=2).findings] == ["load@issue2-3"]
+    # No records of a kind: nothing to compare the counter with (a lost last record is never visible).
+    assert check([], opening=500, opening_purchase_ttc=7, opening_load_ttc=2).findings == []
+    # Unknown counters (a card issued before they were read): the same findings as ever.
+    gap = [Movement(PURCHASE, 200, at(1), 1, 800, "p1"), Movement(PURCHASE, 200, at(3), 3, 400, "p3")]
+    assert check(gap, opening=1000).findings == check(gap, opening=1000, opening_purchase_ttc=None,
+                                                      opening_load_ttc=None).findings
+    assert kinds(check(gap, opening=1000)) == [cases.BALANCE_MISMATCH, cases.BALANCE_MISMATCH,
+                                               cases.COUNTER_JUMP]
 
 
 # --- loads and purchases merged by the balances the card reported, not by the bus's clock -------------------
@@ -159,12 +207,17 @@ def test_skewed_bus_clocks_give_no_findings_and_a_lost_tap_is_still_found(openin
     ledger = check(moves, opening=opening)
     assert ledger.findings == [] and ledger.agrees
     assert ledger.balance == balance and ledger.card_balance == (balance if moves else None)
+    assert check(moves, opening=opening, opening_purchase_ttc=7, opening_load_ttc=3).findings == []
 
     taps = [i for i, m in enumerate(moves) if m.kind == PURCHASE]
     if not taps:
         return
     lost = taps[drop % len(taps)]
-    found = kinds(check(moves[:lost] + moves[lost + 1:], opening=opening))
+    rest = moves[:lost] + moves[lost + 1:]
+    found = kinds(check(rest, opening=opening))
+    # With the counters at issue (real_history's 7 and 3) every lost tap but the last is a counter jump.
+    known = kinds(check(rest, opening=opening, opening_purchase_ttc=7, opening_load_ttc=3))
+    assert (cases.COUNTER_JUMP in known) == (lost != taps[-1])
     between_taps = taps[0] < lost < taps[-1]  # the ledger knows no counter before the first tap it has
     if between_taps:
         assert cases.COUNTER_JUMP in found
@@ -210,12 +263,23 @@ def purchase(card: SimCard, psam: SimPsam, amount: int, when: datetime) -> int |
 ops = st.lists(st.tuples(st.sampled_from(["load", "purchase", "lost_tap"]), st.integers(1, 5000)), max_size=12)
 
 
+class Direct:
+    """A card session straight onto a SimCard, as a desk reader would give it."""
+
+    def __init__(self, card):
+        self.exchange = card.transmit
+
+
 @settings(max_examples=40, deadline=None)
 @given(opening=st.integers(0, 3000), ops=ops, algorithm=st.sampled_from([0x00, 0x04]),
-       refund_share=st.integers(0, 100))
-def test_money_is_conserved_and_the_ledger_equals_the_card(opening, ops, algorithm, refund_share):
+       refund_share=st.integers(0, 100), used=st.tuples(st.integers(0, 300), st.integers(0, 300)))
+def test_money_is_conserved_and_the_ledger_equals_the_card(opening, ops, algorithm, refund_share, used):
     card = SimCard(bytes.fromhex("20000000000000000099"), 1, opening, algorithm=algorithm,
-                   start=date(2026, 1, 1), end=date(2030, 1, 1))
+                   start=date(2026, 1, 1), end=date(2030, 1, 1), ttc=used[0], online_ttc=used[1])
+    issued = read_card(Direct(card))  # the counters as issuance reads them; reading them changes nothing
+    assert (issued.purchase_ttc, issued.load_ttc, issued.balance) == (*used, opening)
+    assert (card.ttc, card.online_ttc, card.balance, card.log) == (*used, opening, [])
+    counters = {"opening_purchase_ttc": issued.purchase_ttc, "opening_load_ttc": issued.load_ttc}
     psam = SimPsam(TERMINAL)
     moves: list[Movement] = []
     loaded = spent = adjusted = lost_taps = 0  # the test's own sums, plain loops
@@ -239,7 +303,7 @@ def test_money_is_conserved_and_the_ledger_equals_the_card(opening, ops, algorit
             lost_taps += 1
             moves.append(Movement(ADJUSTMENT, -amount, when, ref=f"lost tap {i}"))
             adjusted -= amount
-    ledger = check(moves, opening=opening)
+    ledger = check(moves, opening=opening, **counters)
     assert ledger.balance == card.balance  # the book, adjusted for lost taps, is what the chip holds
     if ledger.card_balance is not None and reported_is_current:
         assert ledger.card_balance == card.balance and ledger.agrees
@@ -252,7 +316,7 @@ def test_money_is_conserved_and_the_ledger_equals_the_card(opening, ops, algorit
     refund = card.balance * refund_share // 100
     if refund:
         moves.append(Movement(REFUND, refund, at(len(ops) + 1), ref="refund"))
-    after = check(moves, opening=opening)
+    after = check(moves, opening=opening, **counters)
     assert after.balance == card.balance - refund and after.refunds == refund
     assert after.balance + after.refunds == card.balance
     # Conservation: what came in (opening + loads) went out as fares, refunds, or is still owed on the card.
