@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from backoffice.models import ClearingRun, Operator
 from backoffice.settle import settle, stored_run_id
+from clearing.service_day import day_bounds
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,24 @@ def clear_operator(engine: Engine, *, operator: str, day: date | None = None, re
         log.info("clearing %s %s: run %d %s%s", operator, d, run_id,
                  "stored" if cleared else "found stored already (left as it was)",
                  f", {items} shift(s) out of balance" if items else "")
+    if any(d.cleared for d in done):
+        _review_cards(engine, operator, day_bounds(days[0], op.timezone, op.cutoff_hour)[0], now)
     return done
+
+
+def _review_cards(engine: Engine, operator: str, since: datetime, now: datetime) -> None:
+    """The ledgers of the cards seen on the cleared days: anomalies become cases for staff. The days are stored
+    already, so a failure here is logged and the clearing stands."""
+    from backoffice.cards.ledger import review_cards_seen
+
+    try:
+        with engine.begin() as conn:
+            reviewed, opened = review_cards_seen(conn, operator=operator, since=since, now=now)
+    except Exception:
+        log.exception("clearing %s: card ledger review failed; the clearing runs stand, and these cards are "
+                      "reviewed again when their next taps arrive", operator)
+        return
+    log.info("clearing %s: %d card ledger(s) reviewed, %d new case(s)", operator, reviewed, opened)
 
 
 def nightly_clearing(operator: str) -> list[DayDone]:

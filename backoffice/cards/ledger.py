@@ -38,7 +38,7 @@ from datetime import datetime
 from sqlalchemy import Connection, func, select, update
 
 from backoffice.cards import audit, cases
-from backoffice.models import Card, CardAccount, CardEntry, CardLoad, Tap
+from backoffice.models import Card, CardAccount, CardCase, CardEntry, CardLoad, Tap
 
 LOAD, PURCHASE, ADJUSTMENT, REFUND = "load", "purchase", "adjustment", "refund"
 _CHIP = (LOAD, PURCHASE)  # movements the card itself made, with the balance it reported
@@ -228,6 +228,21 @@ def review_card(conn: Connection, *, asn: str, now: datetime) -> Ledger:
     for f in ledger.findings:
         cases.raise_case(conn, asn=asn, kind=f.kind, key=f.key, detail=f.detail, now=now)
     return ledger
+
+
+def review_cards_seen(conn: Connection, *, operator: str, since: datetime, now: datetime) -> tuple[int, int]:
+    """Review every issued card (one with an account) whose taps on ``operator``'s buses arrived since ``since``:
+    the nightly job's sweep, so anomalies become cases without anyone asking. Returns (cards reviewed, new
+    cases)."""
+    asns = conn.execute(select(_TAP.c.card_asn).distinct()
+                        .join(_ACCOUNT, _ACCOUNT.c.asn == _TAP.c.card_asn)
+                        .where(_TAP.c.operator == operator, _TAP.c.received_at >= since)
+                        .order_by(_TAP.c.card_asn)).scalars().all()
+    before = conn.execute(select(func.count()).select_from(CardCase)).scalar_one()
+    for asn in asns:
+        review_card(conn, asn=asn, now=now)
+    after = conn.execute(select(func.count()).select_from(CardCase)).scalar_one()
+    return len(asns), after - before
 
 
 def adjust(conn: Connection, *, asn: str, amount: int, who: str, why: str, now: datetime) -> Ledger:

@@ -252,7 +252,7 @@ def counter_topup(engine: Engine, session, *, keys: KeyService, amount: int, ter
     errors (validator.readers.ReaderError) as they come."""
     from backoffice.cards.issuance import read_card
 
-    facts = read_card(session)
+    facts = read_card(session, counters=False)  # a top-up must not open INITIALIZEs that could disturb a prove
     log = read_card_log(session)
     init = apdu.parse_init_load(apdu.check(session.exchange(apdu.init_load(1, amount, terminal_id)),
                                            "INITIALIZE FOR LOAD"))

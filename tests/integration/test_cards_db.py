@@ -277,3 +277,22 @@ def test_ledger_anomalies_raise_cases_once_and_a_case_can_deny_the_card(engine):
         assert [a.action for a in audit.trail(conn, asn=asn)] == ["issue", "close_case"]
         with pytest.raises(ValueError, match="closed already"):
             cases.close_case(conn, case_id=jump.id, who="x", resolution="y", block_card=False, now=NOW)
+
+
+def test_the_nightly_sweep_reviews_the_issued_cards_seen_since_a_moment(engine):
+    """review_cards_seen (called by the nightly clearing job) reviews issued cards whose taps arrived since the
+    moment given, on that operator's buses only, and opens each anomaly's case once."""
+    bad, good, earlier = "41000000000000000031", "41000000000000000032", "41000000000000000033"
+    with engine.begin() as conn:
+        for asn in (bad, good, earlier):
+            issuance.issue_card(conn, card=facts(asn, balance=1000), deposit=0, who="staff:li", now=NOW)
+        rows = [_tap(1, 0, 200, 800, 1, asn=bad), _tap(2, 2, 200, 400, 2, asn=bad),  # counter 1 never came
+                _tap(3, 0, 200, 800, 3, asn=good), _tap(4, 0, 200, 700, 4, asn=earlier)]  # earlier: 100 fen off
+        rows[3]["received_at"] = NOW - timedelta(days=1)
+        other = dict(_tap(5, 1, 200, 600, 5, asn=good), operator="other_op", device_seq=5)
+        conn.execute(insert(models.Tap.__table__), [*rows, other])
+        reviewed, opened = ledger.review_cards_seen(conn, operator="op", since=NOW, now=NOW + timedelta(hours=2))
+        found = cases.open_cases(conn, asn=bad)  # the gap, and the balances that do not follow because of it
+        assert reviewed == 2 and opened == len(found) and cases.COUNTER_JUMP in [c.kind for c in found]
+        assert cases.open_cases(conn, asn=good) == [] and cases.open_cases(conn, asn=earlier) == []
+        assert ledger.review_cards_seen(conn, operator="op", since=NOW, now=NOW + timedelta(hours=3)) == (2, 0)
