@@ -8,6 +8,7 @@ its own work to ``start`` and ``stop``.
 
 from __future__ import annotations
 
+import abc
 import logging
 import threading
 
@@ -15,7 +16,7 @@ from backoffice.signals import stop_requested
 from wire.mqtt_url import MqttTarget, new_client
 
 
-class MqttService:
+class MqttService(abc.ABC):
     """``name`` prefixes the service's log lines; ``subscription`` (QoS 1) is None for a client that only publishes;
     ``persistent`` keeps the broker session (and what is queued for it) under ``client_id`` while the process is
     down; ``refusal_hint`` ends the log line of a refused subscription."""
@@ -59,8 +60,9 @@ class MqttService:
         self._subscribed.set()
         self.on_ready()
 
+    @abc.abstractmethod
     def _on_message(self, client, userdata, message):
-        raise NotImplementedError
+        """One message on the subscription, in paho's network thread."""
 
     # -- life cycle
 

@@ -28,8 +28,8 @@ OPENING = 300
 
 
 class Clock:
-    def __init__(self):
-        self.now = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)
+    def __init__(self, start: datetime = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)):
+        self.now = start
 
     def __call__(self):
         return self.now

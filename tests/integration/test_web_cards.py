@@ -15,46 +15,26 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from test_topup import KEYS, OPENING, OTA_TERMINAL, Clock, Direct
 
 from backoffice import clearing_runs, registry
 from backoffice.cards import audit, issuance
 from backoffice.db import make_engine, upgrade
-from backoffice.keyservice import LocalKeyService
 from backoffice.models import CardLoad
 from backoffice.web.api.ota import SIGNATURE_HEADER, TEST_PLATFORM_PUBLIC_KEY, configure_ota
 from backoffice.web.app import create_app
 from backoffice.web.auth import Principal, TokenStore
 from clearing.reconcile import ISSUER_COLUMNS, write_issuer_file
 from epurse import apdu
-from epurse.keys import TEST_ISSUER_KEYS
 from hardware_sim.card import SimCard
 from hardware_sim.payment import PaymentPlatform
 from hardware_sim.phone import HostTimeout, Phone, PhoneGone
 
-KEYS = LocalKeyService(TEST_ISSUER_KEYS, source="test keys")
-OTA_TERMINAL = bytes.fromhex("0F0000000001")
-OPENING = 300
 TOKENS = {"clerk": "t-clerk", "clerk_b": "t-clerk-b", "operator_staff": "t-staff", "gateway": "t-gateway",
           "operations": "t-ops", "admin": "t-admin"}
 OP, OTHER = "op_w", "op_x"
 DAY = date(2026, 3, 5)
 DAY_START = datetime(2026, 3, 4, 19, 0, tzinfo=UTC)  # 03:00 Asia/Shanghai on DAY
-
-
-class Clock:
-    def __init__(self):
-        self.now = datetime(2026, 3, 6, 2, 0, tzinfo=UTC)
-
-    def __call__(self):
-        return self.now
-
-    def tick(self, seconds: float = 1):
-        self.now += timedelta(seconds=seconds)
-
-
-class Direct:
-    def __init__(self, card):
-        self.exchange = card.transmit
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -63,7 +43,7 @@ def web(request, tmp_path):
            else request.getfixturevalue("pg_schema_url"))
     engine = make_engine(url)
     upgrade(engine)
-    clock = Clock()
+    clock = Clock(datetime(2026, 3, 6, 2, 0, tzinfo=UTC))
     store = TokenStore(tokens={
         TOKENS["clerk"]: Principal("王芳", "clerk", OP), TOKENS["clerk_b"]: Principal("bob", "clerk", OTHER),
         TOKENS["operator_staff"]: Principal("carol", "operator_staff"),
