@@ -1,0 +1,108 @@
+"""``farebox demo``, ``farebox serve``, ``farebox db upgrade`` and ``farebox token add|list``: the back office as
+one process, its schema and its API tokens. Registered in farebox/cli.py by ``register(sub)``."""
+
+from __future__ import annotations
+
+import sys
+from datetime import date
+from pathlib import Path
+
+from farebox.cli_types import fractions
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="one service day of a simulated city, from card to settlement PDF")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--day", type=date.fromisoformat, default=None, help="service day (default: yesterday)")
+    p.add_argument("--riders", type=int, default=200)
+    p.add_argument("--kill-ingest-at", type=fractions, default=(),
+                   help="fractions of the day (e.g. 0.3,0.6) at which ingest is killed with SIGKILL and restarted")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("db", help="database schema")
+    p.add_argument("action", choices=["upgrade"])
+    p.set_defaults(func=_db_upgrade)
+
+    p = sub.add_parser("serve", help="the back office in one process: API and web pages, and (embedded default) "
+                                     "ingest, the status consumer, the deny-list publisher and the scheduler")
+    p.add_argument("--host", default="127.0.0.1", help="address the pages and API listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--web-only", action="store_true", help="only the API and pages")
+    p.add_argument("--no-web", action="store_true", help="no API and pages (the MQTT parts and scheduler only)")
+    p.add_argument("--no-ingest", action="store_true", help="no ingest (run it alone: farebox ingest)")
+    p.add_argument("--no-status", action="store_true", help="no status consumer (alone: farebox device monitor)")
+    p.add_argument("--no-publisher", action="store_true", help="no deny-list publisher (alone: farebox denylist serve)")
+    p.add_argument("--no-scheduler", action="store_true", help="no scheduled jobs")
+    p.add_argument("--operator", default=None, help="MQTT parts: only this operator's buses")
+    p.add_argument("--ready-file", type=Path, default=None, help="touch this file once every part is up")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("token", help="API and web-page tokens (kept hashed in the token file: setting "
+                                     "api_tokens_file or FAREBOX_API_TOKENS, default var/api-tokens.toml)")
+    token = p.add_subparsers(dest="action", required=True)
+    p = token.add_parser("add", help="make a token, print it once, keep its SHA-256")
+    p.add_argument("--role", required=True, choices=["clerk", "operator_staff", "operations", "admin"])
+    p.add_argument("--name", required=True, help="who holds it")
+    p.add_argument("--operator", default=None, help="a clerk's bus company (clerks only)")
+    p.add_argument("--file", type=Path, default=None, help="the token file (default: the api_tokens_file setting)")
+    p.set_defaults(func=_token_add)
+    p = token.add_parser("list", help="names, roles and operators of the tokens")
+    p.add_argument("--file", type=Path, default=None)
+    p.set_defaults(func=_token_list)
+
+
+def _demo(args, settings) -> int:
+    from farebox.demo import run_demo
+
+    result = run_demo(settings, seed=args.seed, day=args.day, riders=args.riders, kill_ingest_at=args.kill_ingest_at)
+    return 0 if result.consistent else 1
+
+
+def _db_upgrade(args, settings) -> int:
+    from backoffice.db import make_engine, upgrade
+
+    engine = make_engine(settings.effective_database_url)
+    upgrade(engine)
+    print(f"schema is current on {engine.url.render_as_string(hide_password=True)}")
+    return 0
+
+
+def _serve(args, settings) -> int:
+    from farebox.serve import ServeOptions, serve
+
+    web_only = args.web_only
+    options = ServeOptions(host=args.host, port=args.port, ingest=not (args.no_ingest or web_only),
+                           status=not (args.no_status or web_only), publisher=not (args.no_publisher or web_only),
+                           scheduler=not (args.no_scheduler or web_only), web=not args.no_web,
+                           operator=args.operator, ready_file=args.ready_file)
+    return serve(settings, options)
+
+
+def _token_add(args, settings) -> int:
+    from backoffice.web.auth import TokenFileError, add_token
+
+    path = args.file or settings.tokens_path
+    try:
+        token = add_token(path, role=args.role, name=args.name, operator=args.operator)
+    except TokenFileError as e:
+        print(f"farebox token add: {e}", file=sys.stderr)
+        return 2
+    print(token)
+    print(f"token for {args.name} ({args.role}{', ' + args.operator if args.operator else ''}); only its SHA-256 is "
+          f"kept, in {path}: this is the one time it is shown", file=sys.stderr)
+    return 0
+
+
+def _token_list(args, settings) -> int:
+    from backoffice.web.auth import TokenFileError, TokenStore
+
+    path = args.file or settings.tokens_path
+    try:
+        principals = TokenStore(path).principals()
+    except TokenFileError as e:
+        print(f"farebox token list: {e}", file=sys.stderr)
+        return 2
+    for p in principals:
+        print(f"{p.name:<24} {p.role:<15} {p.operator or ''}")
+    print(f"{len(principals)} token(s) in {path}")
+    return 0

@@ -1,0 +1,189 @@
+"""``farebox device add|monitor``, ``farebox devices`` and ``farebox broker config``: validators, their status, and
+the Mosquitto files that let them in. Registered in farebox/cli.py by ``register(sub)``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from farebox.cli_types import terminal_id
+
+
+def register(sub) -> None:
+    p = sub.add_parser("device", help="validators")
+    device = p.add_subparsers(dest="action", required=True)
+    p = device.add_parser("add", help="register a validator so ingest accepts its taps")
+    p.add_argument("--device-id", required=True)
+    p.add_argument("--operator", required=True)
+    p.add_argument("--terminal-id", required=True, type=terminal_id, help="its PSAM's terminal number (hex)")
+    p.add_argument("--vehicle", default=None)
+    p.set_defaults(func=_device_add)
+    p = device.add_parser("monitor", help="keep device_status from every validator's birth, heartbeat and last will "
+                                          "(FAREBOX_MQTT_URL, as the broker user `status`)")
+    p.add_argument("--client-id", default="farebox_status", help="MQTT client id (the persistent session's name)")
+    p.add_argument("--operator", default=None, help="only this operator's buses (default: every operator's)")
+    p.add_argument("--ready-file", default=None, help="touch this file once subscribed")
+    p.set_defaults(func=_device_monitor)
+
+    p = sub.add_parser("devices", help="the fleet: last seen, versions, backlog, alarms; stale devices flagged")
+    p.add_argument("--operator", default=None, help="only this operator's validators")
+    p.add_argument("--stale-after", type=float, default=5.0, metavar="MINUTES",
+                   help="flag a validator silent for longer than this (default 5 minutes)")
+    p.set_defaults(func=_devices)
+
+    p = sub.add_parser("broker", help="the Mosquitto broker's files")
+    broker = p.add_subparsers(dest="action", required=True)
+    p = broker.add_parser("config", help="write passwd, acl and mosquitto.conf for every registered validator")
+    p.add_argument("--out", type=Path, required=True, help="folder for the three files")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--bind", default=None, help="listen on this address only (default: every address)")
+    p.add_argument("--persistence-dir", type=Path, default=None, help="Mosquitto's database (default: OUT/data)")
+    p.add_argument("--run-as", default=None, metavar="USER",
+                   help="the user Mosquitto switches to when started as root (default: mosquitto)")
+    p.set_defaults(func=_broker_config)
+
+
+def _device_add(args, settings) -> int:
+    from sqlalchemy.exc import IntegrityError
+
+    from backoffice.db import make_engine, upgrade
+    from backoffice.devices import DeviceError, register_device
+    from backoffice.registry import RegistryError
+    from farebox.keys import device_master
+    from wire import topics
+
+    engine = make_engine(settings.effective_database_url)
+    upgrade(engine)
+    try:
+        with engine.begin() as conn:
+            creds = register_device(conn, device_id=args.device_id, operator=args.operator, vehicle=args.vehicle,
+                                    terminal_id=args.terminal_id.lower(), master=device_master(settings))
+    except (DeviceError, RegistryError) as e:  # e.g. a retired vehicle, or another operator's
+        print(f"farebox: {e}", file=sys.stderr)
+        return 2
+    except IntegrityError:
+        print(f"farebox: device {args.device_id} is registered already, or operator {args.operator!r} / vehicle "
+              f"{args.vehicle!r} is not", file=sys.stderr)
+        return 1
+    print(f"device {args.device_id} registered for {args.operator} (PSAM terminal {args.terminal_id.lower()})")
+    print()
+    print("Provision the validator with these. They are SECRET: shown now, stored nowhere (anyone holding the")
+    print("device master can derive them again); keep them off tickets, chats and logs.")
+    print(f"  MQTT user name   {creds.mqtt_username}")
+    print(f"  MQTT password    {creds.mqtt_password}")
+    print(f"  MAC key (hex)    {creds.mac_key.hex()}")
+    print(f"  publishes on     {topics.taps(args.operator, args.device_id)}, "
+          f"{topics.status(args.operator, args.device_id)}")
+    print()
+    print("Then let it into the broker: farebox broker config --out DIR, and reload Mosquitto (kill -HUP).")
+    return 0
+
+
+def _device_monitor(args, settings) -> int:
+    from backoffice.db import make_engine, upgrade
+    from backoffice.status_consumer import StatusConsumer
+    from farebox.keys import device_master
+    from wire.mqtt_url import parse_mqtt_url
+
+    if not settings.mqtt_url:
+        print("farebox device monitor needs a broker: set FAREBOX_MQTT_URL (e.g. "
+              "mqtt://status:PASSWORD@127.0.0.1:1883)", file=sys.stderr)
+        return 2
+    engine = make_engine(settings.effective_database_url)
+    upgrade(engine)
+    consumer = StatusConsumer(engine, parse_mqtt_url(settings.mqtt_url), master=device_master(settings),
+                              client_id=args.client_id, operator=args.operator)
+    if args.ready_file:
+        consumer.on_ready = lambda: Path(args.ready_file).touch()
+    consumer.run_forever()
+    return 0
+
+
+def _devices(args, settings) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from backoffice.db import make_engine, upgrade
+    from backoffice.devices import fleet_status
+
+    engine = make_engine(settings.effective_database_url)
+    upgrade(engine)
+    now = datetime.now(UTC)
+    with engine.connect() as conn:
+        rows = fleet_status(conn, args.operator, now, stale_after=timedelta(minutes=args.stale_after))
+    _print_fleet(rows, now=now, stale_after=timedelta(minutes=args.stale_after))
+    return 0
+
+
+def _ago(delta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds < 0:
+        return "in the future"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit} ago"
+    return f"{seconds} s ago"
+
+
+def _print_fleet(rows, *, now, stale_after) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from backoffice.devices import version_counts
+
+    console = Console()
+    table = Table(title=f"validators at {now:%Y-%m-%d %H:%M:%S}Z (stale: silent > {stale_after})")
+    for col in ("device", "vehicle", "state", "last seen", "software", "params", "deny list", "backlog",
+                "oldest unsent", "PSAM", "last tap", "alarms"):
+        table.add_column(col, justify="right" if col in ("params", "deny list", "backlog") else "left")
+    for r in rows:
+        state = "never heard" if r.online is None else "online" if r.online else "offline"
+        if r.stale:
+            state = f"[bold red]STALE[/] ({state})"
+        table.add_row(
+            r.device_id, r.plate or r.vehicle or "-", state,
+            "-" if r.last_seen is None else f"{r.last_seen:%m-%d %H:%M:%S} ({_ago(now - r.last_seen)})",
+            r.software or "-", "-" if r.params_version is None else str(r.params_version),
+            "-" if r.denylist_version is None else str(r.denylist_version),
+            "-" if r.backlog is None else str(r.backlog),
+            "-" if r.oldest_unsent is None else _ago(now - r.oldest_unsent),
+            r.psam or "-", "-" if r.last_tap is None else _ago(now - r.last_tap),
+            "[yellow]" + "; ".join(r.alarms) + "[/]" if r.alarms else "")
+    console.print(table)
+    stale = sum(r.stale for r in rows)
+    console.print(f"{len(rows)} validator(s), {sum(bool(r.online) for r in rows)} online, "
+                  f"{'[bold red]' if stale else ''}{stale} stale{'[/]' if stale else ''}")
+    versions = Table(title="devices per version (rollout progress)")
+    for col in ("of", "version", "devices"):
+        versions.add_column(col, justify="right" if col == "devices" else "left")
+    for what, counts in version_counts(rows).items():
+        for version, n in sorted(counts.items(), key=lambda kv: (kv[0] is None, str(kv[0]))):
+            versions.add_row(what, "not reported" if version is None else str(version), str(n))
+    console.print(versions)
+
+
+def _broker_config(args, settings) -> int:
+    from backoffice.db import make_engine, upgrade
+    from backoffice.devices import BACKOFFICE_USERS, registered_devices, service_password
+    from farebox.broker_config import write_broker_config
+    from farebox.keys import device_master
+
+    engine = make_engine(settings.effective_database_url)
+    upgrade(engine)
+    with engine.connect() as conn:
+        devices = registered_devices(conn)
+    master = device_master(settings)
+    try:
+        files = write_broker_config(devices=devices, master=master, folder=args.out, port=args.port, bind=args.bind,
+                                    persistence_dir=args.persistence_dir, run_as=args.run_as)
+    except ValueError as e:
+        print(f"farebox: {e}", file=sys.stderr)
+        return 2
+    print(f"Mosquitto files for {files.devices} device(s) and the back office's {', '.join(BACKOFFICE_USERS)}:")
+    print(f"  {files.conf}\n  {files.passwd}\n  {files.acl}")
+    print(f"Start:  mosquitto -c {files.conf}")
+    print("Reload after `farebox device add`: run this command again, then kill -HUP the running mosquitto.")
+    host = args.bind or "BROKER_HOST"
+    print("The back office logs in with these URLs (SECRET; each process's FAREBOX_MQTT_URL):")
+    for user in BACKOFFICE_USERS:
+        print(f"  {user:<10} mqtt://{user}:{service_password(master, user)}@{host}:{args.port}")
+    return 0

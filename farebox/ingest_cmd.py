@@ -1,0 +1,77 @@
+"""``farebox ingest`` (store validators' tap batches from the broker) and ``farebox quarantine`` (what ingest
+could not accept). Registered in farebox/cli.py by ``register(sub)``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("ingest", help="store validators' tap batches from the broker (FAREBOX_MQTT_URL)")
+    p.add_argument("--client-id", default="farebox_ingest", help="MQTT client id (the persistent session's name)")
+    p.add_argument("--operator", default=None, help="only this operator's buses (default: every operator's)")
+    p.add_argument("--ready-file", default=None, help="touch this file once subscribed")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="worker processes sharing the load through a shared subscription (client ids "
+                        "<client-id>_0 .. _N-1; needs Mosquitto or a cluster broker, not the embedded amqtt)")
+    p.add_argument("--share-group", default=None, metavar="NAME",
+                   help="subscribe as a member of this $share group, so ingest on several machines splits the "
+                        "batches (default with --workers > 1: ingest)")
+    p.add_argument("--accept-unsigned", action="store_true",
+                   help="also store unsigned v1 JSON batches, from validators not yet upgraded (migration window); "
+                        "without it they are quarantined and not acknowledged")
+    p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("quarantine", help="what ingest could not accept, newest first, with the reason")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=_quarantine)
+
+
+def _ingest(args, settings) -> int:
+    from backoffice.db import make_engine, upgrade
+    from backoffice.ingest_consumer import IngestConsumer, IngestPool, WorkerSpec, worker_client_ids
+    from farebox.keys import device_master, issuer_keys
+    from wire.mqtt_url import parse_mqtt_url
+
+    if not settings.mqtt_url:
+        print("farebox ingest needs a broker: set FAREBOX_MQTT_URL (e.g. mqtt://127.0.0.1:1883)", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print("farebox ingest: --workers must be at least 1", file=sys.stderr)
+        return 2
+    # Several workers split the batches only through a shared subscription; without one each would get them all.
+    group = args.share_group or ("ingest" if args.workers > 1 else None)
+    engine = make_engine(settings.effective_database_url)
+    upgrade(engine)
+    target, keys, master = parse_mqtt_url(settings.mqtt_url), issuer_keys(settings), device_master(settings)
+    if args.workers == 1:
+        consumer = IngestConsumer(engine, target, keys=keys, master=master, client_id=args.client_id,
+                                  operator=args.operator, share_group=group, accept_unsigned=args.accept_unsigned)
+        if args.ready_file:
+            consumer.on_ready = lambda: Path(args.ready_file).touch()
+        consumer.run_forever()
+        return 0
+    engine.dispose()
+    specs = [WorkerSpec(settings.effective_database_url, target, keys, master, client_id, operator=args.operator,
+                        share_group=group, accept_unsigned=args.accept_unsigned)
+             for client_id in worker_client_ids(args.client_id, args.workers)]
+    IngestPool(specs, ready_file=args.ready_file).run_forever()
+    return 0
+
+
+def _quarantine(args, settings) -> int:
+    from sqlalchemy import select
+
+    from backoffice.db import make_engine
+    from backoffice.models import Quarantine
+
+    engine = make_engine(settings.effective_database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(select(Quarantine.received_at, Quarantine.device_id, Quarantine.device_seq,
+                                   Quarantine.reason).order_by(Quarantine.id.desc()).limit(args.limit)).all()
+    for r in rows:
+        seq = "-" if r.device_seq is None else r.device_seq
+        print(f"{r.received_at:%Y-%m-%d %H:%M:%S}  {r.device_id:<20} {seq:>8}  {r.reason}")
+    print(f"{len(rows)} most recent quarantined record(s) shown")
+    return 0
