@@ -71,13 +71,10 @@ def register_device(conn: Connection, *, device_id: str, operator: str, terminal
     """Register a validator and return its credentials. The device id becomes its broker user name and a topic
     segment, so it must be one; the operator code too."""
     try:
-        topics.check_segment(device_id, "device id")
+        topics.check_device_id(device_id)  # refuses the BACKOFFICE_USERS' names too (topics.RESERVED_NAMES)
         topics.check_segment(operator, "operator code")
     except topics.TopicError as e:
         raise DeviceError(str(e)) from None
-    if device_id in BACKOFFICE_USERS:
-        raise DeviceError(f"device id {device_id!r} is reserved for the back office's own broker user; "
-                          "choose another")
     if not _TERMINAL.fullmatch(terminal_id):
         raise DeviceError(f"PSAM terminal number {terminal_id!r} must be 12 lower-case hex digits")
     registry.add_device(conn, device_id=device_id, operator=operator, vehicle=vehicle, terminal_id=terminal_id)

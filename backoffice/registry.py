@@ -43,6 +43,7 @@ from backoffice.models import (
     Vehicle,
     VehicleVersion,
 )
+from wire import topics
 
 MAX_FEN = 0xFFFFFFFF  # a card's 4-byte amount field
 
@@ -529,6 +530,11 @@ def _check_vehicle(conn: Connection, vehicle: str | None, operator: str, device_
 
 def add_device(conn: Connection, *, device_id: str, operator: str, vehicle: str | None, terminal_id: str,
                by: str = "system", at: datetime | None = None) -> None:
+    # The id becomes a topic segment, the device's broker login and its client id: one rule for every entry point
+    try:
+        topics.check_device_id(device_id)
+    except topics.DeviceIdError as e:
+        raise RegistryError(str(e)) from None
     when = _when(at)
     _check_vehicle(conn, vehicle, operator, device_id)
     conn.execute(Device.__table__.insert().values(device_id=device_id, operator=operator, vehicle=vehicle,

@@ -1,7 +1,8 @@
 """MQTT topic names: one scheme, ``farebox/v1/<operator>/<target>/<message>``, every segment in ``[0-9a-z_]``.
 
 ``v1`` is the topic scheme's version (a payload carries its own format version). ``<target>`` is a device id
-(which never starts with ``_``) or ``_fleet``, the operator's whole fleet. The messages:
+(which never starts with ``_`` and is never one of the back office's own names:
+``check_device_id``) or ``_fleet``, the operator's whole fleet. The messages:
 
 | topic | direction | QoS / retained | payload |
 |---|---|---|---|
@@ -46,10 +47,40 @@ def check_segment(name: str, what: str) -> str:
     return name
 
 
+# The back office's own names on the broker: its broker users (ingest, status, publisher) and the client ids its
+# processes connect with (``farebox_ingest``, ``farebox_ingest_0``, ``ingest_<tag>``, ``farebox_publish_<pid>``...).
+# A device id is the device's broker user name and, on the broker, its client id (Mosquitto's device listener has
+# use_username_as_clientid; the embedded broker does the same), so a device named like one of these could log in
+# as a service or knock a service's connection off. Refused: these names and any name starting with one + "_".
+RESERVED_NAMES = ("farebox", "ingest", "status", "publisher")
+DEVICE_ID_RULE = ("1-32 characters of a-z, 0-9 and _, starting with a letter or digit, and not one of the back "
+                  f"office's names ({', '.join(RESERVED_NAMES)}, or one of them followed by _)")
+
+
+class DeviceIdError(TopicError):
+    """A device id farebox cannot register: the text says which rule it breaks."""
+
+
+def check_device_id(device_id: object) -> str:
+    """``device_id`` if it can be a validator's id, else DeviceIdError. The one rule every entry point uses (the
+    registry, the API, the CLI, ingest and the broker files): the id is a topic segment, the device's broker user
+    name and its client id, so it must be all three without meeting the back office's own names."""
+    if not isinstance(device_id, str) or not _SEGMENT.fullmatch(device_id):
+        shown = repr(device_id)
+        if len(shown) > 50:  # a pasted page is not echoed back whole
+            shown = f"{shown[:40]}... ({len(device_id) if isinstance(device_id, str) else len(shown)} characters)"
+        raise DeviceIdError(f"device id {shown} is not allowed: use {DEVICE_ID_RULE}")
+    for name in RESERVED_NAMES:
+        if device_id == name or device_id.startswith(name + "_"):
+            raise DeviceIdError(f"device id {device_id!r} is reserved for the back office's own broker login "
+                                f"({name}): choose another name")
+    return device_id
+
+
 def device_topic(operator: str, device: str, message: str) -> str:
     if message not in MESSAGES:
         raise TopicError(f"unknown device message {message!r}; farebox v1 knows {', '.join(MESSAGES)}")
-    return f"{PREFIX}/{check_segment(operator, 'operator')}/{check_segment(device, 'device')}/{message}"
+    return f"{PREFIX}/{check_segment(operator, 'operator')}/{check_device_id(device)}/{message}"
 
 
 def fleet_topic(operator: str, message: str) -> str:
@@ -97,7 +128,7 @@ def parse(topic: str) -> tuple[str, str, str]:
         if message not in FLEET_MESSAGES:
             raise TopicError(f"unknown fleet message {message!r} in topic {topic!r}")
         return operator, target, message
-    check_segment(target, "device")
+    check_device_id(target)
     if message not in MESSAGES:
         raise TopicError(f"unknown message {message!r} in topic {topic!r}; farebox v1 knows {', '.join(MESSAGES)}")
     return operator, target, message
