@@ -207,7 +207,8 @@ def application_block(mac4: bytes) -> bytes:
 
 
 def get_transaction_prove(tx_type: int, ttc: int) -> bytes:
-    """GET TRANSACTION PROVE: ``80 5A 00 type 02`` TTC(2) ``08`` -> MAC2 and TAC of the card's last transaction."""
+    """GET TRANSACTION PROVE: ``80 5A 00 type 02`` TTC(2) ``08`` -> MAC2 and TAC of the card's last transaction of
+    that kind: type 06 / 09 with the offline TTC for a purchase, 02 with the online TTC for a load."""
     return (
         bytes([0x80, 0x5A, 0x00, _u(tx_type, 1, "transaction type")[0], 0x02]) + _u(ttc, 2, "TTC") + b"\x08"
     )

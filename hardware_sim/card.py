@@ -37,7 +37,9 @@ body that does not match its Lc or the command's fixed length -> ``6700``, unexp
   ``80 52 00 00 0B`` CREDIT FOR LOAD, only right after it: checks the host's MAC2 (``9302``), credits, increments the
   online TTC, logs (type 02, ttc = online TTC) and answers the TAC(4).
 - ``80 5A 00 06|09 02`` GET TRANSACTION PROVE + TTC(2): MAC2(4) TAC(4) of the card's last purchase if it has that
-  type and TTC (the TTC INITIALIZE FOR PURCHASE gave), else ``9406``.
+  type and TTC (the TTC INITIALIZE FOR PURCHASE gave), else ``9406``. ``80 5A 00 02 02`` + online TTC(2): the same
+  for the card's last load (the host's MAC2 and the card's load TAC), which lets the issuer host settle a load whose
+  TAC never reached it from an answer only the card can make.
 - ``00 84 00 00 04`` GET CHALLENGE: 4 random bytes (Le other than ``04`` -> ``6C04``). The card remembers them for
   the next command only.
 - ``84 1E 00 00 04`` + MAC(4) APPLICATION BLOCK: needs the application selected and a challenge from the command
@@ -56,7 +58,7 @@ to a temporary file in the same folder, is fsynced, replaces the old file with o
 fsynced. A process killed at any moment leaves the old state or the new one. If the write fails the change is
 undone and the card answers ``6581`` (memory failure). The state (``to_state()``) holds everything but the keys,
 which always come from the issuer keys given to ``from_state`` / ``load``; of the log it keeps what a card keeps:
-the newest 10 transactions (READ RECORD) and the newest purchase (GET TRANSACTION PROVE).
+the newest 10 transactions (READ RECORD) and the newest purchase and load (GET TRANSACTION PROVE).
 """
 
 from __future__ import annotations
@@ -356,12 +358,13 @@ class SimCard:
         "max_balance": fen, "algorithm": 0 | 4, "blocked": bool, "issuer": hex, "start": "YYYY-MM-DD",
         "end": "YYYY-MM-DD", "staff_no": str, "holder_name": str, "capp_record": hex | null, "log": [newest first:
         {"ttc", "amount", "tx_type", "terminal_id" hex, "date" hex, "time" hex, "tac" hex, "mac2" hex,
-        "terminal_seq", "balance_after"}]}``. The log keeps the newest 10 entries and the newest purchase.
+        "terminal_seq", "balance_after"}]}``. The log keeps the newest 10 entries and the newest purchase and load.
         """
         kept = self.log[:LOG_RECORDS]
-        last_purchase = next((t for t in self.log if t.tx_type != TX_LOAD), None)
-        if last_purchase is not None and last_purchase not in kept:
-            kept = [*kept, last_purchase]
+        for last in (next((t for t in self.log if t.tx_type != TX_LOAD), None),
+                     next((t for t in self.log if t.tx_type == TX_LOAD), None)):
+            if last is not None and last not in kept:
+                kept = [*kept, last]
         return {
             "format": STATE_FORMAT,
             "asn": self.asn.hex(), "type": self.card_type, "balance": self.balance, "ttc": self.ttc,
@@ -649,11 +652,11 @@ class SimCard:
 
     def _transaction_prove(self, c: Command, _pending) -> bytes:
         self._need_selected()
-        if c.p1 != 0x00 or c.p2 not in (TX_PURCHASE, TX_COMPOSITE):
+        if c.p1 != 0x00 or c.p2 not in (TX_PURCHASE, TX_COMPOSITE, TX_LOAD):
             raise Refused(SW_WRONG_P1P2)
         c.need_data(2, 2)
         ttc = int.from_bytes(c.data, "big")
-        last = next((t for t in self.log if t.tx_type != TX_LOAD), None)
+        last = next((t for t in self.log if (t.tx_type == TX_LOAD) == (c.p2 == TX_LOAD)), None)
         if last is None or (last.tx_type, last.ttc) != (c.p2, ttc):
             raise Refused(SW_PROVE_NOT_AVAILABLE)
         return last.mac2 + last.tac + sw_bytes(SW_OK)

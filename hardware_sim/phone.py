@@ -3,7 +3,7 @@
 
 ``Phone(sim, host, terminal_id)``: ``sim`` answers APDUs (a hardware_sim SimCard); ``host`` is the back office as
 the phone reaches it (``authorize(order_id=, asn=, init_answer=, terminal_id=, log=)`` -> a grant with
-``credit_apdu()``, ``report(order_id=, tac=)``; backoffice.cards.topup.OtaHost, or an HTTP client with the same
+``credit_apdu()``, ``report(order_id=, tac=)``; backoffice.cards.ota_host.OtaHost, or an HTTP client with the same
 methods). ``topup(order_id, amount)`` runs: SELECT, read the public file and the log (READ RECORD 1..10),
 INITIALIZE FOR LOAD, ask the host for MAC2, CREDIT FOR LOAD, report the TAC.
 
@@ -11,7 +11,13 @@ Faults, each for the next ``topup`` only, set as attributes:
 - ``lose_answer``: the host's MAC2 answer is lost on the way (a timeout): ``topup`` raises HostTimeout, and the
   phone remembers its open card session, so ``retry(order_id)`` asks again with the same INITIALIZE answer.
 - ``vanish_after_credit``: the phone dies right after the SIM answered CREDIT FOR LOAD: no report (PhoneGone).
-``send_log`` (default True) relays the SIM's log with each request, which lets the host settle earlier loads.
+``send_log`` (default True) relays the SIM's log with each request, which lets the host settle earlier loads;
+``send_proofs`` (default True) relays, when the phone comes back (``show_card``), the SIM's answer to GET
+TRANSACTION PROVE for its newest load, the one thing a phone can relay that proves what the card did.
+
+``LyingPhone`` is the attacker's phone: it never reports a TAC, and when it "comes back" it shows the host the SIM as
+it was before its last load (the counter and log it saw then, no proofs), hoping the host voids the load it gave
+and hands out a new MAC2 for the same payment.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class Phone:
         self.lose_answer = False
         self.vanish_after_credit = False
         self.send_log = True  # False: an older menu app that relays INITIALIZE FOR LOAD only
+        self.send_proofs = True  # False: a menu app that does not ask the SIM for GET TRANSACTION PROVE
         self._open: tuple[str, str, bytes, list[bytes]] | None = None  # order, asn, INITIALIZE answer, log
 
     def __repr__(self) -> str:
@@ -84,9 +91,53 @@ class Phone:
             raise PhoneGone(f"order {order_id}: the phone went dark after CREDIT FOR LOAD")
         return self.host.report(order_id=order_id, tac=tac)
 
-    def show_card(self):
-        """The phone comes back: it tells the host what its SIM says (online counter and log)."""
-        asn, log = self.read_sim()
+    def read_counter(self) -> int:
+        """The SIM's online counter, from an INITIALIZE FOR LOAD for 0 fen that is never completed."""
         init = apdu.parse_init_load(self._send(apdu.init_load(1, 0, self.terminal_id), "INITIALIZE FOR LOAD"))
         self.sim.transmit(apdu.get_balance())  # any command ends the probe's load session on the SIM
-        return self.host.card_seen(asn=asn, online_ttc=init.online_ttc, log=log)
+        return init.online_ttc
+
+    def read_proofs(self, log: list[bytes]) -> list[tuple[int, bytes]]:
+        """The SIM's GET TRANSACTION PROVE answer for its newest load, as (online TTC, MAC2 || TAC)."""
+        loads = [r for r in map(apdu.parse_log_record, log) if r.tx_type == apdu.TX_LOAD]
+        if not loads:
+            return []
+        answer = self.sim.transmit(apdu.get_transaction_prove(apdu.TX_LOAD, loads[0].ttc))
+        return [(loads[0].ttc, answer[:-2])] if answer[-2:] == b"\x90\x00" else []
+
+    def show_card(self):
+        """The phone comes back: it tells the host what its SIM says (online counter, log, and its proof)."""
+        asn, log = self.read_sim()
+        online_ttc = self.read_counter()
+        proofs = self.read_proofs(log) if self.send_proofs else []
+        return self.host.card_seen(asn=asn, online_ttc=online_ttc, log=log, proofs=proofs)
+
+
+class LyingPhone(Phone):
+    """A phone that keeps the money: it loads, never reports the TAC, and then shows the host the SIM as it was
+    before the load (``show_card``), and may replay the INITIALIZE FOR LOAD answer it got then (``replay``)."""
+
+    def __init__(self, sim, host, terminal_id: bytes):
+        super().__init__(sim, host, terminal_id)
+        self.before: tuple[str, int, list[bytes]] | None = None  # asn, online counter, log before the last load
+        self.captured: list[tuple[str, bytes, list[bytes]]] = []  # every INITIALIZE answer it ever saw
+
+    def topup(self, order_id: str, amount: int):
+        asn, log = self.read_sim()
+        self.before = (asn, self.read_counter(), log)
+        init_answer = self._send(apdu.init_load(1, amount, self.terminal_id), "INITIALIZE FOR LOAD")
+        self.captured.append((order_id, init_answer, log))
+        grant = self.host.authorize(order_id=order_id, asn=asn, init_answer=init_answer,
+                                    terminal_id=self.terminal_id, log=log)
+        apdu.check(self.sim.transmit(grant.credit_apdu()), "CREDIT FOR LOAD")
+        return None  # and the TAC is never reported
+
+    def show_card(self):
+        asn, online_ttc, log = self.before
+        return self.host.card_seen(asn=asn, online_ttc=online_ttc, log=log, proofs=[])
+
+    def replay(self, order_id: str, which: int = -1):
+        """Relay an INITIALIZE answer captured earlier (a genuine MAC1, at an old counter) with its old log."""
+        _order, init_answer, log = self.captured[which]
+        return self.host.authorize(order_id=order_id, asn=self.before[0], init_answer=init_answer,
+                                   terminal_id=self.terminal_id, log=log)

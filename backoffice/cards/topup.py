@@ -5,33 +5,39 @@ The card says INITIALIZE FOR LOAD -> balance, online TTC, random, MAC1; the host
 host verifies and records. Every MAC2 the host gives is a ``card_load`` row written and committed *before* it
 leaves, so a load whose TAC never comes back is never invisible.
 
-How the card's online counter (TTC) settles a load the host did not hear back about: the counter names the load.
-A load authorised at TTC t happened if and only if the card's online TTC is past t *and* its log shows a load at t
-with that amount, terminal, date and time. So when the card is seen again (a new INITIALIZE FOR LOAD, its log read
-by READ RECORD at the counter or relayed by the phone):
+What makes it safe to hand out a MAC2 again: the card's online counter (TTC). A MAC2 is bound to one card session
+(the card's random) at one counter value t, and a card credits at most one load at each counter value. So any
+number of MAC2s at the *same* counter can never load more than once between them: **all the MAC2s of one order are
+given at one counter value**, and an order gets a MAC2 at another counter only after every earlier one is proven
+void. What proves what:
 
-- its online TTC still t: the MAC2 was never used (a later INITIALIZE ends the old session, so it never can be):
-  the load is void, and its order can be loaded again (retry) or refunded;
-- its log shows the load at t: the load is loaded (confirmed by the card log);
-- its TTC moved past t and the log no longer reaches t: nobody can tell here; the order stays "paid, load
-  unconfirmed" with a case, for staff with the issuer's file.
+- *loaded*: the card's TAC (reported by the phone, or relayed as the card's answer to GET TRANSACTION PROVE for the
+  load at t), verified with the issuer's keys; or the card's log showing the load at t with this amount, terminal,
+  date and time. A phone can forge a log, but a forged "loaded" only ever costs the rider: it never releases money.
+- *void*: a load at t is void when the card's own TAC proves another load at t (the counter is spent), or when
+  the host's own desk reader (counter top-up, staff at the desk) reads the card at counter t *now*: its earlier
+  card sessions are gone, so no MAC2 at t can ever be used. Nothing a phone says voids a load: a phone can replay
+  an old INITIALIZE answer (a genuine MAC1 at an old counter) and an old log, and a void would hand out a new MAC2.
+- *unconfirmed*: the card (a MAC1 at a higher counter, or the phone's word) is past t and nothing proves whether the
+  MAC2 was used. The order waits for staff (the card at the desk, or the issuer's file), and is never re-authorised.
 
 Over-the-air order states (``topup_order.status``)::
 
     created --signed webhook, amount matches--> paid
     paid --phone relays INITIALIZE, MAC1 good--> authorized        (MAC2 given, card_load row at TTC t)
     authorized --same TTC, same random (a retry)--> authorized      (the same MAC2 again)
-    authorized --same TTC, new random (phone started over)--> authorized  (old load void, new MAC2)
-    authorized --a higher TTC for this order--> unconfirmed         (refused: the first MAC2 may have loaded)
-    authorized|unconfirmed --TAC reported and verified--> loaded
-    authorized|unconfirmed --card seen: log shows the load--> loaded
-    authorized|unconfirmed --card seen: TTC still t--> paid          (then retry, or staff refund)
-    unconfirmed --staff, with the issuer's file--> loaded
+    authorized --same TTC, new random (phone started over)--> authorized  (another MAC2 at t: at most one can load)
+    authorized --a MAC1 at a higher TTC for this order--> unconfirmed   (refused: a MAC2 at t may have loaded)
+    authorized|unconfirmed --TAC (reported or proved) verified, or the log shows it--> loaded
+    authorized|unconfirmed --the card's TAC proves another load at t--> paid
+    authorized|unconfirmed --staff read the card at the desk at counter t--> paid  (then retry, or refund)
+    authorized|unconfirmed --staff, with the issuer's file--> loaded
     paid --staff refund--> refunded
 
-Exactly once: an order has at most one live (authorized) load at a time, a loaded order gets no further MAC2, and
-at most one loaded row exists per (card, online TTC) (a unique index). Duplicate webhooks find their event row;
-duplicate TAC reports find the order loaded. Every step that changes money has an audit record.
+A refused request changes nothing, except the one proven fact it carries: a MAC1-verified INITIALIZE at a counter
+past this order's load makes the order unconfirmed. At most one loaded row exists per (card, online TTC) (a unique
+index). Duplicate webhooks find their event row; duplicate TAC reports find the order loaded. Every step that
+changes money has an audit record.
 """
 
 from __future__ import annotations
@@ -107,22 +113,33 @@ def _card_status(conn: Connection, asn: str) -> str:
     return status
 
 
+def _init_request(asn: str, init: apdu.LoadInit, amount: int, terminal_id: bytes) -> LoadRequest:
+    return LoadRequest(asn=bytes.fromhex(asn), algorithm=init.algorithm, balance=init.balance,
+                       online_ttc=init.online_ttc, random=init.random, mac1=init.mac1, amount=amount,
+                       terminal_id=terminal_id)
+
+
+def _check_mac1(keys: KeyService, asn: str, init: apdu.LoadInit, amount: int, terminal_id: bytes) -> None:
+    """The card's own MAC1 over this INITIALIZE FOR LOAD answer, before anything is concluded from it: a forged
+    answer is refused and changes nothing."""
+    if not keys.verify_load_mac1(_init_request(asn, init, amount, terminal_id)):
+        raise TopupRefused("bad_mac1", f"card {asn}: the INITIALIZE FOR LOAD answer's MAC1 does not verify "
+                                       f"for {amount} fen at terminal {terminal_id.hex()}")
+
+
 def _grant(conn: Connection, *, keys: KeyService, asn: str, init: apdu.LoadInit, amount: int, terminal_id: bytes,
-           channel: str, staff: str, now: datetime, order_id: str | None) -> LoadGrant:
+           channel: str, staff: str, now: datetime, order_id: str | None, witnessed: bool) -> LoadGrant:
     status = _card_status(conn, asn)
     if status != "active":
         raise TopupRefused("card_denied", f"card {asn} is {status}: no load")
     if amount <= 0:
         raise TopupRefused("bad_amount", "a load is a positive number of fen")
-    request = LoadRequest(asn=bytes.fromhex(asn), algorithm=init.algorithm, balance=init.balance,
-                          online_ttc=init.online_ttc, random=init.random, mac1=init.mac1, amount=amount,
-                          terminal_id=terminal_id)
     date4, time3 = crypto.bcd_date(now), crypto.bcd_time(now)
     try:
-        mac2 = keys.load_mac2(request, date4, time3)
+        mac2 = keys.load_mac2(_init_request(asn, init, amount, terminal_id), date4, time3)
     except LoadRefused as e:
         raise TopupRefused("bad_mac1", str(e)) from None
-    _settle_older(conn, asn=asn, online_ttc=init.online_ttc, now=now)
+    _card_at(conn, asn=asn, online_ttc=init.online_ttc, now=now, witnessed=witnessed)
     load_id = conn.execute(_LOAD.insert().values(
         asn=asn, channel=channel, order_id=order_id, amount=amount, balance_before=init.balance,
         online_ttc=init.online_ttc, algorithm=init.algorithm, card_random=init.random.hex(), mac1=init.mac1.hex(),
@@ -133,26 +150,41 @@ def _grant(conn: Connection, *, keys: KeyService, asn: str, init: apdu.LoadInit,
     return LoadGrant(load_id, date4, time3, mac2)
 
 
-def _settle_older(conn: Connection, *, asn: str, online_ttc: int, now: datetime) -> None:
-    """The card shows online TTC ``online_ttc`` in a new INITIALIZE FOR LOAD: every live load of this card at the
-    same counter is void (its session is gone and it never credited); at a lower counter it may have happened."""
-    live = conn.execute(select(_LOAD).where(_LOAD.c.asn == asn, _LOAD.c.status == "authorized")).all()
-    for row in live:
-        if row.online_ttc == online_ttc:
-            _void(conn, row, now, why="the card's online counter has not moved: this MAC2 was never used")
+def _card_at(conn: Connection, *, asn: str, online_ttc: int, now: datetime, witnessed: bool) -> None:
+    """A MAC1-verified INITIALIZE FOR LOAD shows the card at online counter ``online_ttc``: what that says of the
+    card's live loads. Past a load's counter: the load may have happened (unconfirmed). At its counter: only the
+    host's own reader (``witnessed``) proves the old session gone (void); a phone's answer may be a replay, and a
+    second MAC2 at the same counter is safe anyway. Below it: the card went backwards, a case."""
+    for row in _live(conn, asn=asn):
+        if row.online_ttc < online_ttc:
+            _unconfirmed(conn, row, now)
         elif row.online_ttc > online_ttc:
             cases.raise_case(conn, asn=asn, kind=cases.COUNTER_BACKWARDS, key=f"load{row.online_ttc}",
                              detail=f"online counter {online_ttc} is below load {row.id}'s {row.online_ttc}", now=now)
-        else:
-            _unconfirmed(conn, row, now)
+        elif witnessed:
+            _void(conn, row, now, why="the desk reader read the card at this load's online counter: its MAC2 "
+                                      "belongs to a card session that is gone")
+
+
+def _live(conn: Connection, *, asn: str | None = None, order_id: str | None = None):
+    """Loads that got a MAC2 and are not settled yet, newest first."""
+    q = select(_LOAD).where(_LOAD.c.status == "authorized").order_by(_LOAD.c.id.desc())
+    if asn is not None:
+        q = q.where(_LOAD.c.asn == asn)
+    if order_id is not None:
+        q = q.where(_LOAD.c.order_id == order_id)
+    return conn.execute(q).all()
 
 
 def _void(conn: Connection, row, now: datetime, *, why: str, who: str = HOST) -> None:
     conn.execute(update(_LOAD).where(_LOAD.c.id == row.id).values(status="void", settled_at=now))
     if row.order_id is not None:
-        conn.execute(update(_ORDER).where(_ORDER.c.order_id == row.order_id,
-                                          _ORDER.c.status.in_(("authorized", "unconfirmed")))
-                     .values(status="paid", updated_at=now))
+        # The order may load again only when none of its MAC2s is left that could still have loaded.
+        left = set(conn.execute(select(_LOAD.c.status).where(_LOAD.c.order_id == row.order_id)).scalars())
+        if not left & {"authorized", "loaded"}:
+            conn.execute(update(_ORDER).where(_ORDER.c.order_id == row.order_id,
+                                              _ORDER.c.status.in_(("authorized", "unconfirmed", "loaded")))
+                         .values(status="paid", updated_at=now))
     audit.record(conn, who=who, action="void_load", why=why, now=now, asn=row.asn, order_id=row.order_id,
                  amount=row.amount, load_id=row.id, online_ttc=row.online_ttc)
 
@@ -167,6 +199,17 @@ def _unconfirmed(conn: Connection, row, now: datetime) -> None:
 
 
 def _loaded(conn: Connection, row, now: datetime, *, tac: str | None, by: str, who: str = HOST) -> None:
+    """Record ``row`` as loaded. Its counter is spent, so every other load at it is void, when ``by`` is proof
+    from the card (its TAC) or staff; a log (``card_log``) proves only this load, so the others wait for proof."""
+    proven = by != "card_log"
+    for other in conn.execute(select(_LOAD).where(_LOAD.c.asn == row.asn, _LOAD.c.online_ttc == row.online_ttc,
+                                                  _LOAD.c.id != row.id, _LOAD.c.status != "void")).all():
+        if other.status == "loaded" and not proven:
+            raise TopupRefused("already_loaded", f"load {other.id} is the card's load at online counter "
+                                                 f"{row.online_ttc} already")
+        if proven:
+            _void(conn, other, now, who=who, why=f"load {row.id} at the same online counter {row.online_ttc} is "
+                                                 f"proven ({by}): this MAC2 can never have been used")
     conn.execute(update(_LOAD).where(_LOAD.c.id == row.id).values(status="loaded", tac=tac, confirmed_by=by,
                                                                   settled_at=now))
     if row.order_id is not None:
@@ -174,6 +217,10 @@ def _loaded(conn: Connection, row, now: datetime, *, tac: str | None, by: str, w
                                                                                     updated_at=now))
     audit.record(conn, who=who, action="load_confirmed", why=f"confirmed by {by}", now=now, asn=row.asn,
                  order_id=row.order_id, amount=row.amount, load_id=row.id, tac=tac)
+
+
+def _tac_ok(keys: KeyService, row, tac: bytes) -> bool:
+    return keys.verify_load_tac(_request(row), bytes.fromhex(row.tx_date), bytes.fromhex(row.tx_time), tac)
 
 
 def confirm_load(conn: Connection, *, keys: KeyService, load_id: int, tac: bytes, now: datetime) -> None:
@@ -185,36 +232,55 @@ def confirm_load(conn: Connection, *, keys: KeyService, load_id: int, tac: bytes
         if row.tac == tac.hex():
             return
         raise TopupRefused("already_loaded", f"load {load_id} is recorded already")
-    if not keys.verify_load_tac(_request(row), bytes.fromhex(row.tx_date), bytes.fromhex(row.tx_time), tac):
+    if not _tac_ok(keys, row, tac):
         raise TopupRefused("bad_tac", f"load {load_id}: the TAC does not verify")
     _loaded(conn, row, now, tac=tac.hex(), by="tac")
 
 
+@dataclass(frozen=True)
+class LoadProof:
+    """The card's answer to GET TRANSACTION PROVE for the load at ``online_ttc`` (type 02): its TAC."""
+
+    online_ttc: int
+    tac: bytes
+
+
 def resolve_from_card(conn: Connection, *, asn: str, online_ttc: int, log: list[apdu.LogRecord], now: datetime,
-                      who: str = HOST) -> dict[int, str]:
-    """The card is seen again, with its online TTC now and its log (READ RECORD, newest first): settle its loads
-    that got a MAC2 and no TAC. Returns load id -> what became of it (loaded / void / unconfirmed)."""
-    out = {}
-    for row in conn.execute(select(_LOAD).where(_LOAD.c.asn == asn, _LOAD.c.status == "authorized")).all():
-        if online_ttc == row.online_ttc:
-            _void(conn, row, now, why="the card's online counter proves this load never happened", who=who)
-            out[row.id] = "void"
+                      who: str = HOST, keys: KeyService | None = None, proofs: list[LoadProof] = (),
+                      witnessed: bool = False) -> dict[int, str]:
+    """The card is seen again: its online TTC now, its log (READ RECORD, newest first) and, when relayed, its
+    answers to GET TRANSACTION PROVE. Settles its loads that got a MAC2 and no TAC, by the rules in this module's
+    docstring. ``witnessed``: the host's own desk reader read all of it just now (else a phone told it).
+    Returns load id -> what became of it (loaded / void / unconfirmed / authorized)."""
+    out: dict[int, str] = {}
+    for row in _live(conn, asn=asn):
+        if conn.execute(select(_LOAD.c.status).where(_LOAD.c.id == row.id)).scalar() != "authorized":
+            out[row.id] = "void"  # settled a moment ago by a sibling's proof
             continue
-        if online_ttc < row.online_ttc:
-            out[row.id] = "authorized"  # a stale read of the card: nothing to conclude
+        proof = next((p for p in proofs if p.online_ttc == row.online_ttc), None)
+        if proof is not None and keys is not None and _tac_ok(keys, row, proof.tac):
+            _loaded(conn, row, now, tac=proof.tac.hex(), by="tac", who=who)
+            out[row.id] = "loaded"
             continue
         at_t = [r for r in log if r.tx_type == apdu.TX_LOAD and r.ttc == row.online_ttc]
-        if not at_t:
+        if at_t and (
+                at_t[0].amount, at_t[0].terminal_id.hex(), at_t[0].date.hex(), at_t[0].time.hex()) == (
+                row.amount, row.terminal_id, row.tx_date, row.tx_time):
+            try:
+                _loaded(conn, row, now, tac=None, by="card_log", who=who)
+                out[row.id] = "loaded"
+                continue
+            except TopupRefused:
+                pass  # another load at this counter is the card's: this one waits for proof
+        if online_ttc > row.online_ttc:
             _unconfirmed(conn, row, now)
             out[row.id] = "unconfirmed"
-        elif (at_t[0].amount, at_t[0].terminal_id.hex(), at_t[0].date.hex(), at_t[0].time.hex()) == (
-                row.amount, row.terminal_id, row.tx_date, row.tx_time):
-            _loaded(conn, row, now, tac=None, by="card_log", who=who)
-            out[row.id] = "loaded"
-        else:
-            _void(conn, row, now, why=f"the card's load at online counter {row.online_ttc} is another load",
-                  who=who)
+        elif online_ttc == row.online_ttc and witnessed:
+            _void(conn, row, now, why="the desk reader read the card at this load's online counter: its MAC2 "
+                                      "belongs to a card session that is gone", who=who)
             out[row.id] = "void"
+        else:
+            out[row.id] = "authorized"  # the phone's word, or a stale read: nothing is concluded from it
     return out
 
 
@@ -257,9 +323,12 @@ def counter_topup(engine: Engine, session, *, keys: KeyService, amount: int, ter
     init = apdu.parse_init_load(apdu.check(session.exchange(apdu.init_load(1, amount, terminal_id)),
                                            "INITIALIZE FOR LOAD"))
     with engine.begin() as conn:
-        resolve_from_card(conn, asn=facts.asn, online_ttc=init.online_ttc, log=log, now=now, who=staff)
+        _check_mac1(keys, facts.asn, init, amount, terminal_id)
+        # The desk reader read all of this itself, just now: a witness, unlike a phone's relay.
+        resolve_from_card(conn, asn=facts.asn, online_ttc=init.online_ttc, log=log, now=now, who=staff,
+                          witnessed=True)
         grant = _grant(conn, keys=keys, asn=facts.asn, init=init, amount=amount, terminal_id=terminal_id,
-                       channel="counter", staff=staff, now=now, order_id=None)
+                       channel="counter", staff=staff, now=now, order_id=None, witnessed=True)
     tac = apdu.parse_credit(apdu.check(session.exchange(grant.credit_apdu()), "CREDIT FOR LOAD"))
     with engine.begin() as conn:
         confirm_load(conn, keys=keys, load_id=grant.load_id, tac=tac, now=now)
@@ -325,27 +394,29 @@ def authorize_ota(conn: Connection, *, keys: KeyService, order_id: str, asn: str
                   terminal_id: bytes, now: datetime, log: list[apdu.LogRecord] | None = None) -> LoadGrant:
     """The phone relays its SIM's INITIALIZE FOR LOAD answer for a paid order; the host answers MAC2.
 
-    ``log``: the SIM's log records, when the phone read them first; they settle earlier unfinished loads."""
+    ``log``: the SIM's log records, when the phone read them first; they can confirm earlier loads (never void
+    them). The answer's MAC1 is checked before anything else, so a forged answer changes nothing."""
     row = _lock_order(conn, order_id, now)
     if row.asn != asn:
         raise TopupRefused("wrong_card", f"order {order_id} is for card {row.asn}, not {asn}")
-    live = conn.execute(select(_LOAD).where(_LOAD.c.order_id == order_id, _LOAD.c.status == "authorized")
-                        .order_by(_LOAD.c.id.desc())).first()
-    if live is not None and live.online_ttc == init.online_ttc and live.card_random == init.random.hex():
-        if live.mac1 != init.mac1.hex() or live.balance_before != init.balance:
-            raise TopupRefused("bad_mac1", f"order {order_id}: a retry that differs from the first request")
-        # The phone did not get the answer (a timeout) and asks again for the same card session.
-        return LoadGrant(live.id, bytes.fromhex(live.tx_date), bytes.fromhex(live.tx_time), bytes.fromhex(live.mac2))
+    _check_mac1(keys, asn, init, row.amount, terminal_id)
+    for live in _live(conn, order_id=order_id):
+        if live.online_ttc == init.online_ttc and live.card_random == init.random.hex():
+            if live.mac1 != init.mac1.hex() or live.balance_before != init.balance:
+                raise TopupRefused("bad_mac1", f"order {order_id}: a retry that differs from the first request")
+            # The phone did not get the answer (a timeout) and asks again for the same card session.
+            return LoadGrant(live.id, bytes.fromhex(live.tx_date), bytes.fromhex(live.tx_time),
+                             bytes.fromhex(live.mac2))
+    settled = {}
     if log is not None:
         settled = resolve_from_card(conn, asn=asn, online_ttc=init.online_ttc, log=log, now=now)
         row = conn.execute(select(_ORDER).where(_ORDER.c.order_id == order_id)).one()
-    else:
-        settled = {}
     try:
         return _authorize_paid(conn, keys=keys, row=row, asn=asn, init=init, terminal_id=terminal_id, now=now)
     except TopupRefused as e:
-        # What the SIM's log settled stands even when this request is refused (e.g. "already loaded").
-        e.keep = e.keep or any(v != "authorized" for v in settled.values())
+        # What the verified answer and the log settled stands even when this request is refused (e.g. "already
+        # loaded"): a confirmation, or an unconfirmed mark from a MAC1-proven counter; never a void.
+        e.keep = e.keep or any(v in ("loaded", "unconfirmed") for v in settled.values())
         raise
 
 
@@ -357,21 +428,23 @@ def _authorize_paid(conn: Connection, *, keys: KeyService, row, asn: str, init: 
     if row.status in ("created", "refunded"):
         raise TopupRefused("not_paid" if row.status == "created" else "refunded",
                            f"order {order_id} is {row.status}: no load")
-    live = conn.execute(select(_LOAD).where(_LOAD.c.order_id == order_id, _LOAD.c.status == "authorized")
-                        .order_by(_LOAD.c.id.desc())).first()
-    if live is not None:
-        if init.online_ttc > live.online_ttc:
-            _unconfirmed(conn, live, now)
+    live = _live(conn, order_id=order_id)
+    if live:
+        counter = live[0].online_ttc  # all of an order's MAC2s are at one counter (this module's docstring)
+        if init.online_ttc > counter:
+            # MAC1-verified: the card really is past the counter this order's MAC2s were for; one may have loaded.
+            for load in live:
+                _unconfirmed(conn, load, now)
             raise TopupRefused("load_unconfirmed", f"order {order_id}: the card's online counter moved past the "
-                                                   "MAC2 given for this order; it may be loaded. Its log or "
-                                                   "staff will settle it", keep=True)
-        if init.online_ttc < live.online_ttc:
+                                                   "MAC2 given for this order; it may be loaded. Its log, its "
+                                                   "transaction proof or staff will settle it", keep=True)
+        if init.online_ttc < counter:
             raise TopupRefused("counter_backwards", f"order {order_id}: the card's online counter "
-                                                    f"{init.online_ttc} is below the {live.online_ttc} it showed")
+                                                    f"{init.online_ttc} is below the {counter} it showed")
     if row.status == "unconfirmed":
         raise TopupRefused("load_unconfirmed", f"order {order_id} may be loaded already: its load is unconfirmed")
     grant = _grant(conn, keys=keys, asn=asn, init=init, amount=row.amount, terminal_id=terminal_id,
-                   channel="ota", staff=HOST, now=now, order_id=order_id)
+                   channel="ota", staff=HOST, now=now, order_id=order_id, witnessed=False)
     conn.execute(update(_ORDER).where(_ORDER.c.order_id == order_id).values(status="authorized", updated_at=now))
     return grant
 
@@ -385,7 +458,7 @@ def report_tac(conn: Connection, *, keys: KeyService, order_id: str, tac: bytes,
             if load.tac in (None, tac.hex()):
                 return _order(row)  # a report we have (or the card log told us first)
             continue
-        if keys.verify_load_tac(_request(load), bytes.fromhex(load.tx_date), bytes.fromhex(load.tx_time), tac):
+        if _tac_ok(keys, load, tac):
             _loaded(conn, load, now, tac=tac.hex(), by="tac")
             return get_order(conn, order_id=order_id)
     raise TopupRefused("bad_tac", f"order {order_id}: the TAC does not verify for any of its loads")
@@ -400,13 +473,15 @@ def unconfirmed_orders(conn: Connection, *, now: datetime, grace: timedelta = ti
 
 
 def staff_confirm_loaded(conn: Connection, *, order_id: str, who: str, why: str, now: datetime) -> Order:
-    """Staff settle an unconfirmed order as loaded (e.g. the issuer's file shows the load)."""
+    """Staff settle an unconfirmed order as loaded, with the issuer's file (or the card at the desk) showing the
+    load. Its other MAC2s at that counter become void: the counter is spent."""
     row = _lock_order(conn, order_id, now)
     if row.status not in ("authorized", "unconfirmed"):
-        raise TopupRefused("bad_state", f"order {order_id} is {row.status}")
-    load = conn.execute(select(_LOAD).where(_LOAD.c.order_id == order_id, _LOAD.c.status == "authorized")
-                        .order_by(_LOAD.c.id.desc())).first()
-    _loaded(conn, load, now, tac=None, by="staff", who=who)
+        raise TopupRefused("bad_state", f"order {order_id} is {row.status}: nothing to confirm")
+    live = _live(conn, order_id=order_id)
+    if not live:
+        raise TopupRefused("bad_state", f"order {order_id} has no load waiting for confirmation")
+    _loaded(conn, live[0], now, tac=None, by="staff", who=who)
     audit.record(conn, who=who, action="staff_confirm", why=why, now=now, asn=row.asn, order_id=order_id,
                  amount=row.amount)
     return get_order(conn, order_id=order_id)
@@ -414,16 +489,18 @@ def staff_confirm_loaded(conn: Connection, *, order_id: str, who: str, why: str,
 
 def staff_retry(conn: Connection, *, order_id: str, card_online_ttc: int, who: str, why: str, now: datetime
                 ) -> Order:
-    """Staff let an unconfirmed order be loaded again, only when the card's online counter (read from the card)
-    proves its MAC2 was never used."""
+    """Staff let an unconfirmed order be loaded again, only when the card's online counter, read at the desk from
+    the card itself, proves its MAC2s were never used."""
     row = _lock_order(conn, order_id, now)
     if row.status not in ("authorized", "unconfirmed"):
         raise TopupRefused("bad_state", f"order {order_id} is {row.status}: nothing to retry")
-    for load in conn.execute(select(_LOAD).where(_LOAD.c.order_id == order_id, _LOAD.c.status == "authorized")):
+    live = _live(conn, order_id=order_id)
+    for load in live:
         if load.online_ttc != card_online_ttc:
             raise TopupRefused("may_be_loaded", f"order {order_id}: the card's online counter is "
                                                 f"{card_online_ttc}, past this order's load at {load.online_ttc}: "
                                                 "it may be loaded; read its log or the issuer's file")
+    for load in live:
         _void(conn, load, now, why=why, who=who)
     audit.record(conn, who=who, action="staff_retry", why=why, now=now, asn=row.asn, order_id=order_id,
                  amount=row.amount, card_online_ttc=card_online_ttc)
@@ -441,55 +518,3 @@ def refund_order(conn: Connection, *, order_id: str, who: str, why: str, now: da
     audit.record(conn, who=who, action="refund_order", why=why, now=now, asn=row.asn, order_id=order_id,
                  amount=row.amount, payment_ref=row.payment_ref)
     return get_order(conn, order_id=order_id)
-
-
-class OtaHost:
-    """The over-the-air host as the phone (and the payment platform) reach it: each call one transaction, committed
-    even when the answer is a refusal that changed state (``TopupRefused.keep``)."""
-
-    def __init__(self, engine: Engine, keys: KeyService, *, webhook_key: bytes | None = None,
-                 clock=None):
-        self.engine = engine
-        self.keys = keys
-        self.webhook_key = webhook_key  # the payment platform's Ed25519 public key (32 bytes)
-        self.clock = clock or (lambda: datetime.now(UTC))
-
-    def __repr__(self) -> str:
-        return f"<OtaHost on {self.engine.url.render_as_string(hide_password=True)}>"
-
-    def _run(self, fn, **kwargs):
-        with self.engine.connect() as conn:
-            trans = conn.begin()
-            try:
-                result = fn(conn, now=self.clock(), **kwargs)
-            except TopupRefused as e:
-                (trans.commit if e.keep else trans.rollback)()
-                raise
-            except BaseException:
-                trans.rollback()
-                raise
-            trans.commit()
-            return result
-
-    def payment_webhook(self, body: bytes, signature: str) -> str:
-        from backoffice.cards import payments
-
-        return self._run(payments.handle_webhook, body=body, signature=signature, public_key=self.webhook_key)
-
-    def authorize(self, *, order_id: str, asn: str, init_answer: bytes, terminal_id: bytes,
-                  log: list[bytes] | None = None) -> LoadGrant:
-        """``init_answer``: the SIM's INITIALIZE FOR LOAD data (16 bytes); ``log``: its READ RECORD data."""
-        try:
-            init = apdu.parse_init_load(init_answer)
-            records = None if log is None else [apdu.parse_log_record(r) for r in log]
-        except apdu.ResponseError as e:
-            raise TopupRefused("bad_request", str(e)) from None
-        return self._run(authorize_ota, keys=self.keys, order_id=order_id, asn=asn, init=init,
-                         terminal_id=terminal_id, log=records)
-
-    def report(self, *, order_id: str, tac: bytes) -> Order:
-        return self._run(report_tac, keys=self.keys, order_id=order_id, tac=tac)
-
-    def card_seen(self, *, asn: str, online_ttc: int, log: list[bytes]) -> dict[int, str]:
-        records = [apdu.parse_log_record(r) for r in log]
-        return self._run(resolve_from_card, asn=asn, online_ttc=online_ttc, log=records)

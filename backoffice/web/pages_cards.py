@@ -178,6 +178,16 @@ def topup_retry(*, request: Request, order_id: str, card_online_ttc: Annotated[i
         f"retry {order_id}")
 
 
+@router.post("/topups/{order_id}/confirm")
+def topup_confirm(*, request: Request, order_id: str, why: Annotated[str, Form()], csrf: Csrf = "",
+                  who: Annotated[Principal, Depends(page_of("operator_staff"))],
+                  svc: Annotated[Services, Depends(services)]) -> Response:
+    """The issuer's file (or the card at the desk) shows the load: the unconfirmed order is settled as loaded."""
+    _check_csrf(request, csrf)
+    return _order_write(request, who, svc, lambda conn: topup.staff_confirm_loaded(
+        conn, order_id=order_id, who=who.name, why=why, now=svc.clock()), f"confirm {order_id}")
+
+
 @router.post("/topups/{order_id}/refund")
 def topup_refund(*, request: Request, order_id: str, why: Annotated[str, Form()], csrf: Csrf = "",
                  who: Annotated[Principal, Depends(page_of("operator_staff"))],

@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from test_topup import KEYS, OTA_TERMINAL, Clock, issued_card
 
 from backoffice.cards import payments_recon, topup
+from backoffice.cards.ota_host import OtaHost
 from backoffice.db import make_engine, upgrade
 from backoffice.models import PaymentReconItem
 from hardware_sim.payment import PaymentPlatform
@@ -35,7 +36,7 @@ def orders(engine, tmp_path):
     clock = Clock()
     clock.now = datetime(2026, 11, 21, 14, 0, tzinfo=UTC)  # 22:00 in Shanghai: the day before DAY
     platform = PaymentPlatform(clock=clock)
-    host = topup.OtaHost(engine, KEYS, webhook_key=platform.public_key, clock=clock)
+    host = OtaHost(engine, KEYS, webhook_key=platform.public_key, clock=clock)
     card = issued_card(engine, tmp_path, clock)
     phone = Phone(card, host, OTA_TERMINAL)
 

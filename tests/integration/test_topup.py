@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from backoffice.cards import cases, issuance, ledger, topup
+from backoffice.cards.ota_host import OtaHost
 from backoffice.db import make_engine, upgrade
 from backoffice.keyservice import LocalKeyService
 from backoffice.models import CardLoad, PaymentEvent
@@ -68,7 +69,7 @@ def issued_card(engine, tmp_path, clock, asn="31000000000000000001") -> SimCard:
 def world(engine, tmp_path):
     clock = Clock()
     platform = PaymentPlatform(clock=clock)
-    host = topup.OtaHost(engine, KEYS, webhook_key=platform.public_key, clock=clock)
+    host = OtaHost(engine, KEYS, webhook_key=platform.public_key, clock=clock)
     card = issued_card(engine, tmp_path, clock)
     phone = Phone(card, host, OTA_TERMINAL)
     return engine, clock, platform, host, card, phone

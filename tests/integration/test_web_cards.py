@@ -82,8 +82,10 @@ class HttpHost:
     def report(self, *, order_id, tac):
         return self._post(f"/api/v1/ota/orders/{order_id}/tac", {"tac": tac.hex()})
 
-    def card_seen(self, *, asn, online_ttc, log):
-        return self._post(f"/api/v1/ota/cards/{asn}/seen", {"online_ttc": online_ttc, "log": [r.hex() for r in log]})
+    def card_seen(self, *, asn, online_ttc, log, proofs=()):
+        return self._post(f"/api/v1/ota/cards/{asn}/seen", {
+            "online_ttc": online_ttc, "log": [r.hex() for r in log],
+            "proofs": [{"online_ttc": ttc, "answer": answer.hex()} for ttc, answer in proofs]})
 
 
 class Grant:

@@ -267,7 +267,8 @@ def test_blocked_card_selects_with_6283_and_refuses_purchase():
         (bytes.fromhex("00B201CC17"), b"\x6a\x82"),  # SFI 19: no such file
         (bytes.fromhex("00B201C017"), b"\x6b\x00"),  # P2 mode other than "record number in P1"
         (bytes.fromhex("00B0990000"), b"\x6a\x82"),  # READ BINARY of SFI 19
-        (bytes.fromhex("805A000202000108"), b"\x6b\x00"),  # prove of a load: not a purchase type
+        (bytes.fromhex("805A000502000108"), b"\x6b\x00"),  # prove of type 05: neither a purchase nor a load
+        (bytes.fromhex("805A000202000108"), b"\x94\x06"),  # prove of a load the card never made
         (bytes.fromhex("805A000602000108"), b"\x94\x06"),  # no such purchase
         (bytes.fromhex("841E0000051122334455"), b"\x67\x00"),  # MAC of 5 bytes
         (bytes.fromhex("841E0000041122334455")[:9], b"\x69\x85"),  # no challenge

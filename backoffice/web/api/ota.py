@@ -1,5 +1,5 @@
 """Over-the-air top-up over HTTP: the rider's phone (through the mobile operator's OTA gateway) and the payment
-platform reach the issuer host (backoffice.cards.topup.OtaHost) here.
+platform reach the issuer host (backoffice.cards.ota_host.OtaHost) here.
 
 Who may call what:
 
@@ -33,6 +33,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Connection, case, select
 
 from backoffice.cards import topup
+from backoffice.cards.ota_host import OtaHost
 from backoffice.cards.ledger import RefundRefused
 from backoffice.models import TopupOrder
 from backoffice.web.app import Services, services
@@ -91,11 +92,14 @@ def configure_ota(app, *, keys, webhook_key: bytes | None) -> None:
     app.state.ota_webhook_key = webhook_key
 
 
-def payment_public_key(text: str | None) -> bytes:
-    """The payment platform's Ed25519 public key from its 64-hex-digit setting; unset: the published TEST platform's
-    key, which only the simulator (hardware_sim.payment) signs with."""
+def payment_public_key(text: str | None, *, insecure_test_key: bool = False) -> bytes:
+    """The payment platform's Ed25519 public key from its 64-hex-digit setting. Unset: refused (anyone can sign with
+    the published TEST platform's seed), unless ``insecure_test_key`` (the simulator's, for demos and tests)."""
     text = (text or "").strip()
     if not text:
+        if not insecure_test_key:
+            raise ValueError(f"{PUBLIC_KEY_ENV} is not set: give the payment platform's Ed25519 public key "
+                             "(64 hex digits)")
         log.warning("payment webhooks checked with the published TEST platform key: simulator only (set %s)",
                     PUBLIC_KEY_ENV)
         return bytes.fromhex(TEST_PLATFORM_PUBLIC_KEY)
@@ -104,13 +108,13 @@ def payment_public_key(text: str | None) -> bytes:
     return bytes.fromhex(text)
 
 
-def ota_host(request: Request) -> topup.OtaHost:
+def ota_host(request: Request) -> OtaHost:
     app = request.app
     if getattr(app.state, "ota_keys", None) is None:
         # farebox serve configures it at start (the wiring lives in farebox/, not here)
         raise HTTPException(503, "over-the-air top-up is not configured on this server (configure_ota)")
     svc = app.state.services
-    return topup.OtaHost(svc.engine, app.state.ota_keys, webhook_key=app.state.ota_webhook_key, clock=svc.clock)
+    return OtaHost(svc.engine, app.state.ota_keys, webhook_key=app.state.ota_webhook_key, clock=svc.clock)
 
 
 def _host_call(fn, **kwargs):
@@ -148,9 +152,18 @@ class TacReport(BaseModel):
     tac: Annotated[Hex, Field(min_length=8, max_length=8, description="CREDIT FOR LOAD's TAC, 4 bytes in hex")]
 
 
+class LoadProve(BaseModel):
+    online_ttc: Annotated[int, Field(ge=0, le=0xFFFF, description="the load's online counter asked for")]
+    answer: Annotated[Hex, Field(min_length=16, max_length=16, description="the SIM's answer to GET TRANSACTION "
+                                                                           "PROVE (80 5A 00 02 02 + TTC): MAC2 || TAC")]
+
+
 class CardSeen(BaseModel):
     online_ttc: Annotated[int, Field(ge=0, le=0xFFFF)]
-    log: list[Annotated[Hex, Field(min_length=46, max_length=46)]]
+    log: list[Annotated[Hex, Field(min_length=46, max_length=46)]] = Field(max_length=10)
+    proofs: list[LoadProve] = Field(default_factory=list, max_length=10, description=(
+        "the SIM's answers to GET TRANSACTION PROVE for its loads: the only thing a phone can relay that settles a "
+        "load whose TAC was lost (the counter and the log can confirm a load, never void one)"))
 
 
 @router.post("/ota/orders", status_code=201)
@@ -174,7 +187,7 @@ def get_order(*, order_id: str, who: Annotated[Principal, Depends(owned_by("oper
 
 @router.post("/ota/orders/{order_id}/load")
 def load(*, order_id: str, body: LoadAsk, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
-         host: Annotated[topup.OtaHost, Depends(ota_host)]) -> dict:
+         host: Annotated[OtaHost, Depends(ota_host)]) -> dict:
     """The phone relays its SIM's INITIALIZE FOR LOAD answer; the host answers MAC2 and the CREDIT FOR LOAD
     command the phone sends to the SIM. Asked again for the same card session (a lost answer), the same MAC2."""
     grant = _host_call(host.authorize, order_id=order_id, asn=body.asn.lower(),
@@ -186,7 +199,7 @@ def load(*, order_id: str, body: LoadAsk, who: Annotated[Principal, Depends(owne
 
 @router.post("/ota/orders/{order_id}/tac")
 def report_tac(*, order_id: str, body: TacReport, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
-               host: Annotated[topup.OtaHost, Depends(ota_host)]) -> dict:
+               host: Annotated[OtaHost, Depends(ota_host)]) -> dict:
     """The phone reports the SIM's TAC: verified, the load recorded (a repeat is harmless)."""
     return order_view(_host_call(host.report, order_id=order_id, tac=bytes.fromhex(body.tac)))
 
@@ -194,11 +207,13 @@ def report_tac(*, order_id: str, body: TacReport, who: Annotated[Principal, Depe
 @router.post("/ota/cards/{asn}/seen")
 def card_seen(*, asn: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{20}$")], body: CardSeen,
               who: Annotated[Principal, Depends(owned_by("operator_staff"))],
-              host: Annotated[topup.OtaHost, Depends(ota_host)]) -> dict:
-    """The phone is back and tells what its SIM says (online counter, log): loads left open are settled."""
+              host: Annotated[OtaHost, Depends(ota_host)]) -> dict:
+    """The phone is back and tells what its SIM says (online counter, log, transaction proofs): loads left open
+    are settled as far as the card's own answers prove; the rest wait (see backoffice.cards.topup)."""
     try:
         settled = _host_call(host.card_seen, asn=asn.lower(), online_ttc=body.online_ttc,
-                             log=[bytes.fromhex(r) for r in body.log])
+                             log=[bytes.fromhex(r) for r in body.log],
+                             proofs=[(p.online_ttc, bytes.fromhex(p.answer)) for p in body.proofs])
     except apdu.ResponseError as e:
         raise refused(ValueError(str(e))) from None
     return {"settled": {str(k): v for k, v in settled.items()}}
@@ -246,6 +261,10 @@ class StaffRefund(BaseModel):
     why: Annotated[str, Field(min_length=1, max_length=500)]
 
 
+class StaffConfirm(BaseModel):
+    why: Annotated[str, Field(min_length=1, max_length=500, description="the evidence, e.g. the issuer's file line")]
+
+
 @router.get("/topups/orders")
 def orders(*, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
            svc: Annotated[Services, Depends(services)]) -> list[dict]:
@@ -270,4 +289,14 @@ def staff_refund(*, order_id: str, body: StaffRefund, who: Annotated[Principal, 
     """Pay a paid, unloaded order back (the platform pays it out)."""
     with writing(svc) as conn:
         order = topup.refund_order(conn, order_id=order_id, who=who.name, why=body.why, now=svc.clock())
+    return order_view(order)
+
+
+@router.post("/topups/orders/{order_id}/confirm")
+def staff_confirm(*, order_id: str, body: StaffConfirm,
+                  who: Annotated[Principal, Depends(owned_by("operator_staff"))],
+                  svc: Annotated[Services, Depends(services)]) -> dict:
+    """Settle an unconfirmed order as loaded, when the issuer's file (or the card at the desk) shows the load."""
+    with writing(svc) as conn:
+        order = topup.staff_confirm_loaded(conn, order_id=order_id, who=who.name, why=body.why, now=svc.clock())
     return order_view(order)
