@@ -1,9 +1,10 @@
 """Clearing runs and reconciliation items in the database: the use cases the nightly job, the CLI and the clerk's
 pages call. Each runs inside the caller's transaction (``with engine.begin() as conn``) and commits nothing itself.
 
-- ``clear_day``: clear an operator's service day (catching up any day skipped since the last run), store the run and
-  its rows, carry the clerk's adjustments into it; asked again for a cleared day, it re-clears from the stored
-  window and checks that the result is the same (``ClearingMismatch`` otherwise: a closed day never changes).
+- ``clear_day``: clear an operator's service day (catching up any day skipped since the last run, see
+  ``catch_up_days``), store the run, claim its taps (``claim_taps``: every tap lands in exactly one run), store its
+  rows, carry the clerk's adjustments into it; asked again for a cleared day, it re-clears from the taps the run
+  claimed and checks that the result is the same (``ClearingMismatch`` otherwise: a closed day never changes).
 - ``reconcile_shifts_day``, ``import_issuer_file``, ``store_items``: reconciliation items, stored once each.
 - ``resolve_item``: accept / adjust / dispute, with who and when.
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 import pandas as pd
-from sqlalchemy import Connection, and_, func, or_, select, tuple_, update
+from sqlalchemy import Connection, and_, func, select, tuple_, update
 
 from backoffice.models import (
     ClearingRow,
@@ -100,10 +101,17 @@ def set_commission_rate(conn: Connection, *, operator: str, rate_bp: int, valid_
                                                           valid_from=valid_from))
 
 
-def commission_rate(conn: Connection, operator: str, day: date) -> int:
+def rate_on(conn: Connection, operator: str, day: date) -> int | None:
+    """The commission rate in force on ``day`` (the latest set from that day or earlier), None when none is set.
+    The one look-up of the rate: clearing and the settlement's "can this day be cleared" both ask here."""
     rate = conn.execute(select(CommissionRate.rate_bp).where(
         CommissionRate.operator == operator, CommissionRate.valid_from <= day)
         .order_by(CommissionRate.valid_from.desc()).limit(1)).scalar()
+    return None if rate is None else int(rate)
+
+
+def commission_rate(conn: Connection, operator: str, day: date) -> int:
+    rate = rate_on(conn, operator, day)
     if rate is None:
         raise LookupError(f"operator {operator!r} has no card-issuer commission rate for {day}: set one with "
                           "backoffice.clearing_runs.set_commission_rate(..., valid_from=<first day>)")
@@ -136,17 +144,38 @@ def _with_fleets(conn: Connection, taps: pd.DataFrame, operator: str, tz: str, c
     return taps.assign(fleet=merged["fleet"].fillna(NO_FLEET).astype(str).to_numpy())
 
 
-def load_run_taps(conn: Connection, window: ClearingWindow) -> pd.DataFrame:
-    """The purchases a run can take (``clearing.runs``): its day's received before ``as_of``, and earlier days'
-    received in ``[carried_from, as_of)``; with their fleets."""
-    start, end = day_bounds(window.day, window.tz, window.cutoff_hour)
-    late = Tap.occurred_at < start
-    if window.carried_from is not None:
-        late = and_(late, Tap.received_at >= window.carried_from)
+def claim_taps(conn: Connection, *, run_id: int, window: ClearingWindow) -> int:
+    """Give run ``run_id`` every stored tap of ``window.operator`` that no run has taken yet, of the run's day or an
+    earlier one, received before ``window.as_of``; returns how many it took. The one place that decides which taps
+    a run takes.
+
+    Why a claim and not a time window: ingest stamps ``received_at`` before its commit, so a tap can be received
+    before a run's moment and committed after the run read the table; a run that took "received before as_of"
+    and a next run that took "received at or after it" both missed it. Here each tap carries the id of the run that
+    took it, set by one ``UPDATE ... WHERE clearing_run_id IS NULL`` in the run's own transaction:
+
+    - PostgreSQL (READ COMMITTED): the UPDATE sees the taps committed when it starts. One committed later (or still
+      uncommitted then) is not seen and keeps NULL, so the next run takes it. A tap another run is claiming at the
+      same moment is locked by that run: this UPDATE waits, re-checks the committed row, and skips it when the
+      other run committed its claim (takes it when that run rolled back). Never both, never neither.
+    - SQLite: one writer at a time; the claim and ingest's inserts are serialised whole.
+
+    ``received_at < as_of`` keeps a run's taps to what had arrived by its moment (a clock that disagrees a little
+    only moves a tap to the next run); a tap received at exactly ``as_of`` goes to the next run. ``occurred_at <
+    end``: a tap at exactly the next cut-off belongs to the next day. Every kind of record is claimed (shift
+    records too), so "which run took this tap" has an answer for each; only purchases are money.
+    """
+    end = day_bounds(window.day, window.tz, window.cutoff_hour)[1]
+    return conn.execute(update(Tap.__table__).where(
+        Tap.clearing_run_id.is_(None), Tap.operator == window.operator, Tap.occurred_at < end,
+        Tap.received_at < window.as_of).values(clearing_run_id=run_id)).rowcount
+
+
+def load_run_taps(conn: Connection, run_id: int, window: ClearingWindow) -> pd.DataFrame:
+    """The purchases run ``run_id`` claimed (``claim_taps``), with their fleets, for ``clearing.runs.clear``."""
     cols = [c for c in RUN_TAP_COLUMNS if c != "fleet"]
     query = (select(*[getattr(Tap, c) for c in cols])
-             .where(Tap.operator == window.operator, Tap.kind == PURCHASE, Tap.received_at < window.as_of,
-                    or_(and_(Tap.occurred_at >= start, Tap.occurred_at < end), late))
+             .where(Tap.clearing_run_id == run_id, Tap.kind == PURCHASE)
              .order_by(Tap.device_id, Tap.device_seq))
     frame = pd.DataFrame(conn.execute(query).all(), columns=cols)
     for col in ("occurred_at", "received_at"):
@@ -206,7 +235,7 @@ def _same_rows(a: pd.DataFrame, b: pd.DataFrame) -> bool:
 
 def _reclear(conn: Connection, run) -> StoredRun:
     window = _window_of(run)
-    result = clear(load_run_taps(conn, window), window, _carried(conn, run.id))
+    result = clear(load_run_taps(conn, run.id, window), window, _carried(conn, run.id))
     stored = _stored(conn, run, recleared=True)
     if result.fingerprint != run.fingerprint or not _same_rows(result.rows, stored.rows):
         raise ClearingMismatch(
@@ -217,13 +246,20 @@ def _reclear(conn: Connection, run) -> StoredRun:
     return stored
 
 
-def _insert(conn: Connection, result: ClearingResult, created_at: datetime, adjustments: list[Adjustment]) -> int:
-    w = result.window
-    values = {k: result.totals[k] for k in _TOTALS}
-    run_id = conn.execute(ClearingRun.__table__.insert().values(
+def _insert_run(conn: Connection, window: ClearingWindow, created_at: datetime) -> int:
+    """The run's row first (its totals filled in by ``_store_result``), so that its id can claim taps; a second run
+    of the same day waits here on the unique (operator, service_day) and fails when the first commits."""
+    zeros = dict.fromkeys(_TOTALS, 0)
+    w = window
+    return conn.execute(ClearingRun.__table__.insert().values(
         operator=w.operator, service_day=w.day, created_at=created_at, as_of=w.as_of, carried_from=w.carried_from,
-        rate_bp=w.rate_bp, tz=w.tz, cutoff_hour=w.cutoff_hour, fingerprint=result.fingerprint, **values)
+        rate_bp=w.rate_bp, tz=w.tz, cutoff_hour=w.cutoff_hour, fingerprint="", **zeros)
         .returning(ClearingRun.id)).scalar_one()
+
+
+def _store_result(conn: Connection, run_id: int, result: ClearingResult, adjustments: list[Adjustment]) -> None:
+    conn.execute(update(ClearingRun).where(ClearingRun.id == run_id).values(
+        fingerprint=result.fingerprint, **{k: result.totals[k] for k in _TOTALS}))
     rows = [dict(zip(ROW_FIELDS, r, strict=True), run_id=run_id)
             for r in result.rows[list(ROW_FIELDS)].itertuples(index=False, name=None)]
     for r in rows:
@@ -235,38 +271,59 @@ def _insert(conn: Connection, result: ClearingResult, created_at: datetime, adju
         conn.execute(update(ReconItem).where(ReconItem.id.in_([a.item_id for a in adjustments]),
                                              ReconItem.carried_run_id.is_(None))
                      .values(carried_run_id=run_id))
-    return run_id
 
 
-def clear_day(conn: Connection, *, operator: str, day: date, now: datetime | None = None) -> StoredRun:
-    """Clear ``operator``'s service ``day`` as of ``now`` (default: the current time), or re-clear and check it
-    when it is cleared already. Days skipped since the operator's last run are cleared first, in order, so that no
-    late tap falls between two runs."""
-    now = _utc(now) or datetime.now(UTC)
-    existing = _run_row(conn, and_(ClearingRun.operator == operator, ClearingRun.service_day == day))
-    if existing is not None:
-        return _reclear(conn, existing)
-    op = _operator(conn, operator)
-    last = conn.execute(select(ClearingRun.__table__).where(ClearingRun.operator == operator)
+def _last_run(conn: Connection, operator: str):
+    return conn.execute(select(ClearingRun.__table__).where(ClearingRun.operator == operator)
                         .order_by(ClearingRun.service_day.desc()).limit(1)).first()
-    if last is not None:
-        if day < last.service_day:
-            raise ValueError(f"{operator} {day} comes before the last cleared day {last.service_day} and was never "
-                             "cleared itself: its taps were carried as late taps into the runs after it")
-        if day > last.service_day + timedelta(days=1):
-            clear_day(conn, operator=operator, day=day - timedelta(days=1), now=now)
-            return clear_day(conn, operator=operator, day=day, now=now)
-        if now < _utc(last.as_of):
-            raise ValueError(f"clearing as of {now.isoformat()} would go back before the last run's "
-                             f"{_utc(last.as_of).isoformat()}")
+
+
+def catch_up_days(conn: Connection, *, operator: str, day: date) -> list[date]:
+    """The days to clear, oldest first, so that ``day`` is cleared with no day skipped before it: every day after
+    the operator's last run up to ``day`` (just ``[day]`` for a first run or a day cleared already). A day before
+    the last run that was never cleared is refused: its taps went to the runs after it as late taps. The one
+    catch-up rule: ``clear_day`` and the nightly job (``backoffice.jobs``) both follow it."""
+    last = conn.execute(select(func.max(ClearingRun.service_day)).where(ClearingRun.operator == operator)).scalar()
+    if last is None or day == last:
+        return [day]
+    if day < last:
+        if _run_row(conn, and_(ClearingRun.operator == operator, ClearingRun.service_day == day)) is not None:
+            return [day]
+        raise ValueError(f"{operator} {day} comes before the last cleared day {last} and was never cleared "
+                         "itself: its taps were carried as late taps into the runs after it")
+    return [last + timedelta(days=n) for n in range(1, (day - last).days + 1)]
+
+
+def _clear_new_day(conn: Connection, op, operator: str, day: date, now: datetime) -> StoredRun:
+    last = _last_run(conn, operator)
+    if last is not None and now < _utc(last.as_of):
+        raise ValueError(f"clearing as of {now.isoformat()} would go back before the last run's "
+                         f"{_utc(last.as_of).isoformat()}")
     window = ClearingWindow(operator, day, now, _utc(last.as_of) if last else None,
                             commission_rate(conn, operator, day), op.timezone, op.cutoff_hour)
     adjustments = [Adjustment(r.id, r.service_day, int(r.adjustment)) for r in conn.execute(
         select(ReconItem.id, ReconItem.service_day, ReconItem.adjustment).where(
             ReconItem.operator == operator, ReconItem.status == "adjusted", ReconItem.carried_run_id.is_(None)))]
-    result = clear(load_run_taps(conn, window), window, adjustments)
-    run_id = _insert(conn, result, now, adjustments)
+    run_id = _insert_run(conn, window, now)
+    claim_taps(conn, run_id=run_id, window=window)
+    result = clear(load_run_taps(conn, run_id, window), window, adjustments)
+    _store_result(conn, run_id, result, adjustments)
     return _stored(conn, _run_row(conn, ClearingRun.id == run_id))
+
+
+def clear_day(conn: Connection, *, operator: str, day: date, now: datetime | None = None) -> StoredRun:
+    """Clear ``operator``'s service ``day`` as of ``now`` (default: the current time), or re-clear and check it
+    when it is cleared already. Days skipped since the operator's last run are cleared first, in order
+    (``catch_up_days``), each its own run, in the caller's transaction."""
+    now = _utc(now) or datetime.now(UTC)
+    existing = _run_row(conn, and_(ClearingRun.operator == operator, ClearingRun.service_day == day))
+    if existing is not None:
+        return _reclear(conn, existing)
+    op = _operator(conn, operator)
+    run = None
+    for d in catch_up_days(conn, operator=operator, day=day):
+        run = _clear_new_day(conn, op, operator, d, now)
+    return run
 
 
 # ------------------------------------------------------------------------------------------- reconciliation

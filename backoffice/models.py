@@ -255,6 +255,9 @@ class Tap(Base):
     full_fare: Mapped[int] = mapped_column(Integer, server_default="0")
     entry_stop: Mapped[int] = mapped_column(Integer, server_default="0")
     exit_stop: Mapped[int] = mapped_column(Integer, server_default="0")
+    # The clearing run that took this tap; NULL until one claims it (backoffice.clearing_runs, revision 0012).
+    clearing_run_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("clearing_run.id"), nullable=True,
+                                                        index=True)
 
 
 class Quarantine(Base):

@@ -1,19 +1,21 @@
 """A clearing run: one operator's service day settled by operator, fleet, route, vehicle, driver and card type, with
 the card issuer's commission and the operator's net, plus the adjustments it carries for earlier days.
 
-Which taps a run takes (``ClearingWindow``): runs of an operator form a chain, one per service day, days in order,
-each made at a moment ``as_of`` (taps *received* before it count) and carrying on from the previous run's
-``as_of`` (``carried_from``).
+Which taps a run takes is decided in one place, when the run is stored: ``backoffice.clearing_runs`` claims the
+stored taps no run has taken yet (see ``claim_taps`` there for why that, and not a time window, makes every tap
+land in exactly one run). ``clear`` settles the taps handed to it, all of them, and only sorts them:
 
-- **day**: purchases of service day ``day`` received before ``as_of``.
-- **late**: purchases of an earlier service day received in ``[carried_from, as_of)``: they arrived after their own
-  day's run was made, so they land here, on the day they arrived, as "adjustments for earlier days" (by the day
-  they belong to), and the closed day is never changed.
+- **day**: purchases of service day ``day`` (``occurred_at`` in the day's half-open window ``[start, end)``, so a
+  tap at exactly the 03:00:00 cut-off belongs to the day that starts then, and to no other).
+- **late**: purchases of an earlier service day: they arrived after their own day's run was made, so they land
+  here, on the day they were taken, as "adjustments for earlier days" (by the day they belong to), and the closed
+  day is never changed.
 - **reconciliation**: adjustments a clerk decided on reconciliation items (``Adjustment``), carried once.
 
-With days in order and no day skipped, every purchase is counted exactly once (the back office clears an empty
-day too, for that reason). The same inputs give the same rows and the same ``fingerprint``, so re-clearing a
-closed day can be checked, not trusted.
+A purchase of a later day is refused: no run may take it before its day is cleared. The same inputs give the same
+rows and the same ``fingerprint``, so re-clearing a closed day (from the taps it claimed) can be checked, not
+trusted. ``ClearingWindow`` records the run's moment (``as_of``) and the previous run's (``carried_from``); they
+are part of the fingerprint, and no longer pick taps.
 
 Pure: works on frames and values handed in; money is int fen; times are UTC. The rounding rule is
 ``clearing.commission``'s.
@@ -44,8 +46,8 @@ NO_FLEET = ""  # a vehicle not (yet) in any fleet: still counted, under this key
 class ClearingWindow:
     operator: str
     day: date
-    as_of: datetime  # taps received before this moment count (UTC, aware)
-    carried_from: datetime | None  # the previous run's as_of; None for an operator's first run
+    as_of: datetime  # when the run was made (UTC, aware); it claimed taps received before this moment
+    carried_from: datetime | None  # the previous run's as_of; None for an operator's first run (a record only)
     rate_bp: int  # the card issuer's commission, basis points
     tz: str = "Asia/Shanghai"
     cutoff_hour: int = 3
@@ -160,19 +162,22 @@ def _breakdowns(section_taps: _Section, keys: dict, operator: str, rate_bp: int,
 
 
 def clear(taps: pd.DataFrame, window: ClearingWindow, adjustments: list[Adjustment] | tuple = ()) -> ClearingResult:
-    """Settle ``window.day`` for ``window.operator`` from ``taps`` (that operator's stored taps: unique by
-    (device_id, device_seq), as the tap table guarantees; other kinds than purchases are ignored)."""
+    """Settle the taps a run took (``taps``: that operator's stored taps the run claimed, unique by
+    (device_id, device_seq), as the tap table guarantees; other kinds than purchases are ignored) as
+    ``window.day``'s run; see the module doc."""
     _check(taps)
     fee.check_rate(window.rate_bp)
     start, end = (pd.Timestamp(t) for t in day_bounds(window.day, window.tz, window.cutoff_hour))
-    as_of = pd.Timestamp(window.as_of)
-    occurred, received = taps["occurred_at"], taps["received_at"]
+    occurred = taps["occurred_at"]
     purchase = (taps["kind"] == PURCHASE).to_numpy()
-    received_in = (received < as_of).to_numpy()
-    day_mask = purchase & received_in & ((occurred >= start) & (occurred < end)).to_numpy()
-    late_mask = purchase & received_in & (occurred < start).to_numpy()
-    if window.carried_from is not None:
-        late_mask &= (received >= pd.Timestamp(window.carried_from)).to_numpy()
+    after = purchase & (occurred >= end).to_numpy()
+    if after.any():
+        first = occurred[after].min()
+        raise ValueError(f"{int(after.sum())} purchase(s) handed to the run of {window.day} happened after that "
+                         f"day's end {end.isoformat()} (first at {first.isoformat()}): a run takes only taps of "
+                         "its day and earlier ones; they belong to a later day's run")
+    day_mask = purchase & (occurred >= start).to_numpy()
+    late_mask = purchase & (occurred < start).to_numpy()
 
     amount = taps["amount"].to_numpy(dtype=np.int64)
     keys = {dim: _codes(taps[dim]) for dim in DIMENSIONS[1:]}

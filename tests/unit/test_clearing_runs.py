@@ -1,5 +1,6 @@
 """Clearing runs (pure): totals against plain loops, the commission rule, every breakdown adding up to the same
-figures, re-clearing giving the same rows and fingerprint, late taps landing as adjustments."""
+figures, re-clearing giving the same rows and fingerprint, late taps landing as adjustments. Which taps a run
+takes is the database's claim (tests/integration/test_clearing_claims.py); here a run settles what it is handed."""
 
 from __future__ import annotations
 
@@ -109,21 +110,32 @@ def test_day_totals_match_plain_loops_and_other_kinds_are_left_out():
         assert int(table["commission"].sum()) == result.totals["day_commission"]
 
 
-def test_taps_outside_the_day_or_received_after_the_run_are_not_in_the_day():
-    rows = [tap(1), tap(2, at=DAY_START - timedelta(seconds=1)),  # the day before, received long ago
-            tap(3, at=DAY_START + timedelta(days=1)),  # the next day
-            tap(4, received=AS_OF + timedelta(seconds=1))]  # arrived after the run
+def test_the_run_settles_every_tap_handed_to_it_and_sorts_day_from_late_by_the_cut_off():
+    # The run takes what it claimed (backoffice.clearing_runs.claim_taps); here it only sorts. A tap at exactly
+    # the day's 03:00:00 cut-off is the day's own, one a second earlier the day before's (late).
+    rows = [tap(1), tap(2, at=DAY_START), tap(3, at=DAY_START - timedelta(seconds=1)),
+            tap(4, received=AS_OF + timedelta(seconds=1))]  # received after as_of: still the run's, if handed in
     result = clear(frame(rows), window())
-    assert result.totals["day_taps"] == 1
-    # first run of the operator: an earlier day's tap with no run of its own is carried here, not lost
+    assert result.totals["day_taps"] == 3
     assert result.totals["late_taps"] == 1
+    late = result.table("route", "late")
+    assert list(late["for_day"]) == [DAY - timedelta(days=1)]
+
+
+def test_a_purchase_of_a_later_day_is_refused_even_at_exactly_the_next_cut_off():
+    end = DAY_START + timedelta(days=1)  # 03:00:00 local the next day: the next day's first moment
+    with pytest.raises(ValueError, match="after that day's end"):
+        clear(frame([tap(1), tap(2, at=end)]), window())
+    ok = clear(frame([tap(1), tap(2, at=end - timedelta(microseconds=1))]), window())
+    assert ok.totals["day_taps"] == 2
+    # other kinds are not money: a shift record of the next day handed in is ignored, not refused
+    assert clear(frame([tap(1), tap(2, at=end, kind="shift_open", amount=0)]), window()).totals["day_taps"] == 1
 
 
 def test_late_taps_land_as_adjustments_for_their_own_day():
     previous_as_of = DAY_START + timedelta(hours=1)  # yesterday's run was made at 04:00 today
     yesterday = DAY_START - timedelta(hours=5)
     rows = [tap(1), tap(2),
-            tap(3, at=yesterday, received=previous_as_of - timedelta(minutes=1), amount=300),  # was in yesterday's
             tap(4, at=yesterday, received=previous_as_of + timedelta(hours=3), amount=150, route="R9"),  # late
             tap(5, at=yesterday - timedelta(days=1), received=previous_as_of + timedelta(hours=4), amount=120)]
     result = clear(frame(rows), window(carried_from=previous_as_of))
