@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Each domain's module adds its subcommands: register new ones here, one line each.
     from farebox import backoffice_cmd, cards_cmd, fleet_cmd, ingest_cmd, publish_cmd, registry_cmd, settle_cmd
     from farebox import simcard, validator_cmd
+    from farebox import audit_cmd
 
     backoffice_cmd.register(sub)  # demo, db, serve, token
     ingest_cmd.register(sub)  # ingest, quarantine
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     simcard.add_parser(sub)  # sim
     validator_cmd.add_parser(sub)  # validator
     cards_cmd.add_parser(sub)  # keys, card, topup
+    audit_cmd.register(sub)  # audit
     return parser
 
 
