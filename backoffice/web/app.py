@@ -12,52 +12,18 @@ or by being added to ``ROUTERS`` when they land, and declare their owners with `
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 
 from backoffice.devices import DEFAULT_STALE_AFTER
-from backoffice.web.auth import Principal, TokenStore
-
-HERE = Path(__file__).parent
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclasses.dataclass
-class Services:
-    """What every view gets: the database, the tokens, the clock (tests fix it), how long a silent validator may
-    stay quiet before it is flagged stale."""
-
-    engine: Engine
-    tokens: TokenStore
-    clock: Callable[[], datetime] = _utc_now
-    stale_after: timedelta = DEFAULT_STALE_AFTER
-
-
-def services(request: Request) -> Services:
-    return request.app.state.services
-
-
-def connection(request: Request) -> Iterator[Connection]:
-    """A connection for one request's reads (no transaction is committed: these views do not write)."""
-    with request.app.state.services.engine.connect() as conn:
-        yield conn
-
-
-def scoped(principal: Principal, operator: str | None) -> str | None:
-    """The operator a request is limited to. A clerk asking for another operator's data is told it does not exist
-    (404), the same answer as for an operator that really does not, so codes cannot be probed."""
-    if not principal.may_see(operator if operator is not None else principal.operator):
-        raise HTTPException(404, f"operator {operator!r} not found")
-    return principal.scope(operator)
+from backoffice.web import api, pages, pages_cards, pages_registry, pages_reports
+from backoffice.web.auth import TokenStore
+from backoffice.web.deps import HERE, Services, utc_now
 
 
 def create_app(source, *, tokens: TokenStore | Path | None = None, clock: Callable[[], datetime] | None = None,
@@ -66,7 +32,6 @@ def create_app(source, *, tokens: TokenStore | Path | None = None, clock: Callab
     """The app for ``source``: a farebox.config.Settings (its database, migrated on start; its token file) or an
     Engine (then ``tokens`` is a TokenStore or the path of a token file)."""
     from backoffice.db import make_engine, upgrade
-    from backoffice.web import api, pages, pages_cards, pages_registry, pages_reports
 
     if isinstance(source, Engine):
         engine = source
@@ -83,7 +48,7 @@ def create_app(source, *, tokens: TokenStore | Path | None = None, clock: Callab
                   description="Registry, taps, settlements, devices, quarantine, deny lists and cards of the farebox "
                               "back office. Every endpoint needs `Authorization: Bearer <token>` (`farebox token "
                               "add`); each names the roles that own it.")
-    app.state.services = Services(engine=engine, tokens=store, clock=clock or _utc_now, stale_after=stale_after)
+    app.state.services = Services(engine=engine, tokens=store, clock=clock or utc_now, stale_after=stale_after)
     for router in (*api.ROUTERS, *extra_routers):
         app.include_router(router, prefix="/api/v1")
     app.include_router(pages.router)

@@ -24,7 +24,7 @@ from backoffice.settle import settle
 from backoffice.web import reads
 from backoffice.web.api.clearing import settlement_pdf_bytes
 from backoffice.web.api.devices import fleet_rows
-from backoffice.web.app import HERE, Services, connection, scoped, services
+from backoffice.web.deps import HERE, Services, connection, scoped, services
 from backoffice.web.auth import COOKIE, Principal, page_of
 from epurse.cardtypes import CardType
 

@@ -26,7 +26,7 @@ from backoffice.web import reads
 from backoffice.web.api.cards import ledger_view
 from backoffice.web.api.ota import order_list, writing
 from backoffice.web.api.reconcile import Decision, import_file, read_upload, resolve, work_list
-from backoffice.web.app import Services, connection, services
+from backoffice.web.deps import Services, connection, services
 from backoffice.web.auth import Principal, page_of
 from backoffice.web.pages import render
 

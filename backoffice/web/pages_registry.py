@@ -19,7 +19,7 @@ from sqlalchemy import Connection
 
 from backoffice.web import reads
 from backoffice.web.api import registry_edit as edit_api
-from backoffice.web.app import Services, connection, services
+from backoffice.web.deps import Services, connection, services
 from backoffice.web.auth import Principal, page_of
 from backoffice.web.pages import render
 from backoffice.web.pages_cards import _check_csrf, csrf_token, to_fen

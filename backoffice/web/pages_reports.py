@@ -13,7 +13,7 @@ from sqlalchemy import Connection
 
 from backoffice.web import reads
 from backoffice.web.api import reports
-from backoffice.web.app import Services, connection, services
+from backoffice.web.deps import Services, connection, services
 from backoffice.web.auth import Principal, page_of
 
 router = APIRouter(include_in_schema=False)

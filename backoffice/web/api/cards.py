@@ -12,7 +12,7 @@ from sqlalchemy import Connection, select
 
 from backoffice.web import reads
 from backoffice.web.api.ota import writing
-from backoffice.web.app import Services, connection, services
+from backoffice.web.deps import Services, connection, services
 from backoffice.web.auth import Principal, owned_by
 
 router = APIRouter(tags=["cards"])

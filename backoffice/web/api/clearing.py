@@ -12,7 +12,7 @@ from sqlalchemy import Connection
 
 from backoffice.settle import settle
 from backoffice.web import reads
-from backoffice.web.app import Services, connection, scoped, services
+from backoffice.web.deps import Services, connection, scoped, services
 from backoffice.web.auth import Principal, owned_by
 
 router = APIRouter(tags=["clearing"])

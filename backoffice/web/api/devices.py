@@ -11,7 +11,7 @@ from sqlalchemy import Connection
 from backoffice.denylist_publish import versions
 from backoffice.devices import fleet_status
 from backoffice.web import reads
-from backoffice.web.app import Services, connection, scoped, services
+from backoffice.web.deps import Services, connection, scoped, services
 from backoffice.web.auth import Principal, owned_by
 
 router = APIRouter(tags=["devices"])

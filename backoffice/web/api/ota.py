@@ -36,7 +36,7 @@ from backoffice.cards import topup
 from backoffice.cards.ota_host import OtaHost
 from backoffice.cards.ledger import RefundRefused
 from backoffice.models import TopupOrder
-from backoffice.web.app import Services, services
+from backoffice.web.deps import Services, services
 from backoffice.web.auth import Principal, owned_by
 from epurse import apdu
 

@@ -13,7 +13,7 @@ from sqlalchemy import Connection
 
 from backoffice.cards import payments_recon
 from backoffice.web.api.ota import writing
-from backoffice.web.app import Services, connection, services
+from backoffice.web.deps import Services, connection, services
 from backoffice.web.auth import Principal, owned_by
 
 router = APIRouter(tags=["payment reconciliation"])

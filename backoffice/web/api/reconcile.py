@@ -15,7 +15,7 @@ from sqlalchemy import Connection, select
 from backoffice import clearing_runs
 from backoffice.models import ReconItem
 from backoffice.web.api.ota import writing
-from backoffice.web.app import Services, connection, scoped, services
+from backoffice.web.deps import Services, connection, scoped, services
 from backoffice.web.auth import Principal, owned_by
 
 router = APIRouter(tags=["reconciliation"])

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from sqlalchemy import Connection
 
 from backoffice.web import reads
-from backoffice.web.app import connection, scoped
+from backoffice.web.deps import connection, scoped
 from backoffice.web.auth import Principal, owned_by
 
 router = APIRouter(tags=["registry"])

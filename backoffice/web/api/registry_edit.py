@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from backoffice import registry
 from backoffice.web import reads
-from backoffice.web.app import Services, connection, scoped, services
+from backoffice.web.deps import Services, connection, scoped, services
 from backoffice.web.auth import Principal, owned_by
 
 router = APIRouter(tags=["registry"])

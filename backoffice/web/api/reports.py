@@ -26,7 +26,7 @@ from backoffice import clearing_runs, registry
 from backoffice.models import ReconItem, Tap
 from backoffice.settle import settle, settle_month, stored_run_id
 from backoffice.web import reads
-from backoffice.web.app import Services, connection, scoped, services
+from backoffice.web.deps import Services, connection, scoped, services
 from backoffice.web.auth import Principal, owned_by
 from clearing.service_day import day_bounds
 from epurse.cardtypes import CardType
