@@ -1,7 +1,7 @@
 """Deny-list versions and deltas, in the back office.
 
 A version is the whole list of every card whose status is ``lost``, ``blocked`` or ``fraud`` (ingest sets
-``fraud``), written in the validator's own file format (``blacklist.denylist``) and stored in ``denylist_version``
+``fraud``) and of every driver card withdrawn (its driver retired, or the card replaced; ``driver_card``), written in the validator's own file format (``blacklist.denylist``) and stored in ``denylist_version``
 with its number, creation time, card count and SHA-256 content checksum. Storing whole files, not deltas, means
 any two stored versions give a delta (``blacklist.delta.diff``), so a bus that missed ten versions gets one delta,
 not ten.
@@ -13,6 +13,8 @@ not ten.
 - ``delta_for(conn, from_version)`` is the delta from a stored version to the current one, or None when the
   version is unknown (never stored, e.g. 0, a fresh validator) or more than ``max_behind`` versions behind: then
   the device gets the full list.
+- ``denylist_changed(conn)`` says whether the cards to deny differ from the newest stored version (the publisher
+  asks it every ``rebuild_every`` seconds and builds a version when it does; see backoffice.publisher).
 - ``prune_versions(conn)`` deletes the versions too old to make a delta from (each holds a whole list).
 - ``update_for(conn, device_version)`` is what a device that reports ``device_version`` should receive: nothing
   (it is current), a delta, or the full list; also the full list when the delta would not be smaller than the
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import re
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, func, select
@@ -31,7 +35,10 @@ from backoffice import models
 from blacklist.delta import Delta, diff
 from blacklist.denylist import DenyList, encode, file_checksum
 
+log = logging.getLogger(__name__)
+
 DENIED_STATUSES = ("lost", "blocked", "fraud")
+_ASN = re.compile(r"[0-9a-f]{20}")  # what a deny list can carry: the card's 10-byte ASN
 DEFAULT_MAX_BEHIND = 50  # versions; a bus further behind than this gets the full list
 
 
@@ -76,11 +83,33 @@ def _row(row) -> DenyListVersion:
                            checksum=row.checksum, body=bytes(row.body))
 
 
-def denied_asns(conn: Connection) -> list[str]:
-    """Every card that must be refused, ascending."""
-    table = models.Card.__table__
-    return list(conn.execute(select(table.c.asn).where(table.c.status.in_(DENIED_STATUSES))
-                             .order_by(table.c.asn)).scalars())
+def denied_asns(conn: Connection, now: datetime | None = None) -> list[str]:
+    """Every card that must be refused at ``now`` (default: now), ascending: rider cards lost, blocked or fraud, and
+    driver cards withdrawn by then (a driver retired from tomorrow keeps their card until then)."""
+    table, drivers = models.Card.__table__, models.DriverCard.__table__
+    now = now or datetime.now(UTC)
+    cards = set(conn.execute(select(table.c.asn).where(table.c.status.in_(DENIED_STATUSES))).scalars())
+    for asn in conn.execute(select(drivers.c.asn).where(drivers.c.withdrawn_at.is_not(None),
+                                                        drivers.c.withdrawn_at <= now)).scalars():
+        # The registry takes a driver card number as typed; one that is no card's ASN cannot open a shift on a
+        # bus either, and must not keep every other card off the list (encode refuses the whole list for it).
+        if _ASN.fullmatch(asn.strip().lower()):
+            cards.add(asn.strip().lower())
+        else:
+            log.warning("deny list: withdrawn driver card %r is not a 20-hex-digit ASN; left off the list", asn)
+    return sorted(cards)
+
+
+def denylist_changed(conn: Connection, now: datetime | None = None) -> bool:
+    """True when the cards to deny at ``now`` are not those of the newest stored version (or there is none and
+    some card is denied). One query per table and one SHA-256 over the sorted list: ~0.1 s for 100,000 cards."""
+    table = models.DenyListVersion.__table__
+    current = conn.execute(select(table.c.version, table.c.count, table.c.checksum)
+                           .order_by(table.c.version.desc()).limit(1)).first()
+    asns = denied_asns(conn, now)
+    if current is None:
+        return bool(asns)
+    return current.count != len(asns) or current.checksum != file_checksum(encode(asns, current.version)).hex()
 
 
 def current_version(conn: Connection) -> DenyListVersion | None:
@@ -109,7 +138,7 @@ def build_version(conn: Connection, now: datetime) -> DenyListVersion | None:
     if now.tzinfo is None:
         raise ValueError("build_version needs an aware UTC time (times in the database are UTC)")
     current = current_version(conn)
-    asns = denied_asns(conn)
+    asns = denied_asns(conn, now)
     try:
         body = encode(asns, (current.version + 1) if current else 1)
     except ValueError as e:  # an ASN that is not 20 hex digits: say which, store nothing

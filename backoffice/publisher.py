@@ -40,6 +40,15 @@ left is refused by the bus (its base is not the bus's version), never applied tw
 every device known to be online and behind, from what it heard and from the ``device_status`` table, so a one-shot
 ``farebox denylist publish`` updates the fleet too.
 
+Nobody has to run ``farebox denylist publish`` after a change: every ``rebuild_every`` seconds (default 30,
+``FAREBOX_DENYLIST_REBUILD_SECONDS``; and once at start) the publisher asks whether the cards to deny (lost, blocked,
+fraud, withdrawn driver cards; a card found again leaves) differ from the newest version
+(``denylist_publish.denylist_changed``: two small queries and a hash, nothing written when nothing changed) and, when
+they do, builds the next version and sends it as above. So a card reported lost at the counter, or a retired
+driver's card, reaches every bus online within ``rebuild_every`` seconds plus a delivery, whatever process changed
+it (a page, the API, the CLI). Two publishers on one database both notice; the second one's insert of the same
+version number fails and it builds again on top (``publish_denylist``), which then finds nothing new.
+
 Per-device parameter and software packages are re-sent the same way to a device that reports in (birth, or the
 periodic sweep) still running another version: after the package's activation time at each birth and every
 ``retry_after``; before it only once (a bus that has it staged keeps reporting its old version until then). Fleet
@@ -63,6 +72,7 @@ from backoffice.denylist_publish import (
     DenyListVersion,
     Update,
     build_version,
+    denylist_changed,
     prune_versions,
     update_for,
 )
@@ -127,7 +137,7 @@ class Publisher(MqttService):
     def __init__(self, engine: Engine, target: MqttTarget, *, seed: bytes, device_master: bytes,
                  operator: str | None = None, client_id: str = "farebox_publisher",
                  max_behind: int = DEFAULT_MAX_BEHIND, retry_after: float = 600.0, listen_status: bool = True,
-                 sweep_every: float = 60.0):
+                 sweep_every: float = 60.0, rebuild_every: float = 0.0):
         subscription = None  # a one-shot command works from the device_status table alone
         if listen_status:
             subscription = status_subscription(operator)
@@ -142,6 +152,7 @@ class Publisher(MqttService):
         self.retry_after = retry_after
         self.listen_status = listen_status
         self.sweep_every = sweep_every
+        self.rebuild_every = rebuild_every  # seconds between "did the denied cards change?"; 0: never by itself
         self.counts = {"announcements": 0, "deltas": 0, "full_lists": 0, "packages": 0, "bytes": 0,
                        "status_refused": 0, "errors": 0}
         self._lock = threading.RLock()
@@ -152,6 +163,7 @@ class Publisher(MqttService):
         self._devices: dict[str, str] = {}  # device -> operator (registered devices seen so far)
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
+        self._rebuilder: threading.Thread | None = None
 
     # ------------------------------------------------------------------------------------------- MQTT
 
@@ -172,6 +184,9 @@ class Publisher(MqttService):
         if self.sweep_every:
             self._sweeper = threading.Thread(target=self._sweep_loop, name="publisher-sweep", daemon=True)
             self._sweeper.start()
+        if self.rebuild_every:
+            self._rebuilder = threading.Thread(target=self._rebuild_loop, name="publisher-rebuild", daemon=True)
+            self._rebuilder.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -234,6 +249,29 @@ class Publisher(MqttService):
             self.counts["announcements"] += len(operators)
         self.catch_up(wait=wait)
         return new
+
+    def rebuild_if_changed(self, now: datetime | None = None) -> DenyListVersion | None:
+        """Build and send a new version when the cards to deny changed since the newest one; None (and nothing
+        sent) when they did not."""
+        with self.engine.connect() as conn:
+            if not denylist_changed(conn, now):
+                return None
+        new = self.publish_denylist(now)
+        if new is not None:
+            log.info("publisher: deny list changed: version %d (%d cards) built and sent", new.version, new.count)
+        return new
+
+    def _rebuild_loop(self) -> None:
+        """See the module: a new version within ``rebuild_every`` seconds of any change of the denied cards."""
+        while not self._stop.is_set():
+            try:
+                self.rebuild_if_changed()
+            except Exception:  # a database hiccup or a bad card number: said in the log, tried again next time
+                with self._lock:
+                    self.counts["errors"] += 1
+                log.exception("publisher: deny-list rebuild failed; trying again in %s s", self.rebuild_every)
+            if self._stop.wait(self.rebuild_every):
+                return
 
     def _operators(self, conn) -> list[str]:
         if self.operator is not None:
