@@ -29,6 +29,7 @@ from rich.table import Table
 from sqlalchemy import func, select
 
 from backoffice import clearing_runs, registry
+from backoffice.audit_runs import audit as audit_books
 from backoffice.db import make_engine, upgrade
 from backoffice.devices import fleet_status
 from backoffice.ingest_consumer import end_session
@@ -83,11 +84,12 @@ class DemoResult:
     quarantined: int
     ingest_kills: int
     seconds: float
+    audit_differences: int = 0  # what `farebox audit` found re-deriving the stored run from the raw tables
 
     @property
     def consistent(self) -> bool:
         return (self.cards_lost == self.settled_amount and self.stored_records == self.journal_records
-                and self.quarantined == 0)
+                and self.quarantined == 0 and self.audit_differences == 0)
 
 
 class IngestProcess:
@@ -268,6 +270,8 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
         result = settle(conn, operator=plan.operator, day=day, reports_dir=settings.var_dir / "reports")
         stored, quarantined = _count_rows(conn, plan)
         names = registry.names(conn, plan.operator)
+    with engine.connect() as conn:  # the auditor re-derives the stored run from the raw tables, sharing no code
+        audited = audit_books(conn, operator=plan.operator, day=day)
     journal_records = sum(len(bus.journal.records_since(0)) for bus in buses)
     for bus in buses:
         bus.journal.close()
@@ -275,7 +279,8 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
     demo = DemoResult(run_dir=run_dir, operator=plan.operator, day=day, pdf=result.pdf, taps_by_outcome=outcomes,
                       cards_lost=cards_lost, settled_amount=result.settlement.amount,
                       settled_taps=result.settlement.taps, stored_records=stored, journal_records=journal_records,
-                      quarantined=quarantined, ingest_kills=ingest.starts - 1, seconds=time.monotonic() - started)
+                      quarantined=quarantined, ingest_kills=ingest.starts - 1, seconds=time.monotonic() - started,
+                      audit_differences=len(audited.differences))
     _write_summary(demo, result.settlement, cards, plan)
     _print_summary(console, demo, result.settlement, names)
     if result.run is not None:
@@ -284,8 +289,20 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
                       f"¥{yuan(t['day_commission'])}, net to the operator ¥{yuan(t['day_net'])}")
     else:
         console.print(f"provisional settlement, nothing stored: {result.provisional}")
+    _print_audit(console, audited)
     _print_fleet(console, fleet)
     return demo
+
+
+def _print_audit(console: Console, audited) -> None:
+    if audited.clean:
+        console.print(f"audit (farebox audit): {audited.runs} run(s), {audited.taps} purchases re-derived from the "
+                      "raw tables: [green]no differences")
+        return
+    console.print(f"[red]audit (farebox audit): {len(audited.differences)} DIFFERENCE(S) (figure: stored, "
+                  "re-derived)")
+    for d in audited.differences[:50]:
+        console.print(f"  {d.line()}", markup=False)
 
 
 def _ride(plan, buses, cards, driver_cards, now, ingest, kill_ingest_at, console, at_noon) -> dict[str, int]:
@@ -391,6 +408,7 @@ def _write_summary(demo: DemoResult, settlement, cards, plan: CityPlan) -> None:
         "settled_amount": demo.settled_amount, "settled_taps": demo.settled_taps,
         "stored_records": demo.stored_records, "journal_records": demo.journal_records,
         "quarantined": demo.quarantined, "ingest_kills": demo.ingest_kills, "seconds": round(demo.seconds, 1),
+        "audit_differences": demo.audit_differences,
         "devices": [b.device_id for b in plan.buses],
         "cards": {asn.hex(): {"initial": c.balance, "final": cards[asn].balance} for asn, c in
                   ((c.asn, c) for c in plan.cards)},
