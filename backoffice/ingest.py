@@ -34,15 +34,16 @@ import functools
 import hashlib
 import logging
 import operator
+import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from sqlalchemy import Connection, select, tuple_, update
+from sqlalchemy import Connection, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from backoffice.models import Card, Device, FraudFlag, Quarantine, Tap
+from backoffice.models import Card, Device, DeviceVersion, FraudFlag, Quarantine, Tap
 from epurse.apdu import ALG_3DES, ALG_SM4, TX_COMPOSITE, TX_PURCHASE
 from epurse.crypto import suite
 from epurse.keys import IssuerKeys
@@ -68,6 +69,13 @@ class IngestResult:
     fraud: int = 0  # of the quarantined: second records of a card transaction already stored (fraud_flag rows)
     refused: str | None = None  # why the whole message was refused (then nothing is acknowledged)
     signed: bool = True  # False: a v1 batch accepted in the migration window, acknowledged the v1 way
+    epoch: int = 0  # the journal the records come from: the ack names it (an epoch-0 batch gets the old ack)
+    quarantined_seqs: list[int] = dataclasses.field(default_factory=list)  # of ack_seqs: held, with a reason
+
+    def hold(self, seq: int) -> None:
+        """One of the message's records went to quarantine (and is acknowledged as quarantined, not stored)."""
+        self.quarantined += 1
+        self.quarantined_seqs.append(seq)
 
 
 # ---------------------------------------------------------------------- TAC
@@ -123,21 +131,100 @@ _terminal_bytes = functools.lru_cache(maxsize=100_000)(bytes.fromhex)
 # ---------------------------------------------------------------------- devices
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Registration:
+    """A registered validator as ingest checks it: its operator, and which PSAM (terminal number) it held when.
+
+    ``psams`` are the registry's device versions (``device_version``), oldest first: (valid_from, terminal_id). A
+    purchase must carry the PSAM registered *at the record's time*, so a late upload of taps made before a PSAM swap
+    is as genuine after the swap as before it, and the old PSAM's taps after the swap are not.
+    """
+
+    device_id: str
+    operator: str
+    psams: tuple[tuple[datetime, str], ...]
+
+    def terminal_at(self, when: datetime) -> str:
+        """The PSAM in force at ``when`` (as ``backoffice.registry`` reads history): the last version that started
+        at or before it; before the first version, the first (a bus's taps from before the clerk typed it in);
+        after retirement, the last."""
+        psams = self.psams
+        if len(psams) == 1 or when >= psams[-1][0]:
+            return psams[-1][1]
+        chosen = psams[0][1]
+        for valid_from, terminal in psams:
+            if valid_from > when:
+                break
+            chosen = terminal
+        return chosen
+
+
 class DeviceDirectory:
-    """Registered validators (device_id -> (operator, terminal_id)), read once and re-read on a miss, so a device
-    registered while ingest runs is found without a restart."""
+    """Registered validators (device_id -> :class:`Registration`), kept in memory because ingest looks one up for
+    every message, and kept true to the registry:
 
-    def __init__(self):
-        self._known: dict[str, tuple[str, str]] = {}
+    - a device not in memory is read at once (a validator registered while ingest runs needs no restart);
+    - at most every ``refresh_seconds`` one small query reads the registry's stamp (how many device versions there
+      are, and the newest id: an edit, a move, a PSAM swap, an addition each add a version); when it changed, the
+      whole directory is dropped and devices are read again as they come;
+    - a purchase whose PSAM is not the one in memory for its time is checked again against the device's versions
+      in the database before anything is quarantined (:meth:`psam_problem`), so a PSAM swap the clerk has just
+      saved holds for the very next tap, whatever the stamp said a moment ago.
+    """
 
-    def get(self, conn: Connection, device_id: str) -> tuple[str, str] | None:
-        if device_id not in self._known:
-            row = conn.execute(select(Device.operator, Device.terminal_id)
-                               .where(Device.device_id == device_id)).first()
-            if row is None:
+    def __init__(self, refresh_seconds: float = 1.0, clock=time.monotonic):
+        self.refresh_seconds = refresh_seconds
+        self._clock = clock
+        self._known: dict[str, Registration] = {}
+        self._stamp: tuple | None = None
+        self._checked = float("-inf")
+
+    def get(self, conn: Connection, device_id: str) -> Registration | None:
+        now = self._clock()
+        if now - self._checked >= self.refresh_seconds:
+            self._checked = now
+            stamp = tuple(conn.execute(select(func.count(), func.max(DeviceVersion.id))).one())
+            if stamp != self._stamp:
+                self._known.clear()
+                self._stamp = stamp
+        found = self._known.get(device_id)
+        if found is None:
+            found = self.load(conn, device_id)
+        return found
+
+    def load(self, conn: Connection, device_id: str) -> Registration | None:
+        """The device as the database says now (its versions oldest first), remembered."""
+        row = conn.execute(select(Device.operator, Device.terminal_id).where(Device.device_id == device_id)).first()
+        if row is None:
+            self._known.pop(device_id, None)
+            return None
+        psams = tuple((_aware(v.valid_from), v.terminal_id) for v in conn.execute(
+            select(DeviceVersion.valid_from, DeviceVersion.terminal_id).where(DeviceVersion.device_id == device_id)
+            .order_by(DeviceVersion.valid_from, DeviceVersion.id)))
+        found = Registration(device_id, row.operator, psams or ((datetime.min.replace(tzinfo=UTC),
+                                                                  row.terminal_id),))
+        self._known[device_id] = found
+        return found
+
+    def psam_problem(self, conn: Connection, registration: Registration, record: TapRecord) -> str | None:
+        """None when the purchase carries the PSAM registered for its device at its time; else the reason, after
+        reading the device again from the database (memory may be a moment behind a swap)."""
+        if record.terminal_id == registration.terminal_at(record.occurred_at):
+            return None
+        fresh = self.load(conn, registration.device_id)
+        if fresh is not None:
+            expected = fresh.terminal_at(record.occurred_at)
+            if record.terminal_id == expected:
                 return None
-            self._known[device_id] = (row.operator, row.terminal_id)
-        return self._known[device_id]
+        else:
+            expected = registration.terminal_at(record.occurred_at)
+        return (f"terminal {record.terminal_id} is not the PSAM registered for this device ({expected}) at "
+                f"{record.occurred_at:%Y-%m-%d %H:%M:%S}Z")
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; everything stored is UTC.
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 # ---------------------------------------------------------------------- the use case
@@ -178,15 +265,17 @@ class Ingest:
     def encode_ack(self, result: IngestResult) -> bytes:
         """MAC'd with the device's key; an old validator's v1 batch gets the v1 JSON ack it can read."""
         key = self.mac_key(result.device_id) if result.signed else None
-        return codec.encode_ack(result.device_id, result.ack_seqs, key=key)
+        return codec.encode_ack(result.device_id, result.ack_seqs, key=key, epoch=result.epoch,
+                                quarantined=result.quarantined_seqs)
 
     def batch(self, conn: Connection, topic: str, payload: bytes, *, now: datetime | None = None) -> IngestResult:
         return self.messages(conn, [(topic, payload)], now=now)[0]
 
     def messages(self, conn: Connection, messages: Sequence[tuple[str, bytes]], *,
-                 now: datetime | None = None) -> list[IngestResult]:
+                 now: datetime | None = None, quarantined: list[dict] | None = None) -> list[IngestResult]:
         """Store the messages inside the caller's transaction; the caller commits, then acknowledges each
-        result's ``ack_seqs`` (encoded with :meth:`encode_ack`)."""
+        result's ``ack_seqs`` (encoded with :meth:`encode_ack`). ``quarantined``: a list that gets the quarantine
+        rows instead of the table (a release of a quarantined record keeps its one row: backoffice.quarantine)."""
         now = now or datetime.now(UTC)
         quarantine: list[dict] = []
         candidates: list[_Candidate] = []
@@ -199,20 +288,27 @@ class Ingest:
                 if problem:
                     quarantine.append(_quarantine_row(now, topic, result.device_id, record.device_seq, problem,
                                                       _record_payload(record)))
-                    result.quarantined += 1
+                    result.hold(record.device_seq)
                 else:
                     candidates.append(_Candidate(result, topic, record))
         store = _store_for(conn, self.write)
         store.lock(_lock_keys(candidates))
         taps, fraud_flags, fraud_cards = self._sort_out(conn, store, candidates, now, quarantine)
         stored = store.insert(taps, now)
+        clashes = [c for c in taps if c.record.key not in stored]
         for c in taps:
             if c.record.key in stored:
                 c.result.stored += 1
-                stored.discard(c.record.key)  # a second copy in these same messages is a duplicate
-            else:
-                c.result.duplicates += 1
-        _insert_ignoring_duplicates(conn, Quarantine.__table__, quarantine)
+        # A key already stored is a duplicate only if the stored record is the same record; otherwise (a journal
+        # replaced without an epoch, a forgery with the device's key) it is a conflict, held with its reason.
+        before = store.records_by_key({c.record.key for c in clashes}) if clashes else {}
+        for c in clashes:
+            _duplicate_or_conflict(c, before.get(c.record.key), now, quarantine)
+        _mark_signed(quarantine, results)
+        if quarantined is not None:
+            quarantined.extend(quarantine)
+        else:
+            _insert_ignoring_duplicates(conn, Quarantine.__table__, quarantine)
         if fraud_flags:
             _insert_ignoring_duplicates(conn, FraudFlag.__table__, fraud_flags)
             for asn in sorted(fraud_cards):  # one at a time, in order: two workers never wait on each other in a ring
@@ -252,6 +348,7 @@ class Ingest:
                           f"{device_id} ({e})")
         except codec.WireError as e:
             return refuse(f"undecodable batch: {e}")
+        result.signed = batch.signed  # also for a refused batch: quarantine keeps it (_mark_signed)
         if batch.device_id != device_id or batch.operator != operator:
             return refuse(f"batch says device {batch.device_id!r} of {batch.operator!r} but came on the topic of "
                           f"{device_id!r} of {operator!r}", batch.records)
@@ -262,18 +359,28 @@ class Ingest:
         if registered is None:
             return refuse(f"device {device_id} is not registered: add it with `farebox device add` and re-send",
                           batch.records)
-        if registered[0] != operator:
-            return refuse(f"device {device_id} belongs to operator {registered[0]!r}, not {operator!r}",
+        if registered.operator != operator:
+            return refuse(f"device {device_id} belongs to operator {registered.operator!r}, not {operator!r}",
                           batch.records)
-        result.ack_seqs = [r.device_seq for r in batch.records]
+        result.epoch = batch.epoch
+        for item in batch.set_aside:  # records the validator could not encode: held here, so the bus can go on
+            quarantine.append(_quarantine_row(now, topic, device_id, item.device_seq,
+                                              f"set aside by the validator (could not encode it): {item.reason}",
+                                              item.raw))
+            result.hold(item.device_seq)
+        if batch.set_aside:
+            log.warning("device %s: %d records set aside by the validator quarantined (journal %d, seqs %s)",
+                        device_id, len(batch.set_aside), batch.epoch, [i.device_seq for i in batch.set_aside])
+        result.ack_seqs = [r.device_seq for r in batch.records] + [i.device_seq for i in batch.set_aside]
         result.signed = batch.signed
-        return result, _Accepted(batch.records, registered[1])
+        return result, _Accepted(batch.records, functools.partial(self.devices.psam_problem, conn, registered))
 
-    def _record_problem(self, record: TapRecord, terminal_id: str) -> str | None:
+    def _record_problem(self, record: TapRecord, psam_problem) -> str | None:
         if record.kind is not RecordKind.PURCHASE:
             return None
-        if record.terminal_id != terminal_id:
-            return f"terminal {record.terminal_id} is not the PSAM registered for this device ({terminal_id})"
+        wrong_psam = psam_problem(record)  # the PSAM registered at the record's time (DeviceDirectory.psam_problem)
+        if wrong_psam:
+            return wrong_psam
         if record.tx_type not in (TX_PURCHASE, TX_COMPOSITE):
             return f"transaction type {record.tx_type:02X} is not a purchase (06) or a composite purchase (09)"
         if record.algorithm not in (ALG_3DES, ALG_SM4):
@@ -291,11 +398,11 @@ class Ingest:
         for seen in store.purchases_by_card_counter(purchases):
             first.setdefault((seen.card_asn, seen.card_ttc), seen)
         taps, flags, cards = [], [], set()
-        keys_here: set[tuple[str, int]] = set()
+        keys_here: dict[tuple[str, int, int], TapRecord] = {}
         for c in candidates:
             r = c.record
-            if r.key in keys_here:  # the same record twice in these messages: the second is a duplicate
-                c.result.duplicates += 1
+            if r.key in keys_here:  # a key twice in these messages: the second is a duplicate if it is the same
+                _duplicate_or_conflict(c, keys_here[r.key], now, quarantine)
                 continue
             if r.kind is RecordKind.PURCHASE:
                 seen = first.get((r.card_asn, r.card_ttc))
@@ -304,7 +411,7 @@ class Ingest:
                     seen = None
                 elif type(seen) is TapRecord:
                     seen = _Seen.of(seen)
-                if seen is not None and (seen.device_id, seen.device_seq) != r.key:
+                if seen is not None and seen.key != r.key:
                     differs = seen.differences(r)
                     where = f"device {seen.device_id} seq {seen.device_seq}"
                     if differs:
@@ -322,9 +429,9 @@ class Ingest:
                                   "not counted twice")
                     quarantine.append(_quarantine_row(now, c.topic, r.device_id, r.device_seq, reason,
                                                       _record_payload(r)))
-                    c.result.quarantined += 1
+                    c.result.hold(r.device_seq)
                     continue
-            keys_here.add(r.key)
+            keys_here[r.key] = r
             taps.append(c)
         return taps, flags, cards
 
@@ -341,9 +448,9 @@ def ingest_batch(conn: Connection, topic: str, payload: bytes, *, keys: IssuerKe
 
 
 class _Accepted(tuple):
-    """A message's records that passed the message checks, and the registered terminal they must carry."""
+    """A message's records that passed the message checks, and the check of the PSAM they must carry."""
 
-    def __new__(cls, records: Iterable[TapRecord] = (), terminal: str = ""):
+    def __new__(cls, records: Iterable[TapRecord] = (), terminal=None):
         self = super().__new__(cls, records)
         self.terminal = terminal
         return self
@@ -362,11 +469,16 @@ class _Seen:
     terminal_seq: int
     tac: str
     at: int  # POSIX seconds
+    epoch: int = 0
 
     @classmethod
     def of(cls, r: TapRecord) -> _Seen:
         return cls(r.card_asn, r.card_ttc, r.device_id, r.device_seq, r.amount, r.terminal_id, r.terminal_seq,
-                   r.tac, int(r.occurred_at.timestamp()))
+                   r.tac, int(r.occurred_at.timestamp()), r.epoch)
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.device_id, self.epoch, self.device_seq)
 
     def differences(self, r: TapRecord) -> list[str]:
         mine = {"amount": self.amount, "terminal": self.terminal_id, "terminal_seq": self.terminal_seq,
@@ -379,6 +491,38 @@ class _Seen:
 def _as_utc_seconds(value: datetime) -> int:
     # SQLite hands back naive datetimes; everything stored is UTC.
     return int((value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp())
+
+
+def _duplicate_or_conflict(c: _Candidate, before, now, quarantine: list[dict]) -> None:
+    """``c``'s key (device, epoch, seq) is already taken by ``before`` (a stored row's values, or a record of these
+    same messages): the same content is a duplicate (a resend); different content is a conflict, quarantined and
+    acknowledged as quarantined, never counted as a duplicate (DESIGN: an acknowledged duplicate is byte-equal)."""
+    r = c.record
+    differs = _content_differences(before, r) if before is not None else ["(stored row not found)"]
+    if not differs:
+        c.result.duplicates += 1
+        return
+    reason = (f"conflict: device {r.device_id} journal {r.epoch} seq {r.device_seq} is already stored with "
+              f"different {', '.join(differs)}; not a duplicate (a journal replaced without a new epoch, or a "
+              "forgery): review it")
+    log.warning("device %s seq %d: %s", r.device_id, r.device_seq, reason)
+    quarantine.append(_quarantine_row(now, c.topic, r.device_id, r.device_seq, reason, _record_payload(r)))
+    c.result.hold(r.device_seq)
+
+
+def _content_differences(before, r: TapRecord) -> list[str]:
+    """The fields in which ``r`` differs from ``before`` (a TapRecord, or a stored row's mapping)."""
+    get = (lambda name: getattr(before, name)) if isinstance(before, TapRecord) else before.__getitem__
+    out = []
+    for name in _RECORD_FIELDS:
+        mine, theirs = get(name), getattr(r, name)
+        if name == "occurred_at":
+            mine, theirs = _as_utc_seconds(mine), _as_utc_seconds(theirs)
+        elif name == "kind":
+            mine, theirs = getattr(mine, "value", mine), theirs.value
+        if mine != theirs:
+            out.append(name)
+    return out
 
 
 def _lock_keys(candidates: list[_Candidate]) -> list[int]:
@@ -397,6 +541,17 @@ def _record_payload(record: TapRecord) -> bytes:
 def _quarantine_row(now, topic, device_id, seq, reason, payload) -> dict:
     return {"received_at": now, "topic": topic[:200], "device_id": device_id[:32], "device_seq": seq,
             "reason": reason[:500], "payload": payload}
+
+
+def _mark_signed(rows: list[dict], results: list[IngestResult]) -> None:
+    """Each quarantine row naming a record says whether the message that carried it verified with its device's
+    key, so a release (backoffice.quarantine) puts it through ingest again as the same kind of message. Rows that
+    keep a whole message (no seq) keep its MAC too: None. A device with an unsigned message among these: False."""
+    signed: dict[str, bool] = {}
+    for r in results:
+        signed[r.device_id] = signed.get(r.device_id, True) and r.signed
+    for row in rows:
+        row["signed"] = None if row["device_seq"] is None else signed.get(row["device_id"], False)
 
 
 def _insert_ignoring_duplicates(conn: Connection, table, rows: list[dict]) -> None:
@@ -428,10 +583,21 @@ class _Store:
         pairs = sorted(pairs)
         for i in range(0, len(pairs), 400):
             query = (select(Tap.card_asn, Tap.card_ttc, Tap.device_id, Tap.device_seq, Tap.amount, Tap.terminal_id,
-                            Tap.terminal_seq, Tap.tac, Tap.occurred_at)
+                            Tap.terminal_seq, Tap.tac, Tap.occurred_at, Tap.epoch)
                      .where(Tap.kind == PURCHASE, tuple_(Tap.card_asn, Tap.card_ttc).in_(pairs[i:i + 400])))
             for row in self.conn.execute(query):
-                yield _Seen(*row[:8], _as_utc_seconds(row[8]))
+                yield _Seen(*row[:8], _as_utc_seconds(row[8]), row[9])
+
+    def records_by_key(self, keys: set[tuple[str, int, int]]) -> dict[tuple[str, int, int], dict]:
+        """Stored taps by (device_id, epoch, device_seq): their record fields, to tell a resend from a conflict."""
+        keys = sorted(keys)
+        columns = [Tap.__table__.c[name] for name in _RECORD_FIELDS]
+        found = {}
+        for i in range(0, len(keys), 400):
+            query = select(*columns).where(tuple_(Tap.device_id, Tap.epoch, Tap.device_seq).in_(keys[i:i + 400]))
+            for row in self.conn.execute(query).mappings():
+                found[(row["device_id"], row["epoch"], row["device_seq"])] = row
+        return found
 
     def insert(self, candidates: list[_Candidate], now: datetime) -> set[tuple[str, int]]:
         if not candidates:
@@ -442,8 +608,8 @@ class _Store:
             row["kind"] = c.record.kind.value
             row["received_at"] = now
             rows.append(row)
-        statement = _insert_statement(self.conn.dialect.name, Tap.__table__, ("device_id", "device_seq"))
-        return {(r.device_id, r.device_seq) for r in self.conn.execute(statement, rows)}
+        statement = _insert_statement(self.conn.dialect.name, Tap.__table__, ("device_id", "epoch", "device_seq"))
+        return {(r.device_id, r.epoch, r.device_seq) for r in self.conn.execute(statement, rows)}
 
 
 class _PgCopyStore(_Store):
@@ -471,13 +637,13 @@ class _PgCopyStore(_Store):
         asns, ttcs = zip(*pairs, strict=True)
         rows = self.pg.execute(
             "SELECT t.card_asn, t.card_ttc, t.device_id, t.device_seq, t.amount, t.terminal_id, t.terminal_seq, "
-            "t.tac, t.occurred_at FROM unnest(%s::text[], %s::int[]) AS q(asn, ttc) "
+            "t.tac, t.occurred_at, t.epoch FROM unnest(%s::text[], %s::int[]) AS q(asn, ttc) "
             "JOIN tap t ON t.card_asn = q.asn AND t.card_ttc = q.ttc WHERE t.kind = 'purchase'",
             # Never a prepared statement: psycopg prepares after five runs, and a generic plan made while `tap` was
             # small scans the whole table for every batch until the next autoanalyze (the fleet bench saw one
             # worker fall behind at 200 validators; with a plan per call it held 2,000).
             (list(asns), list(ttcs)), prepare=False).fetchall()
-        return [_Seen(*row[:8], int(row[8].timestamp())) for row in rows]
+        return [_Seen(*row[:8], int(row[8].timestamp()), row[9]) for row in rows]
 
     def insert(self, candidates, now):
         if not self.copy:
@@ -494,8 +660,8 @@ class _PgCopyStore(_Store):
                 for c in candidates:
                     write((*_row_of(c.record), now))
             cur.execute(f"INSERT INTO tap ({columns}) SELECT {columns} FROM {self.STAGE} "
-                        "ORDER BY device_id, device_seq ON CONFLICT (device_id, device_seq) DO NOTHING "
-                        "RETURNING device_id, device_seq")
+                        "ORDER BY device_id, epoch, device_seq ON CONFLICT (device_id, epoch, device_seq) DO NOTHING "
+                        "RETURNING device_id, epoch, device_seq")
             return set(cur.fetchall())
 
 

@@ -227,19 +227,21 @@ class Card(Base):
 
 class Tap(Base):
     __tablename__ = "tap"
-    __table_args__ = (UniqueConstraint("device_id", "device_seq", name="uq_tap_device_seq"),
+    # The dedupe key: a device's journal (epoch) and its sequence in it (revision 2026_12_03_0011).
+    __table_args__ = (UniqueConstraint("device_id", "epoch", "device_seq", name="uq_tap_device_epoch_seq"),
                       Index("ix_tap_card_ttc", "card_asn", "card_ttc"))
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
     device_id: Mapped[str] = mapped_column(String(32))
     device_seq: Mapped[int] = mapped_column(BigInteger)
+    epoch: Mapped[int] = mapped_column(BigInteger, server_default="0")  # the validator journal (wire.records)
     kind: Mapped[str] = mapped_column(String(16))
     occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     operator: Mapped[str] = mapped_column(String(32))
-    route: Mapped[str] = mapped_column(String(32))
-    vehicle: Mapped[str] = mapped_column(String(32))
-    driver: Mapped[str] = mapped_column(String(32))
+    route: Mapped[str] = mapped_column(String(64))  # wire.codec.MAX_TEXT
+    vehicle: Mapped[str] = mapped_column(String(64))
+    driver: Mapped[str] = mapped_column(String(64))
     shift_no: Mapped[int] = mapped_column(Integer)
     card_asn: Mapped[str] = mapped_column(String(20))
     card_type: Mapped[int] = mapped_column(Integer)
@@ -266,7 +268,8 @@ class Quarantine(Base):
     __tablename__ = "quarantine"
     # A record quarantined once is not quarantined again for the same reason when its batch is resent; a forged
     # copy of a device's record (another reason) cannot take the place of the genuine one. NULL seqs stay distinct.
-    __table_args__ = (UniqueConstraint("device_id", "device_seq", "reason", name="uq_quarantine_record_reason"),)
+    __table_args__ = (UniqueConstraint("device_id", "device_seq", "reason", name="uq_quarantine_record_reason"),
+                      Index("ix_quarantine_status", "status", "id"))
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
@@ -275,6 +278,16 @@ class Quarantine(Base):
     device_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     reason: Mapped[str] = mapped_column(String(500))
     payload: Mapped[bytes] = mapped_column(LargeBinary)
+    # Review (backoffice.quarantine, revision 0013). signed: the message carrying the record verified with its
+    # device's key (NULL: the row keeps the whole message, whose MAC a release checks again).
+    signed: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), server_default="open")  # open | released | rejected
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    resolved_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    resolution: Mapped[str] = mapped_column(String(500), server_default="")  # the reviewer's why, and the outcome
+    tap_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # the tap a release stored (or found)
+    rechecked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    recheck_reason: Mapped[str | None] = mapped_column(String(500), nullable=True)  # a release that still failed
 
 
 class DeviceStatus(Base):

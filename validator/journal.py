@@ -8,6 +8,18 @@ and only ever grows, across restarts.
 
 The journal is also the uplink's outbox: completed records stay until their batch is acknowledged.
 
+Identity (epoch): each journal file gets a random 63-bit number when it is created (``meta`` key ``epoch``), written
+into every record it assigns and sent with every batch; the back office keys taps by (device, epoch, sequence). A bus
+whose storage is replaced starts again at sequence 1 under a new epoch, so its new taps are new records, not
+"duplicates" of old ones. A journal made before epochs (schema 3 or older, with records) keeps epoch 0: the back
+office already holds its records under that key.
+
+Always sendable: every record is cut to the wire's limits as it is written (``wire.codec.sendable``: texts at most
+``MAX_TEXT`` characters), so nothing the terminal writes can stop the uplink. Should a record still not encode (a
+bug, a damaged body), the uplink sets it aside (:meth:`Journal.set_aside`): it leaves the outbox, is sent in a form the
+back office quarantines with the reason, and is kept until that is acknowledged; the status carries an alarm
+meanwhile. The records behind it go on as usual.
+
 Disk budget (``budget_bytes``; offline for days is normal, so the journal must not grow without bound). "Used"
 is the pages that hold data, ``(page_count - freelist_count) * page_size``: two header reads (about 10 us,
 against the milliseconds of the fsync), so it is checked before every new record. The WAL comes on top and is
@@ -46,9 +58,10 @@ from datetime import datetime
 from pathlib import Path
 
 from validator.shift_report import FareRow, ShiftReport
+from wire.codec import sendable
 from wire.records import RecordKind, TapRecord, from_plain, to_plain, utc
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Fractions of the budget: start pruning acknowledged records, prune down to, refuse new fares from.
 PRUNE_AT = 0.80
@@ -133,6 +146,16 @@ _MIGRATIONS = {
             FROM record WHERE shift_no > 0 AND state = 'done' AND json_extract(body, '$.kind') = 'purchase'
             GROUP BY 1, 2;
     """,
+    # The journal's identity, and records set aside because they could not be encoded (the reason, NULL for
+    # none). A journal that already assigned sequences keeps epoch 0 (the back office holds its records so), a new
+    # one gets a random 63-bit number (never 0). No semicolons in comments: statements split.
+    4: """
+        ALTER TABLE record ADD COLUMN set_aside TEXT;
+        INSERT INTO meta (key, value)
+            SELECT 'epoch', CASE WHEN CAST(value AS INTEGER) > 0 THEN '0'
+                                 ELSE CAST((random() & 9223372036854775807) | 1 AS TEXT) END
+            FROM meta WHERE key = 'last_seq'
+    """,
 }
 
 
@@ -162,6 +185,7 @@ class JournalUsage:
     oldest_unsent: datetime | None
     refusing: bool  # new records are refused (JournalFull); rechecked here, so it clears after acks
     oldest_pending: datetime | None = None  # when the oldest grey purchase was tapped
+    set_aside: int = 0  # records that could not be encoded, waiting for the back office to quarantine them
 
     @property
     def fraction(self) -> float | None:
@@ -213,6 +237,7 @@ class Journal:
         # This journal is the file's only writer: the last sequence is read once and kept in step with each
         # commit (never ahead of the disk: a transaction that fails leaves it where it was).
         self._last_seq = int(self._get("last_seq"))
+        self.epoch = int(self._get("epoch"))  # this journal's identity, sent with every record (module docstring)
 
     def _migrate(self) -> None:
         current = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -281,10 +306,11 @@ class Journal:
             (record.device_seq, state, record.shift_no, body))
 
     def _assign(self, record: TapRecord) -> TapRecord:
-        """The next device sequence, written in the caller's transaction; call :meth:`_assigned` after COMMIT."""
+        """The next device sequence and this journal's epoch, written in the caller's transaction, with texts cut
+        to the wire's limits; call :meth:`_assigned` after COMMIT."""
         seq = self._last_seq + 1
         self._put("last_seq", str(seq))
-        return dataclasses.replace(record, device_seq=seq)
+        return sendable(dataclasses.replace(record, device_seq=seq, epoch=self.epoch))
 
     def _assigned(self, record: TapRecord) -> TapRecord:
         self._last_seq = record.device_seq
@@ -316,9 +342,11 @@ class Journal:
                 self._write(record, "pending")
             return self._assigned(record)
 
-    def complete_purchase(self, record: TapRecord) -> None:
+    def complete_purchase(self, record: TapRecord) -> TapRecord:
         """The purchase with its TAC, on disk before the rider is told "OK". Never refused by the budget: the
-        card has been debited. Counted in its shift's summary once, however often it is completed."""
+        card has been debited. Counted in its shift's summary once, however often it is completed. Returns the
+        record as written (texts cut to the wire's limits)."""
+        record = sendable(dataclasses.replace(record, epoch=self.epoch))
         body = json.dumps(to_plain(record), separators=(",", ":"))
         with self._lock, self._tx():
             # The usual case, the grey record turned done, is one statement; anything else takes the long way.
@@ -327,12 +355,13 @@ class Journal:
                                    (record.shift_no, body, record.device_seq))
             if cur.rowcount == 1:
                 self._summarise(record)
-                return
+                return record
             row = self._db.execute("SELECT state FROM record WHERE device_seq = ?",
                                    (record.device_seq,)).fetchone()
             self._write(record, "done")
             if row is None or row[0] != "done":
                 self._summarise(record)
+        return record
 
     def cancel(self, device_seq: int) -> None:
         with self._lock, self._tx():
@@ -347,12 +376,29 @@ class Journal:
         return [from_plain(json.loads(b)) for (b,) in rows]
 
     def unsent(self, limit: int) -> list[TapRecord]:
-        """Completed records not yet acknowledged, oldest first."""
+        """Completed records not yet acknowledged, oldest first (those set aside are not among them)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT body FROM record WHERE state = 'done' AND acked = 0 ORDER BY device_seq LIMIT ?",
-                (limit,)).fetchall()
+                "SELECT body FROM record WHERE state = 'done' AND acked = 0 AND set_aside IS NULL "
+                "ORDER BY device_seq LIMIT ?", (limit,)).fetchall()
         return [from_plain(json.loads(b)) for (b,) in rows]
+
+    def set_aside(self, reasons: dict[int, str]) -> int:
+        """Take records that cannot be encoded out of the outbox (device_seq -> why): they are kept, sent as
+        "set aside" for the back office to quarantine (:meth:`set_aside_unsent`), and pruned only once that is
+        acknowledged, like any record. Returns how many were set aside."""
+        with self._lock, self._tx():
+            cur = self._db.executemany("UPDATE record SET set_aside = ? WHERE device_seq = ? AND state = 'done' "
+                                       "AND acked = 0", [(why or "?", seq) for seq, why in reasons.items()])
+            return cur.rowcount
+
+    def set_aside_unsent(self, limit: int) -> list[tuple[int, str, bytes]]:
+        """Set-aside records not yet acknowledged: (device_seq, reason, the body the journal holds), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT device_seq, set_aside, body FROM record WHERE state = 'done' AND acked = 0 "
+                "AND set_aside IS NOT NULL ORDER BY device_seq LIMIT ?", (limit,)).fetchall()
+        return [(seq, why, body.encode("utf-8", "replace")) for seq, why, body in rows]
 
     def mark_acked(self, seqs) -> int:
         seqs = list(seqs)
@@ -539,13 +585,15 @@ class Journal:
                     pass
             used = self._used_bytes()
             unsent, oldest, pending, oldest_pending = self._outbox()
+            (aside,) = self._db.execute("SELECT count(*) FROM record WHERE state = 'done' AND acked = 0 "
+                                        "AND set_aside IS NOT NULL").fetchone()
         try:
             wal = os.stat(f"{self.path}-wal").st_size
         except FileNotFoundError:
             wal = 0
         return JournalUsage(used_bytes=used, budget_bytes=self.budget_bytes, wal_bytes=wal, unsent=unsent,
                             pending=pending, oldest_unsent=oldest, refusing=self._refusing,
-                            oldest_pending=oldest_pending)
+                            oldest_pending=oldest_pending, set_aside=aside)
 
 
 class _Transaction:

@@ -203,7 +203,7 @@ class Terminal:
                      grey.device_seq, grey.card_asn)
             return None
         record = dataclasses.replace(grey, tac=prove.tac.hex())
-        self.journal.complete_purchase(record)
+        record = self.journal.complete_purchase(record) or record
         log.info("device %s seq %d: card %s was debited; grey record completed with its TAC", self.config.device_id,
                  grey.device_seq, grey.card_asn)
         if (now - grey.occurred_at).total_seconds() >= self.config.double_tap_seconds:
@@ -300,7 +300,7 @@ class Terminal:
             reason = "; ".join(filter(None, (q.note, f"MAC2 did not verify: {e}")))
             log.error("device %s seq %d: MAC2 did not verify: %s", self.config.device_id, record.device_seq, e)
         record = dataclasses.replace(record, tac=debit.tac.hex(), reason=reason)
-        self.journal.complete_purchase(record)
+        record = self.journal.complete_purchase(record) or record  # as written: texts within the wire's limits
         return TapResult(Outcome.ENTERED if q.step is Step.ENTRY and not q.amount else Outcome.PAID,
                          fare=q.amount, balance=record.balance_after, record=record)
 

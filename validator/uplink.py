@@ -8,6 +8,16 @@ can make a bus forget taps. One batch is in flight at a time, oldest records fir
 again after a timeout that doubles up to a ceiling, so a bus back from a dead zone catches up without flooding the
 link.
 
+A batch that cannot be encoded never blocks those behind it (the journal writes every record within the wire's
+limits, so this is a fault, not an expected event): the records that fail on their own are set aside in the journal
+(:meth:`validator.journal.Journal.set_aside`) with a log line saying which and why, the status carries the alarm
+"N records set aside" until the back office has them, and they go up first as a ``wire.codec`` set-aside message,
+which the back office quarantines with its reason and acknowledges; then the other records go on as usual.
+
+Every batch names the journal's epoch, and an acknowledgement is believed only for that epoch: a late ack meant for
+a replaced journal's records names sequences that are other records now. An ack that says some records were
+quarantined is logged (they are safe at the back office, with a reason, for operations to review).
+
 Status (``wire.status``, retained, MAC'd with the device key): a birth right after every connect, a heartbeat every
 ``heartbeat_seconds`` and at once when something a back office acts on changes (a package applied or refused, a
 deny-list delta from another base: the heartbeat carries the version the bus has, so the back office sends the right
@@ -89,6 +99,8 @@ class Uplink:
         self.resends = 0
         self.forged_acks = 0
         self.statuses_sent = 0
+        self.set_aside = 0  # records this uplink set aside because they would not encode
+        self.quarantined = 0  # records the back office acknowledged as quarantined
 
         client = new_client(target, f"dev_{device_id}", max_inflight=4)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -161,6 +173,8 @@ class Uplink:
         elif usage.fraction is not None and usage.fraction >= JOURNAL_ALARM_FRACTION:
             alarms.append(f"journal {int(usage.fraction * 100)}% full")
         now = at or self.clock()
+        if usage.set_aside:
+            alarms.append(f"{usage.set_aside} records set aside (cannot encode)")
         if usage.oldest_pending is not None and now - usage.oldest_pending >= GREY_ALARM_AFTER:
             plural = "s" if usage.pending != 1 else ""
             alarms.append(f"{usage.pending} grey purchase{plural} since {usage.oldest_pending:%Y-%m-%d %H:%M}Z")
@@ -257,6 +271,14 @@ class Uplink:
         if ack.device_id != self.device_id:
             log.error("device %s: acknowledgement for device %s ignored", self.device_id, ack.device_id)
             return
+        if ack.epoch != self.journal.epoch:
+            log.warning("device %s: acknowledgement for journal %d ignored: this journal is %d (an ack meant for a "
+                        "replaced journal's records)", self.device_id, ack.epoch, self.journal.epoch)
+            return
+        if ack.quarantined:
+            self.quarantined += len(ack.quarantined)
+            log.warning("device %s: the back office quarantined records %s (kept there with the reason; operations "
+                        "reviews them)", self.device_id, list(ack.quarantined))
         self.journal.mark_acked(ack.seqs)
         with self._lock:
             self._inflight.difference_update(ack.seqs)
@@ -287,28 +309,53 @@ class Uplink:
             else:
                 backoff = self.ack_timeout
             try:
-                batch = self.journal.unsent(self.batch_size)
+                payload, seqs = self._next_message()
             except Exception:  # a journal error must not kill the sender; it is retried on the next wake
                 log.exception("device %s: cannot read the journal", self.device_id)
                 continue
-            if not batch:
-                continue
-            try:
-                payload = codec.encode_batch(batch, key=self.mac_key)
-            except codec.WireError:
-                log.exception("device %s: records %d-%d cannot be encoded; they stay in the journal",
-                              self.device_id, batch[0].device_seq, batch[-1].device_seq)
-                sent_at = time.monotonic()
-                with self._lock:
-                    self._inflight = {r.device_seq for r in batch}  # retried with backoff, never dropped
+            if payload is None:
                 continue
             with self._lock:
-                self._inflight = {r.device_seq for r in batch}
+                self._inflight = set(seqs)
             info = self.client.publish(self._taps_topic, payload, qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 log.warning("device %s: publish failed (%s); will retry", self.device_id, mqtt.error_string(info.rc))
             sent_at = time.monotonic()
             self.batches_sent += 1
+
+
+    def _next_message(self) -> tuple[bytes | None, list[int]]:
+        """The next message and the sequences it carries: records set aside first (for the back office's
+        quarantine), else the oldest unsent batch. A batch that does not encode is split: records that fail on
+        their own are set aside, and the rest is sent."""
+        journal = self.journal
+        aside = journal.set_aside_unsent(self.batch_size)
+        if aside:
+            return (codec.encode_set_aside(self.device_id, self.operator, journal.epoch, aside, key=self.mac_key),
+                    [seq for seq, _, _ in aside])
+        batch = journal.unsent(self.batch_size)
+        if not batch:
+            return None, []
+        try:
+            return codec.encode_batch(batch, key=self.mac_key), [r.device_seq for r in batch]
+        except codec.WireError as e:
+            failed = e
+        bad: dict[int, str] = {}
+        for r in batch:
+            try:
+                codec.encode_batch([r], key=self.mac_key)
+            except codec.WireError as e:
+                bad[r.device_seq] = str(e)
+        if not bad:  # each record encodes alone but not together: send them one at a time
+            log.error("device %s: records %d-%d cannot be encoded together (%s); sending them one by one",
+                      self.device_id, batch[0].device_seq, batch[-1].device_seq, failed)
+            return codec.encode_batch(batch[:1], key=self.mac_key), [batch[0].device_seq]
+        self.set_aside += journal.set_aside(bad)
+        log.error("device %s: records %s cannot be encoded (%s); set aside: they go to the back office's "
+                  "quarantine and the records behind them are sent as usual. This is a validator software fault: "
+                  "report it with the journal file", self.device_id, sorted(bad), "; ".join(bad.values())[:500])
+        self._status_due.set()  # the alarm goes out with the next heartbeat
+        return self._next_message()
 
 
 def _running_software() -> str:

@@ -15,6 +15,10 @@ API
   both speak v1 JSON only (transition); with a key, ``decode_ack`` refuses unsigned JSON acks, because an ack
   makes a validator forget records and only the back office (which knows the device key) may send one.
 - ``encode_batch_json`` / ``decode_batch_json`` / ``encode_ack_json`` / ``decode_ack_json``: v1 only.
+- ``encode_set_aside(device_id, operator, epoch, items, *, key)``: records the validator could not encode (see "Set
+  aside" below); ``decode_batch`` returns them in ``Batch.set_aside`` (and no records).
+- ``sendable(record)``: the record with its texts cut to the limits below (``MAX_TEXT`` characters of valid UTF-8);
+  the validator's journal writes every record through it, so whatever it keeps can be sent.
 - Every malformed input raises :class:`WireError` (``MacError`` is one) with a reason a person can act on, never
   another exception; work and memory are bounded by the payload's length whatever its length fields say.
 
@@ -29,10 +33,13 @@ Tap batch::
 
     0      u8    0xFB                     magic
     1      u8    0x02                     format version (anything else: "unsupported format version N")
-    2      u8    0x01                     message type: tap batch (0x02 is an ack; other messages use other types,
-                                          so one device key can MAC them all without one passing for another)
+    2      u8    0x01 | 0x03              message type: tap batch; 0x03 = tap batch with the journal's epoch
+                                          (0x02 is an ack; other messages use other types, so one device key can
+                                          MAC them all without one passing for another)
     3..    str   device id                at most 32 characters
            str   operator                 at most 32 characters
+           [0x03] u64be epoch             the journal's identity (records.TapRecord.epoch), 0..2^63-1; a 0x01
+                                          batch is epoch 0 (validators from before epochs)
            uv    n                        records, 1..MAX_RECORDS
            u32be t0                       first record's occurred_at, POSIX seconds UTC
            uv    seq0                     first record's device_seq
@@ -91,13 +98,32 @@ ingest compares both with the topic, so a batch cannot be forged, altered or mov
 
 Ack::
 
-    0      u8    0xFB, 0x02 (version), 0x02 (message type: ack)
+    0      u8    0xFB, 0x02 (version), 0x02 | 0x05 (message type: ack; 0x05 = ack of an epoch's records)
     3..    str   device id
+           [0x05] u64be epoch             the epoch of the records acknowledged
            uv    nr                       ranges, 0..MAX_RECORDS
            nr x (uv gap, uv extra)        first range: start = gap; later: start = previous end + 2 + gap
                                           (ranges are sorted and neither overlap nor touch); end = start + extra;
                                           at most MAX_RECORDS sequences in all, none above 2^32-1
+           [0x05] ranges                  the same again: which of those the back office quarantined (safe in its
+                                          database with a reason, not counted): a subset of the first
     -12    12 bytes                       MAC = HMAC-SHA256(device key, every byte before it)[:12]
+
+The back office answers a 0x01 batch with a 0x02 ack and a 0x03 batch (or a set-aside message of a nonzero epoch)
+with a 0x05 ack, so a validator from before epochs is never sent a message type it does not know. A validator
+believes an ack only for its own journal's epoch: a late ack for a replaced journal's records names sequences that
+mean other records now.
+
+Set aside (message type 0x04): records a validator could not encode, so that one bad record never holds back those
+behind it. The validator marks them in its journal, raises an alarm in its status, and sends them in this form; the
+back office quarantines each with the reason and acknowledges its sequence (as quarantined)::
+
+    0      u8    0xFB, 0x02 (version), 0x04 (message type: set aside)
+    3..    str   device id, str operator, u64be epoch
+           uv    n                        entries, 1..MAX_RECORDS
+           n x (uv device_seq, str reason (at most MAX_NOTE characters), uv length + raw bytes (at most MAX_RAW))
+    -12    12 bytes                       MAC
+The raw bytes are what the journal holds of the record (its JSON body), cut to MAX_RAW: for people, not parsed.
 
 Format v1 (JSON) is the previous contract: a batch is ``{"v": 1, "device": ..., "operator": ..., "records": [...]}``,
 each record listing the fields that differ from their defaults; an ack is ``{"v": 1, "device": ..., "seqs": [...]}``.
@@ -120,10 +146,17 @@ MAX_RECORDS = 1000
 MAGIC = 0xFB
 TYPE_BATCH = 0x01
 TYPE_ACK = 0x02
+TYPE_EPOCH_BATCH = 0x03
+TYPE_SET_ASIDE = 0x04
+TYPE_EPOCH_ACK = 0x05
+MAX_EPOCH = (1 << 63) - 1  # fits a signed 64-bit database column
+MAX_NOTE = 200  # characters in a set-aside reason
+MAX_RAW = 2048  # bytes of a set-aside record's raw form
 MAC_LEN = 12
 MAX_PAYLOAD = 4 * 1024 * 1024  # far above the largest valid batch (1000 records, each with new 64-character strings)
 MAX_TEXT = 64  # characters in a route, vehicle, driver, reason
 MAX_ID = 32  # characters in a device id or operator
+TEXT_FIELDS = ("route", "vehicle", "driver", "reason")  # the record's texts, each at most MAX_TEXT characters
 
 
 class WireError(ValueError):
@@ -135,12 +168,23 @@ class MacError(WireError):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class SetAside:
+    """A record the validator could not encode: its sequence, why, and what its journal holds of it."""
+
+    device_seq: int
+    reason: str
+    raw: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Batch:
     device_id: str
     operator: str
     records: tuple[TapRecord, ...]
     version: int = VERSION
     signed: bool = True  # False for v1 JSON: nothing vouches for where it came from
+    epoch: int = 0  # the journal the records come from (0: a message without one)
+    set_aside: tuple[SetAside, ...] = ()  # a set-aside message's entries (then no records)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -148,6 +192,28 @@ class Ack:
     device_id: str
     seqs: tuple[int, ...]
     signed: bool = True
+    epoch: int = 0
+    quarantined: tuple[int, ...] = ()  # of seqs: quarantined by the back office (safe, with a reason; not counted)
+
+
+def fit_text(value: str, limit: int = MAX_TEXT) -> str:
+    """``value`` as text the wire carries: lone surrogates replaced, cut to ``limit`` characters (an ellipsis
+    says it was cut)."""
+    if not value.isascii():
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value if len(value) <= limit else value[:limit - 1] + "\u2026"
+
+
+def sendable(record: TapRecord) -> TapRecord:
+    """The record with every text cut to the wire's limit: what a validator writes, so that it can always be sent."""
+    changes = {}
+    for name in TEXT_FIELDS:
+        value = getattr(record, name)
+        if isinstance(value, str):
+            fitted = fit_text(value)
+            if fitted != value:
+                changes[name] = fitted
+    return dataclasses.replace(record, **changes) if changes else record
 
 
 _U32 = 0xFFFFFFFF
@@ -245,6 +311,12 @@ class _Reader:
         self.pos = pos
         self.fail(f"{name}: varint overflow (more than 5 bytes)")
 
+    def epoch(self) -> int:
+        value = int.from_bytes(self.take(8, "epoch"), "big")
+        if value > MAX_EPOCH:
+            self.fail(f"epoch {value} out of range (at most {MAX_EPOCH})")
+        return value
+
     def sv(self, name: str) -> int:
         z = self.uv(name, (1 << 35) - 1)
         return (z >> 1) ^ -(z & 1)
@@ -303,6 +375,8 @@ def _check_record(r: TapRecord, i: int) -> None:
         raise WireError(f"{where}: a purchase needs card_asn, tac and terminal_id")
     if r.occurred_at.microsecond:
         raise WireError(f"{where}: occurred_at must be whole seconds")
+    if type(r.epoch) is not int or not 0 <= r.epoch <= MAX_EPOCH:
+        raise WireError(f"{where}: epoch must be an integer from 0 to {MAX_EPOCH}, got {r.epoch!r}")
     _u32(int(r.occurred_at.timestamp()), "occurred_at", where)
 
 
@@ -315,8 +389,8 @@ def _check_batch(records) -> tuple[TapRecord, ...]:
     head = records[0]
     for i, r in enumerate(records):
         _check_record(r, i)
-        if (r.device_id, r.operator) != (head.device_id, head.operator):
-            raise WireError("all records of a batch come from one device")
+        if (r.device_id, r.operator, r.epoch) != (head.device_id, head.operator, head.epoch):
+            raise WireError("all records of a batch come from one device and one journal (epoch)")
     for name in ("device_id", "operator"):
         value = getattr(head, name)
         if not isinstance(value, str) or len(value) > MAX_ID:
@@ -411,9 +485,11 @@ def _encode_v2(records: tuple[TapRecord, ...], key: bytes) -> bytes:
         if r_term:
             term, tseq = r_term, r.terminal_seq + 1
 
-    out = bytearray((MAGIC, VERSION, TYPE_BATCH))
+    out = bytearray((MAGIC, VERSION, TYPE_EPOCH_BATCH if head.epoch else TYPE_BATCH))
     _str_out(out, head.device_id)
     _str_out(out, head.operator)
+    if head.epoch:
+        out += head.epoch.to_bytes(8, "big")
     _uv(out, len(records))
     out += int(head.occurred_at.timestamp()).to_bytes(4, "big")
     _uv(out, head.device_seq)
@@ -432,7 +508,7 @@ def _encode_v2(records: tuple[TapRecord, ...], key: bytes) -> bytes:
     return bytes(out)
 
 
-def _prefix(payload, message_type: int, what: str, upgrade: str) -> bytes:
+def _prefix(payload, message_types: tuple[int, ...], what: str, upgrade: str) -> bytes:
     """The dispatch bytes of a binary message, read (not trusted) only to pick the layout and the MAC's place."""
     if len(payload) > MAX_PAYLOAD:
         raise WireError(f"{what}: {len(payload)} bytes, more than the {MAX_PAYLOAD} any valid one has")
@@ -443,8 +519,9 @@ def _prefix(payload, message_type: int, what: str, upgrade: str) -> bytes:
                         if payload[1] > VERSION else f"{what}: unknown format version {payload[1]}")
     if len(payload) < 3 + MAC_LEN:
         raise WireError(f"{what}: truncated: {len(payload)} bytes, shorter than the header and MAC")
-    if payload[2] != message_type:
-        raise WireError(f"{what}: message type {payload[2]:#04x} where {message_type:#04x} was expected "
+    if payload[2] not in message_types:
+        expected = " or ".join(f"{t:#04x}" for t in message_types)
+        raise WireError(f"{what}: message type {payload[2]:#04x} where {expected} was expected "
                         "(an ack on the taps topic, a batch on the ack topic, or another message)")
     return bytes(payload)
 
@@ -459,11 +536,14 @@ def _verify(payload: bytes, key, what: str) -> None:
 
 
 def _decode_v2(payload: bytes, key) -> Batch:
-    payload = _prefix(payload, TYPE_BATCH, "batch", "the back office")
+    payload = _prefix(payload, (TYPE_BATCH, TYPE_EPOCH_BATCH, TYPE_SET_ASIDE), "batch", "the back office")
     _verify(payload, key, "batch")
     rd = _Reader(payload, 3, len(payload) - MAC_LEN, "batch")
     device_id = rd.text("device id", MAX_ID)
     operator = rd.text("operator", MAX_ID)
+    epoch = rd.epoch() if payload[2] != TYPE_BATCH else 0
+    if payload[2] == TYPE_SET_ASIDE:
+        return _decode_set_aside(rd, device_id, operator, epoch)
     n = rd.uv("record count", MAX_RECORDS)
     if n == 0:
         rd.fail("a batch needs at least one record")
@@ -536,14 +616,59 @@ def _decode_v2(payload: bytes, key) -> Batch:
         reason = string("reason index") if flags & F_REASON else ""
         records.append(TapRecord(
             device_id, seq, kind, datetime.fromtimestamp(t, tz=UTC), operator, ctx[0], ctx[1], ctx[2], ctx[3], asn,
-            money[0], money[1], money[2], money[3], terminals[r_term], r_tseq, tac, reason, tx, alg, full, *stops))
+            money[0], money[1], money[2], money[3], terminals[r_term], r_tseq, tac, reason, tx, alg, full, *stops,
+            epoch))
         seq_pred = seq + 1
         if r_term:
             term, tseq = r_term, r_tseq + 1
     rd.record = None
     if rd.pos != rd.end:
         rd.fail(f"count mismatch: {rd.end - rd.pos} trailing bytes after the {n} records the header announces")
-    return Batch(device_id, operator, tuple(records), VERSION, True)
+    return Batch(device_id, operator, tuple(records), VERSION, True, epoch)
+
+
+def _decode_set_aside(rd: _Reader, device_id: str, operator: str, epoch: int) -> Batch:
+    n = rd.uv("set-aside count", MAX_RECORDS)
+    if n == 0:
+        rd.fail("a set-aside message needs at least one entry")
+    items = []
+    for i in range(n):
+        rd.record = i
+        seq = rd.uv("device_seq")
+        reason = rd.text("reason", MAX_NOTE)
+        raw = rd.take(rd.uv("raw length", MAX_RAW), "raw record")
+        items.append(SetAside(seq, reason, raw))
+    rd.record = None
+    if rd.pos != rd.end:
+        rd.fail(f"count mismatch: {rd.end - rd.pos} trailing bytes after the {n} entries the header announces")
+    return Batch(device_id, operator, (), VERSION, True, epoch, tuple(items))
+
+
+def encode_set_aside(device_id: str, operator: str, epoch: int, items, *, key: bytes) -> bytes:
+    """Records that could not be encoded, as (device_seq, reason, raw bytes) or :class:`SetAside`; the reason is cut
+    to MAX_NOTE characters and the raw bytes to MAX_RAW, so this message can always be built."""
+    key = _check_key(key)
+    items = [SetAside(*item) if not isinstance(item, SetAside) else item for item in items]
+    if not items or len(items) > MAX_RECORDS:
+        raise WireError(f"a set-aside message holds 1 to {MAX_RECORDS} entries, got {len(items)}")
+    if type(epoch) is not int or not 0 <= epoch <= MAX_EPOCH:
+        raise WireError(f"epoch must be an integer from 0 to {MAX_EPOCH}, got {epoch!r}")
+    for name, value in (("device_id", device_id), ("operator", operator)):
+        if not isinstance(value, str) or len(value) > MAX_ID:
+            raise WireError(f"{name} must be a string of at most {MAX_ID} characters")
+    out = bytearray((MAGIC, VERSION, TYPE_SET_ASIDE))
+    _str_out(out, fit_text(device_id, MAX_ID))
+    _str_out(out, fit_text(operator, MAX_ID))
+    out += epoch.to_bytes(8, "big")
+    _uv(out, len(items))
+    for item in items:
+        _uv(out, _u32(item.device_seq, "device_seq", "set aside"))
+        _str_out(out, fit_text(str(item.reason), MAX_NOTE))
+        raw = bytes(item.raw)[:MAX_RAW]
+        _uv(out, len(raw))
+        out += raw
+    out += _mac(key, bytes(out))
+    return bytes(out)
 
 
 # --------------------------------------------------------------------------------------- public batch API
@@ -574,35 +699,72 @@ def decode_batch(payload: bytes, *, key: bytes | None = None) -> Batch:
 # --------------------------------------------------------------------------------------- v2 ack
 
 
-def encode_ack(device_id: str, seqs, *, key: bytes | None = None) -> bytes:
-    """The sequences the back office has committed, as ranges, MAC'd; ``key=None`` writes v1 JSON (transition)."""
-    if key is None:
-        return encode_ack_json(device_id, seqs)
-    key = _check_key(key)
-    if not isinstance(device_id, str) or len(device_id) > MAX_ID:
-        raise WireError(f"device id must be a string of at most {MAX_ID} characters")
+def _ack_seqs(seqs, what: str) -> list[int]:
     values = list(seqs)
     if any(type(s) is not int or not 0 <= s <= _U32 for s in values):
-        raise WireError(f"ack sequences must be integers from 0 to {_U32}")
+        raise WireError(f"{what} must be integers from 0 to {_U32}")
     values = sorted(set(values))
     if len(values) > MAX_RECORDS:
         raise WireError(f"an ack names at most {MAX_RECORDS} sequences, got {len(values)}")
+    return values
+
+
+def _ranges_out(out: bytearray, values: list[int]) -> None:
     ranges: list[list[int]] = []
     for s in values:
         if ranges and s == ranges[-1][1] + 1:
             ranges[-1][1] = s
         else:
             ranges.append([s, s])
-    out = bytearray((MAGIC, VERSION, TYPE_ACK))
-    _str_out(out, device_id)
     _uv(out, len(ranges))
     prev_end = None
     for start, end in ranges:
         _uv(out, start if prev_end is None else start - prev_end - 2)
         _uv(out, end - start)
         prev_end = end
+
+
+def encode_ack(device_id: str, seqs, *, key: bytes | None = None, epoch: int = 0, quarantined=()) -> bytes:
+    """The sequences the back office has committed, as ranges, MAC'd; ``key=None`` writes v1 JSON (transition).
+    ``epoch`` names the journal the sequences belong to: nonzero makes a 0x05 ack, which also says which of them
+    were ``quarantined``; epoch 0 makes the 0x02 ack every validator reads (it has no room for ``quarantined``)."""
+    if type(epoch) is not int or not 0 <= epoch <= MAX_EPOCH:
+        raise WireError(f"epoch must be an integer from 0 to {MAX_EPOCH}, got {epoch!r}")
+    if key is None:
+        return encode_ack_json(device_id, seqs, epoch=epoch, quarantined=quarantined)
+    key = _check_key(key)
+    if not isinstance(device_id, str) or len(device_id) > MAX_ID:
+        raise WireError(f"device id must be a string of at most {MAX_ID} characters")
+    values = _ack_seqs(seqs, "ack sequences")
+    out = bytearray((MAGIC, VERSION, TYPE_EPOCH_ACK if epoch else TYPE_ACK))
+    _str_out(out, device_id)
+    if epoch:
+        out += epoch.to_bytes(8, "big")
+    _ranges_out(out, values)
+    if epoch:
+        held = _ack_seqs(quarantined, "quarantined sequences")
+        if not set(held) <= set(values):
+            raise WireError("an ack's quarantined sequences must be among those it acknowledges")
+        _ranges_out(out, held)
     out += _mac(key, bytes(out))
     return bytes(out)
+
+
+def _ranges_in(rd: _Reader, what: str) -> list[int]:
+    nr = rd.uv(f"{what} range count", MAX_RECORDS)
+    seqs: list[int] = []
+    prev_end = None
+    for i in range(nr):
+        gap = rd.uv(f"{what} range {i} start")
+        start = gap if prev_end is None else prev_end + 2 + gap
+        end = start + rd.uv(f"{what} range {i} length")
+        if end > _U32:
+            rd.fail(f"{what} range {i} ends at {end}, beyond {_U32} (sequence overflow)")
+        if len(seqs) + end - start + 1 > MAX_RECORDS:  # checked before expanding: bounded work
+            rd.fail(f"more than {MAX_RECORDS} sequences")
+        seqs.extend(range(start, end + 1))
+        prev_end = end
+    return seqs
 
 
 def decode_ack(payload: bytes, *, key: bytes | None = None) -> Ack:
@@ -619,32 +781,27 @@ def decode_ack(payload: bytes, *, key: bytes | None = None) -> Ack:
         return decode_ack_json(payload)
     if payload[0] != MAGIC:
         raise WireError(f"unknown format: first byte {payload[0]:#04x}, expected {MAGIC:#04x} (v2 ack)")
-    payload = _prefix(payload, TYPE_ACK, "ack", "the validator")
+    payload = _prefix(payload, (TYPE_ACK, TYPE_EPOCH_ACK), "ack", "the validator")
     _verify(payload, key, "ack")
     rd = _Reader(payload, 3, len(payload) - MAC_LEN, "ack")
     device_id = rd.text("device id", MAX_ID)
-    nr = rd.uv("range count", MAX_RECORDS)
-    seqs: list[int] = []
-    prev_end = None
-    for i in range(nr):
-        gap = rd.uv(f"range {i} start")
-        start = gap if prev_end is None else prev_end + 2 + gap
-        end = start + rd.uv(f"range {i} length")
-        if end > _U32:
-            rd.fail(f"range {i} ends at {end}, beyond {_U32} (sequence overflow)")
-        if len(seqs) + end - start + 1 > MAX_RECORDS:  # checked before expanding: bounded work
-            rd.fail(f"more than {MAX_RECORDS} sequences")
-        seqs.extend(range(start, end + 1))
-        prev_end = end
+    with_epoch = payload[2] == TYPE_EPOCH_ACK
+    epoch = rd.epoch() if with_epoch else 0
+    seqs = _ranges_in(rd, "ack")
+    held: list[int] = []
+    if with_epoch:
+        held = _ranges_in(rd, "quarantined")
+        if not set(held) <= set(seqs):
+            rd.fail("quarantined sequences that the ack does not acknowledge")
     if rd.pos != rd.end:
-        rd.fail(f"count mismatch: {rd.end - rd.pos} trailing bytes after {nr} ranges")
-    return Ack(device_id, tuple(seqs), True)
+        rd.fail(f"count mismatch: {rd.end - rd.pos} trailing bytes after the ranges")
+    return Ack(device_id, tuple(seqs), True, epoch, tuple(held))
 
 
 # --------------------------------------------------------------------------------------- v1 JSON
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TapRecord)}
-_SHARED = ("device_id", "operator")
+_SHARED = ("device_id", "operator", "epoch")  # batch-level in JSON
 _INT_FIELDS = {"device_seq", "shift_no", "card_type", "card_ttc", "amount", "balance_after", "terminal_seq",
                "tx_type", "algorithm", "full_fare", "entry_stop", "exit_stop"}
 _STR_FIELDS = {"route", "vehicle", "driver", "reason"}
@@ -658,8 +815,8 @@ def encode_batch_json(records: list[TapRecord] | tuple[TapRecord, ...]) -> bytes
     head = records[0]
     out = []
     for r in records:
-        if (r.device_id, r.operator) != (head.device_id, head.operator):
-            raise WireError("all records of a batch come from one device")
+        if (r.device_id, r.operator, r.epoch) != (head.device_id, head.operator, head.epoch):
+            raise WireError("all records of a batch come from one device and one journal (epoch)")
         item = {}
         for name, f in _FIELDS.items():
             if name in _SHARED:
@@ -673,6 +830,8 @@ def encode_batch_json(records: list[TapRecord] | tuple[TapRecord, ...]) -> bytes
                 item[name] = value
         out.append(item)
     doc = {"v": JSON_VERSION, "device": head.device_id, "operator": head.operator, "records": out}
+    if head.epoch:
+        doc["epoch"] = head.epoch
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -713,7 +872,14 @@ def _int(value, name: str, where: str) -> int:
     return value
 
 
-def _record(item, device_id: str, operator: str, index: int) -> TapRecord:
+def _epoch(doc: dict, where: str) -> int:
+    value = doc.get("epoch", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_EPOCH:
+        raise WireError(f"{where}: 'epoch' must be an integer from 0 to {MAX_EPOCH}, got {value!r}")
+    return value
+
+
+def _record(item, device_id: str, operator: str, index: int, epoch: int = 0) -> TapRecord:
     where = f"record {index}"
     if not isinstance(item, dict):
         raise WireError(f"{where} is not an object")
@@ -726,7 +892,7 @@ def _record(item, device_id: str, operator: str, index: int) -> TapRecord:
         raise WireError(f"{where}: unknown kind {item.get('kind')!r}") from None
     if "device_seq" not in item or "t" not in item:
         raise WireError(f"{where}: 'device_seq' and 't' are required")
-    values = {"device_id": device_id, "operator": operator, "kind": kind}
+    values = {"device_id": device_id, "operator": operator, "kind": kind, "epoch": epoch}
     values["occurred_at"] = datetime.fromtimestamp(_int(item["t"], "t", where), tz=UTC)
     for name in _INT_FIELDS:
         if name in item:
@@ -760,13 +926,20 @@ def decode_batch_json(payload: bytes) -> Batch:
         raise WireError("batch: 'records' must be a non-empty list")
     if len(records) > MAX_RECORDS:
         raise WireError(f"batch: {len(records)} records, at most {MAX_RECORDS} allowed")
-    return Batch(device_id, operator, tuple(_record(it, device_id, operator, i) for i, it in enumerate(records)),
-                 JSON_VERSION, False)
+    epoch = _epoch(doc, "batch")
+    return Batch(device_id, operator,
+                 tuple(_record(it, device_id, operator, i, epoch) for i, it in enumerate(records)),
+                 JSON_VERSION, False, epoch)
 
 
-def encode_ack_json(device_id: str, seqs) -> bytes:
-    """Format v1 ack: unsigned JSON."""
-    return json.dumps({"v": JSON_VERSION, "device": device_id, "seqs": sorted(seqs)}, separators=(",", ":")).encode()
+def encode_ack_json(device_id: str, seqs, *, epoch: int = 0, quarantined=()) -> bytes:
+    """Format v1 ack: unsigned JSON (``epoch`` and ``quarantined`` only when there are any)."""
+    doc = {"v": JSON_VERSION, "device": device_id, "seqs": sorted(seqs)}
+    if epoch:
+        doc["epoch"] = epoch
+    if quarantined:
+        doc["quarantined"] = sorted(quarantined)
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def decode_ack_json(payload: bytes) -> Ack:
@@ -776,4 +949,8 @@ def decode_ack_json(payload: bytes) -> Ack:
     seqs = doc.get("seqs")
     if not isinstance(seqs, list) or len(seqs) > MAX_RECORDS:
         raise WireError("ack: 'seqs' must be a list of device sequences")
-    return Ack(device_id, tuple(_int(s, "seq", "ack") for s in seqs), False)
+    held = doc.get("quarantined", [])
+    if not isinstance(held, list) or len(held) > MAX_RECORDS:
+        raise WireError("ack: 'quarantined' must be a list of device sequences")
+    return Ack(device_id, tuple(_int(s, "seq", "ack") for s in seqs), False, _epoch(doc, "ack"),
+               tuple(_int(s, "seq", "ack") for s in held))

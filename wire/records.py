@@ -1,6 +1,9 @@
 """What a validator reports: one record per event it saw, the same on its disk, on the air and in the back office.
 
-Every record carries (device_id, device_seq), the dedupe key. A purchase also carries the card's ASN and its
+Every record carries (device_id, epoch, device_seq), the dedupe key. The epoch names the journal that wrote the
+record (a random number made when the journal file was created), so a validator whose storage is replaced and
+whose sequence starts again at 1 writes new keys, not clashes with its old records; 0 is the epoch of journals
+made before journals had one (and of v1/v2 messages without it). A purchase also carries the card's ASN and its
 offline counter (TTC) before the debit, the PSAM's terminal number and sequence, and the card's TAC, so the back
 office can recompute the TAC with the issuer's key and trust the amount without trusting the bus.
 
@@ -48,14 +51,15 @@ class TapRecord:
     full_fare: int = 0  # fen before card-type and transfer discounts, so concessions can be claimed
     entry_stop: int = 0  # distance-fare routes: where the rider boarded ...
     exit_stop: int = 0  # ... and alighted (0 on entry and on flat routes)
+    epoch: int = 0  # the journal that wrote it (see the module docstring); 0: a journal from before epochs
 
     def __post_init__(self):
         if self.occurred_at.tzinfo is None or self.occurred_at.utcoffset().total_seconds() != 0:
             raise ValueError("occurred_at must be an aware UTC datetime")
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.device_id, self.device_seq)
+    def key(self) -> tuple[str, int, int]:
+        return (self.device_id, self.epoch, self.device_seq)
 
 
 def utc(ts: float) -> datetime:

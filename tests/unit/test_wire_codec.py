@@ -889,3 +889,63 @@ def test_v2_fuzz_signed_bytes_behind_the_mac_raise_only_wire_error(body):
     for payload in (signed(b"\xfb\x02\x01" + body), signed(b"\xfb\x02\x02" + body)):
         _decodes_or_wire_error(lambda p: decode_batch(p, key=KEY), payload)
         _decodes_or_wire_error(lambda p: decode_ack(p, key=KEY), payload)
+
+
+# ---------------------------------------------------------------------- journal epoch, set aside, sendable (issue 9)
+
+EPOCH = 0x1234_5678_9ABC_DEF0 & codec.MAX_EPOCH
+
+
+def test_a_batch_of_an_epoch_travels_as_type_0x03_and_comes_back_with_its_epoch():
+    import dataclasses
+
+    recs = [dataclasses.replace(rec(seq=s), epoch=EPOCH) for s in (1, 2, 3)]
+    payload = codec.encode_batch(recs, key=KEY)
+    assert payload[:3] == bytes([0xFB, 0x02, 0x03])
+    assert payload[3 + 1 + 7 + 1 + 7:][:8] == EPOCH.to_bytes(8, "big")  # after "bus0042" and "citybus"
+    batch = decode_batch(payload, key=KEY)
+    assert batch.epoch == EPOCH and batch.records == tuple(recs)
+    assert decode_batch(encode_batch(recs)).epoch == EPOCH  # v1 JSON carries it at batch level
+    with pytest.raises(WireError, match="one journal"):
+        codec.encode_batch([recs[0], rec(seq=4)], key=KEY)
+
+
+def test_a_batch_without_an_epoch_is_still_type_0x01_and_epoch_0():
+    payload = codec.encode_batch([rec()], key=KEY)
+    assert payload[2] == 0x01 and decode_batch(payload, key=KEY).epoch == 0
+    assert decode_batch(b'{"v":1,"device":"d","operator":"o","records":[{"kind":"shift_open","device_seq":1,'
+                        b'"t":1}]}').records[0].epoch == 0
+
+
+def test_an_epoch_ack_says_which_records_were_quarantined_and_an_old_ack_has_none():
+    payload = codec.encode_ack("bus0042", [1, 2, 3, 7], key=KEY, epoch=EPOCH, quarantined=[2])
+    assert payload[2] == 0x05
+    assert decode_ack(payload, key=KEY) == Ack("bus0042", (1, 2, 3, 7), True, EPOCH, (2,))
+    assert decode_ack(codec.encode_ack("bus0042", [1], key=KEY), key=KEY) == Ack("bus0042", (1,))
+    with pytest.raises(WireError, match="among"):
+        codec.encode_ack("bus0042", [1], key=KEY, epoch=EPOCH, quarantined=[9])
+    assert decode_ack(encode_ack("d", [1, 2], epoch=5, quarantined=[2])) == Ack("d", (1, 2), False, 5, (2,))
+
+
+def test_set_aside_entries_round_trip_and_are_bounded():
+    items = [(5, "x" * 500, b"{" + b"y" * 5000), codec.SetAside(6, "bad amount", b"{}")]
+    batch = decode_batch(codec.encode_set_aside("bus0042", "citybus", EPOCH, items, key=KEY), key=KEY)
+    assert (batch.device_id, batch.operator, batch.epoch, batch.records) == ("bus0042", "citybus", EPOCH, ())
+    first, second = batch.set_aside
+    assert first.device_seq == 5 and len(first.reason) == codec.MAX_NOTE and len(first.raw) == codec.MAX_RAW
+    assert second == codec.SetAside(6, "bad amount", b"{}")
+    with pytest.raises(MacError):
+        decode_batch(codec.encode_set_aside("bus0042", "citybus", 0, items, key=OTHER_KEY), key=KEY)
+
+
+def test_sendable_cuts_every_text_to_the_wire_limit_so_the_record_encodes():
+    long = rec(RecordKind.DENIED, reason="on deny list; could not block the application: " + "z" * 60,
+               route="\ud800" + "r" * 70)
+    with pytest.raises(WireError):
+        codec.encode_batch([long], key=KEY)
+    fitted = codec.sendable(long)
+    assert len(fitted.reason) == codec.MAX_TEXT and fitted.reason.endswith("\u2026")
+    assert fitted.reason.startswith("on deny list; could not block the application: ")
+    assert len(fitted.route) == codec.MAX_TEXT and "\ud800" not in fitted.route
+    assert decode_batch(codec.encode_batch([fitted], key=KEY), key=KEY).records == (fitted,)
+    assert codec.sendable(rec()) is rec() or codec.sendable(rec()) == rec()
