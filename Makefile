@@ -70,7 +70,7 @@ soak: venv
 	FAREBOX_VPCD_SOAK=1000 $(BIN)/pytest -q -p no:cacheprovider tests/integration/test_vpcd_soak.py
 	FAREBOX_SOAK=1 $(BIN)/pytest -q -p no:cacheprovider tests/reliability/test_outage.py \
 	  tests/reliability/test_broker_restart.py tests/reliability/test_live_garbage.py \
-	  tests/reliability/test_ingest_workers.py
+	  tests/reliability/test_ingest_workers.py tests/reliability/test_clearing_race.py
 
 bench: venv
 	$(BIN)/python -m bench
