@@ -1,17 +1,32 @@
 """`farebox broker config`: the Mosquitto files that let every registered validator in, and only onto its own topics.
 
-Three files in one folder:
+Two listeners, each with its own logins, and five files in one folder:
 
-- ``passwd``: a Mosquitto 2.0 password file, one line per registered device (user name = device id) and per back-office
-  user (ingest, status, publisher), every password derived from the device master (wire.devicekeys.mqtt_password),
-  hashed the way ``mosquitto_passwd`` does: ``$7$`` = PBKDF2-HMAC-SHA512, 101 iterations, a random 12-byte salt,
-  ``user:$7$101$<base64 salt>$<base64 64-byte hash>``. Computed here so the files can be made on a machine without
-  Mosquitto; tests log in to a real Mosquitto with them.
-- ``acl``: a device may publish only ``farebox/v1/<op>/<id>/taps`` and ``.../status`` and read only its own ``ack``,
-  ``denylist``, ``params``, ``software`` and its operator's ``_fleet/#``; the back-office users get what their job
-  needs (table ``SERVICE_ACL``).
-- ``mosquitto.conf``: listener, no anonymous clients, the two files above, persistence, and queue limits that do not
-  silently drop QoS 1 messages (see each line's comment).
+- the **device listener** (``port``, every address unless ``bind``): the buses. ``passwd`` holds one line per
+  registered device (user name = device id), ``acl`` what each may do: publish only ``farebox/v1/<op>/<id>/taps`` and
+  ``.../status``, read only its own ``ack``, ``denylist``, ``params``, ``software`` and its operator's ``_fleet/#``.
+  ``use_username_as_clientid true``: whatever client id a device sends, its session is its device id, so a device
+  can neither take over the back office's client id (``farebox_ingest``: knocking ingest off its session) nor
+  another device's.
+- the **back-office listener** (``service_port``, default ``port + 1``, on 127.0.0.1 unless ``service_bind``):
+  ``backoffice.passwd`` and ``backoffice.acl`` for the users ingest, status and publisher (table ``SERVICE_ACL``).
+  Here client ids stay free, because several ingest workers log in as the one user ``ingest`` with their own ids
+  (``farebox_ingest_0``, ``_1``...; ``$share/ingest/...``), and one-shot commands publish beside the running
+  publisher (``farebox_publish_<pid>``). Device ids never look like those (wire.topics.check_device_id), and a device
+  password does not open this listener. Why two listeners: Mosquitto 2.0.11 ties a client id to a login only with
+  ``use_username_as_clientid`` (a per-listener switch, which on one shared listener would make the ingest workers
+  knock each other off) or with the dynamic-security plugin (its own JSON store, changed over $CONTROL, not re-read
+  on HUP: a second way to provision everything). Two listeners keep the files ``kill -HUP`` re-reads.
+- ``mosquitto.conf``: the two listeners, no anonymous clients, persistence, queue limits that do not silently drop
+  QoS 1 messages, and a message size limit (see each line's comment).
+
+Passwords derive from the device master (wire.devicekeys.mqtt_password) and are hashed the way ``mosquitto_passwd``
+does: ``$7$`` = PBKDF2-HMAC-SHA512, 101 iterations, a random 12-byte salt, ``user:$7$101$<base64 salt>$<base64
+64-byte hash>``. Computed here so the files can be made on a machine without Mosquitto; tests log in to a real
+Mosquitto with them.
+
+A device registered before ids were checked (wire.topics.check_device_id) is left out of the files and named in
+``BrokerFiles.skipped``: one bad row never stops the files being written for every other bus.
 
 Regenerate after registering devices and have Mosquitto re-read them (``kill -HUP``: it reloads the password file
 and the ACL without dropping connections).
@@ -31,6 +46,10 @@ from wire import topics
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes
 SALT_LEN = 12
 P = topics.PREFIX
+# The largest message the broker passes on. The largest a farebox part sends is a software package (a tap batch is
+# at most wire.codec.MAX_PAYLOAD, 4 MiB; a status 2 KiB): 16 MiB leaves room for one and stops a bus, or anyone with
+# its password, from pushing tens of megabytes at ingest and at every subscriber's memory.
+MESSAGE_SIZE_LIMIT = 16 * 1024 * 1024
 
 # What each back-office user may do: (access, topic pattern). Subscribing through a shared subscription
 # ($share/<group>/<filter>) is checked by Mosquitto against <filter>, so these lines cover $share too.
@@ -70,16 +89,23 @@ def password_file(users: list[tuple[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def acl_file(devices: list[tuple[str, str]]) -> str:
-    """The ACL for the back-office users and every (device id, operator)."""
-    out = ["# farebox broker ACL, written by `farebox broker config`; regenerate after `farebox device add`.",
+def service_acl_file() -> str:
+    """The ACL of the back-office listener: what each back-office user's job needs."""
+    out = ["# farebox back-office ACL, written by `farebox broker config`.",
            "# No topic line stands before the first `user` line: nothing is granted to every client.", ""]
     for user, grants in SERVICE_ACL.items():
         out.append(f"user {user}")
         out.extend(f"topic {access} {pattern}" for access, pattern in grants)
         out.append("")
+    return "\n".join(out)
+
+
+def acl_file(devices: list[tuple[str, str]]) -> str:
+    """The ACL of the device listener: every (device id, operator) on its own topics."""
+    out = ["# farebox device ACL, written by `farebox broker config`; regenerate after `farebox device add`.",
+           "# No topic line stands before the first `user` line: nothing is granted to every client.", ""]
     for device_id, operator in devices:
-        own = f"{P}/{topics.check_segment(operator, 'operator')}/{topics.check_segment(device_id, 'device')}"
+        own = f"{P}/{topics.check_segment(operator, 'operator')}/{topics.check_device_id(device_id)}"
         out.append(f"user {device_id}")
         out.extend(f"topic write {own}/{m}" for m in topics.UPLINK)
         out.extend(f"topic read {own}/{m}" for m in topics.DOWNLINK)
@@ -89,30 +115,51 @@ def acl_file(devices: list[tuple[str, str]]) -> str:
 
 
 def mosquitto_conf(*, folder: Path, port: int = 1883, bind: str | None = None,
-                   persistence_dir: Path | None = None, run_as: str | None = None) -> str:
+                   persistence_dir: Path | None = None, run_as: str | None = None, service_port: int | None = None,
+                   service_bind: str = "127.0.0.1", message_size_limit: int = MESSAGE_SIZE_LIMIT) -> str:
     folder = folder.resolve()
     persistence_dir = (persistence_dir or folder / "data").resolve()
+    service_port = port + 1 if service_port is None else service_port
+    if service_port == port:
+        raise ValueError(f"the back office's listener needs a port of its own, not the devices' {port}")
     listener = f"listener {port}" + (f" {bind}" if bind else "")
     lines = [
         f"# farebox broker configuration, written by `farebox broker config` on {datetime.now(UTC):%Y-%m-%d %H:%M}Z.",
         "# Run: mosquitto -c THIS_FILE. After adding devices, regenerate and `kill -HUP` the broker: it re-reads the",
-        "# password file and the ACL without dropping any connection.",
+        "# password files and the ACLs without dropping any connection.",
         "",
-        "# One password file and one ACL for every listener (a TLS listener added below shares them).",
-        "per_listener_settings false",
+        "# Each listener has its own logins: the buses' on one, the back office's on the other.",
+        "per_listener_settings true",
         *(["# Started as root, Mosquitto switches to this user: it must read passwd and acl, write persistence.",
            f"user {run_as}"] if run_as else
           ["# Started as root, Mosquitto switches to the user `mosquitto`: `farebox broker config` run as root",
            "# gives passwd and acl to its group, and the persistence folder to it."]),
-        "# Where buses and the back office connect. Over the internet put TLS in front (a `listener 8883` with",
-        "# cafile/certfile/keyfile here, or a TLS terminator): the passwords travel in the CONNECT packet.",
+        "",
+        "# --- the buses. Over the internet put TLS in front (a `listener 8883` with cafile/certfile/keyfile and the",
+        "# same four lines below, or a TLS terminator): the passwords travel in the CONNECT packet.",
         listener,
-        "# Every client logs in: a validator as its device id, the back office as ingest / status / publisher.",
+        "# Every bus logs in as its device id.",
         "allow_anonymous false",
         "# user:$7$ PBKDF2-SHA512 hashes of passwords derived from the device master (farebox broker config).",
         f"password_file {folder / 'passwd'}",
-        "# Which topics each user may publish and read (a device: only its own, plus its operator's _fleet).",
+        "# Which topics each device may publish and read: only its own, plus its operator's _fleet.",
         f"acl_file {folder / 'acl'}",
+        "# A device's session is its device id whatever client id it sends: it cannot take over the back office's",
+        "# client id (knocking ingest off) nor another bus's.",
+        "use_username_as_clientid true",
+        "",
+        "# --- the back office: ingest, status and publisher. Several ingest workers share the user `ingest` with",
+        "# client ids of their own, so client ids stay free here; no device password opens this listener.",
+        f"listener {service_port} {service_bind}",
+        "allow_anonymous false",
+        f"password_file {folder / 'backoffice.passwd'}",
+        f"acl_file {folder / 'backoffice.acl'}",
+        "",
+        "# A publish bigger than this is not passed on (a QoS 1 sender still gets its PUBACK; MQTT 5 senders are",
+        "# told). The largest message farebox sends is a software package; a tap batch is at most 4 MiB. (Mosquitto",
+        "# 2.0 marks this option deprecated in favour of max_packet_size, which disconnects the sender instead: a bus",
+        "# would reconnect and send the same message again.)",
+        f"message_size_limit {message_size_limit}",
         "",
         "# Keep persistent sessions, their queued QoS 1 messages and retained status / fleet packages across a",
         "# restart: ingest's session holds the batches that arrived while it was down.",
@@ -145,35 +192,54 @@ def mosquitto_conf(*, folder: Path, port: int = 1883, bind: str | None = None,
 class BrokerFiles:
     folder: Path
     conf: Path
-    passwd: Path
+    passwd: Path  # the devices' logins (device listener)
     acl: Path
+    service_passwd: Path  # the back office's logins (back-office listener)
+    service_acl: Path
     devices: int
+    port: int  # where the buses connect
+    service_port: int  # where the back office connects
+    skipped: tuple[tuple[str, str], ...] = ()  # (device id, why) of registered devices left out
 
 
 def write_broker_config(*, devices: list[tuple[str, str]], master: bytes, folder: Path, port: int = 1883,
                         bind: str | None = None, persistence_dir: Path | None = None,
-                        run_as: str | None = None) -> BrokerFiles:
-    """Write passwd, acl and mosquitto.conf into ``folder`` for these (device id, operator) pairs."""
+                        run_as: str | None = None, service_port: int | None = None, service_bind: str = "127.0.0.1",
+                        message_size_limit: int = MESSAGE_SIZE_LIMIT) -> BrokerFiles:
+    """Write the two listeners' password files and ACLs and mosquitto.conf into ``folder`` for these (device id,
+    operator) pairs. A pair whose device id or operator cannot be a broker login is left out and reported in
+    ``skipped``."""
     from backoffice.devices import BACKOFFICE_USERS, service_password
     from wire.devicekeys import mqtt_password
 
-    clash = sorted({d for d, _ in devices} & set(BACKOFFICE_USERS))
-    if clash:
-        raise ValueError(f"device ids {clash} are the back office's own broker users: rename those devices")
+    good, skipped = [], []
+    for device_id, operator in devices:
+        try:
+            topics.check_device_id(device_id)
+            topics.check_segment(operator, "operator")
+        except topics.TopicError as e:
+            skipped.append((device_id, str(e)))
+        else:
+            good.append((device_id, operator))
+    service_port = port + 1 if service_port is None else service_port
+    conf = mosquitto_conf(folder=folder, port=port, bind=bind, persistence_dir=persistence_dir, run_as=run_as,
+                          service_port=service_port, service_bind=service_bind, message_size_limit=message_size_limit)
     folder.mkdir(parents=True, exist_ok=True)
     data = persistence_dir or folder / "data"
     data.mkdir(parents=True, exist_ok=True)
     broker_user = _broker_account(run_as or "mosquitto")
-    users = [(u, service_password(master, u)) for u in BACKOFFICE_USERS]
-    users += [(d, mqtt_password(master, d)) for d, _ in devices]
-    files = BrokerFiles(folder=folder.resolve(), conf=folder.resolve() / "mosquitto.conf",
-                        passwd=folder.resolve() / "passwd", acl=folder.resolve() / "acl", devices=len(devices))
+    root = folder.resolve()
+    files = BrokerFiles(folder=root, conf=root / "mosquitto.conf", passwd=root / "passwd", acl=root / "acl",
+                        service_passwd=root / "backoffice.passwd", service_acl=root / "backoffice.acl",
+                        devices=len(good), port=port, service_port=service_port, skipped=tuple(skipped))
     # the hashes are not the passwords, but there is no reason to let other users try them offline
     gid = broker_user[1] if broker_user else None
-    _write_private(files.passwd, password_file(users), gid)
-    _write_private(files.acl, acl_file(devices), gid)
-    files.conf.write_text(mosquitto_conf(folder=folder, port=port, bind=bind, persistence_dir=persistence_dir,
-                                         run_as=run_as))
+    _write_private(files.passwd, password_file([(d, mqtt_password(master, d)) for d, _ in good]), gid)
+    _write_private(files.acl, acl_file(good), gid)
+    _write_private(files.service_passwd, password_file([(u, service_password(master, u)) for u in BACKOFFICE_USERS]),
+                   gid)
+    _write_private(files.service_acl, service_acl_file(), gid)
+    files.conf.write_text(conf)
     if broker_user:
         os.chown(data, *broker_user)
     return files

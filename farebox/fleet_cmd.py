@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from farebox import bootstrap
 from farebox.cli_types import terminal_id
 
 
@@ -35,8 +36,12 @@ def register(sub) -> None:
     broker = p.add_subparsers(dest="action", required=True)
     p = broker.add_parser("config", help="write passwd, acl and mosquitto.conf for every registered validator")
     p.add_argument("--out", type=Path, required=True, help="folder for the three files")
-    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--port", type=int, default=1883, help="where the buses connect (default 1883)")
     p.add_argument("--bind", default=None, help="listen on this address only (default: every address)")
+    p.add_argument("--service-port", type=int, default=None,
+                   help="where the back office connects (its own logins; default: --port + 1)")
+    p.add_argument("--service-bind", default="127.0.0.1",
+                   help="the back office's listener address (default 127.0.0.1: back office on the broker's host)")
     p.add_argument("--persistence-dir", type=Path, default=None, help="Mosquitto's database (default: OUT/data)")
     p.add_argument("--run-as", default=None, metavar="USER",
                    help="the user Mosquitto switches to when started as root (default: mosquitto)")
@@ -46,18 +51,16 @@ def register(sub) -> None:
 def _device_add(args, settings) -> int:
     from sqlalchemy.exc import IntegrityError
 
-    from backoffice.db import make_engine, upgrade
     from backoffice.devices import DeviceError, register_device
     from backoffice.registry import RegistryError
-    from farebox.keys import device_master
     from wire import topics
 
-    engine = make_engine(settings.effective_database_url)
-    upgrade(engine)
+    root = bootstrap.start(settings, "device_master")
+    engine = root.engine()
     try:
         with engine.begin() as conn:
             creds = register_device(conn, device_id=args.device_id, operator=args.operator, vehicle=args.vehicle,
-                                    terminal_id=args.terminal_id.lower(), master=device_master(settings))
+                                    terminal_id=args.terminal_id.lower(), master=root.device_master)
     except (DeviceError, RegistryError) as e:  # e.g. a retired vehicle, or another operator's
         print(f"farebox: {e}", file=sys.stderr)
         return 2
@@ -80,18 +83,14 @@ def _device_add(args, settings) -> int:
 
 
 def _device_monitor(args, settings) -> int:
-    from backoffice.db import make_engine, upgrade
     from backoffice.status_consumer import StatusConsumer
-    from farebox.keys import device_master
-    from wire.mqtt_url import parse_mqtt_url
 
     if not settings.mqtt_url:
         print("farebox device monitor needs a broker: set FAREBOX_MQTT_URL (e.g. "
               "mqtt://status:PASSWORD@127.0.0.1:1883)", file=sys.stderr)
         return 2
-    engine = make_engine(settings.effective_database_url)
-    upgrade(engine)
-    consumer = StatusConsumer(engine, parse_mqtt_url(settings.mqtt_url), master=device_master(settings),
+    root = bootstrap.start(settings, "device_master")
+    consumer = StatusConsumer(root.engine(), root.broker_target(), master=root.device_master,
                               client_id=args.client_id, operator=args.operator)
     if args.ready_file:
         consumer.on_ready = lambda: Path(args.ready_file).touch()
@@ -102,11 +101,9 @@ def _device_monitor(args, settings) -> int:
 def _devices(args, settings) -> int:
     from datetime import UTC, datetime, timedelta
 
-    from backoffice.db import make_engine, upgrade
     from backoffice.devices import fleet_status
 
-    engine = make_engine(settings.effective_database_url)
-    upgrade(engine)
+    engine = bootstrap.start(settings).read_engine()  # reading only: never migrates
     now = datetime.now(UTC)
     with engine.connect() as conn:
         rows = fleet_status(conn, args.operator, now, stale_after=timedelta(minutes=args.stale_after))
@@ -162,28 +159,30 @@ def _print_fleet(rows, *, now, stale_after) -> None:
 
 
 def _broker_config(args, settings) -> int:
-    from backoffice.db import make_engine, upgrade
     from backoffice.devices import BACKOFFICE_USERS, registered_devices, service_password
     from farebox.broker_config import write_broker_config
-    from farebox.keys import device_master
 
-    engine = make_engine(settings.effective_database_url)
-    upgrade(engine)
+    root = bootstrap.start(settings, "device_master")
+    engine = root.engine()
     with engine.connect() as conn:
         devices = registered_devices(conn)
-    master = device_master(settings)
+    master = root.device_master
     try:
         files = write_broker_config(devices=devices, master=master, folder=args.out, port=args.port, bind=args.bind,
-                                    persistence_dir=args.persistence_dir, run_as=args.run_as)
+                                    persistence_dir=args.persistence_dir, run_as=args.run_as,
+                                    service_port=args.service_port, service_bind=args.service_bind)
     except ValueError as e:
         print(f"farebox: {e}", file=sys.stderr)
         return 2
+    for device_id, why in files.skipped:
+        print(f"farebox: left out {device_id!r}: {why}. Retire it and register the bus under a valid id.",
+              file=sys.stderr)
     print(f"Mosquitto files for {files.devices} device(s) and the back office's {', '.join(BACKOFFICE_USERS)}:")
-    print(f"  {files.conf}\n  {files.passwd}\n  {files.acl}")
+    print(f"  {files.conf}\n  {files.passwd}\n  {files.acl}\n  {files.service_passwd}\n  {files.service_acl}")
     print(f"Start:  mosquitto -c {files.conf}")
     print("Reload after `farebox device add`: run this command again, then kill -HUP the running mosquitto.")
-    host = args.bind or "BROKER_HOST"
-    print("The back office logs in with these URLs (SECRET; each process's FAREBOX_MQTT_URL):")
+    print(f"Buses connect on port {files.port}; the back office logs in on its own listener, port "
+          f"{files.service_port}, with these URLs (SECRET; each process's FAREBOX_MQTT_URL):")
     for user in BACKOFFICE_USERS:
-        print(f"  {user:<10} mqtt://{user}:{service_password(master, user)}@{host}:{args.port}")
+        print(f"  {user:<10} mqtt://{user}:{service_password(master, user)}@{args.service_bind}:{files.service_port}")
     return 0

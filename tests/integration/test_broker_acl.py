@@ -21,7 +21,7 @@ import pytest
 
 from backoffice import devices, registry
 from backoffice.db import make_engine, upgrade
-from farebox.broker_config import SERVICE_ACL, check_password, write_broker_config
+from farebox.broker_config import MESSAGE_SIZE_LIMIT, SERVICE_ACL, check_password, write_broker_config
 from wire import topics
 from wire.devicekeys import TEST_DEVICE_MASTER, mqtt_password
 
@@ -44,7 +44,8 @@ class PrivateMosquitto:
         if not Path(MOSQUITTO).exists():
             pytest.skip("mosquitto is not installed: run scripts/ensure-services.sh")
         self.folder = folder
-        self.port = _free_port()
+        self.port = _free_port()  # the buses' listener
+        self.service_port = _free_port()  # the back office's listener
         engine = make_engine(db_url)
         with engine.connect() as conn:
             registered = devices.registered_devices(conn)
@@ -52,9 +53,13 @@ class PrivateMosquitto:
         # run_as root: pytest's tmp_path (under a 0700 folder) is out of reach of the `mosquitto` user
         self.files = write_broker_config(devices=registered, master=TEST_DEVICE_MASTER, folder=folder / "broker",
                                          port=self.port, bind="127.0.0.1", persistence_dir=folder / "broker-data",
-                                         run_as="root")
+                                         run_as="root", service_port=self.service_port)
         self.log = folder / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
+
+    def port_for(self, user: str | None) -> int:
+        """The back office logs in on its own listener, a bus on the devices' one."""
+        return self.service_port if user in devices.BACKOFFICE_USERS else self.port
 
     def start(self) -> PrivateMosquitto:
         with self.log.open("ab") as log:
@@ -63,7 +68,8 @@ class PrivateMosquitto:
         deadline = time.monotonic() + 10
         while True:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                for port in (self.port, self.service_port):
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
                 return self
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -82,7 +88,7 @@ class PrivateMosquitto:
 
     def url(self, user: str, password: str | None = None) -> str:
         password = mqtt_password(TEST_DEVICE_MASTER, user) if password is None else password
-        return f"mqtt://{user}:{password}@127.0.0.1:{self.port}"
+        return f"mqtt://{user}:{password}@127.0.0.1:{self.port_for(user)}"
 
 
 def register(db_url: str, *device_ids: str, operator: str = OP) -> None:
@@ -102,13 +108,16 @@ class Client:
     """A paho client logged in as ``user``, connected (or refused: ``.connack``), collecting what it receives."""
 
     def __init__(self, port: int, user: str | None, password: str | None = None, *,
-                 protocol=mqtt.MQTTv311, will: tuple[str, bytes] | None = None):
+                 protocol=mqtt.MQTTv311, will: tuple[str, bytes] | None = None, client_id: str | None = None,
+                 clean_session: bool | None = None):
         self.messages: queue.Queue = queue.Queue()
         self.acks: dict[int, object] = {}
         self._connack: queue.Queue = queue.Queue()
         self._subacks: queue.Queue = queue.Queue()
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t_{user}_{time.monotonic_ns()}",
-                             protocol=protocol)
+        self.disconnects = 0
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"t_{user}_{time.monotonic_ns()}",
+                             protocol=protocol, clean_session=clean_session)
+        self.c.on_disconnect = self._on_disconnect
         if user is not None:
             self.c.username_pw_set(user, mqtt_password(TEST_DEVICE_MASTER, user) if password is None else password)
         if will:
@@ -121,6 +130,9 @@ class Client:
         self.c.connect("127.0.0.1", port, keepalive=30)
         self.c.loop_start()
         self.connack = self._connack.get(timeout=10)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.disconnects += 1
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
         self.acks[mid] = reason_code
@@ -156,8 +168,8 @@ def broker(tmp_path, sqlite_url):
     b = PrivateMosquitto(tmp_path, sqlite_url).start()
     clients: list[Client] = []
 
-    def connect(user, password=None, **kw) -> Client:
-        c = Client(b.port, user, password, **kw)
+    def connect(user, password=None, *, port=None, **kw) -> Client:
+        c = Client(b.port_for(user) if port is None else port, user, password, **kw)
         clients.append(c)
         return c
 
@@ -175,13 +187,24 @@ def test_generated_files_say_what_the_acl_promises(broker):
         assert f"topic read farebox/v1/{OP}/{A}/{m}\n" in acl
     assert f"topic read farebox/v1/{OP}/_fleet/#\n" in acl
     # nothing before the first user line (it would apply to everyone)
-    assert next(line for line in acl.splitlines() if line and not line.startswith("#")) == "user ingest"
-    conf = broker.files.conf.read_text()
+    assert next(line for line in acl.splitlines() if line and not line.startswith("#")) == f"user {A}"
+    service_acl = broker.files.service_acl.read_text()
+    assert next(line for line in service_acl.splitlines() if line and not line.startswith("#")) == "user ingest"
+    conf = broker.files.conf.read_text().splitlines()
     for line in ("allow_anonymous false", "persistence true", "max_queued_messages 1000000",
-                 "per_listener_settings false", f"password_file {broker.files.passwd}"):
-        assert line in conf.splitlines()
+                 "per_listener_settings true", f"password_file {broker.files.passwd}",
+                 f"password_file {broker.files.service_passwd}", "use_username_as_clientid true",
+                 f"listener {broker.port} 127.0.0.1", f"listener {broker.service_port} 127.0.0.1",
+                 f"message_size_limit {MESSAGE_SIZE_LIMIT}"):
+        assert line in conf
+    # the client id is tied to the user name on the buses' listener only (several ingest workers share `ingest`)
+    devices_part = conf[conf.index(f"listener {broker.port} 127.0.0.1"):conf.index(f"listener {broker.service_port} "
+                                                                                    "127.0.0.1")]
+    assert "use_username_as_clientid true" in devices_part
     hashes = dict(line.split(":", 1) for line in broker.files.passwd.read_text().splitlines())
-    assert set(hashes) == {"ingest", "status", "publisher", A, B}
+    assert set(hashes) == {A, B}
+    service_hashes = dict(line.split(":", 1) for line in broker.files.service_passwd.read_text().splitlines())
+    assert set(service_hashes) == {"ingest", "status", "publisher"}
     assert check_password(mqtt_password(TEST_DEVICE_MASTER, A), hashes[A])
     assert not check_password(mqtt_password(TEST_DEVICE_MASTER, B), hashes[A])
 
@@ -338,3 +361,47 @@ def test_will_on_another_devices_status_is_never_published(broker):
     later.subscribe(topics.status(OP, B))
     later.subscribe(topics.status(OP, A))
     assert later.until(topics.status(OP, A), b"death") == [(topics.status(OP, A), b"death")]
+
+
+# ---------------------------------------------------------------------- issue 9: client ids, logins, message size
+def test_a_device_cannot_knock_ingest_off_by_taking_its_client_id(broker):
+    """Before: bus A logging in with client id ``farebox_ingest`` took over ingest's session, the two knocked each
+    other off in turns, and 2 of 15 batches reached ingest in 15 s. Now the bus's session is its device id."""
+    ingest = broker.connect("ingest", client_id="farebox_ingest", clean_session=False)
+    ingest.subscribe(topics.ALL_TAPS)
+    attacker = broker.connect(A, client_id="farebox_ingest", clean_session=False)
+    assert attacker.connack.value == 0  # let in, but as itself
+    for i in range(15):
+        attacker.publish(topics.taps(OP, A), b"batch %d" % i)
+    got = ingest.until(topics.taps(OP, A), b"batch 14")
+    assert [p for _, p in got] == [b"batch %d" % i for i in range(15)]
+    assert ingest.disconnects == 0
+    # and a second bus using that client id knocks neither ingest nor bus A off
+    b = broker.connect(B, client_id="farebox_ingest")
+    b.publish(topics.taps(OP, B), b"b's batch")
+    attacker.publish(topics.taps(OP, A), b"a still here")
+    got = ingest.until(topics.taps(OP, A), b"a still here")
+    assert (topics.taps(OP, B), b"b's batch") in got
+    assert ingest.disconnects == 0 and attacker.disconnects == 0
+
+
+def test_a_device_password_does_not_open_the_back_office_listener_nor_the_reverse(broker):
+    assert str(broker.connect(A, port=broker.service_port).connack) == NOT_AUTHORISED
+    assert str(broker.connect("ingest", port=broker.port).connack) == NOT_AUTHORISED
+
+
+def test_a_20_mb_message_on_a_devices_own_topic_is_not_passed_on(broker):
+    ingest = broker.connect("ingest")
+    ingest.subscribe(topics.ALL_TAPS)
+    a = broker.connect(A)
+    a.publish(topics.taps(OP, A), b"x" * 20_000_000)
+    a.publish(topics.taps(OP, A), b"sentinel")
+    assert ingest.until(topics.taps(OP, A), b"sentinel") == [(topics.taps(OP, A), b"sentinel")]
+    assert a.disconnects == 0  # dropped, the bus not disconnected: it keeps its batch and its link
+
+
+def test_devices_registered_under_bad_ids_before_the_check_are_left_out_not_fatal(tmp_path):
+    files = write_broker_config(devices=[(A, OP), ("publisher", OP), ("Bad.Dev", OP), ("_fleet", OP)],
+                                master=TEST_DEVICE_MASTER, folder=tmp_path / "b", port=1883, run_as="root")
+    assert files.devices == 1 and [d for d, _ in files.skipped] == ["publisher", "Bad.Dev", "_fleet"]
+    assert "publisher" not in files.passwd.read_text() and "user publisher" not in files.acl.read_text()

@@ -74,11 +74,12 @@ class PrivateBroker:
     def __init__(self, folder: Path, registered: list[tuple[str, str]]):
         if not Path(MOSQUITTO).exists():
             pytest.skip("mosquitto is not installed: run scripts/ensure-services.sh")
-        self.port = free_port()
+        self.port = free_port()  # the buses' listener
+        self.service_port = free_port()  # the back office's listener
         # run_as root: pytest's tmp_path (under a 0700 folder) is out of reach of the `mosquitto` user
         self.files = write_broker_config(devices=registered, master=TEST_DEVICE_MASTER, folder=folder / "broker",
                                          port=self.port, bind="127.0.0.1", persistence_dir=folder / "broker-data",
-                                         run_as="root")
+                                         run_as="root", service_port=self.service_port)
         self.log = folder / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
         self.starts = 0
@@ -91,7 +92,8 @@ class PrivateBroker:
         deadline = time.monotonic() + 15
         while True:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                for port in (self.port, self.service_port):
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
                 return self
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -115,11 +117,10 @@ class PrivateBroker:
                 self.proc.wait()
 
     def target(self, user: str) -> MqttTarget:
-        if user in devices.BACKOFFICE_USERS:
-            password = devices.service_password(TEST_DEVICE_MASTER, user)
-        else:
-            password = mqtt_password(TEST_DEVICE_MASTER, user)
-        return MqttTarget("127.0.0.1", self.port, username=user, password=password)
+        if user in devices.BACKOFFICE_USERS:  # the back office logs in on its own listener
+            return MqttTarget("127.0.0.1", self.service_port, username=user,
+                              password=devices.service_password(TEST_DEVICE_MASTER, user))
+        return MqttTarget("127.0.0.1", self.port, username=user, password=mqtt_password(TEST_DEVICE_MASTER, user))
 
 
 def register(engine, operator: str, device_terminals: list[tuple[str, str]]) -> None:
