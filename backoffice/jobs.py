@@ -138,3 +138,33 @@ def nightly_clearing(operator: str) -> list[DayDone]:
     """The scheduled job: ``clear_operator`` for the day just ended, with this process's engine and reports."""
     engine, reports_dir = _context()
     return clear_operator(engine, operator=operator, reports_dir=reports_dir)
+
+
+AUDIT_DAYS = 7  # the nightly audit looks again at the runs of this many last cleared days
+
+
+def audit_recent(engine: Engine, *, operator: str, days: int = AUDIT_DAYS) -> dict[date, list]:
+    """``backoffice.audit_runs.audit`` (plain SQL, no code shared with clearing) of the operator's last ``days``
+    cleared service days; the differences found, by day (empty lists: none). Logged as an error when any."""
+    from backoffice.audit_runs import audit
+
+    found = {}
+    with engine.connect() as conn:
+        cleared = [d for (d,) in conn.execute(select(ClearingRun.service_day).where(ClearingRun.operator == operator)
+                                              .order_by(ClearingRun.service_day.desc()).limit(days))]
+        for d in sorted(cleared):
+            found[d] = audit(conn, operator=operator, day=d).differences
+    for d, diffs in found.items():
+        if diffs:
+            log.error("audit %s %s: %d difference(s) between the stored run and the raw tables, e.g. %s; run "
+                      "`farebox audit --operator %s --day %s` for all", operator, d, len(diffs), diffs[0].line(),
+                      operator, d)
+    log.info("audit %s: %d day(s) audited, %d difference(s)", operator, len(found),
+             sum(len(v) for v in found.values()))
+    return found
+
+
+def nightly_audit(operator: str) -> dict[date, list]:
+    """The scheduled job beside the clearing: ``audit_recent`` with this process's engine."""
+    engine, _reports_dir = _context()
+    return audit_recent(engine, operator=operator)

@@ -3,7 +3,8 @@ the back office's own database (table ``apscheduler_jobs``, SQLAlchemyJobStore o
 made by migration 0009, so two schedulers starting at once on a fresh database do not race to create it).
 
 Jobs: ``clearing:<operator>`` for every registered operator, each night at the operator's cut-off plus
-``backoffice.jobs.SETTLE_DELAY`` in its own time zone (``backoffice.jobs.nightly_clearing``). Operators registered
+``backoffice.jobs.SETTLE_DELAY`` in its own time zone (``backoffice.jobs.nightly_clearing``); half an hour later
+``audit:<operator>`` (``backoffice.jobs.nightly_audit``, kept in memory, not in the table). Operators registered
 later get theirs within ``SYNC_MINUTES`` (a job in memory looks).
 
 Missed runs and double runs:
@@ -63,6 +64,16 @@ def nightly_trigger(tz: str, cutoff_hour: int) -> CronTrigger:
     return CronTrigger(hour=(cutoff_hour + delay_hours) % 24, minute=0, timezone=tz)
 
 
+def audit_job_id(operator: str) -> str:
+    return f"audit:{operator}"
+
+
+def audit_trigger(tz: str, cutoff_hour: int) -> CronTrigger:
+    """Half an hour after the nightly clearing."""
+    delay_hours = int(jobs.SETTLE_DELAY.total_seconds() // 3600)
+    return CronTrigger(hour=(cutoff_hour + delay_hours) % 24, minute=30, timezone=tz)
+
+
 def _same_trigger(a, b) -> bool:
     return (str(a), str(getattr(a, "timezone", ""))) == (str(b), str(getattr(b, "timezone", "")))
 
@@ -76,6 +87,13 @@ def sync_jobs(scheduler: BackgroundScheduler, engine: Engine) -> list[str]:
                            .where(Operator.retired_at.is_(None)).order_by(Operator.code)).all()
     changed = []
     for op in ops:
+        # The audit beside the clearing, in memory: a night it misses is looked at again the next night (it audits
+        # the last days cleared), and `farebox audit` answers on demand.
+        audit, audit_at = scheduler.get_job(audit_job_id(op.code), jobstore="memory"), audit_trigger(op.timezone,
+                                                                                                     op.cutoff_hour)
+        if audit is None or not _same_trigger(audit.trigger, audit_at):
+            scheduler.add_job(jobs.nightly_audit, audit_at, id=audit_job_id(op.code), jobstore="memory",
+                              kwargs={"operator": op.code}, name=f"nightly audit of {op.code}", replace_existing=True)
         job_id, trigger = clearing_job_id(op.code), nightly_trigger(op.timezone, op.cutoff_hour)
         job = scheduler.get_job(job_id, jobstore="default")
         if job is None:

@@ -228,3 +228,26 @@ def test_an_unknown_operator_is_a_clear_error(books):
     done = subprocess.run([sys.executable, "-m", "farebox.cli", "audit", "--operator", "nobody"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "not registered" in done.stderr
+
+
+def test_the_nightly_audit_runs_beside_the_clearing_and_names_a_difference(books, tmp_path, caplog):
+    from backoffice import jobs
+    from backoffice.scheduler import audit_job_id, clearing_job_id, start_scheduler, stop_scheduler
+    from farebox.config import Settings
+
+    _url, engine, (run1, _run2) = books
+    scheduler = start_scheduler(engine, Settings(var_dir=tmp_path / "var"), paused=True)
+    try:
+        audit_job, clearing_job = scheduler.get_job(audit_job_id(OP)), scheduler.get_job(clearing_job_id(OP))
+        assert audit_job.func is jobs.nightly_audit and audit_job.kwargs == {"operator": OP}
+        # Half an hour after the clearing, in the operator's time zone.
+        assert audit_job.next_run_time - clearing_job.next_run_time == timedelta(minutes=30)
+        assert jobs.nightly_audit(OP) == {DAY1: [], DAY2: []}
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE clearing_run SET day_gross = day_gross + 1 WHERE id = :r"), {"r": run1})
+        found = jobs.nightly_audit(OP)
+        assert [d.figure for d in found[DAY1]] == [f"run {run1} ({DAY1}) total day_gross (its rows)"]
+        assert found[DAY2] == []
+        assert f"audit {OP} {DAY1}: 1 difference(s)" in caplog.text
+    finally:
+        stop_scheduler(scheduler)
