@@ -1,5 +1,6 @@
-"""``farebox ingest`` (store validators' tap batches from the broker) and ``farebox quarantine`` (what ingest
-could not accept). Registered in farebox/cli.py by ``register(sub)``."""
+"""``farebox ingest`` (store validators' tap batches from the broker) and, from farebox/quarantine_cmd.py,
+``farebox quarantine`` (what ingest could not accept, and its review). Registered in farebox/cli.py by
+``register(sub)``."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ def register(sub) -> None:
                         "without it they are quarantined and not acknowledged")
     p.set_defaults(func=_ingest)
 
-    p = sub.add_parser("quarantine", help="what ingest could not accept, newest first, with the reason")
-    p.add_argument("--limit", type=int, default=50)
-    p.set_defaults(func=_quarantine)
+    from farebox import quarantine_cmd
+
+    quarantine_cmd.register(sub)  # quarantine: list, show, release, reject (its own module)
 
 
 def _ingest(args, settings) -> int:
@@ -57,21 +58,4 @@ def _ingest(args, settings) -> int:
                         share_group=group, accept_unsigned=args.accept_unsigned)
              for client_id in worker_client_ids(args.client_id, args.workers)]
     IngestPool(specs, ready_file=args.ready_file).run_forever()
-    return 0
-
-
-def _quarantine(args, settings) -> int:
-    from sqlalchemy import select
-
-    from backoffice.db import make_engine
-    from backoffice.models import Quarantine
-
-    engine = make_engine(settings.effective_database_url)
-    with engine.connect() as conn:
-        rows = conn.execute(select(Quarantine.received_at, Quarantine.device_id, Quarantine.device_seq,
-                                   Quarantine.reason).order_by(Quarantine.id.desc()).limit(args.limit)).all()
-    for r in rows:
-        seq = "-" if r.device_seq is None else r.device_seq
-        print(f"{r.received_at:%Y-%m-%d %H:%M:%S}  {r.device_id:<20} {seq:>8}  {r.reason}")
-    print(f"{len(rows)} most recent quarantined record(s) shown")
     return 0
