@@ -29,7 +29,7 @@ from sqlalchemy import Connection, select
 
 from backoffice import clearing_runs, registry
 from backoffice.models import ClearingRun as ClearingRunRow
-from backoffice.models import CommissionRate, Fleet, Operator, ReconItem, Tap
+from backoffice.models import Fleet, Operator, ReconItem, Tap
 from clearing.runs import NO_FLEET, PURCHASE
 from clearing.service_day import day_bounds
 from clearing.settlement import Settlement, settle_day
@@ -86,11 +86,6 @@ def _operator(conn: Connection, operator: str):
     return op
 
 
-def _has_rate(conn: Connection, operator: str, day: date) -> bool:
-    return conn.execute(select(CommissionRate.rate_bp).where(
-        CommissionRate.operator == operator, CommissionRate.valid_from <= day).limit(1)).first() is not None
-
-
 def stored_run_id(conn: Connection, operator: str, day: date) -> int | None:
     return conn.execute(select(ClearingRunRow.id).where(ClearingRunRow.operator == operator,
                                                         ClearingRunRow.service_day == day)).scalar()
@@ -110,13 +105,14 @@ def _as_settlement(run: clearing_runs.StoredRun) -> Settlement:
 
 
 def _taps_by_hour(conn: Connection, *, operator: str, first: date, last: date, tz: str, cutoff_hour: int,
-                  as_of: datetime | None) -> pd.DataFrame:
-    """Purchases by local hour of the day, as the run counted them (received before its ``as_of``)."""
+                  run_id: int | None) -> pd.DataFrame:
+    """Purchases by local hour of the day, as the run counted them (the day's taps it claimed); every stored one
+    of the day when there is no run yet (provisional)."""
     start, end = day_bounds(first, tz, cutoff_hour)[0], day_bounds(last, tz, cutoff_hour)[1]
     query = select(Tap.occurred_at).where(Tap.operator == operator, Tap.kind == PURCHASE, Tap.occurred_at >= start,
                                           Tap.occurred_at < end)
-    if as_of is not None:
-        query = query.where(Tap.received_at < as_of)
+    if run_id is not None:
+        query = query.where(Tap.clearing_run_id == run_id)
     counts = [0] * 24
     zone = ZoneInfo(tz)
     for (at,) in conn.execute(query):
@@ -188,7 +184,7 @@ def settle(conn: Connection, *, operator: str, day: date, reports_dir: Path | No
     day_end = day_bounds(day, op.timezone, op.cutoff_hour)[1]
     run, items, why = None, (), ""
     run_id = stored_run_id(conn, operator, day)
-    if close_day and (run_id is not None or (now >= day_end and _has_rate(conn, operator, day))):
+    if close_day and (run_id is not None or (now >= day_end and clearing_runs.rate_on(conn, operator, day) is not None)):
         # clear_day stores a new run (catching up skipped days first) or re-clears the stored one and checks it.
         new = run_id is None
         run = clearing_runs.clear_day(conn, operator=operator, day=day, now=now)
@@ -213,7 +209,7 @@ def settle(conn: Connection, *, operator: str, day: date, reports_dir: Path | No
             by_driver=_breakdown(run, "driver"), by_fleet=_breakdown(run, "fleet"),
             taps_by_hour=None, run=ClearingRun(str(run.id), run.created_at), generated_at=now, names={},
             adjustments=_adjustments(conn, [run]))
-        as_of = run.as_of
+        run_id = run.id
     else:
         taps = load_day_taps(conn, operator=operator, day=day, tz=op.timezone, cutoff_hour=op.cutoff_hour)
         settlement = settle_day(taps, day, operator=operator, tz=op.timezone, cutoff_hour=op.cutoff_hour)
@@ -223,11 +219,11 @@ def settle(conn: Connection, *, operator: str, day: date, reports_dir: Path | No
             by_vehicle=_provisional_table(settlement.by_vehicle, "vehicle"),
             by_driver=_provisional_table(settlement.by_driver, "driver"),
             run=None, generated_at=now, names={})  # the header then says "no stored run"
-        as_of = None
+        run_id = None
     if reports_dir is None:
         return DaySettlement(settlement, None, run, (), items, why)
     hours = _taps_by_hour(conn, operator=operator, first=day, last=day, tz=op.timezone, cutoff_hour=op.cutoff_hour,
-                          as_of=as_of)
+                          run_id=run_id)
     tables = replace(tables, taps_by_hour=hours,
                      names=_names(conn, operator, day_bounds(day, op.timezone, op.cutoff_hour)[0]))
     files = _write(tables, Path(reports_dir), f"settlement-{operator}-{day.isoformat()}", write_daily_pdf,

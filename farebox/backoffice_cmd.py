@@ -7,6 +7,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
+from farebox import bootstrap
 from farebox.cli_types import fractions
 
 
@@ -59,10 +60,7 @@ def _demo(args, settings) -> int:
 
 
 def _db_upgrade(args, settings) -> int:
-    from backoffice.db import make_engine, upgrade
-
-    engine = make_engine(settings.effective_database_url)
-    upgrade(engine)
+    engine = bootstrap.start(settings).engine()
     print(f"schema is current on {engine.url.render_as_string(hide_password=True)}")
     return 0
 

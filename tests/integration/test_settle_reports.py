@@ -313,6 +313,31 @@ def test_late_taps_and_a_clerks_adjustment_are_printed_with_what_is_payable(engi
     assert days_net + adj_net == sum(r.totals["payable_net"] for r in month.runs)
 
 
+def test_reports_and_the_vehicle_page_show_the_taps_the_run_took_not_a_time_window(engine, tmp_path):
+    """A purchase of the day received before the run's moment but committed after the run read the table (here:
+    stored after the run, with such a ``received_at``) is not the run's: it goes to the next run as a late tap.
+    The day's hour chart and the vehicle's page must agree with the run, not with "received before as_of"."""
+    from backoffice.web.api.reports import OperatorDay, vehicle_day
+
+    store(engine, day_rows(START))
+    as_of = END + timedelta(hours=1)
+    with engine.begin() as conn:
+        run = settle(conn, operator=OP, day=DAY, now=as_of).run
+    straddler = {**_row("VAL1", 999_999, "purchase", START + timedelta(hours=20), "V1", "R1", "D1", amount=370),
+                 "received_at": as_of - timedelta(minutes=1)}
+    store(engine, [straddler])
+    v1 = dict(zip(run.table("vehicle")["vehicle"], run.table("vehicle")["gross"], strict=True))["V1"]
+    with engine.connect() as conn:
+        look = settle(conn, operator=OP, day=DAY, reports_dir=tmp_path, now=as_of, close_day=False)
+        page = vehicle_day(conn, op=OperatorDay(OP, "Demo", "Asia/Shanghai", 3), day=DAY, vehicle="V1", now=as_of)
+    with open(tmp_path / f"settlement-{OP}-{DAY}-taps_by_hour.csv", encoding="utf-8-sig", newline="") as f:
+        assert sum(int(r["taps"]) for r in csv.DictReader(f)) == run.totals["day_taps"] == look.settlement.taps
+    assert int(page.shifts["amount"].sum()) == int(page.by_route["amount"].sum()) == v1
+    with engine.begin() as conn:
+        following = settle(conn, operator=OP, day=DAY + timedelta(days=1), now=as_of + timedelta(days=1)).run
+    assert (following.totals["late_taps"], following.totals["late_gross"]) == (1, 370)
+
+
 def test_a_running_day_or_a_read_only_look_gives_provisional_figures_and_stores_nothing(engine, tmp_path):
     store(engine, day_rows(START))
     purchases = stored_purchases(engine, DAY)

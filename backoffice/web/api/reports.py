@@ -199,14 +199,14 @@ def shift_slip(conn: Connection, *, op: OperatorDay, day: date, device_id: str, 
 
 
 def vehicle_day(conn: Connection, *, op: OperatorDay, day: date, vehicle: str, now: datetime) -> VehicleDay:
-    """A vehicle's purchases of the service day, as the day's run counted them (received before its ``as_of``)
-    when the day is cleared, so that the page agrees with the settlement's vehicle row."""
+    """A vehicle's purchases of the service day, as the day's run counted them (the day's taps it claimed) when
+    the day is cleared, so that the page agrees with the settlement's vehicle row."""
     start, end = day_bounds(day, op.tz, op.cutoff_hour)
     run = _run_of(conn, op.code, day)
     where = [Tap.operator == op.code, Tap.vehicle == vehicle, Tap.kind == PURCHASE, Tap.occurred_at >= start,
              Tap.occurred_at < end]
     if run is not None:
-        where.append(Tap.received_at < run.as_of)
+        where.append(Tap.clearing_run_id == run.id)
     buys = _records(conn, *where)
     if not buys and reads.registry_item(conn, kind="vehicles", key=vehicle, operator=op.code) is None:
         raise HTTPException(404, f"vehicle {vehicle!r} not found")
