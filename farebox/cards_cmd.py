@@ -1,9 +1,6 @@
-"""``farebox keys``, ``farebox card`` and ``farebox topup``: the issuer key file, issuing and losing cards, and the
-counter top-up on a desk reader. Registered in farebox/cli.py by ``add_parser(sub)``.
+"""``farebox card`` and ``farebox topup``: issuing and losing cards, and the counter top-up on a desk reader.
+Registered in farebox/cli.py by ``add_parser(sub)``; ``farebox keys`` lives in farebox/keys_cmd.py.
 
-- ``farebox keys init --out FILE``: new random master keys, written encrypted (passphrase from
-  ``FAREBOX_ISSUER_KEYS_PASSPHRASE``, or ``--kek-env`` names a variable holding a 32-byte KEK in hex).
-- ``farebox keys encrypt --toml FILE --out FILE``: the same for keys kept so far in a plain TOML file.
 - ``farebox card issue --reader PATH | --sim-state FILE`` ``--deposit FEN --staff WHO [--proof TEXT]``.
 - ``farebox card lost --asn HEX --staff WHO --why TEXT``; ``farebox card show --asn HEX`` (ledger and cases).
 - ``farebox topup counter --reader PATH --amount FEN --terminal-id HEX --staff WHO``.
@@ -11,63 +8,16 @@ counter top-up on a desk reader. Registered in farebox/cli.py by ``add_parser(su
 
 from __future__ import annotations
 
-import os
 import secrets
 import sys
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
-
-def _kek(args) -> tuple[str | None, bytes | None]:
-    if args.kek_env:
-        value = os.environ.get(args.kek_env, "")
-        try:
-            kek = bytes.fromhex(value)
-        except ValueError:
-            kek = b""
-        if len(kek) != 32:
-            raise SystemExit(f"farebox keys: {args.kek_env} must hold 64 hex digits")
-        return None, kek
-    passphrase = os.environ.get("FAREBOX_ISSUER_KEYS_PASSPHRASE")
-    if not passphrase:
-        import getpass
-
-        passphrase = getpass.getpass("passphrase for the issuer key file: ")
-    return passphrase, None
-
-
-def _keys_write(args, keys) -> int:
-    from backoffice.keyservice import write_key_file
-
-    passphrase, kek = _kek(args)
-    try:
-        write_key_file(args.out, keys, passphrase=passphrase, kek=kek)
-    except (ValueError, FileExistsError) as e:
-        print(f"farebox keys: {e}", file=sys.stderr)
-        return 2
-    print(f"issuer keys written encrypted to {args.out} (mode 600). Set FAREBOX_ISSUER_KEYS={args.out} and "
-          f"{'FAREBOX_ISSUER_KEYS_KEK' if kek else 'FAREBOX_ISSUER_KEYS_PASSPHRASE'} for the back office.")
-    return 0
-
-
-def _keys_init(args, settings) -> int:
-    from epurse.keys import IssuerKeys
-
-    return _keys_write(args, IssuerKeys(*(secrets.token_bytes(16) for _ in range(4))))
-
-
-def _keys_encrypt(args, settings) -> int:
-    from farebox.keys import read_plain_keys
-
-    return _keys_write(args, read_plain_keys(args.toml))
+from farebox import bootstrap
 
 
 def _engine(settings):
-    from backoffice.db import make_engine, upgrade
-
-    engine = make_engine(settings.effective_database_url)
-    upgrade(engine)
-    return engine
+    return bootstrap.start(settings).engine()
 
 
 def _session(args):
@@ -127,7 +77,7 @@ def _card_lost(args, settings) -> int:
 def _card_show(args, settings) -> int:
     from backoffice.cards import cases, ledger
 
-    with _engine(settings).connect() as conn:
+    with bootstrap.start(settings).read_engine().connect() as conn:  # reading only: never migrates
         book = ledger.card_ledger(conn, asn=args.asn)
         open_ = cases.open_cases(conn, asn=args.asn)
     print(f"card {args.asn}: opening {book.opening} + loads {book.loads} - purchases {book.purchases} "
@@ -141,11 +91,11 @@ def _card_show(args, settings) -> int:
 def _topup_counter(args, settings) -> int:
     from backoffice.cards import topup
     from epurse.apdu import ResponseError, StatusError
-    from farebox.keys import key_service
     from validator.readers import ReaderError
 
+    root = bootstrap.start(settings, "issuer")
     try:
-        done = topup.counter_topup(_engine(settings), _session(args), keys=key_service(settings),
+        done = topup.counter_topup(root.engine(), _session(args), keys=root.key_service,
                                    amount=args.amount, terminal_id=bytes.fromhex(args.terminal_id),
                                    staff=args.staff, now=datetime.now(UTC))
     except topup.TopupRefused as e:
@@ -161,18 +111,6 @@ def _topup_counter(args, settings) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("keys", help="the issuer's master keys, encrypted at rest")
-    keys = p.add_subparsers(dest="action", required=True)
-    for name, func, help_ in (("init", _keys_init, "new random master keys in a new encrypted key file"),
-                              ("encrypt", _keys_encrypt, "a plain TOML key file, encrypted into a key file")):
-        k = keys.add_parser(name, help=help_)
-        k.add_argument("--out", type=Path, required=True)
-        k.add_argument("--kek-env", default=None, metavar="VAR",
-                       help="encrypt with the 32-byte key in this variable (hex) instead of a passphrase")
-        if name == "encrypt":
-            k.add_argument("--toml", type=Path, required=True)
-        k.set_defaults(func=func)
-
     def card_source(q):
         src = q.add_mutually_exclusive_group(required=True)
         src.add_argument("--reader", help="desk reader path, e.g. pcsc: or pcsc:0")

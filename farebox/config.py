@@ -1,5 +1,7 @@
-"""Settings: environment variables ``FAREBOX_*``, or one TOML file named by ``FAREBOX_CONFIG``; every setting has a
-default that runs the demo with nothing configured."""
+"""Settings: environment variables ``FAREBOX_*``, or one TOML file named by ``FAREBOX_CONFIG``. Every setting has a
+default that runs the demo with nothing configured, except the four secrets: outside ``farebox demo`` (and the
+tests, and labs that say ``--insecure-test-keys`` / ``FAREBOX_INSECURE_TEST_KEYS=1``) a command that needs one
+refuses to start on its published test value (farebox.bootstrap); ``farebox keys init`` makes a fresh set."""
 
 from __future__ import annotations
 
@@ -14,10 +16,14 @@ class Settings:
     var_dir: Path = Path("var")
     database_url: str | None = None  # None: a SQLite file under var/
     mqtt_url: str | None = None  # None: an embedded broker started by the program
-    issuer_keys_file: Path | None = None  # None: the published simulator test keys (epurse.keys)
-    device_master_key_file: Path | None = None  # None: the published test device master (wire.devicekeys)
-    signing_key_file: Path | None = None  # None: the published test package-signing key (farebox.keys)
+    # The secrets. None: the published test value, which only the demo, the tests and --insecure-test-keys accept.
+    issuer_keys_file: Path | None = None  # test: the simulator's issuer keys (epurse.keys)
+    device_master_key_file: Path | None = None  # test: wire.devicekeys.TEST_DEVICE_MASTER
+    signing_key_file: Path | None = None  # test: wire.packages.TEST_SIGNING_SEED
+    payment_public_key: str | None = None  # the payment platform's Ed25519 public key, 64 hex digits
+    insecure_test_keys: bool = False  # a lab's explicit "yes, the published test keys" (a banner says so)
     api_tokens_file: Path | None = None  # None: api-tokens.toml under var/ (backoffice.web.auth)
+    denylist_rebuild_seconds: float = 30.0  # how often the publisher looks for cards newly lost/found (0: never)
 
     @property
     def sqlite_url(self) -> str:
@@ -35,7 +41,9 @@ class Settings:
 
 _ENV = {"var_dir": "FAREBOX_VAR_DIR", "database_url": "FAREBOX_DATABASE_URL", "mqtt_url": "FAREBOX_MQTT_URL",
         "issuer_keys_file": "FAREBOX_ISSUER_KEYS", "device_master_key_file": "FAREBOX_DEVICE_MASTER_KEY",
-        "signing_key_file": "FAREBOX_SIGNING_KEY", "api_tokens_file": "FAREBOX_API_TOKENS"}
+        "signing_key_file": "FAREBOX_SIGNING_KEY", "api_tokens_file": "FAREBOX_API_TOKENS",
+        "payment_public_key": "FAREBOX_PAYMENT_PUBLIC_KEY", "insecure_test_keys": "FAREBOX_INSECURE_TEST_KEYS",
+        "denylist_rebuild_seconds": "FAREBOX_DENYLIST_REBUILD_SECONDS"}
 
 
 def load_settings(environ=os.environ) -> Settings:
@@ -54,4 +62,29 @@ def load_settings(environ=os.environ) -> Settings:
     for name in ("var_dir", "issuer_keys_file", "device_master_key_file", "signing_key_file", "api_tokens_file"):
         if values.get(name) is not None:
             values[name] = Path(values[name])
+    if values.get("denylist_rebuild_seconds") is not None:
+        values["denylist_rebuild_seconds"] = _seconds(values["denylist_rebuild_seconds"],
+                                                      _ENV["denylist_rebuild_seconds"])
+    values["insecure_test_keys"] = _yes(values.get("insecure_test_keys", False), _ENV["insecure_test_keys"])
     return Settings(**values)
+
+
+def _yes(value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} is {value!r}: give 1 (yes) or 0 (no)")
+
+
+def _seconds(value, name: str) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} is {value!r}: give a number of seconds (e.g. 30; 0 turns it off)") from None
+    if not 0 <= seconds <= 86400:
+        raise ValueError(f"{name} is {value!r}: give 0 to 86400 seconds")
+    return seconds

@@ -109,8 +109,8 @@ class IngestProcess:
         self.starts += 1
         with open(self.run_dir / "ingest.log", "ab") as log_file:  # the child keeps its own copy of the fd
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "farebox.cli", "ingest", "--client-id", self.client_id,
-                 "--operator", self.operator, "--ready-file", str(ready)],
+                [sys.executable, "-m", "farebox.cli", "--insecure-test-keys", "ingest", "--client-id",
+                 self.client_id, "--operator", self.operator, "--ready-file", str(ready)],
                 env=self.env, stdout=log_file, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while not ready.exists():
@@ -168,6 +168,8 @@ def run_demo(settings: Settings, *, seed: int = 7, day: date | None = None, ride
              kill_ingest_at: tuple[float, ...] = (), console: Console | None = None) -> DemoResult:
     """Run the day; ``kill_ingest_at`` lists fractions of the day at which ingest is SIGKILLed and restarted."""
     console = console or Console()
+    # The demo is the one command made for the published test keys: its simulated cards and PSAMs carry them.
+    settings = dataclasses.replace(settings, insecure_test_keys=True)
     started = time.monotonic()
     tag = secrets.token_hex(3)
     run_dir = (settings.var_dir / "demo" / tag).resolve()

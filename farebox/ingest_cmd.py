@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from farebox import bootstrap
+
 
 def register(sub) -> None:
     p = sub.add_parser("ingest", help="store validators' tap batches from the broker (FAREBOX_MQTT_URL)")
@@ -30,10 +32,7 @@ def register(sub) -> None:
 
 
 def _ingest(args, settings) -> int:
-    from backoffice.db import make_engine, upgrade
     from backoffice.ingest_consumer import IngestConsumer, IngestPool, WorkerSpec, worker_client_ids
-    from farebox.keys import device_master, issuer_keys
-    from wire.mqtt_url import parse_mqtt_url
 
     if not settings.mqtt_url:
         print("farebox ingest needs a broker: set FAREBOX_MQTT_URL (e.g. mqtt://127.0.0.1:1883)", file=sys.stderr)
@@ -43,9 +42,9 @@ def _ingest(args, settings) -> int:
         return 2
     # Several workers split the batches only through a shared subscription; without one each would get them all.
     group = args.share_group or ("ingest" if args.workers > 1 else None)
-    engine = make_engine(settings.effective_database_url)
-    upgrade(engine)
-    target, keys, master = parse_mqtt_url(settings.mqtt_url), issuer_keys(settings), device_master(settings)
+    root = bootstrap.start(settings, "issuer", "device_master")
+    engine = root.engine()
+    target, keys, master = root.broker_target(), root.issuer_keys, root.device_master
     if args.workers == 1:
         consumer = IngestConsumer(engine, target, keys=keys, master=master, client_id=args.client_id,
                                   operator=args.operator, share_group=group, accept_unsigned=args.accept_unsigned)

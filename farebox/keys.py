@@ -1,5 +1,4 @@
-"""The back office's secrets, each from the file its setting names, or, when none is named, a published test value
-that only ever serves simulated cards and demo fleets (with a warning in the log):
+"""The back office's secrets, each from the setting that names it:
 
 - the issuer's master keys (``FAREBOX_ISSUER_KEYS``: an encrypted key file, see backoffice.keyservice, unlocked by
   ``FAREBOX_ISSUER_KEYS_PASSPHRASE`` or ``FAREBOX_ISSUER_KEYS_KEK``; a plain TOML file still works, with a warning;
@@ -7,10 +6,18 @@ that only ever serves simulated cards and demo fleets (with a warning in the log
 - the device master secret every validator's MAC key and broker password derive from (``FAREBOX_DEVICE_MASTER_KEY``,
   a file holding hex; test: wire.devicekeys.TEST_DEVICE_MASTER);
 - the Ed25519 key that signs deny lists, parameters and software (``FAREBOX_SIGNING_KEY``, a file holding the
-  32-byte seed in hex; test: wire.packages.TEST_SIGNING_SEED)."""
+  32-byte seed in hex; test: wire.packages.TEST_SIGNING_SEED);
+- the payment platform's Ed25519 public key that webhooks are checked with (``FAREBOX_PAYMENT_PUBLIC_KEY``, 64 hex
+  digits; test: backoffice.web.api.ota.TEST_PLATFORM_PUBLIC_KEY, whose seed hardware_sim.payment publishes).
+
+Each test value is published in this repository, so anyone can forge with it. A setting left out, or a file that
+holds a test value, is refused (:class:`TestKeyRefused`, naming the setting to give) unless the settings say
+``insecure_test_keys`` (``--insecure-test-keys``, ``FAREBOX_INSECURE_TEST_KEYS=1``: the demo, the tests, labs).
+``farebox keys init --out DIR`` makes a fresh set (farebox.keys_cmd)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tomllib
@@ -20,6 +27,57 @@ from epurse.keys import TEST_ISSUER_KEYS, IssuerKeys
 from farebox.config import Settings
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Secret:
+    what: str  # in a clerk's words
+    env: str  # the environment variable
+    toml: str  # the key in the FAREBOX_CONFIG file
+
+
+SECRETS = {
+    "issuer": Secret("the issuer master keys", "FAREBOX_ISSUER_KEYS", "issuer_keys_file"),
+    "device_master": Secret("the device master secret", "FAREBOX_DEVICE_MASTER_KEY", "device_master_key_file"),
+    "signing": Secret("the package-signing key", "FAREBOX_SIGNING_KEY", "signing_key_file"),
+    "payment": Secret("the payment platform's public key", "FAREBOX_PAYMENT_PUBLIC_KEY", "payment_public_key"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TestKeyUse:
+    """One published test value about to be used: what it is, and what to give instead."""
+
+    what: str
+    give: str  # e.g. "set FAREBOX_SIGNING_KEY (TOML signing_key_file)"
+    source: str | None = None  # the file or option that holds the test value; None: the setting is not given
+
+    def line(self) -> str:
+        held = f"{self.source} holds the published TEST value" if self.source else "not set: the published TEST value"
+        return f"{self.what}: {held}; {self.give}"
+
+
+class TestKeyRefused(Exception):
+    """A command was about to run on published test keys without ``insecure_test_keys``."""
+
+    __test__ = False  # not a pytest class, whatever its name
+
+    def __init__(self, uses: list[TestKeyUse]):
+        self.uses = uses
+        super().__init__("; ".join(u.line() for u in uses))
+
+
+def _use(kind: str, source) -> TestKeyUse:
+    s = SECRETS[kind]
+    return TestKeyUse(s.what, f"set {s.env} (TOML {s.toml})", None if source is None else str(source))
+
+
+def _checked(settings: Settings, value, use: TestKeyUse | None):
+    if use is not None:
+        if not settings.insecure_test_keys:
+            raise TestKeyRefused([use])
+        log.warning("INSECURE: %s", use.line())
+    return value
 
 
 def _kek_from_env(environ) -> tuple[str | None, bytes | None]:
@@ -48,20 +106,29 @@ def key_service(settings: Settings, environ=os.environ):
 
     ``FAREBOX_ISSUER_KEYS`` names either an encrypted ``farebox-issuer-keys/1`` file (unlocked with
     ``FAREBOX_ISSUER_KEYS_PASSPHRASE`` or ``FAREBOX_ISSUER_KEYS_KEK``) or, for the time being, a plain TOML file
-    (with a warning: convert it with ``farebox keys encrypt``). Unset: the published test keys."""
+    (with a warning: convert it with ``farebox keys encrypt``). Unset, or a file holding any of the published test
+    keys: :class:`TestKeyRefused` unless ``settings.insecure_test_keys``."""
+    return _checked(settings, *load_key_service(settings, environ))
+
+
+def load_key_service(settings: Settings, environ=os.environ):
+    """The key service and, when it holds published test keys, what to say about that (unchecked)."""
     from backoffice.keyservice import LocalKeyService, is_key_file, open_key_file
 
     path = settings.issuer_keys_file
     if path is None:
-        log.warning("using the published issuer TEST keys: fine for simulated cards, never for real ones")
-        return LocalKeyService(TEST_ISSUER_KEYS, source="the published test keys")
+        return LocalKeyService(TEST_ISSUER_KEYS, source="the published test keys"), _use("issuer", None)
     content = Path(path).read_bytes()
     if is_key_file(content):
         passphrase, kek = _kek_from_env(environ)
-        return LocalKeyService(open_key_file(content, passphrase=passphrase, kek=kek, path=str(path)),
-                               source=str(path))
-    log.warning("%s holds the issuer keys in plain text: encrypt it with `farebox keys encrypt`", path)
-    return LocalKeyService(read_plain_keys(path), source=str(path))
+        keys = open_key_file(content, passphrase=passphrase, kek=kek, path=str(path))
+    else:
+        log.warning("%s holds the issuer keys in plain text: encrypt it with `farebox keys encrypt`", path)
+        keys = read_plain_keys(path)
+    # one published master key is enough to forge what it guards (loads, TACs): any of the four counts
+    published = set(dataclasses.astuple(TEST_ISSUER_KEYS))
+    test = any(k in published for k in dataclasses.astuple(keys))
+    return LocalKeyService(keys, source=str(path)), _use("issuer", path) if test else None
 
 
 def issuer_keys(settings: Settings) -> IssuerKeys:
@@ -82,22 +149,50 @@ def _hex_file(path, what: str, least: int) -> bytes:
 
 
 def device_master(settings: Settings) -> bytes:
+    return _checked(settings, *load_device_master(settings))
+
+
+def load_device_master(settings: Settings) -> tuple[bytes, TestKeyUse | None]:
     from wire.devicekeys import TEST_DEVICE_MASTER
 
-    if settings.device_master_key_file is None:
-        log.warning("using the published TEST device master secret: fine for a demo fleet, never for real buses")
-        return TEST_DEVICE_MASTER
-    return _hex_file(settings.device_master_key_file, "device master secret", 16)
+    path = settings.device_master_key_file
+    if path is None:
+        return TEST_DEVICE_MASTER, _use("device_master", None)
+    value = _hex_file(path, "device master secret", 16)
+    return value, _use("device_master", path) if value == TEST_DEVICE_MASTER else None
 
 
 def signing_seed(settings: Settings) -> bytes:
     """The 32-byte Ed25519 seed of the package-signing key."""
-    if settings.signing_key_file is None:
-        from wire.packages import TEST_SIGNING_SEED
+    return _checked(settings, *load_signing_seed(settings))
 
-        log.warning("signing packages with the published TEST key: fine for a demo fleet, never for real buses")
-        return TEST_SIGNING_SEED
-    seed = _hex_file(settings.signing_key_file, "signing key seed", 32)
+
+def load_signing_seed(settings: Settings) -> tuple[bytes, TestKeyUse | None]:
+    from wire.packages import TEST_SIGNING_SEED
+
+    path = settings.signing_key_file
+    if path is None:
+        return TEST_SIGNING_SEED, _use("signing", None)
+    seed = _hex_file(path, "signing key seed", 32)
     if len(seed) != 32:
-        raise ValueError(f"{settings.signing_key_file}: an Ed25519 seed is 32 bytes")
-    return seed
+        raise ValueError(f"{path}: an Ed25519 seed is 32 bytes")
+    return seed, _use("signing", path) if seed == TEST_SIGNING_SEED else None
+
+
+def payment_public_key(settings: Settings) -> bytes:
+    """The payment platform's Ed25519 public key (32 bytes) that webhooks are checked with."""
+    return _checked(settings, *load_payment_public_key(settings))
+
+
+def load_payment_public_key(settings: Settings) -> tuple[bytes, TestKeyUse | None]:
+    from backoffice.web.api.ota import TEST_PLATFORM_PUBLIC_KEY, payment_public_key as parse
+
+    test = bytes.fromhex(TEST_PLATFORM_PUBLIC_KEY)
+    if not (settings.payment_public_key or "").strip():
+        return test, _use("payment", None)
+    value = parse(settings.payment_public_key)
+    return value, _use("payment", SECRETS["payment"].env) if value == test else None
+
+
+LOADERS = {"issuer": load_key_service, "device_master": load_device_master, "signing": load_signing_seed,
+           "payment": load_payment_public_key}

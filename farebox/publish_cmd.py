@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from farebox import bootstrap
 from farebox.cli_types import iso_time
 
 
@@ -52,30 +53,28 @@ def register(sub) -> None:
 
 
 def _publisher(settings, args, *, listen_status: bool, client_id: str):
-    """A started Publisher for the configured broker and database (None and a message when no broker is set)."""
-    from backoffice.db import make_engine, upgrade
+    """The composition root and a Publisher for the configured broker and database (None and a message when no
+    broker is set)."""
     from backoffice.publisher import Publisher
-    from farebox.keys import device_master, signing_seed
-    from wire.mqtt_url import parse_mqtt_url
 
     if not settings.mqtt_url:
         print("farebox: publishing needs a broker: set FAREBOX_MQTT_URL (e.g. "
               "mqtt://publisher:PASSWORD@127.0.0.1:1883)", file=sys.stderr)
         return None, None
-    engine = make_engine(settings.effective_database_url)
-    upgrade(engine)
+    root = bootstrap.start(settings, "signing", "device_master")
     kwargs = {"max_behind": args.max_behind} if getattr(args, "max_behind", None) is not None else {}
-    publisher = Publisher(engine, parse_mqtt_url(settings.mqtt_url), seed=signing_seed(settings),
-                          device_master=device_master(settings), operator=getattr(args, "operator", None),
+    publisher = Publisher(root.engine(), root.broker_target(), seed=root.signing_seed,
+                          device_master=root.device_master, operator=getattr(args, "operator", None),
                           client_id=client_id, listen_status=listen_status,
-                          sweep_every=60.0 if listen_status else 0, **kwargs)
-    return engine, publisher
+                          sweep_every=60.0 if listen_status else 0,
+                          rebuild_every=settings.denylist_rebuild_seconds if listen_status else 0, **kwargs)
+    return root, publisher
 
 
 def _denylist_publish(args, settings) -> int:
     import os
 
-    _engine, publisher = _publisher(settings, args, listen_status=False, client_id=f"farebox_publish_{os.getpid()}")
+    _root, publisher = _publisher(settings, args, listen_status=False, client_id=f"farebox_publish_{os.getpid()}")
     if publisher is None:
         return 2
     try:
@@ -100,7 +99,7 @@ def _denylist_publish(args, settings) -> int:
 
 
 def _denylist_serve(args, settings) -> int:
-    _engine, publisher = _publisher(settings, args, listen_status=True, client_id=args.client_id)
+    _root, publisher = _publisher(settings, args, listen_status=True, client_id=args.client_id)
     if publisher is None:
         return 2
     if args.ready_file:
@@ -113,11 +112,9 @@ def _denylist_show(args, settings) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from backoffice.db import make_engine, upgrade
     from backoffice.denylist_publish import denied_asns, versions
 
-    engine = make_engine(settings.effective_database_url)
-    upgrade(engine)
+    engine = bootstrap.start(settings).read_engine()  # reading only: never migrates
     with engine.connect() as conn:
         rows = versions(conn, args.limit)
         pending = len(denied_asns(conn))
@@ -154,16 +151,14 @@ def _package_publish(args, settings) -> int:
     activate_at = args.activate_at
     if activate_at is not None and activate_at.tzinfo is None:
         activate_at = activate_at.replace(tzinfo=UTC)  # an activation time without a zone is UTC, as on the wire
-    engine, publisher = _publisher(settings, args, listen_status=False, client_id=f"farebox_package_{os.getpid()}")
+    root, publisher = _publisher(settings, args, listen_status=False, client_id=f"farebox_package_{os.getpid()}")
     if publisher is None:
         return 2
-    from farebox.keys import signing_seed
-
     try:
         publisher.start()
-        with engine.begin() as conn:
+        with root.engine().begin() as conn:
             out = publish(conn, args.kind, args.operator, target, args.version, body, activate_at,
-                          seed=signing_seed(settings), now=datetime.now(UTC))
+                          seed=root.signing_seed, now=datetime.now(UTC))
         publisher.send(out, wait=30)
     except (PublishError, PackageError, TimeoutError) as e:
         print(f"farebox package publish: {e}", file=sys.stderr)
@@ -180,11 +175,9 @@ def _package_progress(args, settings) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from backoffice.db import make_engine, upgrade
     from backoffice.packages_publish import PublishError, rollout
 
-    engine = make_engine(settings.effective_database_url)
-    upgrade(engine)
+    engine = bootstrap.start(settings).read_engine()  # reading only: never migrates
     try:
         with engine.connect() as conn:
             r = rollout(conn, args.operator, args.kind)

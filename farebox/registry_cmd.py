@@ -8,6 +8,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
+from farebox import bootstrap
 from farebox.cli_types import iso_time, terminal_id
 
 
@@ -42,11 +43,11 @@ def register(sub) -> None:
 
 
 def _registry_engine(settings):
-    from backoffice.db import make_engine, upgrade
+    return bootstrap.start(settings).engine()
 
-    engine = make_engine(settings.effective_database_url)
-    upgrade(engine)
-    return engine
+
+def _reading(settings):
+    return bootstrap.start(settings).read_engine()  # reading only: never migrates
 
 
 def _registry_import_gtfs(args, settings) -> int:
@@ -68,7 +69,7 @@ def _registry_import_gtfs(args, settings) -> int:
 def _registry_names(args, settings) -> int:
     from backoffice.registry import names
 
-    with _registry_engine(settings).connect() as conn:
+    with _reading(settings).connect() as conn:
         found = names(conn, args.operator, at=args.at)
     for kind, table in found.items():
         for key, name in sorted(table.items()):
@@ -82,7 +83,7 @@ def _registry_fare_table(args, settings) -> int:
     from backoffice.registry import RegistryError, fare_table
 
     try:
-        with _registry_engine(settings).connect() as conn:
+        with _reading(settings).connect() as conn:
             doc = fare_table(conn, args.operator, args.version, at=args.at)
     except RegistryError as e:
         print(f"farebox: {e}", file=sys.stderr)
@@ -94,7 +95,7 @@ def _registry_fare_table(args, settings) -> int:
 def _registry_audit(args, settings) -> int:
     from backoffice.registry import audit_lines
 
-    with _registry_engine(settings).connect() as conn:
+    with _reading(settings).connect() as conn:
         lines = audit_lines(conn, operator=args.operator, kind=args.kind, key=args.key)
     for a in lines:
         print(f"{a['recorded_at']:%Y-%m-%d %H:%M:%S}Z  {a['by']:12} {a['action']:7} {a['kind']:8} {a['key']:16} "

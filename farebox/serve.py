@@ -52,19 +52,35 @@ class ServeOptions:
     ready_file: Path | None = None  # touched once every part that runs is up
 
 
+def secrets_needed(options: ServeOptions) -> list[str]:
+    """The secrets (farebox.keys.SECRETS) the parts that run use: all are checked before any part starts."""
+    from farebox.keys import SECRETS
+
+    needs = {"issuer", "payment"} if options.web else set()  # the over-the-air top-up host and its webhooks
+    if options.ingest:
+        needs |= {"issuer", "device_master"}
+    if options.status:
+        needs.add("device_master")
+    if options.publisher:
+        needs |= {"signing", "device_master"}
+    return [kind for kind in SECRETS if kind in needs]
+
+
 def serve(settings, options: ServeOptions) -> int:
-    from backoffice.db import make_engine, upgrade
     from backoffice.web.app import create_app
-    engine = make_engine(settings.effective_database_url)
-    upgrade(engine)
+    from farebox import bootstrap
+
+    root = bootstrap.start(settings, *secrets_needed(options))  # refuses published test keys before anything
+    engine = root.engine()
     tokens = settings.tokens_path
     app = create_app(engine, tokens=tokens, migrate=False)
-    _configure_ota(app, settings)
+    if options.web:
+        _configure_ota(app, root)
     if options.web and not tokens.exists():
         log.warning("serve: no token file at %s yet: nobody can log in until `farebox token add` makes one", tokens)
     stops: list[tuple[str, Callable[[], None]]] = []
     try:
-        _start_mqtt_parts(settings, options, engine, stops)
+        _start_mqtt_parts(root, options, engine, stops)
         if options.scheduler:
             _start_scheduler(app.state.services, settings, stops)
         if not options.web:
@@ -80,25 +96,22 @@ def serve(settings, options: ServeOptions) -> int:
                 log.exception("serve: stopping %s failed", name)
 
 
-def _configure_ota(app, settings) -> None:
+def _configure_ota(app, root) -> None:
     """The over-the-air top-up host: the issuer's key service and the payment platform's webhook key."""
-    import os
+    from backoffice.web.api.ota import configure_ota
 
-    from backoffice.web.api.ota import PUBLIC_KEY_ENV, configure_ota, payment_public_key
-    from farebox.keys import key_service
-
-    configure_ota(app, keys=key_service(settings), webhook_key=payment_public_key(os.environ.get(PUBLIC_KEY_ENV)))
+    configure_ota(app, keys=root.key_service, webhook_key=root.payment_public_key)
 
 
-def _start_mqtt_parts(settings, options: ServeOptions, engine, stops: list) -> None:
+def _start_mqtt_parts(root, options: ServeOptions, engine, stops: list) -> None:
     if not (options.ingest or options.status or options.publisher):
         return
     from backoffice.ingest_consumer import IngestConsumer
     from backoffice.publisher import Publisher
     from backoffice.status_consumer import StatusConsumer
-    from farebox.keys import device_master, issuer_keys, signing_seed
     from wire.mqtt_url import parse_mqtt_url
 
+    settings = root.settings
     url = settings.mqtt_url
     if url is None:
         from farebox.broker import EmbeddedBroker
@@ -107,9 +120,9 @@ def _start_mqtt_parts(settings, options: ServeOptions, engine, stops: list) -> N
         url = broker.start()
         stops.append(("broker", broker.stop))
         log.info("serve: embedded broker on %s", parse_mqtt_url(url).url(with_password=False))
-    target, master = parse_mqtt_url(url), device_master(settings)
+    target, master = parse_mqtt_url(url), root.device_master
     if options.ingest:
-        ingest = IngestConsumer(engine, target, keys=issuer_keys(settings), master=master,
+        ingest = IngestConsumer(engine, target, keys=root.issuer_keys, master=master,
                                 client_id="farebox_ingest", operator=options.operator)
         ingest.start()
         stops.append(("ingest", ingest.stop))
@@ -123,8 +136,9 @@ def _start_mqtt_parts(settings, options: ServeOptions, engine, stops: list) -> N
         if not status.wait_subscribed(30):
             raise RuntimeError(f"the status consumer did not subscribe on {target.url(with_password=False)}")
     if options.publisher:
-        publisher = Publisher(engine, target, seed=signing_seed(settings), device_master=master,
-                              operator=options.operator, client_id="farebox_publisher", listen_status=True)
+        publisher = Publisher(engine, target, seed=root.signing_seed, device_master=master,
+                              operator=options.operator, client_id="farebox_publisher", listen_status=True,
+                              rebuild_every=settings.denylist_rebuild_seconds)
         publisher.start(timeout=30)
         stops.append(("publisher", publisher.stop))
 

@@ -7,6 +7,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
+from farebox import bootstrap
 from farebox.cli_types import year_month
 
 
@@ -37,15 +38,13 @@ def register(sub) -> None:
 
 
 def _settle(args, settings) -> int:
-    from backoffice.db import make_engine, upgrade
     from backoffice.settle import settle, settle_month
     from reports.pdf import yuan
 
     if (args.day is None) == (args.month is None):
         print("farebox settle: give --day YYYY-MM-DD (a service day) or --month YYYY-MM", file=sys.stderr)
         return 2
-    engine = make_engine(settings.effective_database_url)
-    upgrade(engine)
+    engine = bootstrap.start(settings).engine()
     try:
         with engine.begin() as conn:  # a day that has ended is cleared and its run stored: committed here
             if args.month is not None:
@@ -83,12 +82,10 @@ def _settle(args, settings) -> int:
 def _jobs_list(args, settings) -> int:
     from sqlalchemy import func, select
 
-    from backoffice.db import make_engine, upgrade
     from backoffice.models import ClearingRun, Operator
     from backoffice.scheduler import clearing_job_id, stored_jobs
 
-    engine = make_engine(settings.effective_database_url)
-    upgrade(engine)
+    engine = bootstrap.start(settings).read_engine()  # reading only: never migrates
     found = {job_id: (name, at, trigger) for job_id, name, at, trigger in stored_jobs(engine)}
     with engine.connect() as conn:
         ops = conn.execute(select(Operator.code, Operator.timezone).where(Operator.retired_at.is_(None))
@@ -107,11 +104,9 @@ def _jobs_list(args, settings) -> int:
 
 
 def _jobs_run(args, settings) -> int:
-    from backoffice.db import make_engine, upgrade
     from backoffice.jobs import clear_operator
 
-    engine = make_engine(settings.effective_database_url)
-    upgrade(engine)
+    engine = bootstrap.start(settings).engine()
     try:
         done = clear_operator(engine, operator=args.operator, day=args.day,
                               reports_dir=Path(settings.var_dir) / "reports" if args.out is None else args.out)
@@ -130,12 +125,10 @@ def _jobs_run(args, settings) -> int:
 
 
 def _jobs_serve(args, settings) -> int:
-    from backoffice.db import make_engine, upgrade
     from backoffice.scheduler import start_scheduler, stop_scheduler
     from backoffice.signals import stop_requested
 
-    engine = make_engine(settings.effective_database_url)
-    upgrade(engine)
+    engine = bootstrap.start(settings).engine()
     scheduler = start_scheduler(engine, settings)
     done = stop_requested()
     if args.ready_file:

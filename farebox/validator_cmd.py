@@ -18,7 +18,8 @@ prints (the password in the URL or, kept out of ``ps``, in ``--mqtt-password-fil
 Packages from the back office are checked with ``--signing-public-key`` and staged in ``--staging-dir`` (default:
 ``staging`` beside the journal), then applied between taps; the deny list and fare table they bring are written to
 ``--deny-list`` (default: ``denylist.bin`` in the staging folder) and ``--fares``. Left out, the MAC key and the
-signing key are the published TEST values (with a warning): right for the demo fleet, never for a real bus.
+signing key would be the published TEST values, as a ``--psam sim:`` holds the published issuer keys: the validator
+refuses to start on them unless told ``--insecure-test-keys`` (labs and benches; a banner says so).
 
     farebox validator shift-report --journal /var/lib/farebox/journal.db [--shift N] [--width 48]
 
@@ -63,10 +64,10 @@ def add_parser(sub) -> None:
                    help="the device's broker password, read from this file instead of the URL")
     p.add_argument("--mac-key", default=None,
                    help="the device's MAC key (64 hex digits, or @FILE holding them), as 'farebox device add' "
-                        "prints; default: derived from the published TEST device master")
+                        "prints (left out: the published TEST value, refused without --insecure-test-keys)")
     p.add_argument("--signing-public-key", default=None,
                    help="the back office's Ed25519 package-signing public key (64 hex digits or @FILE); "
-                        "default: the published TEST key")
+                        "left out: the published TEST key, refused without --insecure-test-keys")
     p.add_argument("--staging-dir", type=Path, default=None,
                    help="where packages wait for their activation time (default: staging/ beside the journal)")
     p.add_argument("--software-version", default=None, help="the version reported in status (default: the "
@@ -163,13 +164,40 @@ def _hex_option(value: str | None, what: str, length: int) -> bytes | None:
     return key
 
 
-def run(args, _settings=None) -> int:
+def test_keys_in_use(args, mac_key: bytes | None, signing_key: bytes | None, target) -> list:
+    """What of the published test keys this validator would run on (farebox.keys.TestKeyUse each)."""
+    from farebox.keys import TestKeyUse
+    from wire import devicekeys
+    from wire.packages import TEST_PUBLIC_KEY
+
+    uses = []
+    if args.psam.startswith("sim:"):
+        uses.append(TestKeyUse("the PSAM's issuer keys", "seat a real PSAM (--psam pcsc:N | rfid24:DEV)",
+                               f"--psam {args.psam} (a simulated PSAM)"))
+    if target is None:
+        return uses  # offline: no link, so no MAC key, broker password or packages are used
+    test_mac = devicekeys.mac_key(devicekeys.TEST_DEVICE_MASTER, args.device)
+    if mac_key is None or mac_key == test_mac:
+        uses.append(TestKeyUse("the device's MAC key", "give --mac-key as `farebox device add` printed it",
+                               None if mac_key is None else "--mac-key"))
+    if target.password == devicekeys.mqtt_password(devicekeys.TEST_DEVICE_MASTER, args.device):
+        uses.append(TestKeyUse("the device's broker password", "give the password `farebox device add` printed",
+                               "--mqtt"))
+    if signing_key is None or signing_key == TEST_PUBLIC_KEY:
+        uses.append(TestKeyUse("the package-signing public key", "give --signing-public-key @signing.pub (from "
+                               "`farebox keys init`)", None if signing_key is None else "--signing-public-key"))
+    return uses
+
+
+def run(args, settings=None) -> int:
     from blacklist.denylist import DenyList
     from validator.app import ValidatorApp
     from validator.display import ConsoleDisplay
     from validator.fares import FareError, FareTable
     from validator.journal import Journal, JournalError
     from validator.readers import ReaderError, open_reader
+    from farebox import bootstrap
+    from farebox.config import Settings
     from validator.terminal import Terminal, TerminalConfig
 
     staging = args.staging_dir or args.journal.parent / "staging"
@@ -186,6 +214,8 @@ def run(args, _settings=None) -> int:
             target = parse_mqtt_url(args.mqtt)
             if args.mqtt_password_file is not None:
                 target = replace(target, password=args.mqtt_password_file.read_text("utf-8").strip())
+        # the test-key rule before anything opens (farebox.bootstrap): StartRefused reaches farebox.cli.main
+        bootstrap.check_test_keys(settings or Settings(), test_keys_in_use(args, mac_key, signing_key, target))
         fares = FareTable.from_dict(json.loads(args.fares.read_text("utf-8")))
         deny = DenyList.load(deny_file) if deny_file.exists() else DenyList.empty()
         journal = Journal(args.journal, budget_bytes=args.journal_budget_mb * 1024 * 1024)
@@ -213,8 +243,7 @@ def run(args, _settings=None) -> int:
         if signing_key is None:
             from wire.packages import TEST_PUBLIC_KEY
 
-            log.warning("checking packages with the published TEST signing key: demo fleets only")
-            signing_key = TEST_PUBLIC_KEY
+            signing_key = TEST_PUBLIC_KEY  # allowed above: --insecure-test-keys
         try:
             downlink = Downlink(terminal, public_key=signing_key, staging_dir=staging, deny_file=deny_file,
                                 fares_file=args.fares, software=args.software_version,

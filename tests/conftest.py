@@ -31,6 +31,10 @@ import pytest
 from farebox.broker import EmbeddedBroker
 from wire.mqtt_url import parse_mqtt_url
 
+# The suite runs on the published test keys: say so to every farebox it runs, in process (load_settings) and as a
+# child process (inherited environment). tests/integration/test_test_keys.py checks the refusal without it.
+os.environ.setdefault("FAREBOX_INSECURE_TEST_KEYS", "1")
+
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
 TEST_DB_PREFIX = "farebox_t_"

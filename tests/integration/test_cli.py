@@ -12,6 +12,7 @@ from sqlalchemy import create_engine, text
 def farebox(tmp_path, *args):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAREBOX_")}
     env["FAREBOX_DATABASE_URL"] = f"sqlite:///{tmp_path}/bo.db"
+    env["FAREBOX_INSECURE_TEST_KEYS"] = "1"  # device add derives from the published test device master
     return subprocess.run([sys.executable, "-m", "farebox.cli", *args], env=env, capture_output=True, text=True,
                           timeout=120, check=False)
 
