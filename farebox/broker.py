@@ -24,6 +24,15 @@ How it is set up, and why (see PLATFORM.md, "MQTT brokers"):
   messages queued for offline subscribers are gone (clients re-subscribe on connect; the validator's
   journal, not the broker, is the outbox). Queued messages arrive with retain=1 (an amqtt quirk).
 - No $SYS topics (the sys plugin is not loaded).
+- Logins are checked before anything else happens. amqtt 0.12 looks up (and for a clean session deletes) the
+  session of the client id a CONNECT names, and takes over a connected one, before it checks the password: a
+  client with a wrong password could end ingest's session. Here the CONNECT is authenticated first and refused
+  with "not authorised" before any session is touched (farebox.broker_amqtt).
+- A device login (``devices=``, user name = device id) gets its device id as its client id, whatever it sent,
+  as on Mosquitto's device listener (``use_username_as_clientid``): a bus cannot take over ``farebox_ingest``
+  or another bus. The back office's users keep the client ids they send (several ingest workers, one user).
+- A publish bigger than ``message_size_limit`` (farebox.broker_config.MESSAGE_SIZE_LIMIT, as in the Mosquitto
+  files) is dropped, not passed on; QoS 1 is still acknowledged, as Mosquitto's ``message_size_limit`` does.
 """
 
 from __future__ import annotations
@@ -90,7 +99,8 @@ class EmbeddedBroker:
     returns. Without ``users`` there is one user, ``farebox``, with a random password.
     """
 
-    def __init__(self, state_dir: Path, users: dict[str, str] | None = None) -> None:
+    def __init__(self, state_dir: Path, users: dict[str, str] | None = None,
+                 devices: dict[str, str] | None = None) -> None:
         self.state_dir = Path(state_dir)
         if users is not None and not users:
             raise ValueError("users must name at least one user (or be None for the default user)")
@@ -100,6 +110,9 @@ class EmbeddedBroker:
         self.default_user = next(iter(self._users))
         self.port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._devices: set[str] = set()
+        for device_id, password in (devices or {}).items():
+            self.add_device(device_id, password)
 
     # ------------------------------------------------------------------ paths
     @property
@@ -132,6 +145,16 @@ class EmbeddedBroker:
         if not isinstance(password, str) or not password:
             raise ValueError("password must be a non-empty string")
         self._users[name] = password
+
+    def add_device(self, device_id: str, password: str) -> None:
+        """Add a bus's login (user name = device id): its client id is always its device id. Before ``start()``."""
+        from wire.topics import check_device_id
+
+        check_device_id(device_id)
+        if device_id in self._users and device_id not in self._devices:
+            raise ValueError(f"{device_id!r} is a back-office user of this broker, not a device")
+        self.add_user(device_id, password)
+        self._devices.add(device_id)
 
     def url_for(self, username: str) -> str:
         """``mqtt://user:pass@127.0.0.1:PORT`` for one of the broker's users (after ``start()``)."""
@@ -283,18 +306,25 @@ class EmbeddedBroker:
     def _write_files(self) -> None:
         lines = [f"{name}:{hash_password(pw)}" for name, pw in self._users.items()]
         _write_private(self.passwd_path, "\n".join(lines) + "\n")
-        _write_private(self.config_path, json.dumps(broker_config(self.port, self.passwd_path), indent=2) + "\n")
+        config = broker_config(self.port, self.passwd_path, devices=sorted(self._devices))
+        _write_private(self.config_path, json.dumps(config, indent=2) + "\n")
 
 
-def broker_config(port: int, passwd_file: Path) -> dict:
-    """The amqtt broker configuration farebox uses (a dict for ``amqtt.broker.Broker``)."""
+def broker_config(port: int, passwd_file: Path, *, devices: list[str] | None = None,
+                  message_size_limit: int | None = None) -> dict:
+    """The amqtt broker configuration farebox uses (a dict for ``amqtt.broker.Broker``, plus farebox's own
+    ``farebox`` section, which the child takes out before handing the rest to amqtt)."""
+    from farebox.broker_config import MESSAGE_SIZE_LIMIT
+
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{HOST}:{port}"}},
-        # only FileAuthPlugin: with AnonymousAuthPlugin(allow_anonymous) every session is marked anonymous
+        # only our FileAuthPlugin: with AnonymousAuthPlugin(allow_anonymous) every session is marked anonymous
         # and gets no offline queue
         "plugins": {
-            "amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(passwd_file)},
+            "farebox.broker_amqtt.DeviceAuthPlugin": {
+                "password_file": str(passwd_file), "devices": list(devices or [])},
         },
+        "farebox": {"message_size_limit": MESSAGE_SIZE_LIMIT if message_size_limit is None else message_size_limit},
     }
 
 
@@ -318,9 +348,11 @@ def _write_private(path: Path, text: str) -> None:
 
 # ---------------------------------------------------------------------- the child process
 async def _serve(config: dict, parent_pid: int | None, ready_file: Path | None) -> None:
-    from amqtt.broker import Broker
+    from farebox.broker_amqtt import FareboxBroker
 
-    broker = Broker(config)
+    config = dict(config)
+    ours = config.pop("farebox", {})
+    broker = FareboxBroker(config, message_size_limit=int(ours.get("message_size_limit", 2**28)))
     await broker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
