@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, Date, DateTime, bindparam, inspect, text
+from sqlalchemy import Connection, Date, DateTime, Engine, bindparam, inspect, text
 
 DIMENSIONS = ("operator", "fleet", "route", "vehicle", "driver", "card_type")
 BP = 10_000
@@ -228,6 +228,15 @@ def _days_cte(days: dict[date, tuple[datetime, datetime]]) -> tuple[str, list]:
 
 
 # ------------------------------------------------------------------------------------------------ the audit
+def snapshot(engine: Engine) -> Connection:
+    """A connection whose queries all read one snapshot (PostgreSQL: REPEATABLE READ), so that an audit made while
+    ingest commits compares figures of the same moment. SQLite has one writer, and the audit is short."""
+    conn = engine.connect()
+    if engine.dialect.name == "postgresql":
+        conn.execution_options(isolation_level="REPEATABLE READ")
+    return conn
+
+
 @dataclass
 class AuditResult:
     operator: str
@@ -467,4 +476,4 @@ def _money(stored, counts, day) -> list[Difference]:
     return out
 
 
-__all__ = ["AuditResult", "Difference", "audit", "commission", "day_window"]
+__all__ = ["AuditResult", "Difference", "audit", "commission", "day_window", "snapshot"]

@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from backoffice import clearing_runs
 from backoffice.models import ClearingRun, Operator
 from backoffice.settle import settle, stored_run_id
 from clearing.service_day import day_bounds
@@ -94,14 +95,12 @@ def clear_operator(engine: Engine, *, operator: str, day: date | None = None, re
             raise LookupError(f"operator {operator!r} is not registered")
         last = conn.execute(select(ClearingRun.service_day).where(ClearingRun.operator == operator)
                             .order_by(ClearingRun.service_day.desc()).limit(1)).scalar()
-    target = day or last_ended_day(op.timezone, op.cutoff_hour, now)
-    if day is None and last is not None and last >= target:
-        log.info("clearing %s: nothing to clear, service day %s (the last that has ended) is cleared already",
-                 operator, target)
-        return []
-    days = [target]
-    if last is not None and target > last:
-        days = [last + timedelta(days=n) for n in range(1, (target - last).days + 1)]
+        target = day or last_ended_day(op.timezone, op.cutoff_hour, now)
+        if day is None and last is not None and last >= target:
+            log.info("clearing %s: nothing to clear, service day %s (the last that has ended) is cleared already",
+                     operator, target)
+            return []
+        days = clearing_runs.catch_up_days(conn, operator=operator, day=target)  # the one catch-up rule
     done = []
     for d in days:
         run_id, cleared, items = _clear_one(engine, operator, d, now, recheck=day is not None)
@@ -146,10 +145,10 @@ AUDIT_DAYS = 7  # the nightly audit looks again at the runs of this many last cl
 def audit_recent(engine: Engine, *, operator: str, days: int = AUDIT_DAYS) -> dict[date, list]:
     """``backoffice.audit_runs.audit`` (plain SQL, no code shared with clearing) of the operator's last ``days``
     cleared service days; the differences found, by day (empty lists: none). Logged as an error when any."""
-    from backoffice.audit_runs import audit
+    from backoffice.audit_runs import audit, snapshot
 
     found = {}
-    with engine.connect() as conn:
+    with snapshot(engine) as conn:
         cleared = [d for (d,) in conn.execute(select(ClearingRun.service_day).where(ClearingRun.operator == operator)
                                               .order_by(ClearingRun.service_day.desc()).limit(days))]
         for d in sorted(cleared):

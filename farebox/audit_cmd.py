@@ -39,12 +39,12 @@ def _audit(args, settings) -> int:
     from sqlalchemy import inspect
     from sqlalchemy.exc import SQLAlchemyError
 
-    from backoffice.audit_runs import audit
+    from backoffice.audit_runs import audit, snapshot
     from backoffice.db import make_engine
 
     engine = make_engine(settings.effective_database_url)
     try:
-        with engine.connect() as conn:
+        with snapshot(engine) as conn:
             if not inspect(conn).has_table("clearing_run"):
                 print(f"farebox audit: no back-office schema at {engine.url.render_as_string(hide_password=True)}:"
                       " point FAREBOX_DATABASE_URL at the back office's database", file=sys.stderr)
