@@ -325,6 +325,13 @@ class Ingest:
             quarantine.append(_quarantine_row(now, topic, "?", None, f"not a tap topic: {e}", payload))
             return IngestResult("?", "?", [], quarantined=1, refused=str(e)), _Accepted()
         result = IngestResult(device_id, operator, [])
+        if len(payload) > codec.MAX_PAYLOAD:  # checked before anything reads it; quarantine keeps only its head
+            result.refused = (f"message of {len(payload):,} bytes, more than the {codec.MAX_PAYLOAD:,} any valid batch "
+                              f"has: refused unread, its first {OVERSIZE_KEPT:,} bytes kept")
+            quarantine.append(_quarantine_row(now, topic, device_id, None, result.refused, payload))
+            result.quarantined = 1
+            log.warning("batch on %s refused: %s", topic, result.refused)
+            return result, _Accepted()
 
         def refuse(reason, records=()):
             # Nothing is acknowledged: a batch that is forged, not what its topic says, unsigned, or from a device
@@ -538,7 +545,14 @@ def _record_payload(record: TapRecord) -> bytes:
     return codec.encode_batch_json([record])
 
 
+# What quarantine keeps of a message too big to be a batch (codec.MAX_PAYLOAD): enough for a person to see what it
+# was, never the megabytes someone pushed at ingest.
+OVERSIZE_KEPT = 4096
+
+
 def _quarantine_row(now, topic, device_id, seq, reason, payload) -> dict:
+    if len(payload) > codec.MAX_PAYLOAD:
+        payload = payload[:OVERSIZE_KEPT]
     return {"received_at": now, "topic": topic[:200], "device_id": device_id[:32], "device_seq": seq,
             "reason": reason[:500], "payload": payload}
 
