@@ -293,9 +293,10 @@ class Ingest:
                     candidates.append(_Candidate(result, topic, record))
         store = _store_for(conn, self.write)
         store.lock(_lock_keys(candidates))
-        taps, fraud_flags, fraud_cards = self._sort_out(conn, store, candidates, now, quarantine)
+        repeats: list[_Candidate] = []  # a key a second time in these messages (filled by _sort_out)
+        taps, fraud_flags, fraud_cards = self._sort_out(conn, store, candidates, now, quarantine, repeats)
         stored = store.insert(taps, now)
-        clashes = [c for c in taps if c.record.key not in stored]
+        clashes = [c for c in taps if c.record.key not in stored] + repeats
         for c in taps:
             if c.record.key in stored:
                 c.result.stored += 1
@@ -397,7 +398,7 @@ class Ingest:
             return "TAC does not verify with the issuer's key: record altered or not from a genuine card"
         return None
 
-    def _sort_out(self, conn, store, candidates, now, quarantine):
+    def _sort_out(self, conn, store, candidates, now, quarantine, repeats):
         """Split the candidates into taps to insert and second records of a card transaction (fraud or copy)."""
         purchases = {(c.record.card_asn, c.record.card_ttc) for c in candidates
                      if c.record.kind is RecordKind.PURCHASE}
@@ -405,11 +406,11 @@ class Ingest:
         for seen in store.purchases_by_card_counter(purchases):
             first.setdefault((seen.card_asn, seen.card_ttc), seen)
         taps, flags, cards = [], [], set()
-        keys_here: dict[tuple[str, int, int], TapRecord] = {}
+        keys_here: set[tuple[str, int, int]] = set()
         for c in candidates:
             r = c.record
-            if r.key in keys_here:  # a key twice in these messages: the second is a duplicate if it is the same
-                _duplicate_or_conflict(c, keys_here[r.key], now, quarantine)
+            if r.key in keys_here:  # a key twice in these messages: told apart after the insert (see messages)
+                repeats.append(c)
                 continue
             if r.kind is RecordKind.PURCHASE:
                 seen = first.get((r.card_asn, r.card_ttc))
@@ -438,7 +439,7 @@ class Ingest:
                                                       _record_payload(r)))
                     c.result.hold(r.device_seq)
                     continue
-            keys_here[r.key] = r
+            keys_here.add(r.key)
             taps.append(c)
         return taps, flags, cards
 
