@@ -165,3 +165,72 @@ def test_a_device_registered_later_gets_its_waiting_records_stored(engine):
     result = ingest(engine, [late], topic=topic)
     assert (result.stored, result.ack_seqs) == (1, [1])
     assert count(engine, Quarantine) == 1
+
+
+# ---------------------------------------------------------------------- issue 9, hole 4: journal epochs, conflicts
+
+
+def test_a_replaced_journal_without_an_epoch_is_quarantined_as_conflicts_never_acknowledged_as_duplicates(engine):
+    """The issue's case: an old validator's new journal starts at seq 1 again; three genuine purchases of other
+    cards came back 'stored 0, duplicates 3' on 846ff19, nothing quarantined, nothing logged."""
+    first = ingest(engine, [purchase(s) for s in (1, 2, 3)])
+    assert first.stored == 3
+    replaced = [purchase(s, asn="01020304050607089999", amount=300) for s in (1, 2, 3)]
+    result = ingest(engine, replaced)
+    assert (result.stored, result.duplicates, result.quarantined) == (0, 0, 3)
+    assert result.ack_seqs == [1, 2, 3] and sorted(result.quarantined_seqs) == [1, 2, 3]
+    with engine.connect() as conn:
+        reasons = conn.execute(select(Quarantine.device_seq, Quarantine.reason).order_by(Quarantine.device_seq)).all()
+    assert [r.device_seq for r in reasons] == [1, 2, 3]
+    assert all(r.reason.startswith(f"conflict: device {DEV} journal 0 seq {r.device_seq} is already stored with "
+                                   "different card_asn") for r in reasons)
+    assert count(engine, Tap) == 3
+
+
+def test_a_new_epoch_keeps_the_same_sequences_apart(engine):
+    old = [purchase(s) for s in (1, 2, 3)]
+    new = [dataclasses.replace(purchase(s, asn="01020304050607089999"), epoch=77) for s in (1, 2, 3)]
+    assert ingest(engine, old).stored == 3
+    result = ingest(engine, new)
+    assert (result.stored, result.duplicates, result.quarantined, result.epoch) == (3, 0, 0, 77)
+    ack = codec.decode_ack(ingest_ack(result), key=mac_key(TEST_DEVICE_MASTER, DEV))
+    assert (ack.epoch, ack.seqs, ack.quarantined) == (77, (1, 2, 3), ())
+    again = ingest(engine, new)  # byte-equal resend of the new journal's batch
+    assert (again.stored, again.duplicates, again.quarantined) == (0, 3, 0)
+    with engine.connect() as conn:
+        rows = conn.execute(select(Tap.epoch, func.count(), func.sum(Tap.amount)).group_by(Tap.epoch)).all()
+    assert sorted(tuple(r) for r in rows) == [(0, 3, 600), (77, 3, 600)]
+
+
+def test_one_key_twice_in_a_message_is_a_duplicate_only_when_equal(engine):
+    one = dataclasses.replace(purchase(1), epoch=5)
+    twin = dataclasses.replace(purchase(1, asn="01020304050607089999"), epoch=5)
+    result = ingest(engine, [one, one, twin])
+    assert (result.stored, result.duplicates, result.quarantined) == (1, 1, 1)
+    assert result.quarantined_seqs == [1]
+    ack = codec.decode_ack(ingest_ack(result), key=mac_key(TEST_DEVICE_MASTER, DEV))
+    assert ack.quarantined == (1,)
+
+
+def test_records_set_aside_by_the_validator_are_quarantined_with_their_reason_and_acknowledged(engine):
+    payload = codec.encode_set_aside(DEV, OP, 9, [(4, "record 0: amount out of range", b'{"amount":1e99}')],
+                                     key=mac_key(TEST_DEVICE_MASTER, DEV))
+    result = ingest(engine, None, payload=payload)
+    assert (result.ack_seqs, result.quarantined_seqs, result.epoch, result.stored) == ([4], [4], 9, 0)
+    with engine.connect() as conn:
+        row = conn.execute(select(Quarantine.device_seq, Quarantine.reason, Quarantine.payload)).one()
+    assert row.device_seq == 4 and row.payload == b'{"amount":1e99}'
+    assert row.reason == "set aside by the validator (could not encode it): record 0: amount out of range"
+
+
+def test_a_route_as_long_as_the_wire_allows_is_stored(engine):
+    """Hole 3 on the back office's side: the wire carries 64 characters; the columns held 32 (PostgreSQL refused
+    the whole batch, so the bus resent it for ever)."""
+    long = purchase(1, route="R" * codec.MAX_TEXT, vehicle="V" * codec.MAX_TEXT, driver="D" * codec.MAX_TEXT)
+    assert ingest(engine, [long]).stored == 1
+
+
+def ingest_ack(result) -> bytes:
+    from backoffice.ingest import Ingest
+
+    return Ingest(keys=TEST_ISSUER_KEYS, master=TEST_DEVICE_MASTER).encode_ack(result)
