@@ -748,3 +748,58 @@ def test_a_disk_that_fills_before_the_budget_is_an_sqlite_error_and_loses_nothin
         assert [r.device_seq for r in j.unsent(10_000) + j.pending()] == list(range(1, len(written) + 1))
     finally:
         j.close()
+
+
+# --------------------------------------------------------------------------------------- issue 9: epoch, set aside
+
+
+def test_a_new_journal_has_a_random_epoch_that_it_keeps_and_writes_into_every_record(tmp_path):
+    first = Journal(tmp_path / "a.journal", budget_bytes=None)
+    other = Journal(tmp_path / "b.journal", budget_bytes=None)
+    epoch = first.epoch
+    assert 0 < epoch < 2**63 and epoch != other.epoch
+    record = first.append(rec())
+    assert record.epoch == epoch and first.unsent(10)[0].epoch == epoch
+    first.close()
+    again = Journal(tmp_path / "a.journal", budget_bytes=None)
+    assert again.epoch == epoch
+    for j in (again, other):
+        j.close()
+
+
+def test_a_journal_from_before_epochs_keeps_epoch_0_so_its_records_keep_their_keys(tmp_path):
+    path = tmp_path / "old.journal"
+    _v2_journal(path, _v2_records())
+    j = Journal(path, budget_bytes=None)
+    try:
+        assert j.epoch == 0
+        assert {r.epoch for r in j.unsent(100)} == {0}
+        assert j.append(rec(RecordKind.SHIFT_CLOSE)).epoch == 0
+    finally:
+        j.close()
+
+
+def test_texts_are_cut_to_the_wire_limit_when_written(journal):
+    from wire import codec
+
+    long = "on deny list; could not block the application: card left the field before APPLICATION BLOCK"
+    denied = journal.append(rec(RecordKind.DENIED, reason=long))
+    grey = journal.begin_purchase(rec(RecordKind.PURCHASE, amount=200))
+    done = journal.complete_purchase(dataclasses.replace(grey, tac="620098f7",
+                                                         reason="MAC2 did not verify: " + "x" * 60))
+    assert len(denied.reason) == len(done.reason) == codec.MAX_TEXT
+    on_disk = journal.unsent(10)
+    assert [r.reason for r in on_disk] == [denied.reason, done.reason]
+    codec.encode_batch(on_disk, key=b"k" * 32)  # whatever the journal holds can be sent
+
+
+def test_records_set_aside_leave_the_outbox_but_stay_until_acknowledged(journal):
+    records = [journal.append(rec(minutes=i)) for i in range(4)]
+    assert journal.set_aside({records[1].device_seq: "amount out of range"}) == 1
+    assert [r.device_seq for r in journal.unsent(10)] == [1, 3, 4]
+    aside = journal.set_aside_unsent(10)
+    assert [(seq, why) for seq, why, _ in aside] == [(2, "amount out of range")]
+    assert b'"device_seq":2' in aside[0][2]
+    assert journal.usage().set_aside == 1 and journal.backlog() == 4
+    journal.mark_acked([2])
+    assert journal.set_aside_unsent(10) == [] and journal.usage().set_aside == 0
