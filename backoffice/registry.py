@@ -620,18 +620,42 @@ def fare_table(conn: Connection, operator: str, version: int, *, at: datetime | 
         raise RegistryError(f"operator {operator!r} was not registered (or was retired) at {when.isoformat()}")
     flat: dict[str, int] = {}
     distance: dict[str, dict] = {}
+    stops: dict[str, list[list]] = {}
+    places = {r.code: (r.lat, r.lon) for r in conn.execute(select(Stop.code, Stop.lat, Stop.lon)
+                                                           .where(Stop.operator == operator))}
     for rv in conn.execute(select(RouteVersion.__table__).where(RouteVersion.operator == operator,
                                                                _in_force(RouteVersion, when))
                            .order_by(RouteVersion.code)):
-        stages, _ = _route_children(conn, rv.id)
+        stages, route_stops = _route_children(conn, rv.id)
         if stages:
             distance[rv.code] = {"stages": [[u, f] for u, f in stages], "max_trip_minutes": rv.max_trip_minutes}
         elif rv.flat_fare:
             flat[rv.code] = rv.flat_fare
+        else:
+            continue
+        located = _located_stops(route_stops, places)
+        if located:
+            stops[rv.code] = located
     return {"version": version, "flat": flat, "distance": distance,
             "discounts": {str(t): p for t, p in sorted(_discounts(conn, ov.id).items())},
             "transfer": {"window_minutes": ov.transfer_window_minutes, "discount": ov.transfer_discount},
-            "min_balance": ov.min_balance}
+            "min_balance": ov.min_balance, **({"stops": stops} if stops else {})}
+
+
+def _located_stops(route_stops: dict[int, list[str]], places: dict[str, tuple]) -> list[list]:
+    """[stop number, lat, lon] for the stops of the route's first direction (GTFS direction 0) that have
+    coordinates: the number is the stop's place in riding order, what a distance fare counts and what the bus's GPS
+    is snapped to (validator/gps.py). Riding the other way the same stops count down, so the stops ridden come out
+    the same. A stop with no coordinates is left out (the driver's stop button covers it); a stop beyond the 256th
+    cannot be told on the card (one byte) and is left out too."""
+    if not route_stops:
+        return []
+    out = []
+    for number, code in enumerate(route_stops[min(route_stops)]):
+        lat, lon = places.get(code, (None, None))
+        if lat is not None and lon is not None and number <= 0xFF:
+            out.append([number, lat, lon])
+    return out
 
 
 def history(conn: Connection, *, kind: str, key: str) -> list[dict]:

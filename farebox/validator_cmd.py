@@ -21,6 +21,11 @@ Packages from the back office are checked with ``--signing-public-key`` and stag
 signing key would be the published TEST values, as a ``--psam sim:`` holds the published issuer keys: the validator
 refuses to start on them unless told ``--insecure-test-keys`` (labs and benches; a banner says so).
 
+Where the bus is, for distance fares: ``--gps /dev/ttyS2[:9600]`` reads a GPS receiver's NMEA 0183 and snaps the bus
+to the nearest of the route's stops (coordinates in the fare table's ``stops``) within ``--stop-radius`` metres;
+``--stop-button FIFO`` takes the driver's stop button as lines on a named pipe (``next``, ``back``, a number), for a
+tunnel or a bus without GPS (validator/gps.py). Without either the bus stays at stop 0.
+
     farebox validator shift-report --journal /var/lib/farebox/journal.db [--shift N] [--width 48]
 
 prints the last shift's report (or shift N's), marked as a reprint, as the bus printer would: counts and amounts by
@@ -79,6 +84,14 @@ def add_parser(sub) -> None:
                    help="the same card again within this window is told 'already paid'")
     p.add_argument("--tz", default="Asia/Shanghai")
     p.add_argument("--languages", default="zh,en", help="display languages, comma-separated")
+    p.add_argument("--gps", default=None, metavar="DEV[:BAUD]",
+                   help="the GPS receiver's serial port, NMEA 0183 (e.g. /dev/ttyS2:9600; default baud 9600): "
+                        "the bus's stop for distance fares, snapped to the route's stops in the fare table")
+    p.add_argument("--stop-radius", type=float, default=40.0,
+                   help="metres from a stop within which the bus is at that stop (GPS)")
+    p.add_argument("--stop-button", type=Path, default=None, metavar="FIFO",
+                   help="a named pipe (made if missing) the driver's stop button writes to: a line 'next', "
+                        "'back' or a stop number; works with or without --gps")
     p.set_defaults(func=run)
 
 
@@ -257,8 +270,17 @@ def run(args, settings=None) -> int:
                         heartbeat_seconds=args.heartbeat_seconds)
         uplink.start()
     display = ConsoleDisplay(languages=tuple(args.languages.split(",")), tz=args.tz)
+    try:
+        position, movers = _where_the_bus_is(args, terminal)
+    except (OSError, ValueError) as e:
+        if uplink is not None:
+            uplink.stop()
+        reader.close()
+        journal.close()
+        print(f"farebox validator: cannot start: {e}", file=sys.stderr)
+        return 2
     app = ValidatorApp(terminal, reader, display, uplink=uplink, downlink=downlink, fares_file=args.fares,
-                       deny_file=deny_file)
+                       deny_file=deny_file, position=position)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -267,9 +289,33 @@ def run(args, settings=None) -> int:
     try:
         app.run(stop)
     finally:
+        for mover in movers:
+            mover.stop()
         if uplink is not None:
             uplink.stop()
         reader.close()
         journal.close()
     print(f"validator {args.device} stopped after {app.taps} taps", flush=True)
     return 0
+
+
+def _where_the_bus_is(args, terminal):
+    """The bus's stop from ``--gps`` and ``--stop-button`` (validator.gps): a Position and its started sources."""
+    if args.gps is None and args.stop_button is None:
+        return None, []
+    from validator.gps import GpsReceiver, Position, StopButton
+
+    position, movers = Position(), []
+    if args.gps is not None:
+        device, _, baud = args.gps.partition(":")
+        if not baud.isdigit() and baud:
+            raise ValueError(f"--gps {args.gps}: the baud rate after ':' must be a number, e.g. /dev/ttyS2:9600")
+        route = terminal.config.route
+        movers.append(GpsReceiver(device, position, lambda: terminal.fares.stops.get(route, ()),
+                                  baud=int(baud or 9600), radius_m=args.stop_radius).start())
+        if not terminal.fares.stops.get(route):
+            log.warning("--gps: the fare table has no stop coordinates for route %s: the GPS cannot place the bus "
+                        "until a fare table with them arrives (the stop button still works)", route)
+    if args.stop_button is not None:
+        movers.append(StopButton(args.stop_button, position).start())
+    return position, movers

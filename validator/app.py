@@ -6,6 +6,8 @@ list that has landed on disk (the link writes them atomically; see blacklist.den
 whole, never mid-tap; a file that fails its checks is refused with a log line and the old one stays in force. The
 idle screen is refreshed every few seconds with the shift and the journal's state. Signed packages the link has
 checked and staged (validator.downlink) are applied at the same moment, once their activation time has come.
+The bus's stop, as the GPS receiver or the driver's stop button last posted it (validator.gps.Position), is handed
+to the terminal at the same moment, so a distance fare is priced from where the bus is.
 
 Nothing here knows which reader, display or link is underneath; farebox/validator_cmd.py wires them.
 """
@@ -53,7 +55,7 @@ class _WatchedFile:
 class ValidatorApp:
     def __init__(self, terminal: Terminal, reader: Reader, display: Display, *, uplink=None, downlink=None,
                  fares_file: str | Path | None = None, deny_file: str | Path | None = None,
-                 idle_seconds: float = 5.0, poll_seconds: float = 0.2):
+                 idle_seconds: float = 5.0, poll_seconds: float = 0.2, position=None):
         self.terminal = terminal
         self.reader = reader
         self.display = display
@@ -63,6 +65,7 @@ class ValidatorApp:
         self._deny = _WatchedFile(Path(deny_file) if deny_file else None)
         self.idle_seconds = idle_seconds
         self.poll_seconds = poll_seconds
+        self.position = position  # validator.gps.Position, or None: the bus's stop never changes
         self.taps = 0
 
     def run(self, stop: threading.Event) -> None:
@@ -70,6 +73,7 @@ class ValidatorApp:
         next_idle = 0.0
         while not stop.is_set():
             self.load_parameters()
+            self.move()
             if time.monotonic() >= next_idle:
                 self.display.idle(route=self.terminal.config.route, shift=self.terminal.shift,
                                   usage=self.terminal.journal.usage())
@@ -84,6 +88,15 @@ class ValidatorApp:
                 continue
             self.serve(session, stop)
             next_idle = time.monotonic() + self.idle_seconds
+
+    def move(self) -> None:
+        """Tell the terminal the stop the GPS or the stop button reported since the last look (between taps)."""
+        if self.position is None:
+            return
+        number = self.position.take()
+        if number is not None:
+            self.terminal.at_stop(number)
+            log.info("at stop %d (%s)", number, self.position.source)
 
     def serve(self, session: CardSession, stop: threading.Event) -> None:
         result = self.terminal.tap(session)

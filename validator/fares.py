@@ -11,6 +11,11 @@ travels on the card in its transit record, see epurse.transit). On top of the ro
 - a card holding less than ``min_balance`` (or, boarding a distance-fare route, less than its maximum fare) is told
   "insufficient balance" and charged nothing.
 
+Where the bus is: the table also carries each route's stops with their coordinates (``stops``: route -> stop number,
+latitude, longitude; WGS-84 degrees, as GTFS and GPS give them). The stop number is the one a distance fare counts
+(``route_stop.seq`` of the route's direction 0 in the back office); validator/gps.py snaps the bus's GPS position
+to the nearest of them and tells the terminal (``Terminal.at_stop``).
+
 ``quote()`` is pure: it sees the table, the route, the card type, the card's last transit record and the clock, and
 says what to charge and what to write back on the card. The terminal only carries it out.
 """
@@ -51,6 +56,15 @@ class DistanceFare:
 
 
 @dataclasses.dataclass(frozen=True)
+class StopPoint:
+    """One stop of a route: its number on the route (what a distance fare counts) and where it is."""
+
+    number: int  # 0..255, the transit record's one byte
+    lat: float  # degrees north, WGS-84
+    lon: float  # degrees east
+
+
+@dataclasses.dataclass(frozen=True)
 class Transfer:
     window_minutes: int = 0
     discount: int = 0  # fen off a boarding on another route within the window
@@ -64,6 +78,7 @@ class FareTable:
     discounts: dict[int, int] = dataclasses.field(default_factory=dict)  # card type -> percent of the fare paid
     transfer: Transfer = Transfer()
     min_balance: int = 0  # fen a card must hold to board at all
+    stops: dict[str, tuple[StopPoint, ...]] = dataclasses.field(default_factory=dict)  # route -> its stops
 
     def __post_init__(self):
         if not isinstance(self.version, int) or self.version < 0:
@@ -83,6 +98,15 @@ class FareTable:
         for card_type, percent in self.discounts.items():
             if not isinstance(percent, int) or not 0 <= percent <= 100:
                 raise FareError(f"card type {card_type} pays {percent!r}%: must be 0 to 100")
+        for route, points in self.stops.items():
+            numbers = [p.number for p in points]
+            if len(set(numbers)) != len(numbers):
+                raise FareError(f"route {route!r}: a stop number appears twice in its stops: {numbers}")
+            for p in points:
+                if isinstance(p.number, bool) or not isinstance(p.number, int) or not 0 <= p.number <= 0xFF:
+                    raise FareError(f"route {route!r}: stop number {p.number!r} must be 0..255")
+                if not (-90 <= p.lat <= 90 and -180 <= p.lon <= 180):
+                    raise FareError(f"route {route!r} stop {p.number}: ({p.lat}, {p.lon}) is not a place on earth")
         _need_fen(self.transfer.discount, "transfer discount")
         _need_fen(self.min_balance, "minimum balance")
 
@@ -110,7 +134,9 @@ class FareTable:
                                  "max_trip_minutes": d.max_trip_minutes} for r, d in self.distance.items()},
                 "discounts": {str(k): v for k, v in self.discounts.items()},
                 "transfer": {"window_minutes": self.transfer.window_minutes, "discount": self.transfer.discount},
-                "min_balance": self.min_balance}
+                "min_balance": self.min_balance,
+                **({"stops": {r: [[p.number, p.lat, p.lon] for p in pts] for r, pts in self.stops.items()}}
+                   if self.stops else {})}
 
     @classmethod
     def from_dict(cls, doc: dict) -> FareTable:
@@ -123,11 +149,19 @@ class FareTable:
             return cls(version=doc["version"], flat={str(r): v for r, v in doc.get("flat", {}).items()},
                        distance=distance, discounts={int(k): v for k, v in doc.get("discounts", {}).items()},
                        transfer=Transfer(int(transfer.get("window_minutes", 0)), transfer.get("discount", 0)),
-                       min_balance=doc.get("min_balance", 0))
+                       min_balance=doc.get("min_balance", 0),
+                       stops={str(r): tuple(StopPoint(_stop_number(n), float(lat), float(lon)) for n, lat, lon in pts)
+                              for r, pts in doc.get("stops", {}).items()})
         except FareError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise FareError(f"malformed fare table: {type(e).__name__}: {e}") from None
+
+
+def _stop_number(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FareError(f"a stop number must be a whole number, got {value!r}")
+    return value
 
 
 def _need_fen(value, what: str) -> None:
