@@ -184,7 +184,8 @@ def settle(conn: Connection, *, operator: str, day: date, reports_dir: Path | No
     day_end = day_bounds(day, op.timezone, op.cutoff_hour)[1]
     run, items, why = None, (), ""
     run_id = stored_run_id(conn, operator, day)
-    if close_day and (run_id is not None or (now >= day_end and clearing_runs.rate_on(conn, operator, day) is not None)):
+    can_clear = now >= day_end and clearing_runs.rate_on(conn, operator, day) is not None
+    if close_day and (run_id is not None or can_clear):
         # clear_day stores a new run (catching up skipped days first) or re-clears the stored one and checks it.
         new = run_id is None
         run = clearing_runs.clear_day(conn, operator=operator, day=day, now=now)

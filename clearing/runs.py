@@ -150,15 +150,35 @@ def _breakdowns(section_taps: _Section, keys: dict, operator: str, rate_bp: int,
         return out
     for dim in DIMENSIONS[1:]:
         all_codes, labels = keys[dim]
-        codes = all_codes[section_taps.select]
-        taps = np.bincount(codes, minlength=len(labels))
-        grosses = section_taps.sums(codes, len(labels))
-        present = sorted(np.flatnonzero(taps).tolist(), key=labels.__getitem__)
-        sorted_gross = [int(grosses[i]) for i in present]
-        commissions = fee.allocate(sorted_gross, commission_total)
-        for i, gross, com in zip(present, sorted_gross, commissions, strict=True):
-            out.append((section, dim, labels[i], for_day, int(taps[i]), gross, com, gross - com))
+        per_key = _per_key(section_taps, all_codes[section_taps.select], labels)
+        commissions = fee.allocate([gross for _label, _taps, gross in per_key], commission_total)
+        for (label, taps, gross), com in zip(per_key, commissions, strict=True):
+            out.append((section, dim, label, for_day, taps, gross, com, gross - com))
     return out
+
+
+def _per_key(section_taps: _Section, codes: np.ndarray, labels: list[str]) -> list[tuple[str, int, int]]:
+    """(key, taps, gross) of each key present, sorted by key: the one place fares are summed by a key."""
+    taps = np.bincount(codes, minlength=len(labels))
+    grosses = section_taps.sums(codes, len(labels))
+    present = sorted(np.flatnonzero(taps).tolist(), key=labels.__getitem__)
+    return [(labels[i], int(taps[i]), int(grosses[i])) for i in present]
+
+
+def revenue_by(taps: pd.DataFrame, key: str) -> pd.DataFrame:
+    """The purchases among ``taps`` by ``key``: columns key (text; a missing key is ""), taps, gross (int64 fen),
+    sorted by key. The same sums as a run's rows (``_per_key``), for figures a run does not store (a provisional
+    day, one vehicle's routes or shifts)."""
+    purchases = taps[(taps["kind"] == PURCHASE).to_numpy()] if "kind" in taps.columns else taps
+    amount = purchases["amount"]
+    if not pd.api.types.is_integer_dtype(amount) or pd.api.types.is_bool_dtype(amount):
+        raise TypeError(f"amount must be integer fen, got dtype {amount.dtype}")
+    codes, labels = _codes(purchases[key].reset_index(drop=True))
+    rows = _per_key(_Section(np.arange(len(purchases)), amount.to_numpy(dtype=np.int64)), codes, labels) \
+        if len(purchases) else []
+    return pd.DataFrame({key: pd.Series([r[0] for r in rows], dtype="str"),
+                         "taps": pd.Series([r[1] for r in rows], dtype="int64"),
+                         "gross": pd.Series([r[2] for r in rows], dtype="int64")})
 
 
 def clear(taps: pd.DataFrame, window: ClearingWindow, adjustments: list[Adjustment] | tuple = ()) -> ClearingResult:

@@ -2,7 +2,8 @@
 
 Works on a frame of taps handed in (one row per validator record, as ingested) and knows nothing of where they
 came from. Only purchases are revenue; shift records and refused cards are in the same stream and are left out.
-Money stays int fen (int64) from input to every total.
+Money stays int fen (int64) from input to every total. The sums by key are ``clearing.runs.revenue_by``'s, the
+same a clearing run stores: this module gives the figures of a day that has no run yet (provisional).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from datetime import date
 
 import pandas as pd
 
+from clearing.runs import revenue_by
 from clearing.service_day import DEFAULT_CUTOFF_HOUR, DEFAULT_TZ, service_day
 
 TAP_COLUMNS = (
@@ -104,14 +106,13 @@ def _drop_replays(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _breakdown(purchases: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Taps and amount by ``key``, summed by ``clearing.runs.revenue_by`` (the sums a clearing run stores), so a
+    provisional day and its run can only differ by the taps they were given. A missing key counts under ""."""
     if purchases.empty:
         return _empty_table(key)
-    # dropna=False: a purchase with an unknown key still has to be counted somewhere, or the tables disagree.
-    table = (
-        purchases.groupby(key, sort=True, dropna=False)["amount"].agg(taps="size", amount="sum").reset_index()
-    )
-    table["taps"] = table["taps"].astype("int64")
-    table["amount"] = table["amount"].astype("int64")
+    table = revenue_by(purchases, key).rename(columns={"gross": "amount"})
+    if key == "card_type":  # a number on the card: back to int, in numeric order
+        table = table.astype({key: "int64"}).sort_values(key, kind="stable").reset_index(drop=True)
     return table[[key, "taps", "amount"]]
 
 

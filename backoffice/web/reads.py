@@ -99,8 +99,8 @@ def quarantine(conn: Connection, *, operator: str | None = None, limit: int = 10
     where = _quarantine_where(operator)
     total = conn.execute(select(func.count()).select_from(Quarantine).where(*where)).scalar_one()
     rows = conn.execute(select(Quarantine.id, Quarantine.received_at, Quarantine.topic, Quarantine.device_id,
-                               Quarantine.device_seq, Quarantine.reason,
-                               func.length(Quarantine.payload).label("payload_bytes"))
+                               Quarantine.device_seq, Quarantine.reason, Quarantine.status,
+                               Quarantine.recheck_reason, func.length(Quarantine.payload).label("payload_bytes"))
                         .where(*where).order_by(Quarantine.id.desc()).limit(limit).offset(offset))
     return [_plain(r) for r in rows], total
 

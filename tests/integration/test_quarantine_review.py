@@ -260,3 +260,38 @@ def test_two_releases_of_one_row_at_once_store_it_once(pg_schema_url):
         assert conn.execute(select(func.count()).select_from(Tap)).scalar_one() == 1
         assert [a.action for a in trail(conn, asn=ASN)].count("quarantine_release") == 1
     engine.dispose()
+
+
+def test_the_review_page_shows_the_record_and_its_psams_and_releases_it(engine):
+    from fastapi.testclient import TestClient
+
+    from backoffice.web.api.quarantine import configure_quarantine
+    from backoffice.web.app import create_app
+    from backoffice.web.auth import Principal, TokenStore
+
+    ingest = new_ingest()
+    run(engine, ingest, purchase(1, NEW_PSAM, SWAP + timedelta(minutes=1)))
+    (row,) = open_rows(engine).values()
+    tokens = TokenStore(tokens={"t-ops": Principal("ops_wang", "operations"), "t-clerk": Principal("li", "clerk", OP)})
+    app = create_app(engine, tokens=tokens, migrate=False)
+    configure_quarantine(app, ingest=ingest)
+    ops, clerk = {"Authorization": "Bearer t-ops"}, {"Authorization": "Bearer t-clerk"}
+    with TestClient(app) as client:
+        listed = client.get("/quarantine", headers=clerk)
+        assert listed.status_code == 200 and f'href="/quarantine/{row}"' in listed.text
+        page = client.get(f"/quarantine/{row}", headers=clerk)
+        assert page.status_code == 200 and OLD_PSAM in page.text and "not the PSAM registered" in page.text
+        assert 'id="release-form"' not in page.text  # a clerk looks; operations decide
+        assert client.post(f"/quarantine/{row}/release", data={"why": "swap"}, headers=clerk).status_code == 403
+        swap(engine)
+        done = client.post(f"/quarantine/{row}/release", data={"why": "PSAM swap typed in late"}, headers=ops,
+                           follow_redirects=False)
+        assert done.status_code == 303 and done.headers["location"].endswith("done=released")
+        page = client.get(f"/quarantine/{row}", headers=ops)
+        assert 'id="status">released' in page.text and "ops_wang" in page.text and NEW_PSAM in page.text
+        twice = client.post(f"/quarantine/{row}/release", data={"why": "again"}, headers=ops)
+        assert twice.status_code == 409 and "released already" in twice.text
+        detail = client.get(f"/api/v1/quarantine/{row}", headers=clerk).json()
+        assert detail["status"] == "released" and detail["record"]["terminal_id"] == NEW_PSAM
+        assert [p["terminal_id"] for p in detail["psams"]] == [OLD_PSAM, NEW_PSAM]
+    assert stored_seqs(engine) == {1}

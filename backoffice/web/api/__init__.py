@@ -6,6 +6,7 @@ from backoffice.web.api import (
     devices,
     ota,
     payments_recon,
+    quarantine,
     reconcile,
     registry,
     registry_edit,
@@ -13,4 +14,5 @@ from backoffice.web.api import (
 )
 
 ROUTERS = (registry.router, clearing.router, devices.router, cards.router, ota.router, reconcile.router,
-           registry_edit.router, reports.router, payments_recon.router)
+           registry_edit.router, reports.router, payments_recon.router,
+           quarantine.router)  # the review of quarantined records (release, reject)

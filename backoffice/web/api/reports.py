@@ -28,6 +28,7 @@ from backoffice.settle import settle, settle_month, stored_run_id
 from backoffice.web import reads
 from backoffice.web.deps import Services, connection, scoped, services
 from backoffice.web.auth import Principal, owned_by
+from clearing.runs import revenue_by
 from clearing.service_day import day_bounds
 from epurse.cardtypes import CardType
 from reports.settlement_doc import ClearingRun
@@ -212,16 +213,18 @@ def vehicle_day(conn: Connection, *, op: OperatorDay, day: date, vehicle: str, n
         raise HTTPException(404, f"vehicle {vehicle!r} not found")
     zone = ZoneInfo(op.tz)
     shifts: dict[tuple[str, int], dict] = {}
-    routes: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     hours = [0] * 24
     for r in buys:
-        s = shifts.setdefault((r["device_id"], int(r["shift_no"])), {"driver": r["driver"], "route": r["route"],
-                                                                     "taps": 0, "amount": 0})
-        s["taps"] += 1
-        s["amount"] += int(r["amount"])
-        routes[r["route"]][0] += 1
-        routes[r["route"]][1] += int(r["amount"])
+        shifts.setdefault((r["device_id"], int(r["shift_no"])), {"driver": r["driver"], "route": r["route"]})
         hours[r["occurred_at"].astimezone(zone).hour] += 1
+    # The money by shift and by route: clearing's sums (the run's), over the taps the run took.
+    frame = pd.DataFrame({"kind": [r["kind"] for r in buys], "route": [r["route"] for r in buys],
+                          "shift": [f"{r['device_id']}/{int(r['shift_no'])}" for r in buys],
+                          "amount": pd.Series([int(r["amount"]) for r in buys], dtype="int64")})
+    for row in revenue_by(frame, "shift").itertuples(index=False):
+        device_id, _, shift_no = row.shift.rpartition("/")
+        shifts[(device_id, int(shift_no))].update(taps=int(row.taps), amount=int(row.gross))
+    routes = {row.route: (int(row.taps), int(row.gross)) for row in revenue_by(frame, "route").itertuples(index=False)}
     marks = {}
     for device_id, shift_no in shifts:
         if shift_no > 0:
