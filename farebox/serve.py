@@ -57,6 +57,8 @@ def secrets_needed(options: ServeOptions) -> list[str]:
     from farebox.keys import SECRETS
 
     needs = {"issuer", "payment"} if options.web else set()  # the over-the-air top-up host and its webhooks
+    if options.web:
+        needs.add("device_master")  # quarantine release puts records through ingest again (MAC'd per device)
     if options.ingest:
         needs |= {"issuer", "device_master"}
     if options.status:
@@ -76,6 +78,7 @@ def serve(settings, options: ServeOptions) -> int:
     app = create_app(engine, tokens=tokens, migrate=False)
     if options.web:
         _configure_ota(app, root)
+        _configure_quarantine(app, root, accept_unsigned=False)
     if options.web and not tokens.exists():
         log.warning("serve: no token file at %s yet: nobody can log in until `farebox token add` makes one", tokens)
     stops: list[tuple[str, Callable[[], None]]] = []
@@ -101,6 +104,15 @@ def _configure_ota(app, root) -> None:
     from backoffice.web.api.ota import configure_ota
 
     configure_ota(app, keys=root.key_service, webhook_key=root.payment_public_key)
+
+
+def _configure_quarantine(app, root, *, accept_unsigned: bool) -> None:
+    """Quarantine release: records go through an ingest configured as the one serve runs."""
+    from backoffice.ingest import Ingest
+    from backoffice.web.api.quarantine import configure_quarantine
+
+    configure_quarantine(app, ingest=Ingest(keys=root.issuer_keys, master=root.device_master,
+                                            accept_unsigned=accept_unsigned, write="insert"))
 
 
 def _start_mqtt_parts(root, options: ServeOptions, engine, stops: list) -> None:
