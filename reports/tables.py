@@ -12,11 +12,18 @@ payable (the period's totals + the adjustments), as the PDF's "Payable" line doe
 
 CSV is UTF-8 with a byte-order mark: Excel on a clerk's Windows PC reads a CSV without one in the local code page
 and shows Chinese names as mojibake. Files are written atomically (a temp file renamed into place).
+
+Names are typed by clerks, so a text cell that a spreadsheet would take for a formula (it starts with =, +, -, @,
+a tab or a carriage return: OWASP's "CSV injection") gets a leading apostrophe, in the CSV and the XLSX alike,
+by ``escape_formulas`` on the way out of both writers: ``=HYPERLINK(...)`` arrives as the text it was typed as.
+Numbers stay numbers: money columns are integers (or Decimals), and a yuan text such as ``-12.50`` is a plain
+number, left as it is.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -100,6 +107,27 @@ def export_frames(tables: SettlementTables, *, to_yuan: Callable[[int], object] 
     return out
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?\d+(\.\d+)?")
+
+
+def spreadsheet_text(value):
+    """``value`` as a spreadsheet cell that shows what was typed and never runs: text that would start a formula
+    gets a leading apostrophe; numbers, and texts that are plain numbers, are left alone."""
+    if isinstance(value, str) and value.startswith(FORMULA_START) and not _PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def escape_formulas(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` with ``spreadsheet_text`` on every text column (numeric columns untouched)."""
+    out = frame.copy()
+    for c in out.columns:
+        if not pd.api.types.is_numeric_dtype(out[c]):
+            out[c] = [spreadsheet_text(v) for v in out[c].tolist()]
+    return out
+
+
 def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -116,7 +144,8 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
 
 def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
     """One frame as CSV, UTF-8 with BOM, atomically."""
-    return _atomic(Path(path), lambda tmp: frame.to_csv(tmp, index=False, encoding=CSV_ENCODING, lineterminator="\r\n"))
+    safe = escape_formulas(frame)
+    return _atomic(Path(path), lambda tmp: safe.to_csv(tmp, index=False, encoding=CSV_ENCODING, lineterminator="\r\n"))
 
 
 def write_settlement_csv(tables: SettlementTables, directory: str | Path, *, stem: str | None = None) -> list[Path]:
@@ -162,9 +191,9 @@ def write_settlement_xlsx(tables: SettlementTables, path: str | Path) -> Path:
 
     def write(tmp: Path) -> None:
         with pd.ExcelWriter(tmp, engine="openpyxl") as xw:
-            _about(tables).to_excel(xw, sheet_name="about", index=False)
+            escape_formulas(_about(tables)).to_excel(xw, sheet_name="about", index=False)
             for name, frame in frames.items():
-                frame.to_excel(xw, sheet_name=name, index=False, freeze_panes=(1, 0))
+                escape_formulas(frame).to_excel(xw, sheet_name=name, index=False, freeze_panes=(1, 0))
             for ws in xw.book.worksheets:
                 for cell in ws[1]:
                     cell.font = Font(bold=True)
