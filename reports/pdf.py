@@ -36,6 +36,8 @@ from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.pdfgen import canvas
 from reportlab.platypus import SimpleDocTemplate, Table, TableStyle
 
+from clearing.money import yuan  # noqa: F401 - money as people read it (123450 -> "1,234.50"), for the PDFs
+
 log = logging.getLogger(__name__)
 
 LATIN_FONT = "Helvetica"
@@ -51,14 +53,6 @@ MARGIN_BOTTOM = 16 * mm
 FRAME_WIDTH = PAGE[0] - 2 * MARGIN_X
 CELL_SIZE = 8
 CELL_PADDING = 3
-
-
-def yuan(fen: int) -> str:
-    """Fen as yuan for people to read: 123450 -> "1,234.50", -5 -> "-0.05". Integer arithmetic only."""
-    fen = operator.index(fen)  # accepts int and numpy integers, refuses floats
-    sign = "-" if fen < 0 else ""
-    whole, cents = divmod(abs(fen), 100)
-    return f"{sign}{whole:,}.{cents:02d}"
 
 
 def count(n: int) -> str:

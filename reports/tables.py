@@ -22,6 +22,7 @@ number, left as it is.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from clearing.money import yuan, yuan_decimal
 from reports.pdf import MISSING_KEY, run_line
 from reports.settlement_doc import (
     MONEY_COLUMNS,
@@ -46,16 +48,8 @@ CSV_ENCODING = "utf-8-sig"  # UTF-8 with BOM, see above
 YUAN_FORMAT = "#,##0.00"
 
 
-def yuan_text(fen: int) -> str:
-    """Fen as a plain yuan number a spreadsheet parses: 123450 -> "1234.50", -5 -> "-0.05" (no separators)."""
-    sign = "-" if fen < 0 else ""
-    whole, cents = divmod(abs(int(fen)), 100)
-    return f"{sign}{whole}.{cents:02d}"
-
-
-def yuan_decimal(fen: int) -> Decimal:
-    """Fen as an exact Decimal yuan with two places: 123450 -> Decimal("1234.50")."""
-    return Decimal(int(fen)).scaleb(-2)
+# Fen as a plain yuan number a spreadsheet parses: 123450 -> "1234.50", -5 -> "-0.05" (no separators).
+yuan_text = functools.partial(yuan, grouping=False)
 
 
 def export_frame(frame: pd.DataFrame, key: str, names=None, *, to_yuan: Callable[[int], object] = yuan_text

@@ -8,6 +8,7 @@ Top-up and refund forms come with the cards work (backoffice/cards/): their nav 
 
 from __future__ import annotations
 
+import functools
 from datetime import date, datetime, timedelta
 from typing import Annotated
 from urllib.parse import quote
@@ -26,6 +27,7 @@ from backoffice.web.api.clearing import settlement_pdf_bytes
 from backoffice.web.api.devices import fleet_rows
 from backoffice.web.deps import HERE, Services, connection, scoped, services
 from backoffice.web.auth import COOKIE, Principal, page_of
+from clearing import money
 from epurse.cardtypes import CardType
 
 router = APIRouter(include_in_schema=False)
@@ -59,13 +61,8 @@ ROLE_LABELS = {
 }
 
 
-def yuan(fen: int | None) -> str:
-    """Integer fen as yuan with two decimals, by integer arithmetic (never through a float)."""
-    if fen is None:
-        return "-"
-    sign = "-" if fen < 0 else ""
-    whole, cents = divmod(abs(int(fen)), 100)
-    return f"{sign}¥{whole:,}.{cents:02d}"
+# Integer fen as yuan with two decimals (-¥1,234.50; "-" when not known): clearing's one formatter.
+yuan = functools.partial(money.yuan, symbol="¥")
 
 
 def utc_time(value: datetime | None) -> str:
