@@ -8,7 +8,8 @@ caller's transaction,
    unsigned v1 batch is refused unless ``accept_unsigned`` (the migration window for old validators); the batch
    says the device its topic says; the device is registered to that operator;
 2. checks each purchase: its PSAM is the device's, its type and algorithm are known, its TAC verifies with the
-   card's diversified TAC key (kept per card in an LRU, see :class:`TacCheck`);
+   card's TAC key, which only the key service holds (``backoffice.keyservice.KeyService.purchase_tac_ok``: raw
+   issuer keys never reach ingest, so an HSM can stand behind it);
 3. looks every purchase up by the card's own counter (card ASN, card TTC): the same transaction already stored from
    another record with different content is **fraud** (quarantined, a ``fraud_flag`` row naming both records, the
    card's status set to ``fraud`` so the next deny list carries it); with the same content it is a copy, not
@@ -38,15 +39,13 @@ import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
-from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from sqlalchemy import Connection, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from backoffice.models import Card, Device, DeviceVersion, FraudFlag, Quarantine, Tap
 from epurse.apdu import ALG_3DES, ALG_SM4, TX_COMPOSITE, TX_PURCHASE
-from epurse.crypto import suite
-from epurse.keys import IssuerKeys
+from backoffice.keyservice import KeyService, as_key_service
+from epurse.crypto import bcd_date, bcd_time
 from wire import codec, devicekeys, topics
 from wire.records import RecordKind, TapRecord
 
@@ -81,51 +80,20 @@ class IngestResult:
 # ---------------------------------------------------------------------- TAC
 
 
-class TacCheck:
-    """Recomputes purchase TACs, keeping per card (algorithm, ASN) a ready cipher of its TAC key in an LRU.
-
-    The TAC is what ``epurse.crypto.suite(alg).purchase_tac`` computes: a CBC-MAC (zero IV, ``80 00..`` padding,
-    first 4 bytes of the last block) with the card's TAC key (3DES: left XOR right half of the diversified DTK,
-    as single DES; SM4: DTK itself) over amount(4) | type(1) | terminal(6) | terminal sequence(4) | date(4) |
-    time(3). Diversifying a card's key costs two block encryptions and building a cipher costs more than the MAC
-    itself (together ~95 us of the ~100 us the plain call takes); a rider's card comes back every day, so both are
-    kept per card and only the chained blocks are computed per record (~12 us). Tests check it against an
-    independent implementation for both algorithms.
-    """
-
-    def __init__(self, keys: IssuerKeys, cards: int = 100_000):
-        self._master = keys.tac
-        self._encryptor = functools.lru_cache(maxsize=cards)(self._make_encryptor)
-
-    def _make_encryptor(self, algorithm: int, asn_hex: str):
-        crypto = suite(algorithm)
-        dtk = crypto.diversify(self._master, bytes.fromhex(asn_hex))
-        key = crypto.tac_key(dtk)
-        cipher = TripleDES(key * 3) if algorithm == ALG_3DES else algorithms.SM4(key)
-        # An ECB encryptor that is never finalized encrypts block after block: the CBC chaining is done by hand.
-        return Cipher(cipher, modes.ECB()).encryptor().update, crypto.block_size
-
-    def tac(self, record: TapRecord) -> str:
-        encrypt, size = self._encryptor(record.algorithm, record.card_asn)
-        at = record.occurred_at
-        data = (record.amount.to_bytes(4, "big") + record.tx_type.to_bytes(1, "big")
-                + _terminal_bytes(record.terminal_id) + record.terminal_seq.to_bytes(4, "big")
-                # date(4) and time(3) BCD, as the card wrote them: the UTC instant of the record
-                + bytes((_BCD[at.year // 100], _BCD[at.year % 100], _BCD[at.month], _BCD[at.day], _BCD[at.hour],
-                         _BCD[at.minute], _BCD[at.second], 0x80)))
-        data += bytes(-len(data) % size)
-        chain = 0
-        for i in range(0, len(data), size):
-            chain = int.from_bytes(encrypt((chain ^ int.from_bytes(data[i:i + size], "big")).to_bytes(size, "big")),
-                                   "big")
-        return chain.to_bytes(size, "big")[:4].hex()
-
-    def ok(self, record: TapRecord) -> bool:
-        return self.tac(record) == record.tac
+def _tac_ok(keys, record: TapRecord) -> bool:
+    """The purchase's TAC, checked by the key service (epurse's one TAC implementation behind it, or an HSM).
+    The card wrote the date and time as the record's UTC instant in BCD."""
+    at = record.occurred_at
+    try:
+        tac = bytes.fromhex(record.tac)
+    except ValueError:
+        return False
+    return keys.purchase_tac_ok(asn=_hex_bytes(record.card_asn), algorithm=record.algorithm, amount=record.amount,
+                                tx_type=record.tx_type, terminal_id=_hex_bytes(record.terminal_id),
+                                terminal_seq=record.terminal_seq, date4=bcd_date(at), time3=bcd_time(at), tac=tac)
 
 
-_BCD = [(i // 10) << 4 | i % 10 for i in range(100)]
-_terminal_bytes = functools.lru_cache(maxsize=100_000)(bytes.fromhex)
+_hex_bytes = functools.lru_cache(maxsize=100_000)(bytes.fromhex)  # card ASNs and PSAM numbers come back daily
 
 
 # ---------------------------------------------------------------------- devices
@@ -247,16 +215,17 @@ class Ingest:
     insertmanyvalues; the only choice on SQLite). bench/ingest.py measures both.
     """
 
-    def __init__(self, *, keys: IssuerKeys, master: bytes, devices: DeviceDirectory | None = None,
+    def __init__(self, *, keys: KeyService, master: bytes, devices: DeviceDirectory | None = None,
                  accept_unsigned: bool = False, write: str = "copy", tac_cards: int = 100_000):
+        """``keys``: the issuer key service (raw ``IssuerKeys``, in tests and tools, are wrapped in a
+        ``LocalKeyService`` keeping ``tac_cards`` cards' TAC keys ready)."""
         if write not in ("copy", "insert"):
             raise ValueError(f"write must be 'copy' or 'insert', not {write!r}")
-        self.keys = keys
+        self.keys = as_key_service(keys, tac_cards=tac_cards)
         self.master = master
         self.devices = devices or DeviceDirectory()
         self.accept_unsigned = accept_unsigned
         self.write = write
-        self.tacs = TacCheck(keys, tac_cards)
         self._mac_keys = functools.lru_cache(maxsize=100_000)(lambda device: devicekeys.mac_key(master, device))
 
     def mac_key(self, device_id: str) -> bytes:
@@ -394,7 +363,7 @@ class Ingest:
         if record.algorithm not in (ALG_3DES, ALG_SM4):
             return f"algorithm {record.algorithm:02X} is neither 3DES (00) nor SM4 (04)"
         # A zero amount is a real fare: a distance-fare entry, or a free ride on a concession card; the TAC covers it.
-        if not self.tacs.ok(record):
+        if not _tac_ok(self.keys, record):
             return "TAC does not verify with the issuer's key: record altered or not from a genuine card"
         return None
 
@@ -444,7 +413,7 @@ class Ingest:
         return taps, flags, cards
 
 
-def ingest_batch(conn: Connection, topic: str, payload: bytes, *, keys: IssuerKeys, master: bytes,
+def ingest_batch(conn: Connection, topic: str, payload: bytes, *, keys: KeyService, master: bytes,
                  devices: DeviceDirectory | None = None, accept_unsigned: bool = False,
                  now: datetime | None = None) -> IngestResult:
     """One message through a one-off :class:`Ingest` (tests, tools); a long-running consumer keeps one Ingest."""

@@ -23,11 +23,13 @@ import multiprocessing
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
 from backoffice.ingest import DeviceDirectory, Ingest, IngestResult
+from backoffice.keyservice import KeyService
 from backoffice.mqtt_service import MqttService
 from backoffice.signals import stop_requested
 from epurse.keys import IssuerKeys
@@ -40,11 +42,12 @@ COUNTS = ("messages", "transactions", "stored", "duplicates", "quarantined", "fr
 
 
 class IngestConsumer(MqttService):
-    """One ingest worker. ``master`` is the device master secret (``farebox.keys.device_master``) every device's
+    """One ingest worker. ``keys`` is the issuer key service that checks purchase TACs (raw ``IssuerKeys`` are
+    wrapped, for tests); ``master`` is the device master secret (``farebox.keys.device_master``) every device's
     MAC key derives from; ``share_group`` subscribes through ``$share/<group>/...`` so several workers split the
     batches; ``accept_unsigned`` takes v1 JSON batches from validators not yet upgraded (the migration window)."""
 
-    def __init__(self, engine: Engine, target: MqttTarget, *, keys: IssuerKeys, master: bytes,
+    def __init__(self, engine: Engine, target: MqttTarget, *, keys: KeyService | IssuerKeys, master: bytes,
                  client_id: str = "farebox_ingest", operator: str | None = None, share_group: str | None = None,
                  accept_unsigned: bool = False, write: str = "copy", max_messages: int = 100,
                  linger: float = 0.005):
@@ -184,11 +187,15 @@ def end_session(target: MqttTarget, client_id: str, timeout: float = 10.0) -> No
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker process needs (picklable: it crosses into a spawned process)."""
+    """Everything a worker process needs (picklable: it crosses into a spawned process).
+
+    ``keys`` is how the worker opens the issuer key service itself, never the keys: a picklable callable such as
+    ``functools.partial(farebox.keys.key_service, settings)`` (the key file's path; its passphrase or KEK comes from
+    the worker's own environment) or ``backoffice.keyservice.published_test_keys`` (demo, tests, benches)."""
 
     database_url: str
     target: MqttTarget
-    keys: IssuerKeys
+    keys: Callable[[], KeyService]
     master: bytes
     client_id: str
     operator: str | None = None
@@ -197,6 +204,11 @@ class WorkerSpec:
     write: str = "copy"
     ready_file: str | None = None
     log_level: int = logging.INFO
+
+    def __post_init__(self):
+        if isinstance(self.keys, IssuerKeys) or not callable(self.keys):
+            raise TypeError("WorkerSpec.keys opens the key service in the worker (e.g. functools.partial("
+                            "farebox.keys.key_service, settings)): raw issuer keys never cross a process boundary")
 
 
 def worker_client_ids(client_id: str, workers: int) -> list[str]:
@@ -211,7 +223,7 @@ def run_worker(spec: WorkerSpec) -> None:
     from backoffice.db import make_engine
 
     logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    consumer = IngestConsumer(make_engine(spec.database_url), spec.target, keys=spec.keys, master=spec.master,
+    consumer = IngestConsumer(make_engine(spec.database_url), spec.target, keys=spec.keys(), master=spec.master,
                               client_id=spec.client_id, operator=spec.operator, share_group=spec.share_group,
                               accept_unsigned=spec.accept_unsigned, write=spec.write)
     if spec.ready_file:

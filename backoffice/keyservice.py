@@ -22,10 +22,19 @@ epurse.keys.IssuerKeys). A wrong passphrase, a wrong KEK and an altered file all
 :class:`KeyFileError`, which names the file and never any key.
 
 Nothing here logs a key, puts one in an exception or a repr; ``LocalKeyService`` keeps its keys in a private slot.
+No key leaves the service, and no service crosses a process boundary (it refuses to be pickled): a worker process is
+handed a way to open the service itself (the key file's path and settings; the passphrase or KEK comes from its own
+environment), as ``backoffice.ingest_consumer.WorkerSpec.keys`` is.
+
+Ingest checks every purchase's TAC here (:meth:`KeyService.purchase_tac_ok`), with the one TAC implementation,
+``epurse.crypto.CryptoSuite.purchase_tac_with``. ``LocalKeyService`` keeps each card's TAC key ready
+(``epurse.crypto.PreparedMac``) in an LRU of ``tac_cards`` cards: a rider's card comes back every day, and diversifying
+its key and building its cipher cost several times the MAC itself. An HSM-backed service answers the same question.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -38,7 +47,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from epurse import crypto
-from epurse.keys import IssuerKeys
+from epurse.keys import TEST_ISSUER_KEYS, IssuerKeys
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +97,15 @@ class KeyService(Protocol):
 
 
 class LocalKeyService:
-    """A KeyService over master keys in this process's memory (from a key file, or the published test keys)."""
+    """A KeyService over master keys in this process's memory (from a key file, or the published test keys).
+    ``tac_cards``: how many cards' TAC keys are kept ready for :meth:`purchase_tac_ok`."""
 
-    __slots__ = ("_keys", "source")
+    __slots__ = ("_keys", "_tac_macs", "source")
 
-    def __init__(self, keys: IssuerKeys, *, source: str = "memory"):
+    def __init__(self, keys: IssuerKeys, *, source: str = "memory", tac_cards: int = 100_000):
         self._keys = keys
         self.source = source  # where the keys came from (a path, "test keys"): safe to show
+        self._tac_macs = functools.lru_cache(maxsize=tac_cards)(self._tac_mac)
 
     def __repr__(self) -> str:
         return f"<LocalKeyService from {self.source}: keys hidden>"
@@ -138,17 +149,31 @@ class LocalKeyService:
                                                       r.terminal_id, date4, time3)
         return _same(expected, tac)
 
+    def _tac_mac(self, algorithm: int, asn: bytes) -> crypto.PreparedMac:
+        suite = crypto.suite(algorithm)
+        return suite.tac_mac(suite.diversify(self._keys.tac, asn))
+
     def purchase_tac_ok(self, *, asn: bytes, algorithm: int, amount: int, tx_type: int, terminal_id: bytes,
                         terminal_seq: int, date4: bytes, time3: bytes, tac: bytes) -> bool:
-        dtk = self._card_key(self._keys.tac, asn, algorithm)
-        expected = crypto.suite(algorithm).purchase_tac(dtk, amount, tx_type, terminal_id, terminal_seq, date4,
-                                                        time3)
+        """Does ``tac`` cover amount, type, terminal, terminal sequence, date and time, with the card's TAC key?"""
+        expected = crypto.suite(algorithm).purchase_tac_with(self._tac_macs(algorithm, bytes(asn)), amount, tx_type,
+                                                             terminal_id, terminal_seq, date4, time3)
         return _same(expected, tac)
 
-    def export_issuer_keys(self) -> IssuerKeys:
-        """The master keys themselves, for farebox.keys.issuer_keys only: ingest's cached TAC check (TacCheck)
-        needs them until it asks ``purchase_tac_ok`` instead. An HSM-backed service has no such method."""
-        return self._keys
+
+def published_test_keys() -> LocalKeyService:
+    """The key service over the published TEST issuer keys (epurse.keys): simulated cards, the demo, tests and benches
+    only. A top-level function, so a worker process can be handed it to open them itself (WorkerSpec.keys)."""
+    return LocalKeyService(TEST_ISSUER_KEYS, source="the published test keys")
+
+
+def as_key_service(keys, *, tac_cards: int = 100_000) -> KeyService:
+    """``keys`` as a key service: a KeyService as it is; raw IssuerKeys (tests and tools in one process) wrapped."""
+    if isinstance(keys, IssuerKeys):
+        return LocalKeyService(keys, source="keys given in process", tac_cards=tac_cards)
+    if not callable(getattr(keys, "purchase_tac_ok", None)):
+        raise TypeError(f"a key service (backoffice.keyservice.KeyService) is needed, not {type(keys).__name__}")
+    return keys
 
 
 def _same(a: bytes, b: bytes) -> bool:

@@ -417,9 +417,9 @@ def _batches_per_device(fleet: Fleet, per_device: int, batch: int, seq_base: int
 
 def _start_ingest(database_url: str, target: MqttTarget, operator: str, ready: Path):
     from backoffice.ingest_consumer import WorkerSpec, run_worker
-    from epurse.keys import TEST_ISSUER_KEYS
+    from backoffice.keyservice import published_test_keys
 
-    spec = WorkerSpec(database_url, target, TEST_ISSUER_KEYS, TEST_DEVICE_MASTER, f"fleet_ingest_{ready.stem}",
+    spec = WorkerSpec(database_url, target, published_test_keys, TEST_DEVICE_MASTER, f"fleet_ingest_{ready.stem}",
                       operator=operator, ready_file=str(ready), log_level=40)
     proc = multiprocessing.get_context("spawn").Process(target=run_worker, args=(spec,), daemon=True)
     proc.start()

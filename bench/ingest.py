@@ -485,6 +485,7 @@ def run_backend(backend: Backend, *, mqtt_url: str, private: bool, uid: str, val
                 log: Callable[[str], None]) -> dict:
     from backoffice.db import make_engine, upgrade
     from backoffice.ingest_consumer import WorkerSpec, run_worker
+    from backoffice.keyservice import published_test_keys  # each worker opens it: no key crosses to a process
 
     ctx = multiprocessing.get_context("spawn")
     target = parse_mqtt_url(mqtt_url)
@@ -520,7 +521,7 @@ def run_backend(backend: Backend, *, mqtt_url: str, private: bool, uid: str, val
                     workers = int(phase[-1])
                     ids = [f"bench_{uid}_{tag}_{i}" for i in range(workers)]
                     ready = [ready_dir / f"{cid}.ready" for cid in ids]
-                    specs = [WorkerSpec(backend.database_url, target, TEST_ISSUER_KEYS, TEST_DEVICE_MASTER, cid,
+                    specs = [WorkerSpec(backend.database_url, target, published_test_keys, TEST_DEVICE_MASTER, cid,
                                         operator=fleet.operator, share_group=f"b{uid}{tag}" if workers > 1 else None,
                                         ready_file=str(rf), log_level=30)
                              for cid, rf in zip(ids, ready, strict=True)]

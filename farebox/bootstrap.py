@@ -100,11 +100,6 @@ class Root:
         return self._secret("issuer")
 
     @property
-    def issuer_keys(self):
-        """The master keys themselves, for ingest's cached TAC check (see farebox.keys.issuer_keys)."""
-        return self.key_service.export_issuer_keys()
-
-    @property
     def device_master(self) -> bytes:
         return self._secret("device_master")
 

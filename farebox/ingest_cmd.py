@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
 from farebox import bootstrap
+from farebox import keys as farebox_keys
 
 
 def register(sub) -> None:
@@ -44,7 +46,7 @@ def _ingest(args, settings) -> int:
     group = args.share_group or ("ingest" if args.workers > 1 else None)
     root = bootstrap.start(settings, "issuer", "device_master")
     engine = root.engine()
-    target, keys, master = root.broker_target(), root.issuer_keys, root.device_master
+    target, keys, master = root.broker_target(), root.key_service, root.device_master
     if args.workers == 1:
         consumer = IngestConsumer(engine, target, keys=keys, master=master, client_id=args.client_id,
                                   operator=args.operator, share_group=group, accept_unsigned=args.accept_unsigned)
@@ -53,7 +55,9 @@ def _ingest(args, settings) -> int:
         consumer.run_forever()
         return 0
     engine.dispose()
-    specs = [WorkerSpec(settings.effective_database_url, target, keys, master, client_id, operator=args.operator,
+    # Each worker opens the key service itself (the key file, unlocked from its own environment): no key is sent.
+    opener = functools.partial(farebox_keys.key_service, settings)
+    specs = [WorkerSpec(settings.effective_database_url, target, opener, master, client_id, operator=args.operator,
                         share_group=group, accept_unsigned=args.accept_unsigned)
              for client_id in worker_client_ids(args.client_id, args.workers)]
     IngestPool(specs, ready_file=args.ready_file).run_forever()

@@ -131,13 +131,6 @@ def load_key_service(settings: Settings, environ=os.environ):
     return LocalKeyService(keys, source=str(path)), _use("issuer", path) if test else None
 
 
-def issuer_keys(settings: Settings) -> IssuerKeys:
-    """The master keys themselves, for ingest's cached purchase-TAC check (backoffice.ingest.TacCheck), from the
-    same file as :func:`key_service` (encrypted or plain). Code that can ask questions instead should use
-    ``key_service(settings)``: an HSM can answer those, and it cannot hand out keys."""
-    return key_service(settings).export_issuer_keys()
-
-
 def _hex_file(path, what: str, least: int) -> bytes:
     try:
         value = bytes.fromhex(Path(path).read_text(encoding="ascii").strip())

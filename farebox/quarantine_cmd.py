@@ -117,7 +117,7 @@ def _decide(args, settings) -> int:
         ids += sorted(r.id for r in rows if r.id not in ids)
     ingest = None
     if args.decision == "release":
-        ingest = Ingest(keys=root.issuer_keys, master=root.device_master, accept_unsigned=args.accept_unsigned,
+        ingest = Ingest(keys=root.key_service, master=root.device_master, accept_unsigned=args.accept_unsigned,
                         write="copy" if engine.dialect.name == "postgresql" else "insert")
     done = failed = 0
     for qid in ids:

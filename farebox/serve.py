@@ -69,13 +69,13 @@ def secrets_needed(options: ServeOptions) -> list[str]:
 
 
 def serve(settings, options: ServeOptions) -> int:
-    from backoffice.web.app import create_app
+    from backoffice.web.app import create_app, web_options
     from farebox import bootstrap
 
     root = bootstrap.start(settings, *secrets_needed(options))  # refuses published test keys before anything
     engine = root.engine()
     tokens = settings.tokens_path
-    app = create_app(engine, tokens=tokens, migrate=False)
+    app = create_app(engine, tokens=tokens, migrate=False, **web_options(settings))
     if options.web:
         _configure_ota(app, root)
         _configure_quarantine(app, root, accept_unsigned=False)
@@ -111,7 +111,7 @@ def _configure_quarantine(app, root, *, accept_unsigned: bool) -> None:
     from backoffice.ingest import Ingest
     from backoffice.web.api.quarantine import configure_quarantine
 
-    configure_quarantine(app, ingest=Ingest(keys=root.issuer_keys, master=root.device_master,
+    configure_quarantine(app, ingest=Ingest(keys=root.key_service, master=root.device_master,
                                             accept_unsigned=accept_unsigned, write="insert"))
 
 
@@ -134,7 +134,7 @@ def _start_mqtt_parts(root, options: ServeOptions, engine, stops: list) -> None:
         log.info("serve: embedded broker on %s", parse_mqtt_url(url).url(with_password=False))
     target, master = parse_mqtt_url(url), root.device_master
     if options.ingest:
-        ingest = IngestConsumer(engine, target, keys=root.issuer_keys, master=master,
+        ingest = IngestConsumer(engine, target, keys=root.key_service, master=master,
                                 client_id="farebox_ingest", operator=options.operator)
         ingest.start()
         stops.append(("ingest", ingest.stop))

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from backoffice import registry
 from backoffice.db import make_engine, upgrade
-from backoffice.ingest import DeviceDirectory, Ingest, TacCheck
+from backoffice.ingest import DeviceDirectory, Ingest, _tac_ok
 from backoffice.ingest_consumer import IngestConsumer, end_session
 from backoffice.models import Card, FraudFlag, Quarantine, Tap
 from backoffice.settle import settle
@@ -186,17 +186,24 @@ def test_fraud_within_one_transaction_and_a_copy_with_the_same_content(engine):
     assert count(engine, Tap) == 1 and settled_amount(engine) == 200
 
 
-def test_cached_tac_check_agrees_with_the_reference_for_3des_and_sm4():
-    check = TacCheck(TEST_ISSUER_KEYS, cards=2)
+def test_ingest_checks_tacs_through_the_key_service_as_the_reference_does_for_3des_and_sm4():
+    """Ingest asks the key service (its LRU of prepared card keys, here smaller than the cards) and never holds a
+    key; the answers agree with the independent implementation in tests/reference_crypto.py."""
+    from backoffice.keyservice import LocalKeyService
+
+    service = LocalKeyService(TEST_ISSUER_KEYS, tac_cards=2)
     records = [purchase(s, asn=f"0102030405060708{s:04d}") for s in range(1, 6)]  # more cards than the cache holds
     for r in records * 2:
-        assert check.ok(r)
-        assert not check.ok(dataclasses.replace(r, amount=r.amount + 1))
+        assert _tac_ok(service, r)  # purchase() signs with reference_crypto.ref_purchase_tac
+        assert not _tac_ok(service, dataclasses.replace(r, amount=r.amount + 1))
     sm4 = dataclasses.replace(records[0], algorithm=ALG_SM4)
     data = ((200).to_bytes(4, "big") + b"\x06" + bytes.fromhex(sm4.terminal_id) + sm4.terminal_seq.to_bytes(4, "big")
             + bytes.fromhex(WHEN.strftime("%Y%m%d%H%M%S")))
     expected = ref_sm4_mac(ref_sm4_card_key(TEST_ISSUER_KEYS.tac, bytes.fromhex(sm4.card_asn)), data)
-    assert check.tac(sm4) == expected.hex()
+    assert _tac_ok(service, dataclasses.replace(sm4, tac=expected.hex()))
+    assert not _tac_ok(service, dataclasses.replace(sm4, tac=expected.hex(), terminal_seq=sm4.terminal_seq + 1))
+    ingest = Ingest(keys=service, master=TEST_DEVICE_MASTER)
+    assert ingest.keys is service and not hasattr(ingest, "tacs")
 
 
 def test_the_consumer_counts_refusals_and_acknowledges_only_what_it_stored(tmp_path, mosquitto_url, uid):

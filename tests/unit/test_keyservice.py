@@ -24,7 +24,7 @@ from epurse import apdu, crypto
 from epurse.apdu import ALG_3DES, ALG_SM4
 from epurse.keys import IssuerKeys
 from farebox.config import Settings
-from farebox.keys import issuer_keys, key_service
+from farebox.keys import key_service
 from hardware_sim.card import SimCard
 
 KEYS = IssuerKeys(purchase=bytes.fromhex("00112233445566778899AABBCCDDEEFF"),
@@ -155,11 +155,35 @@ def test_farebox_keys_reads_encrypted_and_plain_files(tmp_path, monkeypatch):
     enc = tmp_path / "issuer.keys"
     write_key_file(enc, KEYS, kek=bytes(range(32)))
     monkeypatch.setenv("FAREBOX_ISSUER_KEYS_KEK", bytes(range(32)).hex())
-    assert issuer_keys(Settings(issuer_keys_file=enc)) == KEYS
+    assert key_service(Settings(issuer_keys_file=enc))._keys == KEYS  # no key leaves the service: look inside
     plain = tmp_path / "issuer.toml"
     plain.write_text("\n".join(f'{n} = "{getattr(KEYS, n).hex()}"'
                                for n in ("purchase", "load", "tac", "maintenance")))
-    assert issuer_keys(Settings(issuer_keys_file=plain)) == KEYS
+    assert key_service(Settings(issuer_keys_file=plain))._keys == KEYS
     monkeypatch.setenv("FAREBOX_ISSUER_KEYS_KEK", "11" * 32)
     with pytest.raises(KeyFileError):
         key_service(Settings(issuer_keys_file=enc))
+
+
+def test_an_ingest_worker_is_handed_a_way_to_open_the_key_service_never_the_keys():
+    """Issue 9: raw issuer keys never cross a process boundary. A worker's spec (pickled into a spawned process)
+    carries how to open the service; the keys themselves are refused."""
+    import pickle
+
+    from backoffice.ingest_consumer import WorkerSpec
+    from backoffice.keyservice import published_test_keys
+    from epurse.keys import TEST_ISSUER_KEYS
+    from wire.devicekeys import TEST_DEVICE_MASTER
+    from wire.mqtt_url import parse_mqtt_url
+
+    target = parse_mqtt_url("mqtt://127.0.0.1:1883")
+    with pytest.raises(TypeError, match="never cross a process boundary"):
+        WorkerSpec("sqlite://", target, TEST_ISSUER_KEYS, TEST_DEVICE_MASTER, "ingest_0")
+    spec = WorkerSpec("sqlite://", target, published_test_keys, TEST_DEVICE_MASTER, "ingest_0")
+    wire_form = pickle.dumps(spec)
+    for key in (TEST_ISSUER_KEYS.tac, TEST_ISSUER_KEYS.load, TEST_ISSUER_KEYS.purchase):
+        assert key not in wire_form
+    opened = pickle.loads(wire_form).keys()
+    assert isinstance(opened, LocalKeyService) and opened.source == "the published test keys"
+    with pytest.raises(TypeError):
+        pickle.dumps(opened)
