@@ -16,7 +16,7 @@ Faults, each for the next ``topup`` only, set as attributes:
 TRANSACTION PROVE for its newest load, the one thing a phone can relay that proves what the card did.
 
 ``LyingPhone`` is the attacker's phone: it never reports a TAC, and when it "comes back" it shows the host the SIM as
-it was before its last load (the counter and log it saw then, no proofs), hoping the host voids the load it gave
+it was before its first load (the counter and log it saw then, no proofs), hoping the host voids the load it gave
 and hands out a new MAC2 for the same payment.
 """
 
@@ -114,17 +114,20 @@ class Phone:
 
 
 class LyingPhone(Phone):
-    """A phone that keeps the money: it loads, never reports the TAC, and then shows the host the SIM as it was
-    before the load (``show_card``), and may replay the INITIALIZE FOR LOAD answer it got then (``replay``)."""
+    """A phone that keeps the money: it loads, never reports the TAC, relays the SIM's log only as it was before its
+    first load, shows the host the SIM as it was then (``show_card``), and may replay any INITIALIZE FOR LOAD answer
+    it got (``replay``)."""
 
     def __init__(self, sim, host, terminal_id: bytes):
         super().__init__(sim, host, terminal_id)
-        self.before: tuple[str, int, list[bytes]] | None = None  # asn, online counter, log before the last load
+        self.before: tuple[str, int, list[bytes]] | None = None  # asn, online counter, log before its first load
         self.captured: list[tuple[str, bytes, list[bytes]]] = []  # every INITIALIZE answer it ever saw
 
     def topup(self, order_id: str, amount: int):
         asn, log = self.read_sim()
-        self.before = (asn, self.read_counter(), log)
+        if self.before is None:
+            self.before = (asn, self.read_counter(), log)
+        log = self.before[2]  # it never shows a log with its loads in it
         init_answer = self._send(apdu.init_load(1, amount, self.terminal_id), "INITIALIZE FOR LOAD")
         self.captured.append((order_id, init_answer, log))
         grant = self.host.authorize(order_id=order_id, asn=asn, init_answer=init_answer,

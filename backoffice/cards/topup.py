@@ -134,7 +134,7 @@ def _grant(conn: Connection, *, keys: KeyService, asn: str, init: apdu.LoadInit,
         raise TopupRefused("card_denied", f"card {asn} is {status}: no load")
     if amount <= 0:
         raise TopupRefused("bad_amount", "a load is a positive number of fen")
-    date4, time3 = crypto.bcd_date(now), crypto.bcd_time(now)
+    date4, time3 = _distinct_stamp(conn, asn=asn, online_ttc=init.online_ttc, amount=amount, now=now)
     try:
         mac2 = keys.load_mac2(_init_request(asn, init, amount, terminal_id), date4, time3)
     except LoadRefused as e:
@@ -148,6 +148,20 @@ def _grant(conn: Connection, *, keys: KeyService, asn: str, init: apdu.LoadInit,
     audit.record(conn, who=staff, action="authorize_load", why=f"{channel} load", now=now, asn=asn,
                  order_id=order_id, amount=amount, load_id=load_id, online_ttc=init.online_ttc)
     return LoadGrant(load_id, date4, time3, mac2)
+
+
+def _distinct_stamp(conn: Connection, *, asn: str, online_ttc: int, amount: int, now: datetime
+                    ) -> tuple[bytes, bytes]:
+    """The date and time the MAC2 (and so the card's TAC and log record) will carry. The load TAC covers the new
+    balance, counter, amount, terminal, date and time, but not the session: two MAC2s at one counter for the same
+    amount in the same second would get the same TAC, and the host could not tell which one the card used. So a
+    second MAC2 at a counter gets the next free second."""
+    taken = {(r.tx_date, r.tx_time) for r in conn.execute(select(_LOAD.c.tx_date, _LOAD.c.tx_time).where(
+        _LOAD.c.asn == asn, _LOAD.c.online_ttc == online_ttc, _LOAD.c.amount == amount))}
+    stamp = now
+    while (crypto.bcd_date(stamp).hex(), crypto.bcd_time(stamp).hex()) in taken:
+        stamp += timedelta(seconds=1)
+    return crypto.bcd_date(stamp), crypto.bcd_time(stamp)
 
 
 def _card_at(conn: Connection, *, asn: str, online_ttc: int, now: datetime, witnessed: bool) -> None:
