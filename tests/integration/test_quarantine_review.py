@@ -295,3 +295,41 @@ def test_the_review_page_shows_the_record_and_its_psams_and_releases_it(engine):
         assert detail["status"] == "released" and detail["record"]["terminal_id"] == NEW_PSAM
         assert [p["terminal_id"] for p in detail["psams"]] == [OLD_PSAM, NEW_PSAM]
     assert stored_seqs(engine) == {1}
+
+
+def test_rows_quarantined_before_the_review_existed_are_recovered(tmp_path):
+    """Yesterday's ingest (stale cache) quarantined genuine purchases and acknowledged them; revision 0013 works out
+    from ingest's own reason texts which rows came from a MAC'd batch, and a release recovers them."""
+    from alembic import command
+
+    from backoffice.db import alembic_config
+
+    engine = make_engine(f"sqlite:///{tmp_path}/old.db")
+    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "2026_11_22_0010")  # the schema before this review
+    record, unsigned = purchase(1, NEW_PSAM, SWAP + timedelta(minutes=1)), purchase(2, OLD_PSAM, SWAP)
+    q = Quarantine.__table__
+    with engine.begin() as conn:
+        conn.execute(q.insert().values(
+            received_at=SWAP, topic=topics.taps(OP, DEV), device_id=DEV, device_seq=1, payload=codec.encode_batch_json(
+                [record]), reason=f"terminal {NEW_PSAM} is not the PSAM registered for this device ({OLD_PSAM})"))
+        conn.execute(q.insert().values(
+            received_at=SWAP, topic=topics.taps(OP, DEV), device_id=DEV, device_seq=2,
+            payload=codec.encode_batch_json([unsigned]), reason="unsigned v1 batch refused: this back office ..."))
+    upgrade(engine)
+    with engine.begin() as conn:
+        registry.add_operator(conn, code=OP, name="Quarantine Bus", at=REGISTERED)
+        registry.add_device(conn, device_id=DEV, operator=OP, vehicle=None, terminal_id=OLD_PSAM, at=REGISTERED)
+        registry.edit_device(conn, device_id=DEV, by="clerk_li", terminal_id=NEW_PSAM, at=SWAP)
+    with engine.connect() as conn:
+        kept = dict(conn.execute(select(Quarantine.device_seq, Quarantine.signed)).all())
+    assert kept == {1: True, 2: False}
+    rows = open_rows(engine)
+    with engine.begin() as conn:
+        assert quarantine.release(conn, rows[1], by="ops_wang", why="stale cache before the fix",
+                                  ingest=new_ingest()).released
+        assert not quarantine.release(conn, rows[2], by="ops_wang", why="try", ingest=new_ingest()).released
+    assert stored_seqs(engine) == {1}
+    engine.dispose()
