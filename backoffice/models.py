@@ -618,3 +618,16 @@ class PaymentReconItem(Base):
     resolved_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     note: Mapped[str] = mapped_column(String(500), server_default="")
+
+
+# --- web page sessions (issue 9: backoffice/web/sessions.py, revision 2026_12_03_0014) -----------------------------
+class WebSession(Base):
+    """One login on the web pages: the SHA-256 of the id in the browser's cookie, the SHA-256 of the API token it
+    was opened with (revoked or expired, the session ends with it), until when it lasts, when logout ended it."""
+
+    __tablename__ = "web_session"
+    id_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -46,10 +46,18 @@ def register(sub) -> None:
     p.add_argument("--name", required=True, help="who holds it")
     p.add_argument("--operator", default=None, help="a clerk's bus company (clerks only)")
     p.add_argument("--file", type=Path, default=None, help="the token file (default: the api_tokens_file setting)")
+    p.add_argument("--days", type=float, default=None,
+                   help="how many days the token works (default 90: backoffice.web.auth.DEFAULT_TOKEN_DAYS); "
+                        "renew it with a new one")
     p.set_defaults(func=_token_add)
-    p = token.add_parser("list", help="names, roles and operators of the tokens")
+    p = token.add_parser("list", help="names, roles, operators and the state of the tokens (expiry, revoked)")
     p.add_argument("--file", type=Path, default=None)
     p.set_defaults(func=_token_list)
+    p = token.add_parser("revoke", help="stop a person's token now (a running farebox serve refuses it at once, "
+                                        "and ends the web page sessions opened with it)")
+    p.add_argument("--name", required=True, help="whose token (as farebox token list shows)")
+    p.add_argument("--file", type=Path, default=None)
+    p.set_defaults(func=_token_revoke)
 
 
 def _demo(args, settings) -> int:
@@ -77,11 +85,12 @@ def _serve(args, settings) -> int:
 
 
 def _token_add(args, settings) -> int:
-    from backoffice.web.auth import TokenFileError, add_token
+    from backoffice.web.auth import DEFAULT_TOKEN_DAYS, TokenFileError, add_token
 
     path = args.file or settings.tokens_path
     try:
-        token = add_token(path, role=args.role, name=args.name, operator=args.operator)
+        token = add_token(path, role=args.role, name=args.name, operator=args.operator,
+                          days=DEFAULT_TOKEN_DAYS if args.days is None else args.days)
     except TokenFileError as e:
         print(f"farebox token add: {e}", file=sys.stderr)
         return 2
@@ -92,15 +101,33 @@ def _token_add(args, settings) -> int:
 
 
 def _token_list(args, settings) -> int:
+    from datetime import UTC, datetime
+
     from backoffice.web.auth import TokenFileError, TokenStore
 
     path = args.file or settings.tokens_path
     try:
-        principals = TokenStore(path).principals()
+        entries = TokenStore(path).entries()
     except TokenFileError as e:
         print(f"farebox token list: {e}", file=sys.stderr)
         return 2
-    for p in principals:
-        print(f"{p.name:<24} {p.role:<15} {p.operator or ''}")
-    print(f"{len(principals)} token(s) in {path}")
+    now = datetime.now(UTC)
+    for e in entries:
+        p = e.principal
+        print(f"{p.name:<24} {p.role:<15} {p.operator or '':<12} {e.state(now)}")
+    working = sum(e.valid_at(now) for e in entries)
+    print(f"{len(entries)} token(s) in {path}, {working} working")
+    return 0
+
+
+def _token_revoke(args, settings) -> int:
+    from backoffice.web.auth import TokenFileError, revoke_token
+
+    path = args.file or settings.tokens_path
+    try:
+        n = revoke_token(path, name=args.name)
+    except TokenFileError as e:
+        print(f"farebox token revoke: {e}", file=sys.stderr)
+        return 2
+    print(f"revoked {n} token(s) of {args.name} in {path}; their web page sessions end with them")
     return 0

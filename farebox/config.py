@@ -24,6 +24,8 @@ class Settings:
     insecure_test_keys: bool = False  # a lab's explicit "yes, the published test keys" (a banner says so)
     api_tokens_file: Path | None = None  # None: api-tokens.toml under var/ (backoffice.web.auth)
     denylist_rebuild_seconds: float = 30.0  # how often the publisher looks for cards newly lost/found (0: never)
+    web_session_hours: float = 12.0  # a web page login lasts this long (backoffice.web.sessions)
+    web_secure_cookies: bool | None = None  # None: Secure when the request came over https; 1 behind a TLS proxy
 
     @property
     def sqlite_url(self) -> str:
@@ -43,7 +45,8 @@ _ENV = {"var_dir": "FAREBOX_VAR_DIR", "database_url": "FAREBOX_DATABASE_URL", "m
         "issuer_keys_file": "FAREBOX_ISSUER_KEYS", "device_master_key_file": "FAREBOX_DEVICE_MASTER_KEY",
         "signing_key_file": "FAREBOX_SIGNING_KEY", "api_tokens_file": "FAREBOX_API_TOKENS",
         "payment_public_key": "FAREBOX_PAYMENT_PUBLIC_KEY", "insecure_test_keys": "FAREBOX_INSECURE_TEST_KEYS",
-        "denylist_rebuild_seconds": "FAREBOX_DENYLIST_REBUILD_SECONDS"}
+        "denylist_rebuild_seconds": "FAREBOX_DENYLIST_REBUILD_SECONDS", "web_session_hours": "FAREBOX_WEB_SESSION_HOURS",
+        "web_secure_cookies": "FAREBOX_WEB_SECURE_COOKIES"}
 
 
 def load_settings(environ=os.environ) -> Settings:
@@ -66,6 +69,19 @@ def load_settings(environ=os.environ) -> Settings:
         values["denylist_rebuild_seconds"] = _seconds(values["denylist_rebuild_seconds"],
                                                       _ENV["denylist_rebuild_seconds"])
     values["insecure_test_keys"] = _yes(values.get("insecure_test_keys", False), _ENV["insecure_test_keys"])
+    if values.get("web_session_hours") is not None:
+        try:
+            hours = float(values["web_session_hours"])
+        except (TypeError, ValueError):
+            hours = -1.0
+        if not 0 < hours <= 24 * 31:
+            raise ValueError(f"{_ENV['web_session_hours']} is {values['web_session_hours']!r}: give the hours a web "
+                             "page login lasts, more than 0 and at most 744 (e.g. 12)")
+        values["web_session_hours"] = hours
+    secure = values.get("web_secure_cookies")
+    if secure is not None:
+        values["web_secure_cookies"] = None if str(secure).strip().lower() in ("auto", "") else \
+            _yes(secure, _ENV["web_secure_cookies"])
     return Settings(**values)
 
 

@@ -111,7 +111,7 @@ def _configure_quarantine(app, root, *, accept_unsigned: bool) -> None:
     from backoffice.ingest import Ingest
     from backoffice.web.api.quarantine import configure_quarantine
 
-    configure_quarantine(app, ingest=Ingest(keys=root.key_service, master=root.device_master,
+    configure_quarantine(app, ingest=Ingest(keys=root.issuer_keys, master=root.device_master,
                                             accept_unsigned=accept_unsigned, write="insert"))
 
 
@@ -134,7 +134,7 @@ def _start_mqtt_parts(root, options: ServeOptions, engine, stops: list) -> None:
         log.info("serve: embedded broker on %s", parse_mqtt_url(url).url(with_password=False))
     target, master = parse_mqtt_url(url), root.device_master
     if options.ingest:
-        ingest = IngestConsumer(engine, target, keys=root.key_service, master=master,
+        ingest = IngestConsumer(engine, target, keys=root.issuer_keys, master=master,
                                 client_id="farebox_ingest", operator=options.operator)
         ingest.start()
         stops.append(("ingest", ingest.stop))

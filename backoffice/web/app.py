@@ -24,13 +24,25 @@ from backoffice.devices import DEFAULT_STALE_AFTER
 from backoffice.web import api, pages, pages_cards, pages_quarantine, pages_registry, pages_reports
 from backoffice.web.auth import TokenStore
 from backoffice.web.deps import HERE, Services, utc_now
+from backoffice.web.limits import BodyLimit
+from backoffice.web.security_headers import SecurityHeaders
+from backoffice.web.sessions import DEFAULT_LIFETIME, Sessions
+
+
+def web_options(settings) -> dict:
+    """create_app's keyword arguments from the settings (web_session_hours, web_secure_cookies)."""
+    return {"session_lifetime": timedelta(hours=getattr(settings, "web_session_hours", 12.0)),
+            "secure_cookies": getattr(settings, "web_secure_cookies", None)}
 
 
 def create_app(source, *, tokens: TokenStore | Path | None = None, clock: Callable[[], datetime] | None = None,
                stale_after: timedelta = DEFAULT_STALE_AFTER, migrate: bool = True,
-               extra_routers: tuple[APIRouter, ...] = ()) -> FastAPI:
+               extra_routers: tuple[APIRouter, ...] = (), session_lifetime: timedelta = DEFAULT_LIFETIME,
+               secure_cookies: bool | None = None) -> FastAPI:
     """The app for ``source``: a farebox.config.Settings (its database, migrated on start; its token file) or an
-    Engine (then ``tokens`` is a TokenStore or the path of a token file)."""
+    Engine (then ``tokens`` is a TokenStore or the path of a token file). A web page session lasts
+    ``session_lifetime``; the session cookie is Secure if ``secure_cookies`` (None: when the request came over
+    https)."""
     from backoffice.db import make_engine, upgrade
 
     if isinstance(source, Engine):
@@ -41,6 +53,8 @@ def create_app(source, *, tokens: TokenStore | Path | None = None, clock: Callab
         engine = make_engine(source.effective_database_url)
         if tokens is None:
             tokens = source.tokens_path
+        options = web_options(source)  # the settings decide, as for `farebox serve`
+        session_lifetime, secure_cookies = options["session_lifetime"], options["secure_cookies"]
     if migrate:
         upgrade(engine)
     store = tokens if isinstance(tokens, TokenStore) else TokenStore(Path(tokens))
@@ -48,7 +62,8 @@ def create_app(source, *, tokens: TokenStore | Path | None = None, clock: Callab
                   description="Registry, taps, settlements, devices, quarantine, deny lists and cards of the farebox "
                               "back office. Every endpoint needs `Authorization: Bearer <token>` (`farebox token "
                               "add`); each names the roles that own it.")
-    app.state.services = Services(engine=engine, tokens=store, clock=clock or utc_now, stale_after=stale_after)
+    app.state.services = Services(engine=engine, tokens=store, clock=clock or utc_now, stale_after=stale_after,
+                                  sessions=Sessions(engine, store, session_lifetime), secure_cookies=secure_cookies)
     for router in (*api.ROUTERS, *extra_routers):
         app.include_router(router, prefix="/api/v1")
     app.include_router(pages.router)
@@ -58,4 +73,7 @@ def create_app(source, *, tokens: TokenStore | Path | None = None, clock: Callab
     app.include_router(pages_quarantine.router)  # one quarantined row: release, reject
     pages.install_error_pages(app)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    # outermost last: the headers go on every answer, the 413 included; the size limit acts before any body is read
+    app.add_middleware(BodyLimit)
+    app.add_middleware(SecurityHeaders)
     return app

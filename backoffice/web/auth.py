@@ -10,13 +10,16 @@ Roles (DESIGN.md, who uses it):
 | ``admin`` | everything |
 
 The token file (setting ``api_tokens_file`` / ``FAREBOX_API_TOKENS``, default ``<var_dir>/api-tokens.toml``) holds one ``[[token]]`` table per
-token: name, role, operator (clerks only), created_at and the SHA-256 of the token. The token itself is printed once
-by ``farebox token add`` and stored nowhere, so a copy of the file lets nobody in. The file is re-read when it
-changes, so a token added or removed takes effect without restarting ``farebox serve``.
+token: name, role, operator (clerks only), created_at, expires_at, revoked_at (once revoked) and the SHA-256 of the
+token. The token itself is printed once by ``farebox token add`` (``--days N``, default 90) and stored nowhere, so
+a copy of the file lets nobody in. ``farebox token revoke --name NAME`` marks it revoked. The file is re-read when
+it changes, so a token added, revoked or removed takes effect on the next request of a running ``farebox serve``;
+a token past its ``expires_at`` stops working by itself. Tokens made before expiry existed have no
+``expires_at`` and keep working until revoked (``farebox token list`` says so).
 
 Every endpoint declares its owners with ``Depends(owned_by(...))`` (API: bearer header only) or
-``Depends(page_of(...))`` (pages: the HttpOnly cookie the login form sets, or a bearer header). The role matrix
-test reads the declaration off each route and calls every endpoint with every role.
+``Depends(page_of(...))`` (pages: the session cookie the login form sets, see backoffice.web.sessions, or a bearer
+header). The role matrix test reads the declaration off each route and calls every endpoint with every role.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import hashlib
 import json
 import os
 import secrets
+import tempfile
 import threading
 import tomllib
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -38,6 +43,8 @@ from fastapi.security import HTTPBearer
 ROLES = ("clerk", "operator_staff", "operations", "admin")
 COOKIE = "farebox_token"
 TOKEN_PREFIX = "fbx_"
+DEFAULT_TOKEN_DAYS = 90  # `farebox token add --days N` sets another; a person's token is renewed, not eternal
+MAX_TOKEN_DAYS = 400
 
 
 class TokenFileError(ValueError):
@@ -74,39 +81,115 @@ def _check(role: str, operator: str | None, name: str) -> None:
         raise TokenFileError(f"token {name!r}: only a clerk is limited to one operator; role {role} sees all")
 
 
+def _stamp(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _when(value, name: str, field: str, path) -> datetime | None:
+    """A time from the token file: TOML's own datetime or the text add_token writes; None if absent."""
+    if value is None or value == "":
+        return None
+    try:
+        at = value if isinstance(value, datetime) else datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise TokenFileError(f"{path}: token {name!r} has {field} {value!r}, not a time like "
+                             "2026-12-03T08:00:00Z") from None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEntry:
+    """One ``[[token]]`` of the file: who holds it, until when it works, whether it was revoked."""
+
+    principal: Principal
+    sha256: str
+    created_at: datetime | None = None
+    expires_at: datetime | None = None  # None: no end (tokens made before expiry existed)
+    revoked_at: datetime | None = None
+
+    def valid_at(self, now: datetime) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+    def state(self, now: datetime) -> str:
+        if self.revoked_at is not None:
+            return f"revoked {_stamp(self.revoked_at)}"
+        if self.expires_at is None:
+            return "no expiry (made before tokens expired: reissue it)"
+        return f"{'expired' if now >= self.expires_at else 'expires'} {_stamp(self.expires_at)}"
+
+
+def _entry_lines(e: TokenEntry) -> list[str]:
+    # json.dumps makes a valid TOML basic string for any name (same escapes, UTF-8 kept).
+    p = e.principal
+    lines = ["[[token]]", f"name = {json.dumps(p.name, ensure_ascii=False)}", f"role = {json.dumps(p.role)}"]
+    if p.operator:
+        lines.append(f"operator = {json.dumps(p.operator, ensure_ascii=False)}")
+    for field in ("created_at", "expires_at", "revoked_at"):
+        if getattr(e, field) is not None:
+            lines.append(f'{field} = "{_stamp(getattr(e, field))}"')
+    return [*lines, f'sha256 = "{e.sha256}"', ""]
+
+
 def add_token(path: Path, *, role: str, name: str, operator: str | None = None,
-              now: datetime | None = None) -> str:
-    """Create a token, append its hash to the file and return the token (the only time it exists in clear)."""
+              now: datetime | None = None, days: float | None = DEFAULT_TOKEN_DAYS) -> str:
+    """Create a token valid for ``days`` (None: no end, for a lab only), append its hash to the file and return
+    the token (the only time it exists in clear). A name may be used again once its earlier tokens are revoked or
+    expired."""
     _check(role, operator, name)
     if not name.strip():
         raise TokenFileError("a token needs a name (who holds it), e.g. --name alice")
+    if days is not None and not 0 < days <= MAX_TOKEN_DAYS:
+        raise TokenFileError(f"a token lasts more than 0 and at most {MAX_TOKEN_DAYS} days; {days} given")
     path = Path(path)
-    if path.exists() and any(p.name == name for p in TokenStore(path).principals()):
-        raise TokenFileError(f"{path}: a token named {name!r} exists already; choose another name")
+    now = now or datetime.now(UTC)
+    if path.exists() and any(e.principal.name == name and e.valid_at(now) for e in TokenStore(path).entries()):
+        raise TokenFileError(f"{path}: a token named {name!r} exists already and works; choose another name "
+                             f"or revoke it first (farebox token revoke --name {name})")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    at = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    # json.dumps makes a valid TOML basic string for any name (same escapes, UTF-8 kept).
-    lines = ["[[token]]", f"name = {json.dumps(name, ensure_ascii=False)}", f"role = {json.dumps(role)}"]
-    if operator:
-        lines.append(f"operator = {json.dumps(operator, ensure_ascii=False)}")
-    lines += [f'created_at = "{at}"', f'sha256 = "{token_hash(token)}"', ""]
+    entry = TokenEntry(Principal(name, role, operator or None), token_hash(token), created_at=now,
+                       expires_at=None if days is None else now + timedelta(days=days))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # hashes only, yet nobody else's business
     with os.fdopen(fd, "a", encoding="utf-8") as f:
         if f.tell() > 0:
             f.write("\n")
-        f.write("\n".join(lines))
+        f.write("\n".join(_entry_lines(entry)))
     return token
 
 
-class TokenStore:
-    """The token file, read again whenever its modification time or size changes."""
+def revoke_token(path: Path, *, name: str, now: datetime | None = None) -> int:
+    """Mark every working token named ``name`` revoked (the file is rewritten whole, atomically; a running server
+    sees the change on its next request). Returns how many were revoked; TokenFileError if none was."""
+    path = Path(path)
+    now = now or datetime.now(UTC)
+    entries = TokenStore(path).entries() if path.exists() else []
+    hits = [e for e in entries if e.principal.name == name and e.revoked_at is None]
+    if not hits:
+        raise TokenFileError(f"{path}: no token named {name!r} to revoke (farebox token list shows them)")
+    kept = [dataclasses.replace(e, revoked_at=now) if e in hits else e for e in entries]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:  # mkstemp: mode 0600 already
+            f.write("\n".join("\n".join(_entry_lines(e)) for e in kept))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(hits)
 
-    def __init__(self, path: Path | None = None, tokens: dict[str, Principal] | None = None):
+
+class TokenStore:
+    """The token file, read again whenever its modification time or size changes. A token that is revoked or past
+    its end is unknown to ``lookup``, at once."""
+
+    def __init__(self, path: Path | None = None, tokens: dict[str, Principal] | None = None,
+                 clock: Callable[[], datetime] | None = None):
         self.path = None if path is None else Path(path)
-        self._by_hash: dict[str, Principal] = {token_hash(t): p for t, p in (tokens or {}).items()}
+        self._by_hash: dict[str, TokenEntry] = {
+            token_hash(t): TokenEntry(p, token_hash(t)) for t, p in (tokens or {}).items()}
         self._stamp: tuple | None = None
         self._lock = threading.Lock()
+        self.clock = clock or (lambda: datetime.now(UTC))  # real time: an expiry is not business time
 
     def _reload(self) -> None:
         if self.path is None:
@@ -116,7 +199,7 @@ class TokenStore:
         except FileNotFoundError:
             self._by_hash, self._stamp = {}, None
             return
-        stamp = (st.st_mtime_ns, st.st_size)
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         if stamp == self._stamp:
             return
         with self.path.open("rb") as f:
@@ -131,18 +214,30 @@ class TokenStore:
             if len(digest) != 64:
                 raise TokenFileError(f"{self.path}: token {name!r} has no sha256 of 64 hex digits")
             _check(entry.get("role", ""), entry.get("operator"), name)
-            by_hash[digest] = Principal(name=name, role=entry["role"], operator=entry.get("operator"))
+            times = {k: _when(entry.get(k), name, k, self.path) for k in ("created_at", "expires_at", "revoked_at")}
+            by_hash[digest] = TokenEntry(Principal(name=name, role=entry["role"], operator=entry.get("operator")),
+                                         digest, **times)
         self._by_hash, self._stamp = by_hash, stamp
 
     def lookup(self, token: str) -> Principal | None:
+        return self.lookup_hash(token_hash(token))
+
+    def lookup_hash(self, digest: str) -> Principal | None:
+        """The holder of the token with this SHA-256, if it is neither revoked nor past its end."""
         with self._lock:
             self._reload()
-            return self._by_hash.get(token_hash(token))
+            entry = self._by_hash.get(digest)
+        return entry.principal if entry is not None and entry.valid_at(self.clock()) else None
 
-    def principals(self) -> list[Principal]:
+    def entries(self) -> list[TokenEntry]:
         with self._lock:
             self._reload()
             return list(self._by_hash.values())
+
+    def principals(self) -> list[Principal]:
+        """Who holds a working token."""
+        now = self.clock()
+        return [e.principal for e in self.entries() if e.valid_at(now)]
 
 
 # ------------------------------------------------------------------------------------------ FastAPI dependencies
@@ -168,30 +263,47 @@ class _Owners:
         return None
 
     def __call__(self, request: Request, _: Annotated[object, Depends(_bearer)] = None) -> Principal:
-        # _bearer only documents the scheme in OpenAPI (the Authorize button on /docs); self.token reads it
-        token = self.token(request)
-        if token is None:
-            raise HTTPException(401, "no token: send 'Authorization: Bearer <token>' (farebox token add)",
-                                headers={"WWW-Authenticate": "Bearer"})
-        principal = request.app.state.services.tokens.lookup(token)
-        if principal is None:
-            raise HTTPException(401, "unknown token: ask an admin for one (farebox token add)",
-                                headers={"WWW-Authenticate": "Bearer"})
+        # _bearer only documents the scheme in OpenAPI (the Authorize button on /docs); self.who reads it
+        principal = self.who(request)
         if principal.role not in self.roles:
             raise HTTPException(403, f"role {principal.role} may not use this; it belongs to "
                                      f"{', '.join(self.roles)}")
         request.state.principal = principal
         return principal
 
+    def who(self, request: Request) -> Principal:
+        """The caller, by the bearer token; 401 without one that works (unknown, revoked or expired)."""
+        token = _Owners.token(self, request)
+        if token is None:
+            raise HTTPException(401, "no token: send 'Authorization: Bearer <token>' (farebox token add)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        principal = request.app.state.services.tokens.lookup(token)
+        if principal is None:
+            raise HTTPException(401, "unknown, expired or revoked token: ask an admin for one (farebox token add)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return principal
+
 
 class _PageOwners(_Owners):
-    """As _Owners, for pages: the login cookie counts too. Pages only read; the cookie is SameSite=Strict, and the
-    forms that will write (top-up, refund) must add a CSRF check of their own."""
+    """As _Owners, for pages: the login cookie counts too. It holds a session id (backoffice.web.sessions), never
+    the token: logout, the session's end, or the token's revocation or expiry make it worthless. The cookie is
+    SameSite=Strict, and forms that write check a CSRF field of their own (pages_cards.csrf_token)."""
 
     api = False
 
     def token(self, request: Request) -> str | None:
+        """What identifies the caller: the bearer token, else the session cookie (CSRF fields are made from it)."""
         return super().token(request) or request.cookies.get(COOKIE) or None
+
+    def who(self, request: Request) -> Principal:
+        cookie = request.cookies.get(COOKIE)
+        if _Owners.token(self, request) is not None or not cookie:
+            return super().who(request)
+        sessions = request.app.state.services.sessions
+        principal = None if sessions is None else sessions.principal(cookie)
+        if principal is None:
+            raise HTTPException(401, "the session has ended: log in again")
+        return principal
 
 
 def owned_by(*roles: str) -> _Owners:

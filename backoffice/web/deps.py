@@ -14,6 +14,7 @@ from sqlalchemy import Connection, Engine
 
 from backoffice.devices import DEFAULT_STALE_AFTER
 from backoffice.web.auth import Principal, TokenStore
+from backoffice.web.sessions import Sessions
 
 HERE = Path(__file__).parent  # templates/ and static/ live beside this file
 
@@ -25,12 +26,15 @@ def utc_now() -> datetime:
 @dataclasses.dataclass
 class Services:
     """What every view gets: the database, the tokens, the clock (tests fix it), how long a silent validator may
-    stay quiet before it is flagged stale."""
+    stay quiet before it is flagged stale, the web page sessions, and whether the session cookie is marked Secure
+    (None: when the request came over https, as a TLS proxy in front reports it)."""
 
     engine: Engine
     tokens: TokenStore
     clock: Callable[[], datetime] = utc_now
     stale_after: timedelta = DEFAULT_STALE_AFTER
+    sessions: Sessions | None = None
+    secure_cookies: bool | None = None
 
 
 def services(request: Request) -> Services:

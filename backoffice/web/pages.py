@@ -115,22 +115,28 @@ def login(*, request: Request, token: Annotated[str, Form()], next: Annotated[st
             next=_local(next),
             error="令牌无效 Unknown token: ask an admin for one (farebox token add)",
         )
+    svc: Services = request.app.state.services
     response = RedirectResponse(_local(next), status_code=303)
     response.set_cookie(
         COOKIE,
-        token.strip(),
+        svc.sessions.open(token.strip()),  # a session id: the token itself never goes into the cookie
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
-        max_age=12 * 3600,
+        secure=request.url.scheme == "https" if svc.secure_cookies is None else svc.secure_cookies,
+        max_age=int(svc.sessions.lifetime.total_seconds()),
     )
     return response
 
 
 @router.post("/logout")
-def logout() -> Response:
+def logout(request: Request) -> Response:
+    """The session ends here, not only in this browser: a copy of the cookie is worthless from now on."""
+    svc: Services = request.app.state.services
+    cookie = request.cookies.get(COOKIE)
+    if cookie and svc.sessions is not None:
+        svc.sessions.end(cookie)
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(COOKIE)
+    response.delete_cookie(COOKIE, httponly=True, samesite="strict")
     return response
 
 
