@@ -35,6 +35,7 @@ its key and building its cipher cost several times the MAC itself. An HSM-backed
 from __future__ import annotations
 
 import functools
+import hmac
 import json
 import logging
 import os
@@ -177,8 +178,6 @@ def as_key_service(keys, *, tac_cards: int = 100_000) -> KeyService:
 
 
 def _same(a: bytes, b: bytes) -> bool:
-    import hmac
-
     return hmac.compare_digest(bytes(a), bytes(b))
 
 
