@@ -52,6 +52,11 @@ async def _decide(request: Request, who: Principal, svc: Services, quarantine_id
     why = str(form.get("why", "")).strip()[:400]
 
     def work() -> Response:
+        with svc.engine.connect() as conn:  # a row that is not there is 404, whatever else
+            try:
+                quarantine.item(conn, quarantine_id, operator=who.scope(None))
+            except quarantine.NotFound as e:
+                raise HTTPException(404, str(e)) from None
         try:
             with svc.engine.begin() as conn:
                 if decision == "release":

@@ -107,12 +107,18 @@ def release(
     quarantine_id: int,
     body: Decision,
     *,
+    request: Request,
     who: Annotated[Principal, Depends(owned_by(*DECIDERS))],
     svc: Annotated[Services, Depends(services)],
-    ingest: Annotated[Ingest, Depends(release_ingest)],
 ) -> dict:
     """Put the row's record through every ingest check again: stored once if it passes, else left open with the
     reason found now."""
+    with svc.engine.connect() as conn:  # a row that is not there is 404, configured or not
+        try:
+            quarantine.item(conn, quarantine_id, operator=who.scope(None))
+        except quarantine.NotFound as e:
+            raise HTTPException(404, str(e)) from None
+    ingest = release_ingest(request)
     outcome = _decide(svc, lambda conn: quarantine.release(conn, quarantine_id, by=who.name, why=body.why,
                                                            ingest=ingest, now=svc.clock(),
                                                            operator=who.scope(None)))
