@@ -6,6 +6,10 @@ trip_id), so the list covers the route's full length when some trips short-turn.
 route gets ``default_fare`` (or none, and stays out of the fare table until a clerk sets one); an existing route
 keeps its fare and gets the feed's name and stops as a new version (history kept).
 
+A zip is checked before anything in it is decompressed (``ArchiveLimits``: entries, each file's and the total
+uncompressed size, the compression ratio), so a zip bomb is refused from its own directory; the files are then read
+as streams, row by row, never whole into memory.
+
 All or nothing: the whole feed is read and checked first; any bad row refuses the feed with every error listed
 (file, line, what is wrong) and nothing is written. The writes then run in one savepoint of the caller's
 transaction. Routes that are well formed but not imported (not a bus, no trips, retired in the registry) are
@@ -14,10 +18,11 @@ reported as skipped with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -94,47 +99,131 @@ class ImportReport:
 
 
 # ------------------------------------------------------------------------------------------------------ reading
-def _open_feed(folder_or_zip: str | Path) -> dict[str, str]:
-    """file name -> its text (BOM dropped); a missing file is left out."""
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """What a feed may take before it is read: a zip bomb (a few hundred KB that expand to gigabytes, or a
+    directory of a million entries) is refused from the zip's own directory, before anything is decompressed.
+    A big city's stop_times.txt is a few hundred MB and compresses about 5 to 20 times; these leave room for that."""
+
+    members: int = 1000  # entries in the zip (a feed has a few dozen files at most)
+    member_bytes: int = 512 * 1024**2  # one of the four files, uncompressed
+    total_bytes: int = 1024**3  # the four files together, uncompressed
+    ratio: int = 100  # uncompressed / compressed, for a file over ratio_from bytes
+    ratio_from: int = 1024**2
+
+
+LIMITS = ArchiveLimits()
+MAX_ERRORS_KEPT = 1000  # a feed with more problems is refused with these (and a note that reading stopped)
+_EOCD = b"PK\x05\x06"  # the zip's end-of-central-directory record
+
+
+def _declared_entries(path: Path) -> int | None:
+    """The number of entries the zip's end record declares, read before zipfile parses its directory (which
+    holds every entry in memory). None when there is no end record (not a zip); 0xFFFF for a zip64 archive,
+    which a feed never needs."""
+    with path.open("rb") as f:
+        f.seek(0, io.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - (22 + 65535)))  # the record, after at most a 64 KB comment
+        tail = f.read()
+    at = tail.rfind(_EOCD)
+    if at < 0 or len(tail) - at < 22:
+        return None
+    return int.from_bytes(tail[at + 10:at + 12], "little")
+
+
+def _check_sizes(path: Path, sizes: dict[str, tuple[int, int | None]], limits: ArchiveLimits) -> None:
+    """sizes: file name -> (uncompressed bytes, compressed bytes or None for a folder's file)."""
+    errors = []
+    for name, (size, packed) in sizes.items():
+        if size > limits.member_bytes:
+            errors.append(f"{path}: {name} is {size:,} bytes uncompressed; a feed file may have at most "
+                          f"{limits.member_bytes:,}")
+        elif packed is not None and size > limits.ratio_from and size > limits.ratio * max(packed, 1):
+            errors.append(f"{path}: {name} expands {size / max(packed, 1):,.0f} times ({packed:,} -> {size:,} "
+                          f"bytes); a GTFS text file compresses at most about {limits.ratio} times: this looks "
+                          "like a zip bomb")
+    total = sum(size for size, _ in sizes.values())
+    if not errors and total > limits.total_bytes:
+        errors.append(f"{path}: the feed's files are {total:,} bytes uncompressed together; at most "
+                      f"{limits.total_bytes:,}")
+    if errors:
+        raise GtfsError(errors)
+
+
+@contextlib.contextmanager
+def _open_feed(folder_or_zip: str | Path, limits: ArchiveLimits = LIMITS) -> Iterator[dict[str, Callable]]:
+    """file name -> a function opening it as text (UTF-8, BOM dropped), read as a stream, never whole; a missing
+    file is left out. A zip is checked against ``limits`` first."""
     path = Path(folder_or_zip)
-    texts: dict[str, str] = {}
     if path.is_dir():
-        for name in FILES:
-            if (path / name).is_file():
-                texts[name] = (path / name).read_bytes().decode("utf-8-sig")
-        return texts
+        found = {name: path / name for name in FILES if (path / name).is_file()}
+        _check_sizes(path, {name: (p.stat().st_size, None) for name, p in found.items()}, limits)
+        yield {name: (lambda p=p: p.open(encoding="utf-8-sig", newline="")) for name, p in found.items()}
+        return
     if not path.exists():
         raise GtfsError([f"{path}: no such folder or file"])
+    entries = _declared_entries(path)
+    if entries is None:
+        raise GtfsError([f"{path}: not a GTFS folder or zip file"])
+    if entries > limits.members:
+        raise GtfsError([f"{path}: the zip holds {entries:,} entries; a feed has at most {limits.members:,}"])
     try:
-        with zipfile.ZipFile(path) as z:
-            members = [m for m in z.namelist() if Path(m).name in FILES and not m.endswith("/")]
-            for name in FILES:
-                found = [m for m in members if Path(m).name == name]
-                if len(found) > 1:
-                    raise GtfsError([f"{path}: {name} appears {len(found)} times ({', '.join(found)})"])
-                if found:
-                    texts[name] = z.read(found[0]).decode("utf-8-sig")
-    except zipfile.BadZipFile:
-        raise GtfsError([f"{path}: not a GTFS folder or zip file"]) from None
+        z = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise GtfsError([f"{path}: not a GTFS folder or zip file, or a damaged one ({e})"]) from None
+    with z:
+        if len(z.infolist()) > limits.members:
+            raise GtfsError([f"{path}: the zip holds {len(z.infolist()):,} entries; a feed has at most "
+                             f"{limits.members:,}"])
+        infos = [i for i in z.infolist() if Path(i.filename).name in FILES and not i.is_dir()]
+        chosen = {}
+        for name in FILES:
+            found = [i for i in infos if Path(i.filename).name == name]
+            if len(found) > 1:
+                raise GtfsError([f"{path}: {name} appears {len(found)} times "
+                                 f"({', '.join(i.filename for i in found)})"])
+            if found:
+                chosen[name] = found[0]
+        _check_sizes(path, {n: (i.file_size, i.compress_size) for n, i in chosen.items()}, limits)
+        # zipfile never hands out more than an entry's declared size (and checks its CRC at the end), so the
+        # sizes checked above bound what is decompressed, whatever the compressed data says.
+        yield {name: (lambda i=i: io.TextIOWrapper(z.open(i), encoding="utf-8-sig", newline=""))
+               for name, i in chosen.items()}
+
+
+def _rows(name: str, open_text: Callable, errors: list[str]) -> Iterator[tuple[int, dict[str, str]]]:
+    """The rows of one file, read as a stream. A broken file (not UTF-8, a field too long for a CSV, a damaged
+    zip entry) adds one error and ends the file; so do too many errors in all."""
+    line = 0
+    try:
+        with open_text() as stream:
+            reader = csv.DictReader(stream)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            missing = [c for c in REQUIRED[name] if c not in header]
+            if missing:
+                errors.append(f"{name}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+                return
+            reader.fieldnames = header
+            for row in reader:
+                line = reader.line_num
+                if len(errors) >= MAX_ERRORS_KEPT:
+                    errors.append(f"{name} line {line}: reading stopped, {MAX_ERRORS_KEPT} problems are enough to "
+                                  "refuse the feed")
+                    return
+                if None in row:  # more fields than the header has
+                    errors.append(f"{name} line {line}: {len(header) + len(row[None])} fields, the header has "
+                                  f"{len(header)}")
+                    continue
+                yield line, {k: (v or "").strip() for k, v in row.items()}
     except UnicodeDecodeError as e:
-        raise GtfsError([f"{path}: a file is not UTF-8 ({e})"]) from None
-    return texts
-
-
-def _rows(name: str, text: str, errors: list[str]) -> Iterator[tuple[int, dict[str, str]]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    missing = [c for c in REQUIRED[name] if c not in header]
-    if missing:
-        errors.append(f"{name}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-        return
-    reader.fieldnames = header
-    for row in reader:
-        if None in row:  # more fields than the header has
-            errors.append(f"{name} line {reader.line_num}: {len(header) + len(row[None])} fields, the header has "
-                          f"{len(header)}")
-            continue
-        yield reader.line_num, {k: (v or "").strip() for k, v in row.items()}
+        errors.append(f"{name}: not UTF-8 after line {line} ({e})")
+    except csv.Error as e:
+        errors.append(f"{name} line {line + 1}: not a CSV line ({e})")
+    except zipfile.BadZipFile as e:
+        errors.append(f"{name}: the zip entry is damaged ({e})")
+    except (RuntimeError, NotImplementedError) as e:  # zipfile: encrypted, or a compression it does not have
+        errors.append(f"{name}: cannot be read from the zip ({e}); give an unencrypted, deflated zip")
 
 
 def _number(value: str, low: float, high: float) -> float | None:
@@ -145,9 +234,13 @@ def _number(value: str, low: float, high: float) -> float | None:
     return x if low <= x <= high else None
 
 
-def read_feed(folder_or_zip: str | Path) -> Feed:
+def read_feed(folder_or_zip: str | Path, *, limits: ArchiveLimits = LIMITS) -> Feed:
     """Read and check a feed; GtfsError listing every problem, or the routes, stops and representative trips."""
-    texts = _open_feed(folder_or_zip)
+    with _open_feed(folder_or_zip, limits) as files:
+        return _read(files)
+
+
+def _read(texts: dict[str, Callable]) -> Feed:
     errors = [f"{name} is missing from the feed" for name in FILES if name not in texts]
     if errors:
         raise GtfsError(errors)
