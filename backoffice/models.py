@@ -220,6 +220,8 @@ class RegistryAudit(Base):
 
 class Card(Base):
     __tablename__ = "card"
+    # (status, asn): the deny-list publisher's look for denied cards reads the index alone (revision 0016)
+    __table_args__ = (Index("ix_card_status", "status", "asn"),)
     asn: Mapped[str] = mapped_column(String(20), primary_key=True)
     card_type: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default="active")  # active | lost | blocked | fraud
