@@ -7,7 +7,8 @@ caller's transaction,
    (``wire.devicekeys.mac_key(master, device)``, so a batch moved to another device's topic fails here too); an
    unsigned v1 batch is refused unless ``accept_unsigned`` (the migration window for old validators); the batch
    says the device its topic says; the device is registered to that operator;
-2. checks each purchase: its PSAM is the device's, its type and algorithm are known, its TAC verifies with the
+2. checks each purchase: its PSAM is the one registered for the device at the record's time (the registry's
+   device versions, see :class:`DeviceDirectory`), its type and algorithm are known, its TAC verifies with the
    card's TAC key, which only the key service holds (``backoffice.keyservice.KeyService.purchase_tac_ok``: raw
    issuer keys never reach ingest, so an HSM can stand behind it);
 3. looks every purchase up by the card's own counter (card ASN, card TTC): the same transaction already stored from
