@@ -124,7 +124,7 @@ def city(tmp_path, uid):
 def start_serve(city, url: str, tmp_path: Path):
     port, ready = free_port(), tmp_path / "serve.ready"
     log = (tmp_path / "serve.log").open("w")
-    env = {**city.env, "FAREBOX_MQTT_URL": url}
+    env = {**city.env, "FAREBOX_MQTT_URL": url} if url else dict(city.env)  # no URL: serve starts its own broker
     proc = subprocess.Popen(farebox("serve", "--port", str(port), "--ready-file", str(ready), "--operator",
                                     city.operator), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 90
@@ -210,6 +210,36 @@ def test_a_card_lost_at_the_counter_and_a_retired_drivers_card_are_refused_by_a_
     assert seen == [("shift_open", "01", "D1"), ("purchase", "01", "D1"), ("denied", "01", "D1"),
                     ("purchase", "02", "D1"), ("denied", "02", "D1"), ("shift_close", "01", "D1")], seen
     assert all(r["reason"] == "on deny list; application blocked" for r in rows if r["kind"] == "denied")
+
+
+def test_the_default_serve_with_its_own_broker_builds_the_version_by_itself(tmp_path, city):
+    """`farebox serve` as it comes (no FAREBOX_MQTT_URL: it starts the embedded broker itself): a card reported lost on
+    the counter page is in a stored, announced deny-list version within seconds, nobody publishing by hand."""
+    serve, serve_log, base = start_serve(city, None, tmp_path)
+    asn = city.riders["rider"].asn.hex()
+    try:
+        staff = login(base, city.tokens["operator_staff"])
+        page = staff.get(f"/cards/{asn}")
+        started = time.monotonic()
+        r = staff.post(f"/cards/{asn}/lost", data={"why": "rider phoned", "csrf": csrf_of(page.text)},
+                       follow_redirects=False)
+        assert r.status_code == 303, r.text
+        db = sqlite3.connect(city.var / "backoffice.db")
+        try:
+            while True:
+                row = db.execute("SELECT version, body FROM denylist_version ORDER BY version DESC LIMIT 1").fetchone()
+                if row is not None and asn in DenyList.from_bytes(row[1]):
+                    break
+                assert time.monotonic() - started < DEADLINE, "no deny-list version lists the lost card"
+                time.sleep(0.2)
+        finally:
+            db.close()
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)
+        serve_log.close()
+    log = (tmp_path / "serve.log").read_text()
+    assert f"deny list changed: version {row[0]}" in log and "deny-list announcement" in log, log[-3000:]
 
 
 def _clear_retained(url: str, operator: str) -> None:
