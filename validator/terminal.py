@@ -202,6 +202,14 @@ class Terminal:
             log.info("device %s seq %d: card %s was not debited; grey record cancelled", self.config.device_id,
                      grey.device_seq, grey.card_asn)
             return None
+        if self._counter_used_elsewhere(card, grey):
+            # PROVE answers for the card's counter, whoever used it: the rider paid on another bus with the counter
+            # this grey record holds. Completing it would record one debit twice (and the back office would take
+            # the rider's genuine card for a clone).
+            self.journal.cancel(grey.device_seq)
+            log.info("device %s seq %d: card %s counter %d was used by another transaction; grey record cancelled",
+                     self.config.device_id, grey.device_seq, grey.card_asn, grey.card_ttc)
+            return None
         record = dataclasses.replace(grey, tac=prove.tac.hex())
         record = self.journal.complete_purchase(record) or record
         log.info("device %s seq %d: card %s was debited; grey record completed with its TAC", self.config.device_id,
@@ -209,6 +217,20 @@ class Terminal:
         if (now - grey.occurred_at).total_seconds() >= self.config.double_tap_seconds:
             return None  # settled an old trip; this tap is a new one
         return TapResult(Outcome.PAID, fare=grey.amount, balance=grey.balance_after, record=record)
+
+    @staticmethod
+    def _counter_used_elsewhere(card: CardSession, grey: TapRecord) -> bool:
+        """The card's own log (READ RECORD, newest first) shows the grey record's counter spent by another terminal
+        or for another amount. A log that no longer reaches that far says nothing (False): the TAC, checked by the
+        back office, still tells a borrowed answer from this terminal's own."""
+        for number in range(1, 11):
+            answer = card.exchange(apdu.read_log_record(number))
+            if answer[-2:] != b"\x90\x00":
+                break
+            entry = apdu.parse_log_record(answer[:-2])
+            if entry.tx_type == grey.tx_type and entry.ttc == grey.card_ttc:
+                return entry.terminal_id.hex() != grey.terminal_id or entry.amount != grey.amount
+        return False
 
     def _local_date(self, now: datetime) -> date:
         return now.astimezone(self._zone).date()
