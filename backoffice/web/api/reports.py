@@ -28,6 +28,7 @@ from backoffice.settle import settle, settle_month, stored_run_id
 from backoffice.web import reads
 from backoffice.web.deps import Services, connection, scoped, services
 from backoffice.web.auth import Principal, owned_by
+from clearing.reconcile import shift_totals
 from clearing.runs import revenue_by
 from clearing.service_day import day_bounds
 from epurse.cardtypes import CardType
@@ -146,18 +147,16 @@ def _run_header(run: clearing_runs.StoredRun | None) -> ClearingRun | None:
 
 def shifts_of_day(conn: Connection, *, op: OperatorDay, day: date) -> list[dict]:
     """The shifts with a record in the service day: device, shift number, driver, vehicle, route, purchases and
-    fen over the whole shift (also past the cut-off, as shift reconciliation counts them)."""
-    start, end = day_bounds(day, op.tz, op.cutoff_hour)
-    keys = conn.execute(select(Tap.device_id, Tap.shift_no).where(
-        Tap.operator == op.code, Tap.shift_no > 0, Tap.occurred_at >= start, Tap.occurred_at < end).distinct()).all()
+    fen over the whole shift (also past the cut-off): shift reconciliation's own totals (``shift_totals``)."""
+    totals = shift_totals(clearing_runs.load_shift_taps(conn, operator=op.code, day=day))
     out = []
-    for device_id, shift_no in sorted(keys):
+    for t in totals.sort_values(["device_id", "shift_no"]).itertuples(index=False):
+        device_id, shift_no = str(t.device_id), int(t.shift_no)
         recs = _records(conn, Tap.operator == op.code, Tap.device_id == device_id, Tap.shift_no == shift_no)
         first = next((r for r in recs if r["kind"] == SHIFT_OPEN), recs[0])
-        buys = [r for r in recs if r["kind"] == PURCHASE]
-        out.append({"device_id": device_id, "shift_no": int(shift_no), "driver": first["driver"],
-                    "vehicle": first["vehicle"], "route": first["route"], "taps": len(buys),
-                    "amount": sum(int(r["amount"]) for r in buys)})
+        out.append({"device_id": device_id, "shift_no": shift_no, "driver": first["driver"],
+                    "vehicle": first["vehicle"], "route": first["route"], "taps": int(t.purchases),
+                    "amount": int(t.amount)})
     return out
 
 
@@ -177,13 +176,10 @@ def shift_slip(conn: Connection, *, op: OperatorDay, day: date, device_id: str, 
     opened = next((r for r in recs if r["kind"] == SHIFT_OPEN), None)
     closed = next((r for r in reversed(recs) if r["kind"] == SHIFT_CLOSE), None)
     head = opened or recs[0]
-    by_type: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-    for r in recs:
-        if r["kind"] == PURCHASE:
-            by_type[int(r["card_type"])][0] += 1
-            by_type[int(r["card_type"])][1] += int(r["amount"])
-    frame = pd.DataFrame({"card_type": sorted(by_type), "taps": [by_type[t][0] for t in sorted(by_type)],
-                          "amount": [by_type[t][1] for t in sorted(by_type)]}, dtype="int64")
+    buys = pd.DataFrame({"kind": [r["kind"] for r in recs], "card_type": [int(r["card_type"]) for r in recs],
+                         "amount": pd.Series([int(r["amount"]) for r in recs], dtype="int64")})
+    frame = (revenue_by(buys, "card_type").rename(columns={"gross": "amount"})  # clearing's sums, by card type
+             .astype({"card_type": "int64"}).sort_values("card_type").reset_index(drop=True))
     ref = f"{device_id}/{shift_no}"
     items = _shift_items(conn, op.code, [ref])[ref]
     declared = next((i.theirs for i in items if i.problem == "out_of_balance"), None)
