@@ -11,7 +11,8 @@ from farebox.cli_types import iso_time
 
 
 def register(sub) -> None:
-    p = sub.add_parser("denylist", help="deny lists: build versions from lost, blocked and fraud cards; send them")
+    p = sub.add_parser("denylist", help="deny lists: build versions from lost, blocked and fraud cards and "
+                                                 "withdrawn driver cards; send them")
     denylist = p.add_subparsers(dest="action", required=True)
     p = denylist.add_parser("publish", help="build a new version if cards changed, announce it to every fleet, "
                                             "send deltas to online validators behind (FAREBOX_MQTT_URL)")
@@ -120,7 +121,8 @@ def _denylist_show(args, settings) -> int:
         pending = len(denied_asns(conn))
     console = Console()
     if not rows:
-        console.print(f"no deny-list version yet; {pending} card(s) are lost, blocked or fraud: "
+        console.print(f"no deny-list version yet; {pending} card(s) are denied (lost, blocked, fraud, "
+                      "withdrawn driver cards): "
                       "farebox denylist publish")
         return 0
     table = Table(title="deny-list versions, newest first")
