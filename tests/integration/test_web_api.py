@@ -72,6 +72,7 @@ MATRIX = {
     ("GET", "/api/v1/topups/orders"): ("/api/v1/topups/orders", {"operator_staff"}),
     ("POST", "/api/v1/topups/orders/{order_id}/retry"): ("/api/v1/topups/orders/nope/retry", {"operator_staff"}),
     ("POST", "/api/v1/topups/orders/{order_id}/refund"): ("/api/v1/topups/orders/nope/refund", {"operator_staff"}),
+    ("POST", "/api/v1/topups/orders/{order_id}/confirm"): ("/api/v1/topups/orders/nope/confirm", {"operator_staff"}),
     ("GET", "/api/v1/operators/{operator}/reconciliation"): (f"/api/v1/operators/{A}/reconciliation?status=open",
                                                              {"clerk"}),
     ("POST", "/api/v1/operators/{operator}/reconciliation/items/{item_id}"): (
@@ -130,6 +131,7 @@ MATRIX = {
     ("GET", "/topups"): ("/topups", {"operator_staff"}),
     ("POST", "/topups/{order_id}/retry"): ("/topups/nope/retry", {"operator_staff"}),
     ("POST", "/topups/{order_id}/refund"): ("/topups/nope/refund", {"operator_staff"}),
+    ("POST", "/topups/{order_id}/confirm"): ("/topups/nope/confirm", {"operator_staff"}),
     ("GET", "/reconciliation"): (f"/reconciliation?operator={A}", {"clerk"}),
     ("POST", "/reconciliation/{item_id}"): ("/reconciliation/999999", {"clerk"}),
     ("POST", "/reconciliation/upload"): ("/reconciliation/upload", {"clerk"}),
@@ -154,6 +156,7 @@ BODIES = {
     "/api/v1/ota/cards/{asn}/seen": {"json": {"online_ttc": 0, "log": []}},
     "/api/v1/topups/orders/{order_id}/retry": {"json": {"card_online_ttc": 0, "why": "matrix"}},
     "/api/v1/topups/orders/{order_id}/refund": {"json": {"why": "matrix"}},
+    "/api/v1/topups/orders/{order_id}/confirm": {"json": {"why": "matrix"}},
     "/api/v1/operators/{operator}/reconciliation/items/{item_id}": {"json": {"status": "accepted"}},
     "/api/v1/operators/{operator}/reconciliation/issuer-file": {"files": {"file": ("f.csv", "", "text/csv")}},
     # a route code of 33 characters is refused (422) before anything is written; the rest aim at entry "nope" (404)
@@ -170,6 +173,7 @@ BODIES = {
     "/cards/{asn}/refund": {"data": {"amount": "1.00", "why": "matrix"}},
     "/topups/{order_id}/retry": {"data": {"card_online_ttc": "0", "why": "matrix"}},
     "/topups/{order_id}/refund": {"data": {"why": "matrix"}},
+    "/topups/{order_id}/confirm": {"data": {"why": "matrix"}},
     "/reconciliation/{item_id}": {"data": {"decision": "accepted", "operator": A}},
     "/reconciliation/upload": {"data": {"day": str(YESTERDAY), "operator": A},
                                "files": {"file": ("f.csv", "", "text/csv")}},
