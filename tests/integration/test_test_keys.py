@@ -356,3 +356,17 @@ def test_the_schema_check_compares_alembic_heads(tmp_path):
     upgrade(engine)
     current, wanted = schema_heads(engine)
     assert current == wanted == _revisions(create_engine(f"sqlite:///{tmp_path}/x.db"))
+
+
+def test_the_insecure_setting_is_a_plain_yes_or_no(tmp_path):
+    from farebox.config import load_settings
+
+    assert load_settings({}).insecure_test_keys is False  # production is the default
+    assert load_settings({"FAREBOX_INSECURE_TEST_KEYS": "1"}).insecure_test_keys is True
+    assert load_settings({"FAREBOX_INSECURE_TEST_KEYS": "0"}).insecure_test_keys is False
+    conf = tmp_path / "farebox.toml"
+    conf.write_text('insecure_test_keys = true\npayment_public_key = "' + "ab" * 32 + '"\n')
+    s = load_settings({"FAREBOX_CONFIG": str(conf)})
+    assert s.insecure_test_keys is True and s.payment_public_key == "ab" * 32
+    with pytest.raises(ValueError, match="FAREBOX_INSECURE_TEST_KEYS"):
+        load_settings({"FAREBOX_INSECURE_TEST_KEYS": "maybe"})
