@@ -7,6 +7,9 @@ Each part can be turned off (``--no-ingest`` ...) and runs alone with its own co
 the three MQTT parts log in with the same user: in production run them as separate commands, each with its own
 broker user (ingest, status, publisher; see ``farebox broker config``).
 
+Before any part starts, the secrets the parts that run will use are loaded and checked once (farebox.bootstrap):
+a published test key stops ``farebox serve`` with the settings to give, unless ``--insecure-test-keys``.
+
 Scheduled jobs: a module that has a nightly job registers a function with ``scheduled_job``; ``farebox serve`` calls
 each with the APScheduler BackgroundScheduler and the app's Services before starting the scheduler::
 
@@ -111,7 +114,7 @@ def _configure_quarantine(app, root, *, accept_unsigned: bool) -> None:
     from backoffice.ingest import Ingest
     from backoffice.web.api.quarantine import configure_quarantine
 
-    configure_quarantine(app, ingest=Ingest(keys=root.issuer_keys, master=root.device_master,
+    configure_quarantine(app, ingest=Ingest(keys=root.key_service, master=root.device_master,
                                             accept_unsigned=accept_unsigned, write="insert"))
 
 
@@ -134,7 +137,7 @@ def _start_mqtt_parts(root, options: ServeOptions, engine, stops: list) -> None:
         log.info("serve: embedded broker on %s", parse_mqtt_url(url).url(with_password=False))
     target, master = parse_mqtt_url(url), root.device_master
     if options.ingest:
-        ingest = IngestConsumer(engine, target, keys=root.issuer_keys, master=master,
+        ingest = IngestConsumer(engine, target, keys=root.key_service, master=master,
                                 client_id="farebox_ingest", operator=options.operator)
         ingest.start()
         stops.append(("ingest", ingest.stop))
