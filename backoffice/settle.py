@@ -40,8 +40,8 @@ from reports.tables import write_settlement_csv, write_settlement_xlsx
 
 log = logging.getLogger(__name__)
 
-TAP_COLUMNS = ["device_id", "device_seq", "kind", "occurred_at", "operator", "route", "vehicle", "driver",
-               "card_type", "amount"]
+TAP_COLUMNS = ["device_id", "epoch", "device_seq", "kind", "occurred_at", "operator", "route", "vehicle", "driver",
+               "card_type", "amount"]  # epoch: with device_seq, the tap's key (a replaced journal starts at 1 again)
 BREAKDOWNS = ("fleet", "route", "vehicle", "driver")
 MONEY = ("taps", "gross", "commission", "net")
 

@@ -29,7 +29,7 @@ TAP_COLUMNS = (
     "amount",
 )
 PURCHASE = "purchase"
-_DEDUPE_KEY = ["device_id", "device_seq"]
+_DEDUPE_KEY = ["device_id", "device_seq"]  # and "epoch" (the validator journal) when the frame has it
 
 
 def _empty_table(key: str) -> pd.DataFrame:
@@ -92,16 +92,18 @@ def _fen(amount: pd.Series) -> pd.Series:
 
 
 def _drop_replays(rows: pd.DataFrame) -> pd.DataFrame:
-    """Drop exact repeats of a record; refuse two different records under one (device_id, device_seq).
+    """Drop exact repeats of a record; refuse two different records under one (device_id, [epoch,] device_seq).
 
     Ingest already dedupes by that key, so repeats should not reach here; if they do, counting them twice would
-    overstate revenue, and a conflicting pair is a fault to look at, not to settle silently.
+    overstate revenue, and a conflicting pair is a fault to look at, not to settle silently. A validator whose
+    journal was replaced numbers from 1 again under a new epoch: with an ``epoch`` column those are other keys.
     """
-    rows = rows.drop_duplicates(subset=list(TAP_COLUMNS))
-    clash = rows.duplicated(subset=_DEDUPE_KEY, keep=False)
+    key = _DEDUPE_KEY + ["epoch"] if "epoch" in rows.columns else _DEDUPE_KEY
+    rows = rows.drop_duplicates(subset=list(dict.fromkeys([*TAP_COLUMNS, *key])))
+    clash = rows.duplicated(subset=key, keep=False)
     if clash.any():
-        keys = rows.loc[clash, _DEDUPE_KEY].drop_duplicates().head(3).to_records(index=False).tolist()
-        raise ValueError(f"different records share a (device_id, device_seq) key, e.g. {keys}; check ingest")
+        keys = rows.loc[clash, key].drop_duplicates().head(3).to_records(index=False).tolist()
+        raise ValueError(f"different records share a ({', '.join(key)}) key, e.g. {keys}; check ingest")
     return rows
 
 
@@ -129,7 +131,7 @@ def settle_day(
     mine = taps[(taps["operator"] == operator) & (taps["kind"] == PURCHASE)]
     if not mine.empty:
         mine = mine[service_day(mine["occurred_at"], tz=tz, cutoff_hour=cutoff_hour) == day]
-    purchases = _drop_replays(mine.loc[:, list(TAP_COLUMNS)])
+    purchases = _drop_replays(mine.loc[:, list(TAP_COLUMNS) + (["epoch"] if "epoch" in mine.columns else [])])
     purchases = purchases.assign(amount=_fen(purchases["amount"]))
     if not purchases.empty:
         purchases = purchases.assign(card_type=purchases["card_type"].astype("int64"))

@@ -200,6 +200,14 @@ def test_a_new_epoch_keeps_the_same_sequences_apart(engine):
     with engine.connect() as conn:
         rows = conn.execute(select(Tap.epoch, func.count(), func.sum(Tap.amount)).group_by(Tap.epoch)).all()
     assert sorted(tuple(r) for r in rows) == [(0, 3, 600), (77, 3, 600)]
+    # The day's settlement counts both journals' taps: the same sequences under two epochs are not a clash.
+    from backoffice.settle import load_day_taps
+    from clearing.settlement import settle_day
+
+    with engine.connect() as conn:
+        taps = load_day_taps(conn, operator=OP, day=WHEN.date(), tz="Asia/Shanghai", cutoff_hour=3)
+    day = settle_day(taps, WHEN.date(), operator=OP, tz="Asia/Shanghai", cutoff_hour=3)
+    assert (day.taps, day.amount) == (6, 1200)
 
 
 def test_one_key_twice_in_a_message_is_a_duplicate_only_when_equal(engine):
