@@ -151,7 +151,7 @@ class _Mac2RefusingPsam:
 
 
 def test_over_long_reasons_never_stop_a_bus_uploading(world):
-    """Hole 3: a deny-listed card whose block fails (a 94-character reason on 846ff19) and a MAC2 failure (67)
+    """Hole 3: a deny-listed card whose block fails (a 91-character reason on 846ff19) and a MAC2 failure (67)
     used to make every batch unencodable, so the bus resent its oldest batch for ever. Now they are stored."""
     from blacklist.denylist import DenyList
 

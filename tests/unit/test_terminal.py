@@ -630,6 +630,11 @@ def test_a_block_that_fails_is_still_recorded(tmp_path):
     result = bus.tap(PulledDuringBlock(card))
     assert result.outcome is Outcome.CARD_BLOCKED and not card.blocked
     assert "could not block" in result.record.reason and bus.records(RecordKind.DENIED) == [result.record]
+    # Issue 9 hole 3: that reason (91 characters as built) is written within the wire's limit, so it can be sent.
+    from wire import codec
+
+    assert len(result.record.reason) <= codec.MAX_TEXT
+    codec.encode_batch(bus.journal.unsent(10), key=b"k" * 32)
     bus.journal.close()
 
 
