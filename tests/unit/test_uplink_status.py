@@ -53,3 +53,30 @@ def test_the_alarm_clears_when_the_card_comes_back(bus):
     assert grey_alarms(uplink) == ["1 grey purchase since 2024-03-05 07:30Z"]
     journal.complete_purchase(dataclasses.replace(grey, tac="620098f7"))
     assert grey_alarms(uplink) == []
+
+
+# ------------------------------------------------------------------ issue 9: acks name the journal's epoch
+
+
+class _Message:
+    def __init__(self, topic: str, payload: bytes):
+        self.topic, self.payload = topic, payload
+
+
+def test_an_ack_for_another_journal_is_ignored_and_one_for_this_journal_is_believed(bus):
+    """A late ack meant for a replaced journal's records names sequences that are other records now."""
+    from wire import codec, topics
+
+    journal, uplink, _ = bus
+    for i in range(3):
+        journal.append(rec(minutes=i))
+    topic = topics.ack("citybus", "bus0042")
+    other = codec.encode_ack("bus0042", [1, 2, 3], key=uplink.mac_key, epoch=journal.epoch ^ 1)
+    uplink._on_message(None, None, _Message(topic, other))
+    assert journal.backlog() == 3
+    old_form = codec.encode_ack("bus0042", [1, 2, 3], key=uplink.mac_key)  # epoch 0: not this journal's either
+    uplink._on_message(None, None, _Message(topic, old_form))
+    assert journal.backlog() == 3
+    mine = codec.encode_ack("bus0042", [1, 2], key=uplink.mac_key, epoch=journal.epoch, quarantined=[2])
+    uplink._on_message(None, None, _Message(topic, mine))
+    assert journal.backlog() == 1 and uplink.quarantined == 1
