@@ -70,12 +70,14 @@ def check_test_keys(settings: Settings, uses: list[keys.TestKeyUse]) -> None:
 
 def start(settings: Settings, *needs: str) -> Root:
     """The root for a command that uses the secrets ``needs`` (keys of farebox.keys.SECRETS), checked once."""
+    from backoffice.keyservice import KeyFileError
+
     loaded: dict = {}
     uses: list[keys.TestKeyUse] = []
     for kind in needs:
         try:
             loaded[kind], use = keys.LOADERS[kind](settings)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, KeyFileError) as e:  # missing, unreadable, malformed, wrong passphrase
             secret = keys.SECRETS[kind]
             raise StartRefused(f"{secret.what} ({secret.env}, TOML {secret.toml}): {e}") from None
         if use is not None:

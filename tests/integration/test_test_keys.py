@@ -370,3 +370,11 @@ def test_the_insecure_setting_is_a_plain_yes_or_no(tmp_path):
     assert s.insecure_test_keys is True and s.payment_public_key == "ab" * 32
     with pytest.raises(ValueError, match="FAREBOX_INSECURE_TEST_KEYS"):
         load_settings({"FAREBOX_INSECURE_TEST_KEYS": "maybe"})
+
+
+def test_a_secret_that_cannot_be_read_stops_the_command_with_its_setting_named(tmp_path, fresh):
+    _folder, settings = fresh
+    env = env_without_keys(tmp_path, **{**settings, "FAREBOX_ISSUER_KEYS_KEK": secrets.token_bytes(32).hex()})
+    done = farebox(env, "ingest")  # the wrong key-encryption key
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "FAREBOX_ISSUER_KEYS" in done.stderr and "wrong passphrase or key-encryption key" in done.stderr
