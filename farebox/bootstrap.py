@@ -59,17 +59,19 @@ def banner(uses: list[keys.TestKeyUse], stream=None) -> None:
     print(bar, file=stream, flush=True)
 
 
-def check_test_keys(settings: Settings, uses: list[keys.TestKeyUse]) -> None:
+def check_test_keys(settings: Settings, uses: list[keys.TestKeyUse], *, announce: bool = True) -> None:
     """The test-key rule: refuse ``uses`` unless the settings allow test keys, then print the banner."""
     if not uses:
         return
     if not settings.insecure_test_keys:
         raise TestKeysRefused(uses)
-    banner(uses)
+    if announce:
+        banner(uses)
 
 
-def start(settings: Settings, *needs: str) -> Root:
-    """The root for a command that uses the secrets ``needs`` (keys of farebox.keys.SECRETS), checked once."""
+def start(settings: Settings, *needs: str, announce: bool = True) -> Root:
+    """The root for a command that uses the secrets ``needs`` (keys of farebox.keys.SECRETS), checked once.
+    ``announce=False``: no banner (the demo, which exists to run on the test keys)."""
     from backoffice.keyservice import KeyFileError
 
     loaded: dict = {}
@@ -82,7 +84,7 @@ def start(settings: Settings, *needs: str) -> Root:
             raise StartRefused(f"{secret.what} ({secret.env}, TOML {secret.toml}): {e}") from None
         if use is not None:
             uses.append(use)
-    check_test_keys(settings, uses)
+    check_test_keys(settings, uses, announce=announce)
     return Root(settings, loaded)
 
 

@@ -30,7 +30,6 @@ from sqlalchemy import func, select
 
 from backoffice import clearing_runs, registry
 from backoffice.audit_runs import audit as audit_books
-from backoffice.db import make_engine, upgrade
 from backoffice.devices import fleet_status
 from backoffice.ingest_consumer import end_session
 from backoffice.models import Card, Quarantine, Tap
@@ -40,9 +39,9 @@ from backoffice.status_consumer import StatusConsumer
 from epurse.apdu import ALG_3DES, ALG_SM4
 from epurse.cardtypes import CardType
 from epurse.keys import TEST_ISSUER_KEYS
+from farebox import bootstrap
 from farebox.broker import EmbeddedBroker
 from farebox.config import Settings
-from farebox.keys import device_master, signing_seed
 from hardware_sim.card import SimCard
 from hardware_sim.city import CityPlan, plan_city
 from hardware_sim.psam import SimPsam
@@ -194,8 +193,8 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
                   f"{len(plan.drivers)} drivers, {len(plan.cards)} rider cards, service day {day}")
 
     database_url = settings.effective_database_url
-    engine = make_engine(database_url)
-    upgrade(engine)
+    root = bootstrap.start(settings, "device_master", "signing", announce=False)  # test keys: it is the demo
+    engine = root.engine()
     _seed_registry(engine, plan)
     console.print(f"back office database: {engine.url.render_as_string(hide_password=True)}")
 
@@ -208,7 +207,7 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
     console.print(f"MQTT broker: {target.url(with_password=False)}{' (embedded)' if broker else ''}")
 
     ingest = IngestProcess(run_dir, database_url, mqtt_url, client_id=f"ingest_{tag}", operator=plan.operator)
-    master, seed_key = device_master(settings), signing_seed(settings)
+    master, seed_key = root.device_master, root.signing_seed
     status = StatusConsumer(engine, target, master=master, client_id=f"status_{tag}", operator=plan.operator)
     publisher = Publisher(engine, target, seed=seed_key, device_master=master, operator=plan.operator,
                           client_id=f"publisher_{tag}")
