@@ -28,6 +28,7 @@ from validator.journal import Journal, JournalError, JournalFull
 from validator.messages import Outcome
 from validator.readers.base import CardRemoved, CardSession, CommunicationError, ReaderError
 from validator.shift_report import ShiftReport
+from wire.codec import MAX_ID
 from wire.records import RecordKind, TapRecord
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,14 @@ class TerminalConfig:
     # own transit record says when it last paid here, so the window survives a restart and costs no memory.
     double_tap_seconds: int = 30
     tz: str = "Asia/Shanghai"  # where the bus runs: a card's validity dates are local calendar days
+
+    def __post_init__(self):
+        # Every record carries both, and a batch with a longer one cannot be sent: refuse at start, not at upload.
+        for name in ("device_id", "operator"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID:
+                raise ValueError(f"{name} {value!r} must be 1 to {MAX_ID} characters (the wire carries no more): "
+                                 "fix the validator's configuration")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -705,3 +705,13 @@ def test_sign_out_and_hand_over_show_the_shift_totals(two_buses):
     assert closed.outcome is Outcome.SHIFT_CLOSED and (closed.report.taps, closed.report.amount) == (1, 200)
     assert bus.terminal.shift_report().shift_no == closed.report.shift_no  # the reprint is the last shift
     assert bus.terminal.shift_report(report.shift_no) == report
+
+
+def test_a_device_id_or_operator_longer_than_the_wire_carries_is_refused_at_start():
+    """Issue 9 hole 3: every record carries both, so a longer one would make every batch unsendable."""
+    from validator.terminal import TerminalConfig
+
+    with pytest.raises(ValueError, match="1 to 32 characters"):
+        TerminalConfig(device_id="b" * 33, operator="citybus", route="r12", vehicle="v7")
+    with pytest.raises(ValueError, match="operator"):
+        TerminalConfig(device_id="bus0042", operator="", route="r12", vehicle="v7")
