@@ -323,7 +323,6 @@ class Uplink:
             sent_at = time.monotonic()
             self.batches_sent += 1
 
-
     def _next_message(self) -> tuple[bytes | None, list[int]]:
         """The next message and the sequences it carries: records set aside first (for the back office's
         quarantine), else the oldest unsent batch. A batch that does not encode is split: records that fail on
