@@ -176,16 +176,31 @@ def read_issuer_file(source: str | Path | io.TextIOBase) -> pd.DataFrame:
     missing = [c for c in ISSUER_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"issuer file lacks column(s) {missing}; expected {list(ISSUER_COLUMNS)}")
-    for col in ("card_ttc", "amount", "terminal_seq"):
-        bad = ~frame[col].str.fullmatch(r"-?\d+")
+    for col, (low, high) in _ISSUER_RANGES.items():
+        bad = ~frame[col].str.fullmatch(r"-?[0-9]{1,10}")
+        if not bad.any():
+            frame[col] = frame[col].astype("int64")
+            bad = (frame[col] < low) | (frame[col] > high)  # a card counter is 2 bytes, an amount 4, ...
         if bad.any():
             line = int(np.flatnonzero(bad.to_numpy())[0]) + 2  # header is line 1
-            raise ValueError(f"issuer file line {line}: {col} must be an integer, got {frame[col][bad].iloc[0]!r}")
-        frame[col] = frame[col].astype("int64")
-    for col in ("card_asn", "terminal_id", "tac"):
+            raise ValueError(f"issuer file line {line}: {col} must be a whole number from {low} to {high}, got "
+                             f"{str(frame[col][bad].iloc[0])[:30]!r}")
+    for col, digits in (("card_asn", 20), ("terminal_id", 12), ("tac", 8)):
         frame[col] = frame[col].str.strip().str.upper()
-    frame["occurred_at"] = pd.to_datetime(frame["occurred_at"], utc=True)
+        bad = ~frame[col].str.fullmatch(f"[0-9A-F]{{{digits}}}")
+        if bad.any():
+            line = int(np.flatnonzero(bad.to_numpy())[0]) + 2
+            raise ValueError(f"issuer file line {line}: {col} must be {digits} hex digits, got "
+                             f"{frame[col][bad].iloc[0][:40]!r}")
+    try:
+        frame["occurred_at"] = pd.to_datetime(frame["occurred_at"], utc=True, format="ISO8601")
+    except (ValueError, OverflowError) as e:
+        raise ValueError(f"issuer file: occurred_at must be ISO 8601 times in UTC ({str(e)[:200]})") from None
     return frame[list(ISSUER_COLUMNS)]
+
+
+# What each number of the issuer's file may be: checked before anything is stored or summed
+_ISSUER_RANGES = {"card_ttc": (0, 0xFFFF), "amount": (-0xFFFFFFFF, 0xFFFFFFFF), "terminal_seq": (0, 0xFFFFFFFF)}
 
 
 def write_issuer_file(frame: pd.DataFrame) -> str:

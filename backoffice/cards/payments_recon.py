@@ -34,7 +34,11 @@ these columns (any order), one row per top-up order the platform handled that da
 DECISIONS = ("accepted", "refunded", "retried", "disputed")
 # Platforms cut their day files at local midnight; the day's orders are those created in that local day.
 DEFAULT_TZ = "Asia/Shanghai"
-_AMOUNT = re.compile(r"\d+")
+# What a cell may hold before anything is stored (a NUL byte or a 30-digit amount used to reach the database and
+# answer 500): an order id is printable ASCII, an amount at most a card's 4-byte field of fen.
+_AMOUNT = re.compile(r"[0-9]{1,10}")
+_ORDER_ID = re.compile(r"[\x21-\x7e]{1,40}")
+MAX_FEN = 0xFFFFFFFF
 
 
 class PaymentFileError(ValueError):
@@ -76,14 +80,15 @@ def read_payment_file(text: str) -> list[PaymentRecord]:
         if len(row) != len(names):
             raise PaymentFileError(f"payment file line {line}: {len(row)} fields, the header has {len(names)}")
         rec = {n: cell.strip() for n, cell in zip(names, row, strict=True)}
-        if not rec["order_id"] or len(rec["order_id"]) > 40:
-            raise PaymentFileError(f"payment file line {line}: order_id must be 1 to 40 characters")
-        if not _AMOUNT.fullmatch(rec["amount"]) or int(rec["amount"]) <= 0:
-            raise PaymentFileError(f"payment file line {line}: amount must be a positive whole number of fen, "
-                                   f"got {rec['amount']!r}")
+        if not _ORDER_ID.fullmatch(rec["order_id"]):
+            raise PaymentFileError(f"payment file line {line}: order_id must be 1 to 40 printable ASCII characters, "
+                                   f"got {rec['order_id'][:50]!r}")
+        if not _AMOUNT.fullmatch(rec["amount"]) or not 0 < int(rec["amount"]) <= MAX_FEN:
+            raise PaymentFileError(f"payment file line {line}: amount must be a positive whole number of fen, at most "
+                                   f"{MAX_FEN:,}, got {rec['amount'][:30]!r}")
         if rec["status"] not in ("paid", "refunded"):
             raise PaymentFileError(f"payment file line {line}: status must be paid or refunded, "
-                                   f"got {rec['status']!r}")
+                                   f"got {rec['status'][:30]!r}")
         out.append(PaymentRecord(rec["order_id"], int(rec["amount"]), rec["status"],
                                  _utc_time(rec["paid_at"], line)))
     return out

@@ -12,6 +12,7 @@ from sqlalchemy import Connection, select
 
 from backoffice.web import reads
 from backoffice.web.api.ota import writing
+from backoffice.web.api.types import Asn, RowId, SignedFen, Text
 from backoffice.web.deps import Services, connection, services
 from backoffice.web.auth import Principal, owned_by
 
@@ -21,7 +22,7 @@ router = APIRouter(tags=["cards"])
 @router.get("/cards/{asn}")
 def card(
     *,
-    asn: str,
+    asn: Asn,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     who: Annotated[Principal, Depends(owned_by("operator_staff"))],
     conn: Annotated[Connection, Depends(connection)],
@@ -72,7 +73,7 @@ def ledger_view(conn: Connection, asn: str) -> dict | None:
 @router.get("/cards/{asn}/ledger")
 def card_ledger(
     *,
-    asn: str,
+    asn: Asn,
     who: Annotated[Principal, Depends(owned_by("operator_staff"))],
     conn: Annotated[Connection, Depends(connection)],
 ) -> dict:
@@ -85,20 +86,21 @@ def card_ledger(
 
 
 class Why(BaseModel):
-    why: Annotated[str, Field(min_length=1, max_length=500, description="the reason, kept in the audit record")]
+    why: Annotated[Text(500, min_length=1), Field(description="the reason, kept in the audit record")]
 
 
 class Money(Why):
-    amount: Annotated[int, Field(description="fen; an adjustment carries its sign, a refund is positive")]
+    amount: Annotated[SignedFen, Field(description="fen, a whole number; an adjustment carries its sign, a refund "
+                                                   "is positive")]
 
 
 class CaseClose(BaseModel):
-    resolution: Annotated[str, Field(min_length=1, max_length=500)]
+    resolution: Text(500, min_length=1)
     block_card: bool = False
 
 
 @router.post("/cards/{asn}/lost")
-def report_lost(*, asn: str, body: Why, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
+def report_lost(*, asn: Asn, body: Why, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
                 svc: Annotated[Services, Depends(services)]) -> dict:
     """The card goes on the deny list (status lost) and its book balance is frozen for refund."""
     from backoffice.cards import issuance
@@ -112,7 +114,7 @@ def report_lost(*, asn: str, body: Why, who: Annotated[Principal, Depends(owned_
 
 
 @router.post("/cards/{asn}/refund")
-def refund(*, asn: str, body: Money, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
+def refund(*, asn: Asn, body: Money, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
            svc: Annotated[Services, Depends(services)]) -> dict:
     """Pay part or all of a lost card's frozen balance back to its holder."""
     from backoffice.cards import ledger
@@ -124,7 +126,7 @@ def refund(*, asn: str, body: Money, who: Annotated[Principal, Depends(owned_by(
 
 
 @router.post("/cards/{asn}/adjustments")
-def adjust(*, asn: str, body: Money, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
+def adjust(*, asn: Asn, body: Money, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
            svc: Annotated[Services, Depends(services)]) -> dict:
     """Correct the card's book by ``amount`` fen (signed) with a reason; the audit names who did it."""
     from backoffice.cards import ledger
@@ -136,7 +138,7 @@ def adjust(*, asn: str, body: Money, who: Annotated[Principal, Depends(owned_by(
 
 
 @router.post("/cases/{case_id}/close")
-def close_case(*, case_id: int, body: CaseClose, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
+def close_case(*, case_id: RowId, body: CaseClose, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
                svc: Annotated[Services, Depends(services)]) -> dict:
     """Close a case with what was decided; ``block_card`` puts the card on the deny list."""
     from backoffice.cards import cases

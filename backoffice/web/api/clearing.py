@@ -14,6 +14,7 @@ from backoffice.settle import settle
 from backoffice.web import reads
 from backoffice.web.deps import Services, connection, scoped, services
 from backoffice.web.auth import Principal, owned_by
+from backoffice.web.api.types import MAX_OFFSET, OperatorCode
 
 router = APIRouter(tags=["clearing"])
 OWNERS = ("clerk",)
@@ -31,10 +32,10 @@ def _operator(conn: Connection, who: Principal, operator: str) -> tuple[str, str
 @router.get("/operators/{operator}/days/{day}/taps")
 def taps_of_day(
     *,
-    operator: str,
+    operator: OperatorCode,
     day: date,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     kind: Kind | None = None,
     who: Annotated[Principal, Depends(owned_by(*OWNERS))],
     conn: Annotated[Connection, Depends(connection)],
@@ -67,7 +68,7 @@ def _table(frame, key: str) -> list[dict]:
 @router.get("/operators/{operator}/days/{day}/settlement")
 def settlement(
     *,
-    operator: str,
+    operator: OperatorCode,
     day: date,
     who: Annotated[Principal, Depends(owned_by(*OWNERS))],
     conn: Annotated[Connection, Depends(connection)],
@@ -97,7 +98,7 @@ def settlement(
 )
 def settlement_pdf(
     *,
-    operator: str,
+    operator: OperatorCode,
     day: date,
     who: Annotated[Principal, Depends(owned_by(*OWNERS))],
     conn: Annotated[Connection, Depends(connection)],
@@ -123,7 +124,7 @@ def settlement_pdf_bytes(conn: Connection, *, who: Principal, operator: str, day
 @router.get("/dashboard")
 def dashboard(
     *,
-    operator: str | None = None,
+    operator: OperatorCode | None = None,
     who: Annotated[Principal, Depends(owned_by("clerk", "operations"))],
     conn: Annotated[Connection, Depends(connection)],
     svc: Annotated[Services, Depends(services)],

@@ -13,6 +13,7 @@ from backoffice.devices import fleet_status
 from backoffice.web import reads
 from backoffice.web.deps import Services, connection, scoped, services
 from backoffice.web.auth import Principal, owned_by
+from backoffice.web.api.types import MAX_OFFSET, OperatorCode
 
 router = APIRouter(tags=["devices"])
 
@@ -35,8 +36,8 @@ def fleet_rows(
 @router.get("/fleet")
 def fleet(
     *,
-    operator: str | None = None,
-    stale_after_minutes: Annotated[float | None, Query(gt=0)] = None,
+    operator: OperatorCode | None = None,
+    stale_after_minutes: Annotated[float | None, Query(gt=0, le=525_600, description="at most a year")] = None,
     who: Annotated[Principal, Depends(owned_by("clerk", "operations"))],
     conn: Annotated[Connection, Depends(connection)],
     svc: Annotated[Services, Depends(services)],
@@ -50,7 +51,7 @@ def fleet(
 def quarantine(
     *,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     who: Annotated[Principal, Depends(owned_by("clerk", "operations"))],
     conn: Annotated[Connection, Depends(connection)],
 ) -> dict:

@@ -38,6 +38,7 @@ from backoffice.cards.ledger import RefundRefused
 from backoffice.models import TopupOrder
 from backoffice.web.deps import Services, services
 from backoffice.web.auth import Principal, owned_by
+from backoffice.web.api.types import FenUpTo, OrderId, Text
 from epurse import apdu
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,8 @@ Hex = Annotated[str, Field(pattern=r"^[0-9a-fA-F]*$")]
 
 class NewOrder(BaseModel):
     asn: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{20}$", description="the SIM's ASN, 20 hex digits")]
-    rider: Annotated[str, Field(min_length=1, max_length=64, description="who asked, e.g. the phone number")]
-    amount: Annotated[int, Field(gt=0, le=100_000, description="fen")]
+    rider: Annotated[Text(64, min_length=1), Field(description="who asked, e.g. the phone number")]
+    amount: Annotated[FenUpTo(100_000), Field(description="fen, a whole number (a JSON 30.00 is refused)")]
 
 
 class LoadAsk(BaseModel):
@@ -176,7 +177,7 @@ def create_order(*, body: NewOrder, who: Annotated[Principal, Depends(owned_by("
 
 
 @router.get("/ota/orders/{order_id}")
-def get_order(*, order_id: str, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
+def get_order(*, order_id: OrderId, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
               svc: Annotated[Services, Depends(services)]) -> dict:
     with svc.engine.connect() as conn:
         try:
@@ -186,7 +187,7 @@ def get_order(*, order_id: str, who: Annotated[Principal, Depends(owned_by("oper
 
 
 @router.post("/ota/orders/{order_id}/load")
-def load(*, order_id: str, body: LoadAsk, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
+def load(*, order_id: OrderId, body: LoadAsk, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
          host: Annotated[OtaHost, Depends(ota_host)]) -> dict:
     """The phone relays its SIM's INITIALIZE FOR LOAD answer; the host answers MAC2 and the CREDIT FOR LOAD
     command the phone sends to the SIM. Asked again for the same card session (a lost answer), the same MAC2."""
@@ -198,7 +199,7 @@ def load(*, order_id: str, body: LoadAsk, who: Annotated[Principal, Depends(owne
 
 
 @router.post("/ota/orders/{order_id}/tac")
-def report_tac(*, order_id: str, body: TacReport, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
+def report_tac(*, order_id: OrderId, body: TacReport, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
                host: Annotated[OtaHost, Depends(ota_host)]) -> dict:
     """The phone reports the SIM's TAC: verified, the load recorded (a repeat is harmless)."""
     return order_view(_host_call(host.report, order_id=order_id, tac=bytes.fromhex(body.tac)))
@@ -254,15 +255,15 @@ def order_list(conn: Connection, *, now: datetime, limit: int = 200,
 
 class StaffRetry(BaseModel):
     card_online_ttc: Annotated[int, Field(ge=0, le=0xFFFF, description="the online counter read from the card")]
-    why: Annotated[str, Field(min_length=1, max_length=500)]
+    why: Text(500, min_length=1)
 
 
 class StaffRefund(BaseModel):
-    why: Annotated[str, Field(min_length=1, max_length=500)]
+    why: Text(500, min_length=1)
 
 
 class StaffConfirm(BaseModel):
-    why: Annotated[str, Field(min_length=1, max_length=500, description="the evidence, e.g. the issuer's file line")]
+    why: Annotated[Text(500, min_length=1), Field(description="the evidence, e.g. the issuer's file line")]
 
 
 @router.get("/topups/orders")
@@ -274,7 +275,7 @@ def orders(*, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
 
 
 @router.post("/topups/orders/{order_id}/retry")
-def staff_retry(*, order_id: str, body: StaffRetry, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
+def staff_retry(*, order_id: OrderId, body: StaffRetry, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
                 svc: Annotated[Services, Depends(services)]) -> dict:
     """Let an unconfirmed order load again, when the card's online counter proves its MAC2 was never used."""
     with writing(svc) as conn:
@@ -284,7 +285,7 @@ def staff_retry(*, order_id: str, body: StaffRetry, who: Annotated[Principal, De
 
 
 @router.post("/topups/orders/{order_id}/refund")
-def staff_refund(*, order_id: str, body: StaffRefund, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
+def staff_refund(*, order_id: OrderId, body: StaffRefund, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
                  svc: Annotated[Services, Depends(services)]) -> dict:
     """Pay a paid, unloaded order back (the platform pays it out)."""
     with writing(svc) as conn:
@@ -293,7 +294,7 @@ def staff_refund(*, order_id: str, body: StaffRefund, who: Annotated[Principal, 
 
 
 @router.post("/topups/orders/{order_id}/confirm")
-def staff_confirm(*, order_id: str, body: StaffConfirm,
+def staff_confirm(*, order_id: OrderId, body: StaffConfirm,
                   who: Annotated[Principal, Depends(owned_by("operator_staff"))],
                   svc: Annotated[Services, Depends(services)]) -> dict:
     """Settle an unconfirmed order as loaded, when the issuer's file (or the card at the desk) shows the load."""

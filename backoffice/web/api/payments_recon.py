@@ -15,6 +15,7 @@ from backoffice.cards import payments_recon
 from backoffice.web.api.ota import writing
 from backoffice.web.deps import Services, connection, services
 from backoffice.web.auth import Principal, owned_by
+from backoffice.web.api.types import Reason, RowId
 
 router = APIRouter(tags=["payment reconciliation"])
 MAX_FILE = 20 * 1024 * 1024  # a platform's day of top-ups is well under a few MB; far larger is a mistake
@@ -70,11 +71,11 @@ async def upload_payment_file(*, day: Annotated[date, Query(description="the day
 
 class Decision(BaseModel):
     status: Literal["accepted", "refunded", "retried", "disputed"]
-    note: Annotated[str, Field(max_length=500)] = ""
+    note: Reason = ""
 
 
 @router.post("/payments/reconciliation/items/{item_id}")
-def resolve_payment_item(*, item_id: int, body: Decision,
+def resolve_payment_item(*, item_id: RowId, body: Decision,
                          who: Annotated[Principal, Depends(owned_by("operator_staff"))],
                          svc: Annotated[Services, Depends(services)]) -> dict:
     """Record staff's decision on an item (who decided comes from the token). The retry or refund itself is done

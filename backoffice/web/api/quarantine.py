@@ -26,6 +26,7 @@ from backoffice import quarantine
 from backoffice.ingest import Ingest
 from backoffice.web.auth import Principal, owned_by
 from backoffice.web.deps import Services, connection, services
+from backoffice.web.api.types import MAX_OFFSET, RowId, Text
 
 router = APIRouter(tags=["quarantine"])
 READERS = ("clerk", "operations")
@@ -33,7 +34,7 @@ DECIDERS = ("operations",)
 
 
 class Decision(BaseModel):
-    why: Annotated[str, Field(min_length=1, max_length=400, description="the reason, for the audit trail")]
+    why: Annotated[Text(400, min_length=1), Field(description="the reason, for the audit trail")]
 
 
 def configure_quarantine(app, *, ingest: Ingest) -> None:
@@ -57,10 +58,10 @@ def _view(item: quarantine.Item) -> dict:
 def rows(
     *,
     status: Literal["open", "released", "rejected", "all"] = "open",
-    device: Annotated[str | None, Query(max_length=32)] = None,
-    matching: Annotated[str | None, Query(max_length=200)] = None,
+    device: Annotated[Text(32) | None, Query()] = None,
+    matching: Annotated[Text(200) | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     who: Annotated[Principal, Depends(owned_by(*READERS))],
     conn: Annotated[Connection, Depends(connection)],
 ) -> dict:
@@ -72,7 +73,7 @@ def rows(
 
 @router.get("/quarantine/{quarantine_id}")
 def row(
-    quarantine_id: int,
+    quarantine_id: RowId,
     *,
     who: Annotated[Principal, Depends(owned_by(*READERS))],
     conn: Annotated[Connection, Depends(connection)],
@@ -104,7 +105,7 @@ def _decide(svc: Services, fn):
 
 @router.post("/quarantine/{quarantine_id}/release")
 def release(
-    quarantine_id: int,
+    quarantine_id: RowId,
     body: Decision,
     *,
     request: Request,
@@ -128,7 +129,7 @@ def release(
 
 @router.post("/quarantine/{quarantine_id}/reject")
 def reject(
-    quarantine_id: int,
+    quarantine_id: RowId,
     body: Decision,
     *,
     who: Annotated[Principal, Depends(owned_by(*DECIDERS))],

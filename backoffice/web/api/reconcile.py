@@ -17,6 +17,7 @@ from backoffice.models import ReconItem
 from backoffice.web.api.ota import writing
 from backoffice.web.deps import Services, connection, scoped, services
 from backoffice.web.auth import Principal, owned_by
+from backoffice.web.api.types import OperatorCode, Reason, RowId, SignedFen
 
 router = APIRouter(tags=["reconciliation"])
 MAX_FILE = 50 * 1024 * 1024  # an issuer's day for a city is a few MB; anything far larger is a mistake
@@ -52,7 +53,7 @@ def _known_operator(conn: Connection, who: Principal, operator: str) -> str:
 @router.get("/operators/{operator}/reconciliation")
 def reconciliation(
     *,
-    operator: str,
+    operator: OperatorCode,
     status: Annotated[Literal["open", "accepted", "adjusted", "disputed"] | None, Query()] = None,
     who: Annotated[Principal, Depends(owned_by("clerk"))],
     conn: Annotated[Connection, Depends(connection)],
@@ -64,9 +65,9 @@ def reconciliation(
 
 class Decision(BaseModel):
     status: Literal["accepted", "adjusted", "disputed"]
-    adjustment: Annotated[int | None, Field(description="fen carried into the next run (adjusted only); "
-                                                        "default: the item's suggestion")] = None
-    note: Annotated[str, Field(max_length=500)] = ""
+    adjustment: Annotated[SignedFen | None, Field(description="fen, a whole number, carried into the next run "
+                                                              "(adjusted only); default: the item's suggestion")] = None
+    note: Reason = ""
 
 
 def resolve(conn: Connection, *, who: Principal, operator: str, item_id: int, decision: Decision, now) -> dict:
@@ -81,7 +82,7 @@ def resolve(conn: Connection, *, who: Principal, operator: str, item_id: int, de
 
 
 @router.post("/operators/{operator}/reconciliation/items/{item_id}")
-def resolve_item(*, operator: str, item_id: int, body: Decision,
+def resolve_item(*, operator: OperatorCode, item_id: RowId, body: Decision,
                  who: Annotated[Principal, Depends(owned_by("clerk"))],
                  svc: Annotated[Services, Depends(services)]) -> dict:
     """Accept (our figure stands), adjust (carry ``adjustment`` fen into the next clearing run) or dispute an
@@ -109,7 +110,7 @@ def import_file(conn: Connection, *, who: Principal, operator: str, day: date, t
 
 
 @router.post("/operators/{operator}/reconciliation/issuer-file")
-async def upload_issuer_file(*, operator: str, day: Annotated[date, Query(description="the service day")],
+async def upload_issuer_file(*, operator: OperatorCode, day: Annotated[date, Query(description="the service day")],
                              file: UploadFile, who: Annotated[Principal, Depends(owned_by("clerk"))],
                              svc: Annotated[Services, Depends(services)]) -> dict:
     """The card issuer's daily CSV (clearing.reconcile.ISSUER_FILE_DOC) against the day's purchases: each

@@ -10,6 +10,7 @@ from sqlalchemy import Connection
 from backoffice.web import reads
 from backoffice.web.deps import connection, scoped
 from backoffice.web.auth import Principal, owned_by
+from backoffice.web.api.types import Code, OperatorCode
 
 router = APIRouter(tags=["registry"])
 OWNERS = ("clerk", "operations")
@@ -25,7 +26,7 @@ _SINGULAR = {
 def _list_view(kind: str):
     def view(
         *,
-        operator: str | None = None,
+        operator: OperatorCode | None = None,
         who: Annotated[Principal, Depends(owned_by(*OWNERS))],
         conn: Annotated[Connection, Depends(connection)],
     ) -> list[dict]:
@@ -39,7 +40,7 @@ def _list_view(kind: str):
 def _item_view(kind: str):
     def view(
         *,
-        key: str,
+        key: Code,
         who: Annotated[Principal, Depends(owned_by(*OWNERS))],
         conn: Annotated[Connection, Depends(connection)],
     ) -> dict:

@@ -22,8 +22,10 @@ from sqlalchemy.exc import IntegrityError
 
 from backoffice import registry
 from backoffice.web import reads
+from backoffice.web.api.types import Code, DeviceId, Fen, Name, OperatorCode, Plate, Reason, StopCode
 from backoffice.web.deps import Services, connection, scoped, services
 from backoffice.web.auth import Principal, owned_by
+from wire.topics import DEVICE_ID_RULE
 
 router = APIRouter(tags=["registry"])
 OWNERS = ("clerk", "operations")
@@ -31,10 +33,11 @@ Kind = Literal["routes", "vehicles", "drivers", "devices"]
 # page/API kind -> (registry kind, key field in the "now" table)
 KINDS = {"routes": ("route", "code"), "vehicles": ("vehicle", "code"), "drivers": ("driver", "staff_no"),
          "devices": ("device", "device_id")}
-Code = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
-Name = Annotated[str, Field(min_length=1, max_length=200)]
-Fen = Annotated[int, Field(ge=1, le=registry.MAX_FEN, description="fen")]
 When = Annotated[datetime | None, Field(description="effective from (UTC); default: now")]
+Stages = Annotated[list[tuple[Annotated[int, Field(ge=0, le=10_000)], Fen]] | None,
+                   Field(max_length=100, description="[[up to stops, fare fen], ...]")]
+Stops = Annotated[dict[Annotated[int, Field(ge=0, le=1)], Annotated[list[StopCode], Field(max_length=500)]] | None,
+                  Field(description="{direction 0|1: [stop codes in order]}")]
 
 
 class RegistryRefused(Exception):
@@ -72,40 +75,40 @@ def _http(e: RegistryRefused) -> HTTPException:
 
 # ------------------------------------------------------------------------------------------------ bodies
 class RouteIn(BaseModel):
-    operator: Annotated[str | None, Field(description="default: a clerk's own operator")] = None
+    operator: Annotated[OperatorCode | None, Field(description="default: a clerk's own operator")] = None
     code: Code
     name: Name
     flat_fare: Fen | None = None
-    stages: Annotated[list[tuple[int, int]] | None, Field(description="[[up to stops, fare fen], ...]")] = None
-    stops: Annotated[dict[int, list[str]] | None, Field(description="{direction 0|1: [stop codes in order]}")] = None
+    stages: Stages = None
+    stops: Stops = None
     at: When = None
 
 
 class RouteEdit(BaseModel):
     name: Name | None = None
     flat_fare: Fen | None = None
-    stages: list[tuple[int, int]] | None = None
-    stops: dict[int, list[str]] | None = None
+    stages: Stages = None
+    stops: Stops = None
     at: When = None
 
 
 class VehicleIn(BaseModel):
-    operator: str | None = None
+    operator: OperatorCode | None = None
     code: Code
-    plate: Name
-    fleet: Annotated[str | None, Field(description="put it in this fleet from the current service day")] = None
+    plate: Plate
+    fleet: Annotated[Code | None, Field(description="put it in this fleet from the current service day")] = None
     at: When = None
 
 
 class VehicleEdit(BaseModel):
-    plate: Name | None = None
-    fleet: str | None = None
+    plate: Plate | None = None
+    fleet: Code | None = None
     fleet_from: Annotated[date | None, Field(description="service day the fleet applies from; default today")] = None
     at: When = None
 
 
 class DriverIn(BaseModel):
-    operator: str | None = None
+    operator: OperatorCode | None = None
     staff_no: Code
     name: Name
     card_asn: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{20}$", description="the driver card's ASN, 20 hex")]
@@ -119,21 +122,21 @@ class DriverEdit(BaseModel):
 
 
 class DeviceIn(BaseModel):
-    operator: str | None = None
-    device_id: Code
-    vehicle: str | None = None
+    operator: OperatorCode | None = None
+    device_id: Annotated[DeviceId, Field(description=f"the validator's id: {DEVICE_ID_RULE}")]
+    vehicle: Code | None = None
     terminal_id: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{12}$", description="the PSAM's terminal number")]
     at: When = None
 
 
 class DeviceEdit(BaseModel):
-    vehicle: Annotated[str | None, Field(description="mount it in this vehicle; null: taken out")] = None
+    vehicle: Annotated[Code | None, Field(description="mount it in this vehicle; null: taken out")] = None
     terminal_id: Annotated[str | None, Field(pattern=r"^[0-9a-fA-F]{12}$")] = None
     at: When = None
 
 
 class Retire(BaseModel):
-    reason: Annotated[str, Field(max_length=500)] = ""
+    reason: Reason = ""
     at: When = None
 
 
@@ -249,7 +252,7 @@ def _add_view(kind: str):
 def _edit_view(kind: str):
     model = BODIES[kind][1]
 
-    def view(*, key: str, body: model, who: Who, svc: Svc) -> dict:
+    def view(*, key: Code, body: model, who: Who, svc: Svc) -> dict:
         try:
             with writing(svc) as conn:
                 changed = edit(conn, who=who, kind=kind, key=key, body=body, now=svc.clock())
@@ -265,7 +268,7 @@ def _edit_view(kind: str):
 
 
 def _retire_view(kind: str):
-    def view(*, key: str, body: Retire, who: Who, svc: Svc) -> dict:
+    def view(*, key: Code, body: Retire, who: Who, svc: Svc) -> dict:
         try:
             with writing(svc) as conn:
                 retire(conn, who=who, kind=kind, key=key, body=body, now=svc.clock())
@@ -280,7 +283,7 @@ def _retire_view(kind: str):
 
 
 def _history_view(kind: str):
-    def view(*, key: str, who: Who, conn: Annotated[Connection, Depends(connection)]) -> dict:
+    def view(*, key: Code, who: Who, conn: Annotated[Connection, Depends(connection)]) -> dict:
         return history(conn, who=who, kind=kind, key=key)
 
     view.__name__ = f"history_of_{KINDS[kind][0]}"

@@ -28,6 +28,7 @@ from backoffice.settle import settle, settle_month, stored_run_id
 from backoffice.web import reads
 from backoffice.web.deps import Services, connection, scoped, services
 from backoffice.web.auth import Principal, owned_by
+from backoffice.web.api.types import Code, OperatorCode, SmallCount, Text
 from clearing.reconcile import shift_totals
 from clearing.runs import revenue_by
 from clearing.service_day import day_bounds
@@ -283,13 +284,13 @@ _FILES = {200: {"content": {m.split(";")[0]: {} for m in MEDIA.values()}}}
 
 
 @router.get("/operators/{operator}/reports/days/{day}")
-def reports_of_day(*, operator: str, day: date, who: Who, conn: Conn) -> dict:
+def reports_of_day(*, operator: OperatorCode, day: date, who: Who, conn: Conn) -> dict:
     """What can be downloaded for a service day: its clearing run (null: none yet), its shifts and vehicles."""
     return day_index(conn, op=operator_of(conn, who, operator), day=day)
 
 
 @router.get("/operators/{operator}/reports/days/{day}/settlement", response_class=Response, responses=_FILES)
-def day_settlement_file(*, operator: str, day: date, who: Who, conn: Conn, svc: Svc,
+def day_settlement_file(*, operator: OperatorCode, day: date, who: Who, conn: Conn, svc: Svc,
                         format: Annotated[Literal["pdf", "csv", "xlsx"], Query()] = "pdf",
                         table: Annotated[Literal[TABLES], Query(description="CSV only: which table")] = "route",
                         ) -> Response:
@@ -300,7 +301,7 @@ def day_settlement_file(*, operator: str, day: date, who: Who, conn: Conn, svc: 
 
 
 @router.get("/operators/{operator}/reports/months/{month}/settlement", response_class=Response, responses=_FILES)
-def month_settlement_file(*, operator: str, month: str, who: Who, conn: Conn, svc: Svc,
+def month_settlement_file(*, operator: OperatorCode, month: Text(7), who: Who, conn: Conn, svc: Svc,
                           format: Annotated[Literal["pdf", "xlsx"], Query()] = "pdf") -> Response:
     """The month (``YYYY-MM``) from the stored runs of its days; days not cleared are named in the report."""
     op = operator_of(conn, who, operator)
@@ -309,7 +310,7 @@ def month_settlement_file(*, operator: str, month: str, who: Who, conn: Conn, sv
 
 @router.get("/operators/{operator}/reports/days/{day}/shifts/{device_id}/{shift_no}", response_class=Response,
             responses=_PDF)
-def shift_report(*, operator: str, day: date, device_id: str, shift_no: int, who: Who, conn: Conn,
+def shift_report(*, operator: OperatorCode, day: date, device_id: Code, shift_no: SmallCount, who: Who, conn: Conn,
                  svc: Svc) -> Response:
     """A driver's shift report (PDF): taps by card type, sign-in / sign-out, the reconciliation's verdict."""
     op = operator_of(conn, who, operator)
@@ -318,7 +319,7 @@ def shift_report(*, operator: str, day: date, device_id: str, shift_no: int, who
 
 @router.get("/operators/{operator}/reports/days/{day}/vehicles/{vehicle}", response_class=Response,
             responses=_PDF)
-def vehicle_report(*, operator: str, day: date, vehicle: str, who: Who, conn: Conn, svc: Svc) -> Response:
+def vehicle_report(*, operator: OperatorCode, day: date, vehicle: Code, who: Who, conn: Conn, svc: Svc) -> Response:
     """A vehicle's day (PDF): its shifts, routes and taps by hour."""
     op = operator_of(conn, who, operator)
     return vehicle_pdf(conn, op=op, day=day, vehicle=vehicle, now=svc.clock()).response()

@@ -1,0 +1,82 @@
+"""The API's input types, one set for every router: each says what it accepts, and anything else is a 422 that names
+the field and the rule, before a use case or the database sees it.
+
+Why these and not bare ``str``/``int``: PostgreSQL refuses a NUL byte in text, a bigint holds 64 bits, a column
+holds so many characters, and a JSON ``30.00`` is not a number of fen. Each of those used to reach the database (or
+the money) and come back as a 500, or worse, as 30 fen. Use them in bodies (pydantic fields) and in path and query
+parameters alike::
+
+    def view(*, operator: OperatorCode, item_id: RowId, body: Decision) -> dict: ...
+
+    class Money(BaseModel):
+        amount: SignedFen
+        why: Text(500, min_length=1)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
+
+from wire import topics
+
+MAX_FEN = 0xFFFFFFFF  # a card's 4-byte amount field (backoffice.registry.MAX_FEN)
+MAX_ROW_ID = 2**63 - 1  # a BIGINT primary key
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, newline and carriage return are text
+
+
+def _no_control(value: str) -> str:
+    found = _CONTROL.search(value)
+    if found:
+        raise ValueError(f"text must not contain control characters such as NUL (found {found.group()!r} at "
+                         f"position {found.start()})")
+    return value
+
+
+def Text(max_length: int, *, min_length: int = 0) -> Any:  # noqa: N802 (a type factory, read as a type)
+    """Free text of at most ``max_length`` characters (its column's size), no NUL or other control characters."""
+    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length),
+                     AfterValidator(_no_control)]
+
+
+def _whole_fen(value: object) -> object:
+    # bool is an int in Python and 30.0 == 30: refuse both, money is named in fen and sent as a whole number
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"amount is in fen, a whole number (3000 for 30 yuan), not {value!r}")
+    return value
+
+
+def _device_id(value: str) -> str:
+    try:
+        return topics.check_device_id(value)
+    except topics.DeviceIdError as e:
+        raise ValueError(str(e)) from None
+
+
+# Money: integer fen only (a JSON 30.00 or "30" is refused, never read as 30 fen), within a card's 4-byte field
+Fen = Annotated[int, Field(ge=1, le=MAX_FEN, description="fen, a whole number"), BeforeValidator(_whole_fen)]
+SignedFen = Annotated[int, Field(ge=-MAX_FEN, le=MAX_FEN, description="fen, a whole number with its sign"),
+                      BeforeValidator(_whole_fen)]
+
+
+def FenUpTo(limit: int) -> Any:  # noqa: N802 (a type factory)
+    """Fen, a whole number from 1 to ``limit`` (a top-up's ceiling, say)."""
+    return Annotated[int, Field(ge=1, le=min(limit, MAX_FEN), description="fen, a whole number"),
+                     BeforeValidator(_whole_fen)]
+# Codes and keys
+Code = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
+OperatorCode = Code
+DeviceId = Annotated[str, StringConstraints(min_length=1, max_length=32), AfterValidator(_device_id)]
+Asn = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{20}$"), Field(description="20 hex digits")]
+OrderId = Annotated[str, StringConstraints(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.-]+$")]
+TerminalId = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{12}$"), Field(description="12 hex digits")]
+Plate = Text(32, min_length=1)  # vehicle.plate is VARCHAR(32)
+Name = Text(200, min_length=1)  # route, driver, fleet names: VARCHAR(200)
+Reason = Text(500)  # audit reasons, notes, resolutions: VARCHAR(500)
+StopCode = Text(64, min_length=1)  # stop.code is VARCHAR(64)
+# Numbers the database stores as BIGINT / INTEGER
+RowId = Annotated[int, Field(ge=1, le=MAX_ROW_ID)]
+SmallCount = Annotated[int, Field(ge=0, le=2**31 - 1)]
+MAX_OFFSET = 2**31 - 1  # a page's offset: far past any table, and never past what the database's LIMIT/OFFSET take
