@@ -14,9 +14,10 @@ Who may call what:
   forge does not matter to the money: a load needs the card's own MAC1 and only counts with the card's TAC.
 
 Keys: the issuer key service and the platform's public key are set on the app with :func:`configure_ota`
-(``farebox serve`` and tests); when nothing was set, the first request takes them from the settings
-(``farebox.keys.key_service``; ``FAREBOX_PAYMENT_PUBLIC_KEY``: 64 hex digits, unset: the published test platform's
-key, fine for the simulator only). No key is ever returned or logged.
+(``farebox serve`` through farebox.bootstrap, and tests); until then the OTA endpoints answer 503.
+``FAREBOX_PAYMENT_PUBLIC_KEY`` is the platform's key, 64 hex digits; unset, serve refuses to start, except with
+``--insecure-test-keys`` (the published test platform's key, which only the simulator signs with). No key is ever
+returned or logged.
 """
 
 from __future__ import annotations
