@@ -201,9 +201,13 @@ def test_no_input_makes_the_api_answer_500(api):
     @given(request_for(spec, ops))
     def no_500(req):
         method, url, query, kw, token = req
+        statuses[method, url.split("/")[3]] = statuses.get((method, url.split("/")[3]), 0) + 1
         r = client.request(method, url, params=query, headers={"Authorization": f"Bearer {token}"}, **kw)
         assert r.status_code < 500, f"{method} {url} {query} {kw} -> {r.status_code} {r.text[:300]}"
         if 400 <= r.status_code < 500 and r.headers.get("content-type", "").startswith("application/json"):
             assert r.json().get("detail") not in (None, "", [], {}), r.text
 
+    statuses: dict = {}
     no_500()
+    # the walk really ran, over most of the API's areas (a silent short run would prove nothing)
+    assert sum(statuses.values()) >= min(EXAMPLES, 200) and len({area for _, area in statuses}) >= 10, statuses
