@@ -355,13 +355,15 @@ def load_shift_taps(conn: Connection, *, operator: str, day: date) -> pd.DataFra
     """Every record of the shifts that have a record in service ``day`` (the whole shift, also past the cut-off)."""
     op = _operator(conn, operator)
     start, end = day_bounds(day, op.timezone, op.cutoff_hour)
-    shifts = (select(Tap.device_id, Tap.shift_no).where(
+    # A shift belongs to one journal (device, epoch): a replaced journal numbers its shifts from 1 again.
+    shifts = (select(Tap.device_id, Tap.epoch, Tap.shift_no).where(
         Tap.operator == operator, Tap.shift_no > 0, Tap.occurred_at >= start, Tap.occurred_at < end)
         .distinct().subquery())
-    cols = ["device_id", "device_seq", "kind", "shift_no", "amount", "occurred_at"]
+    cols = ["device_id", "epoch", "device_seq", "kind", "shift_no", "amount", "occurred_at"]
     query = (select(*[getattr(Tap, c) for c in cols])
-             .join(shifts, and_(Tap.device_id == shifts.c.device_id, Tap.shift_no == shifts.c.shift_no))
-             .where(Tap.operator == operator).order_by(Tap.device_id, Tap.device_seq))
+             .join(shifts, and_(Tap.device_id == shifts.c.device_id, Tap.epoch == shifts.c.epoch,
+                                Tap.shift_no == shifts.c.shift_no))
+             .where(Tap.operator == operator).order_by(Tap.device_id, Tap.epoch, Tap.device_seq))
     frame = pd.DataFrame(conn.execute(query).all(), columns=cols)
     frame["amount"] = frame["amount"].astype("int64")
     return frame

@@ -51,8 +51,10 @@ def shift_totals(taps: pd.DataFrame) -> pd.DataFrame:
     """One row per (device_id, shift_no > 0): first/last sequence, records, purchases, amount (fen), missing
     (sequence numbers inside the shift that never arrived), opened / closed (its sign-in / sign-out arrived).
 
-    ``taps`` are unique by (device_id, device_seq) (the tap table's key), so a shift's record count is its number
-    of distinct sequences. Frames already in (device_id, device_seq) order (the loader asks for it) are reduced in
+    With an ``epoch`` column the unit is a journal, (device_id, epoch): a validator whose storage was replaced
+    starts its sequences and shift numbers again under a new epoch, and its old and new shift 1 are two shifts
+    (the output then has an ``epoch`` column too). ``taps`` are unique by (device_id, [epoch,] device_seq) (the
+    tap table's key), so a shift's record count is its number of distinct sequences. Frames already in (device_id, device_seq) order (the loader asks for it) are reduced in
     one pass over contiguous runs; others are sorted first.
     """
     missing_cols = [c for c in SHIFT_COLUMNS if c not in taps.columns]
@@ -70,6 +72,9 @@ def shift_totals(taps: pd.DataFrame) -> pd.DataFrame:
         kind = kind.to_numpy()
         is_open, is_close, is_purchase = kind == SHIFT_OPEN, kind == SHIFT_CLOSE, kind == PURCHASE
     device = taps["device_id"]
+    by_journal = "epoch" in taps.columns
+    if by_journal:  # one label per journal, split again below (US, \x1f: no device id holds it; pandas drops NUL)
+        device = device.astype(str) + "\x1f" + taps["epoch"].astype("int64").astype(str)
     if isinstance(device.dtype, pd.CategoricalDtype):
         dev, dev_labels = device.cat.codes.to_numpy().astype(np.int64), np.asarray(device.cat.categories, object)
     else:
@@ -104,15 +109,25 @@ def shift_totals(taps: pd.DataFrame) -> pd.DataFrame:
             first_seq=("first_seq", "min"), last_seq=("last_seq", "max"), records=("records", "sum"),
             purchases=("purchases", "sum"), amount=("amount", "sum"), opened=("opened", "max"),
             closed=("closed", "max"))
-    out = pd.DataFrame({"device_id": dev_labels[seg["dev"].to_numpy()].astype(str) if len(seg) else [],
-                        "shift_no": seg["shift_no"].to_numpy()})
+    labels = dev_labels[seg["dev"].to_numpy()].astype(str) if len(seg) else np.array([], dtype=str)
+    out = pd.DataFrame({"device_id": [lab.split("\x1f")[0] for lab in labels]})
+    if by_journal:
+        out["epoch"] = np.array([int(lab.split("\x1f")[1]) for lab in labels], dtype=np.int64)
+    out["shift_no"] = seg["shift_no"].to_numpy()
     for col in ("first_seq", "last_seq", "records", "purchases", "amount"):
         out[col] = seg[col].to_numpy(dtype=np.int64)
     out["missing"] = out["last_seq"] - out["first_seq"] + 1 - out["records"]
     out["opened"] = seg["opened"].to_numpy(dtype=bool)
     out["closed"] = seg["closed"].to_numpy(dtype=bool)
     out["shift_no"] = out["shift_no"].astype("int64")
-    return out.sort_values(["device_id", "shift_no"], kind="stable").reset_index(drop=True)
+    keys = ["device_id", "epoch", "shift_no"] if by_journal else ["device_id", "shift_no"]
+    return out.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+def _shift_ref(row) -> str:
+    """"device/shift" as clerks read it; a later journal of the device (epoch not 0) is named too."""
+    epoch = getattr(row, "epoch", 0)
+    return f"{row.device_id}/{row.shift_no}" if not epoch else f"{row.device_id}/journal {epoch:x}/{row.shift_no}"
 
 
 def reconcile_shifts(taps: pd.DataFrame, declared: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list]:
@@ -122,7 +137,7 @@ def reconcile_shifts(taps: pd.DataFrame, declared: pd.DataFrame | None = None) -
     items: list[Discrepancy] = []
     bad = totals[(totals["missing"] > 0) | ~totals["opened"] | ~totals["closed"]]
     for row in bad.itertuples(index=False):
-        ref = f"{row.device_id}/{row.shift_no}"
+        ref = _shift_ref(row)
         seqs = f"seq {row.first_seq}..{row.last_seq}, {row.records} records, {row.purchases} purchases"
         if row.missing:
             items.append(Discrepancy("shift", ref, "records_missing", int(row.amount), None,
@@ -134,7 +149,8 @@ def reconcile_shifts(taps: pd.DataFrame, declared: pd.DataFrame | None = None) -
             items.append(Discrepancy("shift", ref, "not_closed", int(row.amount), None,
                                      f"no sign-out received: still open, or its last records are missing ({seqs})"))
     if declared is not None and len(declared):
-        got = totals.set_index(["device_id", "shift_no"])
+        # The validators' summaries name (device, shift); a shift of each journal is added up under that name.
+        got = totals.groupby(["device_id", "shift_no"]).agg(purchases=("purchases", "sum"), amount=("amount", "sum"))
         for row in declared.itertuples(index=False):
             key = (str(row.device_id), int(row.shift_no))
             ref = f"{key[0]}/{key[1]}"

@@ -66,6 +66,22 @@ def test_a_gap_a_missing_sign_in_and_an_unclosed_shift_are_flagged_per_shift():
     assert (gap["missing"], gap["purchases"], gap["first_seq"], gap["last_seq"]) == (1, 5, 1, 8)
 
 
+def test_a_replaced_journal_numbers_its_shifts_again_and_each_journal_shift_stands_alone():
+    """Bus VAL1's storage is replaced mid-day: the new journal (epoch 7) starts at sequence 1 and shift 1 again.
+    Keyed by (device, epoch) both shifts balance; keyed by device alone they would fold into one shift whose
+    sequences repeat (a false gap and a false sum)."""
+    old = [r | {"epoch": 0} for r in shift_records("VAL1", 1, 1, 3)]
+    new = [r | {"epoch": 7} for r in shift_records("VAL1", 1, 1, 2, amount=300)]
+    frame = pd.DataFrame(old + new, columns=["device_id", "epoch", "device_seq", "kind", "shift_no", "amount"])
+    totals, items = reconcile_shifts(frame)
+    assert items == []
+    by = {(r.epoch, r.shift_no): (r.records, r.purchases, r.amount) for r in totals.itertuples()}
+    assert by == {(0, 1): (5, 3, 200 + 201 + 202), (7, 1): (4, 2, 300 + 301)}
+    unclosed = [r | {"epoch": 7} for r in shift_records("VAL1", 1, 1, 1, close=False)]
+    _, items = reconcile_shifts(pd.DataFrame(old + unclosed, columns=frame.columns))
+    assert [(i.ref, i.problem) for i in items] == [("VAL1/journal 7/1", "not_closed")]
+
+
 def test_rows_in_any_order_and_categoricals_give_the_same_totals():
     rows = shift_records("VAL1", 1, 1, 5) + shift_records("VAL2", 1, 1, 4) + shift_records("VAL1", 8, 2, 3)
     plain = shift_totals(shifts_frame(rows))
