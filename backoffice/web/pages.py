@@ -27,6 +27,7 @@ from backoffice.web.api.clearing import settlement_pdf_bytes
 from backoffice.web.api.devices import fleet_rows
 from backoffice.web.deps import HERE, Services, connection, scoped, services
 from backoffice.web.auth import COOKIE, Principal, page_of
+from backoffice.web.api.types import ServiceDay
 from clearing import money
 from epurse.cardtypes import CardType
 
@@ -254,7 +255,7 @@ def settlement(
     *,
     request: Request,
     operator: str | None = None,
-    day: date | None = None,
+    day: ServiceDay | None = None,
     who: Annotated[Principal, Depends(page_of("clerk"))],
     conn: Annotated[Connection, Depends(connection)],
     svc: Annotated[Services, Depends(services)],
@@ -298,7 +299,7 @@ def settlement(
 def settlement_pdf(
     *,
     operator: str | None = None,
-    day: date | None = None,
+    day: ServiceDay | None = None,
     who: Annotated[Principal, Depends(page_of("clerk"))],
     conn: Annotated[Connection, Depends(connection)],
     svc: Annotated[Services, Depends(services)],

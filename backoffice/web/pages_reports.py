@@ -15,6 +15,7 @@ from backoffice.web import reads
 from backoffice.web.api import reports
 from backoffice.web.deps import Services, connection, services
 from backoffice.web.auth import Principal, page_of
+from backoffice.web.api.types import ServiceDay
 
 router = APIRouter(include_in_schema=False)
 Who = Annotated[Principal, Depends(page_of(*reports.OWNERS))]
@@ -31,7 +32,7 @@ def _operator(conn: Connection, who: Principal, operator: str | None) -> tuple[r
 
 
 @router.get("/reports")
-def reports_page(*, request: Request, operator: str | None = None, day: date | None = None,
+def reports_page(*, request: Request, operator: str | None = None, day: ServiceDay | None = None,
                  month: Annotated[str, Query(pattern=r"^\d{4}-\d{2}$")] = "", who: Who, conn: Conn,
                  svc: Svc) -> HTMLResponse:
     op, codes = _operator(conn, who, operator)
@@ -49,7 +50,7 @@ def render_page(request, who, **context) -> HTMLResponse:
 
 
 @router.get("/reports/day")
-def day_file(*, operator: str | None = None, day: date, who: Who, conn: Conn, svc: Svc,
+def day_file(*, operator: str | None = None, day: ServiceDay, who: Who, conn: Conn, svc: Svc,
              format: Literal["pdf", "csv", "xlsx"] = "pdf", table: Literal[reports.TABLES] = "route") -> Response:
     op, _ = _operator(conn, who, operator)
     return reports.day_settlement(conn, op=op, day=day, fmt=format, table=table, now=svc.clock()).response()
@@ -63,7 +64,7 @@ def month_file(*, operator: str | None = None, month: str, who: Who, conn: Conn,
 
 
 @router.get("/reports/shift")
-def shift_file(*, operator: str | None = None, day: date, device_id: str, shift_no: int, who: Who, conn: Conn,
+def shift_file(*, operator: str | None = None, day: ServiceDay, device_id: str, shift_no: int, who: Who, conn: Conn,
                svc: Svc) -> Response:
     op, _ = _operator(conn, who, operator)
     return reports.shift_pdf(conn, op=op, day=day, device_id=device_id, shift_no=shift_no,
@@ -71,7 +72,7 @@ def shift_file(*, operator: str | None = None, day: date, device_id: str, shift_
 
 
 @router.get("/reports/vehicle")
-def vehicle_file(*, operator: str | None = None, day: date, vehicle: str, who: Who, conn: Conn,
+def vehicle_file(*, operator: str | None = None, day: ServiceDay, vehicle: str, who: Who, conn: Conn,
                  svc: Svc) -> Response:
     op, _ = _operator(conn, who, operator)
     return reports.vehicle_pdf(conn, op=op, day=day, vehicle=vehicle, now=svc.clock()).response()

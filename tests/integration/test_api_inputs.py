@@ -81,6 +81,8 @@ def test_a_device_id_that_cannot_be_a_broker_login_is_refused_422_and_broker_con
      "9223372036854775807"),
     ("GET", f"/api/v1/operators/{A}/days/2026-03-05/taps", {"params": {"offset": str(2**70)}}, "offset"),
     ("GET", f"/api/v1/operators/{A}/reports/days/2026-03-05/shifts/cb_001/{2**64}", {}, "shift_no"),
+    ("GET", f"/api/v1/operators/{A}/reports/days/9999-12-31", {}, "2099-12-31"),  # its next day is no date
+    ("GET", f"/api/v1/operators/{A}/days/0001-01-01/taps", {}, "2000-01-01"),
 ])
 def test_nul_bytes_and_numbers_out_of_range_are_4xx(api, method, path, kw, words):
     client, _engine = api

@@ -69,7 +69,7 @@ def _row(device, seq, kind, at, vehicle, route, driver, *, card_type=1, amount=0
     return {"device_id": device, "device_seq": seq, "kind": kind, "occurred_at": at,
             "received_at": at + timedelta(minutes=3), "operator": OP, "route": route, "vehicle": vehicle,
             "driver": driver, "shift_no": shift_no, "card_asn": f"{hash((device, seq)) & 0xFFFFFFFF:020d}",
-            "card_type": card_type, "card_ttc": seq, "amount": amount, "balance_after": 5000,
+            "card_type": card_type, "card_ttc": seq % 0x10000, "amount": amount, "balance_after": 5000,
             "terminal_id": f"0100000000{int(device[-1]):02d}", "terminal_seq": 1000 + seq, "tac": f"{seq:08X}",
             "reason": ""}
 

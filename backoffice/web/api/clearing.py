@@ -14,7 +14,7 @@ from backoffice.settle import settle
 from backoffice.web import reads
 from backoffice.web.deps import Services, connection, scoped, services
 from backoffice.web.auth import Principal, owned_by
-from backoffice.web.api.types import MAX_OFFSET, OperatorCode
+from backoffice.web.api.types import MAX_OFFSET, OperatorCode, ServiceDay
 
 router = APIRouter(tags=["clearing"])
 OWNERS = ("clerk",)
@@ -33,7 +33,7 @@ def _operator(conn: Connection, who: Principal, operator: str) -> tuple[str, str
 def taps_of_day(
     *,
     operator: OperatorCode,
-    day: date,
+    day: ServiceDay,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     kind: Kind | None = None,
@@ -69,7 +69,7 @@ def _table(frame, key: str) -> list[dict]:
 def settlement(
     *,
     operator: OperatorCode,
-    day: date,
+    day: ServiceDay,
     who: Annotated[Principal, Depends(owned_by(*OWNERS))],
     conn: Annotated[Connection, Depends(connection)],
     svc: Annotated[Services, Depends(services)],
@@ -99,7 +99,7 @@ def settlement(
 def settlement_pdf(
     *,
     operator: OperatorCode,
-    day: date,
+    day: ServiceDay,
     who: Annotated[Principal, Depends(owned_by(*OWNERS))],
     conn: Annotated[Connection, Depends(connection)],
     svc: Annotated[Services, Depends(services)],

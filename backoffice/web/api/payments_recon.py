@@ -15,7 +15,7 @@ from backoffice.cards import payments_recon
 from backoffice.web.api.ota import writing
 from backoffice.web.deps import Services, connection, services
 from backoffice.web.auth import Principal, owned_by
-from backoffice.web.api.types import Reason, RowId
+from backoffice.web.api.types import Reason, RowId, ServiceDay
 
 router = APIRouter(tags=["payment reconciliation"])
 MAX_FILE = 20 * 1024 * 1024  # a platform's day of top-ups is well under a few MB; far larger is a mistake
@@ -49,7 +49,7 @@ def payment_items(
 
 
 @router.post("/payments/reconciliation")
-async def upload_payment_file(*, day: Annotated[date, Query(description="the day the platform's file covers")],
+async def upload_payment_file(*, day: Annotated[ServiceDay, Query(description="the day the platform's file covers")],
                               file: UploadFile, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
                               svc: Annotated[Services, Depends(services)]) -> dict:
     """The payment platform's daily CSV (backoffice.cards.payments_recon.PAYMENT_FILE_DOC) against the day's

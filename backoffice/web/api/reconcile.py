@@ -17,7 +17,7 @@ from backoffice.models import ReconItem
 from backoffice.web.api.ota import writing
 from backoffice.web.deps import Services, connection, scoped, services
 from backoffice.web.auth import Principal, owned_by
-from backoffice.web.api.types import OperatorCode, Reason, RowId, SignedFen
+from backoffice.web.api.types import OperatorCode, Reason, RowId, ServiceDay, SignedFen
 
 router = APIRouter(tags=["reconciliation"])
 MAX_FILE = 50 * 1024 * 1024  # an issuer's day for a city is a few MB; anything far larger is a mistake
@@ -110,7 +110,7 @@ def import_file(conn: Connection, *, who: Principal, operator: str, day: date, t
 
 
 @router.post("/operators/{operator}/reconciliation/issuer-file")
-async def upload_issuer_file(*, operator: OperatorCode, day: Annotated[date, Query(description="the service day")],
+async def upload_issuer_file(*, operator: OperatorCode, day: Annotated[ServiceDay, Query(description="the service day")],
                              file: UploadFile, who: Annotated[Principal, Depends(owned_by("clerk"))],
                              svc: Annotated[Services, Depends(services)]) -> dict:
     """The card issuer's daily CSV (clearing.reconcile.ISSUER_FILE_DOC) against the day's purchases: each

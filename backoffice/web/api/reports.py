@@ -28,7 +28,7 @@ from backoffice.settle import settle, settle_month, stored_run_id
 from backoffice.web import reads
 from backoffice.web.deps import Services, connection, scoped, services
 from backoffice.web.auth import Principal, owned_by
-from backoffice.web.api.types import Code, OperatorCode, SmallCount, Text
+from backoffice.web.api.types import Code, OperatorCode, ServiceDay, SmallCount, Text
 from clearing.reconcile import shift_totals
 from clearing.runs import revenue_by
 from clearing.service_day import day_bounds
@@ -284,13 +284,13 @@ _FILES = {200: {"content": {m.split(";")[0]: {} for m in MEDIA.values()}}}
 
 
 @router.get("/operators/{operator}/reports/days/{day}")
-def reports_of_day(*, operator: OperatorCode, day: date, who: Who, conn: Conn) -> dict:
+def reports_of_day(*, operator: OperatorCode, day: ServiceDay, who: Who, conn: Conn) -> dict:
     """What can be downloaded for a service day: its clearing run (null: none yet), its shifts and vehicles."""
     return day_index(conn, op=operator_of(conn, who, operator), day=day)
 
 
 @router.get("/operators/{operator}/reports/days/{day}/settlement", response_class=Response, responses=_FILES)
-def day_settlement_file(*, operator: OperatorCode, day: date, who: Who, conn: Conn, svc: Svc,
+def day_settlement_file(*, operator: OperatorCode, day: ServiceDay, who: Who, conn: Conn, svc: Svc,
                         format: Annotated[Literal["pdf", "csv", "xlsx"], Query()] = "pdf",
                         table: Annotated[Literal[TABLES], Query(description="CSV only: which table")] = "route",
                         ) -> Response:
@@ -310,7 +310,7 @@ def month_settlement_file(*, operator: OperatorCode, month: Text(7), who: Who, c
 
 @router.get("/operators/{operator}/reports/days/{day}/shifts/{device_id}/{shift_no}", response_class=Response,
             responses=_PDF)
-def shift_report(*, operator: OperatorCode, day: date, device_id: Code, shift_no: SmallCount, who: Who, conn: Conn,
+def shift_report(*, operator: OperatorCode, day: ServiceDay, device_id: Code, shift_no: SmallCount, who: Who, conn: Conn,
                  svc: Svc) -> Response:
     """A driver's shift report (PDF): taps by card type, sign-in / sign-out, the reconciliation's verdict."""
     op = operator_of(conn, who, operator)
@@ -319,7 +319,7 @@ def shift_report(*, operator: OperatorCode, day: date, device_id: Code, shift_no
 
 @router.get("/operators/{operator}/reports/days/{day}/vehicles/{vehicle}", response_class=Response,
             responses=_PDF)
-def vehicle_report(*, operator: OperatorCode, day: date, vehicle: Code, who: Who, conn: Conn, svc: Svc) -> Response:
+def vehicle_report(*, operator: OperatorCode, day: ServiceDay, vehicle: Code, who: Who, conn: Conn, svc: Svc) -> Response:
     """A vehicle's day (PDF): its shifts, routes and taps by hour."""
     op = operator_of(conn, who, operator)
     return vehicle_pdf(conn, op=op, day=day, vehicle=vehicle, now=svc.clock()).response()

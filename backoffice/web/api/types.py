@@ -16,6 +16,7 @@ parameters alike::
 from __future__ import annotations
 
 import re
+from datetime import date
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
@@ -80,3 +81,9 @@ StopCode = Text(64, min_length=1)  # stop.code is VARCHAR(64)
 RowId = Annotated[int, Field(ge=1, le=MAX_ROW_ID)]
 SmallCount = Annotated[int, Field(ge=0, le=2**31 - 1)]
 MAX_OFFSET = 2**31 - 1  # a page's offset: far past any table, and never past what the database's LIMIT/OFFSET take
+
+
+# A service day the back office can work with: its bounds (the next day's cut-off, a month's end) stay inside what a
+# date holds. 9999-12-31 used to overflow into a 500.
+ServiceDay = Annotated[date, Field(ge=date(2000, 1, 1), le=date(2099, 12, 31),
+                                   description="a service day, YYYY-MM-DD (2000-01-01 to 2099-12-31)")]
