@@ -207,6 +207,14 @@ class Terminal:
         except apdu.StatusError as e:
             if e.sw != apdu.SW_PROVE_NOT_AVAILABLE:
                 raise
+            if self._spent_here(card, grey):
+                # A card proves only its last transaction. This one has paid elsewhere since, and its log shows
+                # this terminal's debit at the grey record's counter: the money moved, though its TAC can no longer
+                # be had. Never cancel a debit: the grey record stays, named by the status alarm, for operations.
+                log.warning("device %s seq %d: card %s was debited (its log says so) but proves a later transaction "
+                            "now; grey record kept for operations", self.config.device_id, grey.device_seq,
+                            grey.card_asn)
+                return None
             self.journal.cancel(grey.device_seq)  # the card never debited
             log.info("device %s seq %d: card %s was not debited; grey record cancelled", self.config.device_id,
                      grey.device_seq, grey.card_asn)
@@ -228,18 +236,30 @@ class Terminal:
         return TapResult(Outcome.PAID, fare=grey.amount, balance=grey.balance_after, record=record)
 
     @staticmethod
-    def _counter_used_elsewhere(card: CardSession, grey: TapRecord) -> bool:
-        """The card's own log (READ RECORD, newest first) shows the grey record's counter spent by another terminal
-        or for another amount. A log that no longer reaches that far says nothing (False): the TAC, checked by the
-        back office, still tells a borrowed answer from this terminal's own."""
+    def _log_entry(card: CardSession, grey: TapRecord) -> apdu.LogRecord | None:
+        """The card's own log record (READ RECORD, newest first) of the grey record's counter, if it still holds it."""
         for number in range(1, 11):
             answer = card.exchange(apdu.read_log_record(number))
             if answer[-2:] != b"\x90\x00":
                 break
             entry = apdu.parse_log_record(answer[:-2])
             if entry.tx_type == grey.tx_type and entry.ttc == grey.card_ttc:
-                return entry.terminal_id.hex() != grey.terminal_id or entry.amount != grey.amount
-        return False
+                return entry
+        return None
+
+    @classmethod
+    def _counter_used_elsewhere(cls, card: CardSession, grey: TapRecord) -> bool:
+        """The card's log shows the grey record's counter spent by another terminal or for another amount. A log
+        that no longer reaches that far says nothing (False): the TAC, checked by the back office, still tells a
+        borrowed answer from this terminal's own."""
+        entry = cls._log_entry(card, grey)
+        return entry is not None and (entry.terminal_id.hex() != grey.terminal_id or entry.amount != grey.amount)
+
+    @classmethod
+    def _spent_here(cls, card: CardSession, grey: TapRecord) -> bool:
+        entry = cls._log_entry(card, grey)
+        return (entry is not None and entry.terminal_id.hex() == grey.terminal_id and entry.amount == grey.amount
+                and entry.date == bcd_date(grey.occurred_at) and entry.time == bcd_time(grey.occurred_at))
 
     def _local_date(self, now: datetime) -> date:
         return now.astimezone(self._zone).date()
