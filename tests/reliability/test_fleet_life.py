@@ -18,8 +18,9 @@ pulled), never twice and never nowhere, and every record is such a debit; so wha
 than was paid onto it. After each clearing, and at the end of every example (everything sent, every day cleared),
 the auditor (``backoffice.audit_runs``, plain SQL) finds no difference, and every purchase is in a run.
 
-``make test`` runs 8 examples of 25 steps; ``FAREBOX_SOAK=1`` (``make soak``) 100 of 50 (5,000 steps). The figures (examples, steps, faults
-injected, differences found) go to ``fleet-life.json`` in the test's tmp folder and to the log.
+``make test`` runs 8 examples of 25 steps; ``FAREBOX_SOAK=1`` (``make soak``) 100 of 50 (5,000 steps). The
+figures (examples, steps, faults injected, differences found) go to ``fleet-life.json`` in the test's tmp folder
+and to the log.
 """
 
 from __future__ import annotations
