@@ -174,7 +174,7 @@ def decode_status(payload: bytes, *, key: bytes) -> Status:
     unknown = doc.keys() - _KNOWN
     if unknown:
         raise StatusError(f"status has unknown fields {', '.join(sorted(unknown))}")
-    if doc["k"] not in _KIND_OF:
+    if not isinstance(doc["k"], str) or doc["k"] not in _KIND_OF:  # a list would not even hash
         raise StatusError(f"status kind {doc['k']!r} is not one of b, h, x")
     alarms = doc.get("al", [])
     if not isinstance(alarms, list):
