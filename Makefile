@@ -68,7 +68,7 @@ soak: venv
 	@scripts/ensure-services.sh
 	FAREBOX_WIRE_FUZZ=2000000 $(BIN)/pytest -q -p no:cacheprovider tests/reliability/test_wire_fuzz.py
 	FAREBOX_VPCD_SOAK=1000 $(BIN)/pytest -q -p no:cacheprovider tests/integration/test_vpcd_soak.py
-	FAREBOX_OTA_EXAMPLES=1000 $(BIN)/pytest -q -p no:cacheprovider tests/integration/test_topup_attacks.py -k stateful
+	FAREBOX_SOAK=1 FAREBOX_OTA_EXAMPLES=1000 $(BIN)/pytest -q -p no:cacheprovider tests/integration/test_topup_attacks.py -k stateful
 	FAREBOX_SOAK=1 $(BIN)/pytest -q -s -p no:cacheprovider tests/reliability/test_fleet_life.py -k working_life
 	FAREBOX_SOAK=1 $(BIN)/pytest -q -p no:cacheprovider tests/reliability/test_outage.py \
 	  tests/reliability/test_broker_restart.py tests/reliability/test_live_garbage.py \

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from farebox.broker import EmbeddedBroker
 from wire.mqtt_url import parse_mqtt_url
@@ -34,6 +35,11 @@ from wire.mqtt_url import parse_mqtt_url
 # The suite runs on the published test keys: say so to every farebox it runs, in process (load_settings) and as a
 # child process (inherited environment). tests/integration/test_test_keys.py checks the refusal without it.
 os.environ.setdefault("FAREBOX_INSECURE_TEST_KEYS", "1")
+
+# Property tests: `make test` is the gate CI runs, so its examples are the same on every run (a fixed seed per test,
+# no example database); `make soak` (FAREBOX_SOAK=1) explores new random examples, where a new find belongs.
+settings.register_profile("farebox", derandomize=os.environ.get("FAREBOX_SOAK") != "1", database=None)
+settings.load_profile("farebox")
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
