@@ -191,7 +191,7 @@ class WorkerSpec:
 
     ``keys`` is how the worker opens the issuer key service itself, never the keys: a picklable callable such as
     ``functools.partial(farebox.keys.key_service, settings)`` (the key file's path; its passphrase or KEK comes from
-    the worker's own environment) or ``backoffice.keyservice.published_test_keys`` (demo, tests, benches)."""
+    the worker's own environment) or ``farebox.keys.published_test_keys`` (demo, tests, benches)."""
 
     database_url: str
     target: MqttTarget

@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from epurse import crypto
-from epurse.keys import TEST_ISSUER_KEYS, IssuerKeys
+from epurse.keys import IssuerKeys
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +160,6 @@ class LocalKeyService:
         expected = crypto.suite(algorithm).purchase_tac_with(self._tac_macs(algorithm, bytes(asn)), amount, tx_type,
                                                              terminal_id, terminal_seq, date4, time3)
         return _same(expected, tac)
-
-
-def published_test_keys() -> LocalKeyService:
-    """The key service over the published TEST issuer keys (epurse.keys): simulated cards, the demo, tests and benches
-    only. A top-level function, so a worker process can be handed it to open them itself (WorkerSpec.keys)."""
-    return LocalKeyService(TEST_ISSUER_KEYS, source="the published test keys")
 
 
 def as_key_service(keys, *, tac_cards: int = 100_000) -> KeyService:

@@ -417,7 +417,7 @@ def _batches_per_device(fleet: Fleet, per_device: int, batch: int, seq_base: int
 
 def _start_ingest(database_url: str, target: MqttTarget, operator: str, ready: Path):
     from backoffice.ingest_consumer import WorkerSpec, run_worker
-    from backoffice.keyservice import published_test_keys
+    from farebox.keys import published_test_keys
 
     spec = WorkerSpec(database_url, target, published_test_keys, TEST_DEVICE_MASTER, f"fleet_ingest_{ready.stem}",
                       operator=operator, ready_file=str(ready), log_level=40)

@@ -485,7 +485,7 @@ def run_backend(backend: Backend, *, mqtt_url: str, private: bool, uid: str, val
                 log: Callable[[str], None]) -> dict:
     from backoffice.db import make_engine, upgrade
     from backoffice.ingest_consumer import WorkerSpec, run_worker
-    from backoffice.keyservice import published_test_keys  # each worker opens it: no key crosses to a process
+    from farebox.keys import published_test_keys  # each worker opens it: no key crosses to a process
 
     ctx = multiprocessing.get_context("spawn")
     target = parse_mqtt_url(mqtt_url)

@@ -111,13 +111,21 @@ def key_service(settings: Settings, environ=os.environ):
     return _checked(settings, *load_key_service(settings, environ))
 
 
+def published_test_keys():
+    """The key service over the published TEST issuer keys (epurse.keys): simulated cards, the demo, tests and benches
+    only. A top-level function, so a worker process can be handed it to open them itself (WorkerSpec.keys)."""
+    from backoffice.keyservice import LocalKeyService
+
+    return LocalKeyService(TEST_ISSUER_KEYS, source="the published test keys")
+
+
 def load_key_service(settings: Settings, environ=os.environ):
     """The key service and, when it holds published test keys, what to say about that (unchecked)."""
     from backoffice.keyservice import LocalKeyService, is_key_file, open_key_file
 
     path = settings.issuer_keys_file
     if path is None:
-        return LocalKeyService(TEST_ISSUER_KEYS, source="the published test keys"), _use("issuer", None)
+        return published_test_keys(), _use("issuer", None)
     content = Path(path).read_bytes()
     if is_key_file(content):
         passphrase, kek = _kek_from_env(environ)

@@ -128,7 +128,7 @@ def _check_mac1(keys: KeyService, asn: str, init: apdu.LoadInit, amount: int, te
 
 
 def _grant(conn: Connection, *, keys: KeyService, asn: str, init: apdu.LoadInit, amount: int, terminal_id: bytes,
-           channel: str, staff: str, now: datetime, order_id: str | None, witnessed: bool) -> LoadGrant:
+           channel: str, staff: str, now: datetime, order_id: str | None) -> LoadGrant:
     status = _card_status(conn, asn)
     if status != "active":
         raise TopupRefused("card_denied", f"card {asn} is {status}: no load")
@@ -139,7 +139,7 @@ def _grant(conn: Connection, *, keys: KeyService, asn: str, init: apdu.LoadInit,
         mac2 = keys.load_mac2(_init_request(asn, init, amount, terminal_id), date4, time3)
     except LoadRefused as e:
         raise TopupRefused("bad_mac1", str(e)) from None
-    _card_at(conn, asn=asn, online_ttc=init.online_ttc, now=now, witnessed=witnessed)
+    _card_at(conn, asn=asn, online_ttc=init.online_ttc, now=now)
     load_id = conn.execute(_LOAD.insert().values(
         asn=asn, channel=channel, order_id=order_id, amount=amount, balance_before=init.balance,
         online_ttc=init.online_ttc, algorithm=init.algorithm, card_random=init.random.hex(), mac1=init.mac1.hex(),
@@ -164,20 +164,18 @@ def _distinct_stamp(conn: Connection, *, asn: str, online_ttc: int, amount: int,
     return crypto.bcd_date(stamp), crypto.bcd_time(stamp)
 
 
-def _card_at(conn: Connection, *, asn: str, online_ttc: int, now: datetime, witnessed: bool) -> None:
+def _card_at(conn: Connection, *, asn: str, online_ttc: int, now: datetime) -> None:
     """A MAC1-verified INITIALIZE FOR LOAD shows the card at online counter ``online_ttc``: what that says of the
-    card's live loads. Past a load's counter: the load may have happened (unconfirmed). At its counter: only the
-    host's own reader (``witnessed``) proves the old session gone (void); a phone's answer may be a replay, and a
-    second MAC2 at the same counter is safe anyway. Below it: the card went backwards, a case."""
+    card's live loads. Past a load's counter: the load may have happened (unconfirmed). At its counter: nothing (a
+    phone's answer may be a replay, and a second MAC2 at the same counter is safe anyway; the desk reader's own
+    reading voids such loads in :func:`resolve_from_card` before it asks for a grant). Below it: the card went
+    backwards, a case."""
     for row in _live(conn, asn=asn):
         if row.online_ttc < online_ttc:
             _unconfirmed(conn, row, now)
         elif row.online_ttc > online_ttc:
             cases.raise_case(conn, asn=asn, kind=cases.COUNTER_BACKWARDS, key=f"load{row.online_ttc}",
                              detail=f"online counter {online_ttc} is below load {row.id}'s {row.online_ttc}", now=now)
-        elif witnessed:
-            _void(conn, row, now, why="the desk reader read the card at this load's online counter: its MAC2 "
-                                      "belongs to a card session that is gone")
 
 
 def _live(conn: Connection, *, asn: str | None = None, order_id: str | None = None):
@@ -212,10 +210,12 @@ def _unconfirmed(conn: Connection, row, now: datetime) -> None:
                             "but no TAC, and the card has moved on: read its log, or check the issuer's file", now=now)
 
 
-def _loaded(conn: Connection, row, now: datetime, *, tac: str | None, by: str, who: str = HOST) -> None:
+def _loaded(conn: Connection, row, now: datetime, *, tac: str | None, by: str, who: str = HOST) -> set[int]:
     """Record ``row`` as loaded. Its counter is spent, so every other load at it is void, when ``by`` is proof
-    from the card (its TAC) or staff; a log (``card_log``) proves only this load, so the others wait for proof."""
+    from the card (its TAC) or staff; a log (``card_log``) proves only this load, so the others wait for proof.
+    Returns the ids of the loads it voided."""
     proven = by != "card_log"
+    voided = set()
     for other in conn.execute(select(_LOAD).where(_LOAD.c.asn == row.asn, _LOAD.c.online_ttc == row.online_ttc,
                                                   _LOAD.c.id != row.id, _LOAD.c.status != "void")).all():
         if other.status == "loaded" and not proven:
@@ -224,6 +224,7 @@ def _loaded(conn: Connection, row, now: datetime, *, tac: str | None, by: str, w
         if proven:
             _void(conn, other, now, who=who, why=f"load {row.id} at the same online counter {row.online_ttc} is "
                                                  f"proven ({by}): this MAC2 can never have been used")
+            voided.add(other.id)
     conn.execute(update(_LOAD).where(_LOAD.c.id == row.id).values(status="loaded", tac=tac, confirmed_by=by,
                                                                   settled_at=now))
     if row.order_id is not None:
@@ -231,6 +232,7 @@ def _loaded(conn: Connection, row, now: datetime, *, tac: str | None, by: str, w
                                                                                     updated_at=now))
     audit.record(conn, who=who, action="load_confirmed", why=f"confirmed by {by}", now=now, asn=row.asn,
                  order_id=row.order_id, amount=row.amount, load_id=row.id, tac=tac)
+    return voided
 
 
 def _tac_ok(keys: KeyService, row, tac: bytes) -> bool:
@@ -267,13 +269,14 @@ def resolve_from_card(conn: Connection, *, asn: str, online_ttc: int, log: list[
     docstring. ``witnessed``: the host's own desk reader read all of it just now (else a phone told it).
     Returns load id -> what became of it (loaded / void / unconfirmed / authorized)."""
     out: dict[int, str] = {}
+    voided: set[int] = set()  # by a sibling's proof, earlier in this loop
     for row in _live(conn, asn=asn):
-        if conn.execute(select(_LOAD.c.status).where(_LOAD.c.id == row.id)).scalar() != "authorized":
-            out[row.id] = "void"  # settled a moment ago by a sibling's proof
+        if row.id in voided:
+            out[row.id] = "void"
             continue
         proof = next((p for p in proofs if p.online_ttc == row.online_ttc), None)
         if proof is not None and keys is not None and _tac_ok(keys, row, proof.tac):
-            _loaded(conn, row, now, tac=proof.tac.hex(), by="tac", who=who)
+            voided |= _loaded(conn, row, now, tac=proof.tac.hex(), by="tac", who=who)
             out[row.id] = "loaded"
             continue
         at_t = [r for r in log if r.tx_type == apdu.TX_LOAD and r.ttc == row.online_ttc]
@@ -342,7 +345,7 @@ def counter_topup(engine: Engine, session, *, keys: KeyService, amount: int, ter
         resolve_from_card(conn, asn=facts.asn, online_ttc=init.online_ttc, log=log, now=now, who=staff,
                           witnessed=True)
         grant = _grant(conn, keys=keys, asn=facts.asn, init=init, amount=amount, terminal_id=terminal_id,
-                       channel="counter", staff=staff, now=now, order_id=None, witnessed=True)
+                       channel="counter", staff=staff, now=now, order_id=None)
     tac = apdu.parse_credit(apdu.check(session.exchange(grant.credit_apdu()), "CREDIT FOR LOAD"))
     with engine.begin() as conn:
         confirm_load(conn, keys=keys, load_id=grant.load_id, tac=tac, now=now)
@@ -458,7 +461,7 @@ def _authorize_paid(conn: Connection, *, keys: KeyService, row, asn: str, init: 
     if row.status == "unconfirmed":
         raise TopupRefused("load_unconfirmed", f"order {order_id} may be loaded already: its load is unconfirmed")
     grant = _grant(conn, keys=keys, asn=asn, init=init, amount=row.amount, terminal_id=terminal_id,
-                   channel="ota", staff=HOST, now=now, order_id=order_id, witnessed=False)
+                   channel="ota", staff=HOST, now=now, order_id=order_id)
     conn.execute(update(_ORDER).where(_ORDER.c.order_id == order_id).values(status="authorized", updated_at=now))
     return grant
 

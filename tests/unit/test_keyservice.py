@@ -171,7 +171,7 @@ def test_an_ingest_worker_is_handed_a_way_to_open_the_key_service_never_the_keys
     import pickle
 
     from backoffice.ingest_consumer import WorkerSpec
-    from backoffice.keyservice import published_test_keys
+    from farebox.keys import published_test_keys
     from epurse.keys import TEST_ISSUER_KEYS
     from wire.devicekeys import TEST_DEVICE_MASTER
     from wire.mqtt_url import parse_mqtt_url
