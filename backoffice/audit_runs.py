@@ -151,16 +151,6 @@ member AS (
   WHERE r.operator = :operator
 )"""
 
-# Which run took which tap, by a link table (run id, tap id), one row per tap a run took.
-_MEMBER_BY_LINK = """
-member AS (
-  SELECT r.id AS run_id, td.id AS tap_id, td.for_day,
-         CASE WHEN td.for_day = r.service_day THEN 'day' WHEN td.for_day < r.service_day THEN 'late'
-              ELSE 'ahead' END AS section
-  FROM {link} l JOIN tap_day td ON td.id = l.{link_tap} JOIN clearing_run r ON r.id = l.{link_run}
-  WHERE r.operator = :operator
-)"""
-
 _KEYS = {"operator": None, "fleet": "td.fleet", "route": "td.route", "vehicle": "td.vehicle", "driver": "td.driver",
          "card_type": "CAST(td.card_type AS VARCHAR(20))"}
 
@@ -193,21 +183,10 @@ GROUP BY card_asn, card_ttc HAVING COUNT(*) > 1
 
 
 def _membership(conn: Connection) -> tuple[str, bool]:
-    """The ``member`` CTE for the schema at hand (by a link table, by a claim column on the tap, or by the runs'
-    windows) and whether it is by window."""
-    insp = inspect(conn)
-    tables = set(insp.get_table_names())
-    for link in ("clearing_run_tap", "clearing_tap"):
-        if link in tables:
-            cols = {c["name"] for c in insp.get_columns(link)}
-            run_col = next((c for c in ("run_id", "clearing_run_id") if c in cols), None)
-            tap_col = next((c for c in ("tap_id",) if c in cols), None)
-            if run_col and tap_col:
-                return _MEMBER_BY_LINK.format(link=link, link_run=run_col, link_tap=tap_col), False
-    tap_cols = {c["name"] for c in insp.get_columns("tap")}
-    for claim in ("clearing_run_id", "claimed_by_run", "run_id"):
-        if claim in tap_cols:
-            return _MEMBER_BY_CLAIM.format(claim=claim), False
+    """The ``member`` CTE for the schema at hand (by the run id each tap carries since revision 0012, or before it by
+    the runs' windows) and whether it is by window."""
+    if "clearing_run_id" in {c["name"] for c in inspect(conn).get_columns("tap")}:
+        return _MEMBER_BY_CLAIM.format(claim="clearing_run_id"), False
     return _MEMBER_BY_WINDOW, True
 
 
