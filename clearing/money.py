@@ -41,3 +41,22 @@ def yuan(fen, *, grouping: bool = True, symbol: str = "") -> str:
 def yuan_decimal(fen) -> Decimal:
     """Fen as an exact Decimal yuan with two places: 123450 -> Decimal("1234.50")."""
     return Decimal(whole_fen(fen)).scaleb(-2)
+
+
+def parse_yuan(text: str, *, allow_negative: bool = False) -> int:
+    """What a person typed as yuan, as integer fen: "50" -> 5000, "2.00" -> 200, "¥1,234.5" -> 123450.
+    More than two decimals, an exponent, words or (unless ``allow_negative``) a minus sign are refused with a
+    ValueError that says what to type; nothing is rounded."""
+    raw = str(text).strip()
+    cleaned = raw.replace("¥", "").replace("￥", "").replace(",", "").replace(" ", "")
+    sign = 1
+    if cleaned.startswith("-"):
+        if not allow_negative:
+            raise ValueError(f"{raw!r}: an amount here cannot be negative")
+        sign, cleaned = -1, cleaned[1:]
+    whole, dot, cents = cleaned.partition(".")
+    if not whole.isdigit() and not (dot and whole == "" and cents.isdigit()):
+        raise ValueError(f"{raw!r} is not an amount in yuan: type e.g. 50 or 2.00")
+    if dot and not (cents.isdigit() and len(cents) <= 2):
+        raise ValueError(f"{raw!r}: yuan take at most two decimals (fen), e.g. 2.50")
+    return sign * (int(whole or "0") * 100 + int((cents or "0").ljust(2, "0")))

@@ -12,6 +12,7 @@ take the date. `day_bounds` gives the UTC window of exactly those moments, so a 
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
 
 import pandas as pd
 
@@ -74,3 +75,12 @@ def day_bounds(
         start.to_pydatetime().astimezone(UTC),
         end.to_pydatetime().astimezone(UTC),
     )
+
+
+def local_time(at: datetime | None, tz: str = DEFAULT_TZ, fmt: str = "%Y-%m-%d %H:%M") -> str:
+    """A moment as a person in ``tz`` reads it (the operator's zone): what pages, the CLI, PDFs and spreadsheets
+    show. A naive datetime is UTC (SQLite hands stored UTC back naive); None -> "-". The API keeps UTC with offset."""
+    if at is None:
+        return "-"
+    at = at.replace(tzinfo=UTC) if at.tzinfo is None else at
+    return at.astimezone(ZoneInfo(tz)).strftime(fmt)

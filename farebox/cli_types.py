@@ -35,3 +35,13 @@ def fractions(text: str) -> tuple[float, ...]:
     if any(not 0 <= v < 1 for v in values):
         raise argparse.ArgumentTypeError("give fractions of the day from 0 to 1, e.g. 0.3,0.6")
     return values
+
+
+def amount_in_yuan(text: str) -> int:
+    """An amount a person types in yuan ("50", "2.00") as integer fen; the CLI never takes fen."""
+    from clearing.money import parse_yuan
+
+    try:
+        return parse_yuan(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

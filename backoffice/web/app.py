@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
 
 from backoffice.devices import DEFAULT_STALE_AFTER
-from backoffice.web import api, pages, pages_cards, pages_quarantine, pages_registry, pages_reports
+from backoffice.web import api, pages, pages_cards, pages_ops, pages_quarantine, pages_registry, pages_reports
 from backoffice.web.auth import TokenStore
 from backoffice.web.deps import HERE, Services, utc_now
 from backoffice.web.limits import BodyLimit
@@ -68,6 +68,7 @@ def create_app(source, *, tokens: TokenStore | Path | None = None, clock: Callab
         app.include_router(router, prefix="/api/v1")
     app.include_router(pages.router)
     app.include_router(pages_cards.router)
+    app.include_router(pages_ops.router)
     app.include_router(pages_registry.router)
     app.include_router(pages_reports.router)
     app.include_router(pages_quarantine.router)  # one quarantined row: release, reject

@@ -22,9 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backoffice import registry
 from backoffice.settle import settle
-from backoffice.web import reads
+from backoffice.web import lang, reads
 from backoffice.web.api.clearing import settlement_pdf_bytes
-from backoffice.web.api.devices import fleet_rows
 from backoffice.web.deps import HERE, Services, connection, scoped, services
 from backoffice.web.auth import COOKIE, Principal, page_of
 from backoffice.web.api.types import ServiceDay
@@ -55,10 +54,10 @@ REGISTRY_LABELS = {
     "devices": ("车载机", "Validators"),
 }
 ROLE_LABELS = {
-    "clerk": "公司文员 clerk",
-    "operator_staff": "营业厅 counter staff",
-    "operations": "运维 operations",
-    "admin": "管理员 admin",
+    "clerk": ("公司文员", "clerk"),
+    "operator_staff": ("营业厅", "counter staff"),
+    "operations": ("运维", "operations"),
+    "admin": ("管理员", "admin"),
 }
 
 
@@ -91,10 +90,12 @@ def card_type(value: int | None) -> str:
 
 templates.env.filters.update(yuan=yuan, utc=utc_time, ago=ago, card_type=card_type)
 templates.env.globals.update(ROLE_LABELS=ROLE_LABELS, REGISTRY_LABELS=REGISTRY_LABELS)
+lang.install(templates.env)
 
 
 def render(request: Request, name: str, who: Principal | None, status: int = 200, **context) -> HTMLResponse:
     nav = [] if who is None else [n for n in NAV if who.role == "admin" or who.role in n[3]]
+    context.setdefault("lang", lang.lang_of(request))
     return templates.TemplateResponse(request, name, {"who": who, "nav": nav, **context}, status_code=status)
 
 
@@ -138,6 +139,16 @@ def logout(request: Request) -> Response:
         svc.sessions.end(cookie)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(COOKIE, httponly=True, samesite="strict")
+    return response
+
+
+@router.post("/lang")
+def choose_language(*, code: Annotated[str, Form()], next: Annotated[str, Form()] = "/") -> Response:
+    """The language switch in the header: kept for a year in this browser."""
+    if code not in lang.LANGS:
+        raise HTTPException(400, f"language {code!r}: choose one of {', '.join(lang.LANGS)}")
+    response = RedirectResponse(_local(next), status_code=303)
+    response.set_cookie(lang.COOKIE, code, max_age=lang.YEAR, samesite="strict", httponly=True)
     return response
 
 
@@ -186,25 +197,6 @@ def registry_page(
     return render(request, "registry.html", who, kind=kind, rows=rows, kinds=list(reads.REGISTRY))
 
 
-@router.get("/devices")
-def devices(
-    *,
-    request: Request,
-    who: Annotated[Principal, Depends(page_of("clerk", "operations"))],
-    conn: Annotated[Connection, Depends(connection)],
-    svc: Annotated[Services, Depends(services)],
-) -> HTMLResponse:
-    rows = fleet_rows(conn, operator=who.scope(None), svc=svc)
-    return render(
-        request,
-        "devices.html",
-        who,
-        rows=rows,
-        now=svc.clock(),
-        stale_minutes=int(svc.stale_after.total_seconds() // 60),
-    )
-
-
 @router.get("/quarantine")
 def quarantine(
     *,
@@ -215,25 +207,6 @@ def quarantine(
 ) -> HTMLResponse:
     rows, total = reads.quarantine(conn, operator=who.scope(None), limit=100, offset=offset)
     return render(request, "quarantine.html", who, rows=rows, total=total, offset=offset)
-
-
-@router.get("/cards")
-def cards(
-    *,
-    request: Request,
-    asn: str = "",
-    who: Annotated[Principal, Depends(page_of("operator_staff"))],
-    conn: Annotated[Connection, Depends(connection)],
-) -> HTMLResponse:
-    found = reads.card(conn, asn=asn) if asn.strip() else None
-    return render(
-        request,
-        "card.html",
-        who,
-        asn=asn.strip(),
-        card=found,
-        status=404 if asn.strip() and found is None else 200,
-    )
 
 
 def _settlement_args(conn: Connection, svc: Services, who: Principal, operator: str | None, day: date | None):

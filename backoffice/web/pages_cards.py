@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 from datetime import date, timedelta
 from typing import Annotated
 from urllib.parse import quote
@@ -29,9 +28,9 @@ from backoffice.web.api.reconcile import Decision, import_file, read_upload, res
 from backoffice.web.deps import Services, connection, services
 from backoffice.web.auth import Principal, page_of
 from backoffice.web.pages import render
+from clearing.money import parse_yuan
 
 router = APIRouter(include_in_schema=False)
-_YUAN = re.compile(r"^\s*([+-]?)(?:¥|￥)?\s*(\d{1,9})(?:\.(\d{1,2}))?\s*$")
 CASE_LABELS = {"counter_jump": "计数器跳号 counter jump", "balance_mismatch": "余额不符 balance does not follow",
                "same_counter_different": "同号不同内容 same counter, other content",
                "load_unconfirmed": "圈存未确认 load unconfirmed", "counter_backwards": "计数器倒退 counter backwards"}
@@ -45,12 +44,7 @@ RECON_LABELS = {"missing_in_file": "发卡方无记录 missing in the issuer's f
 
 def to_fen(text: str) -> int:
     """'12.3' -> 1230, '-0.05' -> -5: yuan as typed, into fen without a float."""
-    m = _YUAN.match(text or "")
-    if m is None:
-        raise ValueError(f"{text!r} is not an amount in yuan (e.g. 12.50)")
-    sign, whole, cents = m.groups()
-    fen = int(whole) * 100 + int((cents or "0").ljust(2, "0"))
-    return -fen if sign == "-" else fen
+    return parse_yuan(text, allow_negative=True)
 
 
 def csrf_token(request: Request) -> str:
@@ -264,3 +258,22 @@ def reconciliation_resolve(*, request: Request, item_id: int, decision: Annotate
                 decision=Decision(status=decision, adjustment=adjustment, note=note[:500]))
 
     return _recon_write(request, who, svc, operator or None, decide, f"{decision} {item_id}")
+
+
+@router.get("/cards")
+def cards(
+    *,
+    request: Request,
+    asn: str = "",
+    who: Annotated[Principal, Depends(page_of("operator_staff"))],
+    conn: Annotated[Connection, Depends(connection)],
+) -> HTMLResponse:
+    found = reads.card(conn, asn=asn) if asn.strip() else None
+    return render(
+        request,
+        "card.html",
+        who,
+        asn=asn.strip(),
+        card=found,
+        status=404 if asn.strip() and found is None else 200,
+    )

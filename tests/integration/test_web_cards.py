@@ -391,7 +391,7 @@ def test_counter_pages_adjust_report_lost_refund_and_settle_orders(web):
     r = client.post(f"/cards/{asn}/adjust", data={"amount": "-1.2", "why": "tap lost", "csrf": csrf})
     assert r.status_code == 200 and 'id="ledger-balance"><strong>¥1.80<' in r.text
     r = client.post(f"/cards/{asn}/adjust", data={"amount": "1.234", "why": "x", "csrf": csrf})
-    assert r.status_code == 409 and "not an amount in yuan" in r.text  # three decimals: refused, shown
+    assert r.status_code == 409 and "at most two decimals" in r.text  # three decimals: refused, shown
     r = client.post(f"/cards/{asn}/lost", data={"why": "rider called", "csrf": csrf})
     assert 'id="frozen">¥1.80<' in r.text and "Refund" in r.text
     r = client.post(f"/cards/{asn}/refund", data={"amount": "1.80", "why": "paid out", "csrf": csrf})
