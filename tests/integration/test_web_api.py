@@ -139,7 +139,7 @@ MATRIX = {
 # The payment platform's webhook has no bearer token: its Ed25519 signature is the authentication
 # (tests/integration/test_web_cards.py refuses forged ones).
 PUBLIC = {("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/docs/oauth2-redirect"), ("GET", "/redoc"),
-          ("GET", "/login"), ("POST", "/login"), ("POST", "/logout"), ("POST", "/api/v1/ota/webhook")}
+          ("GET", "/login"), ("POST", "/login"), ("POST", "/logout"), ("POST", "/lang"), ("POST", "/api/v1/ota/webhook")}
 # What a write sends in the matrix: aimed at things that do not exist (an unissued card, order "nope", item
 # 999999) or refused (an empty issuer file), so every role that gets past the door changes nothing.
 BODIES = {
