@@ -10,8 +10,6 @@ arithmetic; a refusal is shown on the same page with its reason.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from datetime import date, timedelta
 from typing import Annotated
 from urllib.parse import quote
@@ -27,6 +25,7 @@ from backoffice.web.api.ota import order_list, writing
 from backoffice.web.api.reconcile import Decision, import_file, read_upload, resolve, work_list
 from backoffice.web.deps import Services, connection, services
 from backoffice.web.auth import Principal, page_of
+from backoffice.web.csrf import Csrf, _check_csrf, csrf_token  # noqa: F401 (the forms' CSRF field, shared)
 from backoffice.web.pages import render
 from clearing.money import parse_yuan
 
@@ -45,22 +44,6 @@ RECON_LABELS = {"missing_in_file": "发卡方无记录 missing in the issuer's f
 def to_fen(text: str) -> int:
     """'12.3' -> 1230, '-0.05' -> -5: yuan as typed, into fen without a float."""
     return parse_yuan(text, allow_negative=True)
-
-
-def csrf_token(request: Request) -> str:
-    token = page_of().token(request) or ""
-    return hashlib.sha256(b"farebox-form:" + token.encode()).hexdigest()[:32]
-
-
-def _check_csrf(request: Request, sent: str) -> None:
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return  # a browser never adds this header by itself, so the request is the caller's own
-    if not hmac.compare_digest(sent or "", csrf_token(request)):
-        raise HTTPException(400, "表单已过期 The form has expired or came from elsewhere: reload the page and try again")
-
-
-Csrf = Annotated[str, Form()]
 
 
 def _back(url: str, done: str) -> RedirectResponse:
