@@ -325,6 +325,31 @@ def read_card_log(session) -> list[apdu.LogRecord]:
     return out
 
 
+def read_for_load(session, *, amount: int, terminal_id: bytes):
+    """The desk reader's half before the host answers: (CardFacts, log newest first, LoadInit). The card is left
+    with its INITIALIZE FOR LOAD open, so the next command it gets must be the CREDIT FOR LOAD (the desk agent,
+    farebox/desk.py, holds the card for it)."""
+    from backoffice.cards.issuance import read_card
+
+    facts = read_card(session, counters=False)  # a top-up must not open INITIALIZEs that could disturb a prove
+    log = read_card_log(session)
+    init = apdu.parse_init_load(apdu.check(session.exchange(apdu.init_load(1, amount, terminal_id)),
+                                           "INITIALIZE FOR LOAD"))
+    return facts, log, init
+
+
+def authorize_counter_load(conn: Connection, *, keys: KeyService, asn: str, init: apdu.LoadInit,
+                           log: list[apdu.LogRecord], amount: int, terminal_id: bytes, staff: str,
+                           now: datetime) -> LoadGrant:
+    """The host's half of a counter top-up: the card's MAC1 checked, its earlier unfinished loads settled from
+    what the desk reader read just now (a witness, unlike a phone's relay: staff at their own desk), and the
+    MAC2 granted. The caller commits before the CREDIT FOR LOAD goes to the card."""
+    _check_mac1(keys, asn, init, amount, terminal_id)
+    resolve_from_card(conn, asn=asn, online_ttc=init.online_ttc, log=log, now=now, who=staff, witnessed=True)
+    return _grant(conn, keys=keys, asn=asn, init=init, amount=amount, terminal_id=terminal_id, channel="counter",
+                  staff=staff, now=now, order_id=None)
+
+
 def counter_topup(engine: Engine, session, *, keys: KeyService, amount: int, terminal_id: bytes, staff: str,
                   now: datetime) -> CounterLoad:
     """A staff member loads ``amount`` fen onto the card in the desk reader (``session``: ``exchange(apdu)``).
@@ -333,19 +358,10 @@ def counter_topup(engine: Engine, session, *, keys: KeyService, amount: int, ter
     CREDIT FOR LOAD is sent, the TAC after. A card pulled away between the two leaves an authorized load that the
     next sight of the card settles. Raises TopupRefused, epurse.apdu.StatusError / ResponseError, or the reader's
     errors (validator.readers.ReaderError) as they come."""
-    from backoffice.cards.issuance import read_card
-
-    facts = read_card(session, counters=False)  # a top-up must not open INITIALIZEs that could disturb a prove
-    log = read_card_log(session)
-    init = apdu.parse_init_load(apdu.check(session.exchange(apdu.init_load(1, amount, terminal_id)),
-                                           "INITIALIZE FOR LOAD"))
+    facts, log, init = read_for_load(session, amount=amount, terminal_id=terminal_id)
     with engine.begin() as conn:
-        _check_mac1(keys, facts.asn, init, amount, terminal_id)
-        # The desk reader read all of this itself, just now: a witness, unlike a phone's relay.
-        resolve_from_card(conn, asn=facts.asn, online_ttc=init.online_ttc, log=log, now=now, who=staff,
-                          witnessed=True)
-        grant = _grant(conn, keys=keys, asn=facts.asn, init=init, amount=amount, terminal_id=terminal_id,
-                       channel="counter", staff=staff, now=now, order_id=None)
+        grant = authorize_counter_load(conn, keys=keys, asn=facts.asn, init=init, log=log, amount=amount,
+                                       terminal_id=terminal_id, staff=staff, now=now)
     tac = apdu.parse_credit(apdu.check(session.exchange(grant.credit_apdu()), "CREDIT FOR LOAD"))
     with engine.begin() as conn:
         confirm_load(conn, keys=keys, load_id=grant.load_id, tac=tac, now=now)
