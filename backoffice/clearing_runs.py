@@ -114,7 +114,7 @@ def commission_rate(conn: Connection, operator: str, day: date) -> int:
     rate = rate_on(conn, operator, day)
     if rate is None:
         raise LookupError(f"operator {operator!r} has no card-issuer commission rate for {day}: set one with "
-                          "backoffice.clearing_runs.set_commission_rate(..., valid_from=<first day>)")
+                          "`farebox registry set-commission --operator CODE --percent P --from <first day>`")
     return int(rate)
 
 

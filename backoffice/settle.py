@@ -82,7 +82,7 @@ def _operator(conn: Connection, operator: str):
     op = conn.execute(select(Operator.name, Operator.timezone, Operator.cutoff_hour)
                       .where(Operator.code == operator)).first()
     if op is None:
-        raise LookupError(f"operator {operator!r} is not registered: add it with backoffice.registry.add_operator")
+        raise LookupError(f"operator {operator!r} is not registered: add it with `farebox registry add-operator`")
     return op
 
 
@@ -198,7 +198,7 @@ def settle(conn: Connection, *, operator: str, day: date, reports_dir: Path | No
         why = f"service day {day} is still running (it ends {day_end.isoformat()})"
     elif close_day:
         why = (f"operator {operator} has no card-issuer commission rate for {day}: set one with "
-               "backoffice.clearing_runs.set_commission_rate to clear the day")
+               "`farebox registry set-commission` to clear the day")
     else:
         why = f"service day {day} has no clearing run yet"
 

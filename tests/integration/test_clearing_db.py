@@ -222,7 +222,7 @@ def test_shift_gaps_are_flagged_once_and_need_an_amount_to_adjust(engine):
 def test_no_commission_rate_is_a_clear_error(engine):
     with engine.begin() as conn:
         registry.add_operator(conn, code="op_norate", name="No rate")
-        with pytest.raises(LookupError, match="set_commission_rate"):
+        with pytest.raises(LookupError, match="farebox registry set-commission"):
             cr.clear_day(conn, operator="op_norate", day=DAY, now=NEXT)
 
 
