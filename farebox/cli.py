@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     simcard.add_parser(sub)  # sim
     validator_cmd.add_parser(sub)  # validator
     cards_cmd.add_parser(sub)  # card, topup
+    __import__("farebox.desk_cmd").desk_cmd.register(sub)  # desk
     keys_cmd.register(sub)  # keys
     audit_cmd.register(sub)  # audit
     _insecure_flag_everywhere(sub)
