@@ -92,6 +92,14 @@ def add_parser(sub) -> None:
     p.add_argument("--stop-button", type=Path, default=None, metavar="FIFO",
                    help="a named pipe (made if missing) the driver's stop button writes to: a line 'next', "
                         "'back' or a stop number; works with or without --gps")
+    p.add_argument("--keypad", default=None, metavar="PATH",
+                   help="the driver's keypad for the driver menu (validator.driver_menu): console: (standard input) "
+                        "or serial:DEV[?baud=9600]; left out: no menu")
+    p.add_argument("--printer", default=None, metavar="PATH",
+                   help="the ESC/POS slip printer: serial:DEV[?baud=9600] or console:; left out: slips on the "
+                        "screen only")
+    p.add_argument("--printer-width", type=int, default=32, choices=(32, 48),
+                   help="printer columns: 32 (58 mm paper) or 48 (80 mm)")
     p.set_defaults(func=run)
 
 
@@ -279,8 +287,19 @@ def run(args, settings=None) -> int:
         journal.close()
         print(f"farebox validator: cannot start: {e}", file=sys.stderr)
         return 2
+    try:
+        menu = _driver_menu(args, terminal, display)
+    except ValueError as e:
+        for mover in movers:
+            mover.stop()
+        if uplink is not None:
+            uplink.stop()
+        reader.close()
+        journal.close()
+        print(f"farebox validator: cannot start: {e}", file=sys.stderr)
+        return 2
     app = ValidatorApp(terminal, reader, display, uplink=uplink, downlink=downlink, fares_file=args.fares,
-                       deny_file=deny_file, position=position)
+                       deny_file=deny_file, position=position, menu=menu)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -291,6 +310,8 @@ def run(args, settings=None) -> int:
     finally:
         for mover in movers:
             mover.stop()
+        if menu is not None:
+            menu.close()
         if uplink is not None:
             uplink.stop()
         reader.close()
@@ -319,3 +340,25 @@ def _where_the_bus_is(args, terminal):
     if args.stop_button is not None:
         movers.append(StopButton(args.stop_button, position).start())
     return position, movers
+
+
+def _driver_menu(args, terminal, display):
+    """The driver menu from ``--keypad`` and ``--printer`` (validator.driver_menu); None with neither.
+    ValueError for a path that is wrong or a keypad that cannot be opened."""
+    if args.keypad is None and args.printer is None:
+        return None
+    from validator.driver_menu import DriverMenu, KeypadError, open_keypad
+    from validator.printer import PrinterError, open_printer
+
+    try:
+        printer = open_printer(args.printer) if args.printer else None
+        keypad = open_keypad(args.keypad) if args.keypad else None
+    except (KeypadError, PrinterError) as e:
+        raise ValueError(str(e)) from None
+
+    def screen(lines: list[str]) -> None:
+        display.stream.write("\n".join(lines) + "\n\n")
+        display.stream.flush()
+
+    return DriverMenu(terminal, keypad, printer, screen, languages=display.languages, tz=args.tz,
+                      width=args.printer_width)

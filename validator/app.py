@@ -55,7 +55,7 @@ class _WatchedFile:
 class ValidatorApp:
     def __init__(self, terminal: Terminal, reader: Reader, display: Display, *, uplink=None, downlink=None,
                  fares_file: str | Path | None = None, deny_file: str | Path | None = None,
-                 idle_seconds: float = 5.0, poll_seconds: float = 0.2, position=None):
+                 idle_seconds: float = 5.0, poll_seconds: float = 0.2, position=None, menu=None):
         self.terminal = terminal
         self.reader = reader
         self.display = display
@@ -66,6 +66,7 @@ class ValidatorApp:
         self.idle_seconds = idle_seconds
         self.poll_seconds = poll_seconds
         self.position = position  # validator.gps.Position, or None: the bus's stop never changes
+        self.menu = menu  # validator.driver_menu.DriverMenu, or None: no keypad
         self.taps = 0
 
     def run(self, stop: threading.Event) -> None:
@@ -74,6 +75,8 @@ class ValidatorApp:
         while not stop.is_set():
             self.load_parameters()
             self.move()
+            if self.menu is not None:
+                self.menu.poll()  # the driver's keys, between taps like everything else here
             if time.monotonic() >= next_idle:
                 self.display.idle(route=self.terminal.config.route, shift=self.terminal.shift,
                                   usage=self.terminal.journal.usage())
@@ -104,6 +107,8 @@ class ValidatorApp:
         self.display.show(result)
         if result.report is not None:
             self.display.show_shift_report(result.report)
+        if self.menu is not None:
+            self.menu.after_tap(result)  # the sign-out slip
         if self.uplink is not None and result.record is not None:
             self.uplink.notify()
         self._wait_until_removed(session, stop)

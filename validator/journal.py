@@ -423,6 +423,12 @@ class Journal:
                                     "ORDER BY device_seq", (device_seq,)).fetchall()
         return [from_plain(json.loads(b)) for (b,) in rows]
 
+    def record(self, device_seq: int) -> tuple[TapRecord, str] | None:
+        """One record by its sequence and its state (pending, done, cancelled); None if never written or pruned."""
+        with self._lock:
+            row = self._db.execute("SELECT body, state FROM record WHERE device_seq = ?", (device_seq,)).fetchone()
+        return None if row is None else (from_plain(json.loads(row[0])), row[1])
+
     # -- shifts ----------------------------------------------------------------------------------------------
 
     def _summarise(self, record: TapRecord) -> None:

@@ -147,11 +147,12 @@ def card_type_label(card_type: int, languages: Sequence[str]) -> str:
     return " ".join(text for lang, text in (("zh", zh), ("en", en)) if lang in languages)
 
 
-def _when(at: datetime, zone: ZoneInfo) -> str:
+def when(at: datetime, zone: ZoneInfo) -> str:
+    """A moment on the bus's local clock, to the minute."""
     return at.astimezone(zone).strftime("%Y-%m-%d %H:%M")
 
 
-def _pair(left: str, right: str, width: int) -> list[str]:
+def pair(left: str, right: str, width: int) -> list[str]:
     """``left`` flush left and ``right`` flush right on one line, or on two when they do not fit."""
     if width_of(left) + 1 + width_of(right) <= width:
         return [left + pad(right, width - width_of(left), right=True)]
@@ -174,18 +175,18 @@ def render(report: ShiftReport, *, width: int = 32, languages: Sequence[str] = (
     title = lbl("title") + (f" ({lbl('reprint')})" if reprint else "")
     out.append(pad(" " * max(0, (width - width_of(title)) // 2) + title, width).rstrip())
     out.append("=" * width)
-    out += _pair(lbl("device"), report.device_id, width)
-    out += _pair(lbl("vehicle"), report.vehicle, width)
-    out += _pair(lbl("route"), report.route, width)
-    out += _pair(lbl("shift"), str(report.shift_no), width)
-    out += _pair(lbl("driver"), report.driver, width)
-    out += _pair(lbl("opened"), _when(report.opened_at, zone) if report.opened_at else lbl("unknown"), width)
-    closed = _when(report.closed_at, zone) if report.closed_at else lbl("still_open")
-    out += _pair(lbl("closed"), closed, width)
+    out += pair(lbl("device"), report.device_id, width)
+    out += pair(lbl("vehicle"), report.vehicle, width)
+    out += pair(lbl("route"), report.route, width)
+    out += pair(lbl("shift"), str(report.shift_no), width)
+    out += pair(lbl("driver"), report.driver, width)
+    out += pair(lbl("opened"), when(report.opened_at, zone) if report.opened_at else lbl("unknown"), width)
+    closed = when(report.closed_at, zone) if report.closed_at else lbl("still_open")
+    out += pair(lbl("closed"), closed, width)
     if report.close_reason.startswith(HANDED_OVER):  # the terminal's words for a hand-over: print who took it
-        out += _pair(lbl("handed_over"), report.close_reason.removeprefix(HANDED_OVER).strip(), width)
+        out += pair(lbl("handed_over"), report.close_reason.removeprefix(HANDED_OVER).strip(), width)
     elif report.close_reason:
-        out += _pair(lbl("closed"), report.close_reason, width)
+        out += pair(lbl("closed"), report.close_reason, width)
     out.append("-" * width)
 
     # Three columns: card type, taps, yuan. The number columns get what they need; the label gets the rest.
@@ -205,12 +206,12 @@ def render(report: ShiftReport, *, width: int = 32, languages: Sequence[str] = (
     out.append(row(lbl("total"), str(report.taps), yuan(report.amount)))
     out.append("-" * width)
     if report.first_tap:
-        out += _pair(lbl("first_tap"), _when(report.first_tap, zone), width)
-        out += _pair(lbl("last_tap"), _when(report.last_tap, zone), width)
-    out += _pair(lbl("denied"), str(report.denied), width)
+        out += pair(lbl("first_tap"), when(report.first_tap, zone), width)
+        out += pair(lbl("last_tap"), when(report.last_tap, zone), width)
+    out += pair(lbl("denied"), str(report.denied), width)
     if report.unsettled:
-        out += _pair(lbl("unsettled"), str(report.unsettled), width)
+        out += pair(lbl("unsettled"), str(report.unsettled), width)
     if printed_at is not None:
-        out += _pair(lbl("printed"), _when(printed_at, zone), width)
+        out += pair(lbl("printed"), when(printed_at, zone), width)
     out.append("=" * width)
     return "\n".join(out) + "\n"

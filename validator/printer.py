@@ -1,0 +1,123 @@
+"""The validator's slip printer: an ESC/POS receipt printer (58 mm, 32 columns; 80 mm, 48) on a serial port.
+
+Chosen by a path string, as readers are (validator.readers):
+
+| path | printer |
+|---|---|
+| ``serial:<device>[?baud=9600]`` | an ESC/POS printer on a UART or USB-serial adapter (pyserial) |
+| ``console:`` | no printer: the slip's text goes to standard output (a bench, the demo) |
+
+Why our own ~30 lines of ESC/POS and not python-escpos: a bus slip is Chinese first, and Chinese receipt printers
+print Chinese in their "Chinese character mode" (``FS &``) from GB18030 bytes; python-escpos encodes text through
+single-byte code pages (its ``magic`` encoder) and would need raw writes for exactly the part we use, while
+bringing Pillow, qrcode and pyusb onto the bus. What we send, per slip::
+
+    ESC @            initialise (modes back to default)
+    FS &             Chinese character mode: text bytes are GB18030
+    <lines>, each encoded GB18030 and ended by LF
+    ESC d 4          feed four lines, so the text clears the cutter
+    GS V 1           partial cut
+
+Printing happens on a thread of its own (:meth:`SlipPrinter.print_slip` only queues), so a slow 9600-baud printer
+never holds up the next rider's tap. A printer that is unplugged or out of order is logged and retried on the
+next slip; it never stops the validator.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+from collections.abc import Callable
+from urllib.parse import parse_qs
+
+log = logging.getLogger(__name__)
+
+ESC, FS, GS, LF = b"\x1b", b"\x1c", b"\x1d", b"\n"
+INIT = ESC + b"@"
+CHINESE_ON = FS + b"&"
+FEED_4 = ESC + b"d\x04"
+CUT = GS + b"V\x01"
+ENCODING = "gb18030"
+SCHEMES = ("serial", "console")
+
+
+class PrinterError(Exception):
+    """The printer path is wrong, or the printer cannot be opened."""
+
+
+def slip_bytes(text: str) -> bytes:
+    """One slip as the printer takes it: initialise, Chinese mode, the lines, feed, cut."""
+    body = b"".join(line.encode(ENCODING, errors="replace") + LF for line in text.rstrip("\n").split("\n"))
+    return INIT + CHINESE_ON + body + FEED_4 + CUT
+
+
+class SlipPrinter:
+    """Queues slips and writes them from a worker thread with ``write(bytes)``; ``open_port`` (re)opens the port."""
+
+    def __init__(self, open_port: Callable[[], Callable[[bytes], None]], *, name: str):
+        self.name = name
+        self._open_port = open_port
+        self._write: Callable[[bytes], None] | None = None
+        self._queue: queue.Queue[bytes | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=f"printer {name}", daemon=True)
+        self._thread.start()
+
+    def print_slip(self, text: str) -> None:
+        self._queue.put(slip_bytes(text))
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Print what is queued (up to ``timeout`` seconds), then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            try:
+                if self._write is None:
+                    self._write = self._open_port()
+                self._write(data)
+            except Exception as e:  # noqa: BLE001 - a printer fault must never reach the fare loop
+                self._write = None
+                log.error("printer %s: slip not printed (%s); check its cable, power and paper", self.name, e)
+
+
+def _serial_port(device: str, baud: int) -> Callable[[], Callable[[bytes], None]]:
+    def open_port():
+        import serial
+
+        port = serial.Serial(device, baudrate=baud, timeout=1, write_timeout=30)
+
+        def write(data: bytes) -> None:
+            port.write(data)
+            port.flush()
+
+        return write
+
+    return open_port
+
+
+def _console_port() -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        text = data.removeprefix(INIT + CHINESE_ON).removesuffix(FEED_4 + CUT).decode(ENCODING, errors="replace")
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+    return write
+
+
+def open_printer(path: str) -> SlipPrinter:
+    scheme, sep, rest = path.partition(":")
+    if not sep or scheme not in SCHEMES:
+        raise PrinterError(f"printer path {path!r}: give one of serial:<device>[?baud=9600], console:")
+    if scheme == "console":
+        return SlipPrinter(lambda: _console_port(), name="console")
+    device, _, query = rest.partition("?")
+    if not device:
+        raise PrinterError(f"printer path {path!r} names no serial device, e.g. serial:/dev/ttyUSB0")
+    try:
+        baud = int(parse_qs(query).get("baud", ["9600"])[0])
+    except ValueError:
+        raise PrinterError(f"printer path {path!r}: baud must be a number, e.g. ?baud=19200") from None
+    return SlipPrinter(_serial_port(device, baud), name=device)
