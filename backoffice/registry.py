@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy import Connection, select, update
 
@@ -214,9 +214,35 @@ def _live_keys(conn: Connection, kind: str, operator: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------- operators
+def _check_service_day(timezone: str | None, cutoff_hour: int | None) -> None:
+    if timezone is not None:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise RegistryError(f"time zone {timezone!r} is not known: give an IANA name such as Asia/Shanghai") \
+                from None
+    if cutoff_hour is not None and (isinstance(cutoff_hour, bool) or not isinstance(cutoff_hour, int)
+                                    or not 0 <= cutoff_hour <= 23):
+        raise RegistryError(f"cut-off hour must be a whole hour 0 to 23 (local time the service day ends), "
+                            f"got {cutoff_hour!r}")
+
+
 def add_operator(conn: Connection, *, code: str, name: str, timezone: str = "Asia/Shanghai",
                  cutoff_hour: int = 3, by: str = "system", at: datetime | None = None) -> None:
+    """A bus company: its code (in topics, tokens and reports), name, time zone and the local hour its service day
+    ends (a bus out after midnight belongs to the day it started)."""
     when = _when(at)
+    try:  # the code is a segment of every MQTT topic of its buses
+        topics.check_segment(code, "operator code")
+    except topics.TopicError as e:
+        raise RegistryError(str(e)) from None
+    if not name or not name.strip():
+        raise RegistryError("give the operator's name")
+    _check_service_day(timezone, cutoff_hour)
+    if conn.execute(select(Operator.code).where(Operator.code == code)).first() is not None:
+        raise RegistryError(f"operator {code!r} is registered already (farebox registry operators lists them)")
     conn.execute(Operator.__table__.insert().values(code=code, name=name, timezone=timezone,
                                                     cutoff_hour=cutoff_hour))
     _added(conn, "operator", code, code, {"name": name, "timezone": timezone, "cutoff_hour": cutoff_hour,
@@ -227,6 +253,7 @@ def add_operator(conn: Connection, *, code: str, name: str, timezone: str = "Asi
 def edit_operator(conn: Connection, *, code: str, by: str, name: str | None = None, timezone: str | None = None,
                   cutoff_hour: int | None = None, at: datetime | None = None) -> bool:
     """Rename an operator or change its service day; False when nothing changed."""
+    _check_service_day(timezone, cutoff_hour)
     return _operator_version(conn, code=code, by=by, at=at, discounts=None,
                              changes=_given(name=name, timezone=timezone, cutoff_hour=cutoff_hour))
 
@@ -285,6 +312,71 @@ def retire_operator(conn: Connection, *, code: str, by: str, at: datetime | None
     _retire(conn, "operator", code, by=by, when=_when(at), reason=reason)
 
 
+def operators(conn: Connection, *, include_retired: bool = False) -> list[dict]:
+    """The bus companies: code, name, timezone, cutoff_hour, retired_at, and the commission rate in force now
+    (``rate_bp``, None when none is set) with the service day it applies from (``rate_from``)."""
+    query = select(Operator.__table__).order_by(Operator.code)
+    if not include_retired:
+        query = query.where(Operator.retired_at.is_(None))
+    out = []
+    for r in conn.execute(query):
+        rates = commission_rates(conn, operator=r.code)
+        today = _service_day_now(r.timezone, r.cutoff_hour)
+        now = [x for x in rates if x["valid_from"] <= today]
+        out.append({"code": r.code, "name": r.name, "timezone": r.timezone, "cutoff_hour": r.cutoff_hour,
+                    "retired_at": _utc(r.retired_at), "rate_bp": now[-1]["rate_bp"] if now else None,
+                    "rate_from": now[-1]["valid_from"] if now else None})
+    return out
+
+
+def _service_day_now(tz: str, cutoff_hour: int) -> date:
+    from zoneinfo import ZoneInfo
+
+    return (datetime.now(UTC).astimezone(ZoneInfo(tz)) - timedelta(hours=cutoff_hour)).date()
+
+
+# -------------------------------------------------------------------------------------- the issuer's commission
+def set_commission_rate(conn: Connection, *, operator: str, rate_bp: int, valid_from: date, by: str) -> None:
+    """The card issuer's commission on ``operator``'s gross from service day ``valid_from`` on, in basis points
+    (60 = 0.60 %). A day cleared already keeps the rate it was cleared at (a signed-off day never changes), so the
+    new rate must start after the operator's last cleared day; a rate set for the same day before is replaced."""
+    from backoffice.models import ClearingRun, CommissionRate
+    from clearing import commission
+
+    try:
+        commission.check_rate(rate_bp)
+    except (TypeError, ValueError) as e:
+        raise RegistryError(str(e)) from None
+    if not isinstance(valid_from, date) or isinstance(valid_from, datetime):
+        raise RegistryError(f"valid_from must be a service day (a date), got {valid_from!r}")
+    _live(conn, "operator", operator)
+    last = conn.execute(select(ClearingRun.service_day).where(ClearingRun.operator == operator)
+                        .order_by(ClearingRun.service_day.desc()).limit(1)).scalar()
+    if last is not None and valid_from <= last:
+        raise RegistryError(f"operator {operator!r}: service day {last} is cleared already at the rate then in "
+                            f"force; a new rate can start on {last + timedelta(days=1)} at the earliest")
+    old = conn.execute(select(CommissionRate.rate_bp).where(CommissionRate.operator == operator,
+                                                            CommissionRate.valid_from == valid_from)).scalar()
+    if old is not None:
+        conn.execute(update(CommissionRate).where(CommissionRate.operator == operator,
+                                                  CommissionRate.valid_from == valid_from).values(rate_bp=rate_bp))
+    else:
+        clearing_runs.set_commission_rate(conn, operator=operator, rate_bp=rate_bp, valid_from=valid_from)
+    detail = (f"rate {commission.percent_text(rate_bp)} ({rate_bp} bp) from service day {valid_from.isoformat()}"
+              + (f", was {commission.percent_text(old)}" if old is not None else ""))
+    _audit(conn, by=by, operator=operator, action="set", kind="commission", key=valid_from.isoformat(),
+           when=datetime.combine(valid_from, datetime.min.time(), UTC), detail=detail)
+
+
+def commission_rates(conn: Connection, *, operator: str) -> list[dict]:
+    """The operator's commission rates, oldest first: valid_from (service day) and rate_bp."""
+    from backoffice.models import CommissionRate
+
+    return [{"valid_from": r.valid_from, "rate_bp": int(r.rate_bp)} for r in conn.execute(
+        select(CommissionRate.valid_from, CommissionRate.rate_bp).where(CommissionRate.operator == operator)
+        .order_by(CommissionRate.valid_from))]
+
+
 # ------------------------------------------------------------------------------------------------------ fleets
 def add_fleet(conn: Connection, *, code: str, operator: str, name: str, by: str = "system") -> None:
     """A fleet (depot, branch company) of an operator; the table is clearing's (backoffice.clearing_runs)."""
@@ -299,7 +391,7 @@ def assign_fleet(conn: Connection, *, vehicle: str, fleet: str, valid_from: date
     row = _live(conn, "vehicle", vehicle)
     owner = conn.execute(select(Fleet.operator).where(Fleet.code == fleet)).scalar()
     if owner is None:
-        raise RegistryError(f"fleet {fleet!r} is not registered: add it with add_fleet")
+        raise RegistryError(f"fleet {fleet!r} is not registered: add it with `farebox registry add-fleet`")
     if owner != row.operator:
         raise RegistryError(f"fleet {fleet!r} belongs to operator {owner!r}, vehicle {vehicle!r} to {row.operator!r}")
     clearing_runs.assign_vehicle(conn, vehicle=vehicle, fleet=fleet, valid_from=valid_from)

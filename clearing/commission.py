@@ -79,3 +79,24 @@ def split_rows(grosses: Sequence[int], rate_bp: int) -> tuple[list[int], list[in
     commission = commission_of(sum(int(g) for g in grosses), rate_bp)
     commissions = allocate(grosses, commission)
     return commissions, [int(g) - c for g, c in zip(grosses, commissions, strict=True)]
+
+
+def percent_text(rate_bp: int) -> str:
+    """A rate as people read it: 60 bp -> "0.60%"."""
+    whole, part = divmod(check_rate(rate_bp), 100)
+    return f"{whole}.{part:02d}%"
+
+
+def parse_percent(text: str) -> int:
+    """What a person types for a rate ("0.6", "0.60%", "1.5 %") as basis points, exactly: at most two decimals (a
+    basis point is 0.01 %), 0 to 100 %. ValueError saying what to type otherwise; never a float in between."""
+    raw = text.strip().removesuffix("%").strip()
+    whole, dot, part = raw.partition(".")
+    if not whole.isdigit() and not (whole == "" and dot and part.isdigit()) or (dot and not part.isdigit()):
+        raise ValueError(f"{text!r} is not a percentage: give e.g. 0.6 or 0.60% (the card issuer's commission)")
+    if len(part) > 2:
+        raise ValueError(f"{text!r}: a commission rate has at most two decimals (0.01 % = 1 basis point)")
+    rate_bp = int(whole or "0") * 100 + int((part or "0").ljust(2, "0"))
+    if rate_bp > BP_DENOMINATOR:
+        raise ValueError(f"{text!r}: a commission rate is 0 to 100 %")
+    return rate_bp

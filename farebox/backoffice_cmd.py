@@ -88,6 +88,11 @@ def _token_add(args, settings) -> int:
     from backoffice.web.auth import DEFAULT_TOKEN_DAYS, TokenFileError, add_token
 
     path = args.file or settings.tokens_path
+    if args.operator is not None:
+        refused = _unknown_operator(settings, args.operator)
+        if refused:
+            print(f"farebox token add: {refused}", file=sys.stderr)
+            return 2
     try:
         token = add_token(path, role=args.role, name=args.name, operator=args.operator,
                           days=DEFAULT_TOKEN_DAYS if args.days is None else args.days)
@@ -98,6 +103,29 @@ def _token_add(args, settings) -> int:
     print(f"token for {args.name} ({args.role}{', ' + args.operator if args.operator else ''}); only its SHA-256 is "
           f"kept, in {path}: this is the one time it is shown", file=sys.stderr)
     return 0
+
+
+def _unknown_operator(settings, operator: str) -> str | None:
+    """Why a token cannot be tied to ``operator`` in the configured database, or None when it can."""
+    from sqlalchemy import select
+
+    from backoffice.models import Operator
+
+    engine = bootstrap.start(settings).read_engine()  # reading only: never migrates
+    where = engine.url.render_as_string(hide_password=True)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(select(Operator.retired_at).where(Operator.code == operator)).first()
+            known = sorted(conn.execute(select(Operator.code).where(Operator.retired_at.is_(None))).scalars())
+    finally:
+        engine.dispose()
+    if row is not None and row.retired_at is None:
+        return None
+    if row is not None:
+        return f"operator {operator!r} is retired in {where}: a token cannot be given for it"
+    return (f"operator {operator!r} is not registered in {where} (registered: {', '.join(known) or 'none'}). "
+            f"Add it first with `farebox registry add-operator --code {operator} --name NAME --by YOU`, or check "
+            "FAREBOX_DATABASE_URL names the back office's database")
 
 
 def _token_list(args, settings) -> int:

@@ -9,7 +9,7 @@ from datetime import date
 from pathlib import Path
 
 from farebox import bootstrap
-from farebox.cli_types import iso_time, terminal_id
+from farebox.cli_types import amount_in_yuan, iso_time, terminal_id
 
 
 def register(sub) -> None:
@@ -21,16 +21,20 @@ def register(sub) -> None:
     p.add_argument("--operator", required=True)
     p.add_argument("feed", type=Path, help="a GTFS folder or .zip (routes, stops, trips, stop_times)")
     p.add_argument("--by", default="gtfs import", help="who imports, for the audit lines")
-    p.add_argument("--default-fare", type=int, default=None, help="flat fare in fen for new routes (default: none; "
-                                                                  "they stay out of the fare table until set)")
+    p.add_argument("--default-fare", type=amount_in_yuan, default=None, metavar="YUAN",
+                   help="flat fare in yuan for new routes, e.g. 2.00 (default: none; they stay out of the fare "
+                        "table until set)")
     p.set_defaults(func=_registry_import_gtfs)
     p = reg.add_parser("names", help="route names, vehicle plates, driver names (as they were at --at)")
     p.add_argument("--operator", required=True)
     p.add_argument("--at", type=iso_time, default=None, help="ISO time with zone (default now)")
     p.set_defaults(func=_registry_names)
-    p = reg.add_parser("fare-table", help="the operator's fare table (JSON parameter file) from the registry")
+    p = reg.add_parser("fare-table", help="the operator's fare table from the registry: the JSON parameter file "
+                                          "the validators read (amounts in fen, as on the card)")
     p.add_argument("--operator", required=True)
-    p.add_argument("--version", type=int, required=True)
+    p.add_argument("--version", type=int, default=None,
+                   help="the parameter version to stamp it with (default: one above the last params package "
+                        "published for the operator, 1 for the first)")
     p.add_argument("--at", type=iso_time, default=None, help="ISO time with zone (default now)")
     p.set_defaults(func=_registry_fare_table)
     p = reg.add_parser("audit", help="who changed what in the registry, and when")
@@ -39,6 +43,7 @@ def register(sub) -> None:
                                                     "stop"])
     p.add_argument("--key", default=None)
     p.set_defaults(func=_registry_audit)
+    _add_company_commands(reg)
     _add_registry_writes(reg)
 
 
@@ -84,12 +89,24 @@ def _registry_fare_table(args, settings) -> int:
 
     try:
         with _reading(settings).connect() as conn:
-            doc = fare_table(conn, args.operator, args.version, at=args.at)
+            version = args.version if args.version is not None else _next_params_version(conn, args.operator)
+            doc = fare_table(conn, args.operator, version, at=args.at)
     except RegistryError as e:
         print(f"farebox: {e}", file=sys.stderr)
         return 2
     print(json.dumps(doc, ensure_ascii=False, indent=2))
     return 0
+
+
+def _next_params_version(conn, operator: str) -> int:
+    """One above the highest params version published for the operator (any target), 1 for the first."""
+    from sqlalchemy import select
+
+    from backoffice.models import Package
+
+    versions = conn.execute(select(Package.version).where(Package.operator == operator,
+                                                          Package.kind == "params")).scalars()
+    return max((int(v) for v in versions if str(v).isdigit()), default=0) + 1
 
 
 def _registry_audit(args, settings) -> int:
@@ -110,12 +127,14 @@ _REGISTRY_KINDS = {"route": ("code", "code"), "vehicle": ("code", "code"), "driv
 
 
 def _stage_list(text: str):
-    """'10:200,20:300' -> [(10, 200), (20, 300)]: up to that many stops, the fare in fen."""
+    """'10:2.00,20:3.00' -> [(10, 200), (20, 300)]: up to that many stops, the fare typed in yuan, kept in fen."""
+    from clearing.money import parse_yuan
+
     try:
-        return [(int(u), int(f)) for u, f in (part.split(":") for part in text.split(","))]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: stages are 'up to stops:fare fen,...', e.g. 10:200,20:300") \
-            from None
+        return [(int(u), parse_yuan(f)) for u, f in (part.split(":") for part in text.split(","))]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: stages are 'up to stops:fare in yuan,...', e.g. "
+                                         f"10:2.00,20:3.00 ({e})") from None
 
 
 def _stop_lists(args):
@@ -187,7 +206,13 @@ def _registry_write(args, settings) -> int:
               "that is not registered", file=sys.stderr)
         return 2
     verb = {"add": "added", "edit": "changed" if changed else "unchanged (nothing differs)", "retire": "retired"}
-    print(f"{kind} {key} {verb[action]}")
+    fares = ""
+    if kind == "route" and action != "retire" and (args.fare is not None or args.stages is not None):
+        from clearing.money import yuan
+
+        fares = (f" (flat fare {yuan(args.fare, symbol='¥')})" if args.fare is not None else
+                 " (stages: " + ", ".join(f"up to {u} stops {yuan(f, symbol='¥')}" for u, f in args.stages) + ")")
+    print(f"{kind} {key} {verb[action]}{fares}")
     return 0
 
 
@@ -215,9 +240,10 @@ def _add_registry_writes(reg) -> None:
             if kind == "route":
                 p.add_argument("--name", required=adding)
                 fare = p.add_mutually_exclusive_group()
-                fare.add_argument("--fare", type=int, default=None, help="flat fare in fen")
+                fare.add_argument("--fare", type=amount_in_yuan, default=None, metavar="YUAN",
+                                  help="flat fare in yuan, e.g. 2.00")
                 fare.add_argument("--stages", type=_stage_list, default=None,
-                                  help="distance fares 'up to stops:fen,...', e.g. 10:200,20:300")
+                                  help="distance fares 'up to stops:yuan,...', e.g. 10:2.00,20:3.00")
                 p.add_argument("--stops0", default=None, help="stop codes outbound, in order, space separated")
                 p.add_argument("--stops1", default=None, help="stop codes inbound")
             elif kind == "vehicle":
@@ -232,3 +258,163 @@ def _add_registry_writes(reg) -> None:
                 p.add_argument("--vehicle", default=None, help="the vehicle it is mounted in")
                 if not adding:
                     p.add_argument("--no-vehicle", action="store_true", help="taken out of its vehicle")
+
+
+# ----------------------------------------------------------------- the company itself: operator, commission, fleets
+def _add_company_commands(reg) -> None:
+    from datetime import date
+
+    p = reg.add_parser("add-operator", help="register a bus company: code, name, time zone, service-day cut-off")
+    p.add_argument("--code", required=True, help="1-32 characters of a-z, 0-9 and _ (it names the buses' MQTT "
+                                                 "topics, tokens and reports), e.g. zhixing")
+    p.add_argument("--name", required=True, help="the name reports print, e.g. 'Zhixing Bus Co.'")
+    p.add_argument("--timezone", default="Asia/Shanghai", help="IANA time zone of its service day "
+                                                               "(default Asia/Shanghai)")
+    p.add_argument("--cutoff-hour", type=int, default=3,
+                   help="local hour its service day ends: a bus out after midnight belongs to the day it started "
+                        "(default 3, i.e. 03:00)")
+    p.add_argument("--by", required=True, help="who makes the change, for the audit line")
+    p.set_defaults(func=_operator_add)
+    p = reg.add_parser("edit-operator", help="rename a bus company or change its service day (history kept)")
+    p.add_argument("--code", required=True)
+    p.add_argument("--name", default=None)
+    p.add_argument("--timezone", default=None)
+    p.add_argument("--cutoff-hour", type=int, default=None)
+    p.add_argument("--by", required=True)
+    p.add_argument("--at", type=iso_time, default=None, help="effective from, ISO time with zone (default now)")
+    p.set_defaults(func=_operator_edit)
+    p = reg.add_parser("operators", help="the bus companies: code, name, time zone, cut-off, commission rate now")
+    p.add_argument("--all", action="store_true", help="retired ones too")
+    p.set_defaults(func=_operator_list)
+
+    p = reg.add_parser("set-commission", help="the card issuer's commission on a company's fares, from a service "
+                                              "day on (clearing needs one)")
+    p.add_argument("--operator", required=True)
+    p.add_argument("--percent", required=True, type=_percent, metavar="P",
+                   help="percent of the gross, at most two decimals, e.g. 0.60")
+    p.add_argument("--from", dest="valid_from", required=True, type=date.fromisoformat, metavar="YYYY-MM-DD",
+                   help="the first service day it applies to (after the last cleared day)")
+    p.add_argument("--by", required=True)
+    p.set_defaults(func=_commission_set)
+    p = reg.add_parser("commission", help="a company's commission rates over time")
+    p.add_argument("--operator", required=True)
+    p.set_defaults(func=_commission_list)
+
+    p = reg.add_parser("add-fleet", help="a fleet of a company (a depot, a branch): reports add its vehicles up")
+    p.add_argument("--operator", required=True)
+    p.add_argument("--code", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--by", required=True)
+    p.set_defaults(func=_fleet_add)
+
+
+def _percent(text: str) -> int:
+    from clearing.commission import parse_percent
+
+    try:
+        return parse_percent(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _write(settings, what, use_case) -> int:
+    """Run one registry use case in its own transaction; a refusal is printed with what to do, exit 2."""
+    from sqlalchemy.exc import IntegrityError
+
+    from backoffice.registry import RegistryError
+
+    engine = _registry_engine(settings)
+    try:
+        with engine.begin() as conn:
+            said = use_case(conn)
+    except RegistryError as e:
+        print(f"farebox: {e}", file=sys.stderr)
+        return 2
+    except IntegrityError:
+        print(f"farebox: {what}: refused by the database: the code is taken already or names something that is "
+              "not registered", file=sys.stderr)
+        return 2
+    print(said)
+    return 0
+
+
+def _operator_add(args, settings) -> int:
+    from backoffice import registry
+
+    def add(conn):
+        registry.add_operator(conn, code=args.code, name=args.name, timezone=args.timezone,
+                              cutoff_hour=args.cutoff_hour, by=args.by)
+        return (f"operator {args.code} added: {args.name}, service day in {args.timezone} ending "
+                f"{args.cutoff_hour:02d}:00. Next: its commission rate (farebox registry set-commission), "
+                "then routes, vehicles, drivers and validators")
+    return _write(settings, f"operator {args.code}", add)
+
+
+def _operator_edit(args, settings) -> int:
+    from backoffice import registry
+
+    def edit(conn):
+        changed = registry.edit_operator(conn, code=args.code, by=args.by, name=args.name, timezone=args.timezone,
+                                         cutoff_hour=args.cutoff_hour, at=args.at)
+        return f"operator {args.code} {'changed' if changed else 'unchanged (nothing differs)'}"
+    return _write(settings, f"operator {args.code}", edit)
+
+
+def _operator_list(args, settings) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from backoffice.registry import operators
+    from clearing.commission import percent_text
+
+    with _reading(settings).connect() as conn:
+        rows = operators(conn, include_retired=args.all)
+    if not rows:
+        print("no operator registered yet: farebox registry add-operator --code CODE --name NAME --by YOU")
+        return 0
+    table = Table(title="bus companies")
+    for col in ("code", "name", "time zone", "day ends", "commission now", "since"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["code"] + (" (retired)" if r["retired_at"] else ""), r["name"], r["timezone"],
+                      f"{r['cutoff_hour']:02d}:00", "none set" if r["rate_bp"] is None else percent_text(r["rate_bp"]),
+                      "-" if r["rate_from"] is None else r["rate_from"].isoformat())
+    Console(width=100).print(table)
+    return 0
+
+
+def _commission_set(args, settings) -> int:
+    from backoffice import registry
+    from clearing.commission import percent_text
+
+    def set_rate(conn):
+        registry.set_commission_rate(conn, operator=args.operator, rate_bp=args.percent, valid_from=args.valid_from,
+                                     by=args.by)
+        return (f"{args.operator}: card-issuer commission {percent_text(args.percent)} of the gross from service "
+                f"day {args.valid_from} on")
+    return _write(settings, f"commission of {args.operator}", set_rate)
+
+
+def _commission_list(args, settings) -> int:
+    from backoffice.registry import commission_rates
+    from clearing.commission import percent_text
+
+    with _reading(settings).connect() as conn:
+        rates = commission_rates(conn, operator=args.operator)
+    if not rates:
+        print(f"{args.operator}: no commission rate set: farebox registry set-commission --operator {args.operator} "
+              "--percent P --from YYYY-MM-DD --by YOU")
+        return 0
+    for r in rates:
+        print(f"{args.operator}  from {r['valid_from']}  {percent_text(r['rate_bp']):>8}")
+    return 0
+
+
+def _fleet_add(args, settings) -> int:
+    from backoffice import registry
+
+    def add(conn):
+        registry.add_fleet(conn, code=args.code, operator=args.operator, name=args.name, by=args.by)
+        return (f"fleet {args.code} ({args.name}) added to {args.operator}; put vehicles in it with "
+                "add-vehicle / edit-vehicle --fleet CODE --fleet-from YYYY-MM-DD")
+    return _write(settings, f"fleet {args.code}", add)

@@ -37,14 +37,43 @@ def register(sub) -> None:
     p.set_defaults(func=_jobs_serve)
 
 
+def _yuan(fen) -> str:
+    from clearing.money import yuan
+
+    return yuan(fen, symbol="¥")
+
+
+def _not_begun(engine, operator: str, day: date) -> str | None:
+    """Why ``day`` cannot be settled yet because it has not even begun (None when it has, or the operator is
+    unknown: settle says so itself)."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select
+
+    from backoffice.models import Operator
+    from clearing.service_day import day_bounds, local_time
+
+    with engine.connect() as conn:
+        op = conn.execute(select(Operator.timezone, Operator.cutoff_hour).where(Operator.code == operator)).first()
+    if op is None:
+        return None
+    start = day_bounds(day, op.timezone, op.cutoff_hour)[0]
+    if datetime.now(UTC) >= start:
+        return None
+    return (f"service day {day} has not begun: it starts {local_time(start, op.timezone)} {op.timezone}. "
+            "Settle a day once it has ended")
+
+
 def _settle(args, settings) -> int:
     from backoffice.settle import settle, settle_month
-    from reports.pdf import yuan
 
     if (args.day is None) == (args.month is None):
         print("farebox settle: give --day YYYY-MM-DD (a service day) or --month YYYY-MM", file=sys.stderr)
         return 2
     engine = bootstrap.start(settings).engine()
+    if args.day is not None and (why := _not_begun(engine, args.operator, args.day)):
+        print(f"farebox settle: {why}", file=sys.stderr)
+        return 2
     try:
         with engine.begin() as conn:  # a day that has ended is cleared and its run stored: committed here
             if args.month is not None:
@@ -59,20 +88,21 @@ def _settle(args, settings) -> int:
         gross = sum(int(r.totals["day_gross"]) for r in m.runs)
         net = sum(int(r.totals["day_net"]) for r in m.runs)
         payable = sum(int(r.totals["payable_net"]) for r in m.runs)
-        print(f"{args.operator} {m.first_day:%Y-%m}: {len(m.runs)} day(s) cleared, gross {yuan(gross)} yuan, net "
-              f"{yuan(net)} yuan; payable with late taps and adjustments {yuan(payable)} yuan; "
+        print(f"{args.operator} {m.first_day:%Y-%m}: {len(m.runs)} day(s) cleared, gross {_yuan(gross)}, net "
+              f"{_yuan(net)}; payable with late taps and adjustments {_yuan(payable)}; "
               f"{len(m.missing)} day(s) without a clearing run left out")
         print(f"reports: {', '.join(str(f) for f in m.files)}")
         return 0
     s, run = d.settlement, d.run
     if run is None:
         print(f"{args.operator} {args.day}: PROVISIONAL, {d.provisional}")
-        print(f"  {s.taps} fares, gross {yuan(s.amount)} yuan")
+        print(f"  {s.taps} fares, gross {_yuan(s.amount)}")
     else:
         t = run.totals
         print(f"{args.operator} {args.day}: clearing run {run.id}{' (stored already, checked)' if run.recleared else ''}"
-              f": {t['day_taps']} fares, gross {yuan(t['day_gross'])}, issuer commission {yuan(t['day_commission'])},"
-              f" net {yuan(t['day_net'])} yuan; payable with late taps and adjustments {yuan(t['payable_net'])}")
+              f": {t['day_taps']} fares, gross {_yuan(t['day_gross'])}, issuer commission "
+              f"{_yuan(t['day_commission'])}, net {_yuan(t['day_net'])}; payable with late taps and adjustments "
+              f"{_yuan(t['payable_net'])}")
         if d.shift_items:
             print(f"  {len(d.shift_items)} shift(s) out of balance: see the reconciliation work list")
     print(f"reports: {', '.join(str(f) for f in d.files)}")
@@ -84,6 +114,7 @@ def _jobs_list(args, settings) -> int:
 
     from backoffice.models import ClearingRun, Operator
     from backoffice.scheduler import clearing_job_id, stored_jobs
+    from clearing.service_day import local_time
 
     engine = bootstrap.start(settings).read_engine()  # reading only: never migrates
     found = {job_id: (name, at, trigger) for job_id, name, at, trigger in stored_jobs(engine)}
@@ -92,9 +123,12 @@ def _jobs_list(args, settings) -> int:
                            .order_by(Operator.code)).all()
         last = dict(conn.execute(select(ClearingRun.operator, func.max(ClearingRun.service_day))
                                  .group_by(ClearingRun.operator)).all())
+    zones = {op.code: op.timezone for op in ops}
     for job_id, (name, at, trigger) in sorted(found.items()):
-        when = f"{at:%Y-%m-%d %H:%M} UTC" if at else "paused"
-        print(f"{job_id:24} next {when:20} {trigger:32} {name}")
+        # each operator's jobs run in its own zone: say the time as its clerks read it, and name the zone
+        tz = zones.get(job_id.rpartition(":")[2], "UTC")
+        when = f"{local_time(at, tz)} {tz}" if at else "paused"
+        print(f"{job_id:24} next {when:30} {trigger:32} {name}")
     for op in ops:
         if clearing_job_id(op.code) not in found:
             print(f"{clearing_job_id(op.code):24} not stored yet: added when the scheduler starts (farebox serve, "
