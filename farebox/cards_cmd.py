@@ -1,9 +1,12 @@
 """``farebox card`` and ``farebox topup``: issuing and losing cards, and the counter top-up on a desk reader.
 Registered in farebox/cli.py by ``add_parser(sub)``; ``farebox keys`` lives in farebox/keys_cmd.py.
 
-- ``farebox card issue --reader PATH | --sim-state FILE`` ``--deposit FEN --staff WHO [--proof TEXT]``.
+- ``farebox card issue --reader PATH | --sim-state FILE`` ``--deposit YUAN --staff WHO [--proof TEXT]``.
 - ``farebox card lost --asn HEX --staff WHO --why TEXT``; ``farebox card show --asn HEX`` (ledger and cases).
-- ``farebox topup counter --reader PATH --amount FEN --terminal-id HEX --staff WHO``.
+- ``farebox topup counter --reader PATH --amount YUAN --terminal-id HEX --staff WHO``.
+
+Amounts are typed and printed in yuan (``--amount 50.00``); the back office keeps fen. A simulated card
+(``--sim-state``) is personalised with the configured issuer keys (farebox.simcard.sim_issuer_keys).
 """
 
 from __future__ import annotations
@@ -14,23 +17,32 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from farebox import bootstrap
+from farebox.cli_types import amount_in_yuan
+
+
+def _yuan(fen) -> str:
+    from clearing.money import yuan
+
+    return yuan(fen, symbol="¥")
 
 
 def _engine(settings):
     return bootstrap.start(settings).engine()
 
 
-def _session(args):
+def _session(args, settings=None):
     """A card session: the card in the desk reader, or a simulated card from its state file."""
     if getattr(args, "sim_state", None):
         from hardware_sim.card import SimCard
+        from farebox.simcard import load_sim_card, sim_issuer_keys
 
         path = Path(args.sim_state)
         if path.exists():
-            card = SimCard.load(path)
+            card = load_sim_card(path, settings)
         else:
-            card = SimCard(secrets.token_bytes(10), args.card_type, 0, start=date.today(),
-                           end=date.today() + timedelta(days=3650), state_file=path)
+            start = date.today() - timedelta(days=30)
+            card = SimCard(secrets.token_bytes(10), args.card_type, 0, start=start,
+                           end=start + timedelta(days=3650), state_file=path, keys=sim_issuer_keys(settings))
 
         class _Direct:
             exchange = staticmethod(card.transmit)
@@ -47,7 +59,7 @@ def _session(args):
 def _card_issue(args, settings) -> int:
     from backoffice.cards import issuance
 
-    facts = issuance.read_card(_session(args))
+    facts = issuance.read_card(_session(args, settings))
     with _engine(settings).begin() as conn:
         try:
             issuance.issue_card(conn, card=facts, deposit=args.deposit, who=args.staff, now=datetime.now(UTC),
@@ -55,8 +67,8 @@ def _card_issue(args, settings) -> int:
         except issuance.IssueError as e:
             print(f"farebox card issue: {e}", file=sys.stderr)
             return 1
-    print(f"card {facts.asn} issued: type {facts.card_type}, balance {facts.balance} fen, deposit {args.deposit} "
-          f"fen, valid {facts.valid_from} to {facts.valid_to}")
+    print(f"card {facts.asn} issued: type {facts.card_type}, balance {_yuan(facts.balance)}, deposit "
+          f"{_yuan(args.deposit)}, valid {facts.valid_from} to {facts.valid_to}")
     return 0
 
 
@@ -69,7 +81,7 @@ def _card_lost(args, settings) -> int:
         except issuance.IssueError as e:
             print(f"farebox card lost: {e}", file=sys.stderr)
             return 1
-    print(f"card {args.asn} is lost: on the next deny list (farebox denylist publish); {frozen} fen frozen for "
+    print(f"card {args.asn} is lost: on the next deny list (farebox denylist publish); {_yuan(frozen)} frozen for "
           "refund")
     return 0
 
@@ -80,9 +92,10 @@ def _card_show(args, settings) -> int:
     with bootstrap.start(settings).read_engine().connect() as conn:  # reading only: never migrates
         book = ledger.card_ledger(conn, asn=args.asn)
         open_ = cases.open_cases(conn, asn=args.asn)
-    print(f"card {args.asn}: opening {book.opening} + loads {book.loads} - purchases {book.purchases} "
-          f"+ adjustments {book.adjustments} - refunds {book.refunds} = {book.balance} fen; the card last said "
-          f"{book.card_balance if book.card_balance is not None else '-'} ({'agrees' if book.agrees else 'DIFFERS'})")
+    print(f"card {args.asn}: opening {_yuan(book.opening)} + loads {_yuan(book.loads)} - purchases "
+          f"{_yuan(book.purchases)} + adjustments {_yuan(book.adjustments)} - refunds {_yuan(book.refunds)} = "
+          f"{_yuan(book.balance)}; the card last said {_yuan(book.card_balance)} "
+          f"({'agrees' if book.agrees else 'DIFFERS'})")
     for c in open_:
         print(f"  case {c.id} [{c.kind}] {c.detail}")
     return 0
@@ -95,7 +108,7 @@ def _topup_counter(args, settings) -> int:
 
     root = bootstrap.start(settings, "issuer")
     try:
-        done = topup.counter_topup(root.engine(), _session(args), keys=root.key_service,
+        done = topup.counter_topup(root.engine(), _session(args, settings), keys=root.key_service,
                                    amount=args.amount, terminal_id=bytes.fromhex(args.terminal_id),
                                    staff=args.staff, now=datetime.now(UTC))
     except topup.TopupRefused as e:
@@ -105,7 +118,7 @@ def _topup_counter(args, settings) -> int:
         print(f"farebox topup: the card did not finish: {e}. If it left after CREDIT FOR LOAD, present it again: "
               "its log settles the load", file=sys.stderr)
         return 1
-    print(f"card {done.asn}: loaded {done.amount} fen, balance {done.new_balance} fen (load {done.load_id}, "
+    print(f"card {done.asn}: loaded {_yuan(done.amount)}, balance {_yuan(done.new_balance)} (load {done.load_id}, "
           f"online counter {done.online_ttc}, TAC {done.tac.hex()})")
     return 0
 
@@ -122,7 +135,8 @@ def add_parser(sub) -> None:
     card = p.add_subparsers(dest="action", required=True)
     q = card.add_parser("issue", help="record the card in the desk reader as issued")
     card_source(q)
-    q.add_argument("--deposit", type=int, default=0, help="fen")
+    q.add_argument("--deposit", type=amount_in_yuan, default=0, metavar="YUAN", help="deposit taken, in yuan "
+                                                                                   "(default 0)")
     q.add_argument("--staff", required=True)
     q.add_argument("--proof", default="", help="a concession type's proof, e.g. the student id")
     q.add_argument("--holder", default="")
@@ -140,7 +154,7 @@ def add_parser(sub) -> None:
     top = p.add_subparsers(dest="action", required=True)
     q = top.add_parser("counter", help="load the card in the desk reader (the back office is the issuer host)")
     card_source(q)
-    q.add_argument("--amount", type=int, required=True, help="fen")
+    q.add_argument("--amount", type=amount_in_yuan, required=True, metavar="YUAN", help="in yuan, e.g. 50.00")
     q.add_argument("--terminal-id", default="0e0000000001", help="the desk's terminal number (12 hex digits)")
     q.add_argument("--staff", required=True)
     q.set_defaults(func=_topup_counter)

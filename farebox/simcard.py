@@ -5,11 +5,17 @@
 - ``--nfc-udp PORT``: as an ISO-DEP card on nfcpy's udp driver (reader: ``nfc:udp:127.0.0.1:PORT``).
 - ``--rfid24``: as a phone SIM in a simulated 2.45 GHz module on a new pty; the device path is printed
   (reader: ``rfid24:/dev/pts/N``).
-- none of these: ``--apdu HEX`` (repeatable) sends those APDUs to the card here and prints the answers.
+- none of these: ``--apdu HEX [HEX ...]`` sends those APDUs to the card here and prints the answers; with only
+  ``--state FILE`` the card is made (or shown) and kept in FILE, for ``farebox card issue --sim-state``, ``farebox
+  topup counter --sim-state`` and ``farebox validator run --tap``.
 
-It prints the card (ASN, type, balance, algorithm) and where it is served, then serves until Ctrl-C or SIGTERM.
-``--state FILE`` keeps the card between runs: an existing file is loaded (the card options are then ignored), a new
-one is written; the card writes it before each answer. ``--debug`` logs every APDU.
+It prints the card (ASN, type, balance in yuan, algorithm) and where it is served, then serves until Ctrl-C or
+SIGTERM. ``--state FILE`` keeps the card between runs: an existing file is loaded (the card options are then
+ignored), a new one is written; the card writes it before each answer. ``--debug`` logs every APDU.
+
+Keys: a simulated card is personalised with the issuer keys the settings name (``FAREBOX_ISSUER_KEYS``, unlocked as
+the back office unlocks them), as a card factory personalises cards with the issuer's master keys, so the back office
+verifies its TACs and loads it; without that setting, with the published test keys (epurse/keys.py).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import sys
 import threading
 from datetime import date, timedelta
 from pathlib import Path
+
+from farebox.cli_types import amount_in_yuan
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +74,22 @@ def add_parser(sub) -> None:
     p = sim.add_parser("card", help="a simulated e-purse card, served to PC/SC, NFC or RFID-SIM readers",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--type", choices=sorted(CARD_TYPES), default="adult")
-    p.add_argument("--balance", type=int, default=10_000, metavar="FEN", help="starting balance in fen")
+    p.add_argument("--balance", type=amount_in_yuan, default=10_000, metavar="YUAN",
+                   help="starting balance in yuan, e.g. 100.00 (default 100.00)")
     p.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="3des")
     p.add_argument("--asn", type=_asn, default=None, metavar="HEX", help="20 hex digits (default: random)")
     p.add_argument("--staff-no", default=None, help="staff number on the holder file (driver default D0001)")
-    p.add_argument("--valid-days", type=int, default=3650, help="valid from today for this many days")
+    p.add_argument("--valid-days", type=int, default=3650,
+                   help="valid for this many days from 30 days ago (so a trial day's clock may lie in the past)")
     p.add_argument("--state", type=Path, default=None, metavar="FILE",
                    help="keep the card in FILE between runs (loaded if it exists)")
     p.add_argument("--vpcd", type=_port, default=None, metavar="PORT", help="serve into pcscd's vpcd on PORT")
     p.add_argument("--vpcd-host", default="127.0.0.1")
     p.add_argument("--nfc-udp", type=_port, default=None, metavar="PORT", help="serve on nfcpy's udp driver")
     p.add_argument("--rfid24", action="store_true", help="serve in a simulated RFID-SIM module on a new pty")
-    p.add_argument("--apdu", type=_apdu, action="append", default=[], metavar="HEX",
-                   help="(without a place to serve) send this APDU and print the answer; repeatable")
+    p.add_argument("--apdu", type=_apdu, action="extend", nargs="+", default=[], metavar="HEX",
+                   help="(without a place to serve) send these APDUs in turn and print the answers: "
+                        "--apdu A B C, or --apdu A --apdu B")
     p.add_argument("--debug", action="store_true", help="log every APDU")
     p.set_defaults(func=run)
 
@@ -98,35 +109,68 @@ class _LockedCard:
         return response
 
 
-def _make_card(args):
+def sim_issuer_keys(settings):
+    """The issuer master keys simulated cards and PSAMs are personalised with: the ones the settings name
+    (``FAREBOX_ISSUER_KEYS``: an encrypted key file unlocked by FAREBOX_ISSUER_KEYS_PASSPHRASE or _KEK, or a plain
+    TOML file), else the published test keys. A simulator's business only: the back office itself holds its keys
+    behind its key service."""
+    import os
+
+    from epurse.keys import TEST_ISSUER_KEYS
+
+    path = getattr(settings, "issuer_keys_file", None)
+    if path is None:
+        return TEST_ISSUER_KEYS
+    from backoffice.keyservice import is_key_file, open_key_file
+    from farebox.keys import _kek_from_env, read_plain_keys
+
+    content = Path(path).read_bytes()
+    if not is_key_file(content):
+        return read_plain_keys(path)
+    passphrase, kek = _kek_from_env(os.environ)
+    return open_key_file(content, passphrase=passphrase, kek=kek, path=str(path))
+
+
+def load_sim_card(path: Path, settings):
+    """A simulated card kept in a state file, with the keys of :func:`sim_issuer_keys`."""
     from hardware_sim.card import SimCard
 
+    return SimCard.load(path, keys=sim_issuer_keys(settings))
+
+
+def _make_card(args, settings=None):
+    from hardware_sim.card import SimCard
+
+    keys = sim_issuer_keys(settings)
     if args.state is not None and args.state.exists():
-        return SimCard.load(args.state), f"loaded from {args.state}"
+        return SimCard.load(args.state, keys=keys), f"loaded from {args.state}"
     today = date.today()
     asn = args.asn or bytes.fromhex("3100" + "".join(secrets.choice("0123456789") for _ in range(16)))
     staff_no = args.staff_no if args.staff_no is not None else ("D0001" if args.type == "driver" else "")
     kwargs = {"state_file": args.state} if args.state is not None else {}
-    card = SimCard(asn, CARD_TYPES[args.type], args.balance, start=today, end=today + timedelta(days=args.valid_days),
-                   staff_no=staff_no, algorithm=ALGORITHMS[args.algorithm], **kwargs)
+    start = today - timedelta(days=30)
+    card = SimCard(asn, CARD_TYPES[args.type], args.balance, start=start, end=start + timedelta(days=args.valid_days),
+                   staff_no=staff_no, algorithm=ALGORITHMS[args.algorithm], keys=keys, **kwargs)
     return card, f"new, kept in {args.state}" if args.state is not None else "new, not kept"
 
 
 def _describe(card) -> str:
     kind = {v: k for k, v in CARD_TYPES.items()}.get(card.card_type, f"type {card.card_type}")
     alg = {v: k for k, v in ALGORITHMS.items()}.get(getattr(card, "algorithm", 0), "?")
-    return (f"card ASN {card.asn.hex()}  type {kind}  balance {card.balance} fen ({card.balance / 100:.2f} yuan)  "
+    from clearing.money import yuan
+
+    return (f"card ASN {card.asn.hex()}  type {kind}  balance {yuan(card.balance, symbol='¥')}  "
             f"algorithm {alg}  TTC {card.ttc}")
 
 
-def run(args, _settings=None) -> int:
+def run(args, settings=None) -> int:
     if args.debug:
         root = logging.getLogger()
         root.setLevel(logging.DEBUG)
         for handler in root.handlers:
             handler.setLevel(logging.DEBUG)
     try:
-        card, origin = _make_card(args)
+        card, origin = _make_card(args, settings)
     except (OSError, ValueError) as e:
         print(f"farebox sim card: {e}", file=sys.stderr)
         return 2
@@ -134,8 +178,10 @@ def run(args, _settings=None) -> int:
     served = args.vpcd is not None or args.nfc_udp is not None or args.rfid24
     if not served:
         if not args.apdu:
-            print("farebox sim card: say where to serve it (--vpcd, --nfc-udp, --rfid24) or give --apdu",
-                  file=sys.stderr)
+            if args.state is not None:
+                return 0  # made (or shown) and kept in its state file
+            print("farebox sim card: say where to serve it (--vpcd, --nfc-udp, --rfid24), give --apdu, or keep it "
+                  "in a file with --state FILE", file=sys.stderr)
             return 2
         for apdu in args.apdu:
             print(f"> {apdu.hex().upper()}\n< {card.transmit(apdu).hex().upper()}", flush=True)

@@ -226,7 +226,7 @@ def farebox_cli(*args, timeout=30):
 
 def test_sim_card_command_runs_apdus_in_process(tmp_path):
     state = tmp_path / "card.json"
-    done = farebox_cli("--asn", "31000000000000055555", "--balance", "4321", "--state", str(state),
+    done = farebox_cli("--asn", "31000000000000055555", "--balance", "43.21", "--state", str(state),
                        "--apdu", SELECT.hex(), "--apdu", GET_BALANCE.hex())
     assert done.returncode == 0, done.stderr
     assert "31000000000000055555" in done.stdout and "adult" in done.stdout
@@ -238,11 +238,11 @@ def test_sim_card_command_runs_apdus_in_process(tmp_path):
 def test_sim_card_command_serves_through_vpcd_to_pyscard(pcsc_vpcd):
     port = DEFAULT_PORT + 1
     proc = subprocess.Popen([sys.executable, "-m", "farebox.cli", "sim", "card", "--vpcd", hex(port), "--type",
-                             "student", "--balance", "2500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "student", "--balance", "25.00"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
         first = proc.stdout.readline()
-        assert "student" in first and "2500 fen" in first, first + proc.stderr.read() if proc.poll() else first
+        assert "student" in first and "¥25.00" in first, first + proc.stderr.read() if proc.poll() else first
         reader = open_reader(f"pcsc:{reader_name(port)}")
         settle_vpcd(reader)
         session = reader.poll(10)
