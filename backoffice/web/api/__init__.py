@@ -16,3 +16,5 @@ from backoffice.web.api import (
 ROUTERS = (registry.router, clearing.router, devices.router, cards.router, ota.router, reconcile.router,
            registry_edit.router, reports.router, payments_recon.router,
            quarantine.router)  # the review of quarantined records (release, reject)
+from backoffice.web.api import rider  # noqa: E402  rider self-service for the mobile operator's gateway
+ROUTERS += (rider.router,)
