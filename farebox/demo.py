@@ -5,7 +5,15 @@ FAREBOX_MQTT_URL), the ingest consumer as a child process of its own, the status
 beside it, six real validators with simulated cards and PSAMs, and a day of taps in accelerated time. The deny list
 reaches the buses over the air as signed packages: the whole list when they first connect, and a delta at noon when a
 rider reports a card lost; one bus loses its link for four hours and catches up when it comes back. At the end the
-day is settled, the PDF written, and the settlement checked against what the cards lost.
+day is settled, the PDF written, and the settlement checked against what the cards paid.
+
+Written for a transit person to read: names, not codes (the run's tag stays inside the codes: hardware_sim.city),
+money in yuan, a bus named by its plate, tables that fit 100 columns, each alarm explained in a line. The riders'
+cards are issued at the counter as a card desk does (read through a reader, recorded with their opening balance),
+so each card's book agrees with its chip. The buses keep the simulated day's time, so the back office's link history
+shows the day as it went (bus 3's dead zone from 09:00 to 13:00), and they sign off at the end of service, so their
+last status is their final one. The last lines say how to open the same data in the browser (`farebox serve`) with
+a clerk's token.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ import json
 import logging
 import os
 import secrets
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,14 +40,17 @@ from sqlalchemy import func, select
 
 from backoffice import clearing_runs, registry
 from backoffice.audit_runs import audit as audit_books
+from backoffice.cards import issuance
+from backoffice.cards.ledger import card_ledger
 from backoffice.devices import fleet_status
 from backoffice.ingest_consumer import end_session
-from backoffice.models import Card, Quarantine, Tap
+from backoffice.models import Quarantine, Tap
 from backoffice.publisher import Publisher
 from backoffice.settle import settle
 from backoffice.status_consumer import StatusConsumer
 from epurse.apdu import ALG_3DES, ALG_SM4
 from epurse.cardtypes import CardType
+from clearing.money import yuan
 from epurse.keys import TEST_ISSUER_KEYS
 from farebox import bootstrap
 from farebox.broker import EmbeddedBroker
@@ -48,7 +61,7 @@ from hardware_sim.psam import SimPsam
 from validator.downlink import Downlink
 from validator.fares import FareTable, Transfer
 from validator.journal import Journal
-from validator.messages import Outcome, yuan
+from validator.messages import Outcome
 from validator.readers.sim import SimReader
 from validator.terminal import Terminal, TerminalConfig
 from validator.uplink import Uplink
@@ -57,6 +70,12 @@ from wire.mqtt_url import parse_mqtt_url
 from wire.packages import public_key
 
 log = logging.getLogger(__name__)
+
+WIDTH = 100  # the demo's output fits this many columns
+DEPOSIT = 2000  # fen: what a rider leaves at the counter for a card
+HEARTBEAT_MINUTES = 10  # of the simulated day: a bus's heartbeats, which make the back office's link history
+COUNTER = "示例营业厅 demo counter"  # who issues the demo's cards and takes the loss reports
+CLERK = "demo clerk"  # the name of the clerk's token the demo prints (an earlier run's is revoked)
 
 
 @dataclasses.dataclass
@@ -75,7 +94,7 @@ class DemoResult:
     day: date
     pdf: Path
     taps_by_outcome: dict[str, int]
-    cards_lost: int  # fen: what the riders' cards lost in balance, read off the cards
+    cards_paid: int  # fen: what the riders' cards paid, read off the cards (balance before - after)
     settled_amount: int  # fen
     settled_taps: int
     stored_records: int  # rows in the back office for this run
@@ -87,8 +106,12 @@ class DemoResult:
 
     @property
     def consistent(self) -> bool:
-        return (self.cards_lost == self.settled_amount and self.stored_records == self.journal_records
+        return (self.cards_paid == self.settled_amount and self.stored_records == self.journal_records
                 and self.quarantined == 0 and self.audit_differences == 0)
+
+    @property
+    def cards_lost(self) -> int:  # the older name of cards_paid (it read like cards that were lost)
+        return self.cards_paid
 
 
 class IngestProcess:
@@ -144,10 +167,31 @@ def _seed_registry(engine, plan: CityPlan) -> None:
         for b in plan.buses:
             registry.add_device(conn, device_id=b.device_id, operator=plan.operator, vehicle=b.vehicle,
                                 terminal_id=b.terminal_id.hex())
-        registry.add_cards(conn, [{"asn": c.asn.hex(), "card_type": int(c.card_type),
-                                   "status": "lost" if c.asn in plan.denied else "active"} for c in plan.cards])
         # The card issuer keeps 0.6 % of the fares; the settlement shows its commission and the operator's net.
-        clearing_runs.set_commission_rate(conn, operator=plan.operator, rate_bp=60, valid_from=plan.day)
+        clearing_runs.set_commission_rate(conn, operator=plan.operator, rate_bp=COMMISSION_BP, valid_from=plan.day)
+
+
+COMMISSION_BP = 60
+
+
+def _issue_cards(engine, plan: CityPlan, cards: dict[bytes, SimCard], at: datetime) -> int:
+    """Issue the riders' cards as the counter does: read each through a reader (its balance and counters as the
+    chip says them) and record it with a deposit, its holder and a concession's proof, so the card's book starts
+    from the balance the chip starts from. The card that is on the deny list from the start is reported lost the
+    same way. Returns the fen the cards hold at issue."""
+    reader = SimReader()
+    on_cards = 0
+    with engine.begin() as conn:
+        for c in plan.cards:
+            reader.present(cards[c.asn])
+            facts = issuance.read_card(reader.poll())
+            reader.remove()
+            issuance.issue_card(conn, card=facts, deposit=DEPOSIT, who=COUNTER, now=at, proof=c.proof,
+                                holder=c.holder)
+            on_cards += facts.balance
+        for asn in sorted(plan.denied):
+            issuance.report_lost(conn, asn=asn.hex(), who=COUNTER, why="holder reported the card lost", now=at)
+    return on_cards
 
 
 def _sam_slot(psam: SimPsam):
@@ -157,16 +201,25 @@ def _sam_slot(psam: SimPsam):
     return slot.poll()
 
 
-def _sim_clock():
-    """A clock the simulation moves forward; the terminals read it as their wall clock."""
-    now = [datetime.now(UTC)]
+def _sim_clock(start: datetime):
+    """A clock the simulation moves forward; the terminals and the uplinks read it as their wall clock."""
+    now = [start]
     return now, (lambda: now[0])
+
+
+def demo_console() -> Console:
+    """A terminal's own width up to WIDTH columns; WIDTH when the output goes to a file or a pipe (rich would
+    take 80 there and cut the tables)."""
+    console = Console()
+    if not console.is_terminal or console.width > WIDTH:
+        console = Console(width=WIDTH)
+    return console
 
 
 def run_demo(settings: Settings, *, seed: int = 7, day: date | None = None, riders: int = 200,
              kill_ingest_at: tuple[float, ...] = (), console: Console | None = None) -> DemoResult:
     """Run the day; ``kill_ingest_at`` lists fractions of the day at which ingest is SIGKILLed and restarted."""
-    console = console or Console()
+    console = console or demo_console()
     # The demo is the one command made for the published test keys: its simulated cards and PSAMs carry them.
     settings = dataclasses.replace(settings, insecure_test_keys=True)
     started = time.monotonic()
@@ -189,14 +242,29 @@ def run_demo(settings: Settings, *, seed: int = 7, day: date | None = None, ride
 def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, started) -> DemoResult:
     day = day or (datetime.now(ZoneInfo("Asia/Shanghai")) - timedelta(days=1)).date()
     plan = plan_city(tag=tag, day=day, seed=seed, riders=riders)
-    console.print(f"[bold]farebox demo[/] run [cyan]{tag}[/]: {len(plan.routes)} routes, {len(plan.buses)} buses, "
-                  f"{len(plan.drivers)} drivers, {len(plan.cards)} rider cards, service day {day}")
+    console.print(f"[bold]farebox demo[/]: {plan.operator_name}, service day {day} (run {tag})")
+    console.print(f"{len(plan.routes)} routes, {len(plan.buses)} buses with validators, {len(plan.drivers)} drivers, "
+                  f"{len(plan.cards)} riders' cards")
 
     database_url = settings.effective_database_url
     root = bootstrap.start(settings, "device_master", "signing", announce=False)  # test keys: it is the demo
     engine = root.engine()
     _seed_registry(engine, plan)
-    console.print(f"back office database: {engine.url.render_as_string(hide_password=True)}")
+    console.print(f"back office database: {engine.url.render_as_string(hide_password=True)}", soft_wrap=True)
+
+    # A third of the riders carry phone SIMs whose e-purse speaks SM4; the rest are 3DES cards.
+    cards = {c.asn: SimCard(c.asn, int(c.card_type), c.balance, start=day - timedelta(days=365),
+                            end=day + timedelta(days=365 * 5), holder_name=c.holder,
+                            algorithm=ALG_SM4 if i % 3 == 0 else ALG_3DES)
+             for i, c in enumerate(plan.cards)}
+    driver_cards = {d.staff_no: SimCard(d.asn, CardType.DRIVER, 0, staff_no=d.staff_no, holder_name=d.name,
+                                        start=day - timedelta(days=365), end=day + timedelta(days=365 * 5))
+                    for d in plan.drivers}
+    # The buses' day starts a quarter of an hour before the first driver signs in.
+    now, clock = _sim_clock(plan.taps[0].at - timedelta(minutes=15))
+    on_cards = _issue_cards(engine, plan, cards, at=now[0])
+    console.print(f"{len(plan.cards)} cards issued at the counter, holding {yuan(on_cards, symbol='¥')} "
+                  f"(deposit {yuan(DEPOSIT, symbol='¥')} each)")
 
     broker = None
     mqtt_url = settings.mqtt_url
@@ -212,6 +280,7 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
     publisher = Publisher(engine, target, seed=seed_key, device_master=master, operator=plan.operator,
                           client_id=f"publisher_{tag}")
     buses: list[Bus] = []
+    route_names = {r.code: r.name for r in plan.routes}
     try:
         ingest.start()
         status.start()
@@ -221,7 +290,6 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
         # a change of route within an hour is 1 yuan cheaper.
         fares = FareTable(version=1, flat={r.code: r.fare for r in plan.routes},
                           discounts={CardType.STUDENT: 50, CardType.ELDERLY: 0}, transfer=Transfer(60, 100))
-        now, clock = _sim_clock()
         for b in plan.buses:
             journal = Journal(run_dir / f"{b.device_id}.journal")
             terminal = Terminal(TerminalConfig(device_id=b.device_id, operator=plan.operator, route=b.route,
@@ -231,33 +299,31 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
             # Packages are due by the wall clock (they were signed a moment ago), not by the simulated day's.
             downlink = Downlink(terminal, public_key=public_key(seed_key), staging_dir=run_dir / b.device_id,
                                 clock=lambda: datetime.now(UTC))
+            # The bus's status (birth, heartbeats, goodbye) is dated by the simulated day, as a real bus dates it
+            # by its own clock: the link history the back office keeps is the day's.
             uplink = Uplink(journal, target, device_id=b.device_id, operator=plan.operator, ack_timeout=3.0,
                             mac_key=devicekeys.mac_key(master, b.device_id), terminal=terminal, downlink=downlink,
-                            heartbeat_seconds=5)
+                            heartbeat_seconds=HEARTBEAT_MINUTES * 60, clock=clock)
             uplink.start()
             buses.append(Bus(SimReader(), terminal, uplink, journal, downlink))
         _await_denylist(buses, first.version, console)
 
-        # A third of the riders carry phone SIMs whose e-purse speaks SM4; the rest are 3DES cards.
-        cards = {c.asn: SimCard(c.asn, int(c.card_type), c.balance, start=day - timedelta(days=365),
-                                end=day + timedelta(days=365 * 5), algorithm=ALG_SM4 if i % 3 == 0 else ALG_3DES)
-                 for i, c in enumerate(plan.cards)}
-        driver_cards = {d.staff_no: SimCard(d.asn, CardType.DRIVER, 0, staff_no=d.staff_no, holder_name=d.name,
-                                            start=day - timedelta(days=365), end=day + timedelta(days=365 * 5))
-                        for d in plan.drivers}
         lost = _lost_at_noon(plan)
         outcomes = _ride(plan, buses, cards, driver_cards, now, ingest, kill_ingest_at, console,
-                         lambda: _report_lost(engine, publisher, lost, console))
+                         lambda: _report_lost(engine, publisher, lost, plan, now[0], console))
 
-        console.print("waiting for every validator's backlog to reach the back office ...")
-        for bus in buses:
+        console.print("waiting for every bus's records to reach the back office ...")
+        for b, bus in zip(plan.buses, buses, strict=True):
             if not bus.uplink.wait_drained(timeout=120):
-                console.print(f"[red]{bus.terminal.config.device_id}: {bus.journal.backlog()} records still unsent")
-        with engine.connect() as conn:
-            fleet = fleet_status(conn, plan.operator, datetime.now(UTC))
-    finally:
+                console.print(f"[red]{b.name}: {bus.journal.backlog()} records still unsent")
+        # End of service: the buses are switched off at the depot. Each says goodbye with its final backlog.
+        now[0] = max(now[0], plan.taps[-1].at) + timedelta(minutes=5)
         for bus in buses:
             bus.uplink.stop()
+        _await_goodbyes(engine, plan, now[0])
+    finally:
+        for bus in buses:
+            bus.uplink.stop()  # does nothing after the goodbye above; on an error, still a clean stop
         publisher.stop()
         status.stop()
         ingest.stop()
@@ -273,26 +339,47 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
         names = registry.names(conn, plan.operator)
     with engine.connect() as conn:  # the auditor re-derives the stored run from the raw tables, sharing no code
         audited = audit_books(conn, operator=plan.operator, day=day)
+        books = _card_books(conn, plan, cards)
+        fleet = fleet_status(conn, plan.operator, now[0])
     journal_records = sum(len(bus.journal.records_since(0)) for bus in buses)
     for bus in buses:
         bus.journal.close()
-    cards_lost = sum(c.balance for c in plan.cards) - sum(card.balance for card in cards.values())
+    cards_paid = sum(c.balance for c in plan.cards) - sum(card.balance for card in cards.values())
     demo = DemoResult(run_dir=run_dir, operator=plan.operator, day=day, pdf=result.pdf, taps_by_outcome=outcomes,
-                      cards_lost=cards_lost, settled_amount=result.settlement.amount,
+                      cards_paid=cards_paid, settled_amount=result.settlement.amount,
                       settled_taps=result.settlement.taps, stored_records=stored, journal_records=journal_records,
                       quarantined=quarantined, ingest_kills=ingest.starts - 1, seconds=time.monotonic() - started,
                       audit_differences=len(audited.differences))
     _write_summary(demo, result.settlement, cards, plan)
-    _print_summary(console, demo, result.settlement, names)
+    _print_summary(console, demo, result.settlement, names, route_names, plan)
     if result.run is not None:
         t = result.run.totals
-        console.print(f"clearing run {result.run.id}: gross ¥{yuan(t['day_gross'])}, issuer commission "
-                      f"¥{yuan(t['day_commission'])}, net to the operator ¥{yuan(t['day_net'])}")
+        console.print(f"clearing run {result.run.id}: gross {yuan(t['day_gross'], symbol='¥')}, card issuer's "
+                      f"commission ({COMMISSION_BP / 100:.2f} %) {yuan(t['day_commission'], symbol='¥')}")
+        console.print(f"net to the bus company: {yuan(t['day_net'], symbol='¥')}")
     else:
         console.print(f"provisional settlement, nothing stored: {result.provisional}")
     _print_audit(console, audited)
-    _print_fleet(console, fleet)
+    _print_books(console, books)
+    _print_fleet(console, fleet, plan)
+    console.print("PDF report:", str(demo.pdf), soft_wrap=True)
+    console.print(f"took {demo.seconds:.1f} s")
+    _print_serve(console, settings, plan)
     return demo
+
+
+def _await_goodbyes(engine, plan: CityPlan, at: datetime, timeout: float = 15.0) -> None:
+    """Until the status consumer has stored every bus's last word (its goodbye, dated ``at``), so the status the
+    back office shows after the demo is the buses' final one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            rows = fleet_status(conn, plan.operator, at)
+        if all(r.last_seen is not None and r.last_seen >= at.replace(microsecond=0) and r.online is False
+               for r in rows):
+            return
+        time.sleep(0.1)
+    log.warning("demo: not every bus's goodbye reached the back office within %.0f s", timeout)
 
 
 def _print_audit(console: Console, audited) -> None:
@@ -319,21 +406,22 @@ def _ride(plan, buses, cards, driver_cards, now, ingest, kill_ingest_at, console
             for o in plan.outages:  # the link goes down and comes back on the simulated clock
                 down = o.start <= tap.at < o.end
                 bus = buses[o.bus]
+                name = plan.buses[o.bus].name
                 if down and o.bus not in offline:
                     bus.uplink.go_offline()
                     offline.add(o.bus)
-                    progress.console.print(f"[yellow]{bus.terminal.config.device_id}: link down at "
-                                           f"{_local_time(tap.at, plan.tz)} (dead zone); its taps wait in its journal")
+                    progress.console.print(f"[yellow]{_local_time(tap.at, plan.tz)} bus {name} loses its link "
+                                           "(a dead zone); its taps wait in its validator")
                 elif not down and o.bus in offline:
                     bus.uplink.go_online()
                     offline.discard(o.bus)
-                    progress.console.print(f"[green]{bus.terminal.config.device_id}: link back at "
-                                           f"{_local_time(tap.at, plan.tz)} with {bus.journal.backlog()} records "
-                                           "waiting; sending them now")
+                    progress.console.print(f"[green]{_local_time(tap.at, plan.tz)} bus {name} is back online; "
+                                           f"it sends the {bus.journal.backlog()} records it kept")
             if kills and i == kills[0]:
                 kills.pop(0)
                 ingest.kill()
-                progress.console.print(f"[yellow]ingest killed with SIGKILL at tap {i}; restarting it")
+                progress.console.print(f"[yellow]{_local_time(tap.at, plan.tz)} the back office's ingest is "
+                                       "killed (SIGKILL) and restarted")
                 ingest.start()
             if i == noon:
                 at_noon()
@@ -362,9 +450,10 @@ def _await_denylist(buses: list[Bus], version: int, console, timeout: float = 30
         waiting = [b for b in waiting if b.terminal.deny_list.version < version]
         time.sleep(0.05)
     if waiting:
-        console.print(f"[red]deny list v{version} did not reach {', '.join(b.terminal.config.device_id for b in waiting)}")
+        console.print(f"[red]deny list v{version} did not reach {len(waiting)} of the {len(buses)} buses")
     else:
-        console.print(f"deny list v{version} ({buses[0].terminal.deny_list.count} cards) received over the air by "
+        count = buses[0].terminal.deny_list.count
+        console.print(f"deny list v{version} ({count} card{'' if count == 1 else 's'}) received over the air by "
                       f"all {len(buses)} buses")
 
 
@@ -377,16 +466,18 @@ def _lost_at_noon(plan: CityPlan) -> bytes | None:
     return max(later, key=later.get) if later else None
 
 
-def _report_lost(engine, publisher: Publisher, asn: bytes | None, console) -> None:
-    """A rider phones the mobile operator: card lost. The card goes on the deny list, which goes out as a delta."""
+def _report_lost(engine, publisher: Publisher, asn: bytes | None, plan: CityPlan, at: datetime, console) -> None:
+    """A rider phones the mobile operator: card lost. The card goes on the deny list (its book balance frozen for a
+    refund), and the list goes out to the buses as a delta."""
     if asn is None:
         return
     with engine.begin() as conn:
-        conn.execute(Card.__table__.update().where(Card.asn == asn.hex()).values(status="lost"))
+        issuance.report_lost(conn, asn=asn.hex(), who=COUNTER, why="holder phoned: card lost", now=at)
     version = publisher.publish_denylist()
+    holder = next((c.holder for c in plan.cards if c.asn == asn), "")
     if version is not None:
-        console.print(f"[yellow]noon: card {asn.hex()} reported lost; deny list v{version.version} goes out to the "
-                      "buses as a delta")
+        console.print(f"[yellow]{_local_time(at, plan.tz)} {holder} reports card {asn.hex()} lost; deny list "
+                      f"v{version.version} goes out to the buses as a delta")
 
 
 def _local_time(at: datetime, tz: str) -> str:
@@ -420,40 +511,167 @@ def _write_summary(demo: DemoResult, settlement, cards, plan: CityPlan) -> None:
     (demo.run_dir / "summary.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False, default=int))
 
 
-def _print_fleet(console: Console, fleet) -> None:
-    """What the validators last said about themselves (status birth / heartbeat), as operations sees it."""
-    table = Table(title="Validators, from their status messages", title_justify="left")
-    for column in ("device", "vehicle", "online", "deny list", "backlog", "PSAM", "alarms"):
-        table.add_column(column)
+def _card_books(conn, plan: CityPlan, cards: dict[bytes, SimCard]) -> tuple[int, int, int]:
+    """(cards, whose book balance equals what the chip holds now, whose ledger has no findings)."""
+    equal = clean = 0
+    for c in plan.cards:
+        ledger = card_ledger(conn, asn=c.asn.hex())
+        equal += ledger.balance + ledger.refunds == cards[c.asn].balance
+        clean += not ledger.findings
+    return len(plan.cards), equal, clean
+
+
+def _print_books(console: Console, books: tuple[int, int, int]) -> None:
+    n, equal, clean = books
+    colour = "green" if equal == clean == n else "red"
+    console.print(f"card books: [{colour}]{equal} of {n}[/] agree with what the card holds; "
+                  f"{n - clean} to look into")
+
+
+# What each alarm a validator can raise means, and what to do about it, in one line each (validator.uplink and
+# validator.downlink raise them; matched by how they begin).
+ALARMS = (
+    ("grey purchase", "a card left mid-payment; the bus settles it when that card taps again. Nothing to do, "
+                      "unless it stays grey for a day: then look up the card"),
+    ("journal full", "the validator refuses taps: bring it in range of the network so it can send its records"),
+    ("journal", "the validator's store of unsent records is filling: it has not reached the back office for long"),
+    ("records set aside", "records the bus could not encode; they go to the quarantine: review them there"),
+    ("denylist", "the bus's deny list is old: check it receives packages (deny-list page)"),
+    ("params", "the bus's fare table is old or refused: check the package it was sent"),
+    ("software", "a software package was refused or is pending: check the package it was sent"),
+)
+
+
+def explain_alarm(alarm: str) -> str:
+    """One line: what the alarm is and what to do."""
+    for start, meaning in ALARMS:
+        if alarm.lower().startswith(start):
+            return meaning
+    return "see the validators page"
+
+
+def _print_fleet(console: Console, fleet, plan: CityPlan) -> None:
+    """What the validators last said about themselves (birth, heartbeats, goodbye), as operations sees it."""
+    routes = {r.code: r.name for r in plan.routes}
+    route_of = {b.device_id: routes[b.route] for b in plan.buses}
+    table = Table(title="Validators, as their last status message left them", title_justify="left")
+    for column, justify in (("bus", "left"), ("route", "left"), ("link", "left"), ("deny list", "right"),
+                            ("unsent", "right"), ("alarms", "left")):
+        table.add_column(column, justify=justify)
+    alarms: dict[str, str] = {}
     for row in fleet:
-        table.add_row(row.device_id, row.plate or row.vehicle or "", {True: "yes", False: "no"}.get(row.online, "?"),
+        heard = _local_time(row.last_seen, plan.tz) if row.last_seen is not None else ""
+        if row.online is None:
+            link = "never heard from"
+        elif getattr(row, "signed_off", False) or (row.online is False and heard):
+            link = f"off since {heard}" if getattr(row, "signed_off", False) else f"lost at {heard}"
+        else:
+            link = f"online, last heard {heard}"
+        for a in row.alarms:
+            alarms.setdefault(a.split(" since ")[0], explain_alarm(a))
+        table.add_row(row.plate or row.vehicle or row.device_id, route_of.get(row.device_id, ""), link,
                       f"v{row.denylist_version}" if row.denylist_version is not None else "?",
-                      str(row.backlog) if row.backlog is not None else "?", row.psam, ", ".join(row.alarms))
+                      str(row.backlog) if row.backlog is not None else "?", "; ".join(row.alarms))
     console.print(table)
+    for alarm, meaning in alarms.items():
+        console.print(f"  {alarm}: {meaning}")
 
 
-def _print_summary(console: Console, demo: DemoResult, settlement, names: dict[str, dict[str, str]]) -> None:
-    for title, frame, key in (("By route", settlement.by_route, "route"),
-                              ("By vehicle", settlement.by_vehicle, "vehicle"),
-                              ("By driver", settlement.by_driver, "driver")):
+def _print_summary(console: Console, demo: DemoResult, settlement, names: dict[str, dict[str, str]],
+                   route_names: dict[str, str], plan: CityPlan) -> None:
+    route_of_vehicle = {b.vehicle: route_names[b.route] for b in plan.buses}
+    bus_of_driver = {b.driver: b.plate for b in plan.buses}
+    for title, frame, key, column, extra in (
+            ("By route", settlement.by_route, "route", "route", None),
+            ("By bus", settlement.by_vehicle, "vehicle", "bus", ("route", route_of_vehicle)),
+            ("By driver", settlement.by_driver, "driver", "driver", ("bus", bus_of_driver))):
         table = Table(title=f"{title}, service day {demo.day}", title_justify="left")
-        table.add_column(key)
-        table.add_column("name")
-        table.add_column("taps", justify="right")
+        table.add_column(column)
+        if extra:
+            table.add_column(extra[0])
+        table.add_column("fares", justify="right")
         table.add_column("amount ¥", justify="right")
         for row in frame.itertuples(index=False):
             code = str(getattr(row, key))
-            table.add_row(code, names[key].get(code, ""), str(row.taps), yuan(int(row.amount)))
-        table.add_row("[bold]Total", "", f"[bold]{int(frame['taps'].sum())}",
-                      f"[bold]{yuan(int(frame['amount'].sum()))}")
+            cells = [names[key].get(code) or code]
+            if extra:
+                cells.append(extra[1].get(code, ""))
+            table.add_row(*cells, str(row.taps), yuan(int(row.amount)))
+        total = ["[bold]Total"] + ([""] if extra else [])
+        table.add_row(*total, f"[bold]{int(frame['taps'].sum())}", f"[bold]{yuan(int(frame['amount'].sum()))}")
         console.print(table)
-    outcomes = ", ".join(f"{Outcome(k).name.lower().replace('_', ' ')} {v}"
-                         for k, v in sorted(demo.taps_by_outcome.items()))
-    console.print(f"taps: {outcomes}")
-    console.print(f"records: {demo.journal_records} written by validators, {demo.stored_records} stored once in the "
-                  f"back office, {demo.quarantined} quarantined; ingest killed {demo.ingest_kills} time(s)")
+    words = {OUTCOME_WORDS.get(k, Outcome(k).name.lower().replace('_', ' ')): v
+             for k, v in demo.taps_by_outcome.items()}
+    riders = ", ".join(f"{v} {w}" for w, v in sorted(words.items(), key=lambda wv: -wv[1]) if "driver" not in w)
+    drivers = ", ".join(f"{v} {w}" for w, v in words.items() if "driver" in w)
+    console.print(f"riders' taps: {riders}")
+    if drivers:
+        console.print(f"drivers' taps: {drivers}")
+    console.print(f"records: {demo.journal_records} written by the validators, {demo.stored_records} stored once in "
+                  f"the back office, {demo.quarantined} quarantined")
+    if demo.ingest_kills:
+        console.print(f"the back office's ingest was killed and restarted {demo.ingest_kills} time(s)")
     verdict = "[green]agree" if demo.consistent else "[red]DO NOT AGREE"
-    console.print(f"cards lost ¥{yuan(demo.cards_lost)}; settlement ¥{yuan(demo.settled_amount)} in "
-                  f"{demo.settled_taps} fares: {verdict}")
-    console.print(f"PDF: {demo.pdf}")
-    console.print(f"took {demo.seconds:.1f} s")
+    console.print(f"cards paid {yuan(demo.cards_paid, symbol='¥')} in fares; settlement "
+                  f"{yuan(demo.settled_amount, symbol='¥')} in {demo.settled_taps} fares: {verdict}")
+
+
+OUTCOME_WORDS = {Outcome.PAID.value: "paid", Outcome.INSUFFICIENT_BALANCE.value: "refused: balance too low",
+                 Outcome.CARD_BLOCKED.value: "refused: card on the deny list",
+                 Outcome.SHIFT_OPENED.value: "driver sign-ins", Outcome.SHIFT_CLOSED.value: "driver sign-outs"}
+
+
+def serve_command(settings: Settings) -> str:
+    """The line that starts `farebox serve` on the data the demo wrote: the same var folder (database, token file,
+    reports), and the same database and broker when they were given by URL."""
+    env = [f"FAREBOX_VAR_DIR={shlex.quote(str(settings.var_dir.resolve()))}"]
+    if settings.database_url:
+        env.append(f"FAREBOX_DATABASE_URL={shlex.quote(_masked(settings.database_url))}")
+    if settings.mqtt_url:
+        env.append(f"FAREBOX_MQTT_URL={shlex.quote(_masked(settings.mqtt_url))}")
+    if settings.api_tokens_file:
+        env.append(f"FAREBOX_API_TOKENS={shlex.quote(str(settings.api_tokens_file.resolve()))}")
+    script = Path(sys.executable).parent / "farebox"
+    if shutil.which("farebox") and Path(shutil.which("farebox")).resolve() == script.resolve():
+        program = "farebox"
+    elif script.exists():
+        program = shlex.quote(str(script))
+    else:
+        program = f"{shlex.quote(sys.executable)} -m farebox.cli"
+    return " ".join([*env, program, "--insecure-test-keys", "serve"])
+
+
+def _masked(url: str) -> str:
+    """A URL as the user gave it, its password (if any) left for them to fill in."""
+    from sqlalchemy.engine import make_url  # it reads any scheme://user:password@host URL, mqtt:// too
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return url
+    return parsed.render_as_string(hide_password=True) if parsed.password else url
+
+
+def _print_serve(console: Console, settings: Settings, plan: CityPlan) -> None:
+    """How to see the same day in the browser: the serve line and a clerk's token for this bus company."""
+    from backoffice.web.auth import TokenFileError, add_token, revoke_token
+
+    path = settings.tokens_path
+    try:
+        try:
+            revoke_token(path, name=CLERK)  # the clerk of an earlier run's company
+        except TokenFileError:
+            pass  # none working
+        token = add_token(path, role="clerk", name=CLERK, operator=plan.operator)
+    except (OSError, TokenFileError) as e:
+        console.print(f"[red]no clerk token made ({e}); make one with farebox token add --role clerk")
+        token = None
+    console.print()
+    console.print("See the day in the browser: start the back office on the same data with")
+    console.print(f"  {serve_command(settings)}", soft_wrap=True, markup=False, highlight=False)
+    if "***" in serve_command(settings):
+        console.print("  (*** stands for the password in your own URL)")
+    console.print(f"then open http://127.0.0.1:8000/ and log in as the clerk of {plan.operator_name}")
+    console.print(f"with this token ({CLERK}: shown only now, kept hashed in {path.name}):")
+    if token:
+        console.print(f"  {token}", soft_wrap=True, markup=False, highlight=False)

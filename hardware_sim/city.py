@@ -2,6 +2,11 @@
 
 Everything the plan names is built from a seed, so two runs with the same seed tap the same cards at the same
 times. The riders' cards and the PSAMs are hardware_sim devices; the validators are the real validator code.
+
+Codes (operator, routes, vehicles, devices, staff numbers, card numbers) carry the run's tag, so that runs share a
+database and a broker without meeting; names (the company's, the routes', the drivers', the plates, the holders')
+never do: they are what people read. A bus is named to people by its plate (``BusPlan.name``), as on the vehicle
+settlement and the validators page.
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ class BusPlan:
     terminal_id: bytes  # the PSAM's terminal number
     route: str
     driver: str  # staff number
+    number: int = 0  # the bus's place in the plan, 1..n ("bus 3")
+
+    @property
+    def name(self) -> str:
+        """How people are told which bus: its plate."""
+        return self.plate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +53,9 @@ class DriverPlan:
 class CardPlan:
     asn: bytes
     card_type: CardType
-    balance: int
+    balance: int  # fen on the card when it was issued (the book's opening balance)
+    holder: str = ""
+    proof: str = ""  # a concession card's proof, shown at issue (student or elderly id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +87,11 @@ class CityPlan:
     outages: tuple[Outage, ...]
 
 
+_SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗"
+_GIVEN = ["伟", "芳", "娜", "敏", "静", "丽", "强", "磊", "军", "洋", "勇", "艳", "杰", "娟", "涛", "明", "超", "秀英",
+          "霞", "平", "刚", "桂英", "建华", "志强", "晓东", "海燕", "子涵", "一鸣"]
+
+
 def _asn(tag: str, kind: int, n: int) -> bytes:
     """A 10-byte ASN: the run tag (6 hex digits), a kind (riders 5100, drivers 5900), a serial number."""
     return bytes.fromhex(f"{tag}{kind:04d}{n:010d}")
@@ -91,13 +109,18 @@ def plan_city(*, tag: str, day: date, seed: int = 7, riders: int = 200, buses: i
                                "杨帆 Yang Fan"][:buses]))
     bus_plans = tuple(BusPlan(vehicle=f"{tag}_b{i + 1:02d}", plate=f"沪A-{81000 + i}", device_id=f"{tag}_v{i + 1:02d}",
                               terminal_id=bytes.fromhex(f"0100{i + 1:08d}"), route=routes[i % len(routes)].code,
-                              driver=drivers[i].staff_no) for i in range(buses))
+                              driver=drivers[i].staff_no, number=i + 1) for i in range(buses))
     kinds = [CardType.ADULT] * 6 + [CardType.STUDENT, CardType.ELDERLY, CardType.STAFF]
     cards = []
+    people = random.Random(seed + 1)  # holders' names from their own stream: the taps stay as they were
     for n in range(riders):
         # Most riders carry enough for the day; one in ten runs dry, to show "insufficient balance".
         balance = rng.choice([300, 500, 700]) if n % 10 == 3 else rng.randrange(2000, 10000, 100)
-        cards.append(CardPlan(_asn(tag, 5100, 1 + n), rng.choice(kinds), balance))
+        kind = rng.choice(kinds)
+        holder = people.choice(_SURNAMES) + people.choice(_GIVEN)
+        proof = {CardType.STUDENT: f"学生证 S{day.year}{n + 1:04d}",
+                 CardType.ELDERLY: f"老年证 E{310000 + n + 1}"}.get(kind, "")
+        cards.append(CardPlan(_asn(tag, 5100, 1 + n), kind, balance, holder, proof))
     denied = frozenset({cards[7].asn})
 
     local = ZoneInfo(tz)
@@ -119,7 +142,9 @@ def plan_city(*, tag: str, day: date, seed: int = 7, riders: int = 200, buses: i
     # The deny-listed card tries its luck twice.
     taps += [Tap(at(8.25), 0, cards[7].asn), Tap(at(17.5), 3, cards[7].asn)]
     taps.sort(key=lambda t: (t.at, t.bus))
-    outages = (Outage(2, at(9.0), at(13.0)),)  # bus 3 drives through a dead zone for four hours
+    # Bus 3 drives through a dead zone from 09:00 to 13:00: its link is down, its taps wait in its journal, and the
+    # validators page shows the gap in its link history.
+    outages = (Outage(2, at(9.0), at(13.0)),)
     return CityPlan(operator=f"{tag}_bus", operator_name="示例公交 Example City Bus Co.", tz=tz, day=day,
                     routes=routes, buses=bus_plans, drivers=drivers, cards=tuple(cards), denied=denied,
                     taps=tuple(taps), outages=outages)
