@@ -21,6 +21,14 @@ Packages from the back office are checked with ``--signing-public-key`` and stag
 signing key would be the published TEST values, as a ``--psam sim:`` holds the published issuer keys: the validator
 refuses to start on them unless told ``--insecure-test-keys`` (labs and benches; a banner says so).
 
+A trial without a bus (labs, a new company's first day): ``--reader sim: --tap FILE [FILE ...]`` presents
+simulated cards (``farebox sim card --state FILE`` makes them) one after another on the in-process reader, as
+riders and drivers would, then stops once the back office has acknowledged every record (offline: at once).
+``--trial-clock ISO`` runs the terminal's clock from that moment, each card two minutes after the one before, so a
+trial day may lie in the past and be settled at once; it is refused on any reader but ``sim:``. A ``--psam sim:``
+and the simulated cards hold the issuer keys the settings name (FAREBOX_ISSUER_KEYS), as the issuer personalises
+them; the published test keys only when none is set.
+
 Where the bus is, for distance fares: ``--gps /dev/ttyS2[:9600]`` reads a GPS receiver's NMEA 0183 and snaps the bus
 to the nearest of the route's stops (coordinates in the fare table's ``stops``) within ``--stop-radius`` metres;
 ``--stop-button FIFO`` takes the driver's stop button as lines on a named pipe (``next``, ``back``, a number), for a
@@ -100,7 +108,73 @@ def add_parser(sub) -> None:
                         "screen only")
     p.add_argument("--printer-width", type=int, default=32, choices=(32, 48),
                    help="printer columns: 32 (58 mm paper) or 48 (80 mm)")
+    p.add_argument("--tap", type=Path, nargs="+", action="extend", default=[], metavar="CARD_FILE",
+                   help="with --reader sim: present these simulated cards (farebox sim card --state FILE) in turn, "
+                        "then stop once every record is acknowledged (a trial without a bus)")
+    p.add_argument("--trial-clock", type=_aware_time, default=None, metavar="ISO",
+                   help="with --tap: the terminal's clock starts here (e.g. 2026-12-02T07:30:00+08:00) and moves "
+                        "two minutes a card: a trial day that can be settled at once")
     p.set_defaults(func=run)
+
+
+def _aware_time(text: str):
+    from datetime import datetime
+
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        at = None
+    if at is None or at.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an ISO time with its zone, e.g. 2026-12-02T07:30:00+08:00")
+    return at
+
+
+class _TrialClock:
+    """The terminal's clock on a trial: from ``start``, ``step`` further on for every card presented."""
+
+    def __init__(self, start, step):
+        from datetime import UTC
+
+        self._at = start.astimezone(UTC)
+        self._step = step
+        self._lock = threading.Lock()
+
+    def __call__(self):
+        with self._lock:
+            return self._at
+
+    def advance(self) -> None:
+        with self._lock:
+            self._at += self._step
+
+
+def _present_cards(reader, app, journal, paths, settings, *, online: bool, clock, stop: threading.Event) -> None:
+    """--tap: each simulated card in the reader's field until the validator has decided on it, then the next; at
+    the end wait for the back office's acknowledgement of every record, and stop the validator."""
+    from farebox.simcard import load_sim_card
+
+    try:
+        for path in paths:
+            card = load_sim_card(path, settings)
+            before = app.taps
+            if clock is not None:
+                clock.advance()
+            reader.present(card)
+            while app.taps == before and not stop.wait(0.02):
+                pass
+            reader.remove()
+        if not online:
+            print(f"all {len(paths)} card(s) tapped; offline: the journal keeps the records", flush=True)
+        while online and not stop.is_set():
+            usage = journal.usage()
+            if usage.unsent == 0 and usage.set_aside == 0:
+                print(f"all {len(paths)} card(s) tapped; every record acknowledged by the back office", flush=True)
+                break
+            stop.wait(0.2)
+    except Exception:  # a card file that cannot be read: said, and the validator stops as after the last card
+        log.exception("--tap: presenting the cards failed")
+    finally:
+        stop.set()
 
 
 def _add_report_parser(actions) -> None:
@@ -146,12 +220,12 @@ def shift_report(args, _settings=None) -> int:
     return 0
 
 
-def _psam_session(path: str, journal):
+def _psam_session(path: str, journal, settings=None):
     from validator.readers import ReaderError, open_reader
 
     scheme, _, rest = path.partition(":")
     if scheme == "sim":
-        from epurse.keys import TEST_ISSUER_KEYS
+        from farebox.simcard import sim_issuer_keys
         from hardware_sim.psam import SimPsam
         from validator.readers.sim import SimReader
 
@@ -163,7 +237,7 @@ def _psam_session(path: str, journal):
             raise ReaderError(f"--psam sim: needs the 12-hex-digit terminal number, got {rest!r}")
         used = [r.terminal_seq for r in journal.records_since(0)]
         slot = SimReader()
-        slot.present(SimPsam(terminal_id, keys=TEST_ISSUER_KEYS, sequence=max(used, default=0) + 1))
+        slot.present(SimPsam(terminal_id, keys=sim_issuer_keys(settings), sequence=max(used, default=0) + 1))
         return slot.poll()
     session = open_reader(path).poll(timeout=5.0)
     if session is None:
@@ -185,14 +259,19 @@ def _hex_option(value: str | None, what: str, length: int) -> bytes | None:
     return key
 
 
-def test_keys_in_use(args, mac_key: bytes | None, signing_key: bytes | None, target) -> list:
+def test_keys_in_use(args, mac_key: bytes | None, signing_key: bytes | None, target, settings=None) -> list:
     """What of the published test keys this validator would run on (farebox.keys.TestKeyUse each)."""
+    import dataclasses
+
+    from epurse.keys import TEST_ISSUER_KEYS
     from farebox.keys import TestKeyUse
+    from farebox.simcard import sim_issuer_keys
     from wire import devicekeys
     from wire.packages import TEST_PUBLIC_KEY
 
     uses = []
-    if args.psam.startswith("sim:"):
+    published = set(dataclasses.astuple(TEST_ISSUER_KEYS))
+    if args.psam.startswith("sim:") and published & set(dataclasses.astuple(sim_issuer_keys(settings))):
         uses.append(TestKeyUse("the PSAM's issuer keys", "seat a real PSAM (--psam pcsc:N | rfid24:DEV)",
                                f"--psam {args.psam} (a simulated PSAM)"))
     if target is None:
@@ -236,7 +315,12 @@ def run(args, settings=None) -> int:
             if args.mqtt_password_file is not None:
                 target = replace(target, password=args.mqtt_password_file.read_text("utf-8").strip())
         # the test-key rule before anything opens (farebox.bootstrap): StartRefused reaches farebox.cli.main
-        bootstrap.check_test_keys(settings or Settings(), test_keys_in_use(args, mac_key, signing_key, target))
+        bootstrap.check_test_keys(settings or Settings(),
+                                  test_keys_in_use(args, mac_key, signing_key, target, settings))
+        if (args.tap or args.trial_clock) and not args.reader.startswith("sim:"):
+            raise ValueError("--tap and --trial-clock are for a trial on the in-process reader: give --reader sim:")
+        if args.trial_clock and not args.tap:
+            raise ValueError("--trial-clock goes with --tap (a real bus keeps real time)")
         fares = FareTable.from_dict(json.loads(args.fares.read_text("utf-8")))
         deny = DenyList.load(deny_file) if deny_file.exists() else DenyList.empty()
         journal = Journal(args.journal, budget_bytes=args.journal_budget_mb * 1024 * 1024)
@@ -244,12 +328,18 @@ def run(args, settings=None) -> int:
         print(f"farebox validator: cannot start: {e}", file=sys.stderr)
         return 2
     try:
-        psam = _psam_session(args.psam, journal)
+        psam = _psam_session(args.psam, journal, settings)
         reader = open_reader(args.reader)
+        trial_clock = None
+        if args.trial_clock is not None:
+            from datetime import timedelta
+
+            trial_clock = _TrialClock(args.trial_clock - timedelta(minutes=2), timedelta(minutes=2))
         terminal = Terminal(TerminalConfig(device_id=args.device, operator=args.operator, route=args.route,
                                            vehicle=args.vehicle, tz=args.tz,
                                            double_tap_seconds=args.double_tap_seconds),
-                            journal=journal, psam=psam, fares=fares, deny_list=deny)
+                            journal=journal, psam=psam, fares=fares, deny_list=deny,
+                            **({"clock": trial_clock} if trial_clock is not None else {}))
     except (ReaderError, ValueError) as e:
         journal.close()
         print(f"farebox validator: cannot start: {e}", file=sys.stderr)
@@ -305,6 +395,10 @@ def run(args, settings=None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     log.info("validator %s on route %s: reader %s, PSAM %s, journal %s", args.device, args.route, args.reader,
              args.psam, args.journal)
+    if args.tap:
+        threading.Thread(target=_present_cards, name="trial-cards", daemon=True,
+                         args=(reader, app, journal, args.tap, settings),
+                         kwargs={"online": uplink is not None, "clock": trial_clock, "stop": stop}).start()
     try:
         app.run(stop)
     finally:
