@@ -436,7 +436,7 @@ class Publisher(MqttService):
                 self.counts["status_refused"] += 1
             log.warning("publisher: status on %s names device %s", topic, status.device_id)
             return
-        online = status.kind != "death"
+        online = status.kind not in ("death", "goodbye")  # a goodbye: stopped cleanly (wire.status)
         with self._lock:
             self._heard[device_id] = (operator, status.denylist_version, online)
         if not online:

@@ -23,6 +23,11 @@ Status (``wire.status``, retained, MAC'd with the device key): a birth right aft
 deny-list delta from another base: the heartbeat carries the version the bus has, so the back office sends the right
 delta or the full list), and a death set as the MQTT last will before every (re)connect, which the broker publishes
 when the bus vanishes without a DISCONNECT. The death carries the ``at`` of the connection it belongs to.
+A heartbeat also goes out when an acknowledgement empties the journal (so the back office does not keep showing the
+backlog of the last periodic heartbeat), and :meth:`Uplink.stop` says ``goodbye`` (final backlog, its own time)
+before its DISCONNECT: a clean stop publishes no will, and without a goodbye the bus would read "online" for ever.
+Heartbeats are due every ``heartbeat_seconds`` of elapsed time or of the bus's own clock, whichever comes first
+(the same on a bus; a simulated day that runs faster than the wall clock still gets its heartbeats).
 
 Downlink: the device's own ``ack``, ``denylist``, ``params`` and ``software`` topics and the fleet's, all QoS 1.
 Packages go to a :class:`validator.downlink.Downlink` (checked and staged on this thread, applied between taps by the
@@ -95,6 +100,8 @@ class Uplink:
         self._thread: threading.Thread | None = None
         self._offline = False
         self._connection_at: datetime | None = None
+        self._reported_backlog: int | None = None  # the backlog the last status sent said
+        self._stopped = False
         self.batches_sent = 0
         self.resends = 0
         self.forged_acks = 0
@@ -118,14 +125,30 @@ class Uplink:
         self._thread = threading.Thread(target=self._run, name=f"uplink-{self.device_id}", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """A clean shutdown: a DISCONNECT, so the broker does not publish the death (the bus said goodbye)."""
+    def stop(self, goodbye_timeout: float = 5.0) -> bool:
+        """A clean shutdown: a ``goodbye`` status (its final backlog), then a DISCONNECT, so the broker does not
+        publish the death. Returns whether the broker took the goodbye (False: offline, or it did not answer within
+        ``goodbye_timeout`` seconds; the retained heartbeat and, on a lost link, the will tell the rest). Calling it
+        again does nothing."""
+        if self._stopped:
+            return False
+        self._stopped = True
         self._stop.set()
         self._wake.set()
         if self._thread:
             self._thread.join(timeout=10)
+        said = False
+        if self._connected.is_set() and not self._offline:
+            info = self._publish_status("goodbye")
+            if info is not None:
+                try:
+                    info.wait_for_publish(timeout=goodbye_timeout)
+                    said = info.is_published()
+                except (RuntimeError, ValueError):  # the link dropped meanwhile: nothing more to say
+                    said = False
         self.client.disconnect()
         self.client.loop_stop()
+        return said
 
     def go_offline(self) -> None:
         """The bus drives into a dead zone: the link drops and stays down until :meth:`go_online`."""
@@ -193,15 +216,18 @@ class Uplink:
                              backlog=usage.unsent, oldest_unsent=usage.oldest_unsent, psam=psam,
                              last_tap=self.last_tap, alarms=tuple(alarms[:wstatus.MAX_ALARMS]))
 
-    def _publish_status(self, kind: str, at: datetime | None = None) -> None:
+    def _publish_status(self, kind: str, at: datetime | None = None):
         try:
-            payload = wstatus.encode_status(self.status(kind, at), key=self.mac_key)
+            status = self.status(kind, at)
+            payload = wstatus.encode_status(status, key=self.mac_key)
         except Exception:  # a bad field must not stop the taps
             log.exception("device %s: cannot build its %s status", self.device_id, kind)
-            return
+            return None
         info = self.client.publish(self._status_topic, payload, qos=1, retain=True)
         if info.rc == mqtt.MQTT_ERR_SUCCESS:
             self.statuses_sent += 1
+            self._reported_backlog = status.backlog
+        return info
 
     def _set_will(self) -> None:
         self._connection_at = self.clock()
@@ -282,6 +308,8 @@ class Uplink:
         self.journal.mark_acked(ack.seqs)
         with self._lock:
             self._inflight.difference_update(ack.seqs)
+        if self._reported_backlog and self.journal.backlog() == 0:
+            self._status_due.set()  # all caught up: say so now, not at the next periodic heartbeat
         self._wake.set()
 
     # -- sender thread -------------------------------------------------------------------------------------
@@ -289,16 +317,20 @@ class Uplink:
     def _run(self) -> None:
         backoff = self.ack_timeout
         sent_at = 0.0
+        every = timedelta(seconds=self.heartbeat_seconds)
         next_heartbeat = time.monotonic() + self.heartbeat_seconds
+        next_by_clock = self.clock() + every
         while not self._stop.is_set():
             self._wake.wait(timeout=0.5)
             self._wake.clear()
             if not self._connected.is_set():
                 continue
-            if self._status_due.is_set() or time.monotonic() >= next_heartbeat:
+            now = self.clock()
+            if self._status_due.is_set() or time.monotonic() >= next_heartbeat or now >= next_by_clock:
                 self._status_due.clear()
                 self._publish_status("heartbeat")
                 next_heartbeat = time.monotonic() + self.heartbeat_seconds
+                next_by_clock = now + every
             with self._lock:
                 waiting = bool(self._inflight)
             if waiting and time.monotonic() - sent_at < backoff:

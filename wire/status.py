@@ -8,7 +8,10 @@ Three kinds share one message:
 - ``death``: set as the MQTT last will at connect, so the *broker* publishes it when the bus drops off without a
   DISCONNECT. Because it is signed at connect time, its ``at`` is the time of the connection it belongs to (the
   birth's ``at``), not the time of death: the back office uses that to ignore the will of an old connection that
-  arrives after the device is back.
+  arrives after the device is back;
+- ``goodbye``: published right before a clean DISCONNECT (the validator is stopped on purpose: end of service, a
+  restart). The broker publishes no will then, so without it the back office would keep the device "online" with
+  the backlog of its last heartbeat. Its ``at`` is the moment of leaving, and it carries the final backlog.
 
 Encoding, version 1 (a heartbeat a minute is cheap, so plain JSON, kept small): the UTF-8 JSON object with short keys
 and fields at their default left out, followed by 16 bytes of MAC::
@@ -16,7 +19,7 @@ and fields at their default left out, followed by 16 bytes of MAC::
     {"v":1,"k":"h","d":"bus0042","t":1709623800,"sw":"1.4.2","pv":12,"dv":305,"bl":3,"ou":1709623500,
      "ps":"010000000042","lt":1709623790,"al":["denylist stale"]} || MAC
 
-``k`` is ``b``/``h``/``x`` (birth/heartbeat/death); times are whole seconds since 1970 UTC; ``ou`` (oldest unsent
+``k`` is ``b``/``h``/``x``/``g`` (birth/heartbeat/death/goodbye); times are whole seconds since 1970 UTC; ``ou`` (oldest unsent
 tap) and ``lt`` (last tap) may be absent (none). The MAC is HMAC-SHA256 under the device's key
 (``wire.devicekeys.mac_key``), truncated to its first 16 bytes (128 bits), over ``b"farebox status v1\\n"`` followed
 by the JSON bytes: the label keeps a status from ever being taken for any other message MAC'd with the same key.
@@ -43,7 +46,8 @@ MAX_ALARMS = 8
 MAX_ALARM_LEN = 56  # 8 alarms joined by "; " fit the 500-character column the back office keeps them in
 MAX_SOFTWARE_LEN = 64
 _MAC_LABEL = b"farebox status v1\n"
-_KINDS = {"birth": "b", "heartbeat": "h", "death": "x"}
+_KINDS = {"birth": "b", "heartbeat": "h", "death": "x", "goodbye": "g"}
+OFFLINE_KINDS = ("death", "goodbye")  # after these the device is not connected
 _KIND_OF = {v: k for k, v in _KINDS.items()}
 _PSAM = re.compile(r"[0-9a-f]{12}")
 _SOFTWARE = re.compile(r"[0-9A-Za-z._+~-]*")
@@ -57,7 +61,7 @@ class StatusError(WireError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Status:
-    kind: str  # birth | heartbeat | death
+    kind: str  # birth | heartbeat | death | goodbye
     device_id: str
     at: datetime  # when it was said (death: when the connection it belongs to began), UTC
     software: str = ""
@@ -175,7 +179,7 @@ def decode_status(payload: bytes, *, key: bytes) -> Status:
     if unknown:
         raise StatusError(f"status has unknown fields {', '.join(sorted(unknown))}")
     if not isinstance(doc["k"], str) or doc["k"] not in _KIND_OF:  # a list would not even hash
-        raise StatusError(f"status kind {doc['k']!r} is not one of b, h, x")
+        raise StatusError(f"status kind {doc['k']!r} is not one of {', '.join(_KIND_OF)}")
     alarms = doc.get("al", [])
     if not isinstance(alarms, list):
         raise StatusError(f"alarms must be a list, got {alarms!r}")

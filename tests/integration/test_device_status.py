@@ -13,11 +13,11 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from test_broker_acl import OP, Client, PrivateMosquitto, kill_socket, register
 
 from backoffice.db import make_engine
-from backoffice.devices import StatusRefused, fleet_status, record_status, version_counts
+from backoffice.devices import StatusRefused, fleet_status, link_history, record_status, version_counts
 from backoffice.models import DeviceStatus
 from backoffice.status_consumer import StatusConsumer
 from wire import topics
@@ -271,3 +271,114 @@ def test_farebox_devices_prints_the_fleet(tmp_path, sqlite_url):
     assert "STALE" in lines[B] and "journal 90% full" in lines[B]
     assert "STALE (never heard)" in lines[C]
     assert "3 validator(s), 2 online, 2 stale" in done.stdout
+
+
+# ------------------------------------------------------------------ issue 10: goodbyes and the link history
+def test_a_goodbye_signs_the_device_off_with_its_final_backlog(conn):
+    assert put(conn, signed("birth", A, T0)).applied
+    assert put(conn, heartbeat(A, T0 + MIN, backlog=8)).applied
+    bye = put(conn, signed("goodbye", A, T0 + 2 * MIN, backlog=0))
+    assert bye.applied and bye.status.kind == "goodbye"
+    # a heartbeat of the same second, delivered after the goodbye, is a copy from before it
+    assert not put(conn, heartbeat(A, T0 + 2 * MIN, backlog=8)).applied
+    row = conn.execute(select(DeviceStatus.online, DeviceStatus.backlog, DeviceStatus.last_seen)).one()
+    assert (row.online, row.backlog, utc(row.last_seen)) == (False, 0, T0 + 2 * MIN)
+    fleet = {r.device_id: r for r in fleet_status(conn, OP, T0 + timedelta(days=1), stale_after=5 * MIN)}
+    assert fleet[A].signed_off and not fleet[A].stale  # parked in the depot after saying so: not stale
+    assert fleet[B].stale  # never heard
+
+
+def test_link_history_shows_the_gap_of_a_link_that_dropped(conn):
+    """Birth 07:00, heartbeats to 09:00, then nothing (a dead zone: no will came, or came late) until a birth at
+    13:00; a goodbye at 22:00. The history: online 07:00-09:00, off the air 09:00-13:00, online 13:00-22:00."""
+    at = lambda hours: T0.replace(hour=0) + timedelta(hours=hours)  # noqa: E731
+    put(conn, signed("birth", A, at(7)))
+    put(conn, heartbeat(A, at(8)))
+    put(conn, heartbeat(A, at(9)))
+    put(conn, signed("birth", A, at(13)))
+    put(conn, signed("birth", A, at(13)))  # the retained birth again: the same connection
+    put(conn, signed("death", A, at(7)))  # the old connection's will, late: changes nothing
+    put(conn, heartbeat(A, at(20)))
+    put(conn, signed("goodbye", A, at(22)))
+    periods = link_history(conn, [A])[A]
+    assert [(p.online, p.since, p.until, p.how) for p in periods] == [
+        (True, at(7), at(9), "lost"), (False, at(9), at(13), "lost"),
+        (True, at(13), at(22), "goodbye"), (False, at(22), None, "goodbye")]
+    # a will of the current connection closes it at the last thing heard
+    put(conn, signed("birth", B, at(7)), device=B)
+    put(conn, heartbeat(B, at(10)), device=B)
+    put(conn, signed("death", B, at(7)), device=B)
+    periods = link_history(conn, [B])[B]
+    assert [(p.online, p.since, p.until) for p in periods] == [(True, at(7), at(10)), (False, at(10), None)]
+    fleet = {r.device_id: r for r in fleet_status(conn, OP, at(23), stale_after=5 * MIN)}
+    assert fleet[B].link_lost == at(10) and fleet[B].stale and not fleet[B].signed_off
+
+
+def test_a_validator_stopped_after_its_backlog_drains_reads_offline_with_nothing_waiting(tmp_path, broker_url, uid):
+    """The demo's end of service, with the real validator code: taps acknowledged after the last periodic
+    heartbeat, then a clean stop. The back office must not keep "online, backlog N": the drained backlog is
+    reported at once, and the stop says goodbye. A dead zone in between shows as a gap in the link history."""
+    from simbus import TERMINAL, Bus
+
+    from backoffice import registry
+    from backoffice.db import upgrade
+    from backoffice.ingest_consumer import IngestConsumer, end_session
+    from epurse.keys import TEST_ISSUER_KEYS
+
+    operator, device = f"op_{uid}", f"v_{uid}"
+    engine = make_engine(f"sqlite:///{tmp_path}/bo.db")
+    upgrade(engine)
+    with engine.begin() as c:
+        registry.add_operator(c, code=operator, name="Status Test Bus")
+        registry.add_device(c, device_id=device, operator=operator, vehicle=None, terminal_id=TERMINAL.hex())
+    target = parse_mqtt_url(broker_url)
+    ingest = IngestConsumer(engine, target, keys=TEST_ISSUER_KEYS, master=TEST_DEVICE_MASTER,
+                            client_id=f"ingest_{uid}", operator=operator)
+    status = StatusConsumer(engine, target, master=TEST_DEVICE_MASTER, client_id=f"status_{uid}", operator=operator)
+    ingest.start()
+    status.start()
+    assert ingest.wait_subscribed(10) and status.wait_subscribed(10)
+    bus = Bus(tmp_path, target, operator, device, heartbeat_seconds=3600)
+    bus.uplink.clock = lambda: bus.clock_now  # one clock on the bus: its taps' and its statuses'
+
+    def row():
+        return rows_by_device(engine).get(device, {})
+
+    try:
+        bus.uplink.start()
+        wait_for(lambda: row().get("online") is True, "the birth")
+        bus.tap(bus.driver)
+        bus.ride(12)
+        assert bus.uplink.wait_drained(30)
+        before = bus.clock_now
+        bus.uplink.send_status_now()
+        wait_for(lambda: utc(row().get("last_seen")) == before, "a heartbeat before the dead zone")
+        bus.uplink.go_offline()
+        bus.clock_now += timedelta(hours=4)  # four hours in a dead zone, taps kept in the journal
+        bus.ride(3)
+        back = bus.clock_now
+        bus.uplink.go_online()  # its birth says "backlog 3"; the acks come after it
+        assert bus.uplink.wait_drained(30)
+        wait_for(lambda: row().get("backlog") == 0 and utc(row().get("last_seen")) == back,
+                 "the heartbeat saying the backlog drained, without waiting for the periodic one")
+        assert bus.uplink.stop() is True  # the broker took the goodbye
+        assert status.wait_for_goodbyes([device], timeout=15) == []
+    finally:
+        bus.uplink.stop()
+        ingest.stop()
+        status.stop()
+        end_session(target, f"ingest_{uid}")
+        end_session(target, f"status_{uid}")
+        bus.journal.close()
+    final = row()
+    assert (final["online"], final["backlog"]) == (False, 0)
+    with engine.connect() as c:
+        taps = c.execute(text("SELECT count(*) FROM tap WHERE device_id = :d"), {"d": device}).scalar_one()
+        assert taps == 16  # the driver's shift and 15 rides, each once
+        fleet = fleet_status(c, operator, back + timedelta(days=1), stale_after=5 * MIN)
+        assert fleet[0].signed_off and not fleet[0].stale and fleet[0].backlog == 0
+        periods = link_history(c, [device])[device]
+    gaps = [p for p in periods if not p.online and p.until is not None]
+    assert [(g.since, g.until) for g in gaps] == [(before, back)]
+    assert periods[-1].online is False and periods[-1].how == "goodbye" and periods[-1].since == back
+    engine.dispose()
