@@ -10,12 +10,15 @@ Roles (DESIGN.md, who uses it):
 | ``admin`` | everything |
 
 The token file (setting ``api_tokens_file`` / ``FAREBOX_API_TOKENS``, default ``<var_dir>/api-tokens.toml``) holds one ``[[token]]`` table per
-token: name, role, operator (clerks only), created_at, expires_at, revoked_at (once revoked) and the SHA-256 of the
-token. The token itself is printed once by ``farebox token add`` (``--days N``, default 90) and stored nowhere, so
+token: name, role, operator (clerks only), created_at, expires_at, revoked_at (once revoked), lang (the holder's
+language for pages, ``zh`` or ``en``; absent: not chosen yet) and the SHA-256 of the token. The token itself is printed once by ``farebox token add`` (``--days N``, default 90) and stored nowhere, so
 a copy of the file lets nobody in. ``farebox token revoke --name NAME`` marks it revoked. The file is re-read when
 it changes, so a token added, revoked or removed takes effect on the next request of a running ``farebox serve``;
 a token past its ``expires_at`` stops working by itself. Tokens made before expiry existed have no
-``expires_at`` and keep working until revoked (``farebox token list`` says so).
+``expires_at`` and keep working until revoked (``farebox token list`` says so). Staff users are the names in this
+file: the admin page /admin/users (backoffice.web.pages_admin) adds and revokes them with the same functions as the
+CLI. Every write to the file holds a lock beside it (``.<name>.lock``), so the CLI and a running server never lose
+each other's changes.
 
 Every endpoint declares its owners with ``Depends(owned_by(...))`` (API: bearer header only) or
 ``Depends(page_of(...))`` (pages: the session cookie the login form sets, see backoffice.web.sessions, or a bearer
@@ -24,7 +27,9 @@ header). The role matrix test reads the declaration off each route and calls eve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -45,6 +50,7 @@ COOKIE = "farebox_token"
 TOKEN_PREFIX = "fbx_"
 DEFAULT_TOKEN_DAYS = 90  # `farebox token add --days N` sets another; a person's token is renewed, not eternal
 MAX_TOKEN_DAYS = 400
+LANGS = ("zh", "en")  # a staff user's page language (backoffice.web.lang shows the one they chose)
 
 
 class TokenFileError(ValueError):
@@ -106,6 +112,7 @@ class TokenEntry:
     created_at: datetime | None = None
     expires_at: datetime | None = None  # None: no end (tokens made before expiry existed)
     revoked_at: datetime | None = None
+    lang: str | None = None  # the holder's page language, once chosen
 
     def valid_at(self, now: datetime) -> bool:
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
@@ -127,33 +134,65 @@ def _entry_lines(e: TokenEntry) -> list[str]:
     for field in ("created_at", "expires_at", "revoked_at"):
         if getattr(e, field) is not None:
             lines.append(f'{field} = "{_stamp(getattr(e, field))}"')
+    if e.lang:
+        lines.append(f"lang = {json.dumps(e.lang)}")
     return [*lines, f'sha256 = "{e.sha256}"', ""]
 
 
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Hold the token file's lock (a file beside it) while reading and writing it: an append by `farebox token add`
+    and a rewrite by a revoke or a language choice in the server never lose each other's change."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _rewrite(path: Path, entries: list[TokenEntry]) -> None:
+    """The whole file again, atomically (a reader sees the old file or the new one, never half)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:  # mkstemp: mode 0600 already
+            f.write("\n".join("\n".join(_entry_lines(e)) for e in entries))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def add_token(path: Path, *, role: str, name: str, operator: str | None = None,
-              now: datetime | None = None, days: float | None = DEFAULT_TOKEN_DAYS) -> str:
+              now: datetime | None = None, days: float | None = DEFAULT_TOKEN_DAYS, lang: str | None = None) -> str:
     """Create a token valid for ``days`` (None: no end, for a lab only), append its hash to the file and return
     the token (the only time it exists in clear). A name may be used again once its earlier tokens are revoked or
-    expired."""
+    expired. ``lang`` is the holder's page language (None: the name's earlier choice, if any)."""
     _check(role, operator, name)
+    if lang is not None and lang not in LANGS:
+        raise TokenFileError(f"token {name!r}: language {lang!r} is not one of {', '.join(LANGS)}")
     if not name.strip():
         raise TokenFileError("a token needs a name (who holds it), e.g. --name alice")
     if days is not None and not 0 < days <= MAX_TOKEN_DAYS:
         raise TokenFileError(f"a token lasts more than 0 and at most {MAX_TOKEN_DAYS} days; {days} given")
     path = Path(path)
     now = now or datetime.now(UTC)
-    if path.exists() and any(e.principal.name == name and e.valid_at(now) for e in TokenStore(path).entries()):
-        raise TokenFileError(f"{path}: a token named {name!r} exists already and works; choose another name "
-                             f"or revoke it first (farebox token revoke --name {name})")
-    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    entry = TokenEntry(Principal(name, role, operator or None), token_hash(token), created_at=now,
-                       expires_at=None if days is None else now + timedelta(days=days))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # hashes only, yet nobody else's business
-    with os.fdopen(fd, "a", encoding="utf-8") as f:
-        if f.tell() > 0:
-            f.write("\n")
-        f.write("\n".join(_entry_lines(entry)))
+    with _writing(path):
+        earlier = [e for e in TokenStore(path).entries() if e.principal.name == name] if path.exists() else []
+        if any(e.valid_at(now) for e in earlier):
+            raise TokenFileError(f"{path}: a token named {name!r} exists already and works; choose another name "
+                                 f"or revoke it first (farebox token revoke --name {name})")
+        if lang is None:
+            lang = next((e.lang for e in reversed(earlier) if e.lang), None)
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        entry = TokenEntry(Principal(name, role, operator or None), token_hash(token), created_at=now,
+                           expires_at=None if days is None else now + timedelta(days=days), lang=lang)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # hashes only, yet nobody else's business
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            if f.tell() > 0:
+                f.write("\n")
+            f.write("\n".join(_entry_lines(entry)))
     return token
 
 
@@ -162,20 +201,30 @@ def revoke_token(path: Path, *, name: str, now: datetime | None = None) -> int:
     sees the change on its next request). Returns how many were revoked; TokenFileError if none was."""
     path = Path(path)
     now = now or datetime.now(UTC)
-    entries = TokenStore(path).entries() if path.exists() else []
-    hits = [e for e in entries if e.principal.name == name and e.revoked_at is None]
-    if not hits:
-        raise TokenFileError(f"{path}: no token named {name!r} to revoke (farebox token list shows them)")
-    kept = [dataclasses.replace(e, revoked_at=now) if e in hits else e for e in entries]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:  # mkstemp: mode 0600 already
-            f.write("\n".join("\n".join(_entry_lines(e)) for e in kept))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _writing(path):
+        entries = TokenStore(path).entries() if path.exists() else []
+        hits = [e for e in entries if e.principal.name == name and e.revoked_at is None]
+        if not hits:
+            raise TokenFileError(f"{path}: no token named {name!r} to revoke (farebox token list shows them)")
+        _rewrite(path, [dataclasses.replace(e, revoked_at=now) if e in hits else e for e in entries])
     return len(hits)
+
+
+def set_lang(path: Path, *, name: str, lang: str) -> int:
+    """Keep ``lang`` as the page language of the staff user ``name`` (every token of that name, so a renewed
+    token keeps it). Returns how many entries changed (0: it was that already); TokenFileError if there is no such
+    name or no such language."""
+    if lang not in LANGS:
+        raise TokenFileError(f"language {lang!r} is not one of {', '.join(LANGS)}")
+    path = Path(path)
+    with _writing(path):
+        entries = TokenStore(path).entries() if path.exists() else []
+        if not any(e.principal.name == name for e in entries):
+            raise TokenFileError(f"{path}: no token named {name!r} (farebox token list shows them)")
+        changed = [e for e in entries if e.principal.name == name and e.lang != lang]
+        if changed:
+            _rewrite(path, [dataclasses.replace(e, lang=lang) if e in changed else e for e in entries])
+    return len(changed)
 
 
 class TokenStore:
@@ -215,8 +264,9 @@ class TokenStore:
                 raise TokenFileError(f"{self.path}: token {name!r} has no sha256 of 64 hex digits")
             _check(entry.get("role", ""), entry.get("operator"), name)
             times = {k: _when(entry.get(k), name, k, self.path) for k in ("created_at", "expires_at", "revoked_at")}
+            lang = entry.get("lang")  # a preference: one this version does not know is ignored, never an error
             by_hash[digest] = TokenEntry(Principal(name=name, role=entry["role"], operator=entry.get("operator")),
-                                         digest, **times)
+                                         digest, **times, lang=lang if lang in LANGS else None)
         self._by_hash, self._stamp = by_hash, stamp
 
     def lookup(self, token: str) -> Principal | None:
@@ -228,6 +278,10 @@ class TokenStore:
             self._reload()
             entry = self._by_hash.get(digest)
         return entry.principal if entry is not None and entry.valid_at(self.clock()) else None
+
+    def lang_of(self, name: str) -> str | None:
+        """The page language the staff user ``name`` chose (None: not yet, or no file to keep it in)."""
+        return next((e.lang for e in reversed(self.entries()) if e.principal.name == name and e.lang), None)
 
     def entries(self) -> list[TokenEntry]:
         with self._lock:
@@ -304,6 +358,14 @@ class _PageOwners(_Owners):
         if principal is None:
             raise HTTPException(401, "the session has ended: log in again")
         return principal
+
+
+def caller(request: Request) -> Principal | None:
+    """Who is logged in on a public page (the language switch): the session's or bearer token's holder, or None."""
+    try:
+        return _PageOwners(()).who(request)
+    except HTTPException:
+        return None
 
 
 def owned_by(*roles: str) -> _Owners:

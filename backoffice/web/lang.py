@@ -1,7 +1,9 @@
 """One language per person: each page shows Chinese or English, never both side by side.
 
 A person picks a language once (the switch in the page header posts to ``/lang``); the choice is kept in a cookie
-for a year. Until then the browser's Accept-Language decides, and Chinese when it names neither.
+for a year and, for a logged-in staff user, with the user in the token file (backoffice.web.auth.set_lang; an admin
+sets it too on /admin/users), so logging in on another computer sets the cookie to it again. Until a choice the
+browser's Accept-Language decides, and Chinese when it names neither.
 
 Templates write each text once in both languages and show one:
 
@@ -13,9 +15,13 @@ Asia/Shanghai when the page is not tied to one): ``{{ tap.occurred_at|local }}``
 
 from __future__ import annotations
 
+import re
+
 from jinja2 import pass_context
 from starlette.requests import Request
+from starlette.responses import Response
 
+from backoffice.web import auth
 from clearing.service_day import DEFAULT_TZ, local_time
 
 LANGS = {"zh": "中文", "en": "English"}
@@ -35,10 +41,50 @@ def lang_of(request: Request) -> str:
     return "zh"
 
 
+def _set(response: Response, code: str) -> None:
+    response.set_cookie(COOKIE, code, max_age=YEAR, samesite="strict", httponly=True)
+
+
+def remember(request: Request, response: Response, code: str) -> None:
+    """The language switch: this browser keeps ``code``, and so does the logged-in staff user's entry in the token
+    file (when the app has one; a test's in-memory tokens keep nothing)."""
+    _set(response, code)
+    who = auth.caller(request)
+    store = request.app.state.services.tokens
+    if who is not None and store.path is not None:
+        try:
+            auth.set_lang(store.path, name=who.name, lang=code)
+        except auth.TokenFileError:
+            pass  # the user was revoked meanwhile: this browser's cookie is all there is to keep
+
+
+def at_login(response: Response, store: auth.TokenStore, who: auth.Principal) -> None:
+    """Logging in brings the user's own language to this browser (a shared desk PC shows each person theirs)."""
+    chosen = store.lang_of(who.name)
+    if chosen in LANGS:
+        _set(response, chosen)
+
+
 @pass_context
 def t(ctx, zh: str, en: str) -> str:
     """The text in the page's language."""
     return en if ctx.get("lang") == "en" else zh
+
+
+_LEADING_CJK = re.compile(r"^[\u3000-\u303f\u3400-\u9fff\uff00-\uffef]+(?:[\s·:：,，]+[\u3000-\u303f\u3400-\u9fff\uff00-\uffef]+)*[\s·:：]+")
+
+
+@pass_context
+def pick(ctx, text) -> str:
+    """A message for the page's language: a (zh, en) pair shows one; older text written "中文 English" loses its
+    leading Chinese on an English page (the English half says the same, with the detail)."""
+    if isinstance(text, (tuple, list)) and len(text) == 2 and all(isinstance(x, str) for x in text):
+        return text[1] if ctx.get("lang") == "en" else text[0]
+    text = "" if text is None else str(text)
+    if ctx.get("lang") == "en":
+        stripped = _LEADING_CJK.sub("", text)
+        return stripped or text
+    return text
 
 
 @pass_context
@@ -50,4 +96,4 @@ def local(ctx, at, fmt: str = "%Y-%m-%d %H:%M") -> str:
 def install(env) -> None:
     """Add ``t`` and the ``local`` filter to a Jinja environment."""
     env.globals.update(t=t, LANGS=LANGS)
-    env.filters.update(local=local)
+    env.filters.update(local=local, pick=pick)

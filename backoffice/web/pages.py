@@ -45,6 +45,7 @@ NAV = (
     ("/reconciliation", "对账", "Reconciliation", ("clerk",)),
     ("/manage/routes", "资料维护", "Manage registry", ("clerk", "operations")),
     ("/reports", "报表", "Reports", ("clerk",)),
+    ("/admin/users", "用户", "Users", ()),
 )
 REGISTRY_LABELS = {
     "operators": ("公交公司", "Operators"),
@@ -115,7 +116,7 @@ def login(*, request: Request, token: Annotated[str, Form()], next: Annotated[st
             None,
             status=401,
             next=_local(next),
-            error="令牌无效 Unknown token: ask an admin for one (farebox token add)",
+            error=("令牌无效：请向管理员申请", "Unknown token: ask an admin for one (farebox token add)"),
         )
     svc: Services = request.app.state.services
     response = RedirectResponse(_local(next), status_code=303)
@@ -127,6 +128,7 @@ def login(*, request: Request, token: Annotated[str, Form()], next: Annotated[st
         secure=request.url.scheme == "https" if svc.secure_cookies is None else svc.secure_cookies,
         max_age=int(svc.sessions.lifetime.total_seconds()),
     )
+    lang.at_login(response, svc.tokens, principal)  # the user's own language, wherever they log in
     return response
 
 
@@ -143,12 +145,13 @@ def logout(request: Request) -> Response:
 
 
 @router.post("/lang")
-def choose_language(*, code: Annotated[str, Form()], next: Annotated[str, Form()] = "/") -> Response:
-    """The language switch in the header: kept for a year in this browser."""
+def choose_language(*, request: Request, code: Annotated[str, Form()],
+                    next: Annotated[str, Form()] = "/") -> Response:
+    """The language switch in the header: kept for a year in this browser, and with the logged-in user."""
     if code not in lang.LANGS:
         raise HTTPException(400, f"language {code!r}: choose one of {', '.join(lang.LANGS)}")
     response = RedirectResponse(_local(next), status_code=303)
-    response.set_cookie(lang.COOKIE, code, max_age=lang.YEAR, samesite="strict", httponly=True)
+    lang.remember(request, response, code)
     return response
 
 
@@ -297,7 +300,7 @@ def install_error_pages(app) -> None:
         if exc.status_code == 401:
             target = path + (f"?{request.url.query}" if request.url.query else "")
             return render(
-                request, "login.html", None, status=401, next=_local(target), error="请先登录 Please log in"
+                request, "login.html", None, status=401, next=_local(target), error=("请先登录", "Please log in")
             )
         return render(
             request,

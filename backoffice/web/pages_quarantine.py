@@ -19,12 +19,30 @@ from backoffice import quarantine
 from backoffice.web.api import quarantine as api
 from backoffice.web.auth import Principal, page_of
 from backoffice.web.deps import Services, connection, services
-from backoffice.web.pages import render
-from backoffice.web.pages_cards import _check_csrf, csrf_token
+from backoffice.web import reads
+from backoffice.web.csrf import check_csrf as _check_csrf
+from backoffice.web.csrf import csrf_token
+from backoffice.web.pages import render, templates
 
 router = APIRouter(include_in_schema=False)
 Reader = Annotated[Principal, Depends(page_of(*api.READERS))]
 Decider = Annotated[Principal, Depends(page_of(*api.DECIDERS))]
+# (Chinese, English): the pages show one with t(*label); the list page (backoffice.web.pages) uses them too
+STATUS = {"open": ("待处理", "open"), "released": ("已放行", "released"), "rejected": ("已驳回", "rejected")}
+DONE = {"released": ("已放行：记录已入库", "Released: the record is stored"),
+        "rejected": ("已驳回：记录不会入库", "Rejected: nothing is stored"),
+        "still": ("仍在隔离：复核未通过，原因见下", "Still quarantined: the checks failed again, the reason is below")}
+SIGNED = {True: ("已验证", "verified"), False: ("无签名", "unsigned"),
+          None: ("整包保存，放行时再验", "kept whole, checked again on release")}
+RECORD = {"kind": ("类型", "kind"), "device_id": ("车载机", "device"), "device_seq": ("序号", "device seq"),
+          "occurred_at": ("时间", "when"), "operator": ("公司", "operator"), "route": ("线路", "route"),
+          "vehicle": ("车辆", "vehicle"), "driver": ("司机", "driver"), "shift_no": ("班次", "shift"),
+          "card_asn": ("卡号", "card"), "card_type": ("卡类", "card type"), "card_ttc": ("卡计数器", "card counter"),
+          "amount": ("金额", "amount"), "balance_after": ("余额", "balance after"), "full_fare": ("全价", "full fare"),
+          "terminal_id": ("终端号", "terminal"), "terminal_seq": ("终端流水", "terminal seq"), "tac": ("TAC", "TAC"),
+          "reason": ("原因", "reason")}
+templates.env.globals.update(QUARANTINE_STATUS=STATUS, QUARANTINE_DONE=DONE, QUARANTINE_SIGNED=SIGNED,
+                             QUARANTINE_RECORD=RECORD)
 
 
 def _page(request: Request, who: Principal, conn: Connection, quarantine_id: int, *, done: str = "",
@@ -34,8 +52,9 @@ def _page(request: Request, who: Principal, conn: Connection, quarantine_id: int
     except quarantine.NotFound as e:
         raise HTTPException(404, str(e)) from None
     may_decide = who.role == "admin" or who.role in api.DECIDERS
+    info = reads.operator_day(conn, operator=who.operator) if who.operator else None
     return render(request, "quarantine_item.html", who, status=status, row=row, done=done, error=error,
-                  may_decide=may_decide, csrf=csrf_token(request))
+                  may_decide=may_decide, csrf=csrf_token(request), tz=info[1] if info else None)
 
 
 @router.get("/quarantine/{quarantine_id}")
@@ -63,10 +82,7 @@ async def _decide(request: Request, who: Principal, svc: Services, quarantine_id
                     outcome = quarantine.release(conn, quarantine_id, by=who.name, why=why,
                                                  ingest=api.release_ingest(request), now=svc.clock(),
                                                  operator=who.scope(None))
-                    if not outcome.released:
-                        done = f"still quarantined: {outcome.still_failing}"
-                    else:
-                        done = "released"
+                    done = "released" if outcome.released else "still"  # the page shows the reason found now
                 else:
                     quarantine.reject(conn, quarantine_id, by=who.name, why=why, now=svc.clock(),
                                       operator=who.scope(None))

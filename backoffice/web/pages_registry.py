@@ -21,13 +21,24 @@ from backoffice.web import reads
 from backoffice.web.api import registry_edit as edit_api
 from backoffice.web.deps import Services, connection, services
 from backoffice.web.auth import Principal, page_of
-from backoffice.web.pages import render
-from backoffice.web.pages_cards import _check_csrf, csrf_token, to_fen
+from backoffice.web.csrf import check_csrf as _check_csrf
+from backoffice.web.csrf import csrf_token
+from backoffice.web.pages import render, templates
+from backoffice.web.pages_cards import to_fen
 
 router = APIRouter(include_in_schema=False)
 Who = Annotated[Principal, Depends(page_of(*edit_api.OWNERS))]
 OUT = "-"  # the validator's vehicle field: taken out of its bus
-ACTIONS = {"add": "新增 add", "edit": "修改 edit", "retire": "停用 retire", "assign": "分配 assign"}
+# (Chinese, English) labels the templates show one of with t(*label)
+ACTIONS = {"add": ("新增", "add"), "edit": ("修改", "edit"), "retire": ("停用", "retire"), "assign": ("分配", "assign")}
+DONE = {"added": ("已新增", "Added"), "edited": ("已修改", "Saved"), "retired": ("已停用", "Retired")}
+KEY_LABELS = {"code": ("编号", "Code"), "staff_no": ("工号", "Staff no."), "device_id": ("车载机", "Validator")}
+FIELD_LABELS = {"name": ("名称", "Name"), "flat_fare": ("票价", "Fare"),
+                "max_trip_minutes": ("最长行程(分)", "Max trip (min)"), "plate": ("车牌", "Plate"),
+                "card_asn": ("司机卡", "Driver card"), "vehicle": ("车辆", "Vehicle"),
+                "terminal_id": ("终端号", "PSAM terminal")}
+templates.env.globals.update(REGISTRY_ACTIONS=ACTIONS, REGISTRY_DONE=DONE, REGISTRY_KEYS=KEY_LABELS,
+                             REGISTRY_FIELDS=FIELD_LABELS)
 
 
 def _kind(kind: str) -> str:
@@ -150,7 +161,9 @@ def _item_page(request: Request, who: Principal, conn: Connection, kind: str, ke
                status=200, done="") -> HTMLResponse:
     found = edit_api.history(conn, who=who, kind=kind, key=key)
     vehicles = reads.registry_list(conn, kind="vehicles", operator=found["item"]["operator"])
+    info = reads.operator_day(conn, operator=found["item"]["operator"])
     return render(request, "manage_item.html", who, status=status, kind=kind, key=key, item=found["item"],
+                  tz=info[1] if info else None,
                   versions=found["versions"], audit=found["audit"], error=error, done=done, actions=ACTIONS,
                   fields=list(edit_api.registry.KINDS[edit_api.KINDS[kind][0]].fields),
                   vehicles=[v for v in vehicles if not v["retired_at"]], csrf=csrf_token(request), out=OUT)

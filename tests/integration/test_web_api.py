@@ -138,6 +138,10 @@ MATRIX = {
     ("POST", "/topups/{order_id}/refund"): ("/topups/nope/refund", {"operator_staff"}),
     ("POST", "/topups/{order_id}/confirm"): ("/topups/nope/confirm", {"operator_staff"}),
     ("GET", "/reconciliation"): (f"/reconciliation?operator={A}", {"clerk"}),
+    ("GET", "/admin/users"): ("/admin/users", set()),  # admins only; writes: this app's tokens are in memory (409)
+    ("POST", "/admin/users"): ("/admin/users", set()),
+    ("POST", "/admin/users/revoke"): ("/admin/users/revoke", set()),
+    ("POST", "/admin/users/lang"): ("/admin/users/lang", set()),
     ("POST", "/reconciliation/{item_id}"): ("/reconciliation/999999", {"clerk"}),
     ("POST", "/reconciliation/upload"): ("/reconciliation/upload", {"clerk"}),
 }
@@ -307,7 +311,7 @@ def test_login_form_sets_an_httponly_cookie_that_pages_accept_and_the_api_does_n
     client, _ = city
     client.cookies.clear()
     refused = client.post("/login", data={"token": "wrong", "next": "/dashboard"}, follow_redirects=False)
-    assert refused.status_code == 401 and "Unknown token" in refused.text
+    assert refused.status_code == 401 and "令牌无效" in refused.text  # no Accept-Language: the Chinese page
     r = client.post("/login", data={"token": TOKENS["clerk"], "next": "/devices"}, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/devices"
     cookie = r.headers["set-cookie"]
