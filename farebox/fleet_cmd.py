@@ -18,6 +18,9 @@ def register(sub) -> None:
     p.add_argument("--operator", required=True)
     p.add_argument("--terminal-id", required=True, type=terminal_id, help="its PSAM's terminal number (hex)")
     p.add_argument("--vehicle", default=None)
+    p.add_argument("--write-to", type=Path, default=None, metavar="DIR",
+                   help="also write the bus's secrets as provisioning files (mode 600) in this new folder: "
+                        "mqtt.pass and mac.key, for validator run --mqtt-password-file and --mac-key @FILE")
     p.set_defaults(func=_device_add)
     p = device.add_parser("monitor", help="keep device_status from every validator's birth, heartbeat and last will "
                                           "(FAREBOX_MQTT_URL, as the broker user `status`)")
@@ -55,6 +58,10 @@ def _device_add(args, settings) -> int:
     from backoffice.registry import RegistryError
     from wire import topics
 
+    if args.write_to is not None and any((args.write_to / n).exists() for n in ("mqtt.pass", "mac.key")):
+        print(f"farebox: {args.write_to} holds a bus's secrets already: give a new folder (nothing is overwritten)",
+              file=sys.stderr)
+        return 2
     root = bootstrap.start(settings, "device_master")
     engine = root.engine()
     try:
@@ -77,9 +84,28 @@ def _device_add(args, settings) -> int:
     print(f"  MAC key (hex)    {creds.mac_key.hex()}")
     print(f"  publishes on     {topics.taps(args.operator, args.device_id)}, "
           f"{topics.status(args.operator, args.device_id)}")
+    if args.write_to is not None:
+        written = _write_secret_files(args.write_to, {"mqtt.pass": creds.mqtt_password,
+                                                      "mac.key": creds.mac_key.hex()})
+        print(f"  written to       {', '.join(str(p) for p in written)} (mode 600: copy them to the bus)")
     print()
     print("Then let it into the broker: farebox broker config --out DIR, and reload Mosquitto (kill -HUP).")
     return 0
+
+
+def _write_secret_files(folder: Path, files: dict[str, str]) -> list[Path]:
+    """Each text in its own file, readable by its owner only; an existing file is never overwritten."""
+    import os
+
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    written = []
+    for name, text in files.items():
+        path = folder / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(text + "\n")
+        written.append(path)
+    return written
 
 
 def _device_monitor(args, settings) -> int:
@@ -159,6 +185,8 @@ def _print_fleet(rows, *, now, stale_after) -> None:
 
 
 def _broker_config(args, settings) -> int:
+    import os
+
     from backoffice.devices import BACKOFFICE_USERS, registered_devices, service_password
     from farebox.broker_config import write_broker_config
 
@@ -183,6 +211,14 @@ def _broker_config(args, settings) -> int:
     print("Reload after `farebox device add`: run this command again, then kill -HUP the running mosquitto.")
     print(f"Buses connect on port {files.port}; the back office logs in on its own listener, port "
           f"{files.service_port}, with these URLs (SECRET; each process's FAREBOX_MQTT_URL):")
-    for user in BACKOFFICE_USERS:
-        print(f"  {user:<10} mqtt://{user}:{service_password(master, user)}@{args.service_bind}:{files.service_port}")
+    urls = {user: f"mqtt://{user}:{service_password(master, user)}@{args.service_bind}:{files.service_port}"
+            for user in BACKOFFICE_USERS}
+    for user, url in urls.items():
+        print(f"  {user:<10} {url}")
+    for user, url in urls.items():  # the same, one file each (mode 600): FAREBOX_MQTT_URL=$(cat DIR/ingest.url)
+        path = Path(args.out) / f"{user}.url"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(url + "\n")
+    print(f"  (also in {Path(args.out) / '<user>.url'}, mode 600: FAREBOX_MQTT_URL=$(cat {Path(args.out)}/ingest.url))")
     return 0
