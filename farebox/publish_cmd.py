@@ -75,6 +75,8 @@ def _publisher(settings, args, *, listen_status: bool, client_id: str):
 def _denylist_publish(args, settings) -> int:
     import os
 
+    if not settings.mqtt_url:
+        return _denylist_store_only(settings)
     _root, publisher = _publisher(settings, args, listen_status=False, client_id=f"farebox_publish_{os.getpid()}")
     if publisher is None:
         return 2
@@ -96,6 +98,28 @@ def _denylist_publish(args, settings) -> int:
     c = publisher.counts
     print(f"announced to {c['announcements']} fleet(s); sent {c['deltas']} delta(s) and {c['full_lists']} full "
           f"list(s) to online devices behind; {c['bytes']} bytes in all")
+    return 0
+
+
+def _denylist_store_only(settings) -> int:
+    """No broker configured (the embedded default, e.g. after `farebox demo`): build and store the new version, and
+    say who sends it. Refusing, as before, left a lost card off the list until someone found a broker URL."""
+    from datetime import UTC, datetime
+
+    from backoffice.denylist_publish import build_version, current_version
+
+    engine = bootstrap.start(settings).engine()
+    with engine.begin() as conn:
+        new = build_version(conn, datetime.now(UTC))
+        current = new or current_version(conn)
+    if current is None:
+        print("no deny list yet: no card has ever been listed")
+        return 0
+    what = "new version" if new is not None else "unchanged: version"
+    print(f"deny list {what} {current.version}: {current.count} card(s), {len(current.body)} bytes, "
+          f"sha256 {current.checksum[:16]}…, stored")
+    print("not sent: no broker is configured (FAREBOX_MQTT_URL). `farebox serve` (its publisher) or `farebox "
+          "denylist serve` sends it to each bus that reports an older version; give FAREBOX_MQTT_URL to send it now")
     return 0
 
 
