@@ -144,3 +144,86 @@ class LyingPhone(Phone):
         _order, init_answer, log = self.captured[which]
         return self.host.authorize(order_id=order_id, asn=self.before[0], init_answer=init_answer,
                                    terminal_id=self.terminal_id, log=log)
+
+
+# -- the rider's menu: balance and recent transactions, straight from the SIM -----------------------------------
+
+MENU_TEXTS = {
+    "title": ("公交卡", "Transit card"),
+    "balance": ("余额", "Balance"),
+    "recent": ("最近交易", "Recent transactions"),
+    "none": ("暂无交易", "No transactions yet"),
+    "ride": ("乘车", "Ride"),
+    "load": ("充值", "Top-up"),
+    "other": ("交易", "Transaction"),
+    "blocked": ("此卡已停用, 请联系营业厅", "Card blocked: visit a service counter"),
+    "terminal": ("终端", "terminal"),
+}
+_KINDS = {apdu.TX_PURCHASE: "ride", apdu.TX_COMPOSITE: "ride", apdu.TX_LOAD: "load"}
+
+
+class PhoneMenu:
+    """What the rider sees in the SIM toolkit menu "Balance and recent transactions": read over APDUs from the SIM
+    itself, no network needed (so it is what the card holds, not what the back office has heard yet).
+
+    SELECT the transit application (a deny-listed SIM answers 6283 and is read all the same, with a warning line),
+    READ BINARY of the public file for the card number, GET BALANCE (``80 5C 00 02 04``), and READ RECORD 1..10 of
+    the transaction log (SFI 18, record 1 the newest, ``00 B2 nn C4 17``), stopping at the first record the SIM
+    does not have (6A83). The log's date and time are what the terminal or the top-up host sent with the
+    transaction, in UTC (see wire.records); the menu shows them on the phone's clock, ``tz``."""
+
+    def __init__(self, sim, *, language: str = "zh", tz: str = "Asia/Shanghai"):
+        if language not in ("zh", "en"):
+            raise ValueError(f"the phone menu speaks zh or en, not {language!r}")
+        self.sim = sim
+        self.language = language
+        self.tz = tz
+
+    def _t(self, key: str) -> str:
+        zh, en = MENU_TEXTS[key]
+        return zh if self.language == "zh" else en
+
+    def read(self) -> tuple[str, int | None, list[apdu.LogRecord], bool]:
+        """(card number, balance in fen (None: refused), up to 10 log records newest first, blocked) as the SIM
+        says them."""
+        selected = self.sim.transmit(apdu.select_aid())
+        if selected[-2:] not in (b"\x90\x00", b"\x62\x83"):
+            apdu.check(selected, "SELECT")
+        info = apdu.parse_public_info(apdu.check(self.sim.transmit(apdu.read_public_info()), "READ BINARY"))
+        answer = self.sim.transmit(apdu.get_balance())
+        # A blocked application may refuse GET BALANCE: the menu then says so instead of a number
+        balance = apdu.parse_balance(answer[:-2]) if answer[-2:] == b"\x90\x00" else None
+        log = []
+        for n in range(1, 11):
+            answer = self.sim.transmit(apdu.read_log_record(n))
+            if answer[-2:] != b"\x90\x00":
+                break
+            log.append(apdu.parse_log_record(answer[:-2]))
+        return info.asn.hex(), balance, log, selected[-2:] == b"\x62\x83"
+
+    def when(self, record: apdu.LogRecord) -> str:
+        from datetime import UTC, datetime
+        from zoneinfo import ZoneInfo
+
+        at = datetime.strptime(record.date.hex() + record.time.hex(), "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+        return at.astimezone(ZoneInfo(self.tz)).strftime("%m-%d %H:%M")
+
+    def lines(self) -> list[str]:
+        """The menu's screen, one language, money in yuan with two decimals."""
+        asn, balance, log, blocked = self.read()
+        shown = "-" if balance is None else f"¥{balance // 100}.{balance % 100:02d}"
+        out = [f"{self._t('title')} …{asn[-8:]}", f"{self._t('balance')} {shown}"]
+        if blocked:
+            out.append(self._t("blocked"))
+        out.append(self._t("recent"))
+        if not log:
+            out.append("  " + self._t("none"))
+        for r in log:
+            kind = _KINDS.get(r.tx_type, "other")
+            sign = "+" if kind == "load" else "-"
+            out.append(f"  {self.when(r)}  {self._t(kind)}  {sign}{r.amount // 100}.{r.amount % 100:02d}  "
+                       f"{self._t('terminal')} {r.terminal_id.hex()}")
+        return out
+
+    def show(self) -> str:
+        return "\n".join(self.lines()) + "\n"

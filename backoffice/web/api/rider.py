@@ -153,7 +153,7 @@ def topups(*, asn: Asn, limit: Annotated[int, Query(ge=1, le=100)] = 10, tz: str
 
 
 class LostReport(BaseModel):
-    rider: Annotated[Text(64, min_length=1), Field(description="who reported it, as the gateway knows the rider "
+    rider: Annotated[Text(32, min_length=1), Field(description="who reported it, as the gateway knows the rider "
                                                                "(e.g. the phone number); kept in the audit trail")]
     why: Annotated[Text(300), Field(description="the rider's words, if any")] = ""
 
@@ -176,7 +176,8 @@ def report_lost(*, asn: Asn, body: LostReport, who: Annotated[Principal, Depends
             raise HTTPException(409, f"card {asn} is {status}: the counter handles it, not self-service")
         why = f"reported lost by the rider ({body.why})" if body.why.strip() else "reported lost by the rider"
         try:
-            frozen = issuance.report_lost(conn, asn=asn, who=f"{who.name} for rider {body.rider}", why=why,
+            # card_audit.who holds 64 characters: the token's name and the rider, cut to fit rather than refused
+            frozen = issuance.report_lost(conn, asn=asn, who=f"{who.name} for rider {body.rider}"[:64], why=why,
                                           now=svc.clock())
         except issuance.IssueError as e:
             raise HTTPException(409, str(e)) from None
