@@ -147,7 +147,7 @@ def refresh(conn: Connection, *, now: datetime, grace: timedelta = DENYLIST_GRAC
         waiting[operator] = waiting.get(operator, 0) + r.n
     for operator, n in waiting.items():
         _raise(conn, operator=operator, device_id=None, kind="quarantine_growing", measure=n, now=now,
-               text=f"{n} quarantined record{'s' if n != 1 else ''} await review")
+               text=f"{n} quarantined record{'s await' if n != 1 else ' awaits'} review")
         holding.add((operator, None, "quarantine_growing"))
 
     d = DenyListVersion.__table__.c

@@ -11,23 +11,27 @@ from __future__ import annotations
 import functools
 from datetime import date, datetime, timedelta
 from typing import Annotated
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, Response
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from backoffice import registry
-from backoffice.settle import settle
+from backoffice import clearing_runs, registry, signoff, taps_browser
+from backoffice.models import ClearingRun as ClearingRunRow
+from backoffice.settle import settle, stored_run_id
 from backoffice.web import lang, reads
+from backoffice.web.api import reports as reports_api
 from backoffice.web.api.clearing import settlement_pdf_bytes
+from backoffice.web.csrf import check_csrf, csrf_token
 from backoffice.web.deps import HERE, Services, connection, scoped, services
 from backoffice.web.auth import COOKIE, Principal, page_of
 from backoffice.web.api.types import ServiceDay
 from clearing import money
+from clearing.service_day import day_bounds, local_time
 from epurse.cardtypes import CardType
 
 router = APIRouter(include_in_schema=False)
@@ -36,8 +40,11 @@ templates = Jinja2Templates(directory=HERE / "templates")
 # (path, Chinese, English, roles besides admin); the nav shows a person only what their role may open
 NAV = (
     ("/dashboard", "概览", "Dashboard", ("clerk", "operations")),
+    ("/taps", "刷卡记录", "Taps", ("clerk", "operations")),
     ("/registry/routes", "基础资料", "Registry", ("clerk", "operations")),
     ("/devices", "车载机", "Validators", ("clerk", "operations")),
+    ("/denylist", "黑名单", "Deny list", ("clerk", "operations", "operator_staff")),
+    ("/alarms", "告警", "Alarms", ("clerk", "operations")),
     ("/quarantine", "隔离记录", "Quarantine", ("clerk", "operations")),
     ("/settlement", "结算", "Settlement", ("clerk",)),
     ("/cards", "卡片查询", "Card lookup", ("operator_staff",)),
@@ -170,20 +177,42 @@ def home(*, who: Annotated[Principal, Depends(page_of("clerk", "operator_staff",
 def dashboard(
     *,
     request: Request,
+    day: str = "",
     who: Annotated[Principal, Depends(page_of("clerk", "operations"))],
     conn: Annotated[Connection, Depends(connection)],
     svc: Annotated[Services, Depends(services)],
 ) -> HTMLResponse:
+    """Each operator's service day: by default the latest one with data (after a quiet night, not an empty
+    today); the day picker chooses another. A day that has not begun says so."""
+    chosen = _picked_day(day)
     codes = (
         [who.operator] if who.operator else [o["code"] for o in reads.registry_list(conn, kind="operators")]
     )
     now = svc.clock()
     rows = [
         r
-        for r in (reads.dashboard(conn, operator=c, now=now, stale_after=svc.stale_after) for c in codes)
+        for r in (
+            reads.dashboard(conn, operator=c, now=now, stale_after=svc.stale_after, day=chosen) for c in codes
+        )
         if r
     ]
-    return render(request, "dashboard.html", who, rows=rows, now=now)
+    shown = chosen or (rows[0]["day"] if rows else None)
+    tz = rows[0]["tz"] if len(rows) == 1 else None
+    return render(request, "dashboard.html", who, rows=rows, now=now, day=shown, chosen=chosen, tz=tz,
+                  timedelta=timedelta)
+
+
+def _picked_day(text: str) -> date | None:
+    """A day typed in a day picker: YYYY-MM-DD within 2000..2099 (as the API's ServiceDay), "" for the default."""
+    if not text:
+        return None
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        raise HTTPException(422, ("日期格式为 YYYY-MM-DD", f"a day is YYYY-MM-DD, not {text[:40]!r}")) from None
+    if not date(2000, 1, 1) <= day <= date(2099, 12, 31):
+        raise HTTPException(422, ("运营日须在 2000-01-01 至 2099-12-31 之间", "a service day is 2000-01-01..2099-12-31"))
+    return day
 
 
 @router.get("/registry/{kind}")
@@ -221,9 +250,100 @@ def _settlement_args(conn: Connection, svc: Services, who: Principal, operator: 
     info = reads.operator_day(conn, operator=operator)
     if info is None:
         raise HTTPException(404, f"operator {operator!r} not found")
-    if day is None:  # the last complete service day
-        day = reads.current_service_day(svc.clock(), tz=info[1], cutoff_hour=info[2]) - timedelta(days=1)
+    if day is None:  # the latest complete service day that has data (else the last complete one)
+        yesterday = reads.current_service_day(svc.clock(), tz=info[1], cutoff_hour=info[2]) - timedelta(days=1)
+        day = taps_browser.latest_day_with_data(
+            conn, operator=operator, tz=info[1], cutoff_hour=info[2],
+            now=day_bounds(yesterday, info[1], info[2])[0]) or yesterday
     return operator, info, day, codes
+
+
+SETTLEMENT_TABLES = (("route", "按线路", "By route"), ("vehicle", "按车辆", "By vehicle"),
+                     ("driver", "按司机", "By driver"))
+CARD_TYPE_LABELS = {int(t): (t.label_zh, t.label) for t in CardType}
+DONE = {"cleared": ("已清分：清分批次已保存", "Cleared: the clearing run is stored"),
+        "checked": ("已重新核对：与保存的清分结果一致", "Checked again: the stored run gives the same figures"),
+        "signed": ("已签核：本日已锁定", "Signed off: the day is locked")}
+
+
+def _breakdown(run, settlement, key: str, names: dict) -> list[dict]:
+    """A table's rows: the run's (gross, commission, net) when the day is cleared, else provisional gross."""
+    rows = []
+    if run is not None:
+        for r in run.table(key).itertuples(index=False):
+            k = getattr(r, key)
+            rows.append({"key": k, "label": names.get(key, {}).get(k, ""), "taps": int(r.taps),
+                         "gross": int(r.gross), "commission": int(r.commission), "net": int(r.net)})
+    else:
+        for k, taps, amount in settlement.tables()[key][[key, "taps", "amount"]].itertuples(index=False):
+            rows.append({"key": k, "label": names.get(key, {}).get(k, ""), "taps": int(taps), "gross": int(amount),
+                         "commission": None, "net": None})
+    return sorted(rows, key=lambda r: str(r["key"]))
+
+
+def _settlement_page(request: Request, conn: Connection, svc: Services, who: Principal, operator: str, info,
+                     day: date, codes: list[str], *, done: str = "", error=None, status: int = 200) -> HTMLResponse:
+    name, tz, cutoff = info
+    now = svc.clock()
+    state = reads.day_state(day, now=now, tz=tz, cutoff_hour=cutoff)
+    result = settle(conn, operator=operator, day=day, now=now, close_day=False)  # reading never clears
+    s, run = result.settlement, result.run
+    names = registry.names(conn, operator)
+    tables = [{"key": key, "zh": zh, "en": en, "rows": _breakdown(run, s, key, names)}
+              for key, zh, en in SETTLEMENT_TABLES]
+    free = signoff.free_rides(conn, operator=operator, day=day, tz=tz, cutoff_hour=cutoff,
+                              run_id=None if run is None else run.id)
+    refused = signoff.refused(conn, operator=operator, day=day, tz=tz, cutoff_hour=cutoff)
+    card_types = _breakdown(run, s, "card_type", {})
+    for r in card_types:
+        r["key"] = int(r["key"])
+        r["label"] = CARD_TYPE_LABELS.get(r["key"], (str(r["key"]), str(r["key"])))
+        r["free"] = free.get(r["key"], 0)
+    if run is not None:
+        rate = conn.execute(select(ClearingRunRow.rate_bp).where(ClearingRunRow.id == run.id)).scalar_one()
+        totals = dict(run.totals)
+        late = [{"for_day": r.for_day, "route": r.route, "label": names.get("route", {}).get(r.route, ""),
+                 "taps": int(r.taps), "gross": int(r.gross), "net": int(r.net)}
+                for r in run.table("route", "late").itertuples(index=False)]
+        items = [{"item": r.item, "for_day": r.for_day, "net": int(r.net)}
+                 for r in run.table("item", "reconciliation").itertuples(index=False)]
+        fleets = [k for k in run.table("fleet")["fleet"].tolist() if k]
+    else:
+        rate = clearing_runs.rate_on(conn, operator, day)
+        totals = {"day_taps": s.taps, "day_gross": s.amount}
+        late, items, fleets = [], [], []
+    previous = settle(conn, operator=operator, day=day - timedelta(days=1), now=now, close_day=False)
+    compare = signoff.comparisons(conn, operator=operator, day=day)
+    prev = {"taps": previous.settlement.taps, "gross": previous.settlement.amount,
+            "net": None if previous.run is None else int(previous.run.totals["day_net"]),
+            "run": None if previous.run is None else previous.run.id}
+    mine = {"taps": totals["day_taps"], "gross": totals["day_gross"], "net": totals.get("day_net")}
+    day_over_day = {k: signoff.change(mine[k], prev[k]) for k in ("taps", "gross", "net")}
+    month_change = {k: signoff.change(compare["month_to_date"][k], compare["last_month"][k])
+                    for k in ("taps", "gross", "net")}
+    index = reports_api.day_index(conn, op=reports_api.OperatorDay(operator, name, tz, cutoff), day=day)
+    q = urlencode({"operator": operator, "day": day.isoformat()})
+    downloads = {
+        "pdf": f"/settlement.pdf?{q}", "xlsx": f"/reports/day?{q}&format=xlsx",
+        "csv": [(t, f"/reports/day?{q}&format=csv&table={t}") for t in ("route", "vehicle", "driver")
+                ] + ([("fleet", f"/reports/day?{q}&format=csv&table=fleet")] if fleets else [])
+        + ([("adjustments", f"/reports/day?{q}&format=csv&table=adjustments")] if late or items else []),
+        "month_pdf": f"/reports/month?operator={quote(operator)}&month={day:%Y-%m}&format=pdf",
+        "month_xlsx": f"/reports/month?operator={quote(operator)}&month={day:%Y-%m}&format=xlsx",
+        "taps_csv": f"/taps.csv?operator={quote(operator)}&first={day}&last={day}",
+        "taps_xlsx": f"/taps.xlsx?operator={quote(operator)}&first={day}&last={day}",
+        "vehicles": [(v, f"/reports/vehicle?{q}&vehicle={quote(v)}") for v in index["vehicles"]],
+        "shifts": [(sh, f"/reports/shift?{q}&device_id={quote(sh['device_id'])}&shift_no={sh['shift_no']}")
+                   for sh in index["shifts"]],
+    }
+    return render(
+        request, "settlement.html", who, status=status, operator=operator, operator_name=name, tz=tz, day=day,
+        codes=codes, state=state, run=run, provisional=result.provisional, totals=totals, rate_bp=rate,
+        tables=tables, card_types=card_types, refused=refused, late=late, items=items, prev=prev,
+        day_over_day=day_over_day, compare=compare, month_change=month_change,
+        signed=signoff.signed_off(conn, operator=operator, day=day), downloads=downloads, pdf=downloads["pdf"],
+        done=DONE.get(done), error=error, csrf=csrf_token(request), timedelta=timedelta, CARD_TYPE_LABELS=CARD_TYPE_LABELS,
+        day_end=day_bounds(day, tz, cutoff)[1])
 
 
 @router.get("/settlement")
@@ -232,43 +352,97 @@ def settlement(
     request: Request,
     operator: str | None = None,
     day: ServiceDay | None = None,
+    done: str = "",
     who: Annotated[Principal, Depends(page_of("clerk"))],
     conn: Annotated[Connection, Depends(connection)],
     svc: Annotated[Services, Depends(services)],
 ) -> HTMLResponse:
     operator, info, day, codes = _settlement_args(conn, svc, who, operator, day)
-    result = settle(conn, operator=operator, day=day, now=svc.clock(), close_day=False)  # reading never clears
-    s = result.settlement
-    names = registry.names(conn, operator)
-    tables = []
-    for key, zh, en in (
-        ("route", "按线路", "By route"),
-        ("vehicle", "按车辆", "By vehicle"),
-        ("driver", "按司机", "By driver"),
-        ("card_type", "按卡类", "By card type"),
-    ):
-        frame = s.tables()[key]
-        rows = []
-        for k, taps, amount in frame[[key, "taps", "amount"]].itertuples(index=False):
-            label = card_type(int(k)) if key == "card_type" else names.get(key, {}).get(k, "")
-            rows.append({"key": k, "label": label, "taps": int(taps), "amount": int(amount)})
-        tables.append({"key": key, "zh": zh, "en": en, "rows": rows})
-    pdf = f"/settlement.pdf?operator={quote(operator)}&day={day.isoformat()}"
-    return render(
-        request,
-        "settlement.html",
-        who,
-        operator=operator,
-        operator_name=info[0],
-        day=day,
-        codes=codes,
-        taps=s.taps,
-        amount=s.amount,
-        tables=tables,
-        pdf=pdf,
-        run=None if result.run is None else result.run.id,
-        provisional=result.provisional,
-    )
+    return _settlement_page(request, conn, svc, who, operator, info, day, codes, done=done)
+
+
+def _settlement_form(request: Request, svc: Services, who: Principal, operator: str, day: str, csrf: str):
+    check_csrf(request, csrf)
+    picked = _picked_day(day)
+    if picked is None:
+        raise HTTPException(422, ("请选择运营日", "choose a service day"))
+    with svc.engine.connect() as conn:
+        return _settlement_args(conn, svc, who, operator or None, picked)
+
+
+def _refused(request, svc, who, operator, info, day, codes, error) -> HTMLResponse:
+    with svc.engine.connect() as conn:
+        return _settlement_page(request, conn, svc, who, operator, info, day, codes, error=error, status=409)
+
+
+def _locked(svc: Services, operator: str, day: date, tz: str, e: Exception) -> tuple[str, str]:
+    """The refusal of a clearing of a signed-off day, in the clerk's words and local time."""
+    with svc.engine.connect() as conn:
+        s = signoff.signed_off(conn, operator=operator, day=day)
+    if s is None:
+        return str(e), str(e)
+    at = local_time(s.approved_at, tz)
+    return (f"{day} 已于 {at} 由 {s.approved_by} 签核（清分批次 {s.run_id}），本日已锁定，不再清分。"
+            f"更正计入下一个清分批次：本日迟到的刷卡记录由下一日的清分作为迟到记录计入，对账调整亦然。",
+            f"{day} was signed off by {s.approved_by} at {at} (clearing run {s.run_id}): the day is locked and is "
+            "not cleared again. Corrections go into the next clearing run: late taps of this day are taken by the "
+            "next day's clearing as late taps, and so are reconciliation adjustments.")
+
+
+@router.post("/settlement/clear")
+def settlement_clear(
+    *,
+    request: Request,
+    operator: Annotated[str, Form()] = "",
+    day: Annotated[str, Form()] = "",
+    csrf: Annotated[str, Form()] = "",
+    who: Annotated[Principal, Depends(page_of("clerk"))],
+    svc: Annotated[Services, Depends(services)],
+) -> Response:
+    """Clear an ended service day now (as the nightly job would), or clear a cleared one again and check that it
+    gives the stored figures. A signed-off day is refused: it is locked."""
+    operator, info, day_, codes = _settlement_form(request, svc, who, operator, day, csrf)
+    state = reads.day_state(day_, now=svc.clock(), tz=info[1], cutoff_hour=info[2])
+    if state != "ended":
+        why = (("本运营日尚未开始，不能清分", f"service day {day_} has not started: it cannot be cleared")
+               if state == "future" else
+               ("本运营日尚未结束，不能清分", f"service day {day_} is still running: it is cleared after it ends"))
+        return _refused(request, svc, who, operator, info, day_, codes, why)
+    try:
+        with svc.engine.begin() as conn:
+            existed = stored_run_id(conn, operator, day_) is not None
+            result = settle(conn, operator=operator, day=day_, now=svc.clock())
+    except signoff.DayLocked as e:
+        return _refused(request, svc, who, operator, info, day_, codes, _locked(svc, operator, day_, info[1], e))
+    except (clearing_runs.ClearingMismatch, LookupError, ValueError) as e:
+        return _refused(request, svc, who, operator, info, day_, codes, str(e))
+    if result.run is None:
+        return _refused(request, svc, who, operator, info, day_, codes, result.provisional)
+    target = urlencode({"operator": operator, "day": day_.isoformat(), "done": "checked" if existed else "cleared"})
+    return RedirectResponse(f"/settlement?{target}", status_code=303)
+
+
+@router.post("/settlement/signoff")
+def settlement_signoff(
+    *,
+    request: Request,
+    operator: Annotated[str, Form()] = "",
+    day: Annotated[str, Form()] = "",
+    run_id: Annotated[str, Form()] = "",
+    csrf: Annotated[str, Form()] = "",
+    who: Annotated[Principal, Depends(page_of("clerk"))],
+    svc: Annotated[Services, Depends(services)],
+) -> Response:
+    """Approve the day's stored clearing run, signed with the login's name; the day is locked from then on."""
+    operator, info, day_, codes = _settlement_form(request, svc, who, operator, day, csrf)
+    try:
+        with svc.engine.begin() as conn:
+            signoff.sign_off(conn, operator=operator, day=day_, by=who.name, now=svc.clock(),
+                             run_id=int(run_id) if run_id.isdigit() else None)
+    except (signoff.SignOffError, clearing_runs.ClearingMismatch) as e:
+        return _refused(request, svc, who, operator, info, day_, codes, str(e))
+    target = urlencode({"operator": operator, "day": day_.isoformat(), "done": "signed"})
+    return RedirectResponse(f"/settlement?{target}", status_code=303)
 
 
 @router.get("/settlement.pdf")
