@@ -133,7 +133,7 @@ class Desk:
             command = bytes.fromhex(credit_apdu)
         except (TypeError, ValueError):
             raise DeskError(422, "credit_apdu: hex digits") from None
-        if len(command) != 16 or not command.startswith(CREDIT_PREFIX):
+        if len(command) not in (16, 17) or not command.startswith(CREDIT_PREFIX):  # Le is optional
             raise DeskError(422, "only a CREDIT FOR LOAD (80 52 00 00 0B ...) goes to the card")
         with self._lock:
             if self._held is None or self.clock() >= self._held[3]:

@@ -13,13 +13,18 @@ PAGE_POLICY = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form
                "frame-ancestors 'none'; base-uri 'none'")
 DOCS_POLICY = "frame-ancestors 'none'"  # Swagger UI / ReDoc: their own CDN scripts, never framed
 DOCS = ("/docs", "/redoc")
+# The counter's pages run one script file of ours (static/desk.js, never inline), which talks to this site and to
+# the desk reader agent on the desk PC's loopback (farebox desk, farebox/desk.py); every other page runs none.
+DESK_POLICY = PAGE_POLICY + "; script-src 'self'; connect-src 'self' http://127.0.0.1:* http://localhost:*"
+DESK_PAGES = ("/cards", "/topups")
 
 
 def headers_for(path: str) -> list[tuple[bytes, bytes]]:
     docs = path.startswith(DOCS)
     out = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
            (b"referrer-policy", b"same-origin"),
-           (b"content-security-policy", (DOCS_POLICY if docs else PAGE_POLICY).encode())]
+           (b"content-security-policy", (DOCS_POLICY if docs else DESK_POLICY if path.startswith(DESK_PAGES)
+                                            else PAGE_POLICY).encode())]
     if not path.startswith("/static/"):  # the stylesheet may be cached; what a person logged in sees may not
         out.append((b"cache-control", b"no-store"))
     return out

@@ -382,18 +382,29 @@ def test_counter_pages_adjust_report_lost_refund_and_settle_orders(web):
     order = new_order(client, asn, 600)  # paid, then the card is reported lost: refunded at the counter
     deliver(client, platform.pay(order, 600))
     _login(client, "operator_staff")
+    client.cookies.set("farebox_lang", "en")
     page = client.get(f"/cards/{asn}").text
-    assert 'id="ledger-balance"><strong>¥3.00<' in page and "Report lost" in page
+    # one balance: the book, explained beside what the card last said (here: its reading at issue)
+    assert 'id="balance" class="value">¥3.00<' in page and 'id="last-seen">¥3.00<' in page
+    assert 'id="agrees"' in page and "Report lost" in page and "余额" not in page
     csrf = _csrf(page)
     # a form without the field (a page from elsewhere riding the cookie) does nothing
     r = client.post(f"/cards/{asn}/adjust", data={"amount": "-1.20", "why": "tap lost"}, follow_redirects=False)
     assert r.status_code == 400
     r = client.post(f"/cards/{asn}/adjust", data={"amount": "-1.2", "why": "tap lost", "csrf": csrf})
     assert r.status_code == 200 and 'id="ledger-balance"><strong>¥1.80<' in r.text
+    assert 'id="differs"' in r.text and "adjustments: -¥1.20" in r.text  # the book moved, the card did not
     r = client.post(f"/cards/{asn}/adjust", data={"amount": "1.234", "why": "x", "csrf": csrf})
     assert r.status_code == 409 and "at most two decimals" in r.text  # three decimals: refused, shown
-    r = client.post(f"/cards/{asn}/lost", data={"why": "rider called", "csrf": csrf})
-    assert 'id="frozen">¥1.80<' in r.text and "Refund" in r.text
+    # report lost: without the confirmation step, the post only leads to the confirmation page
+    r = client.post(f"/cards/{asn}/lost", data={"why": "rider called", "csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"/cards/{asn}/lost"
+    confirm = client.get(f"/cards/{asn}/lost").text
+    assert asn in confirm and 'id="confirm-balance"><strong>¥1.80<' in confirm and "Yes, report it lost" in confirm
+    with engine.connect() as conn:
+        assert audit.trail(conn, asn=asn)[-1].action == "adjust"  # nothing reported yet
+    r = client.post(f"/cards/{asn}/lost", data={"why": "rider called", "csrf": csrf, "confirmed": "yes"})
+    assert 'id="frozen">¥1.80<' in r.text and "Refund" in r.text and 'value="1.80"' in r.text
     r = client.post(f"/cards/{asn}/refund", data={"amount": "1.80", "why": "paid out", "csrf": csrf})
     assert 'id="ledger-refunds">¥1.80<' in r.text and 'id="ledger-balance"><strong>¥0.00<' in r.text
     with engine.connect() as conn:
@@ -402,10 +413,95 @@ def test_counter_pages_adjust_report_lost_refund_and_settle_orders(web):
 
     page = client.get("/topups").text
     assert f'id="order-{order}"' in page and "¥6.00" in page and "Refund" in page
+    assert "farebox topup" not in page  # the way to do things is the page, not a command line
     r = client.post(f"/topups/{order}/refund", data={"why": "card lost", "csrf": _csrf(page)})
-    assert r.status_code == 200 and "已退款 refunded" in r.text
+    assert r.status_code == 200 and ">refunded<" in r.text
     r = client.post(f"/topups/{order}/refund", data={"why": "again", "csrf": _csrf(page)})
     assert r.status_code == 409 and "no refund" in r.text
+    page = client.get(f"/topups/{order}").text  # the order's history, step by step
+    assert [a in page for a in ("order created", "paid", "order refunded")] == [True] * 3
+    assert client.get("/topups?state=refunded").text.count(f'id="order-{order}"') == 1
+    assert client.get("/topups?state=paid").text.count(f'id="order-{order}"') == 0
+
+
+def test_issue_a_card_in_the_page_then_top_up_through_the_desk_agent(web):
+    """The desk agent (farebox.desk) over real HTTP on 127.0.0.1 with a simulated reader, relayed as the page's
+    script relays it: issue with holder and proof, a counter top-up whose MAC2 comes from the back office, the
+    card's own balance read back; the agent refuses other origins and unpaired callers."""
+    import threading
+
+    import httpx
+
+    from farebox.broker import free_port
+    from farebox.desk import Desk, make_server
+    from validator.readers.sim import SimReader
+
+    engine, clock, _platform, client, tmp_path = web
+    card = SimCard(bytes.fromhex("31000000000000000777"), 2, 800, start=date(2026, 1, 1), end=date(2030, 12, 31))
+    reader = SimReader()
+    reader.present(card)
+    port, origin = free_port(), "http://bo.example:8000"
+    server = make_server(Desk(reader, terminal_id="0e0000000009", wait=0.1), origin=origin, pairing="s3cret",
+                         port=port)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    agent = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Origin": origin, "X-Desk-Pairing": "s3cret"})
+    try:
+        # the gate: another site's page, a caller without the code, a rebinding host name
+        r = httpx.post(f"http://127.0.0.1:{port}/card/read", headers={"Origin": "https://evil.example",
+                                                                        "X-Desk-Pairing": "s3cret"})
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+        pre = httpx.options(f"http://127.0.0.1:{port}/card/read", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Private-Network": "true"})
+        assert pre.status_code == 204 and pre.headers["access-control-allow-origin"] == origin
+        assert pre.headers["access-control-allow-private-network"] == "true"
+        assert httpx.post(f"http://127.0.0.1:{port}/card/read", headers={"Origin": origin}).status_code == 401
+        assert httpx.post(f"http://127.0.0.1:{port}/card/read", headers={
+            "Origin": origin, "X-Desk-Pairing": "s3cret", "Host": f"evil.example:{port}"}).status_code == 403
+
+        read = agent.post("/card/read", json={}).json()
+        assert (read["asn"], read["balance"], read["card_type"], read["load_ttc"]) == (card.asn.hex(), 800, 2, 0)
+        _login(client, "operator_staff")
+        client.cookies.set("farebox_lang", "en")
+        csrf = _csrf(client.get("/cards/issue").text)
+        form = {k: "" if read[k] is None else str(read[k]) for k in (
+            "asn", "issuer", "card_type", "algorithm", "valid_from", "valid_to", "balance", "purchase_ttc",
+            "load_ttc")}
+        r = client.post("/cards/issue", data={**form, "csrf": csrf, "holder": "李雷", "deposit": "20"})
+        assert r.status_code == 409 and "needs its proof" in r.text  # a student card without its proof
+        r = client.post("/cards/issue", data={**form, "csrf": csrf, "holder": "李雷", "proof_kind": "student_id",
+                                              "proof_no": "S2026-0042", "deposit": "20"})
+        asn = card.asn.hex()
+        assert r.status_code == 200 and 'id="holder">李雷<' in r.text and "student card S2026-0042" in r.text
+        assert 'id="balance" class="value">¥8.00<' in r.text and "¥20.00" in r.text
+
+        prepared = agent.post("/load/prepare", json={"amount": 5000}).json()
+        assert agent.post("/card/read", json={}).status_code == 409  # the card is held for this load
+        no_csrf = client.post(f"/cards/{asn}/counter-loads", json={**prepared, "log": prepared["log"]})
+        assert no_csrf.status_code == 400
+        grant = client.post(f"/cards/{asn}/counter-loads", headers={"X-CSRF": csrf}, json={
+            "amount": 5000, "terminal_id": prepared["terminal_id"], "init_answer": prepared["init_answer"],
+            "log": prepared["log"]})
+        assert grant.status_code == 200, grant.text
+        bad = agent.post("/load/credit", json={"credit_apdu": "00a4040008a000000632010105"})
+        assert bad.status_code == 422  # the agent sends the card a CREDIT FOR LOAD and nothing else
+        credited = agent.post("/load/credit", json={"credit_apdu": grant.json()["credit_apdu"]}).json()
+        assert credited["balance"] == 800 + 5000 == card.balance
+        done = client.post(f"/cards/counter-loads/{grant.json()['load_id']}/tac", headers={"X-CSRF": csrf},
+                           json={"tac": credited["tac"]})
+        assert done.status_code == 200 and done.json()["book_balance"] == 5800 and done.json()["card_balance"] == 5800
+        assert loaded_rows(engine, asn) == [("loaded", 5000)]
+        page = client.get(f"/cards/{asn}").text
+        assert 'id="balance" class="value">¥58.00<' in page and 'id="agrees"' in page
+        # a MAC1 that is not the card's: refused, nothing granted
+        forged = prepared["init_answer"][:-8] + "00000000"
+        r = client.post(f"/cards/{asn}/counter-loads", headers={"X-CSRF": csrf}, json={
+            "amount": 5000, "terminal_id": prepared["terminal_id"], "init_answer": forged, "log": []})
+        assert r.status_code == 409 and r.json()["detail"]["reason"] == "bad_mac1"
+    finally:
+        server.shutdown()
+        server.server_close()
+        agent.close()
 
 
 def test_the_clerks_reconciliation_page_uploads_and_decides(web):
