@@ -496,7 +496,7 @@ def _write_summary(demo: DemoResult, settlement, cards, plan: CityPlan) -> None:
     """What the run did, for a person or a test to check without re-running it."""
     doc = {
         "operator": demo.operator, "day": demo.day.isoformat(), "pdf": str(demo.pdf),
-        "taps_by_outcome": demo.taps_by_outcome, "cards_lost": demo.cards_lost,
+        "taps_by_outcome": demo.taps_by_outcome, "cards_paid": demo.cards_paid,
         "settled_amount": demo.settled_amount, "settled_taps": demo.settled_taps,
         "stored_records": demo.stored_records, "journal_records": demo.journal_records,
         "quarantined": demo.quarantined, "ingest_kills": demo.ingest_kills, "seconds": round(demo.seconds, 1),

@@ -1,5 +1,7 @@
 """The demo end to end: `farebox demo` on its embedded defaults (own broker, SQLite), and the same day on
-PostgreSQL + Mosquitto with the ingest process SIGKILLed and restarted several times.
+PostgreSQL + Mosquitto with the ingest process SIGKILLed and restarted several times. The embedded run is also read
+as a transit person reads it (names, yuan, 100 columns, alarms explained), and its last lines are followed: the
+`farebox serve` line it prints is started, and the clerk's token it printed opens the demo day over HTTP.
 
 Every number is checked against the sources themselves, not against the demo's own arithmetic: the validators'
 journal files, the back office's tables read with plain SQL, and what the simulated cards lost.
@@ -9,16 +11,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import sqlite3
 import subprocess
 import sys
+import time
+import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import httpx
 import pytest
 from pypdf import PdfReader
 from sqlalchemy import bindparam, create_engine, text
 
+from farebox.broker import free_port
 from farebox.config import Settings
 from farebox.demo import run_demo
 
@@ -77,19 +85,153 @@ def check_run(summary: dict, run_dir: Path, database_url: str) -> None:
         assert section in text_
 
 
-def test_make_demo_on_embedded_defaults(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FAREBOX_")}
-    env["FAREBOX_VAR_DIR"] = str(tmp_path / "var")
+@pytest.fixture(scope="module")
+def embedded_demo(tmp_path_factory):
+    """`farebox demo` as `make demo` runs it: no FAREBOX_* settings, output to a pipe (so no terminal width)."""
+    var = tmp_path_factory.mktemp("demo") / "var"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAREBOX_") and k != "COLUMNS"}
+    env["FAREBOX_VAR_DIR"] = str(var)
     proc = subprocess.run([sys.executable, "-m", "farebox.cli", "demo"], env=env, capture_output=True, text=True,
                           timeout=600, check=False)
+    [run_dir] = (var / "demo").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    return proc, var, env, run_dir, summary
+
+
+def test_make_demo_on_embedded_defaults(embedded_demo):
+    proc, var, _env, run_dir, summary = embedded_demo
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "agree" in proc.stdout and "DO NOT AGREE" not in proc.stdout
     assert "(embedded)" in proc.stdout and "took" in proc.stdout
-    [run_dir] = (tmp_path / "var" / "demo").iterdir()
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert Path(summary["pdf"]).resolve().parent == (tmp_path / "var" / "reports").resolve()
-    check_run(summary, run_dir, f"sqlite:///{tmp_path / 'var' / 'backoffice.db'}")
+    assert Path(summary["pdf"]).resolve().parent == (var / "reports").resolve()
+    check_run(summary, run_dir, f"sqlite:///{var / 'backoffice.db'}")
     assert summary["taps_by_outcome"]["insufficient_balance"] > 0
+
+
+def display_width(line: str) -> int:
+    """Terminal columns: East Asian wide and full-width characters take two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in line)
+
+
+def test_demo_output_reads_plainly(embedded_demo):
+    """Issue 10, "Demo output": no run tag in the names people read, "cards paid", lines that fit 100 columns
+    (no cut at 80), a bus called the same everywhere (its plate), money in yuan with two decimals."""
+    proc, var, _env, run_dir, summary = embedded_demo
+    out, tag = proc.stdout, run_dir.name
+    # Paths are the user's own (a long tmp dir here): they are not the demo's to shorten.
+    places = [str(var.resolve()), str(var), str(Path(sys.executable).parent)]
+    lines = out.splitlines()
+    for line in lines:
+        for place in places:
+            line = line.replace(place, "<dir>")
+        assert display_width(line) <= 100, f"wider than 100 columns: {line!r}"
+        # The run tag lives inside codes only: card numbers (20 hex digits), paths, and the header's "(run tag)".
+        plain = re.sub(r"\b[0-9a-f]{20}\b", "<card>", line).replace(f"(run {tag})", "")
+        plain = re.sub(r"\S*/\S*", "<path>", plain)
+        assert tag not in plain, f"run tag in a line people read: {line!r}"
+        assert not re.search(r"_[vbr]\d\d?\b|_k3\b", plain), f"a code where a name belongs: {line!r}"
+    assert "cards paid ¥" in out and "cards lost" not in out
+    paid = sum(c["initial"] - c["final"] for c in summary["cards"].values())
+    assert f"cards paid ¥{paid // 100:,}.{paid % 100:02d}" in out
+    # Bus 3 (its plate, as on the vehicle settlement and the validators page) loses its link 09:00-13:00.
+    assert re.search(r"09:00 bus 沪A-81002 loses its link", out) and re.search(r"13:00 bus 沪A-81002 is back", out)
+    for table in ("By bus", "Validators"):
+        block = out[out.index(table):]
+        assert "沪A-81002" in block[:block.index("└")]
+    # Every alarm a validator still shows is explained in a line of its own.
+    fleet = out[out.index("Validators"):out.index("PDF report")]
+    for row in (r for r in fleet.splitlines() if r.startswith("│")):
+        alarms = [c.strip() for c in row.strip("│").split("│")][-1]
+        for alarm in filter(None, alarms.split("; ")):
+            assert re.search(rf"^  {re.escape(alarm.split(' since ')[0])}: \S", fleet, re.M), alarm
+
+
+def check_card_books(summary: dict, url: str) -> None:
+    """Every demo card was issued with the balance its chip started from, so book == card: plain SQL (the opening
+    balance at issue minus the purchases stored) against what the simulated card holds at the end."""
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        asns = list(summary["cards"])
+        opening = dict(conn.execute(text("SELECT asn, opening_balance FROM card_account WHERE asn IN :a")
+                                    .bindparams(bindparam("a", expanding=True)), {"a": asns}).all())
+        paid = dict(conn.execute(text("SELECT card_asn, SUM(amount) FROM tap WHERE kind = 'purchase' AND card_asn "
+                                      "IN :a GROUP BY card_asn").bindparams(bindparam("a", expanding=True)),
+                                 {"a": asns}).all())
+    engine.dispose()
+    for asn, card in summary["cards"].items():
+        assert opening[asn] == card["initial"], asn
+        assert opening[asn] - paid.get(asn, 0) == card["final"], asn
+
+
+def test_demo_cards_have_their_opening_balances(embedded_demo):
+    _proc, var, _env, _run_dir, summary = embedded_demo
+    check_card_books(summary, f"sqlite:///{var / 'backoffice.db'}")
+
+
+def _after(out: str, marker: str) -> str:
+    """The line after the first line that contains ``marker``, stripped."""
+    lines = out.splitlines()
+    i = next(i for i, line in enumerate(lines) if marker in line)
+    return lines[i + 1].strip()
+
+
+def test_serve_line_opens_the_demo_day(embedded_demo, tmp_path):
+    """The line the demo prints starts `farebox serve` on the same data: the clerk's token it printed opens the
+    dashboard on the demo day, and the card page shows each demo card's book agreeing with the card."""
+    proc, var, env, _run_dir, summary = embedded_demo
+    assert proc.returncode == 0
+    line = _after(proc.stdout, "See the day in the browser")
+    token = _after(proc.stdout, "with this token")
+    assert token.startswith("fbx_")
+    words = shlex.split(line)
+    settings = dict(w.split("=", 1) for w in words if re.match(r"FAREBOX_\w+=", w))
+    argv = [w for w in words if not re.match(r"FAREBOX_\w+=", w)]
+    assert argv[-1] == "serve" and settings["FAREBOX_VAR_DIR"] == str(var.resolve())
+    env = {**{k: v for k, v in env.items() if not k.startswith("FAREBOX_")}, **settings}
+    staff = subprocess.run([sys.executable, "-m", "farebox.cli", "token", "add", "--role", "operator_staff",
+                            "--name", "counter e2e"], env=env, capture_output=True, text=True, timeout=60,
+                           check=True).stdout.strip()
+    port, ready = free_port(), tmp_path / "serve.ready"
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen([*argv, "--port", str(port), "--ready-file", str(ready)], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while not ready.exists():
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.1)
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=30) as http:
+            page = http.get("/dashboard", headers={"Authorization": f"Bearer {token}"})
+            assert page.status_code == 200, page.text[:500]
+            paid = summary["settled_amount"]
+            assert summary["day"] in page.text, "the dashboard does not open on the demo day"
+            assert f"{paid // 100:,}.{paid % 100:02d}" in page.text, "the demo day's fares are not on the dashboard"
+            # A sample of cards, each kind of history: rode, ran dry, deny-listed, reported lost at noon.
+            cards = sorted(summary["cards"].items())
+            sample = cards[:12] + [c for c in cards if c[1]["initial"] <= 700][:3] + cards[-5:]
+            for asn, card in sample:
+                page = http.get(f"/cards/{asn}", headers={"Authorization": f"Bearer {staff}"})
+                assert page.status_code == 200, (asn, page.text[:500])
+                assert "differs" not in page.text and "不一致" not in page.text, asn
+                final = card["final"]
+                assert f"¥{final // 100:,}.{final % 100:02d}" in page.text, asn
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_validators_final_status_is_true(embedded_demo):
+    """After the demo every bus has signed off (not "online") with nothing left to send, on the demo day's clock
+    (plain SQL on the status table)."""
+    _proc, var, _env, _run_dir, summary = embedded_demo
+    db = sqlite3.connect(var / "backoffice.db")
+    rows = db.execute("SELECT device_id, online, backlog, last_seen FROM device_status").fetchall()
+    db.close()
+    assert sorted(r[0] for r in rows) == sorted(summary["devices"])
+    for device, online, backlog, last_seen in rows:
+        assert (online, backlog) == (0, 0), device
+        assert last_seen.startswith(summary["day"]), (device, last_seen)  # UTC 14:xx = 22:xx in Shanghai
 
 
 def test_ingest_killed_mid_day_loses_nothing_and_counts_nothing_twice(tmp_path, pg_schema_url, mosquitto_url):
@@ -99,3 +241,4 @@ def test_ingest_killed_mid_day_loses_nothing_and_counts_nothing_twice(tmp_path, 
     assert result.consistent
     summary = json.loads((result.run_dir / "summary.json").read_text())
     check_run(summary, result.run_dir, pg_schema_url)
+    check_card_books(summary, pg_schema_url)
