@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 
 from backoffice.devices import DEFAULT_STALE_AFTER
 from backoffice.web import api, pages, pages_cards, pages_ops, pages_quarantine, pages_registry, pages_reports
+from backoffice.web import pages_taps
 from backoffice.web import pages_admin
 from backoffice.web.auth import TokenStore
 from backoffice.web.deps import HERE, Services, utc_now
@@ -73,6 +74,7 @@ def create_app(source, *, tokens: TokenStore | Path | None = None, clock: Callab
     app.include_router(pages_registry.router)
     app.include_router(pages_reports.router)
     app.include_router(pages_quarantine.router)  # one quarantined row: release, reject
+    app.include_router(pages_taps.router)  # the clerk's taps browser and its CSV / XLSX exports
     app.include_router(pages_admin.router)  # staff users: add, revoke, language (admins)
     pages.install_error_pages(app)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

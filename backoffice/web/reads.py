@@ -15,9 +15,7 @@ from sqlalchemy import Connection, func, select
 
 from backoffice.devices import DEFAULT_STALE_AFTER, fleet_status
 from backoffice.models import Card, Device, Driver, Operator, Quarantine, Route, Tap, Vehicle
-from backoffice.settle import load_day_taps
 from clearing.service_day import day_bounds, service_day
-from clearing.settlement import settle_day
 
 # kind -> (table, key column); every registry table has an ``operator`` column but the operator table itself
 REGISTRY = {
@@ -125,22 +123,45 @@ def card(conn: Connection, *, asn: str, limit: int = 50) -> dict | None:
             "records": rows, "records_total": total}
 
 
+def day_state(day: date, *, now: datetime, tz: str, cutoff_hour: int) -> str:
+    """``future`` (not started), ``running`` (now is in it) or ``ended``: what a page says of a service day."""
+    start, end = day_bounds(day, tz, cutoff_hour)
+    return "future" if now < start else "running" if now < end else "ended"
+
+
 def dashboard(conn: Connection, *, operator: str, now: datetime,
-              stale_after: timedelta = DEFAULT_STALE_AFTER) -> dict | None:
-    """An operator's day so far: fares and revenue of the current service day (as settlement counts them),
-    validators offline / stale / never heard, and the quarantine count. None when the operator is unknown."""
+              stale_after: timedelta = DEFAULT_STALE_AFTER, day: date | None = None) -> dict | None:
+    """An operator's service day at a glance: fares and revenue as settlement counts them (the stored clearing run
+    when the day has one, else provisional figures from the stored taps), validators offline / stale / never
+    heard, and the quarantine count. ``day`` None: the latest service day with any record (up to today), so that
+    the morning after a quiet night does not open on an empty today. None when the operator is unknown."""
+    from backoffice.settle import settle
+    from backoffice.taps_browser import latest_day_with_data
+
     info = operator_day(conn, operator=operator)
     if info is None:
         return None
     name, tz, cutoff = info
     today = current_service_day(now, tz=tz, cutoff_hour=cutoff)
-    taps = load_day_taps(conn, operator=operator, day=today, tz=tz, cutoff_hour=cutoff)
-    settlement = settle_day(taps, today, operator=operator, tz=tz, cutoff_hour=cutoff)
+    latest = latest_day_with_data(conn, operator=operator, tz=tz, cutoff_hour=cutoff, now=now)
+    if day is None:
+        day = latest or today
+    state = day_state(day, now=now, tz=tz, cutoff_hour=cutoff)
+    records = 0
+    result = None
+    if state != "future":
+        start, end = day_bounds(day, tz, cutoff)
+        records = conn.execute(select(func.count()).select_from(Tap).where(
+            Tap.operator == operator, Tap.occurred_at >= start, Tap.occurred_at < end)).scalar_one()
+        result = settle(conn, operator=operator, day=day, now=now, close_day=False)  # reading never clears
     fleet = fleet_status(conn, operator, now, stale_after=stale_after)
     quarantined = conn.execute(select(func.count()).select_from(Quarantine)
                                .where(*_quarantine_where(operator))).scalar_one()
-    return {"operator": operator, "name": name, "day": today, "records": len(taps), "fares": settlement.taps,
-            "revenue": settlement.amount, "devices": len(fleet),
+    return {"operator": operator, "name": name, "day": day, "today": today, "latest": latest, "state": state,
+            "tz": tz, "records": records, "fares": result.settlement.taps if result else 0,
+            "revenue": result.settlement.amount if result else 0,
+            "run": None if result is None or result.run is None else result.run.id,
+            "devices": len(fleet),
             "online": sum(r.online is True for r in fleet), "offline": sum(r.online is False for r in fleet),
             "never_heard": sum(r.online is None for r in fleet), "stale": sum(r.stale for r in fleet),
             "quarantined": quarantined}

@@ -66,9 +66,9 @@ def test_the_revision_builds_the_table_the_module_describes(engine):
 
 def test_a_signed_off_day_is_locked_and_a_late_tap_goes_to_the_next_run(engine, tmp_path):
     with engine.begin() as conn:
-        conn.execute(Tap.__table__.insert(), [tap(1, at=START + timedelta(hours=2), received=START + timedelta(hours=3)),
-                                              tap(2, at=START + timedelta(hours=5), received=START + timedelta(hours=6),
-                                                  amount=150)])
+        conn.execute(Tap.__table__.insert(), [
+            tap(1, at=START + timedelta(hours=2), received=START + timedelta(hours=3)),
+            tap(2, at=START + timedelta(hours=5), received=START + timedelta(hours=6), amount=150)])
     cleared_at = START + timedelta(days=1, hours=2)
     with engine.begin() as conn, pytest.raises(SignOffError, match="no clearing run yet"):
         sign_off(conn, operator=OP, day=DAY, by="clerk wang", now=cleared_at)

@@ -125,16 +125,18 @@ def settlement_pdf_bytes(conn: Connection, *, who: Principal, operator: str, day
 def dashboard(
     *,
     operator: OperatorCode | None = None,
+    day: ServiceDay | None = None,
     who: Annotated[Principal, Depends(owned_by("clerk", "operations"))],
     conn: Annotated[Connection, Depends(connection)],
     svc: Annotated[Services, Depends(services)],
 ) -> list[dict]:
-    """Per operator (a clerk: their own): fares and revenue of the current service day, validators online,
+    """Per operator (a clerk: their own): fares and revenue (fen) of a service day (default: the latest one with
+    any record, up to today), its state (``future``, ``running``, ``ended``) and clearing run, validators online,
     offline, never heard and stale, quarantined records."""
     wanted = scoped(who, operator)
     codes = [wanted] if wanted else [o["code"] for o in reads.registry_list(conn, kind="operators")]
     now = svc.clock()
-    rows = [reads.dashboard(conn, operator=code, now=now, stale_after=svc.stale_after) for code in codes]
+    rows = [reads.dashboard(conn, operator=code, now=now, stale_after=svc.stale_after, day=day) for code in codes]
     if wanted and rows[0] is None:
         raise HTTPException(404, f"operator {wanted!r} not found")
     return [r for r in rows if r is not None]
