@@ -23,8 +23,8 @@ from wire.devicekeys import TEST_DEVICE_MASTER
 
 A = web_city.A
 TOKENS = {"t-clerk": Principal("alice", "clerk", A), "t-staff": Principal("sam", "operator_staff"),
-          "t-ops": Principal("dave", "operations")}
-CLERK, STAFF, OPS = ({"Authorization": f"Bearer {t}"} for t in TOKENS)
+          "t-ops": Principal("dave", "operations"), "t-admin": Principal("ada", "admin")}
+CLERK, STAFF, OPS, ADMIN = ({"Authorization": f"Bearer {t}"} for t in TOKENS)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -108,7 +108,7 @@ def test_money_is_whole_fen_or_refused(api, amount):
     client, engine = api
     r = client.post("/api/v1/ota/orders", headers=STAFF,
                     json={"asn": web_city.SHARED_CARD, "rider": "13800000000", "amount": amount})
-    assert r.status_code == 422 and ("amount is in fen, a whole number" in r.text or "less than or equal" in r.text)
+    assert r.status_code == 422 and ("amount is integer fen" in r.text or "less than or equal" in r.text)
     assert count(engine, TopupOrder) == 0
     r = client.post(f"/api/v1/cards/{web_city.SHARED_CARD}/adjustments", headers=STAFF,
                     json={"why": "test", "amount": amount})
@@ -146,3 +146,58 @@ def test_issuer_file_numbers_out_of_bounds_are_refused_with_the_line(api, cells,
                     params={"day": "2026-03-05"}, files={"file": ("issuer.csv", body, "text/csv")})
     assert r.status_code == 422 and "line 2" in r.text and words in r.text
     assert count(engine, ReconItem) == 0
+
+
+# ------------------------------------------------------------------------------------------------ issue 10: money
+@pytest.mark.parametrize("bad", [2.5, 200.0, "200", True])
+def test_a_fare_that_is_not_a_json_integer_is_refused_naming_the_field_and_integer_fen(api, bad):
+    """The API takes and returns integer fen only: 2.5, 200.0, "200" and true are each a 422 that names the field
+    and says "integer fen", and no route is stored (before issue 10 the message said "amount" for every field)."""
+    from backoffice.models import Route
+
+    client, engine = api
+    before = count(engine, Route)
+    r = client.post("/api/v1/routes", headers=CLERK, json={"code": "c90", "name": "90路", "flat_fare": bad})
+    assert r.status_code == 422 and "flat_fare is integer fen" in message(r), r.text
+    assert any(e["loc"][-1] == "flat_fare" for e in r.json()["detail"])
+    r = client.post("/api/v1/routes", headers=CLERK, json={"code": "c90", "name": "90路", "stages": [[10, bad]]})
+    assert r.status_code == 422 and "integer fen" in r.text
+    assert count(engine, Route) == before
+    ok = client.post("/api/v1/routes", headers=CLERK, json={"code": "c90", "name": "90路", "flat_fare": 200})
+    assert ok.status_code == 201 and ok.json()["flat_fare"] == 200  # fen back, an integer
+
+
+# ------------------------------------------------------------------------------------------------ a new company
+def test_an_admin_adds_an_operator_and_its_commission_rate_over_http_and_nobody_else_can(api):
+    from datetime import date
+
+    client, engine = api
+    new = {"code": "zhixing", "name": "智行公交 Zhixing Bus", "timezone": "Asia/Shanghai", "cutoff_hour": 3}
+    for who in (CLERK, STAFF, OPS):
+        assert client.post("/api/v1/operators", headers=who, json=new).status_code == 403
+    for bad, words in [({**new, "code": "Zhi-Xing"}, "code"), ({**new, "cutoff_hour": "3"}, "cutoff_hour"),
+                       ({**new, "cutoff_hour": 24}, "cutoff_hour"), ({**new, "name": "x\x00"}, "NUL")]:
+        r = client.post("/api/v1/operators", headers=ADMIN, json=bad)
+        assert r.status_code == 422 and words in r.text, (bad, r.text)
+    r = client.post("/api/v1/operators", headers=ADMIN, json={**new, "timezone": "Mars/Olympus"})
+    assert r.status_code == 409 and "IANA" in r.text
+    r = client.post("/api/v1/operators", headers=ADMIN, json=new)
+    assert r.status_code == 201 and r.json()["code"] == "zhixing" and r.json()["cutoff_hour"] == 3
+    again = client.post("/api/v1/operators", headers=ADMIN, json=new)
+    assert again.status_code == 409 and "registered already" in again.text
+
+    url = "/api/v1/operators/zhixing/commission-rates"
+    for bad in (0.6, 60.0, "60", True, -1, 10_001):
+        r = client.post(url, headers=ADMIN, json={"rate_bp": bad, "valid_from": "2026-12-01"})
+        assert r.status_code == 422 and "rate_bp" in r.text, (bad, r.text)
+    assert client.post(url, headers=CLERK, json={"rate_bp": 60, "valid_from": "2026-12-01"}).status_code == 403
+    assert client.post("/api/v1/operators/nobody/commission-rates", headers=ADMIN,
+                       json={"rate_bp": 60, "valid_from": "2026-12-01"}).status_code == 404
+    r = client.post(url, headers=ADMIN, json={"rate_bp": 60, "valid_from": "2026-12-01"})
+    assert r.status_code == 201 and r.json()["rates"] == [{"valid_from": "2026-12-01", "rate_bp": 60}]
+    with engine.connect() as conn:  # what clearing reads, by plain SQL
+        rows = conn.exec_driver_sql("SELECT valid_from, rate_bp FROM commission_rate WHERE operator = 'zhixing'").all()
+    assert [(str(d), int(b)) for d, b in rows] == [(str(date(2026, 12, 1)), 60)]
+    assert client.get(url, headers=OPS).json()["rates"][0]["rate_bp"] == 60
+    assert client.get(url, headers=CLERK).status_code == 404  # another company's, as if it did not exist
+    assert client.get(f"/api/v1/operators/{A}/commission-rates", headers=CLERK).status_code == 200

@@ -1,4 +1,6 @@
-"""Registry writes: add, edit and retire routes, vehicles, drivers and validators, and each entry's history.
+"""Registry writes: add, edit and retire routes, vehicles, drivers and validators, and each entry's history; a new
+bus company and the card issuer's commission on its fares (admin only: ``POST /operators``,
+``POST /operators/{operator}/commission-rates``; the rates are read by clerks for their own company and operations).
 
 Each view turns its request into one call of a ``backoffice.registry`` use case, signed with the token holder's
 name (``by=``) and dated by the app's clock unless the body gives ``at``. A clerk writes their own operator's
@@ -22,7 +24,20 @@ from sqlalchemy.exc import IntegrityError
 
 from backoffice import registry
 from backoffice.web import reads
-from backoffice.web.api.types import Code, DeviceId, Fen, Name, OperatorCode, Plate, Reason, StopCode
+from backoffice.web.api.types import (
+    Code,
+    CutoffHour,
+    DeviceId,
+    Fen,
+    Name,
+    OperatorCode,
+    Plate,
+    RateBp,
+    Reason,
+    ServiceDay,
+    StopCode,
+    Text,
+)
 from backoffice.web.deps import Services, connection, scoped, services
 from backoffice.web.auth import Principal, owned_by
 from wire.topics import DEVICE_ID_RULE
@@ -296,3 +311,69 @@ for _kind in KINDS:
     router.add_api_route(f"/{_kind}/{{key}}", _edit_view(_kind), methods=["PATCH"])
     router.add_api_route(f"/{_kind}/{{key}}/retire", _retire_view(_kind), methods=["POST"])
     router.add_api_route(f"/{_kind}/{{key}}/history", _history_view(_kind), methods=["GET"])
+
+
+# ------------------------------------------------------------------------------------------------ a new company
+class OperatorIn(BaseModel):
+    code: Annotated[str, Field(pattern=r"^[0-9a-z][0-9a-z_]{0,31}$",
+                               description="1-32 characters of a-z, 0-9 and _ (a segment of its buses' MQTT topics)")]
+    name: Name
+    timezone: Annotated[Text(64, min_length=1), Field(description="IANA time zone of its service day")] = \
+        "Asia/Shanghai"
+    cutoff_hour: CutoffHour = 3
+
+
+class CommissionIn(BaseModel):
+    rate_bp: RateBp
+    valid_from: Annotated[ServiceDay, Field(description="the first service day it applies to (after the last "
+                                                        "cleared day)")]
+
+
+Admin = Annotated[Principal, Depends(owned_by())]  # admin only
+RateReader = Annotated[Principal, Depends(owned_by(*OWNERS))]
+
+
+@router.post("/operators", status_code=201)
+def add_operator(*, body: OperatorIn, who: Admin, svc: Svc) -> dict:
+    """Register a bus company (admin): code, name, time zone and the local hour its service day ends. Next: its
+    commission rate, then its routes, vehicles, drivers and validators."""
+    try:
+        with writing(svc) as conn:
+            registry.add_operator(conn, code=body.code, name=body.name, timezone=body.timezone,
+                                  cutoff_hour=body.cutoff_hour, by=who.name, at=svc.clock())
+    except RegistryRefused as e:
+        raise _http(e) from None
+    with svc.engine.connect() as conn:
+        return reads.registry_item(conn, kind="operators", key=body.code)
+
+
+def _rates(conn: Connection, operator: str) -> dict:
+    return {"operator": operator,
+            "rates": [{"valid_from": r["valid_from"], "rate_bp": r["rate_bp"]}
+                      for r in registry.commission_rates(conn, operator=operator)]}
+
+
+@router.post("/operators/{operator}/commission-rates", status_code=201)
+def set_commission_rate(*, operator: OperatorCode, body: CommissionIn, who: Admin, svc: Svc) -> dict:
+    """Set the card issuer's commission on the operator's gross, in basis points (integer; 60 = 0.60 %), from a
+    service day on (admin). A day cleared already keeps its rate: 409 for a ``valid_from`` on or before the last
+    cleared day. The same ``valid_from`` again replaces that rate."""
+    try:
+        with writing(svc) as conn:
+            if reads.operator_day(conn, operator=operator) is None:
+                raise HTTPException(404, f"operator {operator!r} not found")
+            registry.set_commission_rate(conn, operator=operator, rate_bp=body.rate_bp, valid_from=body.valid_from,
+                                         by=who.name)
+    except RegistryRefused as e:
+        raise _http(e) from None
+    with svc.engine.connect() as conn:
+        return _rates(conn, operator)
+
+
+@router.get("/operators/{operator}/commission-rates")
+def commission_rates(*, operator: OperatorCode, who: RateReader,
+                     conn: Annotated[Connection, Depends(connection)]) -> dict:
+    """The operator's commission rates over time, oldest first (a clerk: their own company only)."""
+    if reads.registry_item(conn, kind="operators", key=operator, operator=who.scope(None)) is None:
+        raise HTTPException(404, f"operator {operator!r} not found")
+    return _rates(conn, operator)

@@ -19,7 +19,7 @@ import re
 from datetime import date
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
+from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints, ValidationInfo
 
 from wire import topics
 
@@ -42,10 +42,13 @@ def Text(max_length: int, *, min_length: int = 0) -> Any:  # noqa: N802 (a type 
                      AfterValidator(_no_control)]
 
 
-def _whole_fen(value: object) -> object:
-    # bool is an int in Python and 30.0 == 30: refuse both, money is named in fen and sent as a whole number
+def _whole_fen(value: object, info: ValidationInfo) -> object:
+    # bool is an int in Python, 30.0 == 30 and "3000" parses: refuse all three, money is integer fen, sent as a
+    # JSON integer. The message names the field (the 422's loc does too) and the unit.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"amount is in fen, a whole number (3000 for 30 yuan), not {value!r}")
+        field = info.field_name or "amount"
+        raise ValueError(f"{field} is integer fen, a JSON whole number (3000 for 30 yuan), not "
+                         f"{type(value).__name__} {value!r}")
     return value
 
 
@@ -57,14 +60,21 @@ def _device_id(value: str) -> str:
 
 
 # Money: integer fen only (a JSON 30.00 or "30" is refused, never read as 30 fen), within a card's 4-byte field
-Fen = Annotated[int, Field(ge=1, le=MAX_FEN, description="fen, a whole number"), BeforeValidator(_whole_fen)]
-SignedFen = Annotated[int, Field(ge=-MAX_FEN, le=MAX_FEN, description="fen, a whole number with its sign"),
+Fen = Annotated[int, Field(ge=1, le=MAX_FEN, description="integer fen (a JSON whole number; 2.5, \"200\" and true "
+                                                        "are refused)"), BeforeValidator(_whole_fen)]
+SignedFen = Annotated[int, Field(ge=-MAX_FEN, le=MAX_FEN, description="integer fen with its sign"),
                       BeforeValidator(_whole_fen)]
+FenOrZero = Annotated[int, Field(ge=0, le=MAX_FEN, description="integer fen, 0 or more"), BeforeValidator(_whole_fen)]
+# A commission rate in basis points (60 = 0.60 %): an integer, never a float percentage
+RateBp = Annotated[int, Field(strict=True, ge=0, le=10_000, description="basis points, 0-10000 (60 = 0.60 %), a "
+                                                                         "JSON whole number")]
+# An operator's service-day cut-off: the local hour its day ends
+CutoffHour = Annotated[int, Field(strict=True, ge=0, le=23, description="local hour the service day ends (0-23)")]
 
 
 def FenUpTo(limit: int) -> Any:  # noqa: N802 (a type factory)
     """Fen, a whole number from 1 to ``limit`` (a top-up's ceiling, say)."""
-    return Annotated[int, Field(ge=1, le=min(limit, MAX_FEN), description="fen, a whole number"),
+    return Annotated[int, Field(ge=1, le=min(limit, MAX_FEN), description="integer fen"),
                      BeforeValidator(_whole_fen)]
 # Codes and keys
 Code = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
