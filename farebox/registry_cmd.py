@@ -300,12 +300,74 @@ def _add_company_commands(reg) -> None:
     p.add_argument("--operator", required=True)
     p.set_defaults(func=_commission_list)
 
+    p = reg.add_parser("fare-rules", help="a company's fare rules beside the routes' fares: the share of the fare "
+                                          "each card type pays, the transfer discount, the minimum balance")
+    p.add_argument("--operator", required=True)
+    p.add_argument("--discount", type=_discount, action="append", default=None, metavar="TYPE=PERCENT",
+                   help="percent of the fare a card type pays, e.g. student=50 elderly=0 (repeatable; replaces "
+                        "the whole set; types not named pay 100)")
+    p.add_argument("--transfer-window", type=int, default=None, metavar="MINUTES",
+                   help="a boarding on another route within this many minutes of the last paid one is a transfer")
+    p.add_argument("--transfer-discount", type=_yuan_or_zero, default=None, metavar="YUAN",
+                   help="taken off a transfer's fare, e.g. 1.00")
+    p.add_argument("--min-balance", type=_yuan_or_zero, default=None, metavar="YUAN",
+                   help="the balance a card must hold to board, e.g. 0.00")
+    p.add_argument("--by", required=True)
+    p.add_argument("--at", type=iso_time, default=None, help="effective from, ISO time with zone (default now)")
+    p.set_defaults(func=_fare_rules)
+
     p = reg.add_parser("add-fleet", help="a fleet of a company (a depot, a branch): reports add its vehicles up")
     p.add_argument("--operator", required=True)
     p.add_argument("--code", required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--by", required=True)
     p.set_defaults(func=_fleet_add)
+
+
+CARD_TYPE_NAMES = {"adult": 1, "student": 2, "elderly": 3, "staff": 4}
+
+
+def _discount(text: str) -> tuple[int, int]:
+    name, _, percent = text.partition("=")
+    card_type = CARD_TYPE_NAMES.get(name.strip().lower(), int(name) if name.strip().isdigit() else None)
+    if card_type is None or not percent.strip().isdigit() or not 0 <= int(percent) <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r}: give TYPE=PERCENT, TYPE one of {', '.join(CARD_TYPE_NAMES)} "
+                                         "or a card type number, PERCENT 0-100 (what that card pays of the fare)")
+    return card_type, int(percent)
+
+
+def _yuan_or_zero(text: str) -> int:
+    from clearing.money import parse_yuan
+
+    try:
+        return parse_yuan(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _fare_rules(args, settings) -> int:
+    from backoffice import registry
+    from clearing.money import yuan
+
+    def set_rules(conn):
+        changed = registry.set_fare_rules(
+            conn, operator=args.operator, by=args.by, at=args.at,
+            discounts=dict(args.discount) if args.discount is not None else None,
+            transfer_window_minutes=args.transfer_window, transfer_discount=args.transfer_discount,
+            min_balance=args.min_balance)
+        if not changed:
+            return f"{args.operator}: fare rules unchanged (nothing differs)"
+        said = []
+        if args.discount is not None:
+            names = {v: k for k, v in CARD_TYPE_NAMES.items()}
+            said.append("pays " + ", ".join(f"{names.get(t, t)} {p}%" for t, p in sorted(dict(args.discount).items())))
+        if args.transfer_window is not None or args.transfer_discount is not None:
+            said.append(f"transfer within {args.transfer_window if args.transfer_window is not None else '(as before)'}"
+                        f" min: {yuan(args.transfer_discount, symbol='¥')} off")
+        if args.min_balance is not None:
+            said.append(f"minimum balance {yuan(args.min_balance, symbol='¥')}")
+        return f"{args.operator}: fare rules changed: " + "; ".join(said) + " (farebox registry fare-table shows them)"
+    return _write(settings, f"fare rules of {args.operator}", set_rules)
 
 
 def _percent(text: str) -> int:
