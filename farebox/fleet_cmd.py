@@ -29,7 +29,10 @@ def register(sub) -> None:
     p.add_argument("--ready-file", default=None, help="touch this file once subscribed")
     p.set_defaults(func=_device_monitor)
 
-    p = sub.add_parser("devices", help="the fleet: last seen, versions, backlog, alarms; stale devices flagged")
+    p = sub.add_parser("devices", help="the fleet: last seen, versions, backlog, alarms; stale devices flagged",
+                       description="The fleet as the back office last heard it. Exit status: 0 when no validator "
+                                   "is stale, 1 when at least one is (never heard, or silent longer than "
+                                   "--stale-after without switching off cleanly), so a monitor can run it.")
     p.add_argument("--operator", default=None, help="only this operator's validators")
     p.add_argument("--stale-after", type=float, default=5.0, metavar="MINUTES",
                    help="flag a validator silent for longer than this (default 5 minutes)")
@@ -134,7 +137,7 @@ def _devices(args, settings) -> int:
     with engine.connect() as conn:
         rows = fleet_status(conn, args.operator, now, stale_after=timedelta(minutes=args.stale_after))
     _print_fleet(rows, now=now, stale_after=timedelta(minutes=args.stale_after))
-    return 0
+    return 1 if any(r.stale for r in rows) else 0
 
 
 def _ago(delta) -> str:
@@ -154,24 +157,46 @@ def _print_fleet(rows, *, now, stale_after) -> None:
     from backoffice.devices import version_counts
 
     console = Console()
-    table = Table(title=f"validators at {now:%Y-%m-%d %H:%M:%S}Z (stale: silent > {stale_after})")
-    for col in ("device", "vehicle", "state", "last seen", "software", "params", "deny list", "backlog",
-                "oldest unsent", "PSAM", "last tap", "alarms"):
-        table.add_column(col, justify="right" if col in ("params", "deny list", "backlog") else "left")
+    # Narrow terminals (80 columns) get the columns a person acts on, ids never cut; every column from 180 up.
+    wide = console.width >= 180
+    operators = sorted({r.operator for r in rows})
+    one = operators[0] if len(operators) == 1 else None  # then it is named in the title, not in every row
+    console.print(f"validators{' of ' + one if one else ''} at {now:%Y-%m-%d %H:%M}Z; stale: silent > "
+                  f"{int(stale_after.total_seconds() // 60)} min", highlight=False)
+    table = Table()
+    id_width = max([len("device"), *(len(r.device_id) for r in rows)])
+    columns = ["device", "operator", "vehicle", "state", "last seen", "backlog", "deny list"]
+    if one and not wide:
+        columns.remove("operator")
+    if wide:
+        columns += ["software", "params", "oldest unsent", "PSAM", "last tap", "alarms"]
+    for col in columns:
+        table.add_column(col, justify="right" if col in ("params", "deny list", "backlog") else "left",
+                         no_wrap=col in ("device", "operator", "state", "last seen", "backlog", "deny list"),
+                         min_width=id_width if col == "device" else None)
     for r in rows:
-        state = "never heard" if r.online is None else "online" if r.online else "offline"
+        state = "never heard" if r.online is None else "online" if r.online else (
+            "switched off" if r.signed_off else "link lost" if r.link_lost else "offline")
         if r.stale:
-            state = f"[bold red]STALE[/] ({state})"
-        table.add_row(
-            r.device_id, r.plate or r.vehicle or "-", state,
-            "-" if r.last_seen is None else f"{r.last_seen:%m-%d %H:%M:%S} ({_ago(now - r.last_seen)})",
-            r.software or "-", "-" if r.params_version is None else str(r.params_version),
-            "-" if r.denylist_version is None else str(r.denylist_version),
-            "-" if r.backlog is None else str(r.backlog),
-            "-" if r.oldest_unsent is None else _ago(now - r.oldest_unsent),
-            r.psam or "-", "-" if r.last_tap is None else _ago(now - r.last_tap),
-            "[yellow]" + "; ".join(r.alarms) + "[/]" if r.alarms else "")
+            state = f"[bold red]STALE[/] {state}" if wide else "[bold red]STALE[/]" + (
+                "" if r.online is None else f" {state.split()[0]}")
+        seen = "-" if r.last_seen is None else (f"{r.last_seen:%m-%d %H:%M:%S} ({_ago(now - r.last_seen)})" if wide
+                                                 else _ago(now - r.last_seen))
+        cells = [r.device_id, *([] if "operator" not in columns else [r.operator]), r.plate or r.vehicle or "-",
+                 state, seen,
+                 "-" if r.backlog is None else str(r.backlog),
+                 "-" if r.denylist_version is None else str(r.denylist_version)]
+        if wide:
+            cells += [r.software or "-", "-" if r.params_version is None else str(r.params_version),
+                      "-" if r.oldest_unsent is None else _ago(now - r.oldest_unsent),
+                      r.psam or "-", "-" if r.last_tap is None else _ago(now - r.last_tap),
+                      "[yellow]" + "; ".join(r.alarms) + "[/]" if r.alarms else ""]
+        table.add_row(*cells)
     console.print(table)
+    if not wide:  # alarms under the table, one line each, not squeezed into a column
+        for r in rows:
+            for alarm in r.alarms:
+                console.print(f"  [yellow]{r.device_id}: {alarm}[/]", highlight=False)
     stale = sum(r.stale for r in rows)
     console.print(f"{len(rows)} validator(s), {sum(bool(r.online) for r in rows)} online, "
                   f"{'[bold red]' if stale else ''}{stale} stale{'[/]' if stale else ''}")

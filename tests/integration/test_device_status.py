@@ -265,12 +265,29 @@ def test_farebox_devices_prints_the_fleet(tmp_path, sqlite_url):
     env = {**os.environ, "FAREBOX_DATABASE_URL": sqlite_url, "COLUMNS": "200"}
     done = subprocess.run([sys.executable, "-m", "farebox.cli", "devices", "--operator", OP], env=env, check=False,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # some are stale: 1, as --help says
     lines = {line.split("│")[1].strip(): line for line in done.stdout.splitlines() if line.count("│") > 5}
     assert "STALE" not in lines[A] and "online" in lines[A] and "2.0.1" in lines[A]
     assert "STALE" in lines[B] and "journal 90% full" in lines[B]
-    assert "STALE (never heard)" in lines[C]
+    assert "STALE never heard" in lines[C]
     assert "3 validator(s), 2 online, 2 stale" in done.stdout
+
+    # 80 columns: whole device ids and operators, the alarm on its own line; then only fresh ones: exit 0
+    narrow = subprocess.run([sys.executable, "-m", "farebox.cli", "devices", "--operator", OP],
+                            env={**env, "COLUMNS": "80"}, check=False, capture_output=True, text=True, timeout=120)
+    assert narrow.returncode == 1
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 80
+    rows = [line for line in narrow.stdout.splitlines() if line.count("│") > 5]
+    assert {line.split("│")[1].strip() for line in rows} == {A, B, C} and "…" not in "".join(rows)
+    assert f"validators of {OP} at" in narrow.stdout  # one operator: named once, in the title
+    assert f"{B}: journal 90% full" in narrow.stdout
+    help_text = subprocess.run([sys.executable, "-m", "farebox.cli", "devices", "--help"], env=env, check=True,
+                               capture_output=True, text=True, timeout=120).stdout
+    assert "Exit status: 0 when no validator is stale, 1 when at least one is" in " ".join(help_text.split())
+    fresh = subprocess.run([sys.executable, "-m", "farebox.cli", "devices", "--operator", OP, "--stale-after",
+                            "60"], env={**env, "COLUMNS": "80"}, check=False, capture_output=True, text=True,
+                           timeout=120)
+    assert "2 stale" not in fresh.stdout and fresh.returncode == 1  # C was never heard: still stale
 
 
 # ------------------------------------------------------------------ issue 10: goodbyes and the link history
