@@ -184,6 +184,8 @@ def _add_report_parser(actions) -> None:
     p.add_argument("--width", type=int, default=32, help="printer columns (32 or 48 on bus printers)")
     p.add_argument("--tz", default="Asia/Shanghai")
     p.add_argument("--languages", default="zh,en", help="comma-separated, some of zh,en")
+    p.add_argument("--printer", default=None, metavar="PATH",
+                   help="also print it on an ESC/POS printer: serial:DEV[?baud=9600] (validator.printer)")
     p.set_defaults(func=shift_report)
 
 
@@ -217,6 +219,20 @@ def shift_report(args, _settings=None) -> int:
         print(f"farebox validator shift-report: {e}", file=sys.stderr)
         return 2
     print(text, end="")
+    if args.printer:
+        from validator.printer import PrinterError, open_printer
+
+        try:
+            printer = open_printer(args.printer)
+        except PrinterError as e:
+            print(f"farebox validator shift-report: {e}", file=sys.stderr)
+            return 2
+        printer.print_slip(text)
+        printer.close(timeout=60)
+        if printer.printed != 1:
+            print(f"farebox validator shift-report: not printed on {args.printer} (see the log line above)",
+                  file=sys.stderr)
+            return 1
     return 0
 
 

@@ -49,11 +49,11 @@ LAST_TAPS = 10
 
 TEXTS: dict[str, tuple[str, str]] = {
     "menu": ("司机菜单", "DRIVER MENU"),
-    "item1": ("1 班次合计", "1 Shift totals"),
-    "item2": ("2 重印小票", "2 Reprint slip"),
-    "item3": ("3 最近10笔", "3 Last 10 taps"),
-    "item4": ("4 查询流水号", "4 Tap by number"),
-    "close": ("* 退出", "* Close"),
+    "item1": ("班次合计", "Shift totals"),
+    "item2": ("重印小票", "Reprint slip"),
+    "item3": ("最近10笔", "Last 10 taps"),
+    "item4": ("查询流水号", "Tap by number"),
+    "close": ("退出", "Close"),
     "enter_seq": ("输入流水号, #确认 *取消", "Tap number, # OK * cancel"),
     "no_shift": ("尚无班次", "No shift yet"),
     "no_tap": ("无此流水", "No such tap"),
@@ -299,7 +299,8 @@ class DriverMenu:
             self.show_menu()
 
     def show_menu(self) -> None:
-        self.screen([say(k, self.languages) for k in ("menu", "item1", "item2", "item3", "item4", "close")])
+        items = (("1", "item1"), ("2", "item2"), ("3", "item3"), ("4", "item4"), ("*", "close"))
+        self.screen([say("menu", self.languages)] + [f"{key} {say(k, self.languages)}" for key, k in items])
 
     # -- the four things a driver asks for -------------------------------------------------------------------
 

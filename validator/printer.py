@@ -26,6 +26,7 @@ next slip; it never stops the validator.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sys
 import threading
@@ -61,6 +62,7 @@ class SlipPrinter:
         self._open_port = open_port
         self._write: Callable[[bytes], None] | None = None
         self._queue: queue.Queue[bytes | None] = queue.Queue()
+        self.printed = self.failed = 0  # slips sent to the printer, and slips lost to a fault (logged)
         self._thread = threading.Thread(target=self._run, name=f"printer {name}", daemon=True)
         self._thread.start()
 
@@ -78,8 +80,10 @@ class SlipPrinter:
                 if self._write is None:
                     self._write = self._open_port()
                 self._write(data)
+                self.printed += 1
             except Exception as e:  # noqa: BLE001 - a printer fault must never reach the fare loop
                 self._write = None
+                self.failed += 1
                 log.error("printer %s: slip not printed (%s); check its cable, power and paper", self.name, e)
 
 
@@ -120,4 +124,7 @@ def open_printer(path: str) -> SlipPrinter:
         baud = int(parse_qs(query).get("baud", ["9600"])[0])
     except ValueError:
         raise PrinterError(f"printer path {path!r}: baud must be a number, e.g. ?baud=19200") from None
+    if not os.path.exists(device):  # not fatal: fares go on, and a printer plugged in later is opened then
+        log.warning("printer %s is not there: slips are not printed until it is (check the cable or the path)",
+                    device)
     return SlipPrinter(_serial_port(device, baud), name=device)

@@ -162,6 +162,15 @@ def test_driver_menu_prints_what_the_journal_holds(tmp_path, rfid24_module):
         finally:
             stop(proc, screen)
         assert again.split("\n", 1)[1] == signout
+
+        # At the depot: the same shift reprinted from the journal onto a printer, by the command line
+        depot = subprocess.run([sys.executable, "-m", "farebox.cli", "validator", "shift-report", "--journal",
+                                str(journal), "--printer", f"serial:{printer.path}"], capture_output=True,
+                               text=True, timeout=60, check=False)
+        assert depot.returncode == 0, depot.stderr
+        reprinted = printer.wait_for_slips(7)[6]
+        assert "重印 REPRINT" in reprinted and value(reprinted, "合计 Total") == value(signout, "合计 Total")
+        assert reprinted == depot.stdout
     # What the printer printed, kept as a test artefact to read as a driver would
     SLIPS.mkdir(parents=True, exist_ok=True)
     (SLIPS / "driver-menu-slips.txt").write_text("\n~~~~~~~~ cut ~~~~~~~~\n\n".join(printer.slips), "utf-8")

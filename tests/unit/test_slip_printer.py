@@ -49,6 +49,7 @@ def test_a_printer_that_cannot_be_opened_is_logged_not_raised(caplog):
     printer.print_slip("lost")
     printer.close()
     assert "slip not printed" in caplog.text and "no-such-printer" in caplog.text
+    assert (printer.printed, printer.failed) == (0, 1)
 
 
 def test_keypads_by_path():
