@@ -126,6 +126,9 @@ MATRIX = {
     ("GET", "/dashboard"): ("/dashboard", {"clerk", "operations"}),
     ("GET", "/registry/{kind}"): ("/registry/routes", {"clerk", "operations"}),
     ("GET", "/devices"): ("/devices", {"clerk", "operations"}),
+    ("GET", "/denylist"): ("/denylist", {"clerk", "operations", "operator_staff"}),
+    ("GET", "/alarms"): ("/alarms", {"clerk", "operations"}),
+    ("POST", "/alarms/{alarm_id}/ack"): ("/alarms/999999/ack", {"operations"}),
     ("GET", "/quarantine"): ("/quarantine", {"clerk", "operations"}),
     ("GET", "/quarantine/{quarantine_id}"): ("/quarantine/1", {"clerk", "operations"}),
     ("POST", "/quarantine/{quarantine_id}/release"): ("/quarantine/999999/release", {"operations"}),
@@ -512,7 +515,7 @@ def test_devices_quarantine_and_deny_list(city):
     assert {d: r["stale"] for d, r in fleet.items()} == {"cb_001": False, "cb_002": True, "mb_001": True}
     assert fleet["cb_001"]["software"] == "2.4.1" and fleet["cb_002"]["online"] is None
     page = get(client, "/devices", "operations").text
-    assert page.count("失联 STALE") == 2
+    assert page.count('<span class="badge">失联</span>') == 2
     q = get(client, "/api/v1/quarantine?limit=1", "operations").json()
     assert q["total"] == len(city_data.quarantined) + city_data.unknown_device_batches and len(q["items"]) == 1
     page = get(client, "/quarantine", "operations").text
