@@ -23,6 +23,7 @@ from backoffice.web import reads
 from backoffice.web.csrf import check_csrf as _check_csrf
 from backoffice.web.csrf import csrf_token
 from backoffice.web.pages import render, templates
+from epurse.cardtypes import CardType
 
 router = APIRouter(include_in_schema=False)
 Reader = Annotated[Principal, Depends(page_of(*api.READERS))]
@@ -40,9 +41,12 @@ RECORD = {"kind": ("类型", "kind"), "device_id": ("车载机", "device"), "dev
           "card_asn": ("卡号", "card"), "card_type": ("卡类", "card type"), "card_ttc": ("卡计数器", "card counter"),
           "amount": ("金额", "amount"), "balance_after": ("余额", "balance after"), "full_fare": ("全价", "full fare"),
           "terminal_id": ("终端号", "terminal"), "terminal_seq": ("终端流水", "terminal seq"), "tac": ("TAC", "TAC"),
-          "reason": ("原因", "reason")}
+          "reason": ("原因", "reason"), "tx_type": ("交易类型", "transaction type"), "algorithm": ("算法", "algorithm"),
+          "entry_stop": ("上车站", "entry stop"), "exit_stop": ("下车站", "exit stop"),
+          "epoch": ("日志代次", "journal epoch")}
+CARD_TYPES = {int(c): (c.label_zh, c.label) for c in CardType}
 templates.env.globals.update(QUARANTINE_STATUS=STATUS, QUARANTINE_DONE=DONE, QUARANTINE_SIGNED=SIGNED,
-                             QUARANTINE_RECORD=RECORD)
+                             QUARANTINE_RECORD=RECORD, QUARANTINE_CARD_TYPES=CARD_TYPES)
 
 
 def _page(request: Request, who: Principal, conn: Connection, quarantine_id: int, *, done: str = "",

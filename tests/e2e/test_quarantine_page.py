@@ -106,7 +106,7 @@ def test_operations_release_a_swapped_psams_tap_and_reject_a_forgery_in_the_brow
     driver.find_element(By.ID, "release-why").send_keys("PSAM swapped in the workshop; registry corrected")
     driver.find_element(By.ID, "release").click()
     _wait_for(driver, "#decided")
-    assert driver.find_element(By.ID, "status").text == "released"
+    assert driver.find_element(By.ID, "status").text == "已放行"  # released (the browser asks for Chinese)
     assert "e2e ops" in driver.find_element(By.ID, "decided").text
     _shot(driver, "quarantine-review-released")
 
@@ -116,11 +116,11 @@ def test_operations_release_a_swapped_psams_tap_and_reject_a_forgery_in_the_brow
     driver.find_element(By.ID, "release").click()
     _wait_for(driver, "#recheck")
     assert "TAC does not verify" in driver.find_element(By.ID, "recheck").text
-    assert driver.find_element(By.ID, "status").text == "open"
+    assert driver.find_element(By.ID, "status").text == "待处理"  # still open
     driver.find_element(By.ID, "reject-why").send_keys("forged TAC")
     driver.find_element(By.ID, "reject").click()
     _wait_for(driver, "#decided")
-    assert driver.find_element(By.ID, "status").text == "rejected"
+    assert driver.find_element(By.ID, "status").text == "已驳回"
 
     engine = make_engine(engine_url.render_as_string(hide_password=False))
     with engine.connect() as conn:
