@@ -12,7 +12,8 @@ from farebox.cli_types import fractions
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="one service day of a simulated city, from card to settlement PDF")
+    p = sub.add_parser("demo", help="one service day of a simulated city, from card to settlement PDF; ends with "
+                                    "the line that opens the same data in the browser (farebox serve)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--day", type=date.fromisoformat, default=None, help="service day (default: yesterday)")
     p.add_argument("--riders", type=int, default=200)

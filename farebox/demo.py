@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 
 WIDTH = 100  # the demo's output fits this many columns
 DEPOSIT = 2000  # fen: what a rider leaves at the counter for a card
-HEARTBEAT_MINUTES = 10  # of the simulated day: a bus's heartbeats, which make the back office's link history
+HEARTBEAT_MINUTES = 5  # of the simulated day: a bus's heartbeats, which make the back office's link history
 COUNTER = "示例营业厅 demo counter"  # who issues the demo's cards and takes the loss reports
 CLERK = "demo clerk"  # the name of the clerk's token the demo prints (an earlier run's is revoked)
 

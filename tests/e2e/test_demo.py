@@ -19,12 +19,16 @@ import sys
 import time
 import unicodedata
 from collections import Counter, defaultdict
+from datetime import UTC, date, datetime
+from datetime import time as dt_time
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
 from pypdf import PdfReader
 from sqlalchemy import bindparam, create_engine, text
+from test_web_pages import _login, _shot, browser  # noqa: F401 (browser: a fixture)
 
 from farebox.broker import free_port
 from farebox.config import Settings
@@ -175,63 +179,114 @@ def _after(out: str, marker: str) -> str:
     return lines[i + 1].strip()
 
 
-def test_serve_line_opens_the_demo_day(embedded_demo, tmp_path):
-    """The line the demo prints starts `farebox serve` on the same data: the clerk's token it printed opens the
-    dashboard on the demo day, and the card page shows each demo card's book agreeing with the card."""
+@pytest.fixture(scope="module")
+def demo_server(embedded_demo, tmp_path_factory):
+    """`farebox serve` started by the line the demo printed, and the clerk's token it printed; tokens for counter
+    staff and operations made with `farebox token add` on the same settings."""
     proc, var, env, _run_dir, summary = embedded_demo
     assert proc.returncode == 0
     line = _after(proc.stdout, "See the day in the browser")
-    token = _after(proc.stdout, "with this token")
-    assert token.startswith("fbx_")
+    tokens = {"clerk": _after(proc.stdout, "with this token")}
+    assert tokens["clerk"].startswith("fbx_")
     words = shlex.split(line)
     settings = dict(w.split("=", 1) for w in words if re.match(r"FAREBOX_\w+=", w))
     argv = [w for w in words if not re.match(r"FAREBOX_\w+=", w)]
     assert argv[-1] == "serve" and settings["FAREBOX_VAR_DIR"] == str(var.resolve())
     env = {**{k: v for k, v in env.items() if not k.startswith("FAREBOX_")}, **settings}
-    staff = subprocess.run([sys.executable, "-m", "farebox.cli", "token", "add", "--role", "operator_staff",
-                            "--name", "counter e2e"], env=env, capture_output=True, text=True, timeout=60,
-                           check=True).stdout.strip()
-    port, ready = free_port(), tmp_path / "serve.ready"
-    with open(tmp_path / "serve.log", "w") as log:
+    for role in ("operator_staff", "operations"):
+        tokens[role] = subprocess.run([sys.executable, "-m", "farebox.cli", "token", "add", "--role", role,
+                                       "--name", f"e2e {role}"], env=env, capture_output=True, text=True,
+                                      timeout=60, check=True).stdout.strip()
+    tmp = tmp_path_factory.mktemp("serve")
+    port, ready = free_port(), tmp / "serve.ready"
+    with open(tmp / "serve.log", "w") as log:
         server = subprocess.Popen([*argv, "--port", str(port), "--ready-file", str(ready)], env=env, stdout=log,
                                   stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 90
         while not ready.exists():
-            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            assert server.poll() is None and time.monotonic() < deadline, (tmp / "serve.log").read_text()[-3000:]
             time.sleep(0.1)
-        base = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=base, timeout=30) as http:
-            page = http.get("/dashboard", headers={"Authorization": f"Bearer {token}"})
-            assert page.status_code == 200, page.text[:500]
-            paid = summary["settled_amount"]
-            assert summary["day"] in page.text, "the dashboard does not open on the demo day"
-            assert f"{paid // 100:,}.{paid % 100:02d}" in page.text, "the demo day's fares are not on the dashboard"
-            # A sample of cards, each kind of history: rode, ran dry, deny-listed, reported lost at noon.
-            cards = sorted(summary["cards"].items())
-            sample = cards[:12] + [c for c in cards if c[1]["initial"] <= 700][:3] + cards[-5:]
-            for asn, card in sample:
-                page = http.get(f"/cards/{asn}", headers={"Authorization": f"Bearer {staff}"})
-                assert page.status_code == 200, (asn, page.text[:500])
-                assert "differs" not in page.text and "不一致" not in page.text, asn
-                final = card["final"]
-                assert f"¥{final // 100:,}.{final % 100:02d}" in page.text, asn
+        yield f"http://127.0.0.1:{port}", tokens, summary
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
+def _yuan(fen: int) -> str:
+    return f"¥{fen // 100:,}.{fen % 100:02d}"
+
+
+def test_serve_line_opens_the_demo_day(demo_server):
+    """The line the demo prints starts `farebox serve` on the same data: the clerk's token it printed opens the
+    dashboard on the demo day, and the card page shows each demo card's book agreeing with the card."""
+    base, tokens, summary = demo_server
+    with httpx.Client(base_url=base, timeout=30) as http:
+        page = http.get("/dashboard", headers={"Authorization": f"Bearer {tokens['clerk']}"})
+        assert page.status_code == 200, page.text[:500]
+        assert summary["day"] in page.text, "the dashboard does not open on the demo day"
+        assert _yuan(summary["settled_amount"])[1:] in page.text, "the demo day's fares are not on the dashboard"
+        # A sample of cards, each kind of history: rode, ran dry, deny-listed, reported lost at noon.
+        cards = sorted(summary["cards"].items())
+        sample = cards[:12] + [c for c in cards if c[1]["initial"] <= 700][:3] + cards[-5:]
+        for asn, card in sample:
+            page = http.get(f"/cards/{asn}", headers={"Authorization": f"Bearer {tokens['operator_staff']}"})
+            assert page.status_code == 200, (asn, page.text[:500])
+            assert "differs" not in page.text and "不一致" not in page.text, asn
+            assert _yuan(card["final"]) in page.text, asn
+
+
+def test_demo_day_in_the_browser(demo_server, browser):
+    """What a clerk, counter staff and operations see after `make demo`, kept as screenshots: the dashboard on
+    the demo day, a demo card whose book agrees with its chip, and the validators page with bus 3's gap."""
+    from selenium.webdriver.common.by import By
+
+    base, tokens, summary = demo_server
+    _login(browser, base, tokens["clerk"])
+    browser.get(f"{base}/dashboard")
+    assert _yuan(summary["settled_amount"])[1:] in browser.page_source
+    _shot(browser, "demo-dashboard-opens-on-demo-day")
+
+    browser.delete_all_cookies()
+    asn, card = next((a, c) for a, c in sorted(summary["cards"].items()) if c["final"] < c["initial"])
+    _login(browser, base, tokens["operator_staff"])
+    browser.get(f"{base}/cards/{asn}")
+    assert browser.find_element(By.ID, "balance").text == _yuan(card["final"])
+    assert "不一致" not in browser.page_source and "differs" not in browser.page_source
+    _shot(browser, "demo-card-page-book-agrees-with-card")
+
+    browser.delete_all_cookies()
+    _login(browser, base, tokens["operations"])
+    browser.get(f"{base}/devices?day={summary['day']}")
+    row = browser.find_element(By.ID, f"link-{summary['devices'][2]}")
+    assert row.is_displayed()
+    _shot(browser, "demo-validators-bus3-link-gap")
+
+
 def test_validators_final_status_is_true(embedded_demo):
-    """After the demo every bus has signed off (not "online") with nothing left to send, on the demo day's clock
-    (plain SQL on the status table)."""
+    """After the demo every bus has signed off (not "online") with nothing left to send, on the demo day's clock,
+    and the link history shows bus 3 off the air from 09:00 to 13:00 (plain SQL on the status tables)."""
     _proc, var, _env, _run_dir, summary = embedded_demo
     db = sqlite3.connect(var / "backoffice.db")
     rows = db.execute("SELECT device_id, online, backlog, last_seen FROM device_status").fetchall()
+    links = db.execute("SELECT connected_at, last_heard FROM device_link WHERE device_id = ? ORDER BY connected_at",
+                       (summary["devices"][2],)).fetchall()
     db.close()
     assert sorted(r[0] for r in rows) == sorted(summary["devices"])
     for device, online, backlog, last_seen in rows:
         assert (online, backlog) == (0, 0), device
         assert last_seen.startswith(summary["day"]), (device, last_seen)  # UTC 14:xx = 22:xx in Shanghai
+    shanghai, day = ZoneInfo("Asia/Shanghai"), date.fromisoformat(summary["day"])
+
+    def local(text_: str) -> datetime:
+        return datetime.fromisoformat(text_).replace(tzinfo=UTC).astimezone(shanghai)
+
+    # Heartbeats every few simulated minutes: the last one before the dead zone may be a few minutes before 09:00.
+    quiet_from = datetime.combine(day, dt_time(9, 5), shanghai)
+    quiet_to = datetime.combine(day, dt_time(12, 55), shanghai)
+    periods = [(local(a), local(b)) for a, b in links]
+    assert not [p for p in periods if p[0] < quiet_to and p[1] > quiet_from], periods
+    assert any(b <= quiet_from for _a, b in periods) and any(a >= quiet_to for a, _b in periods), periods
 
 
 def test_ingest_killed_mid_day_loses_nothing_and_counts_nothing_twice(tmp_path, pg_schema_url, mosquitto_url):
