@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pandas as pd
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, func, select
 
 from backoffice import clearing_runs, registry
 from backoffice.models import ClearingRun as ClearingRunRow
@@ -33,9 +33,10 @@ from backoffice.models import Fleet, Operator, ReconItem, Tap
 from clearing.runs import NO_FLEET, PURCHASE
 from clearing.service_day import day_bounds
 from clearing.settlement import Settlement, settle_day
+from epurse.cardtypes import CardType
 from reports.daily import write_daily_pdf
 from reports.monthly import month_bounds, write_monthly_pdf
-from reports.settlement_doc import LATE, RECONCILIATION, ClearingRun, SettlementTables
+from reports.settlement_doc import LATE, RECONCILIATION, ClearingRun, Comparison, SettlementTables
 from reports.tables import write_settlement_csv, write_settlement_xlsx
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ class DaySettlement:
     files: tuple[Path, ...] = ()  # every report written: the PDF, the CSVs, the XLSX
     shift_items: tuple[int, ...] = ()  # ids of new out-of-balance shift items found when the day was cleared
     provisional: str = ""  # why the figures are provisional ("" when they come from a clearing run)
+    # What the reports print, for pages that show the same: by_card_type (card_type, taps, free, gross
+    # [, commission, net]), commission_bp (the rate the day was cleared at), previous (the day before's run
+    # totals, ``previous.totals`` None when it has no run), names (incl. "card_type"), tz. None only for callers
+    # that build a DaySettlement themselves.
+    tables: SettlementTables | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,7 +69,7 @@ class MonthSettlement:
     last_day: date
     runs: tuple[clearing_runs.StoredRun, ...]  # the stored runs of the month's days, by day
     missing: tuple[date, ...]  # days of the month with no clearing run (not reported)
-    tables: SettlementTables
+    tables: SettlementTables  # also: by_card_type, commission_bp, previous (the month before), days_not_cleared
     pdf: Path | None
     files: tuple[Path, ...] = ()
 
@@ -121,12 +127,55 @@ def _taps_by_hour(conn: Connection, *, operator: str, first: date, last: date, t
     return pd.DataFrame({"hour": range(24), "taps": counts}, dtype="int64")
 
 
+CARD_TYPE_NAMES = {int(t): f"{t.label_zh} {t.label}" for t in CardType}  # reports get names, not the card app
+
+
 def _names(conn: Connection, operator: str, at=None) -> dict[str, dict]:
     """Names as they were at ``at`` (the period's start), so last month's report prints last month's names."""
     names = registry.names(conn, operator, at=at)
     names["fleet"] = dict(conn.execute(select(Fleet.code, Fleet.name).where(Fleet.operator == operator)).all())
-    names["fleet"][NO_FLEET] = "not in a fleet"  # a vehicle no fleet claims is still counted, under ""
+    names["fleet"][NO_FLEET] = "不属车队 not in a fleet"  # a vehicle no fleet claims is still counted, under ""
+    names["card_type"] = dict(CARD_TYPE_NAMES)
     return names
+
+
+def _free_rides(conn: Connection, run: clearing_runs.StoredRun, tz: str, cutoff_hour: int) -> dict[int, int]:
+    """Purchases of the run's own day that paid nothing (free concession rides), by card type: a count over the
+    taps the run claimed, so that it sits inside the run's card-type rows."""
+    start, end = day_bounds(run.day, tz, cutoff_hour)
+    rows = conn.execute(select(Tap.card_type, func.count()).where(
+        Tap.clearing_run_id == run.id, Tap.kind == PURCHASE, Tap.amount == 0, Tap.occurred_at >= start,
+        Tap.occurred_at < end).group_by(Tap.card_type))
+    return {int(ct): int(n) for ct, n in rows}
+
+
+def _card_types(frame: pd.DataFrame, free: dict[int, int]) -> pd.DataFrame:
+    """A run's (or the runs' summed) card-type rows with their free rides: card_type as an integer."""
+    out = frame.copy()
+    out["card_type"] = out["card_type"].astype("int64")
+    out.insert(2, "free", pd.Series([free.get(int(c), 0) for c in out["card_type"].tolist()], dtype="int64"))
+    return out.sort_values("card_type", kind="stable").reset_index(drop=True)
+
+
+def _run_rates(conn: Connection, run_ids: list[int]) -> tuple[int, ...]:
+    """The commission rates the runs were cleared at, in day order, each once."""
+    if not run_ids:
+        return ()
+    rates = conn.execute(select(ClearingRunRow.rate_bp).where(ClearingRunRow.id.in_(run_ids))
+                         .order_by(ClearingRunRow.service_day)).scalars().all()
+    return tuple(dict.fromkeys(int(r) for r in rates))
+
+
+def _stored_totals(conn: Connection, operator: str, first: date, last: date) -> dict[str, int] | None:
+    """The days' own totals (taps, gross, commission, net) summed over the stored runs of ``first``..``last``;
+    None when none of those days has a run."""
+    rows = conn.execute(select(ClearingRunRow.day_taps, ClearingRunRow.day_gross, ClearingRunRow.day_commission,
+                               ClearingRunRow.day_net).where(
+        ClearingRunRow.operator == operator, ClearingRunRow.service_day >= first,
+        ClearingRunRow.service_day <= last)).all()
+    if not rows:
+        return None
+    return {c: sum(int(r[i]) for r in rows) for i, c in enumerate(MONEY)}
 
 
 def _breakdown(run: clearing_runs.StoredRun, dim: str) -> pd.DataFrame:
@@ -202,6 +251,8 @@ def settle(conn: Connection, *, operator: str, day: date, reports_dir: Path | No
     else:
         why = f"service day {day} has no clearing run yet"
 
+    before = day - timedelta(days=1)
+    previous = Comparison(("前一日", "previous day"), before, before, _stored_totals(conn, operator, before, before))
     if run is not None:
         settlement = _as_settlement(run)
         tables = SettlementTables(
@@ -209,27 +260,34 @@ def settle(conn: Connection, *, operator: str, day: date, reports_dir: Path | No
             by_route=_breakdown(run, "route"), by_vehicle=_breakdown(run, "vehicle"),
             by_driver=_breakdown(run, "driver"), by_fleet=_breakdown(run, "fleet"),
             taps_by_hour=None, run=ClearingRun(str(run.id), run.created_at), generated_at=now, names={},
-            adjustments=_adjustments(conn, [run]))
+            adjustments=_adjustments(conn, [run]),
+            by_card_type=_card_types(_breakdown(run, "card_type"), _free_rides(conn, run, op.timezone,
+                                                                               op.cutoff_hour)),
+            commission_bp=_run_rates(conn, [run.id]))
         run_id = run.id
     else:
         taps = load_day_taps(conn, operator=operator, day=day, tz=op.timezone, cutoff_hour=op.cutoff_hour)
         settlement = settle_day(taps, day, operator=operator, tz=op.timezone, cutoff_hour=op.cutoff_hour)
+        buys = taps[taps["kind"] == PURCHASE]
+        free = {int(k): int(n) for k, n in buys[buys["amount"] == 0].groupby("card_type").size().items()}
         tables = SettlementTables(
             operator=operator, operator_name=op.name, first_day=day, last_day=day,
             by_route=_provisional_table(settlement.by_route, "route"),
             by_vehicle=_provisional_table(settlement.by_vehicle, "vehicle"),
             by_driver=_provisional_table(settlement.by_driver, "driver"),
-            run=None, generated_at=now, names={})  # the header then says "no stored run"
+            by_card_type=_card_types(_provisional_table(settlement.by_card_type, "card_type"), free),
+            run=None, generated_at=now, names={}, provisional=why)  # the header then says "no stored run"
         run_id = None
+    tables = replace(tables, previous=previous, tz=op.timezone,
+                     names=_names(conn, operator, day_bounds(day, op.timezone, op.cutoff_hour)[0]))
     if reports_dir is None:
-        return DaySettlement(settlement, None, run, (), items, why)
+        return DaySettlement(settlement, None, run, (), items, why, tables)
     hours = _taps_by_hour(conn, operator=operator, first=day, last=day, tz=op.timezone, cutoff_hour=op.cutoff_hour,
                           run_id=run_id)
-    tables = replace(tables, taps_by_hour=hours,
-                     names=_names(conn, operator, day_bounds(day, op.timezone, op.cutoff_hour)[0]))
+    tables = replace(tables, taps_by_hour=hours)
     files = _write(tables, Path(reports_dir), f"settlement-{operator}-{day.isoformat()}", write_daily_pdf,
                    op.cutoff_hour)
-    return DaySettlement(settlement, files[0], run, files, items, why)
+    return DaySettlement(settlement, files[0], run, files, items, why, tables)
 
 
 def _sum_over_runs(runs: list[clearing_runs.StoredRun], dim: str) -> pd.DataFrame:
@@ -263,18 +321,28 @@ def settle_month(conn: Connection, *, operator: str, year: int, month: int, repo
                            **{c: [int(r.totals[f"day_{c}"]) for r in runs] for c in MONEY}})
     by_day = by_day.astype({c: "int64" for c in MONEY})
     if runs:
+        # Which days are cleared and which not is the status line's (``days_not_cleared``), not the run's label.
         label = f"{runs[0].id}" if len(runs) == 1 else f"{len(runs)} runs, {runs[0].id} to {runs[-1].id}"
-        if missing:
-            label += f"; {len(missing)} day(s) not cleared"
         run = ClearingRun(label, max(r.created_at for r in runs))
     else:
         run = ClearingRun("none: no day of the month is cleared", now)
+    free: dict[int, int] = {}
+    for r in runs:
+        for ct, n in _free_rides(conn, r, op.timezone, op.cutoff_hour).items():
+            free[ct] = free.get(ct, 0) + n
+    prev_last = first - timedelta(days=1)
+    prev_first = prev_last.replace(day=1)
     tables = SettlementTables(
         operator=operator, operator_name=op.name, first_day=first, last_day=last,
         by_route=_sum_over_runs(runs, "route"), by_vehicle=_sum_over_runs(runs, "vehicle"),
         by_driver=_sum_over_runs(runs, "driver"), by_fleet=_sum_over_runs(runs, "fleet"), by_day=by_day,
         run=run, generated_at=now, names=_names(conn, operator, start),
-        adjustments=_adjustments(conn, runs) if runs else None)
+        adjustments=_adjustments(conn, runs) if runs else None,
+        by_card_type=_card_types(_sum_over_runs(runs, "card_type"), free),
+        commission_bp=_run_rates(conn, [r.id for r in runs]),
+        previous=Comparison(("上月", "previous month"), prev_first, prev_last,
+                            _stored_totals(conn, operator, prev_first, prev_last)),
+        tz=op.timezone, days_not_cleared=missing)
     pdf, files = None, ()
     if reports_dir is not None:
         files = _write(tables, Path(reports_dir), f"settlement-{operator}-{first:%Y-%m}", write_monthly_pdf,

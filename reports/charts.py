@@ -13,11 +13,22 @@ from collections.abc import Sequence
 from reportlab.graphics.charts.barcharts import HorizontalBarChart, VerticalBarChart
 from reportlab.graphics.shapes import Drawing, String
 from reportlab.lib import colors
+from reportlab.pdfbase import pdfmetrics
 
-from reports.pdf import FRAME_WIDTH, LATIN_BOLD, LATIN_FONT, cjk_font, fit, is_latin, yuan
+from reports.pdf import FRAME_WIDTH, LATIN_BOLD, LATIN_FONT, cjk_font, fit, is_latin, runs, yuan
 
 BAR_COLOUR = colors.HexColor("#2f6b9a")
 COLUMN_COLOUR = colors.HexColor("#4f8a3c")
+
+
+def _title(d: Drawing, x: float, y: float, text: str, size: float = 10) -> None:
+    """A chart title that may hold Chinese beside English ("按线路收入 Revenue by route"): Chinese runs in the
+    CJK font, Latin runs in bold."""
+    cjk = cjk_font() or LATIN_BOLD
+    for latin, run in runs(text):
+        font = LATIN_BOLD if latin else cjk
+        d.add(String(x, y, run, fontName=font, fontSize=size))
+        x += pdfmetrics.stringWidth(run, font, size)
 
 
 def _label_font(labels: Sequence[str]) -> str:
@@ -64,7 +75,7 @@ def revenue_bars(labels: Sequence[str], fen: Sequence[int], *, title: str, width
     bar = 12
     height = 28 + n * bar + 18
     d = Drawing(width, height)
-    d.add(String(0, height - 12, title, fontName=LATIN_BOLD, fontSize=10))
+    _title(d, 0, height - 12, title)
     font = _label_font(labels)
     label_width = 130
     chart = HorizontalBarChart()
@@ -106,7 +117,7 @@ def columns(labels: Sequence[str], counts: Sequence[int], *, title: str, axis_ti
     count above each column that has any."""
     values = [int(v) for v in counts]
     d = Drawing(width, height)
-    d.add(String(0, height - 12, title, fontName=LATIN_BOLD, fontSize=10))
+    _title(d, 0, height - 12, title)
     chart = VerticalBarChart()
     chart.x, chart.y = 40, 22
     chart.width, chart.height = width - 50, height - 50

@@ -11,7 +11,7 @@ from clearing.service_day import DEFAULT_CUTOFF_HOUR
 from reports.pdf import check_aware, write_pdf
 from reports.settlement_doc import SettlementTables, settlement_story
 
-TITLE = "Daily settlement"
+TITLE = "结算日报 Daily settlement"
 
 
 def write_daily_pdf(tables: SettlementTables, path: str | Path, *, cutoff_hour: int = DEFAULT_CUTOFF_HOUR) -> Path:
@@ -24,6 +24,6 @@ def write_daily_pdf(tables: SettlementTables, path: str | Path, *, cutoff_hour: 
     if tables.run is not None:
         check_aware("run.at", tables.run.at)
     day = tables.first_day.isoformat()
-    story, header = settlement_story(tables, title=TITLE, period=f"service day {day}", period_word="Day",
-                                     cutoff_hour=cutoff_hour)
-    return write_pdf(path, story, header, title=f"{TITLE} {tables.operator} {day}")
+    story, header = settlement_story(tables, title=TITLE, period=f"运营日 service day {day}",
+                                     period_word=("本日", "Day"), this=("本日", "This day"), cutoff_hour=cutoff_hour)
+    return write_pdf(path, story, header, title=f"Daily settlement {tables.operator} {day}")

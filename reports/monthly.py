@@ -13,7 +13,7 @@ from clearing.service_day import DEFAULT_CUTOFF_HOUR
 from reports.pdf import check_aware, write_pdf
 from reports.settlement_doc import SettlementTables, settlement_story
 
-TITLE = "Monthly settlement"
+TITLE = "结算月报 Monthly settlement"
 
 
 def month_bounds(year: int, month: int) -> tuple[date, date]:
@@ -33,7 +33,8 @@ def write_monthly_pdf(tables: SettlementTables, path: str | Path, *,
     first, last = tables.first_day, tables.last_day
     whole_month = (first, last) == month_bounds(first.year, first.month)
     span = f"{first.isoformat()} to {last.isoformat()}"
-    period = f"month {first:%Y-%m} ({span})" if whole_month else f"service days {span}"
-    story, header = settlement_story(tables, title=TITLE, period=period, period_word="Period",
+    period = f"月份 month {first:%Y-%m} ({span})" if whole_month else f"运营日 service days {span}"
+    this = ("本月", "This month") if whole_month else ("本期", "This period")
+    story, header = settlement_story(tables, title=TITLE, period=period, period_word=("本期", "Period"), this=this,
                                      cutoff_hour=cutoff_hour)
-    return write_pdf(path, story, header, title=f"{TITLE} {tables.operator} {span}")
+    return write_pdf(path, story, header, title=f"Monthly settlement {tables.operator} {span}")

@@ -34,9 +34,10 @@ from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.cidfonts import UnicodeCIDFont
 from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.pdfgen import canvas
-from reportlab.platypus import SimpleDocTemplate, Table, TableStyle
+from reportlab.platypus import Paragraph, SimpleDocTemplate, Table, TableStyle
 
 from clearing.money import yuan  # noqa: F401 - money as people read it (123450 -> "1,234.50"), for the PDFs
+from clearing.service_day import local_time
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ def styles() -> dict[str, ParagraphStyle]:
     return {
         "title": ParagraphStyle("title", parent=base["Title"], fontName=LATIN_BOLD, fontSize=15, leading=19,
                                 spaceBefore=0),
+        "subtitle": ParagraphStyle("subtitle", parent=body, fontSize=11, leading=14, alignment=1, spaceAfter=6),
         "heading": ParagraphStyle("heading", parent=base["Heading2"], fontName=LATIN_BOLD, fontSize=12,
                                   leading=15, spaceBefore=8, spaceAfter=4),
         "body": body,
@@ -168,10 +170,20 @@ class Column:
     numeric: bool = False
 
 
+def _heading_cell(col: Column, size: float):
+    """A header cell: plain text when Helvetica shows it all, else a Paragraph whose Chinese runs are in the CJK
+    font and Latin runs in bold (a bilingual heading, "总收入(元)\nGross (yuan)", keeps both)."""
+    if is_latin(col.heading):
+        return col.heading
+    style = ParagraphStyle("cell_heading", fontName=LATIN_BOLD, fontSize=size, leading=size + 1,
+                           alignment=TA_RIGHT if col.numeric else 0)
+    return Paragraph("<br/>".join(markup(line) for line in col.heading.split("\n")), style)
+
+
 def data_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], total: Sequence[str] | None = None,
                *, size: float = CELL_SIZE) -> Table:
     """A table of plain strings that repeats its header row on every page it runs onto; `total` is a bold last
-    row above a rule."""
+    row above a rule. A heading may hold Chinese beside English (see ``_heading_cell``)."""
     cjk = cjk_font()
     fonts = []
     for i, col in enumerate(columns):
@@ -179,13 +191,15 @@ def data_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], total: 
         fonts.append(cjk if chinese else LATIN_FONT)
     body = [[cell if col.numeric else fit(cell, font, size, col.width - 2 * CELL_PADDING)
              for cell, col, font in zip(row, columns, fonts)] for row in rows]
-    data = [[c.heading for c in columns], *body]
+    data = [[_heading_cell(c, size) for c in columns], *body]
     if total is not None:
         data.append(list(total))
     row_height = size + 4
     header_lines = max(c.heading.count("\n") + 1 for c in columns)
+    # A bilingual heading may wrap within its column: its row then takes the height it needs.
+    head_height = None if any(isinstance(cell, Paragraph) for cell in data[0]) else header_lines * (size + 1) + 5
     t = Table(data, colWidths=[c.width for c in columns],
-              rowHeights=[header_lines * (size + 1) + 5] + [row_height] * (len(data) - 1), repeatRows=1)
+              rowHeights=[head_height] + [row_height] * (len(data) - 1), repeatRows=1)
     commands = [
         ("FONTNAME", (0, 0), (-1, -1), LATIN_FONT),
         ("FONTSIZE", (0, 0), (-1, -1), size),
@@ -208,9 +222,27 @@ def data_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], total: 
             commands.append(("FONTNAME", (i, 1), (i, last_body), font))
     if total is not None:
         commands += [("FONTNAME", (0, -1), (-1, -1), LATIN_BOLD), ("LINEABOVE", (0, -1), (-1, -1), 0.8, colors.black)]
+        # "合计 Total": a total cell with Chinese is set in the CJK font (it has Latin glyphs, no bold)
+        commands += [("FONTNAME", (i, -1), (i, -1), cjk) for i, cell in enumerate(total)
+                     if cjk is not None and not is_latin(cell)]
     # A light rule every fifth row guides the eye across a wide table without the cost of zebra shading.
     commands += [("LINEBELOW", (0, r), (-1, r), 0.25, colors.HexColor("#bbbbbb")) for r in range(5, last_body, 5)]
     t.setStyle(TableStyle(commands))
+    return t
+
+
+def signature_lines(roles: Sequence[str], *, date_label: str = "日期 Date") -> Table:
+    """A paper form's foot: one row per role (e.g. "制表 Prepared by"), a line to sign on and a line for the
+    date, so that the printed report can be signed and filed."""
+    st = styles()
+    label = ParagraphStyle("signature", parent=st["bold"], fontSize=9, leading=11)
+    rows = [[Paragraph(markup(role), label), "", Paragraph(markup(date_label), label), ""] for role in roles]
+    t = Table(rows, colWidths=[38 * mm, FRAME_WIDTH - 38 * mm - 20 * mm - 40 * mm, 20 * mm, 40 * mm],
+              rowHeights=[13 * mm] * len(rows))
+    t.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "BOTTOM"),
+                           ("LINEBELOW", (1, 0), (1, -1), 0.6, colors.black),
+                           ("LINEBELOW", (3, 0), (3, -1), 0.6, colors.black),
+                           ("LEFTPADDING", (0, 0), (-1, -1), 0)]))
     return t
 
 
@@ -225,9 +257,20 @@ class PageHeader:
     footer: str = ""
 
 
-def run_line(run_id: str | None, run_at: datetime | None) -> str:
-    """ "clearing run <id> of <time> UTC"; a report made outside a stored run says so instead of inventing one."""
-    when = run_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if run_at is not None else "an unknown time"
+def when_text(moment: datetime | None, tz: str | None = None) -> str:
+    """A moment as the report prints it: local time in ``tz`` with the zone named ("2026-12-03 14:52
+    Asia/Shanghai"), or UTC when no zone is given."""
+    if moment is None:
+        return "an unknown time"
+    if tz is None:
+        return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{local_time(moment, tz)} {tz}"
+
+
+def run_line(run_id: str | None, run_at: datetime | None, tz: str | None = None) -> str:
+    """ "clearing run <id> of <time>" (local time in ``tz`` with the zone named, else UTC); a report made outside
+    a stored run says so instead of inventing one."""
+    when = when_text(run_at, tz)
     if run_id is None:
         return f"ad hoc clearing (no stored run) of {when}"
     return f"clearing run {run_id} of {when}"

@@ -31,16 +31,24 @@ def write_settlement_pdf(
     run_at: datetime | None = None,
     taps_by_hour: pd.DataFrame | None = None,
     cutoff_hour: int = DEFAULT_CUTOFF_HOUR,
+    tz: str | None = None,
+    card_type_names: dict[int, str] | None = None,
 ) -> Path:
     """Write the settlement report to `path` (atomically: readers see the old file or the whole new one).
 
     `run_id` / `run_at` name the stored clearing run the settlement came from; without them the pages say the
     clearing was ad hoc, at `generated_at`. `taps_by_hour` (columns hour, local 0-23, and taps) adds the
-    taps-by-hour chart, its hours in service-day order from `cutoff_hour`."""
+    taps-by-hour chart, its hours in service-day order from `cutoff_hour`. `tz` (the operator's zone) prints
+    times in it, named (else UTC); the settlement's card types come as their own table, named by
+    `card_type_names` where given."""
     check_aware("generated_at", generated_at)
     check_aware("run_at", run_at)
     names = {k: v for k, v in (("route", route_names), ("vehicle", vehicle_names), ("driver", driver_names))
              if v is not None}
+    if card_type_names is not None:
+        names["card_type"] = card_type_names
+    by_card_type = settlement.by_card_type  # taps, amount (gross): as the other tables of a Settlement
+    by_card_type = by_card_type.astype({"card_type": "int64"}) if len(by_card_type) else None
     tables = SettlementTables(
         operator=settlement.operator,
         operator_name=operator_name,
@@ -53,5 +61,7 @@ def write_settlement_pdf(
         generated_at=generated_at,
         names=names,
         taps_by_hour=taps_by_hour,
+        by_card_type=by_card_type,
+        tz=tz,
     )
     return write_daily_pdf(tables, path, cutoff_hour=cutoff_hour)

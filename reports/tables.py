@@ -28,76 +28,146 @@ import re
 import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pandas as pd
 
 from clearing.money import yuan, yuan_decimal
-from reports.pdf import MISSING_KEY, run_line
+from reports.pdf import MISSING_KEY, run_line, when_text
 from reports.settlement_doc import (
     MONEY_COLUMNS,
     SettlementTables,
     adjustment_names,
     check_adjustments,
+    comparison_rows,
     money_columns,
     payable,
+    rate_text,
+    status_line,
+    totals,
 )
 
 CSV_ENCODING = "utf-8-sig"  # UTF-8 with BOM, see above
 YUAN_FORMAT = "#,##0.00"
+TOTAL = "合计 Total"
+# Headers a clerk reads in a spreadsheet: Chinese with English beside it, and the unit where there is one.
+HEADERS = {"route": "线路 Route", "vehicle": "车辆 Vehicle", "driver": "司机 Driver", "fleet": "车队 Fleet",
+           "day": "运营日 Service day", "card_type": "卡类 Card type", "name": "名称 Name", "taps": "笔数 Taps",
+           "free": "免费笔数 Free rides", "gross": "总收入(元) Gross (yuan)",
+           "commission": "发卡方佣金(元) Issuer commission (yuan)", "net": "运营方净收入(元) Net to operator (yuan)",
+           "amount": "金额(元) Amount (yuan)", "kind": "类别 Kind", "for_day": "所属运营日 For day",
+           "key": "线路/事项 Route / item", "hour": "时段 Hour (local)"}
+YUAN_HEADERS = frozenset(HEADERS[c] for c in ("gross", "commission", "net", "amount"))
 
 
 # Fen as a plain yuan number a spreadsheet parses: 123450 -> "1234.50", -5 -> "-0.05" (no separators).
 yuan_text = functools.partial(yuan, grouping=False)
 
 
-def export_frame(frame: pd.DataFrame, key: str, names=None, *, to_yuan: Callable[[int], object] = yuan_text
-                 ) -> pd.DataFrame:
-    """`frame` ready to export: key, name (if any), taps, then each fen column followed by its yuan column."""
+def _with_total(out: pd.DataFrame, label_column: str, money, to_yuan, fen_sums: dict[str, int]) -> pd.DataFrame:
+    """``out`` with a totals row: ``TOTAL`` in the label column, the sums of taps (and free rides) and money."""
+    row = {c: "" for c in out.columns}
+    row[label_column] = TOTAL
+    for c in ("taps", "free"):
+        if c in out.columns:
+            row[c] = int(out[c].sum())
+    for c in money:
+        row[c] = to_yuan(fen_sums[c])
+    total = pd.DataFrame([row], columns=out.columns)
+    for c in ("taps", "free"):
+        if c in out.columns:
+            total[c] = total[c].astype("int64")
+    return pd.concat([out.astype({c: "object" for c in out.columns if c not in ("taps", "free")}),
+                      total.astype({c: "object" for c in out.columns if c not in ("taps", "free")})],
+                     ignore_index=True)
+
+
+def export_frame(frame: pd.DataFrame, key: str, names=None, *, to_yuan: Callable[[int], object] = yuan_text,
+                 headers: bool = True) -> pd.DataFrame:
+    """`frame` ready to export: key, name (if any), taps (and free rides), each money column in yuan, then a
+    totals row; headers bilingual with their unit (``headers=False`` keeps the plain column names)."""
     money = money_columns(frame)
     out = pd.DataFrame({key: [MISSING_KEY if pd.isna(v) else v for v in frame[key].tolist()]})
     if "name" in frame.columns:
         out["name"] = frame["name"].tolist()
     elif names is not None:
         out["name"] = [names.get(code, "") for code in frame[key].tolist()]
-    return _with_money(out, frame, money, to_yuan)
+    out = _with_money(out, frame, money, to_yuan)
+    out = _with_total(out, key, money, to_yuan, {c: int(frame[c].sum()) for c in money})
+    return out.rename(columns=HEADERS) if headers else out
 
 
-def export_adjustments(tables: SettlementTables, *, to_yuan: Callable[[int], object] = yuan_text
-                       ) -> pd.DataFrame:
-    """The adjustments ready to export: kind, for_day, key, name, taps, then each fen column and its yuan."""
+def export_adjustments(tables: SettlementTables, *, to_yuan: Callable[[int], object] = yuan_text,
+                       headers: bool = True) -> pd.DataFrame:
+    """The adjustments ready to export: kind, for_day, key, name, taps, the money in yuan, a totals row."""
     frame = tables.adjustments
     check_adjustments(frame)
     out = pd.DataFrame({"kind": frame["kind"].tolist(), "for_day": frame["for_day"].tolist(),
                         "key": [MISSING_KEY if pd.isna(v) else str(v) for v in frame["key"].tolist()],
                         "name": adjustment_names(tables)})
-    return _with_money(out, frame, MONEY_COLUMNS, to_yuan)
+    out = _with_money(out, frame, MONEY_COLUMNS, to_yuan)
+    out = _with_total(out, "kind", MONEY_COLUMNS, to_yuan, {c: int(frame[c].sum()) for c in MONEY_COLUMNS})
+    return out.rename(columns=HEADERS) if headers else out
 
 
 def _with_money(out: pd.DataFrame, frame: pd.DataFrame, money, to_yuan) -> pd.DataFrame:
-    """``out`` with ``frame``'s taps, then each fen column followed by its yuan column."""
+    """``out`` with ``frame``'s taps (and free rides), then each fen column as yuan."""
     out["taps"] = frame["taps"].astype("int64").to_numpy()
+    if "free" in frame.columns:
+        out["free"] = frame["free"].astype("int64").to_numpy()
     for c in money:
-        fen = frame[c].astype("int64")
-        out[c] = fen.to_numpy()
-        out[f"{c}_yuan"] = [to_yuan(v) for v in fen.tolist()]
+        out[c] = [to_yuan(v) for v in frame[c].astype("int64").tolist()]
     return out
+
+
+def export_hours(tables: SettlementTables) -> pd.DataFrame:
+    """Taps by local hour of the day, with a totals row."""
+    hours = tables.taps_by_hour.loc[:, ["hour", "taps"]].astype("int64").reset_index(drop=True)
+    out = pd.concat([hours.astype({"hour": "object"}),
+                     pd.DataFrame({"hour": [TOTAL], "taps": [int(hours["taps"].sum())]})], ignore_index=True)
+    zone = f"时段 Hour ({tables.tz})" if tables.tz else HEADERS["hour"]
+    return out.rename(columns={"hour": zone, "taps": HEADERS["taps"]})
+
+
+def export_comparison(tables: SettlementTables) -> pd.DataFrame | None:
+    """This period beside the one before (figure, this, before, change, change %), yuan for money; None when
+    there is nothing to compare with."""
+    money = totals(tables.by_route)
+    rows = comparison_rows(tables, money)
+    if rows is None:
+        return None
+    prev = tables.previous
+    out = []
+    for c, now, before in rows:
+        change = now - before
+        pct = (None if before == 0 else
+               (Decimal(change) * 100 / Decimal(before)).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
+        if c == "taps":
+            out.append((HEADERS["taps"], now, before, change, pct))
+        else:
+            out.append((HEADERS[c], yuan_decimal(now), yuan_decimal(before), yuan_decimal(change), pct))
+    span = prev.first_day.isoformat() + ("" if prev.first_day == prev.last_day else f" to {prev.last_day}")
+    return pd.DataFrame(out, columns=["项目 Figure", "本期 This period", f"{prev.label[0]} {prev.label[1]} ({span})",
+                                      "增减 Change", "增减% Change (%)"])
 
 
 def export_frames(tables: SettlementTables, *, to_yuan: Callable[[int], object] = yuan_text
                   ) -> dict[str, pd.DataFrame]:
     """Every table of the report by its name ("by_route", ..., "adjustments", "taps_by_hour"), ready to
-    export; "adjustments" only when there are any."""
+    export; "adjustments" only when there are any, "by_fleet" only when a vehicle is in a fleet."""
     out: dict[str, pd.DataFrame] = {}
     if tables.by_day is not None:
         out["by_day"] = export_frame(tables.by_day, "day", to_yuan=to_yuan)
+    if tables.by_card_type is not None:
+        out["by_card_type"] = export_frame(tables.by_card_type, "card_type", tables.names.get("card_type") or {},
+                                           to_yuan=to_yuan)
     for key, frame in tables.breakdowns().items():
         out[f"by_{key}"] = export_frame(frame, key, tables.names.get(key), to_yuan=to_yuan)
     if tables.adjustments is not None and not tables.adjustments.empty:
         out["adjustments"] = export_adjustments(tables, to_yuan=to_yuan)
     if tables.taps_by_hour is not None:
-        out["taps_by_hour"] = tables.taps_by_hour.loc[:, ["hour", "taps"]].astype("int64").reset_index(drop=True)
+        out["taps_by_hour"] = export_hours(tables)
     return out
 
 
@@ -154,52 +224,67 @@ def write_settlement_csv(tables: SettlementTables, directory: str | Path, *, ste
 
 
 def _about(tables: SettlementTables) -> pd.DataFrame:
-    made = (tables.generated_at or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    run = run_line(tables.run.id if tables.run else None, tables.run.at if tables.run else tables.generated_at)
-    rows = [("operator", tables.operator), ("operator name", tables.operator_name),
-            ("first service day", tables.first_day.isoformat()), ("last service day", tables.last_day.isoformat()),
-            ("clearing", run), ("generated", made)]
+    """The first sheet: what the workbook is, where its figures stand (status), and the totals in yuan."""
+    made = when_text(tables.generated_at or datetime.now(UTC), tables.tz)
+    run = run_line(tables.run.id if tables.run else None, tables.run.at if tables.run else tables.generated_at,
+                   tables.tz)
     route = tables.by_route
-    for c in ["taps", *money_columns(route)]:
-        fen = int(route[c].sum())
-        rows.append((f"total {c}" + ("" if c == "taps" else " (fen)"), fen))
-        if c != "taps":
-            rows.append((f"total {c} (yuan)", yuan_decimal(fen)))
+    money = totals(route)
+    rows = [("结算状态 Status", status_line(tables)),
+            ("生成时间 Generated", made),
+            ("运营单位 Operator", tables.operator), ("运营单位名称 Operator name", tables.operator_name),
+            ("首个运营日 First service day", tables.first_day.isoformat()),
+            ("最后运营日 Last service day", tables.last_day.isoformat()),
+            ("清分 Clearing", run),
+            ("发卡方佣金率 Issuer commission rate", rate_text(tables, money)),
+            ("合计笔数 Total taps", money["taps"])]
+    for c in money_columns(route):
+        rows.append((f"合计 Total {HEADERS[c]}", yuan_decimal(money[c])))
     if tables.adjustments is not None:
-        figures = payable({c: int(route[c].sum()) for c in money_columns(route)}, tables.adjustments)
+        figures = payable({c: money[c] for c in money_columns(route)}, tables.adjustments)
         check_adjustments(tables.adjustments)
-        rows.append(("adjustments for earlier days (rows)", len(tables.adjustments)))
-        for what in ("adjustments", "payable"):
+        rows.append(("以前运营日调整(行) Adjustments for earlier days (rows)", len(tables.adjustments)))
+        for what, zh in (("adjustments", "调整 Adjustments"), ("payable", "应付 Payable")):
             for c, f in figures.items():
-                rows.append((f"{what} {c} (fen)", f[what]))
-                rows.append((f"{what} {c} (yuan)", yuan_decimal(f[what])))
-    return pd.DataFrame(rows, columns=["item", "value"])
+                rows.append((f"{zh} {HEADERS[c]}", yuan_decimal(f[what])))
+    return pd.DataFrame(rows, columns=["项目 Item", "值 Value"])
 
 
 def write_settlement_xlsx(tables: SettlementTables, path: str | Path) -> Path:
-    """One workbook: an "about" sheet (operator, period, clearing run, totals), then one sheet per table, header
-    row frozen, yuan columns formatted with two decimals."""
+    """One workbook: an "about" sheet (status, operator, period, clearing run, totals), a "comparison" sheet
+    when there is a period before to compare with, then one sheet per table with its totals row in bold, header
+    row frozen, yuan formatted with two decimals."""
     from openpyxl.styles import Font  # imported here so that PDF-only users need not install openpyxl
 
     frames = export_frames(tables, to_yuan=yuan_decimal)
+    comparison = export_comparison(tables)
+    sheets = {"about": _about(tables), **({"comparison": comparison} if comparison is not None else {}), **frames}
 
     def write(tmp: Path) -> None:
         with pd.ExcelWriter(tmp, engine="openpyxl") as xw:
-            escape_formulas(_about(tables)).to_excel(xw, sheet_name="about", index=False)
-            for name, frame in frames.items():
-                escape_formulas(frame).to_excel(xw, sheet_name=name, index=False, freeze_panes=(1, 0))
+            for name, frame in sheets.items():
+                escape_formulas(frame).to_excel(xw, sheet_name=name, index=False,
+                                                freeze_panes=None if name == "about" else (1, 0))
             for ws in xw.book.worksheets:
                 for cell in ws[1]:
                     cell.font = Font(bold=True)
+                if ws.max_row > 1 and ws.cell(ws.max_row, 1).value == TOTAL:
+                    for cell in ws[ws.max_row]:
+                        cell.font = Font(bold=True)
                 for i, column in enumerate(ws.iter_cols(min_row=1, max_row=1), start=1):
                     heading = str(column[0].value)
                     letter = column[0].column_letter
                     ws.column_dimensions[letter].width = max(10, min(40, len(heading) + 4))
-                    if heading.endswith("_yuan") or ws.title == "about" and i == 2:
+                    if heading in YUAN_HEADERS or ws.title in ("about", "comparison"):
                         for (cell,) in ws.iter_rows(min_row=2, min_col=i, max_col=i):
                             if isinstance(cell.value, Decimal | float):
                                 cell.number_format = YUAN_FORMAT
-                    elif heading == "name":
-                        ws.column_dimensions[letter].width = 24
+                    if heading == HEADERS["name"] or (ws.title == "about" and i == 1):
+                        ws.column_dimensions[letter].width = 36 if ws.title == "about" else 24
+                if ws.title == "about":
+                    ws.column_dimensions["B"].width = 90
+                if ws.title == "comparison":  # the last column is a percentage with one decimal
+                    for (cell,) in ws.iter_rows(min_row=2, min_col=ws.max_column, max_col=ws.max_column):
+                        cell.number_format = "+0.0;-0.0;0.0"
 
     return _atomic(Path(path), write)

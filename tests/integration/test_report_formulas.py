@@ -22,6 +22,7 @@ EVIL_ROUTE = '=HYPERLINK("http://x","y")'
 EVIL_DRIVER = "@SUM(1+1)*cmd|' /C calc'!A0"
 EVIL_VEHICLE = "+1+cmd|' /C calc'!A0"
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+GROSS = "总收入(元) Gross (yuan)"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -52,12 +53,12 @@ def test_clerk_typed_names_are_text_in_the_csv_and_xlsx_and_money_stays_numbers(
     (line,) = [ln for ln in text.splitlines() if ln.startswith("R1,")]
     name_field = next(csv.reader([line]))[1]
     assert name_field == "'" + EVIL_ROUTE  # the cell starts with an apostrophe: Excel shows it as typed
-    (row,) = [r for r in csv.DictReader(text.splitlines()) if r["route"] == "R1"]
-    assert int(row["gross"]) == gross and row["gross_yuan"] == "10.00"
-    for kind, name in (("driver", EVIL_DRIVER), ("vehicle", EVIL_VEHICLE)):
+    (row,) = [r for r in csv.DictReader(text.splitlines()) if r["线路 Route"] == "R1"]
+    assert row[GROSS] == f"{gross // 100}.{gross % 100:02d}" == "10.00"
+    for kind, name, heading in (("driver", EVIL_DRIVER, "司机 Driver"), ("vehicle", EVIL_VEHICLE, "车辆 Vehicle")):
         with open(tmp_path / f"settlement-{OP}-{DAY}-by_{kind}.csv", encoding="utf-8-sig", newline="") as f:
-            (r,) = [r for r in csv.DictReader(f) if r[kind] == f"{kind[0].upper()}1"]
-        assert r["name"] == "'" + name, kind
+            (r,) = [r for r in csv.DictReader(f) if r[heading] == f"{kind[0].upper()}1"]
+        assert r["名称 Name"] == "'" + name, kind
 
     book = load_workbook(tmp_path / f"settlement-{OP}-{DAY}.xlsx")
     for ws in book.worksheets:
@@ -69,10 +70,11 @@ def test_clerk_typed_names_are_text_in_the_csv_and_xlsx_and_money_stays_numbers(
     sheet = book["by_route"]
     header = [c.value for c in sheet[1]]
     (r1,) = [r for r in sheet.iter_rows(min_row=2) if r[0].value == "R1"]
-    name = r1[header.index("name")]
+    name = r1[header.index("名称 Name")]
     assert name.data_type == "s" and name.value == "'" + EVIL_ROUTE
-    money = r1[header.index("gross")]
-    assert money.data_type == "n" and money.value == gross
+    money = r1[header.index(GROSS)]
+    assert money.data_type == "n" and money.value * 100 == gross
     about = {r[0].value: r[1] for r in book["about"].iter_rows(min_row=2)}
-    assert about["operator name"].value == "'=1+1 Bus Co" and about["operator name"].data_type == "s"
+    operator_name = about["运营单位名称 Operator name"]
+    assert operator_name.value == "'=1+1 Bus Co" and operator_name.data_type == "s"
     assert result.run is not None and not result.provisional  # the reports of a stored clearing run

@@ -131,6 +131,28 @@ def yuan(fen: int) -> str:
     return f"{fen // 100:,}.{fen % 100:02d}"
 
 
+GROSS, COMMISSION, NET = ("总收入(元) Gross (yuan)", "发卡方佣金(元) Issuer commission (yuan)",
+                          "运营方净收入(元) Net to operator (yuan)")
+TOTAL = "合计 Total"
+
+
+def in_fen(value) -> int:
+    """A yuan amount as a spreadsheet holds it ("1234.50" in a CSV, a number in an XLSX) back in fen, by string
+    slicing: "-0.05" -> -5."""
+    text = str(value)
+    sign = -1 if text.startswith("-") else 1
+    whole, _, cents = text.lstrip("-").partition(".")
+    return sign * (int(whole) * 100 + int((cents + "00")[:2]))
+
+
+def read_csv(path) -> tuple[list[dict], dict]:
+    """The rows of a report CSV and its totals row (the last one, labelled "合计 Total")."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert next(iter(rows[-1].values())) == TOTAL, rows[-1]
+    return rows[:-1], rows[-1]
+
+
 def test_a_demo_like_day_is_settled_from_its_stored_run_with_reports_naming_it(engine, tmp_path):
     rows = day_rows(START)
     rows.append(_row("VAL9", 1, "purchase", START - timedelta(minutes=10), "V1", "R1", "D1", amount=300))  # day before
@@ -169,29 +191,35 @@ def test_a_demo_like_day_is_settled_from_its_stored_run_with_reports_naming_it(e
     whole = "".join(pages)
     for fen in (gross, commission, gross - commission):
         assert yuan(fen) in whole
-    for words in ("Taps by hour", "Revenue by route", "By fleet", "By route", "By vehicle", "By driver", "东站车队"):
+    for words in ("Taps by hour", "Revenue by route", "按车队 By fleet", "按线路 By route", "按车辆 By vehicle",
+                  "按司机 By driver", "东站车队", "按卡类 By card type"):
         assert words in whole
-    # CSV beside it: the route table, names with codes, fen columns summing to the loop sums.
-    with open(tmp_path / f"settlement-{OP}-{DAY}-by_route.csv", encoding="utf-8-sig", newline="") as f:
-        lines = list(csv.DictReader(f))
-    assert {r["route"]: int(r["gross"]) for r in lines} == sums(purchases, "route")
-    assert {r["route"]: r["name"] for r in lines} == {k: ROUTES[k] for k in sums(purchases, "route")}
-    assert sum(int(r["commission"]) for r in lines) == commission
-    with open(tmp_path / f"settlement-{OP}-{DAY}-taps_by_hour.csv", encoding="utf-8-sig", newline="") as f:
-        by_hour = {int(r["hour"]): int(r["taps"]) for r in csv.DictReader(f)}
+    # CSV beside it: the route table, names with codes, yuan columns summing to the loop sums, a totals row.
+    lines, total = read_csv(tmp_path / f"settlement-{OP}-{DAY}-by_route.csv")
+    assert {r["线路 Route"]: in_fen(r[GROSS]) for r in lines} == sums(purchases, "route")
+    assert {r["线路 Route"]: r["名称 Name"] for r in lines} == {k: ROUTES[k] for k in sums(purchases, "route")}
+    assert sum(in_fen(r[COMMISSION]) for r in lines) == commission
+    assert (in_fen(total[GROSS]), in_fen(total[COMMISSION]), in_fen(total[NET]), int(total["笔数 Taps"])) == \
+        (gross, commission, gross - commission, len(purchases))
+    hours, hours_total = read_csv(tmp_path / f"settlement-{OP}-{DAY}-taps_by_hour.csv")
+    by_hour = {int(r["时段 Hour (Asia/Shanghai)"]): int(r["笔数 Taps"]) for r in hours}
     expected_hours = {}
     for p in purchases:
         h = p["occurred_at"].astimezone(TZ).hour
         expected_hours[h] = expected_hours.get(h, 0) + 1
     assert {h: n for h, n in by_hour.items() if n} == expected_hours
-    # XLSX: the about sheet names the run, the fleet sheet the fleets.
+    assert int(hours_total["笔数 Taps"]) == len(purchases)
+    # XLSX: the about sheet names the run and says where the day stands, the fleet sheet the fleets.
     book = load_workbook(tmp_path / f"settlement-{OP}-{DAY}.xlsx")
     about = {r[0]: r[1] for r in book["about"].iter_rows(min_row=2, values_only=True)}
-    assert about["clearing"].startswith(f"clearing run {run.id} of")
-    assert about["total gross (fen)"] == gross and about["total commission (fen)"] == commission
-    fleets = {r[0] or "": r[3] for r in book["by_fleet"].iter_rows(min_row=2, values_only=True)}  # "" reads None
+    assert about["清分 Clearing"].startswith(f"clearing run {run.id} of")
+    assert about["结算状态 Status"].startswith(f"cleared in clearing run {run.id} of")
+    assert in_fen(about[f"合计 Total {GROSS}"]) == gross and in_fen(about[f"合计 Total {COMMISSION}"]) == commission
+    body = [r for r in book["by_fleet"].iter_rows(min_row=2, values_only=True)]
+    assert body[-1][0] == TOTAL and in_fen(body[-1][3]) == gross
+    fleets = {r[0] or "": in_fen(r[3]) for r in body[:-1]}  # "" reads None
     assert fleets == sums(purchases, "fleet")
-    assert [r[1] for r in book["by_fleet"].iter_rows(min_row=2, values_only=True) if not r[0]] == ["not in a fleet"]
+    assert [r[1] for r in body[:-1] if not r[0]] == ["不属车队 not in a fleet"]
     assert set(result.files) >= {result.pdf, tmp_path / f"settlement-{OP}-{DAY}.xlsx"}
 
     # Settled again (a clerk asks for the report a week later): the same run, checked, nothing new stored.
@@ -261,8 +289,8 @@ def test_late_taps_and_a_clerks_adjustment_are_printed_with_what_is_payable(engi
             f"{yuan(day_gross + adj_gross)}; issuer commission {yuan(day_gross - day_net)} + "
             f"{yuan(adj_commission_all)} = {yuan(day_gross - day_net + adj_commission_all)}).") in whole
     all_lines = [ln.strip() for p in pages for ln in p.splitlines() if ln.strip()]
-    table = all_lines[all_lines.index("Adjustments for earlier days"):]
-    total = table.index("Total")
+    table = all_lines[all_lines.index("以前运营日调整 Adjustments for earlier days"):]
+    total = table.index(TOTAL)
     assert table[total + 1:total + 5] == [str(len(late)), yuan(adj_gross), yuan(adj_commission_all), yuan(adj_net)]
     for r in late:
         i = table.index(f"{r['route']} {ROUTES[r['route']]}")
@@ -271,17 +299,16 @@ def test_late_taps_and_a_clerks_adjustment_are_printed_with_what_is_payable(engi
     assert table[i - 2:i + 3] == [before.isoformat(), "reconciliation", f"item {item} issuer amount differs", "0",
                                   yuan(adjustment)]
 
-    # The CSV beside it: the same rows in fen; the XLSX's about sheet: what is payable.
-    with open(tmp_path / f"settlement-{OP}-{DAY}-adjustments.csv", encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert [(r["kind"], r["for_day"], r["key"], int(r["gross"])) for r in rows] == [
+    # The CSV beside it: the same rows in yuan; the XLSX's about sheet: what is payable.
+    rows, total = read_csv(tmp_path / f"settlement-{OP}-{DAY}-adjustments.csv")
+    assert [(r["类别 Kind"], r["所属运营日 For day"], r["线路/事项 Route / item"], in_fen(r[GROSS])) for r in rows] == [
         ("late taps", before.isoformat(), "R2", 250), ("late taps", before.isoformat(), "R3", 180),
         ("reconciliation", before.isoformat(), str(item), adjustment)]
-    assert sum(int(r["net"]) for r in rows) == adj_net
-    assert all(int(r["commission"]) + int(r["net"]) == int(r["gross"]) for r in rows)
+    assert sum(in_fen(r[NET]) for r in rows) == adj_net == in_fen(total[NET])
+    assert all(in_fen(r[COMMISSION]) + in_fen(r[NET]) == in_fen(r[GROSS]) for r in rows)
     about = {r[0]: r[1] for r in load_workbook(tmp_path / f"settlement-{OP}-{DAY}.xlsx")["about"]
              .iter_rows(min_row=2, values_only=True)}
-    assert about["payable net (fen)"] == payable_net and about["adjustments net (fen)"] == adj_net
+    assert in_fen(about[f"应付 Payable {NET}"]) == payable_net and in_fen(about[f"调整 Adjustments {NET}"]) == adj_net
 
     # The clerk downloads the same adjustments table through the API.
     from fastapi.testclient import TestClient
@@ -296,8 +323,8 @@ def test_late_taps_and_a_clerks_adjustment_are_printed_with_what_is_payable(engi
                          headers={"Authorization": "Bearer fbx_c"})
     assert got.status_code == 200, got.text
     served = list(csv.DictReader(got.content.decode("utf-8-sig").splitlines()))
-    assert [(r["kind"], r["key"], int(r["net"])) for r in served] == [
-        (r["kind"], r["key"], int(r["net"])) for r in rows]
+    key = ("类别 Kind", "线路/事项 Route / item", NET)
+    assert [tuple(r[k] for k in key) for r in served] == [tuple(r[k] for k in key) for r in [*rows, total]]
 
     # The month: both days' own figures, what the runs carry, and what is payable.
     with engine.begin() as conn:
@@ -330,8 +357,8 @@ def test_reports_and_the_vehicle_page_show_the_taps_the_run_took_not_a_time_wind
     with engine.connect() as conn:
         look = settle(conn, operator=OP, day=DAY, reports_dir=tmp_path, now=as_of, close_day=False)
         page = vehicle_day(conn, op=OperatorDay(OP, "Demo", "Asia/Shanghai", 3), day=DAY, vehicle="V1", now=as_of)
-    with open(tmp_path / f"settlement-{OP}-{DAY}-taps_by_hour.csv", encoding="utf-8-sig", newline="") as f:
-        assert sum(int(r["taps"]) for r in csv.DictReader(f)) == run.totals["day_taps"] == look.settlement.taps
+    hours, _total = read_csv(tmp_path / f"settlement-{OP}-{DAY}-taps_by_hour.csv")
+    assert sum(int(r["笔数 Taps"]) for r in hours) == run.totals["day_taps"] == look.settlement.taps
     assert int(page.shifts["amount"].sum()) == int(page.by_route["amount"].sum()) == v1
     with engine.begin() as conn:
         following = settle(conn, operator=OP, day=DAY + timedelta(days=1), now=as_of + timedelta(days=1)).run
@@ -390,7 +417,7 @@ def test_farebox_settle_writes_the_day_and_the_month(url, engine, tmp_path, monk
     said = capsys.readouterr().out
     with engine.connect() as conn:
         run_id = conn.execute(select(ClearingRun.id).where(ClearingRun.service_day == DAY)).scalar_one()
-    assert f"clearing run {run_id}" in said and f"gross {yuan(gross)}" in said
+    assert f"clearing run {run_id}" in said and f"gross ¥{yuan(gross)}" in said
     assert (tmp_path / "out" / f"settlement-{OP}-{DAY}.pdf").exists()
     assert (tmp_path / "out" / f"settlement-{OP}-{DAY}.xlsx").exists()
     assert main(["settle", "--operator", OP, "--month", "2026-04", "--out", str(tmp_path / "out")]) == 0

@@ -154,22 +154,24 @@ def test_a_clerk_edits_and_retires_and_old_reports_keep_old_names(app):
                                             headers=_h("t-alice")).content))
     rows = list(book["by_route"].iter_rows(values_only=True))
     head = rows[0]
-    body = [dict(zip(head, row)) for row in rows[1:]]
-    assert [(b["route"], b["name"], b["taps"], b["gross"]) for b in body] == [("r7", "7路 老街", fares, gross)]
+    body = [dict(zip(head, row)) for row in rows[1:-1]]  # the last row is the totals row
+    G, C, N = "总收入(元) Gross (yuan)", "发卡方佣金(元) Issuer commission (yuan)", "运营方净收入(元) Net to operator (yuan)"
+    assert [(b["线路 Route"], b["名称 Name"], b["笔数 Taps"], round(b[G] * 100)) for b in body] == [
+        ("r7", "7路 老街", fares, gross)]
     with engine.connect() as conn:
         run = clearing_runs.get_run(conn, int(pdf.headers["x-clearing-run"].split()[1]))
     commission = run.totals["day_commission"]
-    assert body[0]["commission"] + body[0]["net"] == gross and body[0]["commission"] == commission
+    assert round((body[0][C] + body[0][N]) * 100) == gross and round(body[0][C] * 100) == commission
     csv = client.get(f"{base}/days/{DAY}/settlement?format=csv&table=vehicle", headers=_h("t-alice"))
     assert csv.headers["content-type"].startswith("text/csv")
     lines = csv.content.decode("utf-8-sig").splitlines()
-    assert "粤A·00007" in lines[1] and f",{gross}," in lines[1]
+    assert "粤A·00007" in lines[1] and f",{gross // 100}.{gross % 100:02d}," in lines[1]
 
     month = client.get(f"{base}/months/2026-02/settlement?format=xlsx", headers=_h("t-alice"))
     sheet = load_workbook(BytesIO(month.content))["by_driver"]
     mrows = list(sheet.iter_rows(values_only=True))
-    mbody = [dict(zip(mrows[0], row)) for row in mrows[1:]]
-    assert [(b["driver"], b["name"], b["gross"]) for b in mbody] == [("d7", "王强", gross)]
+    mbody = [dict(zip(mrows[0], row)) for row in mrows[1:-1]]
+    assert [(b["司机 Driver"], b["名称 Name"], round(b[G] * 100)) for b in mbody] == [("d7", "王强", gross)]
     mtext = _pdf_text(client.get(f"{base}/months/2026-02/settlement?format=pdf", headers=_h("t-alice")).content)
     assert "7路 老街" in mtext and _yuan(gross) in mtext
 
@@ -234,7 +236,8 @@ def test_a_get_never_clears_a_day(app):
     assert r.status_code == 200 and r.headers["x-clearing-run"].startswith("provisional")
     sheet = load_workbook(BytesIO(r.content))["by_route"]
     rows = list(sheet.iter_rows(values_only=True))
-    assert dict(zip(rows[0], rows[1]))["gross"] == sum(x.amount for x in sent if x.kind == RecordKind.PURCHASE)
+    assert round(dict(zip(rows[0], rows[1]))["总收入(元) Gross (yuan)"] * 100) == sum(
+        x.amount for x in sent if x.kind == RecordKind.PURCHASE)
     with engine.connect() as conn:
         assert settle(conn, operator=A, day=date(2026, 2, 12), now=MAR5, close_day=False).run is None
 
@@ -294,7 +297,7 @@ def test_the_clerks_forms_and_report_page(app):
     links = dict(re.findall(r'id="(day-xlsx|month-pdf)" href="([^"]+)"', page))
     book = load_workbook(BytesIO(client.get(links["day-xlsx"].replace("&amp;", "&")).content))
     rows = list(book["by_vehicle"].iter_rows(values_only=True))
-    assert dict(zip(rows[0], rows[1]))["gross"] == gross
+    assert round(dict(zip(rows[0], rows[1]))["总收入(元) Gross (yuan)"] * 100) == gross
     assert _yuan(gross) in _pdf_text(client.get(links["month-pdf"].replace("&amp;", "&")).content)
     shift_link = re.search(r'href="(/reports/shift[^"]+)"', page).group(1).replace("&amp;", "&")
     assert "In balance" in _pdf_text(client.get(shift_link).content)

@@ -32,6 +32,20 @@ OPERATOR = "城市公交一公司"
 SURNAMES = "王李张刘陈杨黄赵吴周"
 GIVEN = "伟芳娜敏静丽强磊军洋"
 HAVE_WQY = any(os.path.exists(p) for p in CJK_FONT_FILES)
+HEADING = {"day": "按日 By day", "fleet": "按车队 By fleet", "route": "按线路 By route", "vehicle": "按车辆 By vehicle",
+           "driver": "按司机 By driver"}
+
+
+GROSS, COMMISSION, NET = ("总收入(元) Gross (yuan)", "发卡方佣金(元) Issuer commission (yuan)",
+                          "运营方净收入(元) Net to operator (yuan)")
+
+
+def in_fen(value) -> int:
+    """A yuan amount as a spreadsheet holds it ("-12.50" in a CSV, a number in an XLSX) in fen, by string slicing."""
+    text = str(value)
+    sign = -1 if text.startswith("-") else 1
+    whole, _, cents = text.lstrip("-").partition(".")
+    return sign * (int(whole) * 100 + int((cents + "00")[:2]))
 
 
 def money(fen: int) -> str:
@@ -115,10 +129,13 @@ def lines(text: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
-def total_rows(texts: list[str], width: int) -> list[list[str]]:
-    """The figures after each "Total" cell (pypdf gives one cell a line)."""
+TOTAL = "合计 Total"
+
+
+def total_rows(texts: list[str], width: int, label: str = TOTAL) -> list[list[str]]:
+    """The figures after each total cell (pypdf gives one cell a line)."""
     all_lines = [ln for t in texts for ln in lines(t)]
-    return [all_lines[i + 1:i + 1 + width] for i, ln in enumerate(all_lines) if ln == "Total"]
+    return [all_lines[i + 1:i + 1 + width] for i, ln in enumerate(all_lines) if ln == label]
 
 
 def assert_headers(texts: list[str], period: str, run_line: str = RUN_LINE, operator: str = OPERATOR):
@@ -149,7 +166,7 @@ def test_daily_report(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["daily.pdf"]  # no temp file left
     texts = pages(out)
     assert_headers(texts, "service day 2024-05-02")
-    assert "Daily settlement" in texts[0]
+    assert "结算日报 Daily settlement" in texts[0]
 
     taps, gross, commission, net = loop_sums(rows)
     assert commission > 0 and gross > 1_000_000  # thousands separators and three columns exercised
@@ -161,10 +178,10 @@ def test_daily_report(tmp_path):
     assert (f"{thousands(taps)} taps, gross {money(gross)} yuan, issuer commission {money(commission)} yuan, "
             f"net to the operator {money(net)} yuan") in flat
     for key in ("fleet", "route", "vehicle", "driver"):
-        assert f"By {key}" in flat
+        assert HEADING[key] in flat
         all_lines = [ln for t in texts for ln in lines(t)]
         for code, (k_taps, k_gross, k_comm, k_net) in loop_sums(rows, key).items():
-            i = all_lines.index(code, all_lines.index(f"By {key}"))
+            i = all_lines.index(code, all_lines.index(HEADING[key]))
             row = all_lines[i + 1:i + 6]
             assert row[-4:] == [thousands(k_taps), money(k_gross), money(k_comm), money(k_net)], (code, row)
     assert "WARNING" not in flat
@@ -213,13 +230,13 @@ def test_long_table_repeats_its_header_on_every_page(tmp_path):
     assert_headers(texts, "service day 2024-05-02")
     driver_pages = [i for i, t in enumerate(texts) if re.search(r"^D\d{4}$", t, re.MULTILINE)]
     assert len(driver_pages) >= 3
-    header = ["Driver", "Name", "Taps", "Gross", "(yuan)", "Issuer commission", "(yuan)", "Net to operator",
-              "(yuan)"]
+    header = ["司机 Driver", "名称 Name", "笔数 Taps", "总收入(元)", "Gross", "(yuan)", "发卡方佣金(元)", "Issuer",
+              "commission", "(yuan)", "运营方净收入(元)", "Net to operator", "(yuan)"]
     for i in driver_pages:
         page = lines(texts[i])
         first_code = next(j for j, ln in enumerate(page) if re.fullmatch(r"D\d{4}", ln))
-        if i == driver_pages[0]:  # the heading "By driver", then the header row
-            assert page[first_code - 10:first_code] == ["By driver", *header], f"page {i + 1}"
+        if i == driver_pages[0]:  # the heading "按司机 By driver", then the header row
+            assert page[first_code - 14:first_code] == [HEADING["driver"], *header], f"page {i + 1}"
         else:  # a page the table runs onto starts with the header row again
             assert page[:first_code] == header, f"page {i + 1}"
     # every driver shows up exactly once across the pages
@@ -234,7 +251,7 @@ def test_monthly_report(tmp_path):
     t = tables_for(rows, first=date(2024, 5, 1), last=date(2024, 5, 31), with_day=True)
     texts = pages(write_monthly_pdf(t, tmp_path / "m.pdf"))
     assert_headers(texts, "month 2024-05 (2024-05-01 to 2024-05-31)")
-    assert "Taps by day" in texts[0]
+    assert "每日笔数" in texts[0] and "Taps by day" in texts[0]
     taps, gross, commission, net = loop_sums(rows)
     totals = total_rows(texts, 4)
     assert len(totals) == 5  # day, fleet, route, vehicle, driver
@@ -341,8 +358,8 @@ def test_adjustments_table_and_the_payable_line_add_up(tmp_path):
 
     # Each carried item on its own row: day, kind, route (with its name) or item (with what it is), figures.
     all_lines = [ln for x in texts for ln in lines(x)]
-    start = all_lines.index("Adjustments for earlier days")
-    assert all_lines[start + 1:start + 4] == ["For day", "Kind", "Route / item"]
+    start = all_lines.index("以前运营日调整 Adjustments for earlier days")
+    assert all_lines[start + 1:start + 7] == ["所属日", "For day", "类别", "Kind", "线路/事项", "Route / item"]
     body = all_lines[start:]
     route_names = t.names["route"]
     for r in ADJUSTMENT_ROWS:
@@ -358,6 +375,7 @@ def test_adjustments_table_and_the_payable_line_add_up(tmp_path):
             f"{money(abs(adj_gross))} = {money(day_gross + adj_gross)}; issuer commission "
             f"{plus(day_comm, adj_comm)}{money(abs(adj_comm))} = {money(day_comm + adj_comm)}).") in flat
     assert flat.index("Payable to the operator") < flat.index("By fleet")
+    assert "应付运营方 Payable to the operator:" in flat
     assert "No adjustments" not in flat
 
 
@@ -434,15 +452,19 @@ def test_adjustments_in_csv_and_xlsx(tmp_path):
     files = write_settlement_csv(t, tmp_path, stem="s")
     path = tmp_path / "s-adjustments.csv"
     assert path in files and path.read_bytes().startswith(b"\xef\xbb\xbf")
-    df = pd.read_csv(path, encoding="utf-8-sig", dtype={"key": str, "gross_yuan": str, "commission_yuan": str,
-                                                        "net_yuan": str})
-    assert list(df.columns) == ["kind", "for_day", "key", "name", "taps", "gross", "gross_yuan", "commission",
-                                "commission_yuan", "net", "net_yuan"]
-    got = [(r["kind"], r["for_day"], r["key"], int(r["taps"]), int(r["gross"]), int(r["commission"]),
-            int(r["net"])) for r in df.to_dict("records")]
+    names = {"kind": "类别 Kind", "for_day": "所属运营日 For day", "key": "线路/事项 Route / item", "name": "名称 Name",
+             "taps": "笔数 Taps", "gross": GROSS, "commission": COMMISSION, "net": NET}
+    df = pd.read_csv(path, encoding="utf-8-sig", dtype={names[c]: str for c in ("key", "gross", "commission", "net")})
+    assert list(df.columns) == list(names.values())
+    df = df.rename(columns={v: k for k, v in names.items()})
+    body, total = df.iloc[:-1], df.iloc[-1]
+    got = [(r["kind"], r["for_day"], r["key"], int(r["taps"]), *(in_fen(r[c]) for c in ("gross", "commission", "net")))
+           for r in body.to_dict("records")]
     assert got == [(r["kind"], r["for_day"].isoformat(), r["key"], r["taps"], r["gross"], r["commission"],
                     r["net"]) for r in ADJUSTMENT_ROWS]
-    assert list(df["net_yuan"]) == [money(r["net"]).replace(",", "") for r in ADJUSTMENT_ROWS]
+    assert list(body["net"]) == [money(r["net"]).replace(",", "") for r in ADJUSTMENT_ROWS]
+    assert total["kind"] == TOTAL and in_fen(total["net"]) == sum(r["net"] for r in ADJUSTMENT_ROWS)
+    assert int(total["taps"]) == sum(r["taps"] for r in ADJUSTMENT_ROWS)
     assert df.loc[df["key"] == "R1", "name"].item() == "1路 环线"
     assert df.loc[df["key"] == "17", "name"].item() == "issuer amount differs"
     # No adjustments: no file (the PDF says so in a line).
@@ -452,16 +474,14 @@ def test_adjustments_in_csv_and_xlsx(tmp_path):
     assert book.sheetnames == ["about", "by_fleet", "by_route", "by_vehicle", "by_driver", "adjustments",
                                "taps_by_hour"]
     sheet = list(book["adjustments"].iter_rows(min_row=2, values_only=True))
-    assert [r[9] for r in sheet] == [r["net"] for r in ADJUSTMENT_ROWS]
+    assert [in_fen(r[7]) for r in sheet] == [r["net"] for r in ADJUSTMENT_ROWS] + [
+        sum(r["net"] for r in ADJUSTMENT_ROWS)]
     about = {r[0]: r[1] for r in book["about"].iter_rows(min_row=2, values_only=True)}
     _taps, gross, comm, net = loop_sums(rows)
-    for c, day in (("gross", gross), ("commission", comm), ("net", net)):
+    for c, day, heading in (("gross", gross, GROSS), ("commission", comm, COMMISSION), ("net", net, NET)):
         adj = sum(r[c] for r in ADJUSTMENT_ROWS)
-        assert about[f"adjustments {c} (fen)"] == adj
-        assert about[f"payable {c} (fen)"] == day + adj
-        assert Decimal(str(about[f"payable {c} (yuan)"])) == Decimal(money(day + adj).replace(",", ""))
-
-
+        assert in_fen(about[f"调整 Adjustments {heading}"]) == adj
+        assert Decimal(str(about[f"应付 Payable {heading}"])) == Decimal(money(day + adj).replace(",", ""))
 def test_settlement_pdf_carries_the_run(tmp_path):
     from clearing.settlement import TAP_COLUMNS, settle_day
 
@@ -478,7 +498,7 @@ def test_settlement_pdf_carries_the_run(tmp_path):
     assert_headers(texts, "service day 2024-05-02", operator="City Bus One")
     first = lines(texts[0])
     assert "Taps by hour" in first and "30" in first and money(30 * 200) in first
-    assert total_rows(texts, 2) == [["30", money(30 * 200)]] * 3
+    assert total_rows(texts, 2) == [["30", money(30 * 200)]] * 4  # card type, route, vehicle, driver
 
 
 # -- the driver's shift report and the vehicle's day --------------------------------------------------------
@@ -517,7 +537,7 @@ def test_shift_report(tmp_path):
     flat = texts[0].replace("\n", "")
     assert "张伟" in flat and "沪A-00007" in flat and "1路 环线" in flat
     assert "2024-05-02 07:31" in flat and "2024-05-02 15:05" in flat and "7 h 34 min" in flat
-    assert total_rows(texts, 2) == [[thousands(total_taps), money(total_fen)]]
+    assert total_rows(texts, 2, "Total") == [[thousands(total_taps), money(total_fen)]]
     assert "student card 学生卡" in flat and "card type 9" in flat
     for card_type, label in ((1, "adult card 普通卡"), (2, "student card 学生卡"), (3, "elderly card 老人卡")):
         i = page.index(label)
@@ -557,7 +577,7 @@ def test_vehicle_day(tmp_path):
     assert "Taps by hour" in flat and "张伟" in flat and "王芳" in flat and "1路 环线" in flat
     taps = 412 + 388
     fen = 80_150 + 71_020
-    assert total_rows(texts, 2) == [[thousands(taps), money(fen)]] * 2
+    assert total_rows(texts, 2, "Total") == [[thousands(taps), money(fen)]] * 2
     assert "06:00" in page and "14:00" in page and "14:10" in page and "00:30 +1d" in page
     assert "OUT OF BALANCE: 1 shift(s)" in flat.replace("\n", "")
     assert ["OUT"] == [ln for ln in page if ln == "OUT"] and "ok" in page

@@ -95,9 +95,9 @@ def test_pdf_shows_the_settlement(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["settlement.pdf"]  # no temp file left behind
 
     text = pdf_text(target)
-    assert "Daily settlement — City Bus One — service day 2024-05-02" in text
-    assert "2024-05-03 01:15:00 UTC" in text
-    for heading in ("By route", "By vehicle", "By driver"):
+    assert "结算日报 Daily settlement — City Bus One" in text and "运营日 service day 2024-05-02" in text
+    assert "生成时间 Generated: 2024-05-03 01:15 UTC" in text  # no operator zone given: UTC, said so
+    for heading in ("按线路 By route", "按车辆 By vehicle", "按司机 By driver"):
         assert heading in text
     purchases = [r for r in rows if r["kind"] == "purchase"]
     for key in ("route", "vehicle", "driver"):
@@ -115,7 +115,10 @@ def test_pdf_shows_the_settlement(tmp_path):
     assert f"{len(purchases)} taps" in text
     for fen in per_route.values():
         assert money(fen) in text
-    assert "Page 1 of 1" in text
+    assert "Page 1 of 2" in text and "Page 2 of 2" in text  # the signatures at the foot of page 2
+    assert "WARNING" not in text
+    for role in ("制表 Prepared by", "审核 Checked by", "批准 Approved by"):
+        assert role in text
 
 
 def test_chinese_names_and_many_pages(tmp_path):
@@ -139,9 +142,11 @@ def test_chinese_names_and_many_pages(tmp_path):
     assert money(s.amount) in text
     pages = len(PdfReader(out).pages)
     assert pages >= 2 and f"Page {pages} of {pages}" in text
-    assert (
-        text.count("Amount (yuan)") == 3 + pages - 1
-    )  # the header is repeated where the driver table goes on
+    # Four tables (card type, route, vehicle, driver); the header is repeated on each page the driver table goes on.
+    driver_pages = sum(1 for p in PdfReader(out).pages
+                       if any(ln.strip() in set(s.by_driver["driver"]) for ln in p.extract_text().splitlines()))
+    assert driver_pages >= 2
+    assert text.count("Amount (yuan)") == text.count("金额(元)") == 4 + driver_pages - 1
     assert all(code in text for code in s.by_driver["driver"])
 
 
@@ -150,7 +155,7 @@ def test_empty_day_still_makes_a_report(tmp_path):
     text = pdf_text(
         write_settlement_pdf(s, tmp_path / "empty.pdf", operator_name="City Bus One", generated_at=GENERATED)
     )
-    assert text.count("Total") == 3 and "0.00" in text
+    assert text.count("合计 Total") == 3 and "0.00" in text
 
 
 def test_rewrite_replaces_whole_file_and_bad_input_leaves_nothing(tmp_path):
@@ -158,7 +163,7 @@ def test_rewrite_replaces_whole_file_and_bad_input_leaves_nothing(tmp_path):
     target = tmp_path / "s.pdf"
     write_settlement_pdf(s, target, operator_name="Old", generated_at=GENERATED)
     write_settlement_pdf(s, target, operator_name="New", generated_at=GENERATED)
-    assert "— New —" in pdf_text(target)
+    assert "— New" in pdf_text(target) and "— Old" not in pdf_text(target)
     with pytest.raises(ValueError, match="timezone-aware"):
         write_settlement_pdf(s, tmp_path / "naive.pdf", operator_name="X", generated_at=datetime(2024, 5, 3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pdf"]

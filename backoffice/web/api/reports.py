@@ -40,7 +40,8 @@ router = APIRouter(tags=["reports"])
 OWNERS = ("clerk",)
 MEDIA = {"pdf": "application/pdf", "csv": "text/csv; charset=utf-8",
          "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"}
-TABLES = ("route", "vehicle", "driver", "fleet", "adjustments")  # adjustments: late taps and reconciliation
+# adjustments: late taps and reconciliation; fleet only when a vehicle is in a fleet (404 otherwise)
+TABLES = ("route", "vehicle", "driver", "fleet", "card_type", "adjustments")
 PURCHASE, SHIFT_OPEN, SHIFT_CLOSE = "purchase", "shift_open", "shift_close"
 # reconciliation problems that make a shift out of balance; "not_closed" the slip shows on its own line
 OUT_OF_BALANCE = ("records_missing", "no_sign_in", "out_of_balance", "shift_not_received")
