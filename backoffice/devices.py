@@ -248,6 +248,7 @@ class LinkPeriod:
     since: datetime
     until: datetime | None
     how: str = ""
+    last_heard: datetime | None = None  # an online stretch: the last thing heard on it
 
     @property
     def length(self) -> timedelta | None:
@@ -268,7 +269,7 @@ def link_history(conn: Connection, device_ids: list[str], *, since: datetime | N
         periods = out[device_id]
         for i, r in enumerate(rows):
             start, end = _utc(r.connected_at), _utc(r.ended_at)
-            periods.append(LinkPeriod(device_id, True, start, end, r.ended_by or ""))
+            periods.append(LinkPeriod(device_id, True, start, end, r.ended_by or "", _utc(r.last_heard)))
             if end is not None:
                 following = _utc(rows[i + 1].connected_at) if i + 1 < len(rows) else None
                 if following is None or following > end:

@@ -10,7 +10,7 @@ operator's zone (the page's ``tz``); a page spanning several operators uses Asia
 from __future__ import annotations
 
 import dataclasses
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Annotated
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
@@ -22,7 +22,7 @@ from sqlalchemy import Connection, select
 from backoffice import alarms
 from backoffice.denylist_publish import current_version, get_version, versions
 from backoffice.devices import fleet_status, link_history
-from backoffice.models import Card, Operator
+from backoffice.models import Card, Operator, Tap
 from backoffice.web.auth import Principal, page_of
 from backoffice.web.deps import Services, connection, scoped, services
 from backoffice.web.pages import render
@@ -64,19 +64,31 @@ class Stretch:
     how: str
     left: float  # percent of the day, for the bar
     width: float
+    silent_since: datetime | None = None  # still connected as far as anyone knows, but nothing heard since then
 
 
-def _day_stretches(periods, start: datetime, end: datetime, now: datetime) -> list[Stretch]:
+def _day_stretches(periods, start: datetime, end: datetime, now: datetime, stale_after: timedelta) -> list[Stretch]:
     out = []
     span = (end - start).total_seconds()
     for p in periods:
         until = p.until
-        a, b = max(p.since, start), min(until or max(now, p.since), end)
+        silent = p.last_heard if until is None and p.online and p.last_heard and now - p.last_heard > stale_after \
+            else None
+        a, b = max(p.since, start), min(until or silent or max(now, p.since), end)
         if b <= a and not (until is None and start <= p.since < end):
             continue
         out.append(Stretch(p.online, p.since, until, p.how, round(100 * (a - start).total_seconds() / span, 2),
-                           round(max(0.3, 100 * (b - a).total_seconds() / span), 2)))
+                           round(max(0.3, 100 * (b - a).total_seconds() / span), 2), silent))
     return out
+
+
+def stored_last_tap(conn: Connection, device_id: str) -> datetime | None:
+    """When the newest record the back office stored from this validator happened (its highest journal epoch and
+    sequence: one look into the unique index, whatever the size of the tap table)."""
+    t = Tap.__table__.c
+    at = conn.execute(select(t.occurred_at).where(t.device_id == device_id)
+                      .order_by(t.epoch.desc(), t.device_seq.desc()).limit(1)).scalar_one_or_none()
+    return None if at is None else (at if at.tzinfo else at.replace(tzinfo=UTC))
 
 
 @router.get("/devices")
@@ -108,14 +120,15 @@ def devices(
     start = datetime(day.year, day.month, day.day, tzinfo=zone)
     end = start + timedelta(days=1)
     history = link_history(conn, [r.device_id for r in rows], since=start)
-    stretches = {d: _day_stretches([p for p in periods if p.since < end], start, end, now)
+    stretches = {d: _day_stretches([p for p in periods if p.since < end], start, end, now, svc.stale_after)
                  for d, periods in history.items()}
+    last_taps = {r.device_id: stored_last_tap(conn, r.device_id) for r in rows}
     return render(
         request, "devices.html", who, tz=tz, rows=rows, total=len(everything), now=now,
         stale_minutes=int(svc.stale_after.total_seconds() // 60), latest=latest, operators=operators,
         chosen={"operator": operator or "", "state": state or "", "stale": stale or ""}, day=day,
         previous_day=day - timedelta(days=1), next_day=day + timedelta(days=1), stretches=stretches,
-        STATES=STATES, HOW=HOW, hours=range(0, 25, 3),
+        STATES=STATES, HOW=HOW, hours=range(0, 25, 3), last_taps=last_taps,
         query="".join(f"{k}={quote(v)}&" for k, v in (("operator", operator), ("state", state), ("stale", stale)) if v),
     )
 
