@@ -53,6 +53,17 @@ KINDS = {
     "set_aside": ("记录无法上传", "Records set aside"),
     "device": ("车载机告警", "Validator alarm"),
 }
+# kind -> what it means and what to do, (Chinese, English)
+HELP = {
+    "grey_purchases": ("乘客扣款中途拿走卡：卡上可能已扣款，待该卡再次刷卡时自动补全或撤销",
+                       "a card left mid-purchase: the fare may be off the card; settled when it taps again"),
+    "journal_filling": ("车载机存储将满：检查其通信，尽快上传", "the validator's store is filling: check its link"),
+    "denylist_stale": ("车载机上的黑名单太旧", "the deny list on the bus is too old"),
+    "denylist_behind": ("在线但未收到最新黑名单：检查下发", "online, yet without the latest deny list"),
+    "quarantine_growing": ("有入库被拒的记录待运维审核（隔离记录页）", "records ingest refused await review (Quarantine)"),
+    "set_aside": ("车载机有无法编码的记录，已送隔离", "records the bus could not encode, sent to quarantine"),
+    "device": ("车载机报告的其他告警", "another alarm the validator reported"),
+}
 DEVICE_KINDS = ("grey_purchases", "journal_filling", "denylist_stale", "set_aside", "device")
 # A bus still on an older deny list this long after the newer one was made is an alarm (it had time to get it).
 DENYLIST_GRACE = timedelta(minutes=30)
@@ -182,6 +193,10 @@ class Alarm:
     @property
     def label(self) -> tuple[str, str]:
         return KINDS.get(self.kind, (self.kind, self.kind))
+
+    @property
+    def help(self) -> tuple[str, str]:
+        return HELP.get(self.kind, ("", ""))
 
     @property
     def state(self) -> str:
