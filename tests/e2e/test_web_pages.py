@@ -217,10 +217,10 @@ def test_a_clerk_and_counter_staff_use_the_pages(server, browser):
     latest = max(mine, key=lambda r: (r.occurred_at, r.card_ttc))
     assert driver.find_element(By.ID, "balance").text.startswith(_yuan(latest.balance_after))
     assert len(driver.find_elements(By.CSS_SELECTOR, "#records tbody tr")) == len(mine)
-    assert "普通卡 adult card" in driver.page_source
+    assert "普通卡" in driver.page_source
     _shot(driver, "card-lookup")
     driver.get(f"{base}/cards?asn={CARDS[3]}")
-    assert "挂失 lost" in driver.page_source
+    assert "挂失" in driver.page_source
     driver.get(f"{base}/dashboard")  # counter staff do not see the bus companies' money
     assert "无权访问" in driver.page_source
 
@@ -266,12 +266,12 @@ def test_counter_staff_and_a_clerk_use_the_money_pages(server, browser, tmp_path
     _nav(driver, "/topups")
     _wait_for(driver, f"#order-{order}")
     row = driver.find_element(By.ID, f"order-{order}")
-    assert "¥30.00" in row.text and "已支付 paid" in row.text
+    assert "¥30.00" in row.text and "已支付" in row.text
     _shot(driver, "topups")
     row.find_element(By.NAME, "why").send_keys("乘客申请退款 rider asked")
     row.find_element(By.CSS_SELECTOR, "form.refund button").click()
     _wait_for(driver, "#done")
-    assert "已退款 refunded" in driver.find_element(By.ID, f"order-{order}").text
+    assert "已退款" in driver.find_element(By.ID, f"order-{order}").text
 
     driver.find_element(By.CSS_SELECTOR, "form.who button").click()
     _wait_for(driver, "#token")
@@ -299,7 +299,7 @@ def test_counter_staff_and_a_clerk_use_the_money_pages(server, browser, tmp_path
     driver.find_element(By.ID, "upload").click()
     _wait_for(driver, "#done")
     rows = driver.find_elements(By.CSS_SELECTOR, "#items tbody tr")
-    assert len(rows) == 1 and "金额不符 amount differs" in rows[0].text
+    assert len(rows) == 1 and "金额不符" in rows[0].text
     assert _yuan(mine[0].amount) in rows[0].text and _yuan(mine[0].amount + 50) in rows[0].text
     _shot(driver, "reconciliation")
     rows[0].find_element(By.CSS_SELECTOR, "button[value=adjusted]").click()
