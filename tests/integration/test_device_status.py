@@ -399,3 +399,42 @@ def test_a_validator_stopped_after_its_backlog_drains_reads_offline_with_nothing
     assert [(g.since, g.until) for g in gaps] == [(before, back)]
     assert periods[-1].online is False and periods[-1].how == "goodbye" and periods[-1].since == back
     engine.dispose()
+
+
+def test_alarms_rise_grow_past_an_acknowledgement_and_clear(conn):
+    """A validator's grey purchases become an alarm; acknowledged, it stays acknowledged while it does not grow;
+    when it grows a new unacknowledged alarm takes its place; when the bus stops reporting it, it is cleared. The
+    quarantine alarm counts the open rows, checked here with plain SQL."""
+    from backoffice import alarms
+
+    now = T0 + timedelta(days=1)
+
+    def sync(*texts):
+        alarms.sync_device(conn, operator=OP, device_id=A, alarms=texts, now=now)
+
+    sync("1 grey purchase since 2026-11-20 06:40Z", "journal 86% full")
+    (grey,) = alarms.listing(conn, operator=OP, kind="grey_purchases")
+    assert (grey.measure, grey.state) == (1, "open")
+    assert alarms.acknowledge(conn, alarm_id=grey.id, by="dave", now=now).acked_by == "dave"
+    with pytest.raises(alarms.AlarmError, match="acknowledged by dave"):
+        alarms.acknowledge(conn, alarm_id=grey.id, by="erin", now=now)
+    with pytest.raises(alarms.NotFound):
+        alarms.acknowledge(conn, alarm_id=grey.id, by="dave", now=now, operator="another_op")
+    sync("1 grey purchase since 2026-11-20 06:40Z", "journal 86% full")  # the same: still acknowledged
+    assert [a.state for a in alarms.listing(conn, kind="grey_purchases", state="all")] == ["acknowledged"]
+    sync("2 grey purchases since 2026-11-20 06:40Z", "journal 86% full")  # grew: raised again
+    states = sorted((a.measure, a.state) for a in alarms.listing(conn, kind="grey_purchases", state="all"))
+    assert states == [(1, "cleared"), (2, "open")]
+    sync()  # the bus reports nothing any more: both of its alarms clear
+    assert alarms.listing(conn, operator=OP) == []
+    assert {a.kind for a in alarms.listing(conn, operator=OP, state="cleared")} == {"grey_purchases",
+                                                                                   "journal_filling"}
+
+    conn.execute(text("INSERT INTO quarantine (received_at, topic, device_id, device_seq, reason, payload, status) "
+                      "VALUES (:at, :topic, :d, 1, 'bad TAC', :p, 'open'), (:at, :topic, :d, 2, 'bad TAC', :p, "
+                      "'open'), (:at, :topic, :d, 3, 'bad TAC', :p, 'released')"),
+                 {"at": now, "topic": topics.taps(OP, A), "d": A, "p": b"x"})
+    alarms.refresh(conn, now=now)
+    expected = conn.execute(text("SELECT count(*) FROM quarantine WHERE status = 'open'")).scalar_one()
+    (q,) = alarms.listing(conn, operator=OP, kind="quarantine_growing")
+    assert q.measure == expected == 2 and q.text == "2 quarantined records await review"
