@@ -600,13 +600,14 @@ def _print_summary(console: Console, demo: DemoResult, settlement, names: dict[s
         total = ["[bold]Total"] + ([""] if extra else [])
         table.add_row(*total, f"[bold]{int(frame['taps'].sum())}", f"[bold]{yuan(int(frame['amount'].sum()))}")
         console.print(table)
-    words = {OUTCOME_WORDS.get(k, Outcome(k).name.lower().replace('_', ' ')): v
-             for k, v in demo.taps_by_outcome.items()}
-    riders = ", ".join(f"{v} {w}" for w, v in sorted(words.items(), key=lambda wv: -wv[1]) if "driver" not in w)
-    drivers = ", ".join(f"{v} {w}" for w, v in words.items() if "driver" in w)
+    shifts = (Outcome.SHIFT_OPENED.value, Outcome.SHIFT_CLOSED.value)
+    words = {k: OUTCOME_WORDS.get(k, Outcome(k).name.lower().replace('_', ' ')) for k in demo.taps_by_outcome}
+    riders = ", ".join(f"{v} {words[k]}" for k, v in sorted(demo.taps_by_outcome.items(), key=lambda kv: -kv[1])
+                       if k not in shifts)
+    drivers = ", ".join(f"{demo.taps_by_outcome[k]} {words[k]}" for k in shifts if k in demo.taps_by_outcome)
     console.print(f"riders' taps: {riders}")
     if drivers:
-        console.print(f"drivers' taps: {drivers}")
+        console.print(f"drivers: {drivers}")
     console.print(f"records: {demo.journal_records} written by the validators, {demo.stored_records} stored once in "
                   f"the back office, {demo.quarantined} quarantined")
     if demo.ingest_kills:
@@ -618,7 +619,7 @@ def _print_summary(console: Console, demo: DemoResult, settlement, names: dict[s
 
 OUTCOME_WORDS = {Outcome.PAID.value: "paid", Outcome.INSUFFICIENT_BALANCE.value: "refused: balance too low",
                  Outcome.CARD_BLOCKED.value: "refused: card on the deny list",
-                 Outcome.SHIFT_OPENED.value: "driver sign-ins", Outcome.SHIFT_CLOSED.value: "driver sign-outs"}
+                 Outcome.SHIFT_OPENED.value: "signed in", Outcome.SHIFT_CLOSED.value: "signed out"}
 
 
 def serve_command(settings: Settings) -> str:
