@@ -41,6 +41,7 @@ def _session(args, settings=None):
             card = load_sim_card(path, settings)
         else:
             start = date.today() - timedelta(days=30)
+            path.parent.mkdir(parents=True, exist_ok=True)
             card = SimCard(secrets.token_bytes(10), args.card_type, 0, start=start,
                            end=start + timedelta(days=3650), state_file=path, keys=sim_issuer_keys(settings))
 

@@ -148,6 +148,8 @@ def _make_card(args, settings=None):
     asn = args.asn or bytes.fromhex("3100" + "".join(secrets.choice("0123456789") for _ in range(16)))
     staff_no = args.staff_no if args.staff_no is not None else ("D0001" if args.type == "driver" else "")
     kwargs = {"state_file": args.state} if args.state is not None else {}
+    if args.state is not None:
+        args.state.parent.mkdir(parents=True, exist_ok=True)
     start = today - timedelta(days=30)
     card = SimCard(asn, CARD_TYPES[args.type], args.balance, start=start, end=start + timedelta(days=args.valid_days),
                    staff_no=staff_no, algorithm=ALGORITHMS[args.algorithm], keys=keys, **kwargs)
