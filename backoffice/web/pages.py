@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from backoffice import clearing_runs, registry, signoff, taps_browser
 from backoffice.models import ClearingRun as ClearingRunRow
 from backoffice.settle import settle, stored_run_id
-from backoffice.web import lang, reads
+from backoffice.web import lang, pages_reports, reads
 from backoffice.web.api import reports as reports_api
 from backoffice.web.api.clearing import settlement_pdf_bytes
 from backoffice.web.csrf import check_csrf, csrf_token
@@ -307,11 +307,10 @@ def _settlement_page(request: Request, conn: Connection, svc: Services, who: Pri
                 for r in run.table("route", "late").itertuples(index=False)]
         items = [{"item": r.item, "for_day": r.for_day, "net": int(r.net)}
                  for r in run.table("item", "reconciliation").itertuples(index=False)]
-        fleets = [k for k in run.table("fleet")["fleet"].tolist() if k]
     else:
         rate = clearing_runs.rate_on(conn, operator, day)
         totals = {"day_taps": s.taps, "day_gross": s.amount}
-        late, items, fleets = [], [], []
+        late, items = [], []
     previous = settle(conn, operator=operator, day=day - timedelta(days=1), now=now, close_day=False)
     compare = signoff.comparisons(conn, operator=operator, day=day)
     prev = {"taps": previous.settlement.taps, "gross": previous.settlement.amount,
@@ -325,9 +324,7 @@ def _settlement_page(request: Request, conn: Connection, svc: Services, who: Pri
     q = urlencode({"operator": operator, "day": day.isoformat()})
     downloads = {
         "pdf": f"/settlement.pdf?{q}", "xlsx": f"/reports/day?{q}&format=xlsx",
-        "csv": [(t, f"/reports/day?{q}&format=csv&table={t}") for t in ("route", "vehicle", "driver")
-                ] + ([("fleet", f"/reports/day?{q}&format=csv&table=fleet")] if fleets else [])
-        + ([("adjustments", f"/reports/day?{q}&format=csv&table=adjustments")] if late or items else []),
+        "csv": [(t, f"/reports/day?{q}&format=csv&table={t}") for t in pages_reports.day_csv_tables(run)],
         "month_pdf": f"/reports/month?operator={quote(operator)}&month={day:%Y-%m}&format=pdf",
         "month_xlsx": f"/reports/month?operator={quote(operator)}&month={day:%Y-%m}&format=xlsx",
         "taps_csv": f"/taps.csv?operator={quote(operator)}&first={day}&last={day}",
@@ -343,6 +340,7 @@ def _settlement_page(request: Request, conn: Connection, svc: Services, who: Pri
         day_over_day=day_over_day, compare=compare, month_change=month_change,
         signed=signoff.signed_off(conn, operator=operator, day=day), downloads=downloads, pdf=downloads["pdf"],
         done=DONE.get(done), error=error, csrf=csrf_token(request), timedelta=timedelta, CARD_TYPE_LABELS=CARD_TYPE_LABELS,
+        CSV_LABELS=pages_reports.CSV_LABELS,
         day_end=day_bounds(day, tz, cutoff)[1])
 
 

@@ -11,11 +11,14 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import Connection
 
+from backoffice import clearing_runs, taps_browser
 from backoffice.web import reads
 from backoffice.web.api import reports
 from backoffice.web.deps import Services, connection, services
 from backoffice.web.auth import Principal, page_of
 from backoffice.web.api.types import ServiceDay
+from clearing.runs import NO_FLEET
+from clearing.service_day import day_bounds
 
 router = APIRouter(include_in_schema=False)
 Who = Annotated[Principal, Depends(page_of(*reports.OWNERS))]
@@ -36,17 +39,39 @@ def reports_page(*, request: Request, operator: str | None = None, day: ServiceD
                  month: Annotated[str, Query(pattern=r"^\d{4}-\d{2}$")] = "", who: Who, conn: Conn,
                  svc: Svc) -> HTMLResponse:
     op, codes = _operator(conn, who, operator)
-    if day is None:  # the last complete service day
-        day = reads.current_service_day(svc.clock(), tz=op.tz, cutoff_hour=op.cutoff_hour) - timedelta(days=1)
+    if day is None:  # the latest complete service day with data, else the last complete one
+        yesterday = reads.current_service_day(svc.clock(), tz=op.tz, cutoff_hour=op.cutoff_hour) - timedelta(days=1)
+        day = taps_browser.latest_day_with_data(conn, operator=op.code, tz=op.tz, cutoff_hour=op.cutoff_hour,
+                                                now=day_bounds(yesterday, op.tz, op.cutoff_hour)[0]) or yesterday
     month = month or f"{day:%Y-%m}"
     index = reports.day_index(conn, op=op, day=day)
-    return render_page(request, who, op=op, codes=codes, day=day, month=month, index=index)
+    run = clearing_runs.get_run(conn, index["run"]) if index["run"] is not None else None
+    return render_page(request, who, op=op, codes=codes, day=day, month=month, index=index,
+                       tables=day_csv_tables(run))
+
+
+CSV_LABELS = {"route": ("线路", "routes"), "vehicle": ("车辆", "vehicles"), "driver": ("司机", "drivers"),
+              "card_type": ("卡类", "card types"), "fleet": ("车队", "fleets"),
+              "adjustments": ("更正（迟到刷卡、对账调整）", "adjustments (late taps, reconciliation)")}
+
+
+def day_csv_tables(run: clearing_runs.StoredRun | None) -> list[str]:
+    """The day's CSV tables that exist, so that no link leads to a 404: route, vehicle, driver (and card type)
+    always; fleet when a vehicle is in a fleet; adjustments when the run carries late taps or reconciliation
+    adjustments (the link that used to 404 on every day without them)."""
+    names = ["route", "vehicle", "driver"] + [t for t in ("card_type",) if t in reports.TABLES]
+    if run is not None:
+        if any(run.table("fleet")["fleet"].astype(str) != NO_FLEET):
+            names.append("fleet")
+        if (run.rows["section"] != "day").any():
+            names.append("adjustments")
+    return names
 
 
 def render_page(request, who, **context) -> HTMLResponse:
     from backoffice.web.pages import render
 
-    return render(request, "reports.html", who, tables=reports.TABLES, **context)
+    return render(request, "reports.html", who, tz=context["op"].tz, CSV_LABELS=CSV_LABELS, **context)
 
 
 @router.get("/reports/day")

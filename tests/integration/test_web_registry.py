@@ -291,7 +291,7 @@ def test_the_clerks_forms_and_report_page(app):
     sent = _ride_and_clear(engine)
     gross = sum(x.amount for x in sent if x.kind == RecordKind.PURCHASE)
     page = client.get(f"/reports?day={DAY}").text
-    assert "clearing run" in page and "dev7" in page and f"¥{_yuan(gross)}" in page
+    assert "清分批次" in page and "dev7" in page and f"¥{_yuan(gross)}" in page  # one language: "clearing run" in zh
     import re
 
     links = dict(re.findall(r'id="(day-xlsx|month-pdf)" href="([^"]+)"', page))
