@@ -346,9 +346,13 @@ class DriverMenu:
 
     def after_tap(self, result) -> None:
         """At sign-out (or a hand-over) the closed shift's report is printed without asking."""
-        if result.report is not None:
+        if result.report is None:
+            return
+        try:
             self.slip(render(result.report, width=self.width, languages=self.languages, tz=self.tz,
                              printed_at=self.clock()), show=False)
+        except Exception:  # noqa: BLE001 - the sign-out itself is on disk already; a slip must not stop the loop
+            log.exception("driver menu: sign-out slip of shift %s", result.report.shift_no)
 
     # -- output ----------------------------------------------------------------------------------------------
 
