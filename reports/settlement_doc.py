@@ -15,6 +15,15 @@ default to the route's name in ``names``). Given, the report adds a table "Adjus
 "Payable" line near the top: the period's net + the adjustments' net = the net payable to the operator, and
 the same for gross and commission. Given but empty, the report says in one line that there are none (the run
 was checked, not forgotten). ``None`` (provisional figures, no stored run) says nothing about them.
+
+
+What a manager signs besides the breakdowns, each optional: ``by_card_type`` (card_type as an integer, taps,
+optionally ``free``: the taps that paid nothing, such as free elderly rides, and the money columns), named by
+``names["card_type"]``; ``commission_bp``, the card issuer's rate(s) the figures were cleared at, stated under the
+title; ``previous``, a ``Comparison`` with the period before (printed beside the period, with the change and the
+change in percent); ``tz``, the operator's zone, in which every time is printed, named; ``days_not_cleared`` for a
+period (the status line then says how many of its days are cleared and which are not); ``provisional``, why the
+figures are provisional. Headings carry Chinese with English beside them; signature lines close the report.
 """
 
 from __future__ import annotations

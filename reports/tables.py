@@ -1,14 +1,21 @@
 """The settlement's tables as CSV and XLSX, for the clerk who wants them in a spreadsheet.
 
-The same frames as the PDF (``SettlementTables``), one file (CSV) or one sheet (XLSX) per table. Money stays in
-integer fen, and beside each fen column comes the same amount in yuan with two decimals (``gross`` ->
-``gross_yuan``), worked out with integer arithmetic (CSV) or as an exact Decimal (XLSX, formatted ``#,##0.00``),
-never through a float. Names of routes, vehicles and drivers come beside their codes.
+The same frames as the PDF (``SettlementTables``), one file (CSV) or one sheet (XLSX) per table, each ending in a
+totals row ("合计 Total"). Headers are for people: Chinese with English beside it and the unit where there is one
+("总收入(元) Gross (yuan)"). Money is in yuan with two decimals, worked out from the integer fen with integer
+arithmetic (CSV: "1234.50", no separators, so any spreadsheet parses it) or as an exact Decimal (XLSX, formatted
+``#,##0.00``), never through a float. Names of routes, vehicles, drivers and card types come beside their codes.
+The fleet table is left out when no vehicle is in a fleet (it would hold one row, "not in a fleet").
+
+The XLSX starts with an "about" sheet whose first row is the status line (the day's clearing run, or why the
+figures are provisional; for a month, how many days are cleared and which are not), then when it was generated
+(local time of the operator's zone, named), the commission rate and the totals; a "comparison" sheet puts the
+period beside the one before when that one has cleared figures.
 
 The adjustments the clearing run(s) carry for earlier days (late taps, reconciliation adjustments), when there
-are any, come as one more table, ``adjustments``: kind, for_day, key (route code or reconciliation item id),
-name, taps and the money columns. The XLSX "about" sheet then also gives the adjustments' totals and what is
-payable (the period's totals + the adjustments), as the PDF's "Payable" line does.
+are any, come as one more table, ``adjustments``: kind, for day, route or item, name, taps and the money. The
+"about" sheet then also gives the adjustments' totals and what is payable (the period's totals + the
+adjustments), as the PDF's "Payable" line does.
 
 CSV is UTF-8 with a byte-order mark: Excel on a clerk's Windows PC reads a CSV without one in the local code page
 and shows Chinese names as mojibake. Files are written atomically (a temp file renamed into place).
@@ -16,8 +23,8 @@ and shows Chinese names as mojibake. Files are written atomically (a temp file r
 Names are typed by clerks, so a text cell that a spreadsheet would take for a formula (it starts with =, +, -, @,
 a tab or a carriage return: OWASP's "CSV injection") gets a leading apostrophe, in the CSV and the XLSX alike,
 by ``escape_formulas`` on the way out of both writers: ``=HYPERLINK(...)`` arrives as the text it was typed as.
-Numbers stay numbers: money columns are integers (or Decimals), and a yuan text such as ``-12.50`` is a plain
-number, left as it is.
+Numbers stay numbers: taps are integers, yuan Decimals, and a yuan text such as ``-12.50`` is a plain number,
+left as it is.
 """
 
 from __future__ import annotations
