@@ -95,8 +95,7 @@ def card_balance(*, asn: Asn, tz: str = DEFAULT_TZ,
             "book": book.balance if issued else None,
             "card": book.card_balance,
             "card_seen_at": seen, "card_seen_local": local_time(seen, tz, LOCAL) if seen else None,
-            "agrees": (book.balance + book.refunds == book.card_balance) if issued and book.card_balance is not None
-            else None,
+            "agrees": book.agrees if issued and book.card_balance is not None else None,
         },
         "tz": tz,
     }
