@@ -120,3 +120,49 @@ def test_a_signed_off_day_is_locked_and_a_late_tap_goes_to_the_next_run(engine, 
     assert out.returncode == 2, out.stdout + out.stderr
     assert "signed off by clerk wang" in out.stderr and "locked" in out.stderr
     assert sql(engine, "SELECT COUNT(*) FROM clearing_run")[0] == 2
+
+
+def test_the_taps_browser_says_where_each_tap_went(engine):
+    """backoffice.taps_browser over the same story: a tap of a cleared day is "cleared", a tap that came after its
+    day was cleared is "late" (in the next day's run), one of a day not cleared yet "waiting", a deny-listed card
+    "refused"; filters and the free-text search select what plain SQL selects."""
+    from backoffice.taps_browser import TapFilter, export, latest_day_with_data, search
+
+    denied = {**tap(9, at=START + timedelta(hours=4), received=START + timedelta(hours=5), amount=0),
+              "kind": "denied", "reason": "deny-listed", "card_asn": "ab" * 10}
+    with engine.begin() as conn:
+        conn.execute(Tap.__table__.insert(), [
+            tap(1, at=START + timedelta(hours=2), received=START + timedelta(hours=3)), denied,
+            tap(2, at=START + timedelta(hours=5), received=START + timedelta(hours=6), amount=150)])
+        run = cr.clear_day(conn, operator=OP, day=DAY, now=START + timedelta(days=1, hours=2))
+        conn.execute(Tap.__table__.insert(), [
+            tap(3, at=START + timedelta(hours=8), received=START + timedelta(days=1, hours=5), amount=300),
+            tap(4, at=START + timedelta(days=1, hours=2), received=START + timedelta(days=1, hours=3)),
+            tap(5, at=START + timedelta(days=2, hours=2), received=START + timedelta(days=2, hours=3))])
+        nxt = cr.clear_day(conn, operator=OP, day=DAY + timedelta(days=1), now=START + timedelta(days=2, hours=2))
+    assert run.id != nxt.id
+    three = TapFilter(OP, DAY, DAY + timedelta(days=2))
+    with engine.connect() as conn:
+        page = search(conn, three, tz="Asia/Shanghai", cutoff_hour=3, limit=2, offset=0)
+        assert (page.total, page.fares, page.amount) == (6, 5, 200 + 150 + 300 + 200 + 200)
+        assert [r["device_seq"] for r in page.rows] == [1, 9]  # oldest first, a page of two
+        every = export(conn, three, tz="Asia/Shanghai", cutoff_hour=3).rows
+        outcome = {r["device_seq"]: (r["outcome"], r["clearing_run_id"]) for r in every}
+        assert outcome == {1: ("cleared", run.id), 2: ("cleared", run.id), 9: ("refused", run.id),
+                           3: ("late", nxt.id), 4: ("cleared", nxt.id), 5: ("waiting", None)}
+        for wanted in ("cleared", "late", "waiting", "refused"):
+            only = search(conn, TapFilter(OP, DAY, DAY + timedelta(days=2), outcome=wanted), tz="Asia/Shanghai",
+                          cutoff_hour=3, limit=50)
+            assert sorted(r["device_seq"] for r in only.rows) == sorted(
+                s for s, (o, _r) in outcome.items() if o == wanted), wanted
+        assert [r["device_seq"] for r in search(conn, TapFilter(OP, DAY, DAY, q="deny-LISTED"), tz="Asia/Shanghai",
+                                                cutoff_hour=3).rows] == [9]
+        assert [r["device_seq"] for r in search(conn, TapFilter(OP, DAY, DAY, q="A-V1"), tz="Asia/Shanghai",
+                                                cutoff_hour=3).rows] == [1, 9, 2, 3]  # the plate, from the registry
+        assert search(conn, TapFilter(OP, DAY, DAY, q="50%_"), tz="Asia/Shanghai", cutoff_hour=3).total == 0
+        assert latest_day_with_data(conn, operator=OP, tz="Asia/Shanghai", cutoff_hour=3,
+                                    now=START + timedelta(days=9)) == DAY + timedelta(days=2)
+        assert latest_day_with_data(conn, operator=OP, tz="Asia/Shanghai", cutoff_hour=3,
+                                    now=START + timedelta(hours=1)) == DAY  # not a later day than now's
+    stored = sql(engine, "SELECT COUNT(*), SUM(CASE WHEN kind = 'purchase' THEN amount ELSE 0 END) FROM tap")
+    assert tuple(stored) == (6, 1050)
