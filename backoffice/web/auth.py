@@ -9,9 +9,10 @@ Roles (DESIGN.md, who uses it):
 | ``operations`` | validators, parameters, the deny list, quarantine, the registry of every operator |
 | ``admin`` | everything |
 
-The token file (setting ``api_tokens_file`` / ``FAREBOX_API_TOKENS``, default ``<var_dir>/api-tokens.toml``) holds one ``[[token]]`` table per
-token: name, role, operator (clerks only), created_at, expires_at, revoked_at (once revoked), lang (the holder's
-language for pages, ``zh`` or ``en``; absent: not chosen yet) and the SHA-256 of the token. The token itself is printed once by ``farebox token add`` (``--days N``, default 90) and stored nowhere, so
+The token file (setting ``api_tokens_file`` / ``FAREBOX_API_TOKENS``, default ``<var_dir>/api-tokens.toml``) holds
+one ``[[token]]`` table per token: name, role, operator (clerks only), created_at, expires_at, revoked_at (once
+revoked), lang (the holder's language for pages, ``zh`` or ``en``; absent: not chosen yet) and the SHA-256 of the
+token. The token itself is printed once by ``farebox token add`` (``--days N``, default 90) and stored nowhere, so
 a copy of the file lets nobody in. ``farebox token revoke --name NAME`` marks it revoked. The file is re-read when
 it changes, so a token added, revoked or removed takes effect on the next request of a running ``farebox serve``;
 a token past its ``expires_at`` stops working by itself. Tokens made before expiry existed have no
@@ -320,10 +321,12 @@ class _Owners:
         # _bearer only documents the scheme in OpenAPI (the Authorize button on /docs); self.who reads it
         principal = self.who(request)
         if principal.role not in self.roles:
-            raise HTTPException(403, f"role {principal.role} may not use this; it belongs to "
-                                     f"{', '.join(self.roles)}")
+            raise HTTPException(403, self.refusal(principal))
         request.state.principal = principal
         return principal
+
+    def refusal(self, principal: Principal):
+        return f"role {principal.role} may not use this; it belongs to {', '.join(self.roles)}"
 
     def who(self, request: Request) -> Principal:
         """The caller, by the bearer token; 401 without one that works (unknown, revoked or expired)."""
@@ -344,6 +347,10 @@ class _PageOwners(_Owners):
     SameSite=Strict, and forms that write check a CSRF field of their own (pages_cards.csrf_token)."""
 
     api = False
+
+    def refusal(self, principal: Principal) -> tuple[str, str]:
+        """(Chinese, English): the error page shows the reader's language (the API keeps its one sentence)."""
+        return (f"您的角色（{principal.role}）不能使用此页；它属于 {'、'.join(self.roles)}", super().refusal(principal))
 
     def token(self, request: Request) -> str | None:
         """What identifies the caller: the bearer token, else the session cookie (CSRF fields are made from it)."""

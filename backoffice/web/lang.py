@@ -71,7 +71,8 @@ def t(ctx, zh: str, en: str) -> str:
     return en if ctx.get("lang") == "en" else zh
 
 
-_LEADING_CJK = re.compile(r"^[\u3000-\u303f\u3400-\u9fff\uff00-\uffef]+(?:[\s·:：,，]+[\u3000-\u303f\u3400-\u9fff\uff00-\uffef]+)*[\s·:：]+")
+_CJK = "\u3000-\u303f\u3400-\u9fff\uff00-\uffef"  # CJK punctuation, ideographs, full-width forms
+_LEADING_CJK = re.compile(rf"^[{_CJK}]+(?:[\s·:：,，]+[{_CJK}]+)*[\s·:：]+")
 
 
 @pass_context

@@ -224,7 +224,8 @@ def registry_page(
     conn: Annotated[Connection, Depends(connection)],
 ) -> HTMLResponse:
     if kind not in reads.REGISTRY:
-        raise HTTPException(404, f"no registry list {kind!r}; there are {', '.join(reads.REGISTRY)}")
+        raise HTTPException(404, (f"没有“{kind}”这类资料；可查：{'、'.join(reads.REGISTRY)}",
+                                  f"no registry list {kind!r}; there are {', '.join(reads.REGISTRY)}"))
     rows = reads.registry_list(conn, kind=kind, operator=who.scope(None))
     return render(request, "registry.html", who, kind=kind, rows=rows, kinds=list(reads.REGISTRY))
 

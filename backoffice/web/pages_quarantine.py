@@ -54,7 +54,7 @@ def _page(request: Request, who: Principal, conn: Connection, quarantine_id: int
     try:
         row = quarantine.details(conn, quarantine_id, operator=who.scope(None))
     except quarantine.NotFound as e:
-        raise HTTPException(404, str(e)) from None
+        raise HTTPException(404, (f"没有隔离记录 {quarantine_id}", str(e))) from None
     may_decide = who.role == "admin" or who.role in api.DECIDERS
     info = reads.operator_day(conn, operator=who.operator) if who.operator else None
     return render(request, "quarantine_item.html", who, status=status, row=row, done=done, error=error,
@@ -79,7 +79,7 @@ async def _decide(request: Request, who: Principal, svc: Services, quarantine_id
             try:
                 quarantine.item(conn, quarantine_id, operator=who.scope(None))
             except quarantine.NotFound as e:
-                raise HTTPException(404, str(e)) from None
+                raise HTTPException(404, (f"没有隔离记录 {quarantine_id}", str(e))) from None
         try:
             with svc.engine.begin() as conn:
                 if decision == "release":
@@ -92,7 +92,7 @@ async def _decide(request: Request, who: Principal, svc: Services, quarantine_id
                                       operator=who.scope(None))
                     done = "rejected"
         except quarantine.NotFound as e:
-            raise HTTPException(404, str(e)) from None
+            raise HTTPException(404, (f"没有隔离记录 {quarantine_id}", str(e))) from None
         except quarantine.QuarantineError as e:
             with svc.engine.connect() as conn:
                 return _page(request, who, conn, quarantine_id, error=str(e), status=409)

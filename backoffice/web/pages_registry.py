@@ -43,7 +43,8 @@ templates.env.globals.update(REGISTRY_ACTIONS=ACTIONS, REGISTRY_DONE=DONE, REGIS
 
 def _kind(kind: str) -> str:
     if kind not in edit_api.KINDS:
-        raise HTTPException(404, f"no registry form for {kind!r}; there are {', '.join(edit_api.KINDS)}")
+        raise HTTPException(404, (f"没有“{kind}”这类资料；可维护：{'、'.join(edit_api.KINDS)}",
+                                  f"no registry form for {kind!r}; there are {', '.join(edit_api.KINDS)}"))
     return kind
 
 

@@ -92,7 +92,7 @@ def test_an_admin_reads_the_pages_in_english_then_in_chinese(server, browser, tm
     pages += [f"{base}/manage/{k}" for k in ("routes", "vehicles", "drivers", "devices")]
     pages += [f"{base}/manage/routes/c1", f"{base}/manage/drivers/cd1", f"{base}/manage/devices/cb_001",
               f"{base}/quarantine", f"{base}/quarantine/{quarantined}", f"{base}/admin/users",
-              f"{base}/registry/nope"]  # the last: an error page (404)
+              f"{base}/manage/nope", f"{base}/registry/nope"]  # the last two: error pages (404)
 
     _login(driver, base, tokens["admin"])
     assert "访问令牌" not in driver.page_source  # logged in; the browser asked for Chinese

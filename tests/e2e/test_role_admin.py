@@ -58,7 +58,8 @@ def test_an_admin_adds_a_clerk_who_logs_in_and_is_revoked(server, browser, tmp_p
     _login(admin, base, tokens["admin"])
     _nav(admin, "/admin/users")
     _wait_for(admin, "#add-user")
-    names = [row.find_element(By.TAG_NAME, "td").text for row in admin.find_elements(By.CSS_SELECTOR, "#users tbody tr")]
+    rows = admin.find_elements(By.CSS_SELECTOR, "#users tbody tr")
+    names = [row.find_element(By.TAG_NAME, "td").text for row in rows]
     assert sorted(names) == ["e2e admin", "e2e clerk", "e2e operator_staff"]
     _shot(admin, "admin-users")
 
@@ -126,3 +127,47 @@ def test_an_admin_adds_a_clerk_who_logs_in_and_is_revoked(server, browser, tmp_p
     assert _status(f"{base}/api/v1/routes", token) == 401
     assert _status(f"{base}/api/v1/routes", tokens["clerk"]) == 200  # the others' tokens still work
     assert [e["name"] for e in _entries(token_file)].count(NEW) == 1  # revoked, kept in the file, not removed
+
+
+# ------------------------------------------------------------------------------------------------ the token file
+def _add_many(path: str, count: int) -> None:
+    from backoffice.web.auth import add_token
+
+    for i in range(count):
+        add_token(path, role="operations", name=f"ops {i}", days=1)
+
+
+def _toggle_lang(path: str, count: int) -> None:
+    from backoffice.web.auth import set_lang
+
+    for i in range(count):
+        set_lang(path, name="root", lang=("en", "zh")[i % 2])
+
+
+def test_the_token_file_keeps_every_change_when_the_cli_and_the_server_write_at_once(tmp_path):
+    """`farebox token add` appends while the server rewrites the file for a language choice (two processes): no
+    token is lost, the file stays TOML, and a file of the earlier format (no lang) reads as it did."""
+    import multiprocessing
+
+    from backoffice.web.auth import TokenStore, add_token
+
+    path = tmp_path / "api-tokens.toml"
+    path.write_text('[[token]]\nname = "old"\nrole = "admin"\nsha256 = "' + "ab" * 32 + '"\n\n'
+                    '[[token]]\nname = "later"\nrole = "admin"\nlang = "fr"\nsha256 = "' + "cd" * 32 + '"\n',
+                    encoding="utf-8")  # before languages were kept; and a language this version does not know
+    store = TokenStore(path)
+    assert [(e.principal.name, e.lang) for e in store.entries()] == [("old", None), ("later", None)]
+    assert store.lang_of("old") is None
+    add_token(path, role="admin", name="root", lang="zh")
+    ctx = multiprocessing.get_context("fork")
+    writers = [ctx.Process(target=_add_many, args=(str(path), 25)),
+               ctx.Process(target=_toggle_lang, args=(str(path), 25))]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(90)
+    assert [w.exitcode for w in writers] == [0, 0]
+    names = [e["name"] for e in _entries(path)]
+    assert sorted(names) == sorted(["old", "later", "root", *(f"ops {i}" for i in range(25))])
+    assert TokenStore(path).lang_of("root") == "en"  # the 25th choice (odd count: en, zh, ..., en)
+    assert {e["name"]: e.get("lang") for e in _entries(path)}["old"] is None

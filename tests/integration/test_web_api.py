@@ -357,7 +357,7 @@ def test_a_page_without_login_shows_the_login_form_and_a_wrong_role_the_reason(c
     r = get(client, "/settlement")
     assert r.status_code == 401 and 'name="token"' in r.text and 'value="/settlement"' in r.text
     r = get(client, "/settlement", "operations")
-    assert r.status_code == 403 and "role operations may not use this" in r.text
+    assert r.status_code == 403 and "您的角色（operations）不能使用此页" in r.text  # the Chinese page
 
 
 # ------------------------------------------------------------------------------------------------ operator filter
