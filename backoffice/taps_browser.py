@@ -64,7 +64,8 @@ class TapFilter:
 
 @dataclass(frozen=True)
 class TapPage:
-    rows: list[dict]  # the page's records, oldest first, each with service_day, outcome, run_day
+    rows: list[dict]  # the page's records, oldest first, each with service_day, outcome, run_day and
+    # upload_delay_min (received minus happened: a bus out of reach shows hours here)
     total: int  # records the filters select
     fares: int  # purchases among them
     amount: int  # their fen
@@ -156,7 +157,8 @@ def _rows(conn: Connection, query, *, tz: str, cutoff_hour: int, runs: dict) -> 
         run_day = runs[int(run_id)][0] if run_id is not None and int(run_id) in runs else None
         if run_id is not None and run_day is None:  # a run older than the range start cannot hold it, but be exact
             run_day = conn.execute(select(ClearingRun.service_day).where(ClearingRun.id == run_id)).scalar()
-        row.update(service_day=day, run_day=run_day, outcome=_outcome(row["kind"], run_day, day))
+        row.update(service_day=day, run_day=run_day, outcome=_outcome(row["kind"], run_day, day),
+                   upload_delay_min=int((row["received_at"] - row["occurred_at"]).total_seconds() // 60))
         out.append(row)
     return out
 

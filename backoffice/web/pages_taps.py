@@ -126,7 +126,7 @@ def table(page: taps_browser.TapPage, tz: str) -> tuple[list[str], list[list], l
     header = [f"时间 Time ({tz})", "运营日 Service day", "类型 Kind", "去向 Outcome", "清分批次 Clearing run",
               "线路 Route", "车辆 Vehicle", "司机 Driver", "车载机 Validator", "序号 Sequence", "班次 Shift",
               "卡号 Card", "卡类 Card type", "金额（元） Amount (yuan)", "余额（元） Balance after (yuan)",
-              f"接收时间 Received ({tz})", "原因 Reason"]
+              f"接收时间 Received ({tz})", "上传延迟（分钟） Upload delay (minutes)", "原因 Reason"]
     rows = []
     for r in page.rows:
         run = "" if r["clearing_run_id"] is None else f"{r['clearing_run_id']} ({r['run_day']})"
@@ -137,9 +137,9 @@ def table(page: taps_browser.TapPage, tz: str) -> tuple[list[str], list[list], l
                      r["card_asn"], _card_type(r["card_type"]) if r["card_asn"] else "",
                      money.yuan_decimal(int(r["amount"])) if purchase else None,
                      money.yuan_decimal(int(r["balance_after"])) if purchase else None,
-                     local_time(r["received_at"], tz, "%Y-%m-%d %H:%M:%S"), r["reason"]])
+                     local_time(r["received_at"], tz, "%Y-%m-%d %H:%M:%S"), r["upload_delay_min"], r["reason"]])
     totals = [f"合计 Total: {page.total} 条记录 records, {page.fares} 次乘车 fares", "", "", "", "", "", "", "", "",
-              None, None, "", "", money.yuan_decimal(page.amount), None, "", ""]
+              None, None, "", "", money.yuan_decimal(page.amount), None, "", None, ""]
     return header, rows, totals
 
 
