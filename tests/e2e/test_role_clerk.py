@@ -253,6 +253,11 @@ def test_a_clerk_s_day_through_the_pages(server, browser):
     (cv2,) = one(f"SELECT COUNT(*) FROM tap WHERE operator = ? AND vehicle = 'cv2' AND {SQL_DAY} = ?", A, str(day))
     assert driver.find_element(By.ID, "total").text == str(cv2)
 
+    # another company's taps and exports do not exist for this clerk
+    for path in ("/taps?operator=metrobus", "/taps.csv?operator=metrobus", "/settlement?operator=metrobus"):
+        driver.get(base + path)
+        assert "未找到" in driver.page_source and "mb_001" not in driver.page_source, path
+
     # ---- the settlement page: clear the day, read the figures
     driver.get(f"{base}/dashboard")
     _click_and_wait(driver, driver.find_element(By.ID, f"settlement-{A}"), "#signoff")
