@@ -338,10 +338,10 @@ def _order_page(request, who, svc, order_id, *, error=None, status=200, done="")
                   labels=ORDER_LABELS, actions=ACTIONS)
 
 
-def _order_write(request, who, svc, order_id, fn, done) -> Response:
+def _order_write(request, who, svc, order_id, fn, done, back: str) -> Response:
+    """``back``: "order" when the form was on the order's own page (the answer stays there), else the list."""
     error = _attempt(svc, fn)
-    back = request.headers.get("referer", "")
-    on_order = f"/topups/{order_id}" in back
+    on_order = back == "order"
     if error is None:
         return _back(f"/topups/{quote(order_id)}" if on_order else "/topups", done)
     if on_order:
@@ -351,32 +351,32 @@ def _order_write(request, who, svc, order_id, fn, done) -> Response:
 
 @router.post("/topups/{order_id}/retry")
 def topup_retry(*, request: Request, order_id: str, card_online_ttc: Annotated[int, Form(ge=0, le=0xFFFF)],
-                why: Annotated[str, Form()], csrf: Csrf = "",
+                why: Annotated[str, Form()], csrf: Csrf = "", back: Annotated[str, Form()] = "",
                 who: Annotated[Principal, Depends(page_of("operator_staff"))],
                 svc: Annotated[Services, Depends(services)]) -> Response:
     _check_csrf(request, csrf)
     return _order_write(request, who, svc, order_id, lambda conn: topup.staff_retry(
         conn, order_id=order_id, card_online_ttc=card_online_ttc, who=who.name, why=why, now=svc.clock()),
-        f"retry {order_id}")
+        f"retry {order_id}", back)
 
 
 @router.post("/topups/{order_id}/confirm")
 def topup_confirm(*, request: Request, order_id: str, why: Annotated[str, Form()], csrf: Csrf = "",
-                  who: Annotated[Principal, Depends(page_of("operator_staff"))],
+                  back: Annotated[str, Form()] = "", who: Annotated[Principal, Depends(page_of("operator_staff"))],
                   svc: Annotated[Services, Depends(services)]) -> Response:
     """The issuer's file (or the card at the desk) shows the load: the unconfirmed order is settled as loaded."""
     _check_csrf(request, csrf)
     return _order_write(request, who, svc, order_id, lambda conn: topup.staff_confirm_loaded(
-        conn, order_id=order_id, who=who.name, why=why, now=svc.clock()), f"confirm {order_id}")
+        conn, order_id=order_id, who=who.name, why=why, now=svc.clock()), f"confirm {order_id}", back)
 
 
 @router.post("/topups/{order_id}/refund")
 def topup_refund(*, request: Request, order_id: str, why: Annotated[str, Form()], csrf: Csrf = "",
-                 who: Annotated[Principal, Depends(page_of("operator_staff"))],
+                 back: Annotated[str, Form()] = "", who: Annotated[Principal, Depends(page_of("operator_staff"))],
                  svc: Annotated[Services, Depends(services)]) -> Response:
     _check_csrf(request, csrf)
     return _order_write(request, who, svc, order_id, lambda conn: topup.refund_order(
-        conn, order_id=order_id, who=who.name, why=why, now=svc.clock()), f"refund {order_id}")
+        conn, order_id=order_id, who=who.name, why=why, now=svc.clock()), f"refund {order_id}", back)
 
 
 # ------------------------------------------------------------------------------------------------ reconciliation

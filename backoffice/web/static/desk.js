@@ -96,7 +96,7 @@
     return agent("/card/read", {}).then(function (card) {
       showCard(card);
       if (mode === "lookup") {
-        window.location.href = "/cards/" + encodeURIComponent(card.asn);
+        window.location.href = "/cards?asn=" + encodeURIComponent(card.asn);  // not known here: says so
       } else if (mode === "issue") {
         ["asn", "issuer", "card_type", "algorithm", "valid_from", "valid_to", "balance", "purchase_ttc",
          "load_ttc"].forEach(function (k) {
