@@ -54,8 +54,8 @@ def remember(request: Request, response: Response, code: str) -> None:
     if who is not None and store.path is not None:
         try:
             auth.set_lang(store.path, name=who.name, lang=code)
-        except auth.TokenFileError:
-            pass  # the user was revoked meanwhile: this browser's cookie is all there is to keep
+        except (auth.TokenFileError, OSError):
+            pass  # revoked meanwhile, or a file the server may only read: the cookie is all that keeps it
 
 
 def at_login(response: Response, store: auth.TokenStore, who: auth.Principal) -> None:

@@ -31,6 +31,11 @@ NO_FILE = ("本服务器的令牌不在文件中，无法在此管理", "This se
            "nothing can be added or revoked here")
 
 
+def _unchanged(e: Exception) -> tuple[str, str]:
+    """The token file's refusal (its words name the file and the reason), for the page."""
+    return (f"令牌文件未改动：{e}", str(e))
+
+
 def _users(store: auth.TokenStore, now: datetime) -> list[dict]:
     """One row per token, newest first, each with its state: working, expired, revoked."""
     rows = []
@@ -108,8 +113,8 @@ def admin_add_user(*, request: Request, who: Admin, svc: Svc, csrf: Csrf = "",
         try:
             token = auth.add_token(svc.tokens.path, role=role, name=form["name"], operator=form["operator"] or None,
                                    days=float(form["days"]), lang=lang)
-        except auth.TokenFileError as e:  # a name taken by the CLI a moment ago, a file that does not parse
-            refused = ("未办理", str(e))
+        except (auth.TokenFileError, OSError) as e:  # a name the CLI took just now; a file not to be written
+            refused = _unchanged(e)
         else:
             return _page(request, who, svc, new_token=token, new_name=form["name"])
     return _page(request, who, svc, status=409, error=refused, form=form)
@@ -126,8 +131,8 @@ def admin_revoke_user(*, request: Request, who: Admin, svc: Svc, csrf: Csrf = ""
             "不能在此吊销自己的令牌", "You cannot revoke your own token here (farebox token revoke does)"))
     try:
         auth.revoke_token(svc.tokens.path, name=name)
-    except auth.TokenFileError as e:
-        return _page(request, who, svc, status=409, error=("未办理", str(e)))
+    except (auth.TokenFileError, OSError) as e:
+        return _page(request, who, svc, status=409, error=_unchanged(e))
     return RedirectResponse(f"/admin/users?done=revoked#user-{quote(name)}", status_code=303)
 
 
@@ -139,6 +144,6 @@ def admin_user_lang(*, request: Request, who: Admin, svc: Svc, csrf: Csrf = "",
         return _page(request, who, svc, status=409, error=NO_FILE)
     try:
         auth.set_lang(svc.tokens.path, name=name, lang=lang)
-    except auth.TokenFileError as e:
-        return _page(request, who, svc, status=409, error=("未办理", str(e)))
+    except (auth.TokenFileError, OSError) as e:
+        return _page(request, who, svc, status=409, error=_unchanged(e))
     return RedirectResponse("/admin/users?done=lang", status_code=303)
