@@ -288,7 +288,7 @@ def test_the_review_page_shows_the_record_and_its_psams_and_releases_it(engine):
                            follow_redirects=False)
         assert done.status_code == 303 and done.headers["location"].endswith("done=released")
         page = client.get(f"/quarantine/{row}", headers=ops)
-        assert 'id="status">released' in page.text and "ops_wang" in page.text and NEW_PSAM in page.text
+        assert 'data-status="released">已放行' in page.text and "ops_wang" in page.text and NEW_PSAM in page.text
         twice = client.post(f"/quarantine/{row}/release", data={"why": "again"}, headers=ops)
         assert twice.status_code == 409 and "released already" in twice.text
         detail = client.get(f"/api/v1/quarantine/{row}", headers=clerk).json()
