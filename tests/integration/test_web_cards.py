@@ -533,3 +533,28 @@ def test_the_clerks_reconciliation_page_uploads_and_decides(web):
     r = client.post(f"/reconciliation/{item['id']}", data={"decision": "accepted", "operator": OTHER,
                                                            "csrf": csrf})
     assert r.status_code == 404  # another operator: as if it did not exist
+
+
+def test_the_desk_agent_gives_up_a_held_load_and_the_card_keeps_its_money():
+    """A top-up whose MAC2 never comes back (the page closed mid-way): after HOLD_SECONDS the reader is free
+    again, a late CREDIT is refused, and the card was never credited (its INITIALIZE is dropped)."""
+    from farebox.desk import HOLD_SECONDS, Desk, DeskError
+    from validator.readers.sim import SimReader
+
+    card = SimCard(bytes.fromhex("31000000000000000778"), 1, 500, start=date(2026, 1, 1), end=date(2030, 12, 31))
+    reader = SimReader()
+    reader.present(card)
+    now = [1000.0]
+    desk = Desk(reader, clock=lambda: now[0])
+    prepared = desk.prepare_load(300)
+    assert (prepared["asn"], prepared["balance"], prepared["online_ttc"]) == (card.asn.hex(), 500, 0)
+    with pytest.raises(DeskError) as held:
+        desk.read()
+    assert held.value.status == 409 and desk.status()["holding"] == card.asn.hex()
+    now[0] += HOLD_SECONDS + 1
+    assert desk.status()["holding"] is None and desk.read()["balance"] == 500
+    with pytest.raises(DeskError) as late:
+        desk.credit("805200000b" + "00" * 11)
+    assert late.value.status == 409 and card.balance == 500
+    with pytest.raises(DeskError):
+        desk.prepare_load(0)
