@@ -82,7 +82,11 @@ def _show(args, settings) -> int:
         print(f"{name:>15}: {'-' if d[name] is None else d[name]}")
     if d["record"] is not None:
         print("         record:")
+        from clearing.money import yuan
+
         for name, value in d["record"].items():
+            if name in ("amount", "balance_after", "full_fare") and isinstance(value, int):
+                value = f"{yuan(value, symbol='¥')}  ({value} fen, as the card and the wire carry it)"
             print(f"{name:>15}  {value}")
     else:
         print(f"         record: {d['record_problem']}")

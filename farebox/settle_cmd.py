@@ -64,6 +64,21 @@ def _not_begun(engine, operator: str, day: date) -> str | None:
             "Settle a day once it has ended")
 
 
+def _still_running(engine, operator: str, day: date) -> str | None:
+    from sqlalchemy import select
+
+    from backoffice.models import Operator
+    from clearing.service_day import day_bounds, local_time
+
+    with engine.connect() as conn:
+        op = conn.execute(select(Operator.timezone, Operator.cutoff_hour).where(Operator.code == operator)).first()
+    if op is None:
+        return None
+    end = day_bounds(day, op.timezone, op.cutoff_hour)[1]
+    return (f"service day {day} is still running (it ends {local_time(end, op.timezone)} {op.timezone}): "
+            "figures so far, nothing stored")
+
+
 def _settle(args, settings) -> int:
     from backoffice.settle import settle, settle_month
 
@@ -95,7 +110,10 @@ def _settle(args, settings) -> int:
         return 0
     s, run = d.settlement, d.run
     if run is None:
-        print(f"{args.operator} {args.day}: PROVISIONAL, {d.provisional}")
+        why = d.provisional
+        if "still running" in why:  # said in the operator's own time, not as a UTC ISO stamp
+            why = _still_running(engine, args.operator, args.day) or why
+        print(f"{args.operator} {args.day}: PROVISIONAL, {why}")
         print(f"  {s.taps} fares, gross {_yuan(s.amount)}")
     else:
         t = run.totals
