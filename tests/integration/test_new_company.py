@@ -1,8 +1,9 @@
 """README "A new bus company", run as written: every ``sh`` block of that section, in order, as one bash script in an
 empty folder, with only the environment a newcomer has (no FAREBOX_* setting, no test keys, ``farebox`` and
 ``mosquitto`` on PATH), on SQLite (the README's default; PostgreSQL with ``FAREBOX_DATABASE_URL`` set first, as the
-section says, under ``FAREBOX_SOAK=1``). Then the first settlement's stored totals and the figures the command printed are checked against
-a plain SQL sum over the stored taps and against the fares the section registered, worked out here by hand.
+section says, under ``FAREBOX_SOAK=1``). Then the first settlement's stored totals and the figures the command
+printed are checked against a plain SQL sum over the stored taps and against the fares the section registered,
+worked out here by hand.
 
 The only things the test adds around the blocks: ``set -euo pipefail``, a trap that stops what the section started
 if a step fails, and ``BUS_PORT`` (a free port: the machine's own Mosquitto holds 1883; the section reads
