@@ -117,18 +117,23 @@ class Desk:
             self.vpcd = None
 
     def balance_over_pcsc(self) -> int:
-        """The card's balance as any PC/SC program reads it (SELECT, GET BALANCE), apart from the desk agent."""
-        from validator.readers import open_reader
+        """The card's balance as any PC/SC program reads it (pyscard's own API: SELECT, GET BALANCE), apart from
+        the desk agent and farebox's reader code."""
+        from smartcard.System import readers
 
-        reader = open_reader(self.reader)
+        from hardware_sim.vpcd import reader_name
+
+        reader = next(r for r in readers() if str(r) == reader_name(self.port))
+        connection = reader.createConnection()
+        connection.connect()
         try:
-            session = reader.poll(5)
-            assert session.exchange(bytes.fromhex("00A4040008A000000632010105"))[-2:] == b"\x90\x00"
-            answer = session.exchange(bytes.fromhex("805C000204"))
-            assert answer[-2:] == b"\x90\x00"
-            return int.from_bytes(answer[:4], "big")
+            _data, sw1, sw2 = connection.transmit(list(bytes.fromhex("00A4040008A000000632010105")))
+            assert (sw1, sw2) == (0x90, 0x00)
+            data, sw1, sw2 = connection.transmit(list(bytes.fromhex("805C000204")))
+            assert (sw1, sw2) == (0x90, 0x00)
+            return int.from_bytes(bytes(data[:4]), "big")
         finally:
-            reader.close()
+            connection.disconnect()
 
 
 @pytest.fixture
@@ -141,6 +146,8 @@ def counter(tmp_path):
 
         hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
         names = scard.SCardListReaders(ctx, [])[1] if hr == scard.SCARD_S_SUCCESS else []
+        if hr == scard.SCARD_S_SUCCESS:
+            scard.SCardReleaseContext(ctx)
     except Exception as e:  # noqa: BLE001 - whatever keeps PC/SC away, the test cannot run
         names = []
         print(f"pcsc: {e}")
