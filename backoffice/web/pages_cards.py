@@ -144,6 +144,9 @@ def _issue(request, who, svc, form) -> Response:
             load_ttc=int(form["load_ttc"]) if form.get("load_ttc") else None)
         if len(facts.asn) != 20 or any(c not in "0123456789abcdef" for c in facts.asn) or facts.balance < 0:
             raise ValueError(f"card number {facts.asn!r}")
+        CardType(facts.card_type)  # a type this system knows (ValueError otherwise)
+        if facts.algorithm not in (0, 4):
+            raise ValueError(f"algorithm {facts.algorithm} (3DES 0 or SM4 4)")
     except (KeyError, ValueError) as e:
         return refuse(f"读卡结果或金额有误：{e}", f"The card's reading or an amount is wrong: {e}")
     try:
