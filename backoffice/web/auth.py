@@ -320,9 +320,9 @@ class _Owners:
     def __call__(self, request: Request, _: Annotated[object, Depends(_bearer)] = None) -> Principal:
         # _bearer only documents the scheme in OpenAPI (the Authorize button on /docs); self.who reads it
         principal = self.who(request)
+        request.state.principal = principal  # a refusal's page still shows who is logged in, and their links
         if principal.role not in self.roles:
             raise HTTPException(403, self.refusal(principal))
-        request.state.principal = principal
         return principal
 
     def refusal(self, principal: Principal):
