@@ -20,6 +20,23 @@ from farebox import bootstrap
 from farebox.cli_types import amount_in_yuan
 
 
+CARD_TYPES = {"adult": 1, "student": 2, "elderly": 3, "staff": 4}
+
+
+def _card_type(text: str) -> int:
+    import argparse
+
+    if text.isdigit() and 0 < int(text) < 256:
+        return int(text)
+    if text.lower() in CARD_TYPES:
+        return CARD_TYPES[text.lower()]
+    raise argparse.ArgumentTypeError(f"{text!r}: a card type is one of {', '.join(CARD_TYPES)} or its number")
+
+
+def _type_name(card_type: int) -> str:
+    return next((name for name, n in CARD_TYPES.items() if n == card_type), f"type {card_type}")
+
+
 def _yuan(fen) -> str:
     from clearing.money import yuan
 
@@ -68,7 +85,7 @@ def _card_issue(args, settings) -> int:
         except issuance.IssueError as e:
             print(f"farebox card issue: {e}", file=sys.stderr)
             return 1
-    print(f"card {facts.asn} issued: type {facts.card_type}, balance {_yuan(facts.balance)}, deposit "
+    print(f"card {facts.asn} issued: {_type_name(facts.card_type)}, balance {_yuan(facts.balance)}, deposit "
           f"{_yuan(args.deposit)}, valid {facts.valid_from} to {facts.valid_to}")
     return 0
 
@@ -130,7 +147,8 @@ def add_parser(sub) -> None:
         src.add_argument("--reader", help="desk reader path, e.g. pcsc: or pcsc:0")
         src.add_argument("--sim-state", help="a simulated card's state file (made if missing)")
         q.add_argument("--wait", type=float, default=10.0, help="seconds to wait for a card")
-        q.add_argument("--card-type", type=int, default=1, help="simulated card only: 1 adult, 2 student ...")
+        q.add_argument("--card-type", type=_card_type, default=1, metavar="TYPE",
+                       help="simulated card only: adult, student, elderly, staff (or 1-4)")
 
     p = sub.add_parser("card", help="issue cards, report them lost, show their ledger")
     card = p.add_subparsers(dest="action", required=True)
