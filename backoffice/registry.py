@@ -220,7 +220,7 @@ def _check_service_day(timezone: str | None, cutoff_hour: int | None) -> None:
 
         try:
             ZoneInfo(timezone)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # "Asia" is a folder: IsADirectoryError
             raise RegistryError(f"time zone {timezone!r} is not known: give an IANA name such as Asia/Shanghai") \
                 from None
     if cutoff_hour is not None and (isinstance(cutoff_hour, bool) or not isinstance(cutoff_hour, int)

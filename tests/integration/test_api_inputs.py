@@ -201,3 +201,29 @@ def test_an_admin_adds_an_operator_and_its_commission_rate_over_http_and_nobody_
     assert client.get(url, headers=OPS).json()["rates"][0]["rate_bp"] == 60
     assert client.get(url, headers=CLERK).status_code == 404  # another company's, as if it did not exist
     assert client.get(f"/api/v1/operators/{A}/commission-rates", headers=CLERK).status_code == 200
+
+
+def test_a_clerk_adds_a_fleet_and_sets_fare_rules_for_their_own_company_in_integer_fen(api):
+    client, engine = api
+    r = client.post("/api/v1/fleets", headers=CLERK, json={"code": "cf_north", "name": "北区车队"})
+    assert r.status_code == 201 and r.json()["operator"] == A
+    other = client.post("/api/v1/fleets", headers=CLERK, json={"operator": web_city.B, "code": "x", "name": "x"})
+    assert other.status_code == 404
+    url = f"/api/v1/operators/{A}/fare-rules"
+    for bad in ({"transfer_discount": 1.5}, {"transfer_discount": "100"}, {"min_balance": True},
+                {"discounts": {"2": 50.0}}, {"discounts": {"2": 101}}, {"transfer_window_minutes": "60"}):
+        r = client.post(url, headers=CLERK, json=bad)
+        assert r.status_code == 422, (bad, r.text)
+    assert "transfer_discount is integer fen" in client.post(url, headers=CLERK,
+                                                             json={"transfer_discount": 1.5}).text
+    from datetime import UTC, datetime
+
+    at = datetime.now(UTC).isoformat()  # the city was registered at the real now, the app's clock is March
+    r = client.post(url, headers=CLERK, json={"discounts": {"2": 50, "3": 0}, "transfer_window_minutes": 60,
+                                              "transfer_discount": 100, "at": at})
+    assert r.status_code == 200 and r.json()["changed"] is True
+    assert r.json()["discounts"] == {"2": 50, "3": 0} and r.json()["transfer"] == {"window_minutes": 60,
+                                                                                   "discount": 100}
+    assert client.post(f"/api/v1/operators/{web_city.B}/fare-rules", headers=CLERK, json={}).status_code == 404
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT operator FROM fleet WHERE code = 'cf_north'").scalar() == A

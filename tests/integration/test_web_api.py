@@ -39,6 +39,8 @@ MATRIX = {
     ("POST", "/api/v1/operators/{operator}/commission-rates"): (f"/api/v1/operators/{A}/commission-rates", set()),
     ("GET", "/api/v1/operators/{operator}/commission-rates"): (f"/api/v1/operators/{A}/commission-rates",
                                                                {"clerk", "operations"}),
+    ("POST", "/api/v1/fleets"): ("/api/v1/fleets", {"clerk", "operations"}),
+    ("POST", "/api/v1/operators/{operator}/fare-rules"): (f"/api/v1/operators/{A}/fare-rules", {"clerk", "operations"}),
     ("GET", "/api/v1/routes"): ("/api/v1/routes", {"clerk", "operations"}),
     ("GET", "/api/v1/routes/{key}"): ("/api/v1/routes/c1", {"clerk", "operations"}),
     ("GET", "/api/v1/vehicles"): ("/api/v1/vehicles", {"clerk", "operations"}),

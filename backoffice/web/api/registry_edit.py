@@ -1,6 +1,7 @@
 """Registry writes: add, edit and retire routes, vehicles, drivers and validators, and each entry's history; a new
 bus company and the card issuer's commission on its fares (admin only: ``POST /operators``,
-``POST /operators/{operator}/commission-rates``; the rates are read by clerks for their own company and operations).
+``POST /operators/{operator}/commission-rates``; the rates are read by clerks for their own company and operations);
+its fleets (``POST /fleets``) and fare rules (``POST /operators/{operator}/fare-rules``), clerks for their own company.
 
 Each view turns its request into one call of a ``backoffice.registry`` use case, signed with the token holder's
 name (``by=``) and dated by the app's clock unless the body gives ``at``. A clerk writes their own operator's
@@ -29,6 +30,7 @@ from backoffice.web.api.types import (
     CutoffHour,
     DeviceId,
     Fen,
+    FenOrZero,
     Name,
     OperatorCode,
     Plate,
@@ -377,3 +379,58 @@ def commission_rates(*, operator: OperatorCode, who: RateReader,
     if reads.registry_item(conn, kind="operators", key=operator, operator=who.scope(None)) is None:
         raise HTTPException(404, f"operator {operator!r} not found")
     return _rates(conn, operator)
+
+
+# ------------------------------------------------------------------------------------------------ fleets, fare rules
+class FleetIn(BaseModel):
+    operator: Annotated[OperatorCode | None, Field(description="default: a clerk's own operator")] = None
+    code: Code
+    name: Name
+
+
+class FareRulesIn(BaseModel):
+    discounts: Annotated[dict[Annotated[int, Field(ge=1, le=255)],  # a JSON object's keys are text: "2"
+                              Annotated[int, Field(strict=True, ge=0, le=100)]] | None,
+                         Field(max_length=50, description="{card type: percent of the fare it pays}; replaces the "
+                                                          "whole set (types left out pay 100)")] = None
+    transfer_window_minutes: Annotated[int | None, Field(strict=True, ge=0, le=24 * 60)] = None
+    transfer_discount: FenOrZero | None = None
+    min_balance: FenOrZero | None = None
+    at: When = None
+
+
+@router.post("/fleets", status_code=201)
+def add_fleet(*, body: FleetIn, who: Who, svc: Svc) -> dict:
+    """A fleet (depot, branch) of an operator (a clerk: their own); vehicles join it with ``fleet`` on add / edit."""
+    try:
+        with writing(svc) as conn:
+            operator = scoped(who, body.operator) or who.operator
+            if operator is None or reads.operator_day(conn, operator=operator) is None:
+                raise HTTPException(404 if operator else 422, f"operator {operator!r} not found" if operator
+                                    else "say which operator the fleet belongs to (operator)")
+            registry.add_fleet(conn, code=body.code, operator=operator, name=body.name, by=who.name)
+    except RegistryRefused as e:
+        raise _http(e) from None
+    return {"code": body.code, "operator": operator, "name": body.name}
+
+
+@router.post("/operators/{operator}/fare-rules")
+def set_fare_rules(*, operator: OperatorCode, body: FareRulesIn, who: Who, svc: Svc) -> dict:
+    """The operator-wide part of its fare table (a clerk: their own company): the percent of the fare each card type
+    pays, the transfer window and discount (integer fen), the minimum balance to board (integer fen). Fields left
+    out stay as they are; the answer is the rules from ``at`` on (fen)."""
+    at = body.at or svc.clock()
+    try:
+        with writing(svc) as conn:
+            if reads.registry_item(conn, kind="operators", key=operator, operator=who.scope(None)) is None:
+                raise HTTPException(404, f"operator {operator!r} not found")
+            changed = registry.set_fare_rules(conn, operator=operator, by=who.name, at=at,
+                                              discounts=body.discounts,
+                                              transfer_window_minutes=body.transfer_window_minutes,
+                                              transfer_discount=body.transfer_discount, min_balance=body.min_balance)
+    except RegistryRefused as e:
+        raise _http(e) from None
+    with svc.engine.connect() as conn:
+        table = registry.fare_table(conn, operator, 0, at=at)  # the rules from when they apply
+    return {"changed": changed, "discounts": table["discounts"], "transfer": table["transfer"],
+            "min_balance": table["min_balance"]}
