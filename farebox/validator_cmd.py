@@ -337,6 +337,9 @@ def run(args, settings=None) -> int:
             raise ValueError("--tap and --trial-clock are for a trial on the in-process reader: give --reader sim:")
         if args.trial_clock and not args.tap:
             raise ValueError("--trial-clock goes with --tap (a real bus keeps real time)")
+        missing = [str(p) for p in args.tap if not p.exists()]
+        if missing:
+            raise ValueError(f"--tap: no card file {', '.join(missing)}: make one with farebox sim card --state FILE")
         fares = FareTable.from_dict(json.loads(args.fares.read_text("utf-8")))
         deny = DenyList.load(deny_file) if deny_file.exists() else DenyList.empty()
         journal = Journal(args.journal, budget_bytes=args.journal_budget_mb * 1024 * 1024)
