@@ -156,3 +156,30 @@ def test_jobs_list_says_the_next_run_in_the_operators_own_zone(cli):
     engine.dispose()
     line = next(x for x in cli("jobs", "list").stdout.splitlines() if x.startswith("clearing:zhixing"))
     assert "04:00 Asia/Shanghai" in line and "UTC" not in line.split("cron")[0], line
+
+
+def test_a_trial_shift_with_simulated_cards_is_dated_by_the_trial_clock_and_kept_offline(cli):
+    """`validator run --reader sim: --tap ... --trial-clock`: the cards in turn, two minutes apart, from the given
+    moment; read back from the journal with plain sqlite3. A real reader is refused the trial options."""
+    cards = cli.tmp / "trial"
+    cli("sim", "card", "--type", "driver", "--staff-no", "D9", "--state", str(cards / "driver.json"))
+    cli("sim", "card", "--balance", "10.00", "--state", str(cards / "rider.json"))
+    cli("registry", "add-route", "--operator", "zhixing", "--code", "t1", "--name", "T1", "--fare", "2.50",
+        "--by", "li")
+    (cards / "fares.json").write_text(cli("registry", "fare-table", "--operator", "zhixing").stdout)
+    base = ["validator", "run", "--device", "trial1", "--operator", "zhixing", "--route", "t1", "--vehicle", "tv1",
+            "--psam", "sim:0b0000000001", "--journal", str(cards / "journal.db"), "--fares", str(cards / "fares.json")]
+    refused = cli(*base, "--reader", "pcsc:0", "--tap", str(cards / "rider.json"), ok=False)
+    assert refused.returncode == 2 and "give --reader sim:" in refused.stderr
+    start = "2026-11-30T07:30:00+08:00"
+    done = cli(*base, "--reader", "sim:", "--tap", *(str(cards / f) for f in ("driver.json", "rider.json",
+                                                                             "driver.json")),
+               "--trial-clock", start)
+    assert "all 3 card(s) tapped; offline" in done.stdout
+    with sqlite3.connect(cards / "journal.db") as conn:
+        bodies = [json.loads(b) for (b,) in conn.execute("SELECT body FROM record ORDER BY device_seq")]
+    assert [b["kind"] for b in bodies] == ["shift_open", "purchase", "shift_close"]
+    first = datetime.fromisoformat(start).timestamp()
+    assert [b["occurred_at"] for b in bodies] == [first, first + 120, first + 240]
+    assert bodies[1]["amount"] == 250 and bodies[1]["balance_after"] == 750
+    assert json.loads((cards / "rider.json").read_text())["balance"] == 750  # the card's own word
