@@ -55,7 +55,7 @@ Tap batch::
 
 A record is a flag word then only the fields that differ from what the decoder predicts::
 
-    uv  flags   bits 0-2 kind (0 purchase, 1 shift_open, 2 shift_close, 3 denied; 4-7 refused)
+    uv  flags   bits 0-2 kind (0 purchase, 1 shift_open, 2 shift_close, 3 denied, 4 ticket_use; 5-7 refused)
                 bit 3  FULL   full_fare explicit           (predicted: amount for a purchase, else 0)
                 bit 4  ALG    algorithm explicit           (predicted: alg0 for a purchase, else 0)
                 bit 5  REASON reason explicit              (predicted: "")
@@ -81,6 +81,10 @@ A record is a flag word then only the fields that differ from what the decoder p
     [FULL]           uv           full_fare
     [STOPS]          uv uv        entry_stop, exit_stop
     [REASON]         uv           string index
+    [ticket_use]     8 bytes      ticket_id, u64be (a QR ticket's id, or a pickup code's 10-digit serial)
+                     uv           ticket_use (1.., the use number on this validator)
+                     u8           presented: 1 qr, 2 pickup
+A ticket_use always carries these three (no flag); every other kind has ticket_id 0, ticket_use 0, presented "".
 
 After a record whose terminal_id is not "", the predicted terminal becomes that one and its terminal_seq + 1.
 A purchase must come out with a card ASN, a TAC and a terminal, or the batch is refused.
@@ -138,7 +142,7 @@ import json
 import re
 from datetime import UTC, datetime
 
-from wire.records import RecordKind, TapRecord
+from wire.records import PRESENTED_PICKUP, PRESENTED_QR, RecordKind, TapRecord
 
 VERSION = 2  # the newest format this module writes
 JSON_VERSION = 1
@@ -217,7 +221,10 @@ def sendable(record: TapRecord) -> TapRecord:
 
 
 _U32 = 0xFFFFFFFF
-_KINDS = (RecordKind.PURCHASE, RecordKind.SHIFT_OPEN, RecordKind.SHIFT_CLOSE, RecordKind.DENIED)
+_KINDS = (RecordKind.PURCHASE, RecordKind.SHIFT_OPEN, RecordKind.SHIFT_CLOSE, RecordKind.DENIED, RecordKind.TICKET_USE)
+_PRESENTED_CODE = {PRESENTED_QR: 1, PRESENTED_PICKUP: 2}
+_PRESENTED = {v: k for k, v in _PRESENTED_CODE.items()}
+_U64 = (1 << 64) - 1
 _KIND_CODE = {k: i for i, k in enumerate(_KINDS)}
 F_FULL, F_ALG, F_REASON, F_SEQ, F_CTX = 1 << 3, 1 << 4, 1 << 5, 1 << 6, 1 << 7
 F_TERM, F_TX, F_STOPS, F_ASN, F_TAC, F_MONEY = 1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12, 1 << 13
@@ -373,11 +380,24 @@ def _check_record(r: TapRecord, i: int) -> None:
             raise WireError(f"{where}: {name} must be {width} lower-case hex digits or empty, got {value!r}")
     if r.kind is RecordKind.PURCHASE and not (r.card_asn and r.tac and r.terminal_id):
         raise WireError(f"{where}: a purchase needs card_asn, tac and terminal_id")
+    _check_ticket_fields(r, where)
     if r.occurred_at.microsecond:
         raise WireError(f"{where}: occurred_at must be whole seconds")
     if type(r.epoch) is not int or not 0 <= r.epoch <= MAX_EPOCH:
         raise WireError(f"{where}: epoch must be an integer from 0 to {MAX_EPOCH}, got {r.epoch!r}")
     _u32(int(r.occurred_at.timestamp()), "occurred_at", where)
+
+
+def _check_ticket_fields(r: TapRecord, where: str) -> None:
+    if r.kind is RecordKind.TICKET_USE:
+        if type(r.ticket_id) is not int or not 0 <= r.ticket_id <= _U64:
+            raise WireError(f"{where}: ticket_id must be an integer from 0 to 2^64-1, got {r.ticket_id!r}")
+        if type(r.ticket_use) is not int or not 1 <= r.ticket_use <= _U32:
+            raise WireError(f"{where}: ticket_use must be an integer from 1 to {_U32}, got {r.ticket_use!r}")
+        if r.presented not in _PRESENTED_CODE:
+            raise WireError(f"{where}: presented must be 'qr' or 'pickup', got {r.presented!r}")
+    elif (r.ticket_id, r.ticket_use, r.presented) != (0, 0, ""):
+        raise WireError(f"{where}: only a ticket_use carries ticket_id, ticket_use and presented")
 
 
 def _check_batch(records) -> tuple[TapRecord, ...]:
@@ -481,6 +501,10 @@ def _encode_v2(records: tuple[TapRecord, ...], key: bytes) -> bytes:
             _uv(body, r.exit_stop)
         if flags & F_REASON:
             _uv(body, sid(r.reason))
+        if r.kind is RecordKind.TICKET_USE:
+            body += r.ticket_id.to_bytes(8, "big")
+            _uv(body, r.ticket_use)
+            body.append(_PRESENTED_CODE[r.presented])
         seq_pred, t_prev, ctx = r.device_seq + 1, t, r_ctx
         if r_term:
             term, tseq = r_term, r.terminal_seq + 1
@@ -614,10 +638,18 @@ def _decode_v2(payload: bytes, key) -> Batch:
         full = rd.uv("full_fare") if flags & F_FULL else (money[2] if purchase else 0)
         stops = (rd.uv("entry_stop"), rd.uv("exit_stop")) if flags & F_STOPS else (0, 0)
         reason = string("reason index") if flags & F_REASON else ""
+        ticket = (0, 0, "")
+        if code == 4:
+            ticket_id = int.from_bytes(rd.take(8, "ticket_id"), "big")
+            use = rd.uv("ticket_use")
+            presented = _PRESENTED.get(rd.u8("presented"))
+            if not use or presented is None:
+                rd.fail("a ticket_use needs a use number from 1 and presented 1 (qr) or 2 (pickup)")
+            ticket = (ticket_id, use, presented)
         records.append(TapRecord(
             device_id, seq, kind, datetime.fromtimestamp(t, tz=UTC), operator, ctx[0], ctx[1], ctx[2], ctx[3], asn,
             money[0], money[1], money[2], money[3], terminals[r_term], r_tseq, tac, reason, tx, alg, full, *stops,
-            epoch))
+            epoch, *ticket))
         seq_pred = seq + 1
         if r_term:
             term, tseq = r_term, r_tseq + 1
@@ -906,6 +938,15 @@ def _record(item, device_id: str, operator: str, index: int, epoch: int = 0) -> 
             if not isinstance(value, str) or len(value) != width or not _HEX.fullmatch(value):
                 raise WireError(f"{where}: {name!r} must be {width} lower-case hex digits")
             values[name] = value
+    if "ticket_id" in item:
+        value = item["ticket_id"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _U64:
+            raise WireError(f"{where}: 'ticket_id' must be an integer from 0 to 2^64-1, got {value!r}")
+        values["ticket_id"] = value
+    if "ticket_use" in item:
+        values["ticket_use"] = _int(item["ticket_use"], "ticket_use", where)
+    if "presented" in item:
+        values["presented"] = item["presented"]
     for name in ("route", "vehicle", "driver"):
         values.setdefault(name, "")
     values.setdefault("shift_no", 0)
@@ -913,7 +954,9 @@ def _record(item, device_id: str, operator: str, index: int, epoch: int = 0) -> 
         missing = [n for n in ("card_asn", "terminal_id", "tac") if n not in values]
         if missing:
             raise WireError(f"{where}: a purchase needs {missing}")
-    return TapRecord(**values)
+    record = TapRecord(**values)
+    _check_ticket_fields(record, where)
+    return record
 
 
 def decode_batch_json(payload: bytes) -> Batch:

@@ -24,6 +24,12 @@ class RecordKind(str, enum.Enum):
     SHIFT_OPEN = "shift_open"  # a driver signed in with a driver card
     SHIFT_CLOSE = "shift_close"  # a driver signed out
     DENIED = "denied"  # a deny-listed card was presented and refused
+    TICKET_USE = "ticket_use"  # a cardless ticket (QR or pickup code) accepted on the bus (issue 11)
+
+
+PRESENTED_QR = "qr"  # TICKET_USE: the rider's QR code was scanned
+PRESENTED_PICKUP = "pickup"  # TICKET_USE: the driver keyed the rider's 16-digit pickup code
+PRESENTED = (PRESENTED_QR, PRESENTED_PICKUP)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -52,6 +58,11 @@ class TapRecord:
     entry_stop: int = 0  # distance-fare routes: where the rider boarded ...
     exit_stop: int = 0  # ... and alighted (0 on entry and on flat routes)
     epoch: int = 0  # the journal that wrote it (see the module docstring); 0: a journal from before epochs
+    # TICKET_USE only (0 / "" on every other kind). A QR token names the ticket id (u64); a pickup code only its
+    # 10-digit serial (ticket id mod 10^10), which the back office maps to the ticket of this operator.
+    ticket_id: int = 0
+    ticket_use: int = 0  # which use of the ticket this is on this validator, 1 = its first
+    presented: str = ""  # PRESENTED_QR or PRESENTED_PICKUP
 
     def __post_init__(self):
         if self.occurred_at.tzinfo is None or self.occurred_at.utcoffset().total_seconds() != 0:

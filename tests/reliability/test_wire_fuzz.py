@@ -64,7 +64,9 @@ def seeds(rnd: random.Random) -> list[bytes]:
                 tac=rnd.randbytes(4).hex() if purchase else "",
                 reason=rnd.choice(["", "", "transfer", "on deny list"]), tx_type=rnd.choice([6, 9, 9]),
                 algorithm=rnd.choice([0, 0, 4]), full_fare=rnd.choice([0, 200, 300]),
-                entry_stop=rnd.choice([0, 0, 4]), exit_stop=rnd.choice([0, 9])))
+                entry_stop=rnd.choice([0, 0, 4]), exit_stop=rnd.choice([0, 9]),
+                **(dict(ticket_id=rnd.getrandbits(64), ticket_use=rnd.randint(1, 3), presented="qr")
+                   if kind is RecordKind.TICKET_USE else {})))
         out.append(codec.encode_batch(recs, key=KEY))
         out.append(codec.encode_batch_json(recs))
     for seqs in ([1], list(range(100, 150)), [1, 3, 5, 7], [0, 2**32 - 1], []):

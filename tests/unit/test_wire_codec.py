@@ -177,6 +177,8 @@ def records(draw, device: str, operator: str):
         terminal_seq=draw(u32),
         tac=draw(hexes(8)) if purchase else draw(st.one_of(st.just(""), hexes(8))),
         reason=draw(names),
+        **(dict(ticket_id=draw(st.integers(0, 2**64 - 1)), ticket_use=draw(st.integers(1, U32)),
+                presented=draw(st.sampled_from(["qr", "pickup"]))) if kind is RecordKind.TICKET_USE else {}),
     )
 
 
@@ -559,6 +561,8 @@ def v2_records(draw, device: str, operator: str):
         reason=draw(names), tx_type=draw(st.sampled_from([0x06, 0x09]) | u32),
         algorithm=draw(st.sampled_from([0x00, 0x04]) | u32), full_fare=draw(small), entry_stop=draw(small),
         exit_stop=draw(small),
+        **(dict(ticket_id=draw(st.integers(0, 2**64 - 1)), ticket_use=draw(st.integers(1, U32)),
+                presented=draw(st.sampled_from(["qr", "pickup"]))) if kind is RecordKind.TICKET_USE else {}),
     )
 
 
