@@ -85,7 +85,9 @@ class Uplink:
         self.batch_size = batch_size
         self.ack_timeout = ack_timeout
         self.max_backoff = max_backoff
-        self.clock = clock or (lambda: datetime.now(UTC))
+        # One bus, one clock: its statuses are dated by the clock its taps are (GPS-set on a bus), so "a grey
+        # purchase 10 minutes old" and the link history compare like with like.
+        self.clock = clock or (terminal.clock if terminal is not None else (lambda: datetime.now(UTC)))
         self.last_tap: datetime | None = None
         self._taps_topic = topics.taps(operator, device_id)
         self._status_topic = topics.status(operator, device_id)
