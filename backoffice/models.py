@@ -633,3 +633,142 @@ class WebSession(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+# --- tickets beside cards (issue 11: backoffice/tickets, revision 2026_12_03_0020) ---------------------------------
+from sqlalchemy import CheckConstraint  # noqa: E402  (date and Date come from the clearing section's imports above)
+
+
+class Product(Base):
+    """Something an operator sells that is not stored value: a single ride, a day or month pass, a coach trip."""
+
+    __tablename__ = "product"
+    __table_args__ = (UniqueConstraint("operator", "code", name="uq_product_operator_code"),)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    operator: Mapped[str] = mapped_column(ForeignKey("operator.code"))
+    code: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(16))  # single | day_pass | month_pass | coach_trip
+    name: Mapped[str] = mapped_column(String(200))
+    price_fen: Mapped[int] = mapped_column(BigInteger)
+    routes: Mapped[str] = mapped_column(String(1000), server_default="")  # space-separated route codes; "" = any
+    validity_days: Mapped[int] = mapped_column(Integer, server_default="1")  # the operator's service days
+    uses: Mapped[int] = mapped_column(Integer, server_default="1")  # rides allowed; 0 = unlimited within validity
+    rider_category: Mapped[int] = mapped_column(Integer, server_default="1")  # epurse.cardtypes.CardType
+    active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_by: Mapped[str] = mapped_column(String(64), server_default="")
+
+
+class Departure(Base):
+    """A coach trip's timetabled departure and its seats; ``seats_taken`` = held by unpaid orders + sold."""
+
+    __tablename__ = "departure"
+    __table_args__ = (CheckConstraint("seats_taken >= 0 AND seats_taken <= seats", name="ck_departure_seats"),
+                      UniqueConstraint("product_id", "route", "departs_at", name="uq_departure"),
+                      Index("ix_departure_day", "operator", "service_date"))
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    operator: Mapped[str] = mapped_column(ForeignKey("operator.code"))
+    product_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("product.id"))
+    route: Mapped[str] = mapped_column(String(32))
+    service_date: Mapped[date] = mapped_column(Date)
+    departs_local: Mapped[str] = mapped_column(String(5))  # HH:MM on the operator's clock
+    departs_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    seats: Mapped[int] = mapped_column(Integer)
+    seats_taken: Mapped[int] = mapped_column(Integer, server_default="0")
+    trip_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the GTFS trip it came from
+    active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+
+
+class TicketOrder(Base):
+    """An order for tickets: created -> paid -> issued -> used | refunded | expired (backoffice.tickets.orders)."""
+
+    __tablename__ = "ticket_order"
+    __table_args__ = (UniqueConstraint("operator", "channel", "idempotency_key", name="uq_ticket_order_idempotency"),
+                      Index("ix_ticket_order_state", "state", "expires_at"),
+                      Index("ix_ticket_order_phone", "phone"))
+    order_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    operator: Mapped[str] = mapped_column(ForeignKey("operator.code"))
+    channel: Mapped[str] = mapped_column(String(16))  # web | sms | partner | counter
+    phone: Mapped[str] = mapped_column(String(32), server_default="")
+    state: Mapped[str] = mapped_column(String(16))
+    total_fen: Mapped[int] = mapped_column(BigInteger)
+    paid_fen: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    refunded_fen: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    payment_ref: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    issued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class OrderItem(Base):
+    __tablename__ = "order_item"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("ticket_order.order_id"), index=True)
+    product_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("product.id"))
+    departure_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("departure.id"), nullable=True)
+    start_date: Mapped[date | None] = mapped_column(Date, nullable=True)  # a pass's first service day
+    quantity: Mapped[int] = mapped_column(Integer)
+    unit_fen: Mapped[int] = mapped_column(BigInteger)
+    amount_fen: Mapped[int] = mapped_column(BigInteger)
+
+
+class Ticket(Base):
+    """One ticket issued: what its signed token says, its pickup serial (unique per operator), its uses."""
+
+    __tablename__ = "ticket"
+    __table_args__ = (UniqueConstraint("operator", "pickup_serial", name="uq_ticket_pickup_serial"),)
+    ticket_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    order_id: Mapped[str] = mapped_column(ForeignKey("ticket_order.order_id"), index=True)
+    item_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("order_item.id"))
+    product_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("product.id"))
+    departure_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("departure.id"), nullable=True)
+    operator: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(16))
+    routes: Mapped[str] = mapped_column(String(1000), server_default="")
+    rider_category: Mapped[int] = mapped_column(Integer)
+    price_fen: Mapped[int] = mapped_column(BigInteger)
+    valid_from: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    valid_to: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # exclusive
+    uses_allowed: Mapped[int] = mapped_column(Integer)  # 0 = unlimited within validity
+    uses_made: Mapped[int] = mapped_column(Integer, server_default="0")
+    pickup_serial: Mapped[int] = mapped_column(BigInteger)
+    key_id: Mapped[int] = mapped_column(Integer)
+    token: Mapped[str] = mapped_column(String(600))
+    state: Mapped[str] = mapped_column(String(16))  # issued | used | refunded | expired
+    issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class SeatHold(Base):
+    """Seats of a departure an order holds while it is paid for (held), then sold, or released on expiry/refund."""
+
+    __tablename__ = "seat_hold"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    departure_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("departure.id"), index=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("ticket_order.order_id"), index=True)
+    seats: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))  # held | sold | released
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class OrderAudit(Base):
+    """One line per change of a ticket order's state: who, when, from, to, why (same transaction as the change)."""
+
+    __tablename__ = "order_audit"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("ticket_order.order_id"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    who: Mapped[str] = mapped_column(String(64))
+    from_state: Mapped[str | None] = mapped_column(String(16), nullable=True)  # None: the order was created
+    to_state: Mapped[str] = mapped_column(String(16))
+    why: Mapped[str] = mapped_column(String(500))
