@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     __import__("farebox.desk_cmd").desk_cmd.register(sub)  # desk
     keys_cmd.register(sub)  # keys
     audit_cmd.register(sub)  # audit
+    __import__("farebox.tickets_cmd").tickets_cmd.register(sub)  # ticket
     _insecure_flag_everywhere(sub)
     return parser
 
