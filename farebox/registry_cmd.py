@@ -116,8 +116,19 @@ def _registry_audit(args, settings) -> int:
         lines = audit_lines(conn, operator=args.operator, kind=args.kind, key=args.key)
     for a in lines:
         print(f"{a['recorded_at']:%Y-%m-%d %H:%M:%S}Z  {a['by']:12} {a['action']:7} {a['kind']:8} {a['key']:16} "
-              f"{a['detail']}  (from {a['effective_at']:%Y-%m-%d %H:%M}Z)")
+              f"{_money_in_yuan(a['detail'])}  (from {a['effective_at']:%Y-%m-%d %H:%M}Z)")
     return 0
+
+
+def _money_in_yuan(detail: str) -> str:
+    """An audit line as stored names fares in fen ("flat_fare: 200 -> 250"); people read them in yuan."""
+    import re
+
+    from clearing.money import yuan
+
+    def one(m: re.Match) -> str:
+        return f"{m.group(1)}{m.group(2)}" + re.sub(r"\d+", lambda n: yuan(int(n.group()), symbol="¥"), m.group(3))
+    return re.sub(r"\b(flat_fare|transfer_discount|min_balance)(=|: )((?:\d+|None)(?: -> (?:\d+|None))?)", one, detail)
 
 
 # kind -> (key option, key argument of the use cases); the add / edit / retire commands are made in a loop so that

@@ -53,6 +53,8 @@ def test_fares_deposits_and_top_ups_are_typed_in_yuan_stored_in_fen_and_printed_
     done = cli("registry", "add-route", "--operator", "zhixing", "--code", "r1", "--name", "1路", "--fare", "2.00",
                "--by", "li")
     assert done.stdout.strip() == "route r1 added (flat fare ¥2.00)"
+    audit = cli("registry", "audit", "--operator", "zhixing", "--kind", "route", "--key", "r1").stdout
+    assert "flat_fare=¥2.00" in audit and "flat_fare=200" not in audit  # stored in fen, read in yuan
     cli("registry", "add-route", "--operator", "zhixing", "--code", "r2", "--name", "2路", "--stages", "10:2,20:3.50",
         "--by", "li")
     refused = cli("registry", "add-route", "--operator", "zhixing", "--code", "r3", "--name", "3", "--fare", "2.001",
