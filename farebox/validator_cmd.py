@@ -29,6 +29,10 @@ trial day may lie in the past and be settled at once; it is refused on any reade
 and the simulated cards hold the issuer keys the settings name (FAREBOX_ISSUER_KEYS), as the issuer personalises
 them; the published test keys only when none is set.
 
+E-tickets: ``--scanner qr:/dev/ttyUSB1[?baud=9600]`` reads riders' QR tickets from a 2D scanner module beside the card
+reader; a driver keypad (``--keypad``) takes pickup codes (key 5, 16 digits, #). Both are checked offline with the
+ticket keys the params package brings (validator.tickets) and recorded as ``ticket_use`` in the journal.
+
 Where the bus is, for distance fares: ``--gps /dev/ttyS2[:9600]`` reads a GPS receiver's NMEA 0183 and snaps the bus
 to the nearest of the route's stops (coordinates in the fare table's ``stops``) within ``--stop-radius`` metres;
 ``--stop-button FIFO`` takes the driver's stop button as lines on a named pipe (``next``, ``back``, a number), for a
@@ -106,6 +110,13 @@ def add_parser(sub) -> None:
     p.add_argument("--printer", default=None, metavar="PATH",
                    help="the ESC/POS slip printer: serial:DEV[?baud=9600] or console:; left out: slips on the "
                         "screen only")
+    p.add_argument("--scanner", default=None, metavar="PATH",
+                   help="the 2D (QR) scanner for e-tickets, beside the card reader: qr:DEV[?baud=9600] (the module "
+                        "sends each code's text and CR); tickets are checked with the keys in the params package")
+    p.add_argument("--pickup-max-wrong", type=int, default=5,
+                   help="wrong pickup codes in a row (driver keypad, key 5) before the keypad locks")
+    p.add_argument("--pickup-lockout-seconds", type=int, default=300,
+                   help="how long the keypad refuses pickup codes after too many wrong ones")
     p.add_argument("--printer-width", type=int, default=32, choices=(32, 48),
                    help="printer columns: 32 (58 mm paper) or 48 (80 mm)")
     p.add_argument("--tap", type=Path, nargs="+", action="extend", default=[], metavar="CARD_FILE",
@@ -363,6 +374,21 @@ def run(args, settings=None) -> int:
         journal.close()
         print(f"farebox validator: cannot start: {e}", file=sys.stderr)
         return 2
+    from validator.tickets import TicketChecker
+
+    try:
+        tickets = TicketChecker(terminal, max_wrong_codes=args.pickup_max_wrong,
+                                lockout_seconds=args.pickup_lockout_seconds)
+        scanner = None
+        if args.scanner:
+            from validator.readers.qr import open_scanner
+
+            scanner = open_scanner(args.scanner)
+    except (ReaderError, ValueError) as e:
+        reader.close()
+        journal.close()
+        print(f"farebox validator: cannot start: {e}", file=sys.stderr)
+        return 2
     uplink = downlink = None
     if target is not None:
         from datetime import timedelta
@@ -397,7 +423,7 @@ def run(args, settings=None) -> int:
         print(f"farebox validator: cannot start: {e}", file=sys.stderr)
         return 2
     try:
-        menu = _driver_menu(args, terminal, display)
+        menu = _driver_menu(args, terminal, display, tickets)
     except ValueError as e:
         for mover in movers:
             mover.stop()
@@ -408,7 +434,7 @@ def run(args, settings=None) -> int:
         print(f"farebox validator: cannot start: {e}", file=sys.stderr)
         return 2
     app = ValidatorApp(terminal, reader, display, uplink=uplink, downlink=downlink, fares_file=args.fares,
-                       deny_file=deny_file, position=position, menu=menu)
+                       deny_file=deny_file, position=position, menu=menu, scanner=scanner, tickets=tickets)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -427,6 +453,8 @@ def run(args, settings=None) -> int:
             menu.close()
         if uplink is not None:
             uplink.stop()
+        if scanner is not None:
+            scanner.close()
         reader.close()
         journal.close()
     print(f"validator {args.device} stopped after {app.taps} taps", flush=True)
@@ -455,7 +483,7 @@ def _where_the_bus_is(args, terminal):
     return position, movers
 
 
-def _driver_menu(args, terminal, display):
+def _driver_menu(args, terminal, display, tickets=None):
     """The driver menu from ``--keypad`` and ``--printer`` (validator.driver_menu); None with neither.
     ValueError for a path that is wrong or a keypad that cannot be opened."""
     if args.keypad is None and args.printer is None:
@@ -474,4 +502,4 @@ def _driver_menu(args, terminal, display):
         display.stream.flush()
 
     return DriverMenu(terminal, keypad, printer, screen, languages=display.languages, tz=args.tz,
-                      width=args.printer_width)
+                      width=args.printer_width, tickets=tickets)

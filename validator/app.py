@@ -55,7 +55,8 @@ class _WatchedFile:
 class ValidatorApp:
     def __init__(self, terminal: Terminal, reader: Reader, display: Display, *, uplink=None, downlink=None,
                  fares_file: str | Path | None = None, deny_file: str | Path | None = None,
-                 idle_seconds: float = 5.0, poll_seconds: float = 0.2, position=None, menu=None):
+                 idle_seconds: float = 5.0, poll_seconds: float = 0.2, position=None, menu=None, scanner=None,
+                 tickets=None):
         self.terminal = terminal
         self.reader = reader
         self.display = display
@@ -67,7 +68,11 @@ class ValidatorApp:
         self.poll_seconds = poll_seconds
         self.position = position  # validator.gps.Position, or None: the bus's stop never changes
         self.menu = menu  # validator.driver_menu.DriverMenu, or None: no keypad
+        # validator.readers.qr.QrScanner and validator.tickets.TicketChecker, or None: no 2D scanner on this bus
+        self.scanner = scanner
+        self.tickets = tickets
         self.taps = 0
+        self.scans = 0
 
     def run(self, stop: threading.Event) -> None:
         """Serve riders until ``stop`` is set. Never raises for a card, a reader hiccup or a bad parameter file."""
@@ -77,6 +82,8 @@ class ValidatorApp:
             self.move()
             if self.menu is not None:
                 self.menu.poll()  # the driver's keys, between taps like everything else here
+            if self.scanner is not None:
+                self.scan()
             if time.monotonic() >= next_idle:
                 self.display.idle(route=self.terminal.config.route, shift=self.terminal.shift,
                                   usage=self.terminal.journal.usage())
@@ -91,6 +98,24 @@ class ValidatorApp:
                 continue
             self.serve(session, stop)
             next_idle = time.monotonic() + self.idle_seconds
+
+    def scan(self) -> None:
+        """Check the codes the 2D scanner read since the last look (tickets: validator.tickets)."""
+        try:
+            code = self.scanner.read(0.0)
+        except ReaderError as e:
+            log.error("QR scanner: %s (check its cable and power)", e)
+            return
+        while code is not None:
+            result = self.tickets.scan(code)
+            self.scans += 1
+            self.display.show(result)
+            if self.uplink is not None and result.record is not None:
+                self.uplink.notify()
+            try:
+                code = self.scanner.read(0.0)
+            except ReaderError:
+                return
 
     def move(self) -> None:
         """Tell the terminal the stop the GPS or the stop button reported since the last look (between taps)."""

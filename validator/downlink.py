@@ -16,8 +16,10 @@ one: each staged package whose activation time has come (by the terminal's clock
 - Deny list, JSON body (or empty): the back office's announcement of the current version (on ``_fleet``,
   ``backoffice.publisher``); a device behind says its version at once, in a heartbeat.
 - Params: a fare table (``FareTable.to_dict``) is written to the fares file atomically and swapped in with
-  ``Terminal.replace_fares``; a route assignment replaces the terminal's route. The package version is the params
-  version reported in status; it and the route survive a restart (``state.json`` in the staging folder).
+  ``Terminal.replace_fares``; a route assignment replaces the terminal's route; ticket keys (``tickets``: public
+  keys, pickup key, denied ticket ids) replace ``Terminal.ticket_params`` whole. The package version is the params
+  version reported in status; it, the route and the ticket keys survive a restart (``state.json`` in the staging
+  folder).
 - Software: at activation the tarball is written to ``software/<version>.tar`` and the marker
   ``software/ACTIVATE`` (JSON: version, file, sha256) names it: the bus's boot script installs it at the next boot.
   Nothing is executed here. Status keeps reporting the running version, and "software <v> staged" until the boot
@@ -50,6 +52,7 @@ from blacklist.denylist import DenyList, DenyListError, replace_file
 from validator.fares import FareError, FareTable
 from validator.terminal import Terminal
 from wire.packages import Package, PackageError, parse_params, verify_package
+from wire.ticket import TicketParams
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +134,13 @@ class Downlink:
             log.info("device %s: route %s from the last route assignment (not %s)", self._device, route,
                      self.terminal.config.route)
             self.terminal.config = dataclasses.replace(self.terminal.config, route=route)
+        tickets = self._state.get("tickets")
+        if tickets is not None:
+            try:
+                self.terminal.replace_ticket_params(TicketParams.from_dict(tickets))
+            except ValueError as e:
+                log.error("device %s: ticket keys in the downlink state unreadable (%s): none until the next "
+                          "params package", self._device, e)
         for path in sorted(self.staging.glob("*.pkg")):
             try:
                 payload = path.read_bytes()
@@ -368,6 +378,9 @@ class Downlink:
                 if self.fares_file is not None:
                     replace_file(self.fares_file, json.dumps(staged.fares.to_dict(), indent=1).encode())
                 self.terminal.replace_fares(staged.fares)
+            if "tickets" in doc:
+                self.terminal.replace_ticket_params(TicketParams.from_dict(doc["tickets"]))
+                self._state["tickets"] = doc["tickets"]
             if "route" in doc and doc["route"] != self.terminal.config.route:
                 log.info("device %s: route %s replaces %s", self._device, doc["route"], self.terminal.config.route)
                 self.terminal.config = dataclasses.replace(self.terminal.config, route=doc["route"])

@@ -7,6 +7,8 @@ Keys (a 4x4 keypad sends ``0``-``9``, ``*``, ``#``, ``A``-``D``; buttons wired t
     2           reprint the last slip (marked REPRINT); before any slip, the last shift's report
     3           the shift's last 10 taps: on the screen and on a slip
     4 N... #    one tap by its sequence number (the number on the rider's screen and in the back office)
+    5 N... #    a rider's 16-digit pickup code (an e-ticket bought by SMS or on the web), checked offline with the
+                operator's pickup key and recorded as the ticket's use (validator.tickets; wrong codes lock it)
     *           cancel the number being typed / close the menu
 
 "Taps" are riders' cards: fares taken and deny-listed cards refused. The last 10 are the open (or last) shift's,
@@ -86,6 +88,11 @@ TEXTS: dict[str, tuple[str, str]] = {
     "denied": ("拒绝", "Denied"),
     "shift_open": ("签到", "Sign-in"),
     "shift_close": ("签退", "Sign-out"),
+    "item5": ("取票码验票", "Pickup code"),
+    "enter_code": ("输入16位取票码, #确认 *取消", "16-digit pickup code, # OK * cancel"),
+    "code": ("取票码", "Code"),
+    "no_tickets": ("本机未启用电子票", "No e-tickets on this bus"),
+    "ticket_use": ("电子票", "Ticket"),
 }
 
 
@@ -235,7 +242,7 @@ class DriverMenu:
 
     def __init__(self, terminal, keypad, printer, screen: Callable[[list[str]], None], *,
                  languages: Sequence[str] = ("zh", "en"), tz: str = "Asia/Shanghai", width: int = 32,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), tickets=None):
         self.terminal = terminal
         self.keypad = keypad
         self.printer = printer
@@ -245,6 +252,8 @@ class DriverMenu:
         self.width = width
         self.clock = clock
         self._typing: str | None = None  # digits of a tap number being typed, None when not asked for
+        self.tickets = tickets  # validator.tickets.TicketChecker, or None: no pickup codes on this bus
+        self._code: str | None = None  # digits of a pickup code being typed
 
     def close(self) -> None:
         """Print what is still queued, then let go of the keypad."""
@@ -275,6 +284,9 @@ class DriverMenu:
     def press(self, key: str) -> None:
         if key not in KEYS:
             return
+        if self._code is not None:
+            self._press_code(key)
+            return
         if self._typing is not None:
             if key.isdigit() and len(self._typing) < MAX_SEQ_DIGITS:
                 self._typing += key
@@ -295,11 +307,42 @@ class DriverMenu:
         elif key == "4":
             self._typing = ""
             self.screen([say("enter_seq", self.languages)])
+        elif key == "5":
+            if self.tickets is None:
+                self.screen([say("no_tickets", self.languages)])
+            else:
+                self._code = ""
+                self.screen([say("enter_code", self.languages)])
         elif key in "#0A":
             self.show_menu()
 
+    def _press_code(self, key: str) -> None:
+        """A pickup code being typed: digits (at most 16), ``#`` checks it, ``*`` cancels. The digits are shown
+        as typed (the driver reads them back to the rider) and forgotten once checked."""
+        from wire.ticket import PICKUP_DIGITS
+
+        if key.isdigit() and len(self._code) < PICKUP_DIGITS:
+            self._code += key
+            self.screen([f"{say('code', self.languages)}: {self._code}"])
+        elif key == "#" and self._code:
+            code, self._code = self._code, None
+            self.pickup(code)
+        elif key == "*":
+            self._code = None
+            self.show_menu()
+
+    def pickup(self, code: str) -> None:
+        from validator.display import result_lines
+
+        result = self.tickets.pickup(code)
+        lines = result_lines(result, self.languages)
+        if result.record is not None:
+            lines.append(f"{say('seq', self.languages)} {result.record.device_seq}")
+        self.screen(lines)
+
     def show_menu(self) -> None:
-        items = (("1", "item1"), ("2", "item2"), ("3", "item3"), ("4", "item4"), ("*", "close"))
+        items = (("1", "item1"), ("2", "item2"), ("3", "item3"), ("4", "item4"),
+                 *((("5", "item5"),) if self.tickets is not None else ()), ("*", "close"))
         self.screen([say("menu", self.languages)] + [f"{key} {say(k, self.languages)}" for key, k in items])
 
     # -- the four things a driver asks for -------------------------------------------------------------------

@@ -61,7 +61,7 @@ from validator.shift_report import FareRow, ShiftReport
 from wire.codec import sendable
 from wire.records import RecordKind, TapRecord, from_plain, to_plain, utc
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Fractions of the budget: start pruning acknowledged records, prune down to, refuse new fares from.
 PRUNE_AT = 0.80
@@ -155,6 +155,19 @@ _MIGRATIONS = {
             SELECT 'epoch', CASE WHEN CAST(value AS INTEGER) > 0 THEN '0'
                                  ELSE CAST((random() & 9223372036854775807) | 1 AS TEXT) END
             FROM meta WHERE key = 'last_seq'
+    """,
+    # Cardless tickets used on this bus (validator.tickets), keyed by serial (ticket id mod 10^10), so that a
+    # ticket's QR code and its pickup code count as one ticket. ticket_id is decimal text: a u64 may not fit
+    # SQLite's signed integer. valid_to is NULL for a pickup code (the bus does not know its validity).
+    5: """
+        CREATE TABLE ticket_used (
+            serial INTEGER PRIMARY KEY,
+            ticket_id TEXT NOT NULL,
+            uses INTEGER NOT NULL,
+            first_seq INTEGER NOT NULL,
+            last_at INTEGER NOT NULL,
+            valid_to INTEGER
+        )
     """,
 }
 
@@ -362,6 +375,36 @@ class Journal:
             if row is None or row[0] != "done":
                 self._summarise(record)
         return record
+
+    def use_ticket(self, record: TapRecord, *, serial: int, max_uses: int,
+                   valid_to: datetime | None = None) -> TapRecord | None:
+        """A ``ticket_use`` record, given the next device sequence and the ticket's next use number, written in
+        one transaction with the ticket's use count here; on disk on return. None, and nothing written, when the
+        ticket (by ``serial``) has had ``max_uses`` uses on this validator already (0: unlimited). Raises
+        :class:`JournalFull` as a new purchase would."""
+        with self._lock:
+            self._make_room()
+            with self._tx():
+                row = self._db.execute("SELECT uses FROM ticket_used WHERE serial = ?", (serial,)).fetchone()
+                used = row[0] if row else 0
+                if max_uses and used >= max_uses:
+                    return None
+                record = self._assign(dataclasses.replace(record, ticket_use=used + 1))
+                self._write(record, "done")
+                at = int(record.occurred_at.timestamp())
+                until = int(valid_to.timestamp()) if valid_to is not None else None
+                self._db.execute(
+                    "INSERT INTO ticket_used (serial, ticket_id, uses, first_seq, last_at, valid_to) "
+                    "VALUES (?, ?, 1, ?, ?, ?) ON CONFLICT(serial) DO UPDATE SET uses = uses + 1, "
+                    "last_at = excluded.last_at, valid_to = coalesce(excluded.valid_to, valid_to)",
+                    (serial, str(record.ticket_id), record.device_seq, at, until))
+            return self._assigned(record)
+
+    def ticket_used(self, serial: int) -> tuple[int, datetime] | None:
+        """How many times the ticket with this serial was used here, and when last; None if never."""
+        with self._lock:
+            row = self._db.execute("SELECT uses, last_at FROM ticket_used WHERE serial = ?", (serial,)).fetchone()
+        return None if row is None else (row[0], utc(row[1]))
 
     def cancel(self, device_seq: int) -> None:
         with self._lock, self._tx():

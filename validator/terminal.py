@@ -30,6 +30,7 @@ from validator.readers.base import CardRemoved, CardSession, CommunicationError,
 from validator.shift_report import ShiftReport
 from wire.codec import MAX_ID
 from wire.records import RecordKind, TapRecord
+from wire.ticket import TicketParams
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,14 @@ class Terminal:
         # This terminal is the journal's only writer, so the open shift is read once here and kept in step with
         # every write below, instead of being read back from disk on each tap.
         self._shift: dict | None = journal.get_state("shift")
+        # Ticket keys, pickup key and denied tickets from the params package (validator.tickets reads them).
+        self.ticket_params = TicketParams()
+
+    def replace_ticket_params(self, params: TicketParams) -> None:
+        """Use new ticket keys / pickup key / denied tickets from the next scan on."""
+        self.ticket_params = params
+        log.info("device %s: ticket keys %s, pickup key %s, %d denied ticket(s)", self.config.device_id,
+                 sorted(params.public_keys) or "none", "set" if params.pickup_key else "none", len(params.denied))
 
     def at_stop(self, stop: int) -> None:
         """The bus reached ``stop`` (an index on the route, 0..255)."""

@@ -20,7 +20,8 @@ Layout (big-endian), format 1::
   list and for other kinds.
 - Bodies: deny list, a full list file (``blacklist.denylist``, magic ``FBDL``) or an encoded delta
   (``blacklist.delta.encode_delta``, magic ``FBDD``); params, UTF-8 JSON (``params_body`` / ``parse_params``:
-  ``{"fares": FareTable.to_dict(), "route": "r1"}``, either key may be left out); software, opaque bytes (a
+  ``{"fares": FareTable.to_dict(), "route": "r1", "tickets": TicketParams.to_dict()}``, any key may be left out;
+  ``tickets`` replaces the ticket keys in force whole); software, opaque bytes (a
   tarball), the package version being the software version.
 
 ``verify_package`` is strict: a short or long payload, an unknown magic, format or kind, a bad string, a body whose
@@ -221,18 +222,21 @@ def verify_package(payload: bytes, public_key: bytes) -> Package:
 
 # -- parameter bodies --------------------------------------------------------------------------------------------
 
-PARAMS_KEYS = ("fares", "route")
+PARAMS_KEYS = ("fares", "route", "tickets")
 
 
-def params_body(*, fares: dict | None = None, route: str | None = None) -> bytes:
-    """A params package body: ``fares`` as ``FareTable.to_dict()``, ``route`` the vehicle's route assignment."""
+def params_body(*, fares: dict | None = None, route: str | None = None, tickets: dict | None = None) -> bytes:
+    """A params package body: ``fares`` as ``FareTable.to_dict()``, ``route`` the vehicle's route assignment,
+    ``tickets`` as ``wire.ticket.TicketParams.to_dict()`` (ticket public keys, pickup key, denied ticket ids)."""
     doc: dict = {}
+    if tickets is not None:
+        doc["tickets"] = tickets
     if fares is not None:
         doc["fares"] = fares
     if route is not None:
         doc["route"] = route
     if not doc:
-        raise PackageError("a params package carries a fare table, a route assignment or both")
+        raise PackageError("a params package carries a fare table, a route assignment and/or ticket keys")
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -244,7 +248,7 @@ def parse_params(body: bytes) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PackageError(f"params body is not UTF-8 JSON: {e}") from None
     if not isinstance(doc, dict) or not doc:
-        raise PackageError("params body must be a JSON object with 'fares' and/or 'route'")
+        raise PackageError("params body must be a JSON object with 'fares', 'route' and/or 'tickets'")
     unknown = set(doc) - set(PARAMS_KEYS)
     if unknown:
         raise PackageError(f"params body has unknown key(s) {sorted(unknown)}; it may carry {PARAMS_KEYS}")
@@ -252,4 +256,11 @@ def parse_params(body: bytes) -> dict:
         raise PackageError("params 'fares' must be an object (FareTable.to_dict())")
     if "route" in doc and (not isinstance(doc["route"], str) or not doc["route"]):
         raise PackageError("params 'route' must be a non-empty string")
+    if "tickets" in doc:
+        from wire.ticket import TicketParams
+
+        try:
+            TicketParams.from_dict(doc["tickets"])
+        except ValueError as e:
+            raise PackageError(str(e)) from None
     return doc

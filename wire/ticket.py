@@ -324,3 +324,64 @@ def check_pickup_code(code: str, pickup_key: bytes) -> int:
     if not hmac.compare_digest(_check_digits(serial, pickup_key), check):
         raise TicketError(BAD_PICKUP, "pickup code check digits do not match: mistyped or made up")
     return int(serial)
+
+
+# ------------------------------------------------------------------------------------ in the parameters
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TicketParams:
+    """What a validator needs to check tickets offline, delivered in its signed parameters package (params key
+    ``tickets``): the back office's ticket public keys by key id, the operator's pickup key, and the ids of
+    tickets refused on sight (fraud, refunded after issue). A pickup-code use is recorded by serial, so
+    ``denied`` holds ticket ids; a denied id's serial (id mod 10^10) refuses its pickup code too."""
+
+    public_keys: dict[int, bytes] = dataclasses.field(default_factory=dict)
+    pickup_key: bytes = b""
+    denied: frozenset[int] = frozenset()
+
+    def is_denied(self, ticket_id: int) -> bool:
+        return ticket_id in self.denied
+
+    def serial_denied(self, serial: int) -> bool:
+        return any(t % 10**PICKUP_SERIAL_DIGITS == serial for t in self.denied)
+
+    def to_dict(self) -> dict:
+        out: dict = {"keys": {str(k): v.hex() for k, v in sorted(self.public_keys.items())}}
+        if self.pickup_key:
+            out["pickup_key"] = self.pickup_key.hex()
+        if self.denied:
+            out["denied"] = sorted(self.denied)
+        return out
+
+    @classmethod
+    def from_dict(cls, doc) -> TicketParams:
+        """Strict: ValueError saying what is wrong (the params parser turns it into a PackageError)."""
+        if not isinstance(doc, dict) or set(doc) - {"keys", "pickup_key", "denied"}:
+            raise ValueError("params 'tickets' must be an object with 'keys', 'pickup_key' and/or 'denied'")
+        keys = {}
+        raw_keys = doc.get("keys", {})
+        if not isinstance(raw_keys, dict):
+            raise ValueError("params 'tickets.keys' must map key ids to 64 hex digits")
+        for k, v in raw_keys.items():
+            if not (isinstance(k, str) and k.isdigit() and 0 <= int(k) <= 255):
+                raise ValueError(f"ticket key id {k!r} is not 0..255")
+            try:
+                key = bytes.fromhex(v) if isinstance(v, str) else b""
+            except ValueError:
+                key = b""
+            if len(key) != 32:
+                raise ValueError(f"ticket key {k} must be 64 hex digits (a raw Ed25519 public key)")
+            keys[int(k)] = key
+        pickup = doc.get("pickup_key", "")
+        try:
+            pickup_key = bytes.fromhex(pickup) if isinstance(pickup, str) else None
+        except ValueError:
+            pickup_key = None
+        if pickup_key is None or (pickup_key and not 16 <= len(pickup_key) <= 64):
+            raise ValueError("params 'tickets.pickup_key' must be 32 to 128 hex digits")
+        denied = doc.get("denied", [])
+        if not isinstance(denied, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 64 for t in denied):
+            raise ValueError("params 'tickets.denied' must be a list of ticket ids (0..2^64-1)")
+        return cls(keys, pickup_key, frozenset(denied))

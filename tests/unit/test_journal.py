@@ -74,7 +74,7 @@ def test_opens_with_wal_and_synchronous_full(tmp_path):
         other = sqlite3.connect(path)
         try:
             assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+            assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         finally:
             other.close()
     finally:
