@@ -665,13 +665,14 @@ class Departure(Base):
 
     __tablename__ = "departure"
     __table_args__ = (CheckConstraint("seats_taken >= 0 AND seats_taken <= seats", name="ck_departure_seats"),
-                      UniqueConstraint("product_id", "route", "departs_at", name="uq_departure"),
+                      UniqueConstraint("product_id", "route", "direction", "departs_at", name="uq_departure"),
                       Index("ix_departure_day", "operator", "service_date"))
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
     operator: Mapped[str] = mapped_column(ForeignKey("operator.code"))
     product_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("product.id"))
     route: Mapped[str] = mapped_column(String(32))
+    direction: Mapped[int] = mapped_column(Integer, server_default="0")  # GTFS direction_id: which stop order
     service_date: Mapped[date] = mapped_column(Date)
     departs_local: Mapped[str] = mapped_column(String(5))  # HH:MM on the operator's clock
     departs_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

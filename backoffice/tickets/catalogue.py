@@ -63,6 +63,7 @@ class DepartureView:
     operator: str
     product: str
     route: str
+    direction: int
     service_date: date
     departs_local: str
     departs_at: datetime
@@ -186,8 +187,8 @@ def departure_time(service_date: date, hhmm: str, tz: str) -> tuple[str, datetim
 
 def _departure_view(row, product_code: str) -> DepartureView:
     at = row.departs_at if row.departs_at.tzinfo else row.departs_at.replace(tzinfo=UTC)
-    return DepartureView(row.id, row.operator, product_code, row.route, row.service_date, row.departs_local, at,
-                         row.seats, row.seats_taken, row.trip_id, bool(row.active))
+    return DepartureView(row.id, row.operator, product_code, row.route, row.direction, row.service_date,
+                         row.departs_local, at, row.seats, row.seats_taken, row.trip_id, bool(row.active))
 
 
 def _coach_product(conn: Connection, operator: str, product: str) -> ProductView:
@@ -204,22 +205,27 @@ def _route_of(conn: Connection, operator: str, route: str) -> None:
 
 
 def add_departure(conn: Connection, *, operator: str, product: str, route: str, service_date: date, departs: str,
-                  seats: int, trip_id: str | None = None) -> DepartureView:
-    """A coach departure with ``seats`` seats for sale."""
+                  seats: int, direction: int = 0, trip_id: str | None = None) -> DepartureView:
+    """A coach departure with ``seats`` seats for sale; ``direction`` says which of the route's stop orders it
+    rides (GTFS direction_id, 0 or 1)."""
     op = _operator(conn, operator)
     p = _coach_product(conn, operator, product)
     _route_of(conn, operator, route)
     if isinstance(seats, bool) or not isinstance(seats, int) or not 1 <= seats <= MAX_SEATS:
         raise CatalogueError(f"seats {seats!r}: 1 to {MAX_SEATS}")
+    if direction not in (0, 1):
+        raise CatalogueError(f"direction {direction!r}: 0 or 1 (GTFS direction_id)")
     local, at = departure_time(service_date, departs, op.timezone)
     exists = conn.execute(select(Departure.id).where(Departure.product_id == p.id, Departure.route == route,
+                                                     Departure.direction == direction,
                                                      Departure.departs_at == at)).first()
     if exists:
         raise CatalogueError(f"{product} on route {route} already departs at {local} on {service_date} "
                              f"(departure {exists.id})")
     did = conn.execute(insert(Departure).values(
-        operator=operator, product_id=p.id, route=route, service_date=service_date, departs_local=local,
-        departs_at=at, seats=seats, seats_taken=0, trip_id=trip_id, active=True).returning(Departure.id)).scalar_one()
+        operator=operator, product_id=p.id, route=route, direction=direction, service_date=service_date,
+        departs_local=local, departs_at=at, seats=seats, seats_taken=0, trip_id=trip_id, active=True
+    ).returning(Departure.id)).scalar_one()
     return get_departure(conn, did)
 
 
@@ -243,6 +249,48 @@ def list_departures(conn: Connection, operator: str, *, day: date | None = None,
     if product:
         q = q.where(Product.code == product)
     return [_departure_view(r, r.product_code) for r in conn.execute(q)]
+
+
+def _stop_codes(conn: Connection, operator: str, text_: str) -> set[str]:
+    """The operator's stop codes a rider's word names: the code itself, or the stop's name (exactly, any case)."""
+    from backoffice.models import Stop
+
+    word = text_.strip()
+    rows = conn.execute(select(Stop.code, Stop.name).where(Stop.operator == operator)).all()
+    return {r.code for r in rows if r.code == word or r.name.casefold() == word.casefold()}
+
+
+def departures_between(conn: Connection, *, operator: str, origin: str, destination: str, day: date,
+                       after: str | None = None, now: datetime | None = None) -> list[DepartureView]:
+    """Departures on service day ``day`` (at or after local ``after`` HH:MM, and not yet gone at ``now``) whose
+    route, in the departure's direction, calls at ``origin`` before ``destination`` (stop codes or names):
+    what a rider's SMS ``C#origin#destination#date#time`` asks for. Earliest first, sold-out ones included (the
+    caller says "sold out" rather than "no coach")."""
+    from backoffice import registry
+
+    froms, tos = _stop_codes(conn, operator, origin), _stop_codes(conn, operator, destination)
+    if not froms or not tos:
+        return []
+    now = now or datetime.now(UTC)
+    out = []
+    stops_of: dict[str, dict[int, list[str]]] = {}
+    for d in list_departures(conn, operator, day=day):
+        if not d.active or d.departs_at <= now or (after and d.departs_local < _hhmm(after)):
+            continue
+        if d.route not in stops_of:
+            stops_of[d.route] = registry.route_stops(conn, route=d.route)
+        calls = stops_of[d.route].get(d.direction, [])
+        first = next((i for i, s in enumerate(calls) if s in froms), None)
+        if first is not None and any(s in tos for s in calls[first + 1:]):
+            out.append(d)
+    return out
+
+
+def _hhmm(text_: str) -> str:
+    m = HHMM.fullmatch(text_.strip())
+    if not m:
+        raise CatalogueError(f"time {text_!r}: HH:MM")
+    return f"{int(m.group(1)):02d}:{m.group(2)}"
 
 
 # ------------------------------------------------------------------------------------------------ GTFS trips
@@ -324,18 +372,22 @@ def _service_days(path: Path, start: date, end: date) -> dict[str, set[date]] | 
     return days
 
 
-def _first_departures(path: Path) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
-    """trip_id -> (route_id, service_id) and trip_id -> its first stop's departure time, read with gtfs's reader."""
+def _first_departures(path: Path) -> tuple[dict[str, tuple[str, str, int]], dict[str, str]]:
+    """trip_id -> (route_id, service_id, direction) and trip_id -> its first stop's departure time, read with
+    gtfs's reader."""
     errors: list[str] = []
-    trips: dict[str, tuple[str, str]] = {}
+    trips: dict[str, tuple[str, str, int]] = {}
     first: dict[str, tuple[int, str]] = {}
     with gtfs._open_feed(path) as files:
         for name in ("trips.txt", "stop_times.txt"):
             if name not in files:
                 raise gtfs.GtfsError([f"{name} is missing from the feed"])
         for line, r in gtfs._rows("trips.txt", files["trips.txt"], errors):
-            if r["trip_id"]:
-                trips[r["trip_id"]] = (r["route_id"], r["service_id"])
+            direction = r.get("direction_id") or "0"
+            if direction not in ("0", "1"):
+                errors.append(f"trips.txt line {line}: direction_id {direction!r} must be 0 or 1")
+            elif r["trip_id"]:
+                trips[r["trip_id"]] = (r["route_id"], r["service_id"], int(direction))
         for line, r in gtfs._rows("stop_times.txt", files["stop_times.txt"], errors):
             tid, seq, dep = r["trip_id"], r["stop_sequence"], r.get("departure_time") or r.get("arrival_time", "")
             if tid not in trips or not seq.isdigit():
@@ -368,7 +420,7 @@ def import_gtfs_departures(conn: Connection, *, operator: str, product: str, fol
     every_day = [start + timedelta(days=i) for i in range((end - start).days + 1)]
     report = DepartureImport()
     # all or nothing by the caller's transaction (no savepoint: pysqlite's would commit on release)
-    for tid, (route, service_id) in sorted(trips.items()):
+    for tid, (route, service_id, direction) in sorted(trips.items()):
         if wanted and route not in wanted:
             continue
         if route not in ours:
@@ -390,8 +442,8 @@ def import_gtfs_departures(conn: Connection, *, operator: str, product: str, fol
                 report.already += 1
                 continue
             did = conn.execute(insert(Departure).values(
-                operator=operator, product_id=p.id, route=route, service_date=day, departs_local=local,
-                departs_at=at, seats=seats, seats_taken=0, trip_id=tid[:64], active=True
+                operator=operator, product_id=p.id, route=route, direction=direction, service_date=day,
+                departs_local=local, departs_at=at, seats=seats, seats_taken=0, trip_id=tid[:64], active=True
             ).returning(Departure.id)).scalar_one()
             report.added.append(get_departure(conn, did))
     return report

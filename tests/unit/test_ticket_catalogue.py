@@ -28,7 +28,10 @@ def engine(tmp_path):
     with engine.begin() as conn:
         registry.add_operator(conn, code=OP, name="Coach Co", at=NOW - timedelta(days=30))
         registry.add_operator(conn, code="other", name="Other", at=NOW - timedelta(days=30))
-        registry.add_route(conn, code="AIR", operator=OP, name="Airport", flat_fare=200, at=NOW - timedelta(days=30))
+        for code, name in (("S1", "Station"), ("S2", "Airport"), ("S3", "Harbour")):
+            registry.set_stop(conn, operator=OP, code=code, name=name, by="clerk")
+        registry.add_route(conn, code="AIR", operator=OP, name="Airport", flat_fare=200, at=NOW - timedelta(days=30),
+                           stops={0: ["S1", "S2"], 1: ["S2", "S1"]})
         registry.add_route(conn, code="X9", operator="other", name="Theirs", flat_fare=200,
                            at=NOW - timedelta(days=30))
         catalogue.add_product(conn, operator=OP, code="coach", kind="coach_trip", name="Airport coach",
@@ -122,3 +125,26 @@ def test_a_broken_calendar_refuses_the_feed_and_writes_nothing(engine, tmp_path)
                                          start=date(2026, 12, 1), end=date(2026, 12, 6), seats=45)
     assert "calendar_dates.txt line 2" in str(refused.value)
     assert sql(engine, "SELECT COUNT(*) FROM departure") == [(0,)]
+
+
+def test_a_riders_origin_and_destination_find_the_departures_going_that_way(engine):
+    day = date(2026, 12, 5)
+    with engine.begin() as conn:
+        out = catalogue.add_departure(conn, operator=OP, product="coach", route="AIR", service_date=day,
+                                      departs="09:00", seats=30)
+        back = catalogue.add_departure(conn, operator=OP, product="coach", route="AIR", service_date=day,
+                                       departs="09:00", seats=30, direction=1)
+        late = catalogue.add_departure(conn, operator=OP, product="coach", route="AIR", service_date=day,
+                                       departs="18:00", seats=30)
+    with engine.connect() as conn:
+        def find(origin, destination, after=None):
+            return [d.id for d in catalogue.departures_between(conn, operator=OP, origin=origin,
+                                                               destination=destination, day=day, after=after,
+                                                               now=NOW)]
+        assert find("Station", "airport") == [out.id, late.id]  # a stop's name, any case, or its code
+        assert find("S2", "S1") == [back.id]
+        assert find("Station", "Airport", after="12:00") == [late.id]
+        assert find("Station", "Harbour") == [] and find("Nowhere", "Airport") == []
+        gone = catalogue.departures_between(conn, operator=OP, origin="S1", destination="S2", day=day,
+                                            now=datetime(2026, 12, 5, 2, 0, tzinfo=UTC))  # 10:00 local
+        assert [d.id for d in gone] == [late.id]

@@ -48,6 +48,7 @@ def upgrade() -> None:
         sa.Column("operator", sa.String(32), sa.ForeignKey("operator.code"), nullable=False),
         sa.Column("product_id", sa.BigInteger, sa.ForeignKey("product.id"), nullable=False),  # a coach_trip product
         sa.Column("route", sa.String(32), nullable=False),
+        sa.Column("direction", sa.Integer, nullable=False, server_default="0"),  # GTFS direction_id: its stop order
         sa.Column("service_date", sa.Date, nullable=False),  # the operator's service day
         sa.Column("departs_local", sa.String(5), nullable=False),  # HH:MM on the operator's clock
         sa.Column("departs_at", UTC, nullable=False),
@@ -56,7 +57,7 @@ def upgrade() -> None:
         sa.Column("trip_id", sa.String(64), nullable=True),  # the GTFS trip it came from
         sa.Column("active", sa.Boolean, nullable=False, server_default=sa.true()),
         sa.CheckConstraint("seats_taken >= 0 AND seats_taken <= seats", name="ck_departure_seats"),
-        sa.UniqueConstraint("product_id", "route", "departs_at", name="uq_departure"),
+        sa.UniqueConstraint("product_id", "route", "direction", "departs_at", name="uq_departure"),
     )
     op.create_index("ix_departure_day", "departure", ["operator", "service_date"])
     op.create_table(
