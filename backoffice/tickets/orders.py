@@ -223,6 +223,38 @@ def _priced_items(conn: Connection, operator: str, items: Sequence[ItemRequest],
     return out
 
 
+@dataclass(frozen=True)
+class Quote:
+    """What an order of these items would cost now, before anything is held: the SMS dialogue's quote, the web
+    shop's basket. ``seats_free`` per coach item (None for other kinds); ``enough`` whether all fit now."""
+
+    total_fen: int
+    lines: list[dict]
+
+    @property
+    def enough(self) -> bool:
+        return all(line["seats_free"] is None or line["seats_free"] >= line["quantity"] for line in self.lines)
+
+
+def quote_order(conn: Connection, *, operator: str, items: Sequence[ItemRequest], now: datetime | None = None
+                ) -> Quote:
+    """Price ``items`` from the catalogue, holding nothing. OrderError as ``create_order`` for a bad item."""
+    now = _now(now)
+    op = _operator(conn, operator)
+    lines = []
+    for item in _priced_items(conn, operator, items, now, op):
+        product = conn.execute(select(Product.code, Product.name, Product.kind)
+                               .where(Product.id == item["product_id"])).one()
+        free = None
+        if item["departure_id"] is not None:
+            dep = conn.execute(select(Departure.seats, Departure.seats_taken, Departure.departs_at)
+                               .where(Departure.id == item["departure_id"])).one()
+            free = 0 if _utc(dep.departs_at) <= now else dep.seats - dep.seats_taken
+        lines.append(item | {"product": product.code, "name": product.name, "kind": product.kind,
+                             "seats_free": free})
+    return Quote(sum(line["amount_fen"] for line in lines), lines)
+
+
 def _new_order_id(now: datetime) -> str:
     return f"TK{now:%Y%m%d}{secrets.token_hex(8).upper()}"
 

@@ -333,3 +333,21 @@ def test_a_notification_and_a_query_at_once_pay_once(pg_engine):
         trail = audit_trail(pg_engine, order_id)
         assert trail[0] == (None, "created") and len(trail) in (2, 3), trail
     assert seat_books(pg_engine, dep)[1] == seat_books(pg_engine, dep)[2]
+
+
+def test_a_quote_holds_nothing_and_the_expiry_job_releases_seats(engine):
+    from backoffice.tickets import jobs
+
+    dep = departure(engine, seats=2)
+    with engine.connect() as conn:
+        quote = orders.quote_order(conn, operator=OP, items=[ItemRequest("coach", 2, departure_id=dep),
+                                                              ItemRequest("ride")], now=NOW)
+    assert quote.total_fen == 2 * 3000 + 200 and quote.enough and quote.lines[0]["seats_free"] == 2
+    assert seat_books(engine, dep) == (2, 0, 0, 0)
+    held = buy(engine, [ItemRequest("coach", 2, departure_id=dep)])
+    with engine.connect() as conn:
+        assert not orders.quote_order(conn, operator=OP, items=[ItemRequest("coach", 1, departure_id=dep)],
+                                      now=NOW).enough
+    done = jobs.expire_due(engine, now=NOW + timedelta(hours=1))
+    assert done.orders_expired == [held] and seat_books(engine, dep) == (2, 0, 0, 0)
+    assert jobs.expire_due(engine, now=NOW + timedelta(hours=1)).orders_expired == []
