@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                "a fresh database is created beside it and dropped), FAREBOX_BENCH_MQTT_URL (default "
                "mqtt://127.0.0.1:1883).")
     p.add_argument("which", nargs="?",
-                   choices=["all", "tap", "ingest", "denylist", "readers", "wire", "report", "fleet", "clearing"],
+                   choices=["all", "tap", "ingest", "denylist", "readers", "wire", "report", "fleet", "clearing",
+                            "tickets"],
                    default="all", help="which benchmark to run (default: all)")
     p.add_argument("--quick", action="store_true",
                    help=f"a small run for smoke tests (tap {QUICK['tap_taps']} taps; ingest {QUICK['taps']} taps "
@@ -108,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
 
         clearing.run(taps=clearing.QUICK_TAPS if args.quick else clearing.TAPS, console=out,
                      results_dir=args.results)
+    if args.which in ("all", "tickets"):  # ticket check beside a bare Ed25519 verify; --quick: 500 / 200
+        from bench import tickets
+
+        tickets.run(**({"verifies": 500, "scans": 200} if args.quick else {}), console=out, results_dir=args.results)
     return status
 
 
