@@ -76,6 +76,14 @@ class TicketKeys:
 
         return public_key_bytes(self.seed)
 
+    def validator_params(self, operator: str, denied=()):
+        """The ``tickets`` section of ``operator``'s validator parameters (wire.ticket.TicketParams): the public
+        key by its id, the operator's pickup key, the ticket ids refused on sight (e.g.
+        backoffice.tickets.orders.denied_tickets)."""
+        from wire.ticket import TicketParams
+
+        return TicketParams({self.key_id: self.public_key()}, self.pickup_key(operator), frozenset(denied))
+
     @property
     def is_test(self) -> bool:
         return self.seed == TEST_TICKET_SEED or self.pickup_master == TEST_PICKUP_MASTER

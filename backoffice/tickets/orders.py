@@ -509,6 +509,15 @@ def record_use(conn: Connection, ticket_id: int, *, who: str, at: datetime | Non
     return row.uses_made
 
 
+def denied_tickets(conn: Connection, operator: str, *, now: datetime | None = None) -> list[int]:
+    """Ticket ids a bus must refuse although their token still verifies: refunded tickets whose validity is not
+    over (after that the token refuses itself). For the validators' parameters (TicketKeys.validator_params)."""
+    now = _now(now)
+    return list(conn.execute(select(Ticket.ticket_id).where(Ticket.operator == operator, Ticket.state == "refunded",
+                                                            Ticket.valid_to > now)
+                             .order_by(Ticket.ticket_id)).scalars())
+
+
 # ---------------------------------------------------------------------------------------------------- expire
 def expire_unpaid(conn: Connection, *, now: datetime | None = None, who: str = "expiry job",
                   limit: int = 500) -> list[str]:

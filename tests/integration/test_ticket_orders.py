@@ -240,6 +240,15 @@ def test_only_unused_tickets_are_refunded(engine):
             orders.refund(conn, order_id, who="staff:li", why="again", now=at)
     assert nothing.value.code == "not_refundable"
     assert seat_books(engine, dep) == (4, 0, 0, 0)
+    with engine.connect() as conn:  # the refunded tokens still verify: the buses get their ids to refuse
+        assert orders.denied_tickets(conn, OP, now=at) == sorted(coach)
+        assert orders.denied_tickets(conn, OP, now=NOW + timedelta(days=2)) == []
+    params = KEYS.validator_params(OP, sorted(coach))
+    assert params.denied == frozenset(coach) and params.pickup_key == KEYS.pickup_key(OP)
+    from wire.ticket import TicketParams, decode_ticket
+
+    assert TicketParams.from_dict(params.to_dict()) == params
+    assert decode_ticket(tickets[0].token, params.public_keys).ticket_id == tickets[0].ticket_id
     assert sql(engine, "SELECT state, refunded_fen FROM ticket_order WHERE order_id = :o", o=order_id) == [
         ("used", 6000)]
     assert sql(engine, "SELECT state, COUNT(*) FROM ticket WHERE order_id = :o GROUP BY state ORDER BY state",
