@@ -6,7 +6,8 @@ A QR ticket (wire.ticket) is checked, in this order, and refused with the rider'
 1. it decodes and its Ed25519 signature verifies with one of the ticket public keys in the bus's parameters
    (``Terminal.ticket_params``, from the signed params package): "invalid ticket" (forged or altered) or "ticket
    not recognised" (not a ticket, too long, a key this bus does not hold);
-2. it is this bus's operator's; it is not on the deny list (``TicketParams.denied``);
+2. it is this bus's operator's; it is not on the deny list (the bus's deny list, under ``wire.ticket.deny_key``,
+   or the ``denied`` ids of the ticket parameters);
 3. now is within its validity (half-open: from <= now < to): "not valid yet" / "expired";
 4. it covers this bus's route (no routes = any route);
 5. a driver is signed in (as for cards: a use belongs to a shift);
@@ -86,7 +87,7 @@ class TicketChecker:
                            f"{e.reason_code}: {e.message}")
         if ticket.operator != config.operator:
             return Verdict(ticket, Outcome.TICKET_WRONG_OPERATOR, f"ticket of {ticket.operator}")
-        if params.is_denied(ticket.ticket_id):
+        if params.is_denied(ticket.ticket_id) or wt.deny_key(ticket.ticket_id) in self.terminal.deny_list:
             return Verdict(ticket, Outcome.TICKET_BLOCKED, f"ticket {ticket.ticket_id} on the deny list")
         if now < ticket.valid_from:
             return Verdict(ticket, Outcome.TICKET_NOT_YET_VALID, f"valid from {ticket.valid_from.isoformat()}")
@@ -168,7 +169,7 @@ class TicketChecker:
             return TapResult(Outcome.CODE_WRONG, detail=f"{e.message} ({wrong} of {self.max_wrong_codes})")
         if journal.get_state(_LOCK_STATE):
             journal.put_state(_LOCK_STATE, None)  # a right code ends the run of wrong ones
-        if self.params.serial_denied(serial):
+        if self.params.serial_denied(serial) or wt.serial_deny_key(serial) in self.terminal.deny_list:
             return TapResult(Outcome.TICKET_BLOCKED, detail=f"serial {serial} on the deny list")
         if self.terminal.shift is None:
             return TapResult(Outcome.NO_SHIFT)

@@ -326,6 +326,33 @@ def check_pickup_code(code: str, pickup_key: bytes) -> int:
     return int(serial)
 
 
+# ------------------------------------------------------------------------------------ on the deny list
+#
+# A ticket refused on sight (a use flagged as fraud at ingest, a ticket refunded after issue) travels to the buses
+# on the ordinary deny list (blacklist.denylist, its deltas and their publisher), which holds 10-byte keys: a
+# ticket is listed under two keys with prefixes no card ASN has (ASNs are BCD digits, and 0xFE is not), one for
+# its id (checked on a QR scan) and one for its pickup serial (checked on a pickup code, where the bus knows only
+# the serial). The back office lists both: ``deny_keys(ticket_id)``.
+
+DENY_PREFIX_TICKET = bytes.fromhex("fe71")
+DENY_PREFIX_SERIAL = bytes.fromhex("fe72")
+
+
+def deny_key(ticket_id: int) -> bytes:
+    """The deny-list key of a ticket id (what a QR scan looks up)."""
+    return DENY_PREFIX_TICKET + ticket_id.to_bytes(8, "big")
+
+
+def serial_deny_key(serial: int) -> bytes:
+    """The deny-list key of a pickup serial (ticket id mod 10^10; what a pickup code looks up)."""
+    return DENY_PREFIX_SERIAL + (serial % 10**PICKUP_SERIAL_DIGITS).to_bytes(8, "big")
+
+
+def deny_keys(ticket_id: int) -> tuple[bytes, bytes]:
+    """Both keys the back office puts on the deny list to refuse a ticket on every bus, by QR and by pickup code."""
+    return deny_key(ticket_id), serial_deny_key(ticket_id)
+
+
 # ------------------------------------------------------------------------------------ in the parameters
 
 

@@ -221,3 +221,19 @@ def test_ticket_keys_arrive_in_a_signed_params_package_and_survive_a_restart(tmp
     Downlink(b.terminal, public_key=TEST_PUBLIC_KEY, staging_dir=tmp_path / "staging")
     assert b.terminal.ticket_params.pickup_key == PICKUP_KEY and b.terminal.ticket_params.denied == {1001}
     b.journal.close()
+
+
+def test_tickets_on_the_ordinary_deny_list_are_refused_by_qr_and_by_pickup_code(bus):
+    from blacklist.denylist import DenyList
+    from wire.ticket import deny_keys
+
+    # the keys written by hand: prefix FE71 + ticket id, FE72 + serial, 8 bytes big-endian each
+    assert deny_keys(12_345_678_901_234) == (bytes.fromhex("fe71") + (12_345_678_901_234).to_bytes(8, "big"),
+                                             bytes.fromhex("fe72") + (5_678_901_234).to_bytes(8, "big"))
+    card = bytes.fromhex("99990000000000000042")
+    bus.terminal.replace_deny_list(DenyList.from_asns([card, *deny_keys(9009), *deny_keys(12_345_678_901_234)],
+                                                      version=2))
+    assert bus.tickets.scan(token(9009)).outcome is Outcome.TICKET_BLOCKED
+    assert bus.tickets.pickup(ref_pickup_code(12_345_678_901_234, PICKUP_KEY)).outcome is Outcome.TICKET_BLOCKED
+    assert bus.tickets.scan(token(9010)).outcome is Outcome.TICKET_OK
+    assert bus.uses_on_disk()[0]["ticket_id"] == 9010
