@@ -19,7 +19,7 @@ from datetime import UTC, date, datetime, timedelta
 import pandas as pd
 from sqlalchemy import Connection, and_, func, select, tuple_, update
 
-from backoffice import signoff
+from backoffice import day_lock
 from backoffice.models import (
     ClearingRow,
     ClearingRun,
@@ -316,11 +316,11 @@ def clear_day(conn: Connection, *, operator: str, day: date, now: datetime | Non
     """Clear ``operator``'s service ``day`` as of ``now`` (default: the current time), or re-clear and check it
     when it is cleared already. Days skipped since the operator's last run are cleared first, in order
     (``catch_up_days``), each its own run, in the caller's transaction. A day a clerk signed off is not cleared
-    again (``backoffice.signoff.DayLocked``): its corrections go into the next run."""
+    again (``backoffice.day_lock.DayLocked``): its corrections go into the next run."""
     now = _utc(now) or datetime.now(UTC)
     existing = _run_row(conn, and_(ClearingRun.operator == operator, ClearingRun.service_day == day))
     if existing is not None:
-        signoff.check_open(conn, operator=operator, day=day)  # a signed-off day is locked: DayLocked
+        day_lock.check_open(conn, operator=operator, day=day)  # a signed-off day is locked: DayLocked
         return _reclear(conn, existing)
     op = _operator(conn, operator)
     run = None

@@ -15,83 +15,20 @@ totals (no money is computed here, only added up); counts of free rides and refu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import BigInteger, Date, DateTime, ForeignKey, Integer, String, UniqueConstraint, func, select
-from sqlalchemy import Connection
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import Connection, func, select
 
-from backoffice.models import Base, ClearingRun, Device, Quarantine, Tap
+from backoffice import clearing_runs
+from backoffice.day_lock import SettlementSignoff, SignOff, as_utc, signed_off
+from backoffice.models import ClearingRun, Device, Quarantine, Tap
 from clearing.service_day import day_bounds
 
 PURCHASE, DENIED = "purchase", "denied"
 
 
-class SettlementSignoff(Base):
-    """One operator's service day approved (revision 2026_12_03_0017)."""
-
-    __tablename__ = "settlement_signoff"
-    __table_args__ = (UniqueConstraint("operator", "service_day", name="uq_settlement_signoff_day"),)
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
-                                    autoincrement=True)
-    operator: Mapped[str] = mapped_column(String(32), ForeignKey("operator.code"))
-    service_day: Mapped[date] = mapped_column(Date)
-    run_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("clearing_run.id"))
-    fingerprint: Mapped[str] = mapped_column(String(64))
-    day_gross: Mapped[int] = mapped_column(BigInteger)
-    payable_net: Mapped[int] = mapped_column(BigInteger)
-    approved_by: Mapped[str] = mapped_column(String(64))
-    approved_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    note: Mapped[str] = mapped_column(String(500), server_default="")
-
-
-class DayLocked(ValueError):
-    """The day is signed off: it is not cleared again."""
-
-
 class SignOffError(ValueError):
     """The day cannot be signed off (no clearing run yet, signed off already, the run is not the one shown)."""
-
-
-@dataclass(frozen=True)
-class SignOff:
-    operator: str
-    day: date
-    run_id: int
-    fingerprint: str
-    day_gross: int
-    payable_net: int
-    approved_by: str
-    approved_at: datetime
-    note: str
-
-
-def _utc(at: datetime) -> datetime:
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
-
-
-def signed_off(conn: Connection, *, operator: str, day: date) -> SignOff | None:
-    row = conn.execute(select(SettlementSignoff.__table__).where(
-        SettlementSignoff.operator == operator, SettlementSignoff.service_day == day)).first()
-    if row is None:
-        return None
-    return SignOff(row.operator, row.service_day, int(row.run_id), row.fingerprint, int(row.day_gross),
-                   int(row.payable_net), row.approved_by, _utc(row.approved_at), row.note)
-
-
-def locked_message(s: SignOff) -> str:
-    return (f"{s.operator} {s.day} was signed off by {s.approved_by} at {s.approved_at:%Y-%m-%d %H:%M} UTC "
-            f"(clearing run {s.run_id}): the day is locked and is not cleared again. A correction goes into the "
-            f"next run: late taps of {s.day} are taken by the next day's clearing as late taps, and a "
-            "reconciliation adjustment is carried into it. The day's reports can still be downloaded.")
-
-
-def check_open(conn: Connection, *, operator: str, day: date) -> None:
-    """Raise ``DayLocked`` when ``day`` is signed off (the lock ``clearing_runs.clear_day`` asks for)."""
-    s = signed_off(conn, operator=operator, day=day)
-    if s is not None:
-        raise DayLocked(locked_message(s))
 
 
 def sign_off(conn: Connection, *, operator: str, day: date, by: str, now: datetime | None = None,
@@ -99,11 +36,9 @@ def sign_off(conn: Connection, *, operator: str, day: date, by: str, now: dateti
     """Approve ``operator``'s service ``day``: its stored run is checked again (cleared from its claimed taps and
     compared, ``clearing_runs.ClearingMismatch`` when different) and the approval stored with who and when.
     ``run_id``: the run the clerk was shown; a different stored run is refused. In the caller's transaction."""
-    from backoffice import clearing_runs  # clearing_runs imports this module for the lock
-
     if not by.strip():
         raise SignOffError("say who approves (by=...): a sign-off is signed")
-    now = _utc(now or datetime.now(UTC))
+    now = as_utc(now or datetime.now(UTC))
     done = signed_off(conn, operator=operator, day=day)
     if done is not None:
         raise SignOffError(f"{operator} {day} was signed off already by {done.approved_by} at "

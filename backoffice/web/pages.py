@@ -20,10 +20,11 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import Connection, select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from backoffice import clearing_runs, registry, signoff, taps_browser
+from backoffice import clearing_runs, day_lock, registry, signoff, taps_browser
 from backoffice.models import ClearingRun as ClearingRunRow
 from backoffice.settle import settle, stored_run_id
-from backoffice.web import lang, pages_reports, reads
+from backoffice.web import lang, reads
+from backoffice.web.downloads import CSV_LABELS, day_csv_tables
 from backoffice.web.api import reports as reports_api
 from backoffice.web.api.clearing import settlement_pdf_bytes
 from backoffice.web.csrf import check_csrf, csrf_token
@@ -325,7 +326,7 @@ def _settlement_page(request: Request, conn: Connection, svc: Services, who: Pri
     q = urlencode({"operator": operator, "day": day.isoformat()})
     downloads = {
         "pdf": f"/settlement.pdf?{q}", "xlsx": f"/reports/day?{q}&format=xlsx",
-        "csv": [(t, f"/reports/day?{q}&format=csv&table={t}") for t in pages_reports.day_csv_tables(run)],
+        "csv": [(t, f"/reports/day?{q}&format=csv&table={t}") for t in day_csv_tables(run)],
         "month_pdf": f"/reports/month?operator={quote(operator)}&month={day:%Y-%m}&format=pdf",
         "month_xlsx": f"/reports/month?operator={quote(operator)}&month={day:%Y-%m}&format=xlsx",
         "taps_csv": f"/taps.csv?operator={quote(operator)}&first={day}&last={day}",
@@ -339,9 +340,9 @@ def _settlement_page(request: Request, conn: Connection, svc: Services, who: Pri
         codes=codes, state=state, run=run, provisional=result.provisional, totals=totals, rate_bp=rate,
         tables=tables, card_types=card_types, refused=refused, late=late, items=items, prev=prev,
         day_over_day=day_over_day, compare=compare, month_change=month_change,
-        signed=signoff.signed_off(conn, operator=operator, day=day), downloads=downloads, pdf=downloads["pdf"],
+        signed=day_lock.signed_off(conn, operator=operator, day=day), downloads=downloads, pdf=downloads["pdf"],
         done=DONE.get(done), error=error, csrf=csrf_token(request), timedelta=timedelta, CARD_TYPE_LABELS=CARD_TYPE_LABELS,
-        CSV_LABELS=pages_reports.CSV_LABELS,
+        CSV_LABELS=CSV_LABELS,
         day_end=day_bounds(day, tz, cutoff)[1])
 
 
@@ -377,7 +378,7 @@ def _refused(request, svc, who, operator, info, day, codes, error) -> HTMLRespon
 def _locked(svc: Services, operator: str, day: date, tz: str, e: Exception) -> tuple[str, str]:
     """The refusal of a clearing of a signed-off day, in the clerk's words and local time."""
     with svc.engine.connect() as conn:
-        s = signoff.signed_off(conn, operator=operator, day=day)
+        s = day_lock.signed_off(conn, operator=operator, day=day)
     if s is None:
         return str(e), str(e)
     at = local_time(s.approved_at, tz)
@@ -411,7 +412,7 @@ def settlement_clear(
         with svc.engine.begin() as conn:
             existed = stored_run_id(conn, operator, day_) is not None
             result = settle(conn, operator=operator, day=day_, now=svc.clock())
-    except signoff.DayLocked as e:
+    except day_lock.DayLocked as e:
         return _refused(request, svc, who, operator, info, day_, codes, _locked(svc, operator, day_, info[1], e))
     except (clearing_runs.ClearingMismatch, LookupError, ValueError) as e:
         return _refused(request, svc, who, operator, info, day_, codes, str(e))

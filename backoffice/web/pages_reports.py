@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import timedelta
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -13,11 +13,12 @@ from sqlalchemy import Connection
 
 from backoffice import clearing_runs, taps_browser
 from backoffice.web import reads
+from backoffice.web.downloads import CSV_LABELS, day_csv_tables
 from backoffice.web.api import reports
 from backoffice.web.deps import Services, connection, services
 from backoffice.web.auth import Principal, page_of
+from backoffice.web.pages import render
 from backoffice.web.api.types import ServiceDay
-from clearing.runs import NO_FLEET
 from clearing.service_day import day_bounds
 
 router = APIRouter(include_in_schema=False)
@@ -50,27 +51,7 @@ def reports_page(*, request: Request, operator: str | None = None, day: ServiceD
                        tables=day_csv_tables(run))
 
 
-CSV_LABELS = {"route": ("线路", "routes"), "vehicle": ("车辆", "vehicles"), "driver": ("司机", "drivers"),
-              "card_type": ("卡类", "card types"), "fleet": ("车队", "fleets"),
-              "adjustments": ("更正（迟到刷卡、对账调整）", "adjustments (late taps, reconciliation)")}
-
-
-def day_csv_tables(run: clearing_runs.StoredRun | None) -> list[str]:
-    """The day's CSV tables that exist, so that no link leads to a 404: route, vehicle, driver (and card type)
-    always; fleet when a vehicle is in a fleet; adjustments when the run carries late taps or reconciliation
-    adjustments (the link that used to 404 on every day without them)."""
-    names = ["route", "vehicle", "driver"] + [t for t in ("card_type",) if t in reports.TABLES]
-    if run is not None:
-        if any(run.table("fleet")["fleet"].astype(str) != NO_FLEET):
-            names.append("fleet")
-        if (run.rows["section"] != "day").any():
-            names.append("adjustments")
-    return names
-
-
 def render_page(request, who, **context) -> HTMLResponse:
-    from backoffice.web.pages import render
-
     return render(request, "reports.html", who, tz=context["op"].tz, CSV_LABELS=CSV_LABELS, **context)
 
 

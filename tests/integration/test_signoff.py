@@ -18,7 +18,8 @@ from backoffice import clearing_runs as cr
 from backoffice import registry
 from backoffice.db import make_engine, upgrade
 from backoffice.models import Base, Tap
-from backoffice.signoff import DayLocked, SignOffError, check_open, sign_off, signed_off
+from backoffice.day_lock import DayLocked, check_open, signed_off
+from backoffice.signoff import SignOffError, sign_off
 
 OP = "op_sign"
 DAY = date(2026, 3, 5)
