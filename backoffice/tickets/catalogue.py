@@ -33,6 +33,7 @@ KINDS = ("single", "day_pass", "month_pass", "coach_trip")
 DEFAULTS = {"single": (1, 1), "day_pass": (1, 0), "month_pass": (30, 0), "coach_trip": (1, 1)}
 MAX_VALIDITY_DAYS = 400
 MAX_SEATS = 1000
+MAX_OPERATOR_BYTES = 16  # wire.ticket.MAX_OPERATOR: the operator code as the token carries it
 MAX_PRICE_FEN = 10_000_000  # 100,000 yuan: far above any ticket, low enough to catch a price typed in fen as yuan
 CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 HHMM = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?")
@@ -99,6 +100,9 @@ def add_product(conn: Connection, *, operator: str, code: str, kind: str, name: 
                 rider_category: int = 1, by: str, now: datetime | None = None) -> ProductView:
     """Add a product to ``operator``'s catalogue; CatalogueError says what is wrong."""
     _operator(conn, operator)
+    if len(operator.encode("utf-8")) > MAX_OPERATOR_BYTES:
+        raise CatalogueError(f"operator code {operator!r} is longer than the {MAX_OPERATOR_BYTES} bytes a ticket "
+                             "token carries: tickets cannot be sold under it")
     if not isinstance(code, str) or not CODE.fullmatch(code):
         raise CatalogueError(f"product code {code!r}: 1-32 letters, digits, '_', '.', '-', starting with a letter "
                              "or digit")
