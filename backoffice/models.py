@@ -723,7 +723,9 @@ class Ticket(Base):
     """One ticket issued: what its signed token says, its pickup serial (unique per operator), its uses."""
 
     __tablename__ = "ticket"
-    __table_args__ = (UniqueConstraint("operator", "pickup_serial", name="uq_ticket_pickup_serial"),)
+    __table_args__ = (UniqueConstraint("operator", "pickup_serial", name="uq_ticket_pickup_serial"),
+                      Index("ix_ticket_state_valid_to", "state", "valid_to"),
+                      Index("ix_ticket_departure", "departure_id"))
     ticket_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     order_id: Mapped[str] = mapped_column(ForeignKey("ticket_order.order_id"), index=True)
     item_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("order_item.id"))

@@ -116,6 +116,8 @@ def upgrade() -> None:
         sa.Column("updated_at", UTC, nullable=False),
         sa.UniqueConstraint("operator", "pickup_serial", name="uq_ticket_pickup_serial"),
     )
+    op.create_index("ix_ticket_state_valid_to", "ticket", ["state", "valid_to"])
+    op.create_index("ix_ticket_departure", "ticket", ["departure_id"])
     op.create_table(
         "seat_hold",
         sa.Column("id", BigId, primary_key=True, autoincrement=True),
@@ -142,6 +144,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("order_audit")
     op.drop_table("seat_hold")
+    op.drop_index("ix_ticket_departure", table_name="ticket")
+    op.drop_index("ix_ticket_state_valid_to", table_name="ticket")
     op.drop_table("ticket")
     op.drop_table("order_item")
     op.drop_index("ix_ticket_order_phone", table_name="ticket_order")
