@@ -176,6 +176,10 @@ _MIGRATIONS = {
 # when the budget needs measuring again; a real record is about half of it.
 RECORD_BYTES = 2048
 
+# How long a used-ticket row outlives what it guards (pruning, :meth:`Journal._forget_old_tickets`).
+TICKET_GRACE_SECONDS = 86400
+KEEP_PICKUP_SECONDS = 180 * 86400
+
 
 class JournalError(RuntimeError):
     """The journal cannot be trusted or written; the validator must stop taking fares and say why."""
@@ -400,6 +404,14 @@ class Journal:
                     (serial, str(record.ticket_id), record.device_seq, at, until))
             return self._assigned(record)
 
+    def _forget_old_tickets(self) -> None:
+        """Used-ticket rows no check needs any more, in the caller's transaction: a QR ticket a day after its
+        validity ended (validity refuses it by itself from then on), a pickup serial (whose validity the bus
+        does not know) :data:`KEEP_PICKUP_SECONDS` after its last use; "now" is the newest use here (the journal
+        has no clock of its own)."""
+        self._db.execute("DELETE FROM ticket_used WHERE coalesce(valid_to + ?, last_at + ?) < "
+                         "(SELECT max(last_at) FROM ticket_used)", (TICKET_GRACE_SECONDS, KEEP_PICKUP_SECONDS))
+
     def ticket_used(self, serial: int) -> tuple[int, datetime] | None:
         """How many times the ticket with this serial was used here, and when last; None if never."""
         with self._lock:
@@ -618,6 +630,7 @@ class Journal:
                     (self.keep_shifts,))
                 self._db.execute("DELETE FROM shift WHERE shift_no <= (SELECT max(shift_no) FROM shift) - ?",
                                  (self.keep_shifts,))
+                self._forget_old_tickets()
             if cur.rowcount <= 0:
                 break
             deleted += cur.rowcount

@@ -237,3 +237,31 @@ def test_tickets_on_the_ordinary_deny_list_are_refused_by_qr_and_by_pickup_code(
     assert bus.tickets.pickup(ref_pickup_code(12_345_678_901_234, PICKUP_KEY)).outcome is Outcome.TICKET_BLOCKED
     assert bus.tickets.scan(token(9010)).outcome is Outcome.TICKET_OK
     assert bus.uses_on_disk()[0]["ticket_id"] == 9010
+
+
+def test_pruning_forgets_used_tickets_only_after_they_cannot_be_used(tmp_path):
+    from validator.journal import KEEP_PICKUP_SECONDS, TICKET_GRACE_SECONDS
+
+    b = Bus(tmp_path)
+    old_end = int((NOW + timedelta(hours=1)).timestamp())
+    assert b.tickets.scan(token(1, end=old_end)).outcome is Outcome.TICKET_OK
+    assert b.tickets.pickup(ref_pickup_code(2, PICKUP_KEY)).outcome is Outcome.TICKET_OK
+    assert b.tickets.scan(token(3, end=old_end + 30 * DAY)).outcome is Outcome.TICKET_OK
+    b.now = NOW + timedelta(hours=1, seconds=TICKET_GRACE_SECONDS + 60)  # ticket 1 is past validity + grace
+    assert b.tickets.scan(token(4, start=int(b.now.timestamp()) - 60, end=int(b.now.timestamp()) + DAY)
+                          ).outcome is Outcome.TICKET_OK
+    with b.journal._lock, b.journal._tx():
+        b.journal._forget_old_tickets()
+    db = sqlite3.connect(b.path)
+    left = [s for (s,) in db.execute("SELECT serial FROM ticket_used ORDER BY serial")]
+    db.close()
+    assert left == [2, 3, 4]  # the pickup serial stays for KEEP_PICKUP_SECONDS
+    b.now += timedelta(seconds=KEEP_PICKUP_SECONDS)
+    assert b.tickets.scan(token(5, start=int(b.now.timestamp()) - 60, end=int(b.now.timestamp()) + DAY)
+                          ).outcome is Outcome.TICKET_OK
+    with b.journal._lock, b.journal._tx():
+        b.journal._forget_old_tickets()
+    db = sqlite3.connect(b.path)
+    assert [s for (s,) in db.execute("SELECT serial FROM ticket_used ORDER BY serial")] == [5]
+    db.close()
+    b.journal.close()
