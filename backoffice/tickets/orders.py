@@ -474,6 +474,32 @@ def ticket_by_pickup_code(conn: Connection, *, operator: str, code: str, keys) -
     return ticket_id
 
 
+def use_by_pickup_code(conn: Connection, *, operator: str, code: str, keys, who: str,
+                       at: datetime | None = None) -> tuple[int, int]:
+    """A pickup code redeemed (at a station counter): (ticket id, use number). wire.ticket.TicketError for a code
+    whose check digits fail; OrderError ``unknown_ticket``, ``not_valid_now`` (before or after its validity) or
+    ``used_up`` (used, refunded, expired) otherwise, and nothing is counted."""
+    at = _now(at)
+    ticket_id = ticket_by_pickup_code(conn, operator=operator, code=code, keys=keys)
+    row = conn.execute(select(Ticket.state, Ticket.valid_from, Ticket.valid_to).where(Ticket.ticket_id == ticket_id)
+                       ).one()
+    if row.state == "issued" and not _utc(row.valid_from) <= at < _utc(row.valid_to):
+        raise OrderError("not_valid_now", f"ticket {ticket_id} is good from {_utc(row.valid_from):%Y-%m-%d %H:%M} "
+                         f"to {_utc(row.valid_to):%Y-%m-%d %H:%M} UTC")
+    use = record_use(conn, ticket_id, who=who, at=at)
+    if use is None:
+        raise OrderError("used_up", f"ticket {ticket_id} is {row.state}: no ride left on it")
+    return ticket_id, use
+
+
+def orders_of_phone(conn: Connection, *, operator: str, phone: str, limit: int = 20) -> list[str]:
+    """The newest orders a rider's phone number made with the operator (their "my tickets")."""
+    phone = re.sub(r"[\s-]", "", phone or "")
+    return list(conn.execute(select(TicketOrder.order_id).where(TicketOrder.operator == operator,
+                                                                TicketOrder.phone == phone)
+                             .order_by(TicketOrder.created_at.desc()).limit(limit)).scalars())
+
+
 # ------------------------------------------------------------------------------------------- use and settle
 def _settle(conn: Connection, order_id: str, *, who: str, at: datetime, why: str) -> None:
     """An issued order whose tickets are all done becomes refunded (all refunded), used (any used) or expired."""

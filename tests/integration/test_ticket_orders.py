@@ -378,3 +378,24 @@ def test_a_quote_holds_nothing_and_the_expiry_job_releases_seats(engine):
     done = jobs.expire_due(engine, now=NOW + timedelta(hours=1))
     assert done.orders_expired == [held] and seat_books(engine, dep) == (2, 0, 0, 0)
     assert jobs.expire_due(engine, now=NOW + timedelta(hours=1)).orders_expired == []
+
+
+def test_a_pickup_code_redeemed_at_the_counter_counts_as_the_use(engine):
+    from wire.ticket import TicketError
+
+    order_id = buy(engine, [ItemRequest("ride")], phone="138-0013-8000")
+    pay(engine, order_id, "PAY-P")
+    (ticket,) = issue(engine, order_id)
+    at = NOW + timedelta(hours=1)
+    with engine.begin() as conn:
+        assert orders.orders_of_phone(conn, operator=OP, phone="13800138000") == [order_id]
+        with pytest.raises(TicketError):  # one digit off: the check digits say so
+            wrong = ticket.pickup_code[:-1] + str((int(ticket.pickup_code[-1]) + 1) % 10)
+            orders.use_by_pickup_code(conn, operator=OP, code=wrong, keys=KEYS, who="counter", at=at)
+        assert orders.use_by_pickup_code(conn, operator=OP, code=ticket.pickup_code, keys=KEYS, who="counter",
+                                         at=at) == (ticket.ticket_id, 1)
+        with pytest.raises(OrderError) as again:
+            orders.use_by_pickup_code(conn, operator=OP, code=ticket.pickup_code, keys=KEYS, who="counter", at=at)
+    assert again.value.code == "used_up"
+    assert sql(engine, "SELECT uses_made, state FROM ticket WHERE ticket_id = :t", t=ticket.ticket_id) == [(1, "used")]
+    assert audit_trail(engine, order_id)[-1] == ("issued", "used")
