@@ -8,7 +8,10 @@
 - ``farebox ticket departure import-gtfs FEED --operator OP --product CODE --from DATE --to DATE --seats N
   [--route R ...]``
 - ``farebox ticket departure list --operator OP [--date D [--until D]] [--route R]``
-- ``farebox ticket order show ORDER_ID``
+- ``farebox ticket order show ORDER_ID [--codes]`` (``--codes``: each ticket's pickup code and QR text, made with
+  the ticket keys, so the published test keys are refused outside labs)
+- ``farebox ticket keys init --out DIR`` (a fresh ticket signing seed and pickup master, and the settings to give);
+  ``farebox ticket keys show`` (the public key and key id validators get; never a secret)
 
 Prices are typed and shown in yuan (``--price 30.00``); the back office keeps fen. Times are shown on the
 operator's clock.
@@ -116,7 +119,19 @@ def register(sub) -> None:
     order = ticket.add_parser("order", help="ticket orders").add_subparsers(dest="action", required=True)
     p = order.add_parser("show", help="an order: items, tickets, payment and every change")
     p.add_argument("order_id")
+    p.add_argument("--codes", action="store_true", help="also each ticket's pickup code and QR text (to send "
+                                                        "again); needs the ticket keys")
     p.set_defaults(func=_order_show)
+
+    keys = ticket.add_parser("keys", help="the ticket signing key and pickup master").add_subparsers(
+        dest="action", required=True)
+    p = keys.add_parser("init", help="fresh ticket keys in a new folder, and the settings lines to use")
+    p.add_argument("--out", type=Path, required=True, help="a new (or empty) folder")
+    p.add_argument("--key-id", type=int, default=1, help="the key id tokens carry (1..255, default 1; change it "
+                                                         "with each new key so buses can hold old and new)")
+    p.set_defaults(func=_keys_init)
+    p = keys.add_parser("show", help="the public key and key id the validators check tickets with")
+    p.set_defaults(func=_keys_show)
 
 
 def _fail(e: Exception) -> int:
@@ -250,16 +265,70 @@ def _departure_list(args, settings) -> int:
     return 0
 
 
+def _ticket_keys(settings):
+    """The configured ticket keys under the house test-key rule (a refusal reads as every other secret's)."""
+    from backoffice.tickets.keys import TicketKeysRefused, ticket_keys
+    from farebox.keys import TestKeyRefused, TestKeyUse
+
+    try:
+        keys = ticket_keys(settings)
+    except TicketKeysRefused as e:
+        raise TestKeyRefused([TestKeyUse(u.what, u.give, u.source) for u in e.uses]) from None
+    if keys.is_test:
+        print("INSECURE: the published TEST ticket keys (labs and tests only)", file=sys.stderr)
+    return keys
+
+
+def _keys_init(args, settings) -> int:
+    import os
+    import secrets
+
+    from backoffice.tickets.keys import PICKUP_KEY_ENV, TICKET_KEY_ENV, TICKET_KEY_ID_ENV, TicketKeys
+
+    out = args.out
+    if not 1 <= args.key_id <= 255:
+        return _fail(ValueError("--key-id: 1 to 255 (0 is the published test key's)"))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        return _fail(ValueError(f"{out} exists and is not an empty folder: give a new one (nothing is overwritten)"))
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    seed, master = secrets.token_bytes(32), secrets.token_bytes(32)
+    paths = {}
+    for name, value in (("ticket-seed.hex", seed), ("ticket-pickup.hex", master)):
+        paths[name] = (out / name).resolve()
+        fd = os.open(paths[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(value.hex() + "\n")
+    keys = TicketKeys(seed, args.key_id, master)
+    print(f"Fresh ticket keys in {out.resolve()} (SECRET: back them up, share none):")
+    print("  ticket-seed.hex    signs every ticket token (Ed25519 seed)")
+    print("  ticket-pickup.hex  each operator's pickup-code key derives from it")
+    print("Settings, as environment variables:")
+    print(f"  {TICKET_KEY_ENV}={paths['ticket-seed.hex']}")
+    print(f"  {TICKET_KEY_ID_ENV}={args.key_id}")
+    print(f"  {PICKUP_KEY_ENV}={paths['ticket-pickup.hex']}")
+    print(f"Validators check tokens with key id {args.key_id}, public key {keys.public_key().hex()} (their params "
+          "carry it).")
+    return 0
+
+
+def _keys_show(args, settings) -> int:
+    keys = _ticket_keys(settings)
+    print(f"ticket key id {keys.key_id}, public key {keys.public_key().hex()} ({keys.source})")
+    return 0
+
+
 def _order_show(args, settings) -> int:
-    from backoffice.tickets.orders import OrderError, show_order
+    from backoffice.tickets.orders import OrderError, show_order, tickets_of
     from clearing.service_day import local_time
 
+    keys = _ticket_keys(settings) if args.codes else None
     with bootstrap.start(settings).read_engine().connect() as conn:
         try:
             o = show_order(conn, args.order_id)
         except OrderError as e:
             return _fail(e)
         tz = _tz(conn, o.operator)
+        codes = {t.ticket_id: t for t in tickets_of(conn, o.order_id, keys=keys)} if keys else {}
     at = lambda t: local_time(t, tz, "%Y-%m-%d %H:%M:%S")  # noqa: E731
     print(f"order {o.order_id} ({o.operator}, {o.channel}, phone {o.phone or '-'}): {o.state}")
     print(f"  total {_yuan(o.total_fen)}, paid {_yuan(o.paid_fen)}, refunded {_yuan(o.refunded_fen)}; payment "
@@ -278,6 +347,10 @@ def _order_show(args, settings) -> int:
         uses = f"{t['uses_made']}/{'unlimited' if t['uses_allowed'] == 0 else t['uses_allowed']} used"
         print(f"  {t['ticket_id']} {t['kind']} {t['state']}, {uses}, {at(t['valid_from'])} to {at(t['valid_to'])}, "
               f"routes {t['routes'] or 'any'}, serial {t['pickup_serial']:010d}, {_yuan(t['price_fen'])}")
+        if t["ticket_id"] in codes:
+            c = codes[t["ticket_id"]]
+            print(f"    pickup code {c.pickup_code[:4]} {c.pickup_code[4:8]} {c.pickup_code[8:12]} {c.pickup_code[12:]}")
+            print(f"    QR {c.token}")
     print("changes:")
     for a in o.audit:
         print(f"  {at(a['at'])} {a['who']}: {a['from_state'] or '-'} -> {a['to_state']}: {a['why']}")

@@ -111,7 +111,8 @@ def load_ticket_keys(*, insecure_test_keys: bool, environ=os.environ) -> TicketK
     seed_path, pickup_path = environ.get(TICKET_KEY_ENV) or None, environ.get(PICKUP_KEY_ENV) or None
     if seed_path is None:
         seed, key_id = TEST_TICKET_SEED, TEST_TICKET_KEY_ID
-        uses.append(TestKeyUse("the ticket signing key", f"set {TICKET_KEY_ENV} (a file holding a 32-byte seed in hex)"))
+        uses.append(TestKeyUse("the ticket signing key",
+                               f"set {TICKET_KEY_ENV} (`farebox ticket keys init --out DIR` makes it)"))
     else:
         seed = _hex_file(seed_path, "ticket signing key seed", 32)
         if len(seed) != 32:
@@ -124,7 +125,8 @@ def load_ticket_keys(*, insecure_test_keys: bool, environ=os.environ) -> TicketK
             uses.append(TestKeyUse("the ticket signing key", f"give {TICKET_KEY_ENV} a fresh seed", seed_path))
     if pickup_path is None:
         master = TEST_PICKUP_MASTER
-        uses.append(TestKeyUse("the ticket pickup master key", f"set {PICKUP_KEY_ENV} (a file holding 32 bytes in hex)"))
+        uses.append(TestKeyUse("the ticket pickup master key",
+                               f"set {PICKUP_KEY_ENV} (`farebox ticket keys init --out DIR` makes it)"))
     else:
         master = _hex_file(pickup_path, "pickup master key", 16)
         if master == TEST_PICKUP_MASTER:

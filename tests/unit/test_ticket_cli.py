@@ -6,6 +6,8 @@ published ticket keys."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import sqlite3
 import subprocess
@@ -15,6 +17,7 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 
 from backoffice.tickets import keys as ticket_keys
+from reference_ticket import ref_pickup_code
 from test_ticket_catalogue import write_feed
 
 
@@ -24,8 +27,9 @@ def cli(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAREBOX_")}
     env.update(FAREBOX_VAR_DIR=str(tmp_path / "var"), FAREBOX_INSECURE_TEST_KEYS="1")
 
-    def farebox(*args, ok=True):
-        done = subprocess.run([sys.executable, "-m", "farebox.cli", *args], env=env, cwd=tmp_path,
+    def farebox(*args, ok=True, insecure=True, env_more=None):
+        run_env = (env if insecure else env | {"FAREBOX_INSECURE_TEST_KEYS": ""}) | (env_more or {})
+        done = subprocess.run([sys.executable, "-m", "farebox.cli", *args], env=run_env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=120, check=False)
         if ok:
             assert done.returncode == 0, (args, done.stdout, done.stderr)
@@ -92,6 +96,16 @@ def test_an_order_is_shown_with_items_tickets_and_changes(cli):
     assert "total ¥31.00, paid ¥31.00, refunded ¥0.00; payment PAY-CLI" in shown
     assert "2 x day (day_pass)" in shown and shown.count(" day_pass issued, 0/unlimited used") == 2
     assert "-> created" in shown and "created -> paid" in shown and "paid -> issued" in shown
+    # --codes: the pickup codes and QR texts to send again, made with the ticket keys (the published ones here)
+    with_codes = cli("ticket", "order", "show", order_id, "--codes")
+    master = ticket_keys.TEST_PICKUP_MASTER  # the operator's key derived here, apart from the code under test
+    pickup_key = hmac.new(master, b"farebox-pickup-v1|coachco", hashlib.sha256).digest()
+    for (ticket_id,) in cli.sql("SELECT ticket_id FROM ticket WHERE order_id = ?", order_id):
+        code = ref_pickup_code(ticket_id, pickup_key)
+        assert f"pickup code {code[:4]} {code[4:8]} {code[8:12]} {code[12:]}" in with_codes.stdout
+    assert with_codes.stdout.count("    QR FT1.") == 2 and "INSECURE" in with_codes.stderr
+    refused = cli("ticket", "order", "show", order_id, "--codes", ok=False, insecure=False)
+    assert refused.returncode == 2 and "FAREBOX_TICKET_KEY" in refused.stderr and "FT1." not in refused.stdout
     missing = cli("ticket", "order", "show", "TK-NONE", ok=False)
     assert missing.returncode == 2 and "no ticket order 'TK-NONE'" in missing.stderr
 
@@ -112,3 +126,20 @@ def test_the_published_ticket_keys_are_refused_outside_tests_and_labs(tmp_path):
     assert fresh.key_id == 7 and not fresh.is_test and seed.hex() not in repr(fresh)
     assert fresh.pickup_key("a") != fresh.pickup_key("b") and len(fresh.public_key()) == 32
     assert ticket_keys.load_ticket_keys(insecure_test_keys=True, environ={}).is_test
+
+
+def test_fresh_ticket_keys_are_made_and_shown_without_their_secrets(cli, tmp_path):
+    out = tmp_path / "ticket-keys"
+    made = cli("ticket", "keys", "init", "--out", str(out), "--key-id", "3", insecure=False)
+    seed = bytes.fromhex((out / "ticket-seed.hex").read_text())
+    assert oct((out / "ticket-seed.hex").stat().st_mode & 0o777) == "0o600" and len(seed) == 32
+    from reference_ticket import ref_keypair
+
+    public = ref_keypair(seed)[1].hex()
+    assert f"key id 3, public key {public}" in made.stdout
+    again = cli("ticket", "keys", "init", "--out", str(out), ok=False)
+    assert again.returncode == 2 and "nothing is overwritten" in again.stderr
+    shown = cli("ticket", "keys", "show", insecure=False, env_more={
+        "FAREBOX_TICKET_KEY": str(out / "ticket-seed.hex"), "FAREBOX_TICKET_KEY_ID": "3",
+        "FAREBOX_TICKET_PICKUP_KEY": str(out / "ticket-pickup.hex")})
+    assert shown.stdout.startswith(f"ticket key id 3, public key {public}") and seed.hex() not in shown.stdout
