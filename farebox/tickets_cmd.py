@@ -26,8 +26,19 @@ from pathlib import Path
 
 from farebox import bootstrap
 from farebox.cli_types import amount_in_yuan
+from farebox.serve import scheduled_job
 
 CATEGORIES = {"adult": 1, "student": 2, "elderly": 3, "staff": 4}
+
+
+@scheduled_job
+def ticket_expiry_job(scheduler, services) -> None:
+    """``farebox serve``: every minute, unpaid orders past their hold give their seats back and tickets past their
+    validity expire (backoffice.tickets.jobs). In memory: it takes the engine, which is not stored."""
+    from backoffice.tickets.jobs import EVERY_SECONDS, expire_due
+
+    scheduler.add_job(expire_due, "interval", seconds=EVERY_SECONDS, args=(services.engine,), id="tickets-expiry",
+                      jobstore="memory", replace_existing=True, name="expire unpaid ticket orders and old tickets")
 
 
 def _category(text: str) -> int:

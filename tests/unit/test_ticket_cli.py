@@ -143,3 +143,22 @@ def test_fresh_ticket_keys_are_made_and_shown_without_their_secrets(cli, tmp_pat
         "FAREBOX_TICKET_KEY": str(out / "ticket-seed.hex"), "FAREBOX_TICKET_KEY_ID": "3",
         "FAREBOX_TICKET_PICKUP_KEY": str(out / "ticket-pickup.hex")})
     assert shown.stdout.startswith(f"ticket key id 3, public key {public}") and seed.hex() not in shown.stdout
+
+
+def test_farebox_serve_schedules_the_ticket_expiry_every_minute():
+    from types import SimpleNamespace
+
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from farebox.cli import build_parser
+    from farebox.serve import SCHEDULED_JOBS
+
+    from farebox.tickets_cmd import ticket_expiry_job
+
+    build_parser()  # as `farebox serve` does: every command module imported, its jobs registered
+    assert ticket_expiry_job in SCHEDULED_JOBS
+    scheduler = BackgroundScheduler(timezone="UTC")
+    engine = object()
+    ticket_expiry_job(scheduler, SimpleNamespace(engine=engine))
+    job = scheduler.get_job("tickets-expiry")
+    assert job is not None and job.args == (engine,) and job.trigger.interval.total_seconds() == 60
