@@ -294,19 +294,22 @@ def create_order(conn: Connection, *, operator: str, channel: str, phone: str, i
         if (known := existing()) is not None:
             return known
         raise OrderError("conflict", "the order could not be stored: send it again")
+    seats: dict[int, int] = {}
     for item in priced:
         conn.execute(insert(OrderItem).values(order_id=order_id, **item))
         if item["departure_id"] is not None:
-            if not _take_seats(conn, item["departure_id"], item["quantity"], now):
-                dep = conn.execute(select(Departure).where(Departure.id == item["departure_id"])).first()
-                if _utc(dep.departs_at) <= now:
-                    raise OrderError("departed", f"departure {dep.id} ({dep.service_date} {dep.departs_local}) has "
-                                     "left: choose a later one")
-                raise OrderError("sold_out", f"departure {dep.id} ({dep.service_date} {dep.departs_local}) has "
-                                 f"{dep.seats - dep.seats_taken} seat(s) left, {item['quantity']} asked")
-            conn.execute(insert(SeatHold).values(departure_id=item["departure_id"], order_id=order_id,
-                                                 seats=item["quantity"], state="held", created_at=now,
-                                                 expires_at=expires))
+            seats[item["departure_id"]] = seats.get(item["departure_id"], 0) + item["quantity"]
+    # Departures are taken in id order, by every order alike: two baskets of the same two coaches cannot deadlock.
+    for departure_id, n in sorted(seats.items()):
+        if not _take_seats(conn, departure_id, n, now):
+            dep = conn.execute(select(Departure).where(Departure.id == departure_id)).first()
+            if _utc(dep.departs_at) <= now:
+                raise OrderError("departed", f"departure {dep.id} ({dep.service_date} {dep.departs_local}) has "
+                                 "left: choose a later one")
+            raise OrderError("sold_out", f"departure {dep.id} ({dep.service_date} {dep.departs_local}) has "
+                             f"{dep.seats - dep.seats_taken} seat(s) left, {n} asked")
+        conn.execute(insert(SeatHold).values(departure_id=departure_id, order_id=order_id, seats=n, state="held",
+                                             created_at=now, expires_at=expires))
     _audit(conn, order_id, who=who, at=now, from_state=None, to_state="created",
            why=f"{channel} order, {len(priced)} item(s), {sum(i['quantity'] for i in priced)} ticket(s)")
     return order_id
@@ -353,8 +356,8 @@ def _paid_after_expiry(conn: Connection, order, *, amount_fen: int, payment_ref:
         again = _order(conn, order.order_id)
         return PayResult("already_paid" if again.payment_ref == payment_ref else "second_payment", order.order_id,
                          again.state)
-    holds = conn.execute(select(SeatHold).where(SeatHold.order_id == order.order_id,
-                                                SeatHold.state == "released")).all()
+    holds = conn.execute(select(SeatHold).where(SeatHold.order_id == order.order_id, SeatHold.state == "released")
+                         .order_by(SeatHold.departure_id, SeatHold.id)).all()
     taken: list | None = []
     for h in holds:
         if not _take_seats(conn, h.departure_id, h.seats, now):
@@ -563,7 +566,8 @@ def expire_unpaid(conn: Connection, *, now: datetime | None = None, who: str = "
 
 
 def _release_holds(conn: Connection, order_id: str, *, now: datetime, states: Iterable[str]) -> None:
-    for h in conn.execute(select(SeatHold).where(SeatHold.order_id == order_id, SeatHold.state.in_(tuple(states)))):
+    for h in conn.execute(select(SeatHold).where(SeatHold.order_id == order_id, SeatHold.state.in_(tuple(states)))
+                          .order_by(SeatHold.departure_id, SeatHold.id)).all():
         if conn.execute(update(SeatHold).where(SeatHold.id == h.id, SeatHold.state == h.state)
                         .values(state="released", released_at=now)).rowcount:
             _give_back_seats(conn, h.departure_id, h.seats)
@@ -599,7 +603,8 @@ def refund_quote(conn: Connection, order_id: str, *, ticket_ids: Iterable[int] |
         quote.whole_payment = quote.amount_fen > 0
         return quote
     rows = conn.execute(select(Ticket, Departure.departs_at).outerjoin(Departure, Departure.id == Ticket.departure_id)
-                        .where(Ticket.order_id == order_id)).all()
+                        .where(Ticket.order_id == order_id)
+                        .order_by(Ticket.departure_id, Ticket.ticket_id)).all()  # locks in one order, as create
     wanted = None if ticket_ids is None else set(ticket_ids)
     for r in rows:
         if wanted is not None and r.ticket_id not in wanted:

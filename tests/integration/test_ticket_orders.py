@@ -399,3 +399,18 @@ def test_a_pickup_code_redeemed_at_the_counter_counts_as_the_use(engine):
     assert again.value.code == "used_up"
     assert sql(engine, "SELECT uses_made, state FROM ticket WHERE ticket_id = :t", t=ticket.ticket_id) == [(1, "used")]
     assert audit_trail(engine, order_id)[-1] == ("issued", "used")
+
+
+def test_baskets_of_two_coaches_in_either_order_never_deadlock_nor_oversell(pg_engine):
+    a, b = departure(pg_engine, seats=6, departs="17:00"), departure(pg_engine, seats=6, departs="19:00")
+
+    def basket(i):
+        first, second = (a, b) if i % 2 else (b, a)
+        return buy(pg_engine, [ItemRequest("coach", 1, departure_id=first), ItemRequest("coach", 1,
+                                                                                          departure_id=second)],
+                   phone=f"1390000{i:04d}")
+
+    results = _race(16, basket)
+    assert all(isinstance(r, str) or (isinstance(r, OrderError) and r.code == "sold_out") for r in results), results
+    assert sum(isinstance(r, str) for r in results) == 6
+    assert seat_books(pg_engine, a)[:3] == seat_books(pg_engine, b)[:3] == (6, 6, 6)
