@@ -437,7 +437,12 @@ def _route_chart(t: SettlementTables):
 
 
 def _hour_chart(t: SettlementTables, cutoff_hour: int):
-    frame = t.taps_by_hour
+    return hour_chart(t.taps_by_hour, t.tz, cutoff_hour)
+
+
+def hour_chart(frame: pd.DataFrame | None, tz: str | None, cutoff_hour: int):
+    """Taps by local hour (columns hour, taps) in the service day's order, from the cut-off round; None when
+    there are none. Also the vehicle's day's chart (``reports.shift_slip``)."""
     if frame is None or frame.empty or int(frame["taps"].sum()) == 0:
         return None
     by_hour = dict.fromkeys(range(24), 0)
@@ -445,7 +450,7 @@ def _hour_chart(t: SettlementTables, cutoff_hour: int):
         by_hour[int(h)] += int(n)
     order = [(cutoff_hour + i) % 24 for i in range(24)]  # the service day's order: from the cut-off round
     return charts.columns([f"{h:02d}" for h in order], [by_hour[h] for h in order], title="分时笔数 Taps by hour",
-                          axis_title=f"hour of the day ({t.tz or 'local time'}; the service day starts at the "
+                          axis_title=f"hour of the day ({tz or 'local time'}; the service day starts at the "
                                      f"cut-off hour, {cutoff_hour:02d}:00)")
 
 

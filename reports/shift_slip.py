@@ -1,13 +1,16 @@
 """Two A4 pages a clerk prints at the depot: a driver's shift report and a vehicle's day.
 
-The shift report: who drove which vehicle on which route, signed in and out when (operator's local time), the
-shift's taps by card type with a bold total, the validator's own totals beside what the back office received, and
-an out-of-balance flag that cannot be missed; signature lines for the driver and the clerk at the foot.
+The shift report: who drove which vehicle on which route, signed in and out when, the shift's taps by card type
+with a bold total, the validator's own totals beside what the back office received, and an out-of-balance flag
+that cannot be missed; signature lines for the driver and the clerk, each with a date, at the foot.
 
 The vehicle's day: the day's figures, taps by hour as a chart, its shifts (driver, route, times, taps, amount,
-balance) and its routes, each table with a bold total.
+balance) and its routes, each table with a bold total; the same signature lines.
 
-Inputs are plain data and pandas frames handed in (clearing's results); money in integer fen, times aware (UTC).
+Like the settlement report (``reports.settlement_doc``, whose headings, tables, chart and signature lines these
+reuse), they are paper a person signs: headings in Chinese with English beside them, money in yuan, every time on
+the operator's clock (``tz``) with the zone named. Inputs are plain data and pandas frames handed in (clearing's
+results); money in integer fen, times aware (UTC).
 """
 
 from __future__ import annotations
@@ -16,18 +19,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 import pandas as pd
 from reportlab.lib import colors
 from reportlab.lib.units import mm
-from reportlab.platypus import Paragraph, Spacer, Table, TableStyle
+from reportlab.platypus import KeepTogether, Paragraph, Spacer, Table, TableStyle
 
-from clearing.service_day import DEFAULT_CUTOFF_HOUR, DEFAULT_TZ
-from reports import charts
+from clearing.service_day import DEFAULT_CUTOFF_HOUR, DEFAULT_TZ, local_time
 from reports.pdf import (
     FRAME_WIDTH,
-    LATIN_BOLD,
     Column,
     PageHeader,
     check_aware,
@@ -36,35 +36,52 @@ from reports.pdf import (
     key_text,
     markup,
     run_line,
+    signature_lines,
     styles,
+    when_text,
     write_pdf,
     yuan,
 )
-from reports.settlement_doc import ClearingRun
+from reports.settlement_doc import (
+    HEADINGS,
+    SECTION_HEADINGS,
+    TAPS_HEADING,
+    TOTAL,
+    ClearingRun,
+    breakdown_table,
+    hour_chart,
+)
 
-SHIFT_TITLE = "Driver's shift report"
-VEHICLE_TITLE = "Vehicle's day"
+SHIFT_TITLE = "司机班次报表 Driver's shift report"
+VEHICLE_TITLE = "车辆日报 Vehicle's day"
+SIGNATURE_ROLES = ("司机 Driver", "结算员 Clerk")
+SHIFTS_HEADING = "班次 Shifts"
 
 
-def card_type_label(card_type: int, names: Mapping[int, str]) -> str:
-    """The caller's name for a card type (the back office passes epurse's labels), else "card type N": reports
-    know the tables handed to them, not the card application."""
-    return names.get(int(card_type)) or f"card type {int(card_type)}"
+def _period(day: date) -> str:
+    return f"运营日 service day {day.isoformat()}"
 
 
-def _local(moment: datetime | None, tz: str) -> str:
+def _at(moment) -> datetime | None:
+    """An aware moment, or None for a missing one (None, NaT)."""
     if moment is None or pd.isna(moment):
-        return "-"
-    return pd.Timestamp(moment).tz_convert(ZoneInfo(tz)).strftime("%Y-%m-%d %H:%M")
+        return None
+    return pd.Timestamp(moment).to_pydatetime()
+
+
+def _local(moment, tz: str) -> str:
+    """ "2024-05-02 07:31 Asia/Shanghai": the operator's clock, the zone named."""
+    at = _at(moment)
+    return "-" if at is None else when_text(at, tz)
 
 
 def _clock(moment, tz: str, day: date) -> str:
     """ "HH:MM" on the local clock; "+1d" after it when past midnight, still in the same service day."""
-    if moment is None or pd.isna(moment):
+    at = _at(moment)
+    if at is None:
         return "-"
-    local = pd.Timestamp(moment).tz_convert(ZoneInfo(tz))
-    extra = (local.date() - day).days
-    return local.strftime("%H:%M") + (f" +{extra}d" if extra > 0 else "")
+    extra = (date.fromisoformat(local_time(at, tz, "%Y-%m-%d")) - day).days
+    return local_time(at, tz, "%H:%M") + (f" +{extra}d" if extra > 0 else "")
 
 
 def _named(code, name) -> str:
@@ -74,12 +91,13 @@ def _named(code, name) -> str:
 
 def _facts(rows: list[tuple[str, str]], st) -> Table:
     """Label / value pairs in two columns of two, as on a paper form."""
-    cells = [[Paragraph(f"<b>{label}</b>", st["body"]), Paragraph(markup(value), st["body"])] for label, value in rows]
+    cells = [[Paragraph(f"<b>{markup(label)}</b>", st["body"]), Paragraph(markup(value), st["body"])]
+             for label, value in rows]
     if len(cells) % 2:
         cells.append(["", ""])
     half = len(cells) // 2
     grid = [a + b for a, b in zip(cells[:half], cells[half:])]
-    t = Table(grid, colWidths=[28 * mm, FRAME_WIDTH / 2 - 28 * mm] * 2)
+    t = Table(grid, colWidths=[34 * mm, FRAME_WIDTH / 2 - 34 * mm] * 2)
     t.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("LEFTPADDING", (0, 0), (-1, -1), 0),
                            ("BOTTOMPADDING", (0, 0), (-1, -1), 2), ("TOPPADDING", (0, 0), (-1, -1), 0)]))
     return t
@@ -95,14 +113,16 @@ def _flag(text: str, bad: bool, st) -> Table:
     return t
 
 
-def _signatures(st) -> Table:
-    t = Table([["Driver's signature", "", "Clerk's signature", ""]],
-              colWidths=[32 * mm, FRAME_WIDTH / 2 - 32 * mm] * 2, rowHeights=[14 * mm])
-    t.setStyle(TableStyle([("FONTNAME", (0, 0), (-1, -1), LATIN_BOLD), ("FONTSIZE", (0, 0), (-1, -1), 9),
-                           ("VALIGN", (0, 0), (-1, -1), "BOTTOM"),
-                           ("LINEBELOW", (1, 0), (1, 0), 0.6, colors.black),
-                           ("LINEBELOW", (3, 0), (3, 0), 0.6, colors.black)]))
-    return t
+def _signatures(st) -> list:
+    """The foot of the paper, as on the settlement report: who signs, a line to sign on and a date."""
+    return [KeepTogether([Paragraph(markup("签字 Signatures"), st["heading"]), signature_lines(SIGNATURE_ROLES)])]
+
+
+def _header(operator_name: str, title: str, day: date, run: ClearingRun | None, generated_at: datetime | None,
+            tz: str, footer: str) -> PageHeader:
+    return PageHeader(operator_name=operator_name, title=title, period=_period(day),
+                      run_line=run_line(run.id if run else None, run.at if run else generated_at, tz),
+                      footer=footer)
 
 
 def _money_frame(frame: pd.DataFrame, what: str, *cols: str) -> None:
@@ -152,51 +172,47 @@ def write_shift_pdf(slip: ShiftSlip, path: str | Path) -> Path:
     if slip.signed_in is not None and closed:
         minutes = int((slip.signed_out - slip.signed_in).total_seconds()) // 60
         duration = f"{minutes // 60} h {minutes % 60:02d} min"
+    driver = _named(slip.driver, slip.driver_name)
     story: list = [
-        Paragraph(markup(f"{SHIFT_TITLE} — {_named(slip.driver, slip.driver_name)}"), st["title"]),
+        Paragraph(markup(f"{SHIFT_TITLE} — {driver}"), st["title"]),
+        Paragraph(f"<b>{markup(_period(slip.service_day))}</b>", st["subtitle"]),
         _facts([
-            ("Driver", _named(slip.driver, slip.driver_name)),
-            ("Vehicle", _named(slip.vehicle, slip.vehicle_name)),
-            ("Route", _named(slip.route, slip.route_name)),
-            ("Validator", f"{slip.device_id}, shift no. {slip.shift_no}"),
-            ("Signed in", _local(slip.signed_in, slip.tz)),
-            ("Signed out", _local(slip.signed_out, slip.tz) if closed else "not signed out"),
-            ("Duration", duration),
-            ("Times in", slip.tz),
+            ("司机 Driver", driver),
+            ("车辆 Vehicle", _named(slip.vehicle, slip.vehicle_name)),
+            ("线路 Route", _named(slip.route, slip.route_name)),
+            ("验票机 Validator", f"{slip.device_id}, 班次 shift no. {slip.shift_no}"),
+            ("签到 Signed in", _local(slip.signed_in, slip.tz)),
+            ("签退 Signed out", _local(slip.signed_out, slip.tz) if closed else "未签退 not signed out"),
+            ("时长 Duration", duration),
+            ("生成时间 Generated", _local(slip.generated_at, slip.tz)),
         ], st),
         Spacer(1, 5 * mm),
-        Paragraph("Taps by card type", st["heading"]),
+        Paragraph(markup(SECTION_HEADINGS["card_type"]), st["heading"]),
+        # The settlement report's card-type table: names, not codes; taps and amount in yuan; a bold total.
+        breakdown_table(frame, "card_type", slip.card_type_names),
+        Spacer(1, 6 * mm),
     ]
-    names = {int(k): v for k, v in slip.card_type_names.items()}
-    rows = [[card_type_label(ct, names), count(n), yuan(a)]
-            for ct, n, a in zip(frame["card_type"].tolist(), frame["taps"].tolist(), frame["amount"].tolist())]
-    story.append(data_table([Column("Card type", FRAME_WIDTH - 70 * mm), Column("Taps", 30 * mm, numeric=True),
-                             Column("Amount (yuan)", 40 * mm, numeric=True)],
-                            rows, ["Total", count(taps), yuan(amount)], size=10))
-    story.append(Spacer(1, 6 * mm))
     flag = slip.out_of_balance
     if slip.declared_taps is not None or slip.declared_amount is not None:
         d_taps = slip.declared_taps if slip.declared_taps is not None else taps
         d_amount = slip.declared_amount if slip.declared_amount is not None else amount
         story.append(Paragraph(
-            f"The validator reported {count(d_taps)} taps, {yuan(d_amount)} yuan; the back office received "
+            f"<b>{markup('核对 Check:')}</b> "
+            f"the validator reported {count(d_taps)} taps, {yuan(d_amount)} yuan; the back office received "
             f"{count(taps)} taps, {yuan(amount)} yuan (difference {count(taps - d_taps)} taps, "
             f"{yuan(amount - d_amount)} yuan).", st["body"]))
         story.append(Spacer(1, 3 * mm))
         if flag is None:
             flag = (d_taps, d_amount) != (taps, amount)
     if flag is not None:
-        story.append(_flag("OUT OF BALANCE: the validator's totals and the taps received differ; "
+        story.append(_flag("不平衡 OUT OF BALANCE: the validator's totals and the taps received differ; "
                            "check the validator's backlog before paying out." if flag else
-                           "In balance: the validator's totals equal the taps received.", flag, st))
+                           "平衡 In balance: the validator's totals equal the taps received.", flag, st))
     if not closed:
-        story += [Spacer(1, 3 * mm), _flag("Shift not signed out: taps may still arrive.", True, st)]
-    story += [Spacer(1, 18 * mm), _signatures(st)]
-    header = PageHeader(operator_name=slip.operator_name, title=SHIFT_TITLE,
-                        period=f"service day {slip.service_day.isoformat()}",
-                        run_line=run_line(slip.run.id if slip.run else None,
-                                          slip.run.at if slip.run else slip.generated_at),
-                        footer=f"farebox — shift {slip.device_id}/{slip.shift_no}, driver {slip.driver}")
+        story += [Spacer(1, 3 * mm), _flag("未签退 Shift not signed out: taps may still arrive.", True, st)]
+    story += [Spacer(1, 8 * mm), *_signatures(st)]
+    header = _header(slip.operator_name, SHIFT_TITLE, slip.service_day, slip.run, slip.generated_at, slip.tz,
+                     f"farebox — shift {slip.device_id}/{slip.shift_no}, driver {slip.driver}")
     return write_pdf(path, story, header, title=f"Shift {slip.device_id}/{slip.shift_no} {slip.driver}")
 
 
@@ -229,23 +245,24 @@ def write_vehicle_day_pdf(day: VehicleDay, path: str | Path) -> Path:
     taps, amount = int(day.by_route["taps"].sum()), int(day.by_route["amount"].sum())
     title = _named(day.vehicle, day.vehicle_name)
     story: list = [
-        Paragraph(markup(f"{VEHICLE_TITLE} — {title} — service day {day.service_day.isoformat()}"), st["title"]),
-        Paragraph(markup(f"{count(taps)} taps, {yuan(amount)} yuan on {len(day.by_route)} route(s) in "
-                         f"{len(shifts)} shift(s). Times in {day.tz}."), st["body"]),
+        Paragraph(markup(f"{VEHICLE_TITLE} — {title}"), st["title"]),
+        Paragraph(f"<b>{markup(_period(day.service_day))}</b>", st["subtitle"]),
+        Paragraph(f"<b>{markup('合计 Total:')}</b> {count(taps)} taps, {yuan(amount)} yuan on "
+                  f"{len(day.by_route)} route(s) in {len(shifts)} shift(s).", st["body"]),
+        Paragraph(f"<b>{markup('时间 Times:')}</b> {markup(day.tz)}, the operator's clock; \"+1d\" marks a time "
+                  f"past midnight, still in the service day (it starts at {day.cutoff_hour:02d}:00). "
+                  f"<b>{markup('生成时间 Generated:')}</b> {markup(_local(day.generated_at, day.tz))}.", st["body"]),
     ]
     if (int(shifts["taps"].sum()), int(shifts["amount"].sum())) != (taps, amount):
-        story.append(Paragraph("WARNING: the shifts and the routes do not add up to the same figures.", st["bold"]))
+        story.append(Paragraph(markup("警告 WARNING: the shifts and the routes do not add up to the same figures."),
+                               st["bold"]))
     if "out_of_balance" in shifts.columns and shifts["out_of_balance"].fillna(False).astype(bool).any():
         n = int(shifts["out_of_balance"].fillna(False).astype(bool).sum())
-        story += [Spacer(1, 2 * mm), _flag(f"OUT OF BALANCE: {n} shift(s) of this vehicle, marked below.", True, st)]
-    if day.taps_by_hour is not None and int(day.taps_by_hour["taps"].sum()) > 0:
-        by_hour = dict.fromkeys(range(24), 0)
-        for h, n in zip(day.taps_by_hour["hour"].tolist(), day.taps_by_hour["taps"].tolist()):
-            by_hour[int(h)] += int(n)
-        order = [(day.cutoff_hour + i) % 24 for i in range(24)]
-        story += [Spacer(1, 4 * mm),
-                  charts.columns([f"{h:02d}" for h in order], [by_hour[h] for h in order], title="Taps by hour",
-                                 axis_title=f"hour of the day ({day.tz})")]
+        story += [Spacer(1, 2 * mm),
+                  _flag(f"不平衡 OUT OF BALANCE: {n} shift(s) of this vehicle, marked below.", True, st)]
+    chart = hour_chart(day.taps_by_hour, day.tz, day.cutoff_hour)
+    if chart is not None:
+        story += [Spacer(1, 4 * mm), chart]
     rows = []
     has_flag = "out_of_balance" in shifts.columns
     for r in shifts.to_dict("records"):
@@ -255,26 +272,19 @@ def write_vehicle_day_pdf(day: VehicleDay, path: str | Path) -> Path:
                      _clock(r["signed_in"], day.tz, day.service_day), _clock(r["signed_out"], day.tz, day.service_day),
                      count(r["taps"]), yuan(r["amount"]),
                      "-" if flag is None or pd.isna(flag) else "OUT" if flag else "ok"])
-    story += [Spacer(1, 3 * mm), Paragraph("Shifts", st["heading"]), data_table(
-        [Column("Shift", 14 * mm), Column("Driver", FRAME_WIDTH - 130 * mm), Column("Route", 22 * mm),
-         Column("Signed in", 18 * mm), Column("Signed out", 20 * mm), Column("Taps", 16 * mm, numeric=True),
-         Column("Amount (yuan)", 26 * mm, numeric=True), Column("Balance", 14 * mm)],
-        rows, ["Total", "", "", "", "", count(int(shifts["taps"].sum())), yuan(int(shifts["amount"].sum())), ""],
+    story += [Spacer(1, 3 * mm), Paragraph(markup(SHIFTS_HEADING), st["heading"]), data_table(
+        [Column("班次\nShift", 14 * mm), Column("司机\nDriver", FRAME_WIDTH - 134 * mm),
+         Column("线路\nRoute", 22 * mm), Column("签到\nSigned in", 18 * mm), Column("签退\nSigned out", 20 * mm),
+         Column(TAPS_HEADING.replace(" ", "\n"), 16 * mm, numeric=True),
+         Column(HEADINGS["amount"], 26 * mm, numeric=True), Column("平衡\nBalance", 18 * mm)],
+        rows, [TOTAL, "", "", "", "", count(int(shifts["taps"].sum())), yuan(int(shifts["amount"].sum())), ""],
         size=9)]
-    route_rows = []
-    for code, n, a, name in zip(day.by_route["route"].tolist(), day.by_route["taps"].tolist(),
-                                day.by_route["amount"].tolist(),
-                                day.by_route["name"].tolist() if "name" in day.by_route.columns
-                                else [day.route_names.get(c, "") for c in day.by_route["route"].tolist()]):
-        route_rows.append([key_text(code), name or "", count(n), yuan(a)])
-    story += [Spacer(1, 3 * mm), Paragraph("Routes", st["heading"]), data_table(
-        [Column("Route", 26 * mm), Column("Name", FRAME_WIDTH - 92 * mm), Column("Taps", 30 * mm, numeric=True),
-         Column("Amount (yuan)", 36 * mm, numeric=True)],
-        route_rows, ["Total", "", count(taps), yuan(amount)], size=9)]
-    story += [Spacer(1, 14 * mm), _signatures(st)]
-    header = PageHeader(operator_name=day.operator_name, title=VEHICLE_TITLE,
-                        period=f"service day {day.service_day.isoformat()}",
-                        run_line=run_line(day.run.id if day.run else None,
-                                          day.run.at if day.run else day.generated_at),
-                        footer=f"farebox — vehicle {day.vehicle}, service day {day.service_day.isoformat()}")
+    by_route = day.by_route
+    if "name" not in by_route.columns:
+        by_route = by_route.assign(name=[day.route_names.get(c, "") for c in by_route["route"].tolist()])
+    story += [Spacer(1, 3 * mm), Paragraph(markup(SECTION_HEADINGS["route"]), st["heading"]),
+              breakdown_table(by_route, "route", None)]
+    story += [Spacer(1, 8 * mm), *_signatures(st)]
+    header = _header(day.operator_name, VEHICLE_TITLE, day.service_day, day.run, day.generated_at, day.tz,
+                     f"farebox — vehicle {day.vehicle}, service day {day.service_day.isoformat()}")
     return write_pdf(path, story, header, title=f"Vehicle {day.vehicle} {day.service_day.isoformat()}")

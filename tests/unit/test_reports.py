@@ -27,6 +27,7 @@ from reports.tables import write_settlement_csv, write_settlement_xlsx
 DAY = date(2024, 5, 2)
 RUN = ClearingRun("2024-05-02/3", datetime(2024, 5, 3, 1, 15, 30, tzinfo=UTC))
 RUN_LINE = "clearing run 2024-05-02/3 of 2024-05-03 01:15 UTC"
+LOCAL_RUN_LINE = "clearing run 2024-05-02/3 of 2024-05-03 09:15 Asia/Shanghai"  # a shift's or vehicle's paper
 GENERATED = datetime(2024, 5, 3, 1, 16, tzinfo=UTC)
 OPERATOR = "城市公交一公司"
 SURNAMES = "王李张刘陈杨黄赵吴周"
@@ -532,12 +533,12 @@ def test_shift_report(tmp_path):
     texts = pages(write_shift_pdf(slip(declared_taps=total_taps, declared_amount=total_fen),
                                   tmp_path / "shift.pdf"))
     assert len(texts) == 1
-    assert_headers(texts, "service day 2024-05-02")
+    assert_headers(texts, "service day 2024-05-02", LOCAL_RUN_LINE)
     page = lines(texts[0])
     flat = texts[0].replace("\n", "")
     assert "张伟" in flat and "沪A-00007" in flat and "1路 环线" in flat
     assert "2024-05-02 07:31" in flat and "2024-05-02 15:05" in flat and "7 h 34 min" in flat
-    assert total_rows(texts, 2, "Total") == [[thousands(total_taps), money(total_fen)]]
+    assert total_rows(texts, 2) == [[thousands(total_taps), money(total_fen)]]
     assert "student card 学生卡" in flat and "card type 9" in flat
     for card_type, label in ((1, "adult card 普通卡"), (2, "student card 学生卡"), (3, "elderly card 老人卡")):
         i = page.index(label)
@@ -571,13 +572,13 @@ def test_vehicle_day(tmp_path):
                      shifts=shifts, by_route=routes, taps_by_hour=hours, run=RUN, generated_at=GENERATED,
                      route_names={"R1": "1路 环线", "R2": "2路"}, driver_names={"D0001": "张伟", "D0002": "王芳"})
     texts = pages(write_vehicle_day_pdf(day, tmp_path / "vday.pdf"))
-    assert_headers(texts, "service day 2024-05-02")
+    assert_headers(texts, "service day 2024-05-02", LOCAL_RUN_LINE)
     flat = "".join(texts)
     page = [ln for t in texts for ln in lines(t)]
     assert "Taps by hour" in flat and "张伟" in flat and "王芳" in flat and "1路 环线" in flat
     taps = 412 + 388
     fen = 80_150 + 71_020
-    assert total_rows(texts, 2, "Total") == [[thousands(taps), money(fen)]] * 2
+    assert total_rows(texts, 2) == [[thousands(taps), money(fen)]] * 2
     assert "06:00" in page and "14:00" in page and "14:10" in page and "00:30 +1d" in page
     assert "OUT OF BALANCE: 1 shift(s)" in flat.replace("\n", "")
     assert ["OUT"] == [ln for ln in page if ln == "OUT"] and "ok" in page
