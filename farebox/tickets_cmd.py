@@ -359,9 +359,9 @@ def _order_show(args, settings) -> int:
         print(f"  {t['ticket_id']} {t['kind']} {t['state']}, {uses}, {at(t['valid_from'])} to {at(t['valid_to'])}, "
               f"routes {t['routes'] or 'any'}, serial {t['pickup_serial']:010d}, {_yuan(t['price_fen'])}")
         if t["ticket_id"] in codes:
-            c = codes[t["ticket_id"]]
-            print(f"    pickup code {c.pickup_code[:4]} {c.pickup_code[4:8]} {c.pickup_code[8:12]} {c.pickup_code[12:]}")
-            print(f"    QR {c.token}")
+            code, token = codes[t["ticket_id"]].pickup_code, codes[t["ticket_id"]].token
+            print(f"    pickup code {code[:4]} {code[4:8]} {code[8:12]} {code[12:]}")
+            print(f"    QR {token}")
     print("changes:")
     for a in o.audit:
         print(f"  {at(a['at'])} {a['who']}: {a['from_state'] or '-'} -> {a['to_state']}: {a['why']}")
