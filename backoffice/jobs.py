@@ -167,3 +167,62 @@ def nightly_audit(operator: str) -> dict[date, list]:
     """The scheduled job beside the clearing: ``audit_recent`` with this process's engine."""
     engine, _reports_dir = _context()
     return audit_recent(engine, operator=operator)
+
+
+# --- the payment platform (issue 11: backoffice.payments) ---------------------------------------------------------
+STATEMENT_DAYS_BACK = 3  # each run fetches the last days' files again: a missed night is caught, a file stored once
+
+
+def bind_payments(platform) -> None:
+    """The payment platform adapter (backoffice.payments.platform) the payment jobs of this process use."""
+    _bound["payment_platform"] = platform
+
+
+def _payments_context():
+    engine, _ = _context()
+    if _bound.get("payment_platform") is None:
+        raise RuntimeError("no payment platform is bound in this process (backoffice.jobs.bind_payments)")
+    return engine, _bound["payment_platform"]
+
+
+def payments_query():
+    """Settle orders whose notification never came (backoffice.payments.service.query_open_orders)."""
+    from backoffice.payments.service import query_open_orders
+
+    engine, platform = _payments_context()
+    done = query_open_orders(engine, platform)
+    if done.settled or done.unavailable:
+        log.info("payments: %d order(s) asked, %d settled by the query, %d without answer", done.asked,
+                 len(done.settled), done.unavailable)
+    return done
+
+
+def payments_refunds():
+    """Send pending refunds again, each with its own refund id (backoffice.payments.service)."""
+    from backoffice.payments.service import retry_pending_refunds
+
+    engine, platform = _payments_context()
+    return retry_pending_refunds(engine, platform)
+
+
+def payments_statements(now: datetime | None = None, tz: str = "Asia/Shanghai"):
+    """Fetch, store once and reconcile the platform's files of the last ``STATEMENT_DAYS_BACK`` days (the platform
+    cuts its day at local midnight in ``tz``); a file fetched again is found stored and changes nothing."""
+    from backoffice.payments.platform import PlatformError
+    from backoffice.payments.service import fetch_statement
+
+    engine, platform = _payments_context()
+    today = (now or datetime.now(UTC)).astimezone(ZoneInfo(tz)).date()
+    done = []
+    for back in range(STATEMENT_DAYS_BACK, 0, -1):
+        day = today - timedelta(days=back)
+        try:
+            stored, items = fetch_statement(engine, platform, day=day, now=now, tz=tz)
+        except PlatformError as e:
+            log.warning("payments: statement of %s not fetched (%s); tried again next run", day, e)
+            continue
+        if stored.new:
+            log.info("payments: statement of %s stored (%d line(s)), %d new work-list item(s)", day, stored.lines,
+                     len(items))
+        done.append((stored, items))
+    return done

@@ -147,3 +147,24 @@ def stored_jobs(engine: Engine) -> list[tuple[str, str, datetime | None, str]]:
         return [(j.id, j.name, j.next_run_time, str(j.trigger)) for j in scheduler.get_jobs(jobstore="default")]
     finally:
         stop_scheduler(scheduler, wait=False)
+
+
+PAYMENT_QUERY_MINUTES = 5
+PAYMENT_REFUND_MINUTES = 1
+STATEMENT_AT = {"hour": 10, "minute": 15, "timezone": "Asia/Shanghai"}  # platforms publish the day's file by morning
+
+
+def add_payment_jobs(scheduler: BackgroundScheduler, platform) -> list[str]:
+    """The payment platform's jobs (backoffice.jobs.payments_*), in memory (the adapter is not stored): the order
+    query every few minutes, pending refunds every minute, the statements each morning. A missed run is made up
+    by the next (each job looks at everything still open)."""
+    jobs.bind_payments(platform)
+    added = [
+        scheduler.add_job(jobs.payments_query, "interval", minutes=PAYMENT_QUERY_MINUTES, id="payments:query",
+                          jobstore="memory", replace_existing=True, name="order query (missed notifications)"),
+        scheduler.add_job(jobs.payments_refunds, "interval", minutes=PAYMENT_REFUND_MINUTES, id="payments:refunds",
+                          jobstore="memory", replace_existing=True, name="pending refunds sent again"),
+        scheduler.add_job(jobs.payments_statements, CronTrigger(**STATEMENT_AT), id="payments:statements",
+                          jobstore="memory", replace_existing=True, name="daily statements fetched"),
+    ]
+    return [j.id for j in added]

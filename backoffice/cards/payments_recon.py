@@ -4,6 +4,12 @@ mobile-operator staff to settle: retry the load, refund the rider, accept, or di
 The comparison itself is clearing.reconcile.reconcile_payments (pure); this module reads the platform's CSV
 (``PAYMENT_FILE_DOC``), loads the day's orders with their load state, stores each new item once and records the
 staff's decisions. Like the other use cases it runs inside the caller's transaction and commits nothing itself.
+
+The platform's daily statement (issue 11, backoffice.payments: payments of ticket and top-up orders, refunds,
+fees) is reconciled by ``reconcile_statement`` into the same work list, with its own problems (``STATEMENT_PROBLEMS``):
+a payment or refund on the statement that farebox has not recorded (an extra order), one farebox recorded that no
+stored statement carries (a missing order), or one whose amount differs. A refund item names the refund id in
+``order_id`` (what it is about, as a Discrepancy's ``ref``).
 """
 
 from __future__ import annotations
@@ -172,3 +178,110 @@ def resolve_payment_item(conn: Connection, *, item_id: int, status: str, by: str
     conn.execute(update(PaymentReconItem).where(PaymentReconItem.id == item_id).values(
         status=status, resolved_by=by[:64], resolved_at=now or datetime.now(UTC), note=note[:500]))
     return get_item(conn, item_id)
+
+
+# ------------------------------------------------------------------------------------------ the daily statement
+STATEMENT_PROBLEMS = {
+    "payment_not_in_farebox": "paid on the platform, farebox has no such payment: settle the order (query) or refund",
+    "payment_missing_in_statement": "paid in farebox, on no statement of the platform: ask the platform",
+    "payment_amount_differs": "the platform collected another amount than the order's",
+    "refund_not_in_farebox": "refunded on the platform, farebox has no such refund answered",
+    "refund_missing_in_statement": "refunded in farebox, on no statement of the platform: ask the platform",
+    "refund_amount_differs": "the platform paid out another amount than the refund's",
+}
+
+
+def _books_payments(conn: Connection, start: datetime, end: datetime) -> dict[str, tuple[str, int]]:
+    """payment_ref -> (order id, fen) of the payments farebox recorded in [start, end)."""
+    from backoffice.models import TicketOrder
+
+    out = {}
+    for r in conn.execute(select(TicketOrder.order_id, TicketOrder.payment_ref, TicketOrder.paid_fen).where(
+            TicketOrder.payment_ref.is_not(None), TicketOrder.paid_at >= start, TicketOrder.paid_at < end)):
+        out[r.payment_ref] = (r.order_id, int(r.paid_fen))
+    for r in conn.execute(select(TopupOrder.order_id, TopupOrder.payment_ref, TopupOrder.amount).where(
+            TopupOrder.payment_ref.is_not(None), TopupOrder.paid_at >= start, TopupOrder.paid_at < end)):
+        out[r.payment_ref] = (r.order_id, int(r.amount))
+    return out
+
+
+def _payment_by_ref(conn: Connection, ref: str) -> tuple[str, int] | None:
+    from backoffice.models import TicketOrder
+
+    r = conn.execute(select(TicketOrder.order_id, TicketOrder.paid_fen).where(TicketOrder.payment_ref == ref)).first()
+    if r is not None:
+        return r.order_id, int(r.paid_fen)
+    r = conn.execute(select(TopupOrder.order_id, TopupOrder.amount).where(TopupOrder.payment_ref == ref)).first()
+    return (r.order_id, int(r.amount)) if r is not None else None
+
+
+def statement_discrepancies(conn: Connection, *, statement_id: int, tz: str = DEFAULT_TZ) -> list[Discrepancy]:
+    """The stored statement against farebox's payments and answered refunds (module doc); changes nothing.
+
+    A statement line is looked for in farebox by its reference whatever day farebox recorded it (a payment at the
+    platform's 23:59:59 heard here at 00:00:02 is not two differences); farebox's payments and refunds of the
+    statement's day are looked for on every stored statement, so one the platform put on its next day's file is
+    not reported missing once that file is in."""
+    from backoffice.payments.tables import refund as R, statement as S, statement_line as L
+
+    day = conn.execute(select(S.c.day).where(S.c.id == statement_id)).scalar_one()
+    start, end = day_bounds(day, tz)
+    lines = conn.execute(select(L).where(L.c.statement_id == statement_id).order_by(L.c.id)).all()
+    found: list[Discrepancy] = []
+    for line in lines:
+        if line.kind == "payment":
+            ours = _payment_by_ref(conn, line.ref)
+            if ours is None or ours[0] != line.order_id:
+                found.append(Discrepancy("payment", line.order_id, "payment_not_in_farebox", None, int(line.amount),
+                                         f"payment {line.ref} of {line.amount} fen for order {line.order_id}: "
+                                         + STATEMENT_PROBLEMS["payment_not_in_farebox"]))
+            elif ours[1] != line.amount:
+                found.append(Discrepancy("payment", line.order_id, "payment_amount_differs", ours[1],
+                                         int(line.amount), f"payment {line.ref}: farebox {ours[1]} fen, "
+                                                           f"platform {line.amount} fen"))
+        else:
+            r = conn.execute(select(R.c.amount, R.c.state).where(R.c.refund_id == line.ref)).first()
+            if r is None or r.state != "succeeded":
+                found.append(Discrepancy("payment", line.ref, "refund_not_in_farebox",
+                                         None, int(line.amount), f"refund {line.ref} of order {line.order_id}, "
+                                         f"{line.amount} fen; farebox: {r.state if r else 'no such refund'}"))
+            elif r.amount != line.amount:
+                found.append(Discrepancy("payment", line.ref, "refund_amount_differs", int(r.amount),
+                                         int(line.amount), f"refund {line.ref}: farebox {r.amount} fen, platform "
+                                                           f"{line.amount} fen"))
+    on_any = set(conn.execute(select(L.c.kind, L.c.ref).distinct()).all())
+    for ref, (order_id, amount) in sorted(_books_payments(conn, start, end).items()):
+        if ("payment", ref) not in on_any:
+            found.append(Discrepancy("payment", order_id, "payment_missing_in_statement", amount, None,
+                                     f"payment {ref} of {amount} fen: "
+                                     + STATEMENT_PROBLEMS["payment_missing_in_statement"]))
+    for r in conn.execute(select(R.c.refund_id, R.c.order_id, R.c.amount).where(
+            R.c.state == "succeeded", R.c.answered_at >= start, R.c.answered_at < end).order_by(R.c.refund_id)):
+        if ("refund", r.refund_id) not in on_any:
+            found.append(Discrepancy("payment", r.refund_id, "refund_missing_in_statement", int(r.amount), None,
+                                     f"refund of order {r.order_id}, {r.amount} fen: "
+                                     + STATEMENT_PROBLEMS["refund_missing_in_statement"]))
+    return found
+
+
+def reconcile_statement(conn: Connection, *, statement_id: int, now: datetime, tz: str = DEFAULT_TZ
+                        ) -> list[Discrepancy]:
+    """``statement_discrepancies`` stored in the work list, each (order or refund, problem) once; the new ones."""
+    from backoffice.payments.tables import statement as S
+
+    day = conn.execute(select(S.c.day).where(S.c.id == statement_id)).scalar_one()
+    found = statement_discrepancies(conn, statement_id=statement_id, tz=tz)
+    if not found:
+        return []
+    known = set(conn.execute(select(PaymentReconItem.order_id, PaymentReconItem.problem).where(
+        PaymentReconItem.order_id.in_(sorted({i.ref for i in found})))).all())
+    new = []
+    for item in found:
+        if (item.ref, item.problem) in known:
+            continue
+        known.add((item.ref, item.problem))
+        conn.execute(PaymentReconItem.__table__.insert().values(
+            day=day, order_id=item.ref, problem=item.problem, ours=item.ours, theirs=item.theirs,
+            detail=item.detail[:500], status="open", created_at=now, note=""))
+        new.append(item)
+    return new
