@@ -68,7 +68,9 @@ def test_departures_by_hand_and_from_gtfs_with_their_free_seats(cli):
     assert "leaves 2026-12-24 18:30 (Asia/Shanghai), 40 of 40 seats free" in done.stdout
     assert cli.sql("SELECT departs_at FROM departure WHERE departs_local = '18:30'")[0][0].startswith(
         "2026-12-24 10:30:00")  # stored in UTC
-    wrong = cli("ticket", "departure", "add", "--operator", "coachco", "--product", "day", "--route", "AIR",
+    cli("ticket", "product", "add", "--operator", "coachco", "--code", "one", "--kind", "single", "--name", "Ride",
+        "--price", "2", "--by", "li")
+    wrong = cli("ticket", "departure", "add", "--operator", "coachco", "--product", "one", "--route", "AIR",
                 "--date", "2026-12-24", "--time", "18:30", "--seats", "40", ok=False)
     assert wrong.returncode == 2 and "not a coach_trip" in wrong.stderr
     feed = write_feed(cli.tmp / "feed")
@@ -83,18 +85,20 @@ def test_an_order_is_shown_with_items_tickets_and_changes(cli):
     from backoffice.db import make_engine
     from backoffice.tickets import orders
 
+    cli("ticket", "product", "add", "--operator", "coachco", "--code", "week", "--kind", "day_pass", "--name",
+        "Week pass", "--price", "15.50", "--days", "7", "--by", "li")
     engine = make_engine(f"sqlite:///{cli.tmp}/var/backoffice.db")
     now = datetime.now(UTC)
     with engine.begin() as conn:
         order_id = orders.create_order(conn, operator="coachco", channel="sms", phone="13800138000", who="sms",
-                                       items=[orders.ItemRequest("day", 2)], now=now)
+                                       items=[orders.ItemRequest("week", 2)], now=now)
         orders.mark_paid(conn, order_id, amount_fen=3100, payment_ref="PAY-CLI", who="platform", now=now)
         orders.issue_tickets(conn, order_id, keys=ticket_keys.published_test_keys(), who="sms", now=now)
     engine.dispose()
     shown = cli("ticket", "order", "show", order_id).stdout
     assert f"order {order_id} (coachco, sms, phone 13800138000): issued" in shown
     assert "total ¥31.00, paid ¥31.00, refunded ¥0.00; payment PAY-CLI" in shown
-    assert "2 x day (day_pass)" in shown and shown.count(" day_pass issued, 0/unlimited used") == 2
+    assert "2 x week (day_pass)" in shown and shown.count(" day_pass issued, 0/unlimited used") == 2
     assert "-> created" in shown and "created -> paid" in shown and "paid -> issued" in shown
     # --codes: the pickup codes and QR texts to send again, made with the ticket keys (the published ones here)
     with_codes = cli("ticket", "order", "show", order_id, "--codes")
