@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys_cmd.register(sub)  # keys
     audit_cmd.register(sub)  # audit
     __import__("farebox.tickets_cmd").tickets_cmd.register(sub)  # ticket
+    __import__("farebox.payments_cmd").payments_cmd.register(sub)  # payments
     _insecure_flag_everywhere(sub)
     return parser
 
