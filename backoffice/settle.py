@@ -35,7 +35,7 @@ from clearing.service_day import day_bounds
 from clearing.settlement import Settlement, settle_day
 from epurse.cardtypes import CardType
 from reports.daily import write_daily_pdf
-from reports.monthly import month_bounds, write_monthly_pdf
+from reports.monthly import month_bounds, runs_label, write_monthly_pdf
 from reports.settlement_doc import LATE, RECONCILIATION, ClearingRun, Comparison, SettlementTables
 from reports.tables import write_settlement_csv, write_settlement_xlsx
 
@@ -322,7 +322,7 @@ def settle_month(conn: Connection, *, operator: str, year: int, month: int, repo
     by_day = by_day.astype({c: "int64" for c in MONEY})
     if runs:
         # Which days are cleared and which not is the status line's (``days_not_cleared``), not the run's label.
-        label = f"{runs[0].id}" if len(runs) == 1 else f"{len(runs)} runs, {runs[0].id} to {runs[-1].id}"
+        label = runs_label(r.id for r in runs)  # "1-2": the PDF's header says "清分批次 Clearing runs 1-2"
         run = ClearingRun(label, max(r.created_at for r in runs))
     else:
         run = ClearingRun("none: no day of the month is cleared", now)
