@@ -17,7 +17,7 @@ adapted to), JSON over HTTP, every message signed both ways:
   ``GET /v1/statements/<YYYY-MM-DD>`` -> the day's file, CSV (``STATEMENT_DOC``).
 - platform -> farebox: every answer carries ``X-Payment-Signature: t=<unix>,ed25519=<base64>`` over
   ``b"<t>." + body`` with the platform's Ed25519 key (the webhook's format, backoffice.cards.payments); an answer
-  whose signature does not verify is ``BadAnswer``, never trusted. Notifications arrive at ``POST /ota/webhook``.
+  whose signature does not verify is ``BadAnswer``, never trusted. Notifications arrive at ``POST /api/v1/ota/webhook``.
 
 Errors a caller catches by meaning: ``PlatformUnavailable`` (no answer: connection lost, timeout, 5xx; the work may
 or may not have been done, so the caller retries with the same idempotency key or queries), ``PlatformRefused``
