@@ -44,6 +44,7 @@ from sqlalchemy import Connection, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from backoffice.models import Card, Device, DeviceVersion, FraudFlag, Quarantine, Tap
+from backoffice.tickets import uses as ticket_uses
 from epurse.apdu import ALG_3DES, ALG_SM4, TX_COMPOSITE, TX_PURCHASE
 from backoffice.keyservice import KeyService, as_key_service
 from epurse.crypto import bcd_date, bcd_time
@@ -52,8 +53,10 @@ from wire.records import RecordKind, TapRecord
 
 log = logging.getLogger(__name__)
 
-# Tap columns in COPY order: the record's own fields, then when it arrived.
-_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(TapRecord))
+# Tap columns in COPY order: the record's own fields, then when it arrived. A ticket_use record's own fields go to
+# the ticket_use table (backoffice.tickets.uses), not to the tap table.
+TICKET_FIELDS = ("ticket_id", "ticket_use", "presented")
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(TapRecord) if f.name not in TICKET_FIELDS)
 TAP_COLUMNS = (*_RECORD_FIELDS, "received_at")
 PURCHASE = RecordKind.PURCHASE.value
 
@@ -263,6 +266,10 @@ class Ingest:
                     candidates.append(_Candidate(result, topic, record))
         store = _store_for(conn, self.write)
         store.lock(_lock_keys(candidates))
+        ticket_uses = [c for c in candidates if c.record.kind is RecordKind.TICKET_USE]
+        if ticket_uses:
+            candidates = [c for c in candidates if c.record.kind is not RecordKind.TICKET_USE]
+            _store_ticket_uses(conn, ticket_uses, now, quarantine)
         repeats: list[_Candidate] = []  # a key a second time in these messages (filled by _sort_out)
         taps, fraud_flags, fraud_cards = self._sort_out(conn, store, candidates, now, quarantine, repeats)
         stored = store.insert(taps, now)
@@ -503,9 +510,28 @@ def _content_differences(before, r: TapRecord) -> list[str]:
     return out
 
 
+def _store_ticket_uses(conn: Connection, candidates: list[_Candidate], now, quarantine: list[dict]) -> None:
+    """Ticket uses go to their own table, once by key (backoffice.tickets.uses): a use beyond what the ticket allows
+    is stored flagged (not revenue) and counted as fraud here; a conflict or a use of no known ticket is held."""
+    outcomes = ticket_uses.store_records(conn, [c.record for c in candidates], now=now)
+    for c, outcome in zip(candidates, outcomes, strict=True):
+        if outcome.status == "stored":
+            c.result.stored += 1
+            if outcome.flag in ticket_uses.FRAUD_FLAGS:
+                c.result.fraud += 1
+        elif outcome.status == "duplicate":
+            c.result.duplicates += 1
+        else:
+            r = c.record
+            quarantine.append(_quarantine_row(now, c.topic, r.device_id, r.device_seq, outcome.reason,
+                                              _record_payload(r)))
+            c.result.hold(r.device_seq)
+
+
 def _lock_keys(candidates: list[_Candidate]) -> list[int]:
     names = {f"device|{c.record.device_id}" for c in candidates}
     names.update(f"card|{c.record.card_asn}" for c in candidates if c.record.kind is RecordKind.PURCHASE)
+    names.update(ticket_uses.lock_name(c.record) for c in candidates if c.record.kind is RecordKind.TICKET_USE)
     # Stable across processes (Python's hash() is salted per process): the first 8 bytes of BLAKE2b.
     return sorted({int.from_bytes(hashlib.blake2b(n.encode(), digest_size=8).digest(), "big", signed=True)
                    for n in names})
