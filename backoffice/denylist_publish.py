@@ -1,7 +1,8 @@
 """Deny-list versions and deltas, in the back office.
 
 A version is the whole list of every card whose status is ``lost``, ``blocked`` or ``fraud`` (ingest sets
-``fraud``) and of every driver card withdrawn (its driver retired, or the card replaced; ``driver_card``), written in the validator's own file format (``blacklist.denylist``) and stored in ``denylist_version``
+``fraud``), of every driver card withdrawn (its driver retired, or the card replaced; ``driver_card``), and of every
+ticket whose use ingest flagged as fraud (``ticket_deny_keys``), written in the validator's own file format (``blacklist.denylist``) and stored in ``denylist_version``
 with its number, creation time, card count and SHA-256 content checksum. Storing whole files, not deltas, means
 any two stored versions give a delta (``blacklist.delta.diff``), so a bus that missed ten versions gets one delta,
 not ten.
@@ -97,7 +98,18 @@ def denied_asns(conn: Connection, now: datetime | None = None) -> list[str]:
             cards.add(asn.strip().lower())
         else:
             log.warning("deny list: withdrawn driver card %r is not a 20-hex-digit ASN; left off the list", asn)
+    cards.update(ticket_deny_keys(conn, now))
     return sorted(cards)
+
+
+def ticket_deny_keys(conn: Connection, now: datetime) -> set[str]:
+    """Tickets every bus must refuse, as deny-list keys (``wire.ticket.deny_keys``: FE71 + ticket id for a QR scan,
+    FE72 + pickup serial for a keyed code; prefixes no card ASN has): a ticket whose use was flagged at ingest
+    (shown on a second bus, or after a refund; backoffice.tickets.uses.flagged_tickets) until its validity is over."""
+    from backoffice.tickets.uses import flagged_tickets
+    from wire.ticket import deny_keys
+
+    return {key.hex() for ticket_id in flagged_tickets(conn, now=now) for key in deny_keys(ticket_id)}
 
 
 def denylist_changed(conn: Connection, now: datetime | None = None) -> bool:
