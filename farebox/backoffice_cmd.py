@@ -43,7 +43,7 @@ def register(sub) -> None:
                                      "api_tokens_file or FAREBOX_API_TOKENS, default var/api-tokens.toml)")
     token = p.add_subparsers(dest="action", required=True)
     p = token.add_parser("add", help="make a token, print it once, keep its SHA-256")
-    p.add_argument("--role", required=True, choices=["clerk", "operator_staff", "operations", "admin"])
+    p.add_argument("--role", required=True, choices=["clerk", "operator_staff", "operations", "admin", "partner"])
     p.add_argument("--name", required=True, help="who holds it")
     p.add_argument("--operator", default=None, help="a clerk's bus company (clerks only)")
     p.add_argument("--file", type=Path, default=None, help="the token file (default: the api_tokens_file setting)")

@@ -8,6 +8,7 @@ Roles (DESIGN.md, who uses it):
 | ``operator_staff`` | the mobile operator's counter: cards, top-ups, refunds, deny-list versions |
 | ``operations`` | validators, parameters, the deny list, quarantine, the registry of every operator |
 | ``admin`` | everything |
+| ``partner`` | one operator's partner API (its own app selling tickets: backoffice.web.api.partner), nothing else |
 
 The token file (setting ``api_tokens_file`` / ``FAREBOX_API_TOKENS``, default ``<var_dir>/api-tokens.toml``) holds
 one ``[[token]]`` table per token: name, role, operator (clerks only), created_at, expires_at, revoked_at (once
@@ -46,7 +47,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPBearer
 
-ROLES = ("clerk", "operator_staff", "operations", "admin")
+ROLES = ("clerk", "operator_staff", "operations", "admin", "partner")
+OPERATOR_BOUND = ("clerk", "partner")  # roles whose token names the one operator they act for
 COOKIE = "farebox_token"
 TOKEN_PREFIX = "fbx_"
 DEFAULT_TOKEN_DAYS = 90  # `farebox token add --days N` sets another; a person's token is renewed, not eternal
@@ -69,10 +71,10 @@ class Principal:
     def scope(self, operator: str | None) -> str | None:
         """The operator a query is limited to: a clerk's own always (asking for another's is answered as if it did
         not exist, by the caller), anyone else's what they asked for (None: every operator)."""
-        return self.operator if self.role == "clerk" else operator
+        return self.operator if self.role in OPERATOR_BOUND else operator
 
     def may_see(self, operator: str | None) -> bool:
-        return self.role != "clerk" or operator == self.operator
+        return self.role not in OPERATOR_BOUND or operator == self.operator
 
 
 def token_hash(token: str) -> str:
@@ -82,10 +84,10 @@ def token_hash(token: str) -> str:
 def _check(role: str, operator: str | None, name: str) -> None:
     if role not in ROLES:
         raise TokenFileError(f"token {name!r}: role {role!r} is not one of {', '.join(ROLES)}")
-    if role == "clerk" and not operator:
-        raise TokenFileError(f"token {name!r}: a clerk sees one operator's data: give --operator")
-    if role != "clerk" and operator:
-        raise TokenFileError(f"token {name!r}: only a clerk is limited to one operator; role {role} sees all")
+    if role in OPERATOR_BOUND and not operator:
+        raise TokenFileError(f"token {name!r}: a {role} acts for one operator: give --operator")
+    if role not in OPERATOR_BOUND and operator:
+        raise TokenFileError(f"token {name!r}: only a clerk or partner acts for one operator; role {role} sees all")
 
 
 def _stamp(at: datetime) -> str:

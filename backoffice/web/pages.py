@@ -67,6 +67,7 @@ ROLE_LABELS = {
     "operator_staff": ("营业厅", "counter staff"),
     "operations": ("运维", "operations"),
     "admin": ("管理员", "admin"),
+    "partner": ("合作方接口", "partner API"),
 }
 
 

@@ -17,6 +17,7 @@ from backoffice.cards import topup
 from backoffice.db import make_engine, upgrade
 from backoffice.denylist_publish import build_version
 from backoffice.keyservice import LocalKeyService
+from backoffice.tickets import catalogue, orders
 from backoffice.web.api.ota import TEST_PLATFORM_PUBLIC_KEY, configure_ota
 from backoffice.web.app import create_app
 from backoffice.web.auth import COOKIE, Principal, TokenStore, add_token, endpoints
@@ -25,8 +26,8 @@ from wire.records import RecordKind
 
 TODAY, YESTERDAY = date(2026, 3, 5), date(2026, 3, 4)
 TOKENS = {"clerk": "t-clerk-a", "clerk_b": "t-clerk-b", "operator_staff": "t-staff", "operations": "t-ops",
-          "admin": "t-admin"}
-ROLES = ("clerk", "operator_staff", "operations", "admin")
+          "admin": "t-admin", "partner": "t-partner"}
+ROLES = ("clerk", "operator_staff", "operations", "admin", "partner")
 NOBODY = "00000000000000000000"  # a card never issued
 EDITABLE = {"routes": "c1", "vehicles": "cv1", "drivers": "cd1", "devices": "cb_001"}  # kind -> an entry of A's
 
@@ -166,15 +167,31 @@ MATRIX = {
     ("POST", "/admin/users/lang"): ("/admin/users/lang", set()),
     ("POST", "/reconciliation/{item_id}"): ("/reconciliation/999999", {"clerk"}),
     ("POST", "/reconciliation/upload"): ("/reconciliation/upload", {"clerk"}),
+    # the partner API (operator A's app; order "matrix-1" is seeded unpaid): admins name the operator
+    ("GET", "/api/v1/partner/products"): (f"/api/v1/partner/products?operator={A}", {"partner"}),
+    ("GET", "/api/v1/partner/departures"): (f"/api/v1/partner/departures?operator={A}&day={TODAY}", {"partner"}),
+    ("POST", "/api/v1/partner/orders"): (f"/api/v1/partner/orders?operator={A}", {"partner"}),
+    ("GET", "/api/v1/partner/orders/{partner_order_no}"): (f"/api/v1/partner/orders/matrix-1?operator={A}",
+                                                           {"partner"}),
+    ("GET", "/api/v1/partner/orders/{partner_order_no}/tickets"): (
+        f"/api/v1/partner/orders/matrix-1/tickets?operator={A}", {"partner"}),
+    ("POST", "/api/v1/partner/orders/{partner_order_no}/refund"): (
+        f"/api/v1/partner/orders/matrix-1/refund?operator={A}", {"partner"}),
 }
 # The payment platform's webhook has no bearer token: its Ed25519 signature is the authentication
 # (tests/integration/test_web_cards.py refuses forged ones).
 PUBLIC = {("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/docs/oauth2-redirect"), ("GET", "/redoc"),
-          ("GET", "/login"), ("POST", "/login"), ("POST", "/logout"), ("POST", "/lang"), ("POST", "/api/v1/ota/webhook")}
+          ("GET", "/login"), ("POST", "/login"), ("POST", "/logout"), ("POST", "/lang"), ("POST", "/api/v1/ota/webhook"),
+          # the rider's web shop: no staff login (a one-time code to the rider's phone, backoffice.web.pages_shop)
+          ("GET", "/shop"), ("GET", "/shop/{operator}"), ("GET", "/shop/{operator}/buy"),
+          ("POST", "/shop/{operator}/code"), ("POST", "/shop/{operator}/order"),
+          ("GET", "/shop/{operator}/orders/{order_id}"), ("GET", "/shop/{operator}/orders/{order_id}/qr/{ticket_id}.png")}
 # What a write sends in the matrix: aimed at things that do not exist (an unissued card, order "nope", item
 # 999999) or refused (an empty issuer file), so every role that gets past the door changes nothing.
 BODIES = {
     "/api/v1/cards/{asn}/lost": {"json": {"why": "matrix"}},
+    "/api/v1/partner/orders": {"json": {"partner_order_no": "matrix-2", "items": [{"product": "nope"}]}},
+    "/api/v1/partner/orders/{partner_order_no}/refund": {"json": {"reason": "matrix"}},  # unpaid: 409
     "/api/v1/rider/cards/{asn}/lost": {"json": {"rider": "matrix"}},
     "/api/v1/quarantine/{quarantine_id}/release": {"json": {"why": "matrix"}},
     "/api/v1/quarantine/{quarantine_id}/reject": {"json": {"why": "matrix"}},
@@ -248,10 +265,15 @@ def city(request, tmp_path_factory):
     with engine.begin() as conn:
         build_version(conn, NOW)  # CARDS[3] is lost: deny-list version 1 lists it
         topup.create_order(conn, asn=SHARED_CARD, rider="13800000000", amount=500, now=NOW, order_id="M1")
+        catalogue.add_product(conn, operator=A, code="ride", kind="single", name="One ride", price_fen=200, by="t",
+                              now=NOW)
+        orders.create_order(conn, operator=A, channel="partner", phone="", items=[orders.ItemRequest("ride")],
+                            who="matrix", idempotency_key="matrix-1", now=NOW)
     store = TokenStore(tokens={
         TOKENS["clerk"]: Principal("alice", "clerk", A), TOKENS["clerk_b"]: Principal("bob", "clerk", B),
         TOKENS["operator_staff"]: Principal("carol", "operator_staff"),
-        TOKENS["operations"]: Principal("dave", "operations"), TOKENS["admin"]: Principal("erin", "admin")})
+        TOKENS["operations"]: Principal("dave", "operations"), TOKENS["admin"]: Principal("erin", "admin"),
+        TOKENS["partner"]: Principal("pat", "partner", A)})
     app = create_app(engine, tokens=store, clock=lambda: NOW, migrate=False)
     # as farebox serve does at start: the OTA host's keys (the published test keys) and the test platform's key
     configure_ota(app, keys=LocalKeyService(TEST_ISSUER_KEYS, source="test keys"),

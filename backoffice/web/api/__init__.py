@@ -18,3 +18,5 @@ ROUTERS = (registry.router, clearing.router, devices.router, cards.router, ota.r
            quarantine.router)  # the review of quarantined records (release, reject)
 from backoffice.web.api import rider  # noqa: E402  rider self-service for the mobile operator's gateway
 ROUTERS += (rider.router,)
+from backoffice.web.api import partner  # noqa: E402  the operator's app sells tickets (issue 11, role partner)
+ROUTERS += (partner.router,)

@@ -1,0 +1,259 @@
+"""What the rider's web shop (backoffice.web.pages_shop) and the partner API (backoffice.web.api.partner) share:
+the ticket keys and the payment platform they were wired with, placing an order and asking the platform for its
+payment, reading an order back with its tickets (issued on first read once paid), one-time codes for a rider's
+phone number, and rate limits.
+
+Wiring, as ``configure_ota``: ``farebox serve`` (or a test) calls ``configure_shop(app, ticket_keys=...,
+platform=..., notify_url=...)``. Without it the shop's pages answer 503 and the partner API reads the catalogue and
+orders but issues no tickets.
+
+Stand-ins until their owners land (marked STAND-IN below): the one-time code is sent through ``OtpSender``, whose
+default ``OutboxSender`` only keeps the messages (and logs that a code was sent, never the code) -- the SMS gateway
+adapter (backoffice/sms/) plugs in behind the same ``send(phone, text)``. Codes and rate-limit counters live in this
+process's memory: one ``farebox serve`` process serves the shop; a restart forgets open codes (the rider asks again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from fastapi import HTTPException, Request
+from sqlalchemy import Engine
+
+from backoffice.tickets import orders
+
+log = logging.getLogger(__name__)
+
+OTP_DIGITS = 6
+OTP_LIFETIME = timedelta(minutes=5)
+OTP_ATTEMPTS = 5  # wrong codes before the code is void (the rider asks for a new one)
+# (how many, per how long): one-time codes sent to one phone number and from one address; orders from one phone
+OTP_PER_PHONE = (3, timedelta(minutes=10))
+OTP_PER_CLIENT = (10, timedelta(minutes=10))
+ORDERS_PER_PHONE = (10, timedelta(hours=1))
+ORDERS_PER_CLIENT = (30, timedelta(hours=1))
+PAYMENT_QUERY_AFTER = timedelta(seconds=20)  # an unpaid order read this long after it was made asks the platform
+
+
+# ------------------------------------------------------------------------------------------------ rate limits
+class RateLimiter:
+    """Sliding-window counters in memory: ``hit(key, (limit, window), now)`` counts one event and says whether it
+    is within the limit (an event over the limit is not counted, so waiting frees the key again)."""
+
+    def __init__(self):
+        self._events: dict[str, deque] = defaultdict(deque)
+        self._lock = threading.Lock()
+
+    def hit(self, key: str, rule: tuple[int, timedelta], now: datetime) -> bool:
+        limit, window = rule
+        with self._lock:
+            q = self._events[key]
+            while q and q[0] <= now - window:
+                q.popleft()
+            if len(q) >= limit:
+                return False
+            q.append(now)
+            return True
+
+
+# ------------------------------------------------------------------------------------------------ one-time codes
+class OtpSender(Protocol):
+    def send(self, phone: str, text: str) -> None: ...
+
+
+class OutboxSender:
+    """STAND-IN for the SMS gateway adapter (backoffice/sms/, not on main when this was written): keeps each message
+    in ``outbox`` (tests read the code there, as a rider reads the phone) and logs that one was sent, never the
+    code."""
+
+    def __init__(self):
+        self.outbox: list[tuple[str, str]] = []
+
+    def send(self, phone: str, text: str) -> None:
+        self.outbox.append((phone, text))
+        log.info("one-time code sent to %s****", phone[:-4])
+
+    def last_code(self, phone: str) -> str | None:
+        for to, text in reversed(self.outbox):
+            if to == phone:
+                return "".join(c for c in text if c.isdigit())[:OTP_DIGITS]
+        return None
+
+
+@dataclass
+class _Code:
+    digest: bytes
+    expires: datetime
+    attempts_left: int
+
+
+class OtpBook:
+    """One open code per phone number, kept as HMAC-SHA256(pepper, phone | code): a copy of memory shows no code.
+    A code works once, for ``OTP_LIFETIME``, and dies after ``OTP_ATTEMPTS`` wrong tries."""
+
+    def __init__(self):
+        self._pepper = secrets.token_bytes(32)
+        self._codes: dict[str, _Code] = {}
+        self._lock = threading.Lock()
+
+    def _digest(self, phone: str, code: str) -> bytes:
+        return hmac.new(self._pepper, f"{phone}|{code}".encode(), hashlib.sha256).digest()
+
+    def issue(self, phone: str, now: datetime) -> str:
+        code = f"{secrets.randbelow(10**OTP_DIGITS):0{OTP_DIGITS}d}"
+        with self._lock:
+            self._codes[phone] = _Code(self._digest(phone, code), now + OTP_LIFETIME, OTP_ATTEMPTS)
+        return code
+
+    def check(self, phone: str, code: str, now: datetime) -> str:
+        """``ok`` (the code is used up), ``wrong``, ``expired`` or ``none`` (no code open, or too many tries)."""
+        with self._lock:
+            open_ = self._codes.get(phone)
+            if open_ is None or open_.attempts_left <= 0:
+                return "none"
+            if now >= open_.expires:
+                del self._codes[phone]
+                return "expired"
+            if hmac.compare_digest(open_.digest, self._digest(phone, (code or "").strip())):
+                del self._codes[phone]
+                return "ok"
+            open_.attempts_left -= 1
+            if open_.attempts_left <= 0:
+                del self._codes[phone]
+            return "wrong"
+
+
+# ------------------------------------------------------------------------------------------------ wiring
+@dataclass
+class ShopConfig:
+    ticket_keys: object | None  # backoffice.tickets.keys.TicketKeys
+    platform: object | None  # backoffice.payments.platform.Platform
+    notify_url: str = ""
+    otp_sender: OtpSender = field(default_factory=OutboxSender)
+    otp: OtpBook = field(default_factory=OtpBook)
+    limits: RateLimiter = field(default_factory=RateLimiter)
+    cookie_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    pay_urls: dict[str, str] = field(default_factory=dict)  # order id -> the platform's payment page
+
+
+def configure_shop(app, *, ticket_keys, platform=None, notify_url: str = "", otp_sender: OtpSender | None = None
+                   ) -> ShopConfig:
+    """Give the app the ticket keys, the payment platform (None: orders are made, nobody is asked to pay) and the
+    URL the platform notifies (``.../api/v1/ota/webhook``)."""
+    cfg = ShopConfig(ticket_keys, platform, notify_url, otp_sender or OutboxSender())
+    app.state.shop = cfg
+    return cfg
+
+
+def shop_config(request: Request) -> ShopConfig:
+    cfg = getattr(request.app.state, "shop", None)
+    if cfg is None:  # reads work unconfigured; what needs keys or the platform says so
+        cfg = request.app.state.shop = ShopConfig(None, None)
+    return cfg
+
+
+def client_of(request: Request) -> str:
+    return request.client.host if request.client else "?"
+
+
+def limited(cfg: ShopConfig, key: str, rule, now: datetime, what: tuple[str, str]) -> None:
+    if not cfg.limits.hit(key, rule, now):
+        raise HTTPException(429, {"reason": "rate_limited", "message": what[1], "zh": what[0]},
+                            headers={"Retry-After": str(int(rule[1].total_seconds()))})
+
+
+# ------------------------------------------------------------------------------------------------ orders
+def payment_page(engine: Engine, cfg: ShopConfig, order_id: str) -> str | None:
+    """The platform's payment page for an unpaid order (asked once per order and remembered; the platform answers
+    the same payment for the same order id, so asking again after a lost answer is safe). None without a platform
+    or an answer."""
+    from backoffice.payments.platform import PlatformError
+
+    if cfg.platform is None:
+        return None
+    if order_id in cfg.pay_urls:
+        return cfg.pay_urls[order_id]
+    with engine.connect() as conn:
+        view = orders.show_order(conn, order_id)
+    if view.state != "created":
+        return None
+    try:
+        payment = cfg.platform.create_payment(order_id=order_id, amount=view.total_fen,
+                                              description=f"{view.operator} tickets {order_id}",
+                                              notify_url=cfg.notify_url)
+    except PlatformError as e:
+        log.warning("payment for %s not created yet: %s", order_id, e)
+        return None
+    if payment.pay_url:
+        cfg.pay_urls[order_id] = payment.pay_url
+    return payment.pay_url
+
+
+def place_order(engine: Engine, cfg: ShopConfig, *, operator: str, channel: str, phone: str,
+                items: list[orders.ItemRequest], who: str, idempotency_key: str | None, now: datetime
+                ) -> tuple[str, bool]:
+    """Create the order (seats held) in one transaction, then ask the platform for its payment outside it (a call
+    to the platform never holds a transaction open). (order id, made now: False when the idempotency key had made
+    it already). OrderError as ``orders.create_order``."""
+    with engine.begin() as conn:
+        known = None
+        if idempotency_key is not None:
+            from sqlalchemy import select
+
+            from backoffice.models import TicketOrder
+            known = conn.execute(select(TicketOrder.order_id).where(
+                TicketOrder.operator == operator, TicketOrder.channel == channel,
+                TicketOrder.idempotency_key == idempotency_key)).scalar()
+        order_id = known or orders.create_order(conn, operator=operator, channel=channel, phone=phone, items=items,
+                                                who=who, idempotency_key=idempotency_key, now=now)
+    payment_page(engine, cfg, order_id)
+    return order_id, known is None
+
+
+def read_order(engine: Engine, cfg: ShopConfig, order_id: str, *, now: datetime, who: str
+               ) -> tuple[orders.OrderView, list[orders.IssuedTicket]]:
+    """The order and its tickets. An order still unpaid a while after it was made is asked about at the platform
+    (its notification may be lost: the order-query job does the same, later); a paid order gets its tickets issued
+    here, once (``issue_tickets`` is idempotent). OrderError ``unknown_order``."""
+    with engine.connect() as conn:
+        view = orders.show_order(conn, order_id)
+    if view.state == "created" and cfg.platform is not None and now - view.created_at >= PAYMENT_QUERY_AFTER:
+        from backoffice.payments.service import query_open_orders
+
+        query_open_orders(engine, cfg.platform, now=now, order_ids=[order_id])
+        with engine.connect() as conn:
+            view = orders.show_order(conn, order_id)
+    tickets: list[orders.IssuedTicket] = []
+    if view.state == "paid" and cfg.ticket_keys is not None:
+        with engine.begin() as conn:
+            tickets = orders.issue_tickets(conn, order_id, keys=cfg.ticket_keys, who=who, now=now)
+            view = orders.show_order(conn, order_id)
+    elif view.issued_at is not None:
+        with engine.connect() as conn:
+            tickets = orders.tickets_of(conn, order_id, keys=cfg.ticket_keys)
+    return view, tickets
+
+
+def qr_png(text: str, scale: int = 5) -> bytes:
+    """The ticket's QR code as PNG (segno: a standard QR symbol, never a Micro QR; error correction M)."""
+    import io
+
+    import segno
+
+    out = io.BytesIO()
+    segno.make_qr(text, error="m").save(out, kind="png", scale=scale, border=4)
+    return out.getvalue()
+
+
+def utc(at: datetime | None) -> datetime | None:
+    if at is None:
+        return None
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
