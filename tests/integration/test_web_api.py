@@ -182,6 +182,7 @@ MATRIX = {
 # (tests/integration/test_web_cards.py refuses forged ones).
 PUBLIC = {("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/docs/oauth2-redirect"), ("GET", "/redoc"),
           ("GET", "/login"), ("POST", "/login"), ("POST", "/logout"), ("POST", "/lang"), ("POST", "/api/v1/ota/webhook"),
+          ("POST", "/api/v1/sms/inbound"),  # the SMS gateway: HMAC-signed, backoffice.web.api.sms
           # the rider's web shop: no staff login (a one-time code to the rider's phone, backoffice.web.pages_shop)
           ("GET", "/shop"), ("GET", "/shop/{operator}"), ("GET", "/shop/{operator}/buy"),
           ("POST", "/shop/{operator}/code"), ("POST", "/shop/{operator}/order"),

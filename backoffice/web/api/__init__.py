@@ -20,3 +20,5 @@ from backoffice.web.api import rider  # noqa: E402  rider self-service for the m
 ROUTERS += (rider.router,)
 from backoffice.web.api import partner  # noqa: E402  the operator's app sells tickets (issue 11, role partner)
 ROUTERS += (partner.router,)
+from backoffice.web.api import sms  # noqa: E402  the SMS gateway's webhook (riders' texts: backoffice.sms)
+ROUTERS += (sms.router,)
