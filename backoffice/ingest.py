@@ -19,6 +19,10 @@ caller's transaction,
    on PostgreSQL by COPY into a temporary table and one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``;
 5. quarantines everything else with its reason, and returns per message what to acknowledge.
 
+A ``ticket_use`` record (a QR ticket or pickup code accepted on a bus) goes to the ticket_use table instead of the
+tap table, once by the same key (backoffice.tickets.uses): a use beyond what its ticket allows (the same ticket on
+another offline bus) is stored flagged, not as revenue, counted in ``fraud``, and puts the ticket on the deny list.
+
 The caller commits, and only then acknowledges: a crash in between makes the validator send the batch again, and
 its records come back as duplicates. A refused batch (forged MAC, foreign topic, unknown device, unsigned) is
 quarantined and never acknowledged: the validator keeps its records, and nothing of it is ever cleared.
