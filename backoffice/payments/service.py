@@ -72,13 +72,38 @@ def settle_paid(conn: Connection, *, order_id: str, amount: int, payment_ref: st
                                       why=f"payment confirmed by {who}")
         except orders.OrderError as e:
             return f"refused ({e.code}): {e}"
-        return f"ticket order {order_id}: {result.outcome} ({payment_ref})"
+        outcome = f"ticket order {order_id}: {result.outcome} ({payment_ref})"
+        if result.outcome == "refund_due":  # paid after it expired and its seats were sold: the money goes back
+            row = start_refund(conn, order_id=order_id, who=who, now=now,
+                               why="paid after the order expired and its seats were sold")
+            outcome += f"; refund {row['refund_id']} queued"
+        elif result.outcome == "second_payment":
+            outcome += "; " + _refund_stray(conn, "ticket", order_id, payment_ref, amount, who=who, now=now)
+        return outcome
     if kind == "topup":
         try:
             return topup.mark_paid(conn, order_id=order_id, amount=amount, payment_ref=payment_ref, now=now)
         except topup.TopupRefused as e:
+            if e.reason == "paid_twice":
+                return f"refused ({e.reason}): {e}; " + _refund_stray(conn, "topup", order_id, payment_ref, amount,
+                                                                      who=who, now=now)
             return f"refused ({e.reason}): {e}"
     return f"refused (unknown_order): no order {order_id}"
+
+
+def _refund_stray(conn: Connection, kind: str, order_id: str, payment_ref: str, amount: int, *, who: str,
+                  now: datetime) -> str:
+    """A second payment of an order already paid: a pending refund of it (once per payment reference), sent by
+    the refund job; the order itself keeps its first payment."""
+    known = conn.execute(select(R.c.refund_id).where(R.c.payment_ref == payment_ref)).scalar()
+    if known is not None:
+        return f"refund {known} of it exists already"
+    refund_id = _new_refund_id(now)
+    conn.execute(insert(R).values(refund_id=refund_id, order_kind=kind, order_id=order_id, payment_ref=payment_ref,
+                                  amount=amount, ticket_ids="", state="pending", attempts=0, answer="",
+                                  requested_by=who[:64], why="a second payment of an order paid already",
+                                  created_at=now))
+    return f"refund {refund_id} of the second payment queued"
 
 
 # ---------------------------------------------------------------------------------------------- order query
