@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -70,9 +70,8 @@ def _at(moment) -> datetime | None:
 
 
 def _local(moment, tz: str) -> str:
-    """ "2024-05-02 07:31 Asia/Shanghai": the operator's clock, the zone named."""
-    at = _at(moment)
-    return "-" if at is None else when_text(at, tz)
+    """ "2024-05-02 07:31" on the operator's clock (the page names the zone once)."""
+    return local_time(_at(moment), tz)
 
 
 def _clock(moment, tz: str, day: date) -> str:
@@ -97,7 +96,7 @@ def _facts(rows: list[tuple[str, str]], st) -> Table:
         cells.append(["", ""])
     half = len(cells) // 2
     grid = [a + b for a, b in zip(cells[:half], cells[half:])]
-    t = Table(grid, colWidths=[34 * mm, FRAME_WIDTH / 2 - 34 * mm] * 2)
+    t = Table(grid, colWidths=[30 * mm, FRAME_WIDTH / 2 - 30 * mm] * 2)
     t.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("LEFTPADDING", (0, 0), (-1, -1), 0),
                            ("BOTTOMPADDING", (0, 0), (-1, -1), 2), ("TOPPADDING", (0, 0), (-1, -1), 0)]))
     return t
@@ -184,7 +183,7 @@ def write_shift_pdf(slip: ShiftSlip, path: str | Path) -> Path:
             ("签到 Signed in", _local(slip.signed_in, slip.tz)),
             ("签退 Signed out", _local(slip.signed_out, slip.tz) if closed else "未签退 not signed out"),
             ("时长 Duration", duration),
-            ("生成时间 Generated", _local(slip.generated_at, slip.tz)),
+            ("时区 Time zone", slip.tz),  # of every time on the page
         ], st),
         Spacer(1, 5 * mm),
         Paragraph(markup(SECTION_HEADINGS["card_type"]), st["heading"]),
@@ -251,7 +250,7 @@ def write_vehicle_day_pdf(day: VehicleDay, path: str | Path) -> Path:
                   f"{len(day.by_route)} route(s) in {len(shifts)} shift(s).", st["body"]),
         Paragraph(f"<b>{markup('时间 Times:')}</b> {markup(day.tz)}, the operator's clock; \"+1d\" marks a time "
                   f"past midnight, still in the service day (it starts at {day.cutoff_hour:02d}:00). "
-                  f"<b>{markup('生成时间 Generated:')}</b> {markup(_local(day.generated_at, day.tz))}.", st["body"]),
+                  f"<b>{markup('生成时间 Generated:')}</b> {markup(when_text(day.generated_at or datetime.now(UTC), day.tz))}.", st["body"]),
     ]
     if (int(shifts["taps"].sum()), int(shifts["amount"].sum())) != (taps, amount):
         story.append(Paragraph(markup("警告 WARNING: the shifts and the routes do not add up to the same figures."),
