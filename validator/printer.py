@@ -34,25 +34,15 @@ import threading
 from collections.abc import Callable
 from urllib.parse import parse_qs
 
+from wire.escpos import CHINESE_ON, CUT, ENCODING, ESC, FEED_4, FS, GS, INIT, LF, slip_bytes  # noqa: F401 (shared)
+
 log = logging.getLogger(__name__)
 
-ESC, FS, GS, LF = b"\x1b", b"\x1c", b"\x1d", b"\n"
-INIT = ESC + b"@"
-CHINESE_ON = FS + b"&"
-FEED_4 = ESC + b"d\x04"
-CUT = GS + b"V\x01"
-ENCODING = "gb18030"
 SCHEMES = ("serial", "console")
 
 
 class PrinterError(Exception):
     """The printer path is wrong, or the printer cannot be opened."""
-
-
-def slip_bytes(text: str) -> bytes:
-    """One slip as the printer takes it: initialise, Chinese mode, the lines, feed, cut."""
-    body = b"".join(line.encode(ENCODING, errors="replace") + LF for line in text.rstrip("\n").split("\n"))
-    return INIT + CHINESE_ON + body + FEED_4 + CUT
 
 
 class SlipPrinter:
