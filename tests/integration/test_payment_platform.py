@@ -405,3 +405,29 @@ def test_farebox_payments_at_the_command_line(world, tmp_path):
     fee = sum(e["fee"] for e in w.sim.ledger if e["kind"] == "payment")
     assert f"sales ¥15.00, refunds ¥15.00, fees ¥{fee // 100}.{fee % 100:02d}" in c.stdout
     assert (tmp_path / "out" / f"payments-close-{day.isoformat()}.xlsx").exists()
+
+
+def test_the_scheduler_fetches_the_last_days_statements_once(world):
+    from backoffice import jobs
+    from backoffice.scheduler import add_payment_jobs, make_scheduler, stop_scheduler
+
+    w = world
+    scheduler = make_scheduler(w.engine)
+    scheduler.start(paused=True)
+    try:
+        jobs.bind(w.engine, reports_dir=None)
+        assert sorted(add_payment_jobs(scheduler, w.platform)) == ["payments:query", "payments:refunds",
+                                                                   "payments:statements"]
+    finally:
+        stop_scheduler(scheduler, wait=False)
+    k, k_fen = w.buy("day")
+    w.checkout(k, k_fen)
+    w.clock.now = datetime(2026, 12, 4, 3, 0, tzinfo=UTC)  # 11:00 the next morning in Shanghai
+    done = jobs.payments_statements(now=w.clock())
+    assert [(s.day, s.new, s.lines) for s, _ in done] == [(date(2026, 12, 1), True, 0), (date(2026, 12, 2), True, 0),
+                                                         (DAY, True, 1)]
+    again = jobs.payments_statements(now=w.clock())  # the same files again (a second scheduler, a rerun)
+    assert [s.new for s, _ in again] == [False, False, False]
+    assert sql(w.engine, "SELECT day, lines FROM payment_statement ORDER BY day")[-1][1] == 1
+    assert sql(w.engine, "SELECT COUNT(*) FROM payment_statement") == [(3,)]
+    assert sql(w.engine, "SELECT COUNT(*) FROM payment_recon_item") == [(0,)]
