@@ -8,7 +8,11 @@ pages call. Each runs inside the caller's transaction (``with engine.begin() as 
 - ``reconcile_shifts_day``, ``import_issuer_file``, ``store_items``: reconciliation items, stored once each.
 - ``resolve_item``: accept / adjust / dispute, with who and when.
 
-The figures come from ``clearing.runs`` and ``clearing.reconcile``; this module only loads and stores.
+The figures come from ``clearing.runs``, ``clearing.tickets`` and ``clearing.reconcile``; this module only loads
+and stores. Ticket revenue (issue 11) is a second source beside taps: a new run, once it claimed its taps, claims the
+ticket uses, pass days, refunds and breakage no run has taken (``backoffice.tickets.revenue.recognise``) and stores
+their sums as rows of sections ``ticket`` (its day) and ``ticket_late`` (earlier days), commission 0; clearing the
+day again sums them again from the run's own ledger lines and checks them with the card rows.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import pandas as pd
 from sqlalchemy import Connection, and_, func, select, tuple_, update
 
 from backoffice import day_lock
+from backoffice.tickets import revenue as ticket_revenue
 from backoffice.models import (
     ClearingRow,
     ClearingRun,
@@ -48,6 +53,7 @@ from clearing.runs import (
     clear,
 )
 from clearing.service_day import day_bounds
+from clearing.tickets import SECTION_DAY as TICKET_DAY, SECTION_LATE as TICKET_LATE
 
 STATUSES = ("open", "accepted", "adjusted", "disputed")
 ROW_FIELDS = ("section", "dimension", "key", "for_day", "taps", "gross", "commission", "net")
@@ -198,8 +204,33 @@ def _stored(conn: Connection, run, *, recleared: bool = False) -> StoredRun | No
         rows[col] = rows[col].astype("int64")
     totals = {k: int(getattr(run, k)) for k in _TOTALS}
     totals["payable_net"] = totals["day_net"] + totals["late_net"] + totals["reconciliation_net"]
+    totals.update(ticket_totals(rows))
     return StoredRun(run.id, run.operator, run.service_day, _utc(run.created_at), _utc(run.as_of),
                      run.fingerprint, totals, rows, recleared)
+
+
+def ticket_totals(rows: pd.DataFrame) -> dict:
+    """A run's ticket figures from its rows, in fen: uses and revenue of its day, of earlier days, and together
+    (``ticket_gross``). Not part of ``payable_*``: the card issuer pays card fares only."""
+    out = {}
+    for section, name in ((TICKET_DAY, "ticket_day"), (TICKET_LATE, "ticket_late")):
+        sel = rows[(rows["section"] == section) & (rows["dimension"] == "operator")]
+        out[f"{name}_uses"] = int(sel["taps"].sum())
+        out[f"{name}_gross"] = int(sel["gross"].sum())
+    out["ticket_gross"] = out["ticket_day_gross"] + out["ticket_late_gross"]
+    return out
+
+
+def _with_tickets(conn: Connection, result: ClearingResult, run_id: int, window: ClearingWindow) -> ClearingResult:
+    """The card result with the run's ticket rows beside its rows (sorted as a run's rows are)."""
+    extra = ticket_revenue.run_rows(conn, run_id, window)
+    if not extra:
+        return result
+    frame = pd.concat([result.rows, pd.DataFrame(extra, columns=list(ROW_FIELDS))], ignore_index=True)
+    frame = frame.sort_values(["section", "for_day", "dimension", "key"], kind="stable").reset_index(drop=True)
+    for col in ("taps", "gross", "commission", "net"):
+        frame[col] = frame[col].astype("int64")
+    return ClearingResult(result.window, frame, result.fingerprint, result.totals)
 
 
 def _run_row(conn: Connection, where):
@@ -236,7 +267,8 @@ def _same_rows(a: pd.DataFrame, b: pd.DataFrame) -> bool:
 
 def _reclear(conn: Connection, run) -> StoredRun:
     window = _window_of(run)
-    result = clear(load_run_taps(conn, run.id, window), window, _carried(conn, run.id))
+    result = _with_tickets(conn, clear(load_run_taps(conn, run.id, window), window, _carried(conn, run.id)),
+                           run.id, window)
     stored = _stored(conn, run, recleared=True)
     if result.fingerprint != run.fingerprint or not _same_rows(result.rows, stored.rows):
         raise ClearingMismatch(
@@ -307,7 +339,8 @@ def _clear_new_day(conn: Connection, op, operator: str, day: date, now: datetime
             ReconItem.operator == operator, ReconItem.status == "adjusted", ReconItem.carried_run_id.is_(None)))]
     run_id = _insert_run(conn, window, now)
     claim_taps(conn, run_id=run_id, window=window)
-    result = clear(load_run_taps(conn, run_id, window), window, adjustments)
+    ticket_revenue.recognise(conn, run_id=run_id, window=window)
+    result = _with_tickets(conn, clear(load_run_taps(conn, run_id, window), window, adjustments), run_id, window)
     _store_result(conn, run_id, result, adjustments)
     return _stored(conn, _run_row(conn, ClearingRun.id == run_id))
 
