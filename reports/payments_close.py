@@ -44,9 +44,13 @@ def _totals(frame: pd.DataFrame) -> dict[str, int]:
 
 
 def tie_out(close) -> list[tuple[str, int, int | None]]:
-    """(item, books fen, statement fen or None) for sales and refunds."""
+    """(item, books fen, statement fen or None) for sales, refunds and the net the platform settles (sales less
+    refunds less its fees, which only the statement knows: the same fees on both sides)."""
     t = _totals(close.by_channel)
-    return [("销售 Sales", t["sales"], close.statement_sales), ("退款 Refunds", t["refunds"], close.statement_refunds)]
+    theirs_net = (None if close.statement_sales is None
+                  else close.statement_sales - close.statement_refunds - t["fees"])
+    return [("销售 Sales", t["sales"], close.statement_sales), ("退款 Refunds", t["refunds"], close.statement_refunds),
+            ("结算净额 Net settled", t["net"], theirs_net)]
 
 
 def export_frame(close, to_yuan=lambda f: yuan(f, grouping=False)) -> pd.DataFrame:

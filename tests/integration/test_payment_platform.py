@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from backoffice.tickets.orders import ItemRequest
 from backoffice.web.api.ota import configure_ota
 from backoffice.web.app import create_app
 from backoffice.web.auth import TokenStore
+from clearing.money import yuan
 from hardware_sim.payment import TEST_MERCHANT_SECRET, PlatformSimulator
 from reports.payments_close import TOTAL, write_close_report
 
@@ -369,6 +371,12 @@ def test_the_statement_is_stored_once_reconciled_and_the_close_ties_to_the_fen(w
     # the statement's sales: the books' less the omitted order, plus the extra one
     assert fen(tie["销售 Sales"]["差额(元) Difference (yuan)"]) == 990 - counter_fen
     assert fen(tie["退款 Refunds"]["差额(元) Difference (yuan)"]) == 0
+    assert fen(tie["结算净额 Net settled"]["差额(元) Difference (yuan)"]) == 990 - counter_fen
+    if shutil.which("pdftotext"):  # the paper says the same totals
+        words = subprocess.run(["pdftotext", "-layout", str(paths[0]), "-"], capture_output=True, text=True).stdout
+        (line,) = [ln for ln in words.splitlines() if ln.strip().startswith(TOTAL)]
+        assert line.split()[2:] == ["5", yuan(sales), "2", yuan(refunds_fen), yuan(fees_fen),
+                                    yuan(sales - refunds_fen - fees_fen)]
 
 
 def test_farebox_payments_at_the_command_line(world, tmp_path):
