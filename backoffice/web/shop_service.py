@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from fastapi import HTTPException, Request
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from backoffice.tickets import orders
 
@@ -202,20 +202,25 @@ def place_order(engine: Engine, cfg: ShopConfig, *, operator: str, channel: str,
                 ) -> tuple[str, bool]:
     """Create the order (seats held) in one transaction, then ask the platform for its payment outside it (a call
     to the platform never holds a transaction open). (order id, made now: False when the idempotency key had made
-    it already). OrderError as ``orders.create_order``."""
-    with engine.begin() as conn:
-        known = None
-        if idempotency_key is not None:
-            from sqlalchemy import select
+    it already, also when the same key raced in at once). OrderError as ``orders.create_order``."""
+    from sqlalchemy import select
 
-            from backoffice.models import TicketOrder
-            known = conn.execute(select(TicketOrder.order_id).where(
-                TicketOrder.operator == operator, TicketOrder.channel == channel,
-                TicketOrder.idempotency_key == idempotency_key)).scalar()
-        order_id = known or orders.create_order(conn, operator=operator, channel=channel, phone=phone, items=items,
-                                                who=who, idempotency_key=idempotency_key, now=now)
+    from backoffice.models import OrderAudit
+
+    who = f"{who} req {secrets.token_hex(3)}"  # this request's own line: it tells whether this call made the order
+    with engine.begin() as conn:
+        if idempotency_key is not None and conn.dialect.name == "postgresql":
+            # Requests with the same key wait for each other here, so the later one finds the order made. Needed
+            # because orders.create_order, raced by the same key on PostgreSQL, fails with a foreign-key error
+            # (its ON CONFLICT DO NOTHING path) instead of answering the first order: reported to its owner.
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+                         {"k": f"ticket-order|{operator}|{channel}|{idempotency_key}"})
+        order_id = orders.create_order(conn, operator=operator, channel=channel, phone=phone, items=items, who=who,
+                                       idempotency_key=idempotency_key, now=now)
+        made = conn.execute(select(OrderAudit.who).where(OrderAudit.order_id == order_id,
+                                                         OrderAudit.from_state.is_(None))).scalar() == who[:64]
     payment_page(engine, cfg, order_id)
-    return order_id, known is None
+    return order_id, made
 
 
 def read_order(engine: Engine, cfg: ShopConfig, order_id: str, *, now: datetime, who: str
