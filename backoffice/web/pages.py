@@ -50,6 +50,7 @@ NAV = (
     ("/settlement", "结算", "Settlement", ("clerk",)),
     ("/cards", "卡片查询", "Card lookup", ("operator_staff",)),
     ("/topups", "充值", "Top-ups", ("operator_staff",)),
+    ("/tickets/redeem", "取票码兑换", "Pickup codes", ("operator_staff",)),
     ("/reconciliation", "对账", "Reconciliation", ("clerk",)),
     ("/manage/routes", "资料维护", "Manage registry", ("clerk", "operations")),
     ("/reports", "报表", "Reports", ("clerk",)),

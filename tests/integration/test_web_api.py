@@ -177,6 +177,10 @@ MATRIX = {
         f"/api/v1/partner/orders/matrix-1/tickets?operator={A}", {"partner"}),
     ("POST", "/api/v1/partner/orders/{partner_order_no}/refund"): (
         f"/api/v1/partner/orders/matrix-1/refund?operator={A}", {"partner"}),
+    # the station counter redeems pickup codes (a code that is not 16 digits: 422, not counted as a guess)
+    ("POST", "/api/v1/tickets/redeem"): ("/api/v1/tickets/redeem", {"operator_staff"}),
+    ("GET", "/tickets/redeem"): ("/tickets/redeem", {"operator_staff"}),
+    ("POST", "/tickets/redeem"): ("/tickets/redeem", {"operator_staff"}),
 }
 # The payment platform's webhook has no bearer token: its Ed25519 signature is the authentication
 # (tests/integration/test_web_cards.py refuses forged ones).
@@ -191,6 +195,8 @@ PUBLIC = {("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/docs/oauth2-redi
 # 999999) or refused (an empty issuer file), so every role that gets past the door changes nothing.
 BODIES = {
     "/api/v1/cards/{asn}/lost": {"json": {"why": "matrix"}},
+    "/api/v1/tickets/redeem": {"json": {"operator": A, "code": "matrix"}},
+    "/tickets/redeem": {"data": {"operator": A, "code": "matrix"}},
     "/api/v1/partner/orders": {"json": {"partner_order_no": "matrix-2", "items": [{"product": "nope"}]}},
     "/api/v1/partner/orders/{partner_order_no}/refund": {"json": {"reason": "matrix"}},  # unpaid: 409
     "/api/v1/rider/cards/{asn}/lost": {"json": {"rider": "matrix"}},

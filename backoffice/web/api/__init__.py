@@ -22,3 +22,5 @@ from backoffice.web.api import partner  # noqa: E402  the operator's app sells t
 ROUTERS += (partner.router,)
 from backoffice.web.api import sms  # noqa: E402  the SMS gateway's webhook (riders' texts: backoffice.sms)
 ROUTERS += (sms.router,)
+from backoffice.web.api import tickets_counter  # noqa: E402  the station counter redeems pickup codes
+ROUTERS += (tickets_counter.router,)
