@@ -36,7 +36,8 @@ from sqlalchemy.exc import IntegrityError
 from backoffice.cards import topup
 from backoffice.models import TicketOrder, TopupOrder
 from backoffice.payments import tables
-from backoffice.payments.platform import STATEMENT_COLUMNS, Platform, PlatformRefused, PlatformUnavailable
+from backoffice.payments.platform import (STATEMENT_COLUMNS, Payment, Platform, PlatformRefused,
+                                          PlatformUnavailable)
 from backoffice.tickets import orders
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,32 @@ def _refund_stray(conn: Connection, kind: str, order_id: str, payment_ref: str, 
                                   requested_by=who[:64], why="a second payment of an order paid already",
                                   created_at=now))
     return f"refund {refund_id} of the second payment queued"
+
+
+# ---------------------------------------------------------------------------------------------- checkout
+def order_to_pay(conn: Connection, order_id: str) -> tuple[str, int]:
+    """(kind, fen to collect) of an order waiting for its payment; RefundError-like ValueError otherwise."""
+    t = conn.execute(select(TicketOrder.state, TicketOrder.total_fen, TicketOrder.payment_ref)
+                     .where(TicketOrder.order_id == order_id)).first()
+    if t is not None:
+        if t.state != "created" or t.payment_ref is not None:
+            raise RefundError("bad_state", f"ticket order {order_id} is {t.state}: nothing to pay")
+        return "ticket", int(t.total_fen)
+    o = conn.execute(select(TopupOrder.status, TopupOrder.amount).where(TopupOrder.order_id == order_id)).first()
+    if o is None:
+        raise RefundError("unknown_order", f"no order {order_id}")
+    if o.status != "created":
+        raise RefundError("bad_state", f"top-up order {order_id} is {o.status}: nothing to pay")
+    return "topup", int(o.amount)
+
+
+def start_payment(engine: Engine, platform: Platform, *, order_id: str, notify_url: str,
+                  description: str = "farebox") -> Payment:
+    """Open the platform's payment for an order (the web shop, SMS and partner channels call this): the amount is
+    the order's own, never the caller's. Asked again (a lost answer), the platform answers the same payment."""
+    with engine.connect() as conn:
+        _kind, amount = order_to_pay(conn, order_id)
+    return platform.create_payment(order_id=order_id, amount=amount, description=description, notify_url=notify_url)
 
 
 # ---------------------------------------------------------------------------------------------- order query

@@ -31,8 +31,8 @@ from backoffice.cards import topup
 from backoffice.db import make_engine, upgrade
 from backoffice.payments.close import close_figures
 from backoffice.payments.platform import HttpPlatform, PlatformUnavailable
-from backoffice.payments.service import RefundError, fetch_statement, query_open_orders, refund, \
-    retry_pending_refunds
+from backoffice.payments.service import (RefundError, fetch_statement, query_open_orders, refund,
+                                         retry_pending_refunds, start_payment)
 from backoffice.tickets import catalogue, orders
 from backoffice.tickets.keys import published_test_keys
 from backoffice.tickets.orders import ItemRequest
@@ -74,8 +74,8 @@ class World:
 
     def checkout(self, order_id: str, amount: int) -> str:
         """The rider goes to the platform's payment page and pays: the payment reference."""
-        self.platform.create_payment(order_id=order_id, amount=amount, description="farebox",
-                                     notify_url=self.notify_url)
+        payment = start_payment(self.engine, self.platform, order_id=order_id, notify_url=self.notify_url)
+        assert payment.amount == amount and payment.status == "created"
         return self.sim.rider_pays(order_id)
 
     def issue(self, order_id: str) -> list[int]:
