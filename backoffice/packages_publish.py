@@ -12,6 +12,11 @@ the messages to send:
   comes back still running something else; see ``backoffice.publisher``);
 - ``route:<code>``: the devices on that route (``devices_on_route``), one package each, as for a device.
 
+A params package for an operator that sells tickets (has a ticket product) carries the ``tickets`` section the buses
+check QR tickets and pickup codes with (``with_ticket_keys``: the ticket public key, the operator's pickup key, the
+refunded tickets still in validity), unless the body brings its own. ``ticket_keys`` is asked for only then, so an
+operator without tickets needs no ticket keys.
+
 Send the returned messages after the transaction commits (``Publisher.send`` does), so nothing is on the air that
 the database does not hold; a crash in between leaves a stored package that the publisher's re-send delivers.
 
@@ -120,10 +125,35 @@ def resolve_targets(conn: Connection, operator: str, target: str, *, signing_pub
     return [target]
 
 
+def sells_tickets(conn: Connection, operator: str) -> bool:
+    return conn.execute(select(models.Product.id).where(models.Product.operator == operator).limit(1)
+                        ).first() is not None
+
+
+def with_ticket_keys(conn: Connection, operator: str, body: bytes, ticket_keys, *, now: datetime | None = None
+                     ) -> bytes:
+    """``body`` (params JSON) with the operator's ``tickets`` section added when the operator sells tickets and the
+    body has none. ``ticket_keys``: a backoffice.tickets.keys.TicketKeys, or a function returning one (called only
+    when the section is added)."""
+    import json
+
+    from backoffice.tickets.orders import denied_tickets
+
+    doc = parse_params(body)
+    if "tickets" in doc or not sells_tickets(conn, operator):
+        return body
+    keys = ticket_keys() if callable(ticket_keys) else ticket_keys
+    section = keys.validator_params(operator, denied_tickets(conn, operator, now=now)).to_dict()
+    return json.dumps({**json.loads(body), "tickets": section}, ensure_ascii=False, sort_keys=True).encode("utf-8")
+
+
 def publish(conn: Connection, kind: str, operator: str, target: str, version: str | int, body: bytes,
-            activate_at: datetime | None = None, *, seed: bytes, now: datetime | None = None) -> list[Outgoing]:
+            activate_at: datetime | None = None, *, seed: bytes, now: datetime | None = None,
+            ticket_keys=None) -> list[Outgoing]:
     """Sign, store and return the messages for a params or software package (see the module). Raises
-    ``PublishError`` (or ``PackageError`` for a malformed package) and stores nothing when it cannot."""
+    ``PublishError`` (or ``PackageError`` for a malformed package) and stores nothing when it cannot.
+    ``ticket_keys`` (a TicketKeys or a function returning one): params for an operator that sells tickets carry
+    its ticket keys (``with_ticket_keys``)."""
     now = now or datetime.now(UTC)
     activate_at = activate_at or now
     if kind not in KINDS:
@@ -136,6 +166,8 @@ def publish(conn: Connection, kind: str, operator: str, target: str, version: st
         if not version.isdigit():
             raise PublishError(f"a params version is a decimal number (buses report it as one), not {version!r}")
         parse_params(body)  # refuse a body the buses would refuse, before anything is stored
+        if ticket_keys is not None:
+            body = with_ticket_keys(conn, operator, body, ticket_keys, now=now)
     _check_operator(conn, operator)
     targets = resolve_targets(conn, operator, target, signing_public_key=public_key(seed), now=now)
     pkg = models.Package.__table__

@@ -115,6 +115,13 @@ class Root:
     def payment_public_key(self) -> bytes:
         return self._secret("payment")
 
+    @property
+    def ticket_keys(self):
+        """The ticket keys (backoffice.tickets.keys.TicketKeys): the signing seed and its id ("ticket"), the
+        pickup-code master ("pickup"); a command that sells or publishes tickets says it needs both."""
+        seed, key_id = self._secret("ticket")
+        return keys.make_ticket_keys(seed, key_id, self._secret("pickup"), "the settings")
+
     def broker_target(self):
         """The broker the settings name (wire.mqtt_url.MqttTarget), or None: the embedded one."""
         from wire.mqtt_url import parse_mqtt_url

@@ -1,6 +1,6 @@
 """Settings: environment variables ``FAREBOX_*``, or one TOML file named by ``FAREBOX_CONFIG``. Every setting has a
-default that runs the demo with nothing configured, except the four secrets: outside ``farebox demo`` (and the
-tests, and labs that say ``--insecure-test-keys`` / ``FAREBOX_INSECURE_TEST_KEYS=1``) a command that needs one
+default that runs the demo with nothing configured, except the secrets (farebox.keys): outside ``farebox demo`` (and
+the tests, and labs that say ``--insecure-test-keys`` / ``FAREBOX_INSECURE_TEST_KEYS=1``) a command that needs one
 refuses to start on its published test value (farebox.bootstrap); ``farebox keys init`` makes a fresh set."""
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ class Settings:
     device_master_key_file: Path | None = None  # test: wire.devicekeys.TEST_DEVICE_MASTER
     signing_key_file: Path | None = None  # test: wire.packages.TEST_SIGNING_SEED
     payment_public_key: str | None = None  # the payment platform's Ed25519 public key, 64 hex digits
+    ticket_key_file: Path | None = None  # the ticket-signing Ed25519 seed, hex (test: backoffice.tickets.keys)
+    ticket_key_id: int = 1  # the key id written in every ticket token (0..255; 0 is the published test key's)
+    ticket_pickup_key_file: Path | None = None  # the pickup-code master secret, hex (each operator's key from it)
     insecure_test_keys: bool = False  # a lab's explicit "yes, the published test keys" (a banner says so)
     api_tokens_file: Path | None = None  # None: api-tokens.toml under var/ (backoffice.web.auth)
     denylist_rebuild_seconds: float = 30.0  # how often the publisher looks for cards newly lost/found (0: never)
@@ -46,7 +49,8 @@ _ENV = {"var_dir": "FAREBOX_VAR_DIR", "database_url": "FAREBOX_DATABASE_URL", "m
         "signing_key_file": "FAREBOX_SIGNING_KEY", "api_tokens_file": "FAREBOX_API_TOKENS",
         "payment_public_key": "FAREBOX_PAYMENT_PUBLIC_KEY", "insecure_test_keys": "FAREBOX_INSECURE_TEST_KEYS",
         "denylist_rebuild_seconds": "FAREBOX_DENYLIST_REBUILD_SECONDS", "web_session_hours": "FAREBOX_WEB_SESSION_HOURS",
-        "web_secure_cookies": "FAREBOX_WEB_SECURE_COOKIES"}
+        "web_secure_cookies": "FAREBOX_WEB_SECURE_COOKIES", "ticket_key_file": "FAREBOX_TICKET_KEY",
+        "ticket_key_id": "FAREBOX_TICKET_KEY_ID", "ticket_pickup_key_file": "FAREBOX_TICKET_PICKUP_KEY"}
 
 
 def load_settings(environ=os.environ) -> Settings:
@@ -62,12 +66,19 @@ def load_settings(environ=os.environ) -> Settings:
     for name, var in _ENV.items():
         if environ.get(var):
             values[name] = environ[var]
-    for name in ("var_dir", "issuer_keys_file", "device_master_key_file", "signing_key_file", "api_tokens_file"):
+    for name in ("var_dir", "issuer_keys_file", "device_master_key_file", "signing_key_file", "api_tokens_file",
+                 "ticket_key_file", "ticket_pickup_key_file"):
         if values.get(name) is not None:
             values[name] = Path(values[name])
     if values.get("denylist_rebuild_seconds") is not None:
         values["denylist_rebuild_seconds"] = _seconds(values["denylist_rebuild_seconds"],
                                                       _ENV["denylist_rebuild_seconds"])
+    if values.get("ticket_key_id") is not None:
+        text = str(values["ticket_key_id"]).strip()
+        if not text.isdigit() or not 0 <= int(text) <= 255:
+            raise ValueError(f"{_ENV['ticket_key_id']} is {values['ticket_key_id']!r}: give the ticket key's id, a "
+                             "whole number 0..255 (e.g. 1; raise it when you change the key)")
+        values["ticket_key_id"] = int(text)
     values["insecure_test_keys"] = _yes(values.get("insecure_test_keys", False), _ENV["insecure_test_keys"])
     if values.get("web_session_hours") is not None:
         try:

@@ -8,7 +8,12 @@
 - the Ed25519 key that signs deny lists, parameters and software (``FAREBOX_SIGNING_KEY``, a file holding the
   32-byte seed in hex; test: wire.packages.TEST_SIGNING_SEED);
 - the payment platform's Ed25519 public key that webhooks are checked with (``FAREBOX_PAYMENT_PUBLIC_KEY``, 64 hex
-  digits; test: backoffice.web.api.ota.TEST_PLATFORM_PUBLIC_KEY, whose seed hardware_sim.payment publishes).
+  digits; test: backoffice.web.api.ota.TEST_PLATFORM_PUBLIC_KEY, whose seed hardware_sim.payment publishes);
+- the Ed25519 key that signs ticket tokens (``FAREBOX_TICKET_KEY``, a file holding the 32-byte seed in hex, and
+  ``FAREBOX_TICKET_KEY_ID``, the id each token names; test: backoffice.tickets.keys.TEST_TICKET_SEED, id 0);
+- the pickup-code master secret each operator's pickup key derives from (``FAREBOX_TICKET_PICKUP_KEY``, a file
+  holding hex; test: backoffice.tickets.keys.TEST_PICKUP_MASTER). Validators receive the ticket public key and
+  their operator's pickup key in the params package (backoffice.packages_publish).
 
 Each test value is published in this repository, so anyone can forge with it. A setting left out, or a file that
 holds a test value, is refused (:class:`TestKeyRefused`, naming the setting to give) unless the settings say
@@ -41,6 +46,8 @@ SECRETS = {
     "device_master": Secret("the device master secret", "FAREBOX_DEVICE_MASTER_KEY", "device_master_key_file"),
     "signing": Secret("the package-signing key", "FAREBOX_SIGNING_KEY", "signing_key_file"),
     "payment": Secret("the payment platform's public key", "FAREBOX_PAYMENT_PUBLIC_KEY", "payment_public_key"),
+    "ticket": Secret("the ticket-signing key", "FAREBOX_TICKET_KEY", "ticket_key_file"),
+    "pickup": Secret("the ticket pickup-code master key", "FAREBOX_TICKET_PICKUP_KEY", "ticket_pickup_key_file"),
 }
 
 
@@ -195,5 +202,46 @@ def load_payment_public_key(settings: Settings) -> tuple[bytes, TestKeyUse | Non
     return value, _use("payment", SECRETS["payment"].env) if value == test else None
 
 
+def load_ticket_seed(settings: Settings) -> tuple[tuple[bytes, int], TestKeyUse | None]:
+    """(the ticket-signing Ed25519 seed, its key id) and what to say when it is the published test key."""
+    from backoffice.tickets.keys import TEST_TICKET_KEY_ID, TEST_TICKET_SEED
+
+    path = settings.ticket_key_file
+    if path is None:
+        return (TEST_TICKET_SEED, TEST_TICKET_KEY_ID), _use("ticket", None)
+    seed = _hex_file(path, "ticket-signing key seed", 32)
+    if len(seed) != 32:
+        raise ValueError(f"{path}: an Ed25519 seed is 32 bytes")
+    return (seed, settings.ticket_key_id), _use("ticket", path) if seed == TEST_TICKET_SEED else None
+
+
+def load_pickup_master(settings: Settings) -> tuple[bytes, TestKeyUse | None]:
+    from backoffice.tickets.keys import TEST_PICKUP_MASTER
+
+    path = settings.ticket_pickup_key_file
+    if path is None:
+        return TEST_PICKUP_MASTER, _use("pickup", None)
+    value = _hex_file(path, "pickup-code master key", 16)
+    return value, _use("pickup", path) if value == TEST_PICKUP_MASTER else None
+
+
+def ticket_keys(settings: Settings):
+    """The ticket keys (backoffice.tickets.keys.TicketKeys) the settings name, under the test-key rule."""
+    (seed, key_id), seed_use = load_ticket_seed(settings)
+    master, master_use = load_pickup_master(settings)
+    uses = [u for u in (seed_use, master_use) if u is not None]
+    if uses and not settings.insecure_test_keys:
+        raise TestKeyRefused(uses)
+    for u in uses:
+        log.warning("INSECURE: %s", u.line())
+    return make_ticket_keys(seed, key_id, master, "the published test keys" if uses else "the settings")
+
+
+def make_ticket_keys(seed: bytes, key_id: int, master: bytes, source: str = ""):
+    from backoffice.tickets.keys import TicketKeys
+
+    return TicketKeys(seed, key_id, master, source)
+
+
 LOADERS = {"issuer": load_key_service, "device_master": load_device_master, "signing": load_signing_seed,
-           "payment": load_payment_public_key}
+           "payment": load_payment_public_key, "ticket": load_ticket_seed, "pickup": load_pickup_master}

@@ -5,7 +5,9 @@ Registered in farebox/cli.py by ``register(sub)``.
   ``issuer-keys.json`` (the issuer master keys, encrypted as backoffice.keyservice writes them: passphrase from
   ``FAREBOX_ISSUER_KEYS_PASSPHRASE``, asked for when unset, or ``--kek-env VAR`` naming a variable with a 32-byte KEK
   in hex), ``device-master.key`` (hex), ``signing.key`` (the Ed25519 seed, hex) and ``signing.pub`` (its public key,
-  for the validators' ``--signing-public-key @FILE``). It prints the settings lines to use, as environment variables
+  for the validators' ``--signing-public-key @FILE``), ``ticket.key`` (the ticket-signing Ed25519 seed, hex; its
+  public key ``ticket.pub`` reaches the validators in the params package) and ``pickup.key`` (the pickup-code master
+  secret, hex). It prints the settings lines to use, as environment variables
   and as TOML, with the payment platform's public key left for you to fill in (the platform gives it; nobody makes
   it here).
 - ``farebox keys encrypt --toml FILE --out FILE``: issuer keys kept so far in a plain TOML file, encrypted into a key
@@ -21,6 +23,8 @@ from pathlib import Path
 
 ISSUER_FILE, MASTER_FILE, SIGNING_FILE, PUBLIC_FILE = "issuer-keys.json", "device-master.key", "signing.key", \
     "signing.pub"
+TICKET_FILE, TICKET_PUBLIC_FILE, PICKUP_FILE = "ticket.key", "ticket.pub", "pickup.key"
+TICKET_KEY_ID = 1  # the first real ticket key; the published test key is 0
 
 
 def register(sub) -> None:
@@ -90,27 +94,42 @@ def _keys_init(args, settings) -> int:
         print(f"farebox keys init: {e}", file=sys.stderr)
         return 2
     master, seed = secrets.token_bytes(32), secrets.token_bytes(32)
-    public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    ticket_seed, pickup = secrets.token_bytes(32), secrets.token_bytes(32)
+
+    def public_of(s: bytes) -> bytes:
+        return Ed25519PrivateKey.from_private_bytes(s).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
     paths = {}
-    for name, value, mode in ((MASTER_FILE, master, 0o600), (SIGNING_FILE, seed, 0o600), (PUBLIC_FILE, public, 0o644)):
+    for name, value, mode in ((MASTER_FILE, master, 0o600), (SIGNING_FILE, seed, 0o600),
+                              (PUBLIC_FILE, public_of(seed), 0o644), (TICKET_FILE, ticket_seed, 0o600),
+                              (TICKET_PUBLIC_FILE, public_of(ticket_seed), 0o644), (PICKUP_FILE, pickup, 0o600)):
         paths[name] = (out / name).resolve()
         fd = os.open(paths[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         with os.fdopen(fd, "w", encoding="ascii") as f:
             f.write(value.hex() + "\n")
-    print(f"A fresh set of secrets in {out.resolve()} (SECRET, except signing.pub; back them up, share none):")
+    print(f"A fresh set of secrets in {out.resolve()} (SECRET, except the .pub files; back them up, share none):")
     print(f"  {ISSUER_FILE}   issuer master keys, encrypted; unlock with {_unlock_setting(args, kek)}")
     print(f"  {MASTER_FILE}  device master: every validator's MAC key and broker password derive from it")
     print(f"  {SIGNING_FILE}        package-signing seed; {PUBLIC_FILE} is its public key, for the validators")
+    print(f"  {TICKET_FILE}         ticket-signing seed (key id {TICKET_KEY_ID}); {TICKET_PUBLIC_FILE} is its public "
+          "key, sent to the validators in the params package")
+    print(f"  {PICKUP_FILE}         pickup-code master: each operator's pickup key derives from it")
     print()
     print("Settings, as environment variables:")
     print(f"  FAREBOX_ISSUER_KEYS={issuer}")
     print(f"  FAREBOX_DEVICE_MASTER_KEY={paths[MASTER_FILE]}")
     print(f"  FAREBOX_SIGNING_KEY={paths[SIGNING_FILE]}")
+    print(f"  FAREBOX_TICKET_KEY={paths[TICKET_FILE]}")
+    print(f"  FAREBOX_TICKET_KEY_ID={TICKET_KEY_ID}")
+    print(f"  FAREBOX_TICKET_PICKUP_KEY={paths[PICKUP_FILE]}")
     print("  FAREBOX_PAYMENT_PUBLIC_KEY=<FILL IN: your payment platform's Ed25519 public key, 64 hex digits>")
     print("or in the FAREBOX_CONFIG file (TOML):")
     print(f'  issuer_keys_file = "{issuer}"')
     print(f'  device_master_key_file = "{paths[MASTER_FILE]}"')
     print(f'  signing_key_file = "{paths[SIGNING_FILE]}"')
+    print(f'  ticket_key_file = "{paths[TICKET_FILE]}"')
+    print(f"  ticket_key_id = {TICKET_KEY_ID}")
+    print(f'  ticket_pickup_key_file = "{paths[PICKUP_FILE]}"')
     print('  payment_public_key = "<FILL IN: 64 hex digits>"')
     print(f"Each validator: --signing-public-key @{paths[PUBLIC_FILE]} and the MAC key `farebox device add` prints.")
     print("Set these before registering buses: each bus's MAC key and broker password derive from the device master")

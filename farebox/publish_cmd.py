@@ -184,7 +184,7 @@ def _package_publish(args, settings) -> int:
         publisher.start()
         with root.engine().begin() as conn:
             out = publish(conn, args.kind, args.operator, target, args.version, body, activate_at,
-                          seed=root.signing_seed, now=datetime.now(UTC))
+                          seed=root.signing_seed, now=datetime.now(UTC), ticket_keys=lambda: root.ticket_keys)
         publisher.send(out, wait=30)
     except (PublishError, PackageError, TimeoutError) as e:
         print(f"farebox package publish: {e}", file=sys.stderr)

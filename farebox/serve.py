@@ -61,6 +61,8 @@ def secrets_needed(options: ServeOptions) -> list[str]:
 
     needs = {"issuer", "payment"} if options.web else set()  # the over-the-air top-up host and its webhooks
     if options.web:
+        needs |= {"ticket", "pickup"}  # the web shop and partner API issue tickets; the counter checks pickup codes
+    if options.web:
         needs.add("device_master")  # quarantine release puts records through ingest again (MAC'd per device)
     if options.ingest:
         needs |= {"issuer", "device_master"}

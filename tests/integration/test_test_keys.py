@@ -163,8 +163,9 @@ def fresh(tmp_path):
                     if line.strip().startswith("FAREBOX_") and "=" in line)
     assert settings["FAREBOX_PAYMENT_PUBLIC_KEY"].startswith("<FILL IN")  # the platform's, not ours to make
     del settings["FAREBOX_PAYMENT_PUBLIC_KEY"]
-    assert set(settings) == {"FAREBOX_ISSUER_KEYS", "FAREBOX_DEVICE_MASTER_KEY", "FAREBOX_SIGNING_KEY"}
-    for name in ("issuer-keys.json", "device-master.key", "signing.key"):
+    assert set(settings) == {"FAREBOX_ISSUER_KEYS", "FAREBOX_DEVICE_MASTER_KEY", "FAREBOX_SIGNING_KEY",
+                             "FAREBOX_TICKET_KEY", "FAREBOX_TICKET_KEY_ID", "FAREBOX_TICKET_PICKUP_KEY"}
+    for name in ("issuer-keys.json", "device-master.key", "signing.key", "ticket.key", "pickup.key"):
         assert (tmp_path / "keys" / name).stat().st_mode & 0o077 == 0, f"{name} readable by others"
     settings["FAREBOX_ISSUER_KEYS_KEK"] = kek
     return tmp_path / "keys", settings
