@@ -36,8 +36,8 @@ from sqlalchemy.exc import IntegrityError
 from backoffice.cards import topup
 from backoffice.models import TicketOrder, TopupOrder
 from backoffice.payments import tables
-from backoffice.payments.platform import (STATEMENT_COLUMNS, Payment, Platform, PlatformRefused,
-                                          PlatformUnavailable)
+from backoffice.payments.platform import (STATEMENT_COLUMNS, BadAnswer, Payment, Platform, PlatformError,
+                                          PlatformRefused, PlatformUnavailable)
 from backoffice.tickets import orders
 
 log = logging.getLogger(__name__)
@@ -169,9 +169,10 @@ def query_open_orders(engine: Engine, platform: Platform, *, now: datetime | Non
         done.asked += 1
         try:
             payment = platform.query_order(order_id)
-        except PlatformUnavailable as e:
+        except PlatformError as e:  # no answer, or one that does not verify: nothing is believed, asked again
             done.unavailable += 1
-            log.warning("order query %s: %s; asked again next run", order_id, e)
+            (log.error if isinstance(e, BadAnswer) else log.warning)("order query %s: %s; asked again next run",
+                                                                      order_id, e)
             continue
         if payment is None:
             done.unknown += 1
@@ -264,7 +265,7 @@ def send_refund(engine: Engine, platform: Platform, refund_id: str, *, now: date
     try:
         answer = platform.refund(refund_id=refund_id, order_id=row["order_id"], payment_ref=row["payment_ref"],
                                  amount=row["amount"], reason=row["why"] or "refund")
-    except PlatformUnavailable as e:
+    except (PlatformUnavailable, BadAnswer) as e:  # the refund may have been made: only the same id again
         log.warning("refund %s: %s; left pending, the same refund id is sent again", refund_id, e)
         with engine.connect() as conn:
             return get_refund(conn, refund_id)

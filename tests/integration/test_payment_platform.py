@@ -30,7 +30,7 @@ from backoffice import registry
 from backoffice.cards import topup
 from backoffice.db import make_engine, upgrade
 from backoffice.payments.close import close_figures
-from backoffice.payments.platform import HttpPlatform, PlatformUnavailable
+from backoffice.payments.platform import HttpPlatform, PlatformRefused, PlatformUnavailable
 from backoffice.payments.service import (RefundError, fetch_statement, query_open_orders, refund,
                                          retry_pending_refunds, start_payment)
 from backoffice.tickets import catalogue, orders
@@ -439,3 +439,40 @@ def test_the_scheduler_fetches_the_last_days_statements_once(world):
     assert sql(w.engine, "SELECT day, lines FROM payment_statement ORDER BY day")[-1][1] == 1
     assert sql(w.engine, "SELECT COUNT(*) FROM payment_statement") == [(3,)]
     assert sql(w.engine, "SELECT COUNT(*) FROM payment_recon_item") == [(0,)]
+
+
+def test_forged_notifications_and_answers_are_not_believed(world):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from hardware_sim.payment import PaymentPlatform
+
+    w = world
+    k, k_fen = w.buy("day")
+    w.sim.faults.notify = "drop"
+    start_payment(w.engine, w.platform, order_id=k, notify_url=w.notify_url)
+    forger = PaymentPlatform(Ed25519PrivateKey.generate().private_bytes_raw(), clock=w.clock)
+    import httpx
+
+    forged = forger.pay(k, k_fen)
+    r = httpx.post(w.notify_url, content=forged.body, headers={"X-Payment-Signature": forged.signature})
+    assert r.status_code == 401
+    # genuinely signed, but for another amount than the order's (a notification of another order, replayed here)
+    other = w.sim.pay(k, 1)
+    r = httpx.post(w.notify_url, content=other.body, headers={"X-Payment-Signature": other.signature})
+    assert r.status_code == 200 and "amount_mismatch" in r.json()["outcome"]
+    # the platform's answers seen through a key that is not the platform's: nothing settled, nothing refunded
+    w.sim.rider_pays(k)
+    w.clock.tick(180)
+    wrong = HttpPlatform(w.sim.url, merchant_id="farebox", secret=TEST_MERCHANT_SECRET,
+                         public_key=forger.public_key, clock=w.clock)
+    done = query_open_orders(w.engine, wrong, now=w.clock())
+    assert (done.asked, done.unavailable, done.settled) == (1, 1, [])
+    # a merchant signature made with another secret: the platform refuses to answer anything
+    stranger = HttpPlatform(w.sim.url, merchant_id="farebox", secret=b"not-the-merchant-secret-0000",
+                            public_key=w.sim.public_key, clock=w.clock)
+    with pytest.raises(PlatformRefused) as refused:
+        stranger.query_order(k)
+    assert refused.value.status == 401
+    assert [tuple(r) for r in sql(w.engine, "SELECT state, payment_ref FROM ticket_order WHERE order_id = :o",
+                                  o=k)] == [("created", None)]
+    assert query_open_orders(w.engine, w.platform, now=w.clock()).settled == [k]
