@@ -41,9 +41,13 @@ from backoffice.models import Departure, Product, SeatHold, TicketOrder
 from backoffice.sms import tables
 from backoffice.sms.gateway import InboundSms, SmsError, SmsGateway
 from backoffice.tickets import catalogue, orders
-from clearing.money import yuan
+from clearing.money import yuan as _yuan
 
 log = logging.getLogger(__name__)
+
+
+def yuan(fen: int) -> str:
+    return _yuan(fen, symbol="¥")
 
 QUOTE_MINUTES = 10  # reply Y within ...
 PAY_MINUTES = 15  # pay within ... after Y
@@ -83,7 +87,10 @@ def _insert_or_nothing(conn, table, values: dict) -> bool:
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    return bool(conn.execute(dialect_insert(table).values(**values).on_conflict_do_nothing()).rowcount)
+    q = dialect_insert(table).values(**values).on_conflict_do_nothing()
+    # rowcount cannot be trusted here: PostgreSQL inserts into a table with a serial key go out with RETURNING
+    key = next(iter(table.primary_key.columns))
+    return conn.execute(q.returning(key)).first() is not None
 
 
 def _say(conn, phone: str, text: str, now: datetime, order_id: str | None = None) -> None:
