@@ -476,3 +476,84 @@ def test_forged_notifications_and_answers_are_not_believed(world):
     assert [tuple(r) for r in sql(w.engine, "SELECT state, payment_ref FROM ticket_order WHERE order_id = :o",
                                   o=k)] == [("created", None)]
     assert query_open_orders(w.engine, w.platform, now=w.clock()).settled == [k]
+
+
+def test_at_the_same_moment_a_notification_and_a_query_pay_once_and_two_refund_jobs_refund_once(world):
+    w = world
+    k, k_fen = w.buy("day")
+    w.sim.faults.notify = "late"
+    ref = w.checkout(k, k_fen)
+    w.clock.tick(180)
+    barrier = threading.Barrier(2)
+    results = {}
+
+    def notify():
+        barrier.wait()
+        results["notify"] = w.sim.deliver_held()
+
+    def query():
+        barrier.wait()
+        results["query"] = query_open_orders(w.engine, w.platform, now=w.clock())
+
+    threads = [threading.Thread(target=notify), threading.Thread(target=query)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results["notify"] == 1 and w.sim.delivered == [("payment", 200)]
+    assert [tuple(r) for r in sql(w.engine, "SELECT state, paid_fen, payment_ref FROM ticket_order "
+                                            "WHERE order_id = :o", o=k)] == [("paid", k_fen, ref)]
+    assert paid_lines(w.engine, k) == 1
+
+    # two back-office processes' refund jobs pick the same pending refund at once: one refund on the platform
+    w.issue(k)
+    w.sim.faults.lose_answers["refunds"] = 1
+    row = refund(w.engine, w.platform, order_id=k, who="clerk", why="rider asked", now=w.clock())
+    assert row["state"] == "pending"
+    w.clock.tick(60)
+    answers = []
+
+    def job():
+        barrier.wait()
+        answers.extend(retry_pending_refunds(w.engine, w.platform, now=w.clock()))
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert answers and all(a["refund_id"] == row["refund_id"] for a in answers)
+    assert refunds_in_ledger(w.sim) == [(k, k_fen)]
+    assert [tuple(r) for r in sql(w.engine, "SELECT refund_id, state, amount FROM payment_refund")] == [
+        (row["refund_id"], "succeeded", k_fen)]
+
+
+def test_revision_0022_builds_what_the_tables_describe_and_downgrades_to_0020_and_back(tmp_path, request):
+    from alembic import command
+    from sqlalchemy import MetaData
+
+    from backoffice.db import alembic_config
+    from backoffice.payments import tables
+
+    for url in (f"sqlite:///{tmp_path}/m.db", request.getfixturevalue("pg_schema_url")):
+        engine = make_engine(url)
+        upgrade(engine)
+        reflected = MetaData()
+        reflected.reflect(engine)
+        for table in (tables.refund, tables.statement, tables.statement_line):
+            got = reflected.tables[table.name]
+            assert set(got.columns.keys()) == set(table.columns.keys()), table.name
+            for column in table.columns:
+                assert got.columns[column.name].nullable == column.nullable, f"{table.name}.{column.name}"
+        cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "2026_12_03_0020")
+        reflected = MetaData()
+        reflected.reflect(engine)
+        assert "payment_refund" not in reflected.tables and "ticket_order" in reflected.tables
+        upgrade(engine)
+        reflected = MetaData()
+        reflected.reflect(engine)
+        assert {"payment_refund", "payment_statement", "payment_statement_line"} <= set(reflected.tables)
+        engine.dispose()
