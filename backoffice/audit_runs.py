@@ -23,6 +23,18 @@ What is checked, per run of the operator (every run, or the run of one service d
 - **money**: per service day, what the cards lost (the day's stored purchases) = fares settled (the gross the runs
   stored for that day) + fares still on their way (the day's purchases in no run yet).
 
+Ticket revenue (issue 11), when the schema has it (revisions 0021 and 0024), from ``ticket_use``, ``ticket``,
+``product``, ``ticket_order`` and ``ticket_revenue_rule`` with the rules written out again here (``_ticket_value``):
+
+- **each line** of the ticket ledger: a use line stands for a counting use of its operator (never a flagged one)
+  with the route, vehicle and driver of the use and the value its product's rule gives; a pass-day line is the day's
+  share of a spread pass; no use is in two lines (the unique ref) and every counting use of a day up to the last
+  run but one, received before that run, is in one;
+- **each ticket**: never more recognised than its price; all of it recognised (uses, days, breakage) once its
+  validity ended by the last run's day; nothing kept on a ticket refunded before the last run;
+- **the rows**: a run's ``ticket`` / ``ticket_late`` rows by operator, route, vehicle, driver, product, channel and
+  source equal COUNT and SUM over the lines it recognised; commission 0, net = gross.
+
 Which taps a run took is read from where the schema keeps it (``_membership``): the tap's claim by a run when the
 tap table has one, otherwise the run's window (``as_of``, ``carried_from``) over ``received_at``.
 """
@@ -273,6 +285,8 @@ def audit(conn: Connection, *, operator: str, day: date | None = None) -> AuditR
     out += _members(runs, counts, by_window)
     out += _duplicates(conn, operator)
     out += _money(every_row, counts, day)
+    if inspect(conn).has_table("ticket_revenue") and inspect(conn).has_table("ticket_use"):
+        out += _tickets(conn, operator, runs, audited_ids, stored)
     return AuditResult(operator, len(audited), len(counts), out)
 
 
@@ -316,7 +330,7 @@ def _rows(by_id, stored, rederived) -> list[Difference]:
     out = []
     for key in sorted(set(stored) | set(rederived), key=lambda k: (k[0], k[1], k[2], k[3], k[4])):
         run_id, section, for_day, dim, k = key
-        if section == "reconciliation":
+        if section in ("reconciliation", "ticket", "ticket_late"):
             continue
         what = f"{_name(by_id[run_id])} {section} {for_day} {dim} {k!r}"
         if section == "ahead":  # a run took a purchase of a later day than its own
@@ -452,6 +466,133 @@ def _money(stored, counts, day) -> list[Difference]:
         if lost[d] != settled[d] + waiting[d]:
             out.append(Difference(f"{d}: cards lost (fen) vs settled {settled[d]} + on its way {waiting[d]}",
                                   settled[d] + waiting[d], lost[d]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ tickets
+_TICKET_LINES = text("""
+SELECT l.id, l.run_id, l.ref, l.source, l.ticket_id, l.use_id, l.for_day, l.route, l.vehicle, l.driver, l.product,
+       l.channel, l.amount
+FROM ticket_revenue l WHERE l.operator = :operator
+""")
+
+_TICKETS = text("""
+SELECT t.ticket_id, t.kind, t.price_fen, t.uses_allowed, t.valid_from, t.valid_to, t.state, t.updated_at,
+       t.issued_at, p.code AS product, o.channel, rr.rule, rr.ride_value_fen
+FROM ticket t JOIN product p ON p.id = t.product_id JOIN ticket_order o ON o.order_id = t.order_id
+LEFT JOIN ticket_revenue_rule rr ON rr.product_id = t.product_id
+WHERE t.operator = :operator
+""").columns(valid_from=DateTime(timezone=True), valid_to=DateTime(timezone=True),
+             updated_at=DateTime(timezone=True), issued_at=DateTime(timezone=True))
+
+_USES = text("""
+SELECT id, ticket_id, use_no, revenue, route, vehicle, driver, occurred_at, received_at
+FROM ticket_use WHERE operator = :operator
+""").columns(occurred_at=DateTime(timezone=True), received_at=DateTime(timezone=True))
+
+_TICKET_DIMENSIONS = ("route", "vehicle", "driver", "product", "channel", "source")
+
+
+def _ticket_rule(t) -> str:
+    passes = ("day_pass", "month_pass")
+    if t.kind in passes:
+        return t.rule or "spread"
+    return "at_use"
+
+
+def _ticket_value(t, use_no: int) -> int:
+    """What a counting use earns, written out again from the rule's statement (clearing.tickets' docstring)."""
+    price, rule = int(t.price_fen), _ticket_rule(t)
+    if rule == "spread":
+        return 0
+    if rule == "per_ride":
+        value = int(t.ride_value_fen or 0)
+        return max(0, min(value, price - (use_no - 1) * value))
+    n = int(t.uses_allowed)
+    if n <= 0:
+        return price if use_no == 1 else 0
+    return price * use_no // n - price * (use_no - 1) // n if use_no <= n else 0
+
+
+def _tickets(conn, operator, runs, audited_ids, stored) -> list[Difference]:
+    bind = {"operator": operator}
+    lines = conn.execute(_TICKET_LINES, bind).all()
+    tickets = {int(t.ticket_id): t for t in conn.execute(_TICKETS, bind)}
+    uses = {int(u.id): u for u in conn.execute(_USES, bind)}
+    tz, cutoff = runs[-1]["tz"], runs[-1]["cutoff_hour"]
+    out: list[Difference] = []
+    by_use = defaultdict(list)
+    held = defaultdict(int)
+    for line in lines:
+        held[int(line.ticket_id)] += int(line.amount)
+        t = tickets.get(int(line.ticket_id))
+        what = f"ticket line {line.ref}"
+        if t is None:
+            out.append(Difference(f"{what}: ticket", None, "a ticket of the operator"))
+            continue
+        if (line.product, line.channel) != (t.product, t.channel):
+            out.append(Difference(f"{what} product/channel", (line.product, line.channel), (t.product, t.channel)))
+        if line.source == "use":
+            by_use[int(line.use_id)].append(line)
+            u = uses.get(int(line.use_id))
+            if u is None or not u.revenue or u.use_no is None:
+                out.append(Difference(f"{what}: a counting use behind it", None if u is None else u.revenue, True))
+                continue
+            want = (_ticket_value(t, int(u.use_no)), u.route, u.vehicle, u.driver,
+                    _service_day(_utc(u.occurred_at), tz, cutoff))
+            have = (int(line.amount), line.route, line.vehicle, line.driver, _day(line.for_day))
+            if have != want:
+                out.append(Difference(f"{what} (fen, route, vehicle, driver, day)", have, want))
+        elif line.source == "pass_day":
+            first = _service_day(_utc(t.valid_from), tz, cutoff)
+            last = _service_day(_utc(t.valid_to) - timedelta(microseconds=1), tz, cutoff)
+            n, i = (last - first).days + 1, (_day(line.for_day) - first).days
+            price = int(t.price_fen)
+            want = price * (i + 1) // n - price * i // n if 0 <= i < n and _ticket_rule(t) == "spread" else None
+            if int(line.amount) != want:
+                out.append(Difference(f"{what} (share of {price} fen over {n} days)", int(line.amount), want))
+    last_run = runs[-1]
+    edge = runs[-2] if len(runs) > 1 else None
+    for use_id, u in uses.items():
+        n = len(by_use.get(use_id, []))
+        due = (edge is not None and u.revenue and u.use_no is not None
+               and _service_day(_utc(u.occurred_at), tz, cutoff) <= _day(edge["service_day"])
+               and _utc(u.received_at) < _utc(edge["as_of"]))
+        if n > 1 or (due and n == 0):
+            out.append(Difference(f"ticket use {use_id} (ticket {u.ticket_id}) in ticket lines", n, 1))
+    last_end = day_window(_day(last_run["service_day"]), tz, cutoff)[1]
+    for ticket_id, t in tickets.items():
+        price, have = int(t.price_fen), held.get(ticket_id, 0)
+        refunded = t.state == "refunded" and _utc(t.updated_at) < _utc(last_run["as_of"])
+        if have > price:
+            out.append(Difference(f"ticket {ticket_id} recognised (fen), at most its price", have, price))
+        if refunded and have:
+            out.append(Difference(f"ticket {ticket_id} refunded: recognised (fen)", have, 0))
+        elif (not refunded and _utc(t.valid_to) <= last_end and _utc(t.issued_at) < _utc(last_run["as_of"])
+              and have != price):
+            out.append(Difference(f"ticket {ticket_id} validity over: recognised (fen)", have, price))
+    want_rows = defaultdict(lambda: [0, 0])
+    for line in lines:
+        if line.run_id not in audited_ids:
+            continue
+        run = next(r for r in runs if r["id"] == line.run_id)
+        for_day = _day(line.for_day)
+        section = "ticket" if for_day == _day(run["service_day"]) else "ticket_late"
+        uses_n = 1 if line.source == "use" else 0
+        for dim, key in (("operator", operator), *((d, getattr(line, d)) for d in _TICKET_DIMENSIONS)):
+            cell = want_rows[(line.run_id, section, for_day, dim, str(key))]
+            cell[0] += uses_n
+            cell[1] += int(line.amount)
+    have_rows = {k: r for k, r in stored.items() if k[1] in ("ticket", "ticket_late")}
+    for key in sorted(set(have_rows) | set(want_rows), key=str):
+        row, want = have_rows.get(key), tuple(want_rows.get(key, (0, 0)))
+        what = f"run {key[0]} {key[1]} {key[2]} {key[3]} {key[4]!r}"
+        have = None if row is None else (int(row.taps), int(row.gross))
+        if have != want:
+            out.append(Difference(f"{what} (uses, fen)", have, want))
+        if row is not None and (int(row.commission) != 0 or int(row.net) != int(row.gross)):
+            out.append(Difference(f"{what} commission, net (no issuer commission on tickets)",
+                                  (int(row.commission), int(row.net)), (0, int(row.gross))))
     return out
 
 

@@ -1,0 +1,290 @@
+"""Ticket revenue in the clearing runs, on SQLite and PostgreSQL: tickets sold through the order use cases
+(backoffice.tickets.orders), their uses stored by ingest's own storage (backoffice.tickets.uses.store_records), the
+day cleared (backoffice.clearing_runs.clear_day), and every ticket figure of the runs (by route, vehicle, driver,
+product, channel and source; the deferred balance; breakage; a late use moving its value out of breakage; a fraud
+second use earning nothing; a refunded ticket earning nothing) checked against plain SQL over ticket_use / ticket /
+product / ticket_order with the rules written out in the test. The auditor agrees, and notices a changed line."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from sqlalchemy import text
+
+from backoffice import audit_runs, registry
+from backoffice import clearing_runs as cr
+from backoffice.db import make_engine, upgrade
+from backoffice.tickets import catalogue, orders, revenue
+from backoffice.tickets.keys import published_test_keys
+from backoffice.tickets.orders import ItemRequest
+from backoffice.tickets.uses import store_records
+from wire.records import RecordKind, TapRecord
+
+OP = "tkop"
+DAY = date(2026, 12, 3)
+NEXT_DAY = DAY + timedelta(days=1)
+LOCAL0 = datetime(2026, 12, 2, 19, 0, tzinfo=UTC)  # 03:00 in Shanghai: DAY's first moment
+NOW = LOCAL0 + timedelta(hours=7)  # 10:00 local
+RUN1 = LOCAL0 + timedelta(days=1, hours=1)  # DAY's run, 04:00 local on the next morning
+RUN2 = RUN1 + timedelta(days=1)
+KEYS = published_test_keys()
+RIDE, COACH, DAY3, MONTH = 200, 3000, 1500, 6000
+RIDE_VALUE = 250  # the month pass's stated value of a ride
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request, tmp_path):
+    url = f"sqlite:///{tmp_path}/bo.db" if request.param == "sqlite" else request.getfixturevalue("pg_schema_url")
+    engine = make_engine(url)
+    upgrade(engine)
+    with engine.begin() as conn:
+        registry.add_operator(conn, code=OP, name="Ticket Bus", at=NOW - timedelta(days=30))
+        for r in ("R1", "R2"):
+            registry.add_route(conn, code=r, operator=OP, name=f"Route {r}", flat_fare=200,
+                               at=NOW - timedelta(days=30))
+        for v in ("V1", "V2"):
+            registry.add_vehicle(conn, code=v, operator=OP, plate=f"A-{v}", at=NOW - timedelta(days=30))
+        cr.set_commission_rate(conn, operator=OP, rate_bp=60, valid_from=date(2026, 1, 1))
+        catalogue.add_product(conn, operator=OP, code="ride", kind="single", name="One ride", price_fen=RIDE,
+                              by="clerk", now=NOW - timedelta(days=1))
+        catalogue.add_product(conn, operator=OP, code="coach", kind="coach_trip", name="Airport coach",
+                              price_fen=COACH, by="clerk", now=NOW - timedelta(days=1))
+        catalogue.add_product(conn, operator=OP, code="day3", kind="day_pass", name="Three days", price_fen=DAY3,
+                              validity_days=3, uses=0, by="clerk", now=NOW - timedelta(days=1))
+        catalogue.add_product(conn, operator=OP, code="month", kind="month_pass", name="Month", price_fen=MONTH,
+                              validity_days=30, uses=0, by="clerk", now=NOW - timedelta(days=1))
+        revenue.set_rule(conn, operator=OP, product="month", rule="per_ride", ride_value_fen=RIDE_VALUE,
+                         by="clerk", now=NOW - timedelta(days=1))
+        catalogue.add_departure(conn, operator=OP, product="coach", route="R2", service_date=DAY, departs="18:30",
+                                seats=40)
+    yield engine
+    engine.dispose()
+
+
+def sell(engine, channel: str, items: list[ItemRequest]) -> list[int]:
+    with engine.begin() as conn:
+        order = orders.create_order(conn, operator=OP, channel=channel, phone="13800000000", items=items,
+                                    who="rider", now=NOW)
+        total = conn.execute(text("SELECT total_fen FROM ticket_order WHERE order_id = :o"), {"o": order}).scalar()
+        orders.mark_paid(conn, order, amount_fen=int(total), payment_ref=f"pay-{order}", who="platform", now=NOW)
+        return [t.ticket_id for t in orders.issue_tickets(conn, order, keys=KEYS, who="shop", now=NOW)]
+
+
+_seq = iter(range(1, 10_000))
+
+
+def use(engine, ticket_id: int, *, at: datetime, received: datetime, route: str, vehicle: str, driver: str,
+        presented: str = "qr"):
+    record = TapRecord(device_id=f"VAL-{vehicle}", device_seq=next(_seq), kind=RecordKind.TICKET_USE,
+                       occurred_at=at, operator=OP, route=route, vehicle=vehicle, driver=driver, shift_no=1,
+                       ticket_id=ticket_id if presented == "qr" else ticket_id % 10**10, ticket_use=1,
+                       presented=presented)
+    with engine.begin() as conn:
+        (outcome,) = store_records(conn, [record], now=received)
+    assert outcome.status == "stored", outcome
+    return outcome
+
+
+def sql(engine, query: str, **params):
+    with engine.connect() as conn:
+        return conn.execute(text(query), params).all()
+
+
+def run_rows(engine, day: date, section: str) -> dict:
+    rows = sql(engine, "SELECT w.dimension, w.key, w.taps, w.gross, w.commission, w.net FROM clearing_row w "
+                       "JOIN clearing_run r ON r.id = w.run_id WHERE r.operator = :op AND r.service_day = :d "
+                       "AND w.section = :s", op=OP, d=day, s=section)
+    assert all(int(r.commission) == 0 and int(r.net) == int(r.gross) for r in rows)  # no issuer commission
+    out = defaultdict(dict)
+    for r in rows:
+        out[r.dimension][r.key] = (int(r.taps), int(r.gross))
+    return out
+
+
+# The rules, written out for the check: single ride and coach at the price paid; the month pass 250 a ride; the
+# three-day pass nothing per ride (spread over its days).
+USE_VALUE = (f"CASE p.code WHEN 'ride' THEN t.price_fen WHEN 'coach' THEN t.price_fen "
+             f"WHEN 'month' THEN {RIDE_VALUE} ELSE 0 END")
+DIM_SQL = {"route": "u.route", "vehicle": "u.vehicle", "driver": "u.driver", "product": "p.code",
+           "channel": "o.channel"}
+
+
+def expected_uses(engine, *, for_day: date, received_from: datetime | None, received_before: datetime) -> dict:
+    """(uses, fen) by dimension and key of the counting uses of ``for_day`` received in the window, in plain SQL."""
+    out = defaultdict(dict)
+    since = "AND u.received_at >= :since" if received_from else ""
+    for dim, col in DIM_SQL.items():
+        for key, n, fen in sql(engine, f"SELECT {col}, COUNT(*), SUM({USE_VALUE}) FROM ticket_use u "
+                                       "JOIN ticket t ON t.ticket_id = u.ticket_id "
+                                       "JOIN product p ON p.id = t.product_id "
+                                       "JOIN ticket_order o ON o.order_id = t.order_id "
+                                       f"WHERE u.operator = :op AND u.revenue = :yes AND u.service_day = :d "
+                                       f"AND u.received_at < :before {since} GROUP BY {col}",
+                               op=OP, yes=True, d=for_day, before=received_before, since=received_from):
+            out[dim][key] = (int(n), int(fen))
+    return out
+
+
+def add(table: dict, dim: str, key: str, uses: int, fen: int) -> None:
+    n, f = table[dim].get(key, (0, 0))
+    table[dim][key] = (n + uses, f + fen)
+
+
+def with_totals(table: dict) -> dict:
+    uses = sum(n for n, _ in table["product"].values())
+    fen = sum(f for _, f in table["product"].values())
+    table["operator"] = {OP: (uses, fen)}
+    return table
+
+
+def ticket_meta(engine, ticket_id: int) -> tuple[str, str, int]:
+    ((product, channel, price),) = sql(engine, "SELECT p.code, o.channel, t.price_fen FROM ticket t "
+                                               "JOIN product p ON p.id = t.product_id "
+                                               "JOIN ticket_order o ON o.order_id = t.order_id "
+                                               "WHERE t.ticket_id = :t", t=ticket_id)
+    return product, channel, int(price)
+
+
+def non_use(table: dict, engine, ticket_id: int, fen: int, source: str) -> None:
+    """A line that is no ride (a pass's day, breakage): route / vehicle / driver "", its product and channel."""
+    product, channel, _ = ticket_meta(engine, ticket_id)
+    for dim in ("route", "vehicle", "driver"):
+        add(table, dim, "", 0, fen)
+    add(table, "product", product, 0, fen)
+    add(table, "channel", channel, 0, fen)
+    add(table, "source", source, 0, fen)
+
+
+def test_ticket_revenue_is_cleared_by_route_vehicle_driver_product_and_channel(engine):
+    rides = sell(engine, "web", [ItemRequest("ride", 3)])
+    (coach,) = sell(engine, "sms", [ItemRequest("coach", 1, departure_id=1)])
+    (day3,) = sell(engine, "partner", [ItemRequest("day3", 1, start_date=DAY)])
+    (month,) = sell(engine, "counter", [ItemRequest("month", 1, start_date=DAY)])
+    (refunded,) = sell(engine, "web", [ItemRequest("ride", 1)])
+    with engine.begin() as conn:
+        refund_order = conn.execute(text("SELECT order_id FROM ticket WHERE ticket_id = :t"),
+                                    {"t": refunded}).scalar()
+        orders.refund(conn, refund_order, who="clerk", why="changed plans", now=NOW + timedelta(minutes=5))
+
+    h = timedelta(hours=1)
+    use(engine, rides[0], at=NOW + h, received=NOW + 2 * h, route="R1", vehicle="V1", driver="D1")
+    fraud = use(engine, rides[0], at=NOW + 2 * h, received=NOW + 3 * h, route="R2", vehicle="V2", driver="D2")
+    assert fraud.flag == "second_use"  # the same single ride on another bus: stored, flagged, never revenue
+    use(engine, rides[1], at=NOW + 2 * h, received=NOW + 3 * h, route="R2", vehicle="V2", driver="D2",
+        presented="pickup")
+    use(engine, coach, at=LOCAL0 + timedelta(hours=15, minutes=20), received=NOW + 9 * h, route="R2",
+        vehicle="V2", driver="D2")
+    for k in (3, 4):
+        use(engine, day3, at=NOW + k * h, received=NOW + 5 * h, route="R1", vehicle="V1", driver="D1")
+    use(engine, month, at=NOW + 5 * h, received=NOW + 6 * h, route="R1", vehicle="V1", driver="D1")
+    use(engine, month, at=NOW + 6 * h, received=NOW + 7 * h, route="R2", vehicle="V2", driver="D2")
+    # rides[2] is used at 23:00 on DAY but reaches the back office after DAY's run: it lands in the next run.
+    late_at = LOCAL0 + timedelta(hours=20)
+    use(engine, rides[2], at=late_at, received=RUN1 + timedelta(minutes=30), route="R2", vehicle="V1",
+        driver="D3")
+
+    with engine.begin() as conn:
+        run1 = cr.clear_day(conn, operator=OP, day=DAY, now=RUN1)
+
+    # ---- DAY's run: the uses received before it, the pass's first day, breakage of the single ride not yet seen
+    want = expected_uses(engine, for_day=DAY, received_from=None, received_before=RUN1)
+    uses_n = sum(n for n, _ in want["product"].values())
+    uses_fen = sum(f for _, f in want["product"].values())
+    want["source"] = {"use": (uses_n, uses_fen)}
+    non_use(want, engine, day3, DAY3 // 3, "pass_day")  # day 1 of 3: 500 fen
+    non_use(want, engine, rides[2], RIDE, "breakage")  # unused when its validity ended (DAY's end)
+    with_totals(want)
+    got = run_rows(engine, DAY, "ticket")
+    assert dict(got) == dict(want)
+    assert got["operator"][OP] == (7, RIDE + RIDE + COACH + 2 * RIDE_VALUE + DAY3 // 3 + RIDE)  # 4600 fen
+    assert got["route"]["R1"] == (4, RIDE + RIDE_VALUE) and got["route"]["R2"] == (3, RIDE + COACH + RIDE_VALUE)
+    assert run1.totals["ticket_day_gross"] == 4600 and run1.totals["ticket_day_uses"] == 7
+    assert run1.totals["payable_net"] == 0  # ticket money is not paid by the card issuer
+    assert "ticket_late" not in set(run1.rows["section"])
+
+    # the fraud use and the refunded ticket earn nothing: in no ledger line at all
+    assert sql(engine, "SELECT COUNT(*) FROM ticket_revenue l JOIN ticket_use u ON u.id = l.use_id "
+                       "WHERE u.revenue = :no", no=False) == [(0,)]
+    assert sql(engine, "SELECT COUNT(*) FROM ticket_revenue WHERE ticket_id = :t", t=refunded) == [(0,)]
+
+    # ---- the deferred balance after DAY's run: sold - refunded - recognised, sold and refunded in plain SQL
+    (sold,), = sql(engine, "SELECT SUM(price_fen) FROM ticket WHERE operator = :op", op=OP)
+    (back,), = sql(engine, "SELECT SUM(price_fen) FROM ticket WHERE operator = :op AND state = 'refunded'", op=OP)
+    assert (int(sold), int(back)) == (3 * RIDE + COACH + DAY3 + MONTH + RIDE, RIDE)
+    with engine.connect() as conn:
+        owed = revenue.outstanding(conn, operator=OP, run_id=run1.id, as_of=run1.as_of)
+    assert int(owed["deferred"].sum()) == int(sold) - int(back) - 4600
+    by_product = dict(zip(owed["product"], owed["deferred"].astype(int), strict=True))
+    assert by_product == {"ride": 0, "coach": 0, "day3": DAY3 - DAY3 // 3, "month": MONTH - 2 * RIDE_VALUE}
+
+    # ---- sales of the day by product and channel
+    with engine.connect() as conn:
+        sales = revenue.sales(conn, operator=OP, day=DAY, tz="Asia/Shanghai", cutoff_hour=3)
+    want_sales = {(p, c): (int(n), int(f)) for p, c, n, f in sql(
+        engine, "SELECT p.code, o.channel, COUNT(*), SUM(t.price_fen) FROM ticket t "
+                "JOIN product p ON p.id = t.product_id JOIN ticket_order o ON o.order_id = t.order_id "
+                "WHERE t.operator = :op GROUP BY p.code, o.channel", op=OP)}
+    assert {(r.product, r.channel): (int(r.tickets), int(r.gross)) for r in sales.itertuples()} == want_sales
+    assert int(sales["refunded"].sum()) == RIDE and int(sales["net"].sum()) == int(sold) - RIDE
+
+    # ---- the next day: one more month ride, the pass's second day; the late single ride moves out of breakage
+    use(engine, month, at=RUN1 + 6 * h, received=RUN1 + 7 * h, route="R1", vehicle="V2", driver="D3")
+    with engine.begin() as conn:
+        run2 = cr.clear_day(conn, operator=OP, day=NEXT_DAY, now=RUN2)
+    want2 = expected_uses(engine, for_day=NEXT_DAY, received_from=None, received_before=RUN2)
+    want2["source"] = {"use": (1, RIDE_VALUE)}
+    non_use(want2, engine, day3, DAY3 * 2 // 3 - DAY3 // 3, "pass_day")
+    assert dict(run_rows(engine, NEXT_DAY, "ticket")) == dict(with_totals(want2))
+    late = expected_uses(engine, for_day=DAY, received_from=RUN1, received_before=RUN2)
+    late["source"] = {"use": (1, RIDE)}
+    non_use(late, engine, rides[2], -RIDE, "breakage")  # the breakage of DAY given back to the use
+    late = with_totals(late)
+    assert dict(run_rows(engine, NEXT_DAY, "ticket_late")) == dict(late)
+    assert late["route"] == {"R2": (1, RIDE), "": (0, -RIDE)} and late["operator"][OP] == (1, 0)
+    assert run2.totals["ticket_late_uses"] == 1 and run2.totals["ticket_late_gross"] == 0
+
+    # each counting use is in exactly one line; the whole ledger = what the rules give, ticket by ticket
+    (in_two,), = sql(engine, "SELECT COUNT(*) FROM (SELECT use_id FROM ticket_revenue WHERE use_id IS NOT NULL "
+                             "GROUP BY use_id HAVING COUNT(*) > 1) x")
+    (counting,), = sql(engine, "SELECT COUNT(*) FROM ticket_use WHERE revenue = :yes", yes=True)
+    (lined,), = sql(engine, "SELECT COUNT(*) FROM ticket_revenue WHERE source = 'use'")
+    assert in_two == 0 and int(counting) == int(lined) == 9
+    held = dict(sql(engine, "SELECT ticket_id, SUM(amount) FROM ticket_revenue GROUP BY ticket_id"))
+    assert {t: int(v) for t, v in held.items()} == {
+        rides[0]: RIDE, rides[1]: RIDE, rides[2]: RIDE, coach: COACH, day3: DAY3 * 2 // 3, month: 3 * RIDE_VALUE}
+    with engine.connect() as conn:
+        owed2 = revenue.outstanding(conn, operator=OP, run_id=run2.id, as_of=run2.as_of)
+    assert int(owed2["deferred"].sum()) == int(sold) - int(back) - sum(int(v) for v in held.values())
+
+    # clearing a closed day again re-sums its ticket rows from its own lines: same rows
+    with engine.begin() as conn:
+        again = cr.clear_day(conn, operator=OP, day=DAY, now=RUN2)
+    assert again.recleared and again.totals["ticket_day_gross"] == 4600
+
+    # ---- the auditor re-derives all of it with its own SQL, and notices a changed line
+    with engine.connect() as conn:
+        result = audit_runs.audit(conn, operator=OP)
+    assert result.clean, [d.line() for d in result.differences]
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE ticket_revenue SET amount = amount + 1 WHERE source = 'use' AND ticket_id = :t"),
+                     {"t": coach})
+    with engine.connect() as conn:
+        found = [d.line() for d in audit_runs.audit(conn, operator=OP).differences]
+    assert any("use:" in line and str(COACH + 1) in line for line in found), found
+    assert any("ticket" in line and "route 'R2'" in line for line in found), found
+
+
+def test_a_day_pass_left_unridden_is_spread_over_its_days_and_an_unused_coach_ticket_breaks(engine):
+    (day3,) = sell(engine, "web", [ItemRequest("day3", 1, start_date=DAY)])
+    (coach,) = sell(engine, "sms", [ItemRequest("coach", 1, departure_id=1)])
+    for n in range(3):
+        with engine.begin() as conn:
+            cr.clear_day(conn, operator=OP, day=DAY + timedelta(days=n), now=RUN1 + timedelta(days=n))
+    lines = sql(engine, "SELECT source, ticket_id, for_day, amount FROM ticket_revenue ORDER BY for_day, source")
+    got = [(s, int(t), str(d)[:10], int(a)) for s, t, d, a in lines]
+    assert got == [("breakage", coach, "2026-12-03", COACH), ("pass_day", day3, "2026-12-03", 500),
+                   ("pass_day", day3, "2026-12-04", 500), ("pass_day", day3, "2026-12-05", 500)]
+    with engine.connect() as conn:
+        assert audit_runs.audit(conn, operator=OP).clean
