@@ -135,8 +135,9 @@ class HttpPlatform:
     merchant's HMAC secret. Each call is one request; retrying is the caller's (with the same idempotency key)."""
 
     def __init__(self, base_url: str, *, merchant_id: str, secret: bytes, public_key: bytes, timeout: float = 10.0,
-                 clock=None, transport: httpx.BaseTransport | None = None):
+                 clock=None, transport: httpx.BaseTransport | None = None, notify_url: str | None = None):
         self.base_url = base_url.rstrip("/")
+        self.notify_url = notify_url  # where the platform posts notifications (the back office's /ota/webhook)
         self.merchant_id = merchant_id
         self._secret = secret
         self.public_key = public_key
@@ -231,7 +232,8 @@ NOTIFY_URL_ENV = "FAREBOX_PAYMENT_NOTIFY_URL"
 
 def platform_from_env(public_key: bytes, environ=os.environ) -> HttpPlatform | None:
     """The platform named by ``FAREBOX_PAYMENT_URL`` (merchant id ``FAREBOX_PAYMENT_MERCHANT``, HMAC secret
-    ``FAREBOX_PAYMENT_SECRET`` in hex); None when no URL is set (no platform calls: notifications only)."""
+    ``FAREBOX_PAYMENT_SECRET`` in hex, notifications to ``FAREBOX_PAYMENT_NOTIFY_URL``, the public address of
+    ``/api/v1/ota/webhook``); None when no URL is set (no platform calls: notifications only)."""
     url = environ.get(URL_ENV, "").strip()
     if not url:
         return None
@@ -242,4 +244,5 @@ def platform_from_env(public_key: bytes, environ=os.environ) -> HttpPlatform | N
         key = b""
     if len(key) < 16:
         raise ValueError(f"{SECRET_ENV} must be the merchant's HMAC secret in hex (at least 16 bytes)")
-    return HttpPlatform(url, merchant_id=environ.get(MERCHANT_ENV, "farebox"), secret=key, public_key=public_key)
+    return HttpPlatform(url, merchant_id=environ.get(MERCHANT_ENV, "farebox"), secret=key, public_key=public_key,
+                        notify_url=environ.get(NOTIFY_URL_ENV, "").strip() or None)

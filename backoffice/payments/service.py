@@ -124,10 +124,14 @@ def order_to_pay(conn: Connection, order_id: str) -> tuple[str, int]:
     return "topup", int(o.amount)
 
 
-def start_payment(engine: Engine, platform: Platform, *, order_id: str, notify_url: str,
+def start_payment(engine: Engine, platform: Platform, *, order_id: str, notify_url: str | None = None,
                   description: str = "farebox") -> Payment:
     """Open the platform's payment for an order (the web shop, SMS and partner channels call this): the amount is
-    the order's own, never the caller's. Asked again (a lost answer), the platform answers the same payment."""
+    the order's own, never the caller's. Asked again (a lost answer), the platform answers the same payment.
+    ``notify_url`` defaults to the adapter's (``FAREBOX_PAYMENT_NOTIFY_URL``)."""
+    notify_url = notify_url or getattr(platform, "notify_url", None)
+    if not notify_url:
+        raise ValueError("no notify_url: set FAREBOX_PAYMENT_NOTIFY_URL to the public address of /api/v1/ota/webhook")
     with engine.connect() as conn:
         _kind, amount = order_to_pay(conn, order_id)
     return platform.create_payment(order_id=order_id, amount=amount, description=description, notify_url=notify_url)
