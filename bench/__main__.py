@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                "mqtt://127.0.0.1:1883).")
     p.add_argument("which", nargs="?",
                    choices=["all", "tap", "ingest", "denylist", "readers", "wire", "report", "fleet", "clearing",
-                            "tickets"],
+                            "tickets", "shop"],
                    default="all", help="which benchmark to run (default: all)")
     p.add_argument("--quick", action="store_true",
                    help=f"a small run for smoke tests (tap {QUICK['tap_taps']} taps; ingest {QUICK['taps']} taps "
@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import tickets
 
         tickets.run(**({"verifies": 500, "scans": 200} if args.quick else {}), console=out, results_dir=args.results)
+    if args.which in ("all", "shop"):  # HTTP ticket sales, 16 buyers, beside bare INSERTs; --quick: 60 orders, 4 buyers
+        from bench import shop
+
+        shop.run(**({"orders": 60, "buyers": 4} if args.quick else {}), console=out, results_dir=args.results)
     return status
 
 
