@@ -28,7 +28,7 @@ from sqlalchemy import (BigInteger, Boolean, Column, Connection, Date, DateTime,
                         UniqueConstraint, case, func, select, tuple_, update)
 from sqlalchemy.dialects import postgresql, sqlite
 
-from backoffice.models import Base, Operator, Ticket
+from backoffice.models import Base, Operator, Tap, Ticket
 from backoffice.tickets.orders import record_use, service_day_of
 from wire.records import PRESENTED_PICKUP, RecordKind, TapRecord
 
@@ -171,6 +171,15 @@ def _stored_by_key(conn: Connection, keys: list[tuple[str, int, int]]) -> dict:
     return found
 
 
+def _tap_keys(conn: Connection, keys: list[tuple[str, int, int]]) -> set[tuple[str, int, int]]:
+    found = set()
+    for i in range(0, len(keys), 400):
+        found.update(tuple(k) for k in conn.execute(
+            select(Tap.device_id, Tap.epoch, Tap.device_seq)
+            .where(tuple_(Tap.device_id, Tap.epoch, Tap.device_seq).in_(keys[i:i + 400]))))
+    return found
+
+
 def _differences(row, record: TapRecord) -> list[str]:
     mine = {"operator": row["operator"], "route": row["route"], "vehicle": row["vehicle"], "driver": row["driver"],
             "shift_no": row["shift_no"], "device_use": row["device_use"], "presented_by": row["presented_by"],
@@ -194,8 +203,13 @@ def store_records(conn: Connection, records: list[TapRecord], *, now: datetime) 
     out: list[Outcome | None] = [None] * len(records)
     before = _stored_by_key(conn, sorted({r.key for r in records}))
     operators = _Operators(conn)
+    taps = _tap_keys(conn, sorted({r.key for r in records} - set(before)))
     here: dict[tuple[str, int, int], dict] = {}  # keys stored by this call, as rows
     for i, r in enumerate(records):
+        if r.key in taps:  # a device sequence is one record, whatever its kind
+            out[i] = Outcome("conflict", f"conflict: device {r.device_id} journal {r.epoch} seq {r.device_seq} is "
+                             "already stored as a card tap; not a ticket use: review it")
+            continue
         if r.key in here:
             before[r.key] = here[r.key]
         if r.key in before:

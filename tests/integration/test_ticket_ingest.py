@@ -5,6 +5,7 @@ two revenue uses; a batch sent again is stored once. Everything is checked with 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -154,4 +155,50 @@ def test_a_ticket_on_two_offline_buses_is_one_use_and_one_fraud_and_goes_on_the_
     with engine.begin() as conn:
         later = build_version(conn, as_utc(valid_to) + timedelta(minutes=1))
     assert later is not None and bytes.fromhex("fe71") + ride.to_bytes(8, "big") not in DenyList.from_bytes(later.body)
+    engine.dispose()
+
+
+def test_what_ingest_holds_back_and_what_it_flags(url):
+    """Straight through the ingest use case: a use of no ticket of the operator and a use resent with other content
+    are quarantined with their reasons (and acknowledged as such); a use of a refunded ticket is stored flagged,
+    not revenue, and lists the ticket; a use uploaded after the expiry job closed its ticket still counts when it
+    was made within validity."""
+    from backoffice.ingest import DeviceDirectory, Ingest
+
+    operator = "opq"
+    engine = make_engine(url)
+    upgrade(engine)
+    with engine.begin() as conn:
+        registry.add_operator(conn, code=operator, name="Quarantine Bus", at=NOW - timedelta(days=30))
+        registry.add_device(conn, device_id=A, operator=operator, vehicle=None, terminal_id="010000000001")
+        catalogue.add_product(conn, operator=operator, code="ride", kind="single", name="One ride", price_fen=200,
+                              by="clerk", now=NOW)
+    refunded, late = issue(engine, operator, "ride"), issue(engine, operator, "ride")
+    with engine.begin() as conn:
+        (order,), = conn.execute(text("SELECT order_id FROM ticket WHERE ticket_id = :t"), {"t": refunded}).all()
+        orders.refund(conn, order, who="desk", why="rider asked", now=NOW + timedelta(minutes=10))
+        (valid_to,), = conn.execute(text("SELECT valid_to FROM ticket WHERE ticket_id = :t"), {"t": late}).all()
+        orders.expire_tickets(conn, now=as_utc(valid_to) + timedelta(minutes=5))
+    assert sql(engine, "SELECT state FROM ticket WHERE ticket_id = :t", t=late) == [("expired",)]
+    ingest = Ingest(keys=TEST_ISSUER_KEYS, master=TEST_DEVICE_MASTER, devices=DeviceDirectory())
+
+    def send(records):
+        with engine.begin() as conn:
+            return ingest.batch(conn, topics.taps(operator, A), codec.encode_batch(records, key=mac_key(
+                TEST_DEVICE_MASTER, A)))
+
+    first = send([use(A, 1, operator, 999, PRESENTED_QR, 30),  # no such ticket
+                  use(A, 2, operator, refunded, PRESENTED_QR, 40),
+                  use(A, 3, operator, late, PRESENTED_QR, 50)])
+    assert (first.stored, first.fraud, first.quarantined_seqs, first.ack_seqs) == (2, 1, [1], [1, 2, 3])
+    resent = send([dataclasses.replace(use(A, 3, operator, late, PRESENTED_QR, 50), route="T9")])
+    assert (resent.stored, resent.duplicates, resent.quarantined_seqs) == (0, 0, [3])
+    reasons = [r for (r,) in sql(engine, "SELECT reason FROM quarantine ORDER BY id")]
+    assert "ticket 999 is no ticket of operator opq" in reasons[0] and "different route" in reasons[1]
+    assert sql(engine, "SELECT ticket_id, use_no, revenue, flag FROM ticket_use ORDER BY device_seq") == [
+        (refunded, None, False, "refunded"), (late, 1, True, None)]
+    assert sql(engine, "SELECT uses_made, state FROM ticket WHERE ticket_id = :t", t=late) == [(1, "used")]
+    with engine.begin() as conn:
+        version = build_version(conn, NOW + timedelta(hours=1))
+    assert bytes.fromhex("fe71") + refunded.to_bytes(8, "big") in DenyList.from_bytes(version.body)
     engine.dispose()
