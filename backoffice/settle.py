@@ -13,7 +13,10 @@ Reports (when ``reports_dir`` is given): ``settlement-<operator>-<day>.pdf`` (re
 Besides the day's own taps, a run carries adjustments for earlier days (late taps, by day and route; a clerk's
 reconciliation adjustments, by item): the reports list them (also as ``-adjustments.csv`` when there are any)
 and show what is payable: day + adjustments = the run's ``payable_net``. A month's report does the same over
-its runs.
+its runs. An operator that sells e-tickets gets a ticket section in a day's reports (``reports.tickets``: revenue
+the run recognised by route, vehicle, driver, product, channel and source, earlier days', the day's sales by product
+and channel, the deferred balance by product; ``-tickets_by_route.csv`` ... ``-ticket_outstanding.csv``), outside
+the card figures and their issuer commission.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from sqlalchemy import Connection, func, select
 
 from backoffice import clearing_runs, registry
 from backoffice.models import ClearingRun as ClearingRunRow
-from backoffice.models import Fleet, Operator, ReconItem, Tap
+from backoffice.models import Fleet, Operator, ReconItem, Tap, Ticket
+from backoffice.tickets import revenue as ticket_revenue
 from clearing.runs import NO_FLEET, PURCHASE
 from clearing.service_day import day_bounds
 from clearing.settlement import Settlement, settle_day
@@ -38,6 +42,8 @@ from reports.daily import write_daily_pdf
 from reports.monthly import month_bounds, runs_label, write_monthly_pdf
 from reports.settlement_doc import LATE, RECONCILIATION, ClearingRun, Comparison, SettlementTables
 from reports.tables import write_settlement_csv, write_settlement_xlsx
+from reports.tickets import DIMENSIONS as TICKET_DIMENSIONS
+from reports.tickets import TicketTables
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +219,27 @@ def _adjustments(conn: Connection, runs: list[clearing_runs.StoredRun]) -> pd.Da
     return out[columns]
 
 
+def ticket_tables(conn: Connection, run: clearing_runs.StoredRun, tz: str, cutoff_hour: int
+                  ) -> TicketTables | None:
+    """The run's e-ticket figures for the reports (``reports.tickets``); None when the operator had sold no ticket
+    by the run's moment and the run recognised nothing."""
+    sections = set(run.rows["section"])
+    if "ticket" not in sections and "ticket_late" not in sections and not conn.execute(
+            select(func.count()).select_from(Ticket).where(Ticket.operator == run.operator,
+                                                           Ticket.issued_at < run.as_of)).scalar():
+        return None
+    by = {}
+    for dim in TICKET_DIMENSIONS:
+        frame = run.table(dim, "ticket")[[dim, "taps", "gross"]]
+        by[dim] = frame.sort_values(dim, kind="stable").reset_index(drop=True)
+    late = run.table("source", "ticket_late").rename(columns={"source": "source"})[["for_day", "source", "taps",
+                                                                                    "gross"]]
+    return TicketTables(
+        by=by, late=late.reset_index(drop=True),
+        sales=ticket_revenue.sales(conn, operator=run.operator, day=run.day, tz=tz, cutoff_hour=cutoff_hour),
+        outstanding=ticket_revenue.outstanding(conn, operator=run.operator, run_id=run.id, as_of=run.as_of))
+
+
 def _provisional_table(frame: pd.DataFrame, key: str) -> pd.DataFrame:
     return frame[[key, "taps", "amount"]].rename(columns={"amount": "gross"}).reset_index(drop=True)
 
@@ -263,7 +290,8 @@ def settle(conn: Connection, *, operator: str, day: date, reports_dir: Path | No
             adjustments=_adjustments(conn, [run]),
             by_card_type=_card_types(_breakdown(run, "card_type"), _free_rides(conn, run, op.timezone,
                                                                                op.cutoff_hour)),
-            commission_bp=_run_rates(conn, [run.id]))
+            commission_bp=_run_rates(conn, [run.id]),
+            tickets=ticket_tables(conn, run, op.timezone, op.cutoff_hour))
         run_id = run.id
     else:
         taps = load_day_taps(conn, operator=operator, day=day, tz=op.timezone, cutoff_hour=op.cutoff_hour)

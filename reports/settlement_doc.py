@@ -120,6 +120,7 @@ class SettlementTables:
     tz: str | None = None  # the operator's zone: times printed in it, named; None: UTC
     days_not_cleared: tuple[date, ...] | None = None  # a period's days with no clearing run; None: not known
     provisional: str = ""  # why the figures are provisional ("" when they come from clearing runs)
+    tickets: object | None = None  # reports.tickets.TicketTables: the e-ticket section; None: no tickets sold
 
     def breakdowns(self) -> dict[str, pd.DataFrame]:
         """The tables by their key column, in the order the report shows them; absent ones left out, and so is a
@@ -519,6 +520,10 @@ def settlement_story(t: SettlementTables, *, title: str, period: str, period_wor
     if adjustments is not None and not adjustments.empty:
         heading = Paragraph(markup(ADJUSTMENTS_HEADING), st["heading"])
         story += [Spacer(1, 3 * mm), CondPageBreak(30 * mm), KeepTogether([heading]), adjustments_table(t)]
+    if t.tickets is not None:  # e-tickets (issue 11): a section of their own, no issuer commission
+        from reports.tickets import pdf_section
+
+        story += pdf_section(t.tickets, st)
     # The foot of the paper: who prepared, checked and approved it, each with a date.
     story += [Spacer(1, 6 * mm), KeepTogether([Paragraph(markup("签字 Signatures"), st["heading"]),
                                                signature_lines(SIGNATURE_ROLES)])]

@@ -42,6 +42,8 @@ import pandas as pd
 
 from clearing.money import yuan, yuan_decimal
 from reports.pdf import MISSING_KEY, run_line, when_text
+from reports.tickets import YUAN_COLUMNS as TICKET_YUAN_COLUMNS
+from reports.tickets import export_frames as export_ticket_frames
 from reports.settlement_doc import (
     MONEY_COLUMNS,
     SettlementTables,
@@ -65,7 +67,7 @@ HEADERS = {"route": "线路 Route", "vehicle": "车辆 Vehicle", "driver": "司�
            "commission": "发卡方佣金(元) Issuer commission (yuan)", "net": "运营方净收入(元) Net to operator (yuan)",
            "amount": "金额(元) Amount (yuan)", "kind": "类别 Kind", "for_day": "所属运营日 For day",
            "key": "线路/事项 Route / item", "hour": "时段 Hour (local)"}
-YUAN_HEADERS = frozenset(HEADERS[c] for c in ("gross", "commission", "net", "amount"))
+YUAN_HEADERS = frozenset(HEADERS[c] for c in ("gross", "commission", "net", "amount")) | TICKET_YUAN_COLUMNS
 
 
 # Fen as a plain yuan number a spreadsheet parses: 123450 -> "1234.50", -5 -> "-0.05" (no separators).
@@ -175,6 +177,8 @@ def export_frames(tables: SettlementTables, *, to_yuan: Callable[[int], object] 
         out["adjustments"] = export_adjustments(tables, to_yuan=to_yuan)
     if tables.taps_by_hour is not None:
         out["taps_by_hour"] = export_hours(tables)
+    if tables.tickets is not None:  # e-tickets: tickets_by_route ... ticket_sales, ticket_outstanding
+        out.update(export_ticket_frames(tables.tickets, to_yuan=to_yuan))
     return out
 
 

@@ -288,3 +288,61 @@ def test_a_day_pass_left_unridden_is_spread_over_its_days_and_an_unused_coach_ti
                    ("pass_day", day3, "2026-12-04", 500), ("pass_day", day3, "2026-12-05", 500)]
     with engine.connect() as conn:
         assert audit_runs.audit(conn, operator=OP).clean
+
+
+def read_csv(path) -> tuple[list[dict], dict]:
+    """Rows and the totals row of an exported table (UTF-8 with BOM)."""
+    import csv
+
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[-1][next(iter(rows[-1]))] == "合计 Total"
+    return rows[:-1], rows[-1]
+
+
+def fen(text_: str) -> int:
+    whole, _, part = text_.partition(".")
+    sign = -1 if whole.startswith("-") else 1
+    return sign * (abs(int(whole or "0")) * 100 + int((part + "00")[:2]))
+
+
+def test_the_settlement_reports_carry_a_ticket_section(engine, tmp_path):
+    from openpyxl import load_workbook
+    from pypdf import PdfReader
+
+    from backoffice.settle import settle
+
+    (ride, unused) = sell(engine, "web", [ItemRequest("ride", 2)])
+    (month,) = sell(engine, "sms", [ItemRequest("month", 1, start_date=DAY)])
+    h = timedelta(hours=1)
+    use(engine, ride, at=NOW + h, received=NOW + 2 * h, route="R1", vehicle="V1", driver="D1")
+    use(engine, month, at=NOW + 2 * h, received=NOW + 3 * h, route="R2", vehicle="V2", driver="D2")
+    with engine.begin() as conn:
+        result = settle(conn, operator=OP, day=DAY, reports_dir=tmp_path, now=RUN1)
+    # by route from plain SQL: the uses at the stated values, and the unused ride's breakage under no route
+    want = {k: (int(n), int(f)) for k, n, f in sql(
+        engine, f"SELECT u.route, COUNT(*), SUM({USE_VALUE}) FROM ticket_use u JOIN ticket t "
+                "ON t.ticket_id = u.ticket_id JOIN product p ON p.id = t.product_id WHERE u.revenue = :yes "
+                "GROUP BY u.route", yes=True)}
+    want["(无 none)"] = (0, RIDE)
+    rows, total = read_csv(tmp_path / f"settlement-{OP}-{DAY}-tickets_by_route.csv")
+    got = {r["线路 Route"]: (int(r["使用次数 Uses"]), fen(r["确认收入(元) Revenue recognised (yuan)"]))
+           for r in rows}
+    assert got == want == {"R1": (1, RIDE), "R2": (1, RIDE_VALUE), "(无 none)": (0, RIDE)}
+    assert fen(total["确认收入(元) Revenue recognised (yuan)"]) == 2 * RIDE + RIDE_VALUE
+    sales, sales_total = read_csv(tmp_path / f"settlement-{OP}-{DAY}-ticket_sales.csv")
+    (sold,), = sql(engine, "SELECT SUM(price_fen) FROM ticket WHERE operator = :op", op=OP)
+    assert fen(sales_total["售票款(元) Sales (yuan)"]) == int(sold) == 2 * RIDE + MONTH
+    owed, owed_total = read_csv(tmp_path / f"settlement-{OP}-{DAY}-ticket_outstanding.csv")
+    assert fen(owed_total["递延余额(元) Deferred (yuan)"]) == int(sold) - (2 * RIDE + RIDE_VALUE)
+    assert {r["票种 Product"]: fen(r["递延余额(元) Deferred (yuan)"]) for r in owed} == {
+        "ride": 0, "month": MONTH - RIDE_VALUE}
+    book = load_workbook(tmp_path / f"settlement-{OP}-{DAY}.xlsx")
+    assert {"tickets_by_route", "tickets_by_product", "tickets_by_channel", "ticket_sales",
+            "ticket_outstanding"} <= set(book.sheetnames)
+    sheet = book["tickets_by_channel"]
+    assert sheet.cell(sheet.max_row, 1).value == "合计 Total"
+    text_ = " ".join(p.extract_text() for p in PdfReader(result.pdf).pages).replace("\n", " ")
+    for words in ("E-tickets", "By route", "By product", "By channel", "Outstanding: sold, not yet recognised",
+                  "does not apply to ticket revenue", f"{(2 * RIDE + RIDE_VALUE) / 100:.2f}"):
+        assert words in text_, words
