@@ -72,6 +72,7 @@ ticket_use = Table(
     UniqueConstraint("ticket_id", "use_no", name="uq_ticket_use_number"),
     Index("ix_ticket_use_ticket", "ticket_id"),
     Index("ix_ticket_use_day", "operator", "service_day"),
+    Index("ix_ticket_use_flag", "flag"),
 )
 
 # the record fields a stored use keeps (what tells a resend from a conflict)

@@ -48,9 +48,11 @@ def upgrade() -> None:
     )
     op.create_index("ix_ticket_use_ticket", "ticket_use", ["ticket_id"])
     op.create_index("ix_ticket_use_day", "ticket_use", ["operator", "service_day"])
+    op.create_index("ix_ticket_use_flag", "ticket_use", ["flag"])  # the deny list asks for flagged uses each minute
 
 
 def downgrade() -> None:
+    op.drop_index("ix_ticket_use_flag", table_name="ticket_use")
     op.drop_index("ix_ticket_use_day", table_name="ticket_use")
     op.drop_index("ix_ticket_use_ticket", table_name="ticket_use")
     op.drop_table("ticket_use")
