@@ -24,7 +24,6 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, and_, insert, select, update
 
-from backoffice import gtfs
 from backoffice.models import Departure, Operator, Product, Route
 
 KINDS = ("single", "day_pass", "month_pass", "coach_trip")
@@ -314,6 +313,7 @@ class DepartureImport:
 def _calendar_rows(path: Path, name: str) -> list[tuple[int, dict[str, str]]]:
     """calendar.txt / calendar_dates.txt of the feed, when it has them (backoffice.gtfs reads only the four files
     of routes and stops). Size-checked the way gtfs checks its own files."""
+    from backoffice import gtfs  # here: gtfs -> registry -> clearing_runs -> tickets.revenue -> orders -> us
     limits = gtfs.LIMITS
     if path.is_dir():
         f = path / name
@@ -336,6 +336,7 @@ def _calendar_rows(path: Path, name: str) -> list[tuple[int, dict[str, str]]]:
 def _service_days(path: Path, start: date, end: date) -> dict[str, set[date]] | None:
     """service_id -> the dates in [start, end] it runs, from calendar.txt and calendar_dates.txt; None when the feed
     has neither (then every trip is taken to run every day asked for)."""
+    from backoffice import gtfs  # here: gtfs -> registry -> clearing_runs -> tickets.revenue -> orders -> us
     cal, dates = _calendar_rows(path, "calendar.txt"), _calendar_rows(path, "calendar_dates.txt")
     if not cal and not dates:
         return None
@@ -379,6 +380,7 @@ def _service_days(path: Path, start: date, end: date) -> dict[str, set[date]] | 
 def _first_departures(path: Path) -> tuple[dict[str, tuple[str, str, int]], dict[str, str]]:
     """trip_id -> (route_id, service_id, direction) and trip_id -> its first stop's departure time, read with
     gtfs's reader."""
+    from backoffice import gtfs  # here: gtfs -> registry -> clearing_runs -> tickets.revenue -> orders -> us
     errors: list[str] = []
     trips: dict[str, tuple[str, str, int]] = {}
     first: dict[str, tuple[int, str]] = {}
