@@ -85,7 +85,8 @@ def _check(role: str, operator: str | None, name: str) -> None:
     if role not in ROLES:
         raise TokenFileError(f"token {name!r}: role {role!r} is not one of {', '.join(ROLES)}")
     if role in OPERATOR_BOUND and not operator:
-        raise TokenFileError(f"token {name!r}: a {role} acts for one operator: give --operator")
+        raise TokenFileError(f"token {name!r}: a clerk sees one operator's data: give --operator" if role == "clerk"
+                             else f"token {name!r}: a partner sells for one operator: give --operator")
     if role not in OPERATOR_BOUND and operator:
         raise TokenFileError(f"token {name!r}: only a clerk or partner acts for one operator; role {role} sees all")
 

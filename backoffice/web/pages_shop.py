@@ -81,6 +81,11 @@ def _remember(response: Response, request: Request, svc: Services, cfg: shop.Sho
                         secure=secure, path="/shop")
 
 
+def _too_many(request: Request, rule, page: HTMLResponse) -> HTMLResponse:
+    page.headers["Retry-After"] = str(int(rule[1].total_seconds()))
+    return page
+
+
 def _clean_phone(text: str) -> str:
     return "".join(c for c in (text or "") if c not in " -")
 
@@ -159,10 +164,14 @@ def shop_send_code(*, operator: str, request: Request, svc: Annotated[Services, 
     if not orders.PHONE.fullmatch(phone):
         return render(request, "shop_buy.html", None, status=400, phone=None, typed=phone, **page,
                       error=("请输入手机号码（5 到 20 位数字）", "Give your mobile number: 5 to 20 digits"))
-    shop.limited(cfg, f"otp-client:{shop.client_of(request)}", shop.OTP_PER_CLIENT, now,
-                 ("验证码发送过于频繁，请稍后再试", "Too many codes asked from here: try again in a few minutes"))
-    shop.limited(cfg, f"otp-phone:{phone}", shop.OTP_PER_PHONE, now,
-                 ("该号码验证码发送过于频繁，请稍后再试", "Too many codes sent to this number: try again in a few minutes"))
+    for key, rule, words in (
+            (f"otp-client:{shop.client_of(request)}", shop.OTP_PER_CLIENT,
+             ("验证码发送过于频繁，请稍后再试", "Too many codes asked from here: try again in a few minutes")),
+            (f"otp-phone:{phone}", shop.OTP_PER_PHONE,
+             ("该号码验证码发送过于频繁，请稍后再试", "Too many codes sent to this number: try again in a few minutes"))):
+        if not cfg.limits.hit(key, rule, now):
+            return _too_many(request, rule, render(request, "shop_buy.html", None, status=429, phone=None,
+                                                   typed=phone, error=words, **page))
     code = cfg.otp.issue(phone, now)
     cfg.otp_sender.send(phone, f"{code} is your {op.name} ticket code (5 minutes). 购票验证码 {code}，5分钟内有效。")
     return render(request, "shop_code.html", None, phone=phone, error=None, **page)
@@ -189,10 +198,14 @@ def shop_order(*, operator: str, request: Request, svc: Annotated[Services, Depe
                      "none": ("请重新获取验证码", "Ask for a new code")}[verdict]
             return render(request, "shop_code.html" if verdict == "wrong" else "shop_buy.html", None, status=400,
                           phone=phone if verdict == "wrong" else None, typed=phone, error=words, **page)
-    shop.limited(cfg, f"order-client:{shop.client_of(request)}", shop.ORDERS_PER_CLIENT, now,
-                 ("下单过于频繁，请稍后再试", "Too many orders from here: try again later"))
-    shop.limited(cfg, f"order-phone:{phone}", shop.ORDERS_PER_PHONE, now,
-                 ("该号码下单过于频繁，请稍后再试", "Too many orders for this number: try again later"))
+    for key, rule, words in (
+            (f"order-client:{shop.client_of(request)}", shop.ORDERS_PER_CLIENT,
+             ("下单过于频繁，请稍后再试", "Too many orders from here: try again later")),
+            (f"order-phone:{phone}", shop.ORDERS_PER_PHONE,
+             ("该号码下单过于频繁，请稍后再试", "Too many orders for this number: try again later"))):
+        if not cfg.limits.hit(key, rule, now):
+            return _too_many(request, rule, render(request, "shop_buy.html", None, status=429, phone=None,
+                                                   typed=phone, error=words, **page))
     try:
         order_id, _ = shop.place_order(svc.engine, cfg, operator=op.code, channel="web", phone=phone, items=[item],
                                        who=f"web shop {phone[:3]}****{phone[-4:]}", idempotency_key=None, now=now)
