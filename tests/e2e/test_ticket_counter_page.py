@@ -94,6 +94,7 @@ def test_counter_staff_redeem_a_pickup_code_on_the_page(counter_world, browser):
     browser.find_element(By.ID, "redeem-submit").click()
     _wait_for(browser, "#redeem-error")
     assert "取票码不正确" in browser.find_element(By.ID, "redeem-error").text
+    browser.execute_script("window.scrollTo(0, 0)")
     _shot(browser, "ticket-counter-wrong-code")
     assert sql("SELECT uses_made FROM ticket WHERE ticket_id = :t", t=ride) == [(0,)]
 
@@ -103,6 +104,7 @@ def test_counter_staff_redeem_a_pickup_code_on_the_page(counter_world, browser):
     assert browser.find_element(By.ID, "redeemed-ticket").text == str(ride)
     assert "已打印" in browser.find_element(By.ID, "redeemed-printed").text
     shown = browser.find_element(By.ID, "paper-ticket").text
+    browser.execute_script("window.scrollTo(0, 0)")
     _shot(browser, "ticket-counter-redeemed")
     (slip,) = printer.wait_for_slips(1)
     assert slip.strip() == shown.strip() and f"票号 No.: {ride}" in slip and "柜台 Counter: North gate" in slip
