@@ -379,6 +379,7 @@ def test_the_statement_is_stored_once_reconciled_and_the_close_ties_to_the_fen(w
                                     yuan(sales - refunds_fen - fees_fen)]
 
 
+@pytest.mark.parametrize("world", ["sqlite"], indirect=True)  # the same use cases run on PostgreSQL above
 def test_farebox_payments_at_the_command_line(world, tmp_path):
     w = world
     w.clock.now = datetime.now(UTC).replace(microsecond=0)  # the CLI signs and checks with the real clock
