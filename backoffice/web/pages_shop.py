@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 
 from backoffice.models import Operator, Product
+from backoffice.sms.gateway import SmsError
 from backoffice.tickets import catalogue, orders
 from backoffice.web import shop_service as shop
 from backoffice.web.api.types import ServiceDay
@@ -173,7 +174,12 @@ def shop_send_code(*, operator: str, request: Request, svc: Annotated[Services, 
             return _too_many(request, rule, render(request, "shop_buy.html", None, status=429, phone=None,
                                                    typed=phone, error=words, **page))
     code = cfg.otp.issue(phone, now)
-    cfg.otp_sender.send(phone, f"{code} is your {op.name} ticket code (5 minutes). 购票验证码 {code}，5分钟内有效。")
+    try:
+        cfg.otp_sender.send(phone, f"{code} is your {op.name} ticket code (5 minutes). 购票验证码 {code}，5分钟内有效。")
+    except SmsError:  # the gateway is down or refused the number: the rider is told, the code is useless anyway
+        shop.log.exception("one-time code to ...%s not sent", phone[-4:])
+        return render(request, "shop_buy.html", None, status=503, phone=None, typed=phone, **page,
+                      error=("短信发送失败，请稍后再试", "The text could not be sent: try again in a minute"))
     return render(request, "shop_code.html", None, phone=phone, error=None, **page)
 
 

@@ -7,10 +7,10 @@ Wiring, as ``configure_ota``: ``farebox serve`` (or a test) calls ``configure_sh
 platform=..., notify_url=...)``. Without it the shop's pages answer 503 and the partner API reads the catalogue and
 orders but issues no tickets.
 
-Stand-ins until their owners land (marked STAND-IN below): the one-time code is sent through ``OtpSender``, whose
-default ``OutboxSender`` only keeps the messages (and logs that a code was sent, never the code) -- the SMS gateway
-adapter (backoffice/sms/) plugs in behind the same ``send(phone, text)``. Codes and rate-limit counters live in this
-process's memory: one ``farebox serve`` process serves the shop; a restart forgets open codes (the rider asks again).
+One-time codes go out through the SMS gateway adapter (backoffice.sms.gateway.app_gateway: ``send(phone, text)``,
+a NullGateway when no ``FAREBOX_SMS_URL`` is set); ``OutboxSender`` is a sender of the same shape that only keeps the
+texts, for tests without a gateway. Codes and rate-limit counters live in this process's memory: one ``farebox
+serve`` process serves the shop; a restart forgets open codes (the rider asks again).
 """
 
 from __future__ import annotations
@@ -65,19 +65,18 @@ class RateLimiter:
 
 
 # ------------------------------------------------------------------------------------------------ one-time codes
-class OtpSender(Protocol):
-    def send(self, phone: str, text: str) -> None: ...
+class OtpSender(Protocol):  # backoffice.sms.gateway.SmsGateway is one
+    def send(self, phone: str, text: str, *, client_ref: str | None = None) -> object: ...
 
 
 class OutboxSender:
-    """STAND-IN for the SMS gateway adapter (backoffice/sms/, not on main when this was written): keeps each message
-    in ``outbox`` (tests read the code there, as a rider reads the phone) and logs that one was sent, never the
-    code."""
+    """A sender that keeps each message in ``outbox`` (a test reads the code there, as a rider reads the phone) and
+    logs that one was sent, never the code."""
 
     def __init__(self):
         self.outbox: list[tuple[str, str]] = []
 
-    def send(self, phone: str, text: str) -> None:
+    def send(self, phone: str, text: str, *, client_ref: str | None = None) -> None:
         self.outbox.append((phone, text))
         log.info("one-time code sent to %s****", phone[:-4])
 
@@ -147,8 +146,13 @@ class ShopConfig:
 def configure_shop(app, *, ticket_keys, platform=None, notify_url: str = "", otp_sender: OtpSender | None = None
                    ) -> ShopConfig:
     """Give the app the ticket keys, the payment platform (None: orders are made, nobody is asked to pay) and the
-    URL the platform notifies (``.../api/v1/ota/webhook``)."""
-    cfg = ShopConfig(ticket_keys, platform, notify_url, otp_sender or OutboxSender())
+    URL the platform notifies (``.../api/v1/ota/webhook``; empty: the adapter's own, FAREBOX_PAYMENT_NOTIFY_URL).
+    One-time codes go through ``otp_sender``, by default the app's SMS gateway (backoffice.sms.gateway)."""
+    if otp_sender is None:
+        from backoffice.sms.gateway import app_gateway
+
+        otp_sender = app_gateway(app)
+    cfg = ShopConfig(ticket_keys, platform, notify_url, otp_sender)
     app.state.shop = cfg
     return cfg
 
@@ -176,21 +180,17 @@ def payment_page(engine: Engine, cfg: ShopConfig, order_id: str) -> str | None:
     the same payment for the same order id, so asking again after a lost answer is safe). None without a platform
     or an answer."""
     from backoffice.payments.platform import PlatformError
+    from backoffice.payments.service import start_payment
 
     if cfg.platform is None:
         return None
     if order_id in cfg.pay_urls:
         return cfg.pay_urls[order_id]
-    with engine.connect() as conn:
-        view = orders.show_order(conn, order_id)
-    if view.state != "created":
-        return None
-    try:
-        payment = cfg.platform.create_payment(order_id=order_id, amount=view.total_fen,
-                                              description=f"{view.operator} tickets {order_id}",
-                                              notify_url=cfg.notify_url)
-    except PlatformError as e:
-        log.warning("payment for %s not created yet: %s", order_id, e)
+    try:  # the amount is the order's own (start_payment reads it); a paid or expired order has nothing to pay
+        payment = start_payment(engine, cfg.platform, order_id=order_id, notify_url=cfg.notify_url or None,
+                                description=f"tickets {order_id}")
+    except (PlatformError, ValueError) as e:
+        log.warning("payment for %s not opened: %s", order_id, e)
         return None
     if payment.pay_url:
         cfg.pay_urls[order_id] = payment.pay_url

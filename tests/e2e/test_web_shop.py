@@ -2,8 +2,9 @@
 a loopback port (the shop wired as `configure_shop` does: the published test ticket keys, the payment platform
 simulator as a real HTTP server posting its notifications to /api/v1/ota/webhook), on the real clock.
 
-A rider buys a single ride (phone number, one-time code read from the SMS outbox, pay on the simulator, the page
-refreshes itself to the ticket), then a coach seat for tomorrow (the proven phone is remembered: no second code).
+A rider buys a single ride (phone number, one-time code sent through the SMS gateway adapter to the gateway
+simulator (hardware_sim.sms) and read there as the rider's phone would, pay on the simulator, the page refreshes
+itself to the ticket), then a coach seat for tomorrow (the proven phone is remembered: no second code).
 Each ticket's QR code is cut out of the page's screenshot and decoded independently with zbar (`zbarimg`, Debian
 zbar-tools; without it the QR text shown under the code is used) and verified with wire.ticket; the pickup code's
 check digits hold and map to the ticket in plain SQL; the seats left are the books'. Screenshots are kept in
@@ -12,6 +13,7 @@ var/test-artefacts/screenshots/ (shop-*.png).
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -33,9 +35,11 @@ from backoffice.tickets.keys import published_test_keys
 from backoffice.web.api.ota import configure_ota
 from backoffice.web.app import create_app
 from backoffice.web.auth import TokenStore
-from backoffice.web.shop_service import OutboxSender, configure_shop
+from backoffice.sms.gateway import TEST_SMS_SECRET, HttpSmsGateway
+from backoffice.web.shop_service import configure_shop
 from epurse.keys import TEST_ISSUER_KEYS
 from hardware_sim.payment import TEST_MERCHANT_SECRET, PlatformSimulator
+from hardware_sim.sms import SmsGatewaySimulator
 from wire.ticket import check_pickup_code, decode_ticket
 
 pytestmark = pytest.mark.slow
@@ -78,9 +82,10 @@ def shop(tmp_path):
     port = free_port()
     configure_ota(app, keys=LocalKeyService(TEST_ISSUER_KEYS, source="test keys"), webhook_key=sim.public_key)
     platform = HttpPlatform(sim.url, merchant_id="farebox", secret=TEST_MERCHANT_SECRET, public_key=sim.public_key)
-    sms = OutboxSender()
+    sms = SmsGatewaySimulator().start()
+    gateway = HttpSmsGateway(sms.url, account="farebox", secret=TEST_SMS_SECRET)
     configure_shop(app, ticket_keys=KEYS, platform=platform, notify_url=f"http://127.0.0.1:{port}/api/v1/ota/webhook",
-                   otp_sender=sms)
+                   otp_sender=gateway)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -91,6 +96,8 @@ def shop(tmp_path):
     server.should_exit = True
     thread.join(10)
     platform.close()
+    gateway.close()
+    sms.stop()
     sim.stop()
     engine.dispose()
 
@@ -192,8 +199,9 @@ def test_a_rider_buys_a_ride_and_a_coach_seat_on_a_phone(shop, phone, tmp_path):
     assert "2.00" in driver.find_element(By.ID, "total").text
     _click(driver, "#send-code")
     code_box = _wait(driver, "#code")
-    code = shop["sms"].last_code(PHONE)  # the rider reads the SMS
-    assert code and len(code) == 6
+    texts = shop["sms"].texts_to(PHONE)  # the rider reads the SMS
+    assert len(texts) == 1
+    code = re.search(r"\b(\d{6})\b", texts[0]).group(1)
     wrong = f"{(int(code) + 1) % 10**6:06d}"
     code_box.send_keys(wrong)
     _click(driver, "#confirm")
@@ -221,7 +229,7 @@ def test_a_rider_buys_a_ride_and_a_coach_seat_on_a_phone(shop, phone, tmp_path):
     coach_qr = _qr_text(driver, tmp_path, "shop-qr-coach")
     coach_ticket = _check_ticket(shop, coach_order, coach_qr, coach_pickup, "coach_trip")
     assert coach_ticket != ride_ticket
-    assert len(shop["sms"].outbox) == 1  # one code sent in all
+    assert len(shop["sms"].texts_to(PHONE)) == 1  # one code sent in all
 
     # the books in plain SQL: one seat sold of two, what the page now says; two payments on the platform
     assert sql(engine, "SELECT seats, seats_taken FROM departure WHERE id = :d", d=shop["dep"]) == [(2, 1)]
