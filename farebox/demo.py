@@ -7,6 +7,13 @@ reaches the buses over the air as signed packages: the whole list when they firs
 rider reports a card lost; one bus loses its link for four hours and catches up when it comes back. At the end the
 day is settled, the PDF written, and the settlement checked against what the cards paid.
 
+Beside the cards, a few riders buy e-tickets in the bus company's app (single rides and a day pass: orders, paid,
+issued with the published test ticket keys), the buses receive the ticket public key and the pickup key in a params
+package over the air, riders show their QR codes to the buses' ticket check and one reads a pickup code to the
+driver, who keys it on the driver menu. The uses travel with the taps, are stored once, and the clearing run
+recognises the tickets' revenue (at use, the day pass per ride, what is left unused when the tickets expire): it
+must come to what the tickets sold for.
+
 Written for a transit person to read: names, not codes (the run's tag stays inside the codes: hardware_sim.city),
 money in yuan, a bus named by its plate, tables that fit 100 columns, each alarm explained in a line. The riders'
 cards are issued at the counter as a card desk does (read through a reader, recorded with their opening balance),
@@ -38,7 +45,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import func, select
 
-from backoffice import clearing_runs, registry
+from backoffice import clearing_runs, packages_publish, registry
 from backoffice.audit_runs import audit as audit_books
 from backoffice.cards import issuance
 from backoffice.cards.ledger import card_ledger
@@ -59,15 +66,18 @@ from hardware_sim.card import SimCard
 from hardware_sim.city import CityPlan, plan_city
 from hardware_sim.psam import SimPsam
 from validator.downlink import Downlink
+from validator.driver_menu import DriverMenu
 from validator.fares import FareTable, Transfer
 from validator.journal import Journal
 from validator.messages import Outcome
 from validator.readers.sim import SimReader
 from validator.terminal import Terminal, TerminalConfig
+from validator.tickets import TicketChecker
 from validator.uplink import Uplink
-from wire import devicekeys
+from wire import devicekeys, topics
 from wire.mqtt_url import parse_mqtt_url
-from wire.packages import public_key
+from wire.packages import params_body, public_key
+from wire.records import RecordKind
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +95,26 @@ class Bus:
     uplink: Uplink
     journal: Journal
     downlink: Downlink
+    tickets: TicketChecker | None = None  # the bus's ticket check (QR codes from its 2D scanner)
+    menu: DriverMenu | None = None  # the driver's keypad menu (pickup codes: key 5)
+
+
+@dataclasses.dataclass
+class TicketFigures:
+    """The e-tickets of the run: sold in the app, shown on the buses, stored, recognised."""
+
+    sold: int = 0
+    sales: int = 0  # fen paid for them
+    outcomes: dict[str, int] = dataclasses.field(default_factory=dict)  # on the buses, by outcome
+    by_pickup: int = 0  # accepted pickup codes keyed by a driver
+    uses_written: int = 0  # ticket_use records in the validators' journals
+    uses_stored: int = 0  # rows in the back office's ticket_use table
+    revenue: int = 0  # fen recognised by the clearing run
+    revenue_by_source: dict[str, int] = dataclasses.field(default_factory=dict)  # use, breakage, ...
+
+    @property
+    def consistent(self) -> bool:
+        return self.uses_written == self.uses_stored and self.revenue == self.sales
 
 
 @dataclasses.dataclass
@@ -103,11 +133,12 @@ class DemoResult:
     ingest_kills: int
     seconds: float
     audit_differences: int = 0  # what `farebox audit` found re-deriving the stored run from the raw tables
+    tickets: TicketFigures = dataclasses.field(default_factory=TicketFigures)
 
     @property
     def consistent(self) -> bool:
         return (self.cards_paid == self.settled_amount and self.stored_records == self.journal_records
-                and self.quarantined == 0 and self.audit_differences == 0)
+                and self.quarantined == 0 and self.audit_differences == 0 and self.tickets.consistent)
 
     @property
     def cards_lost(self) -> int:  # the older name of cards_paid (it read like cards that were lost)
@@ -172,6 +203,92 @@ def _seed_registry(engine, plan: CityPlan) -> None:
 
 
 COMMISSION_BP = 60
+APP = "示例公交 app (partner API)"  # who sells the demo's e-tickets
+
+
+def _sell_tickets(engine, plan: CityPlan, keys, tag: str, at: datetime) -> tuple[list, TicketFigures]:
+    """The bus company's catalogue (a single ride, a day pass recognised per ride), and the riders' tickets bought
+    in its app before the day's first bus: ordered, paid on the payment platform, issued (a signed QR token and a
+    pickup code each). Returns the issued tickets in plan order."""
+    from backoffice.tickets import catalogue, orders
+    from backoffice.tickets.revenue import set_rule
+
+    price = {p.code: p.price for p in plan.products}
+    issued, figures = [], TicketFigures()
+    with engine.begin() as conn:
+        for p in plan.products:
+            catalogue.add_product(conn, operator=plan.operator, code=p.code, kind=p.kind, name=p.name,
+                                  price_fen=p.price, by=CLERK, now=at)
+            if p.ride_value:
+                set_rule(conn, operator=plan.operator, product=p.code, rule="per_ride", ride_value_fen=p.ride_value,
+                         by=CLERK, now=at)
+    passes = {p.code for p in plan.products if p.kind != "single"}
+    for i, t in enumerate(plan.tickets):
+        item = orders.ItemRequest(t.product, start_date=plan.day if t.product in passes else None)
+        with engine.begin() as conn:  # one order, one transaction, as the partner API does it
+            order = orders.create_order(conn, operator=plan.operator, channel="partner", phone=t.phone,
+                                        items=[item], who=APP, idempotency_key=f"demo-{tag}-{i}", now=at)
+            orders.mark_paid(conn, order, amount_fen=price[t.product], payment_ref=f"pay-{tag}-{i}",
+                             who="payment platform", now=at)
+            issued += orders.issue_tickets(conn, order, keys=keys, who=APP, now=at)
+        figures.sold += 1
+        figures.sales += price[t.product]
+    return issued, figures
+
+
+def _publish_ticket_keys(engine, publisher: Publisher, plan: CityPlan, fares: FareTable, keys, seed: bytes) -> None:
+    """The fleet's params package: the fare table the buses run and, because the company sells tickets, the ticket
+    public key and its pickup key (backoffice.packages_publish), signed and sent retained on the fleet topic."""
+    with engine.begin() as conn:
+        out = packages_publish.publish(conn, "params", plan.operator, topics.FLEET, 1,
+                                       params_body(fares=fares.to_dict()), seed=seed, ticket_keys=keys)
+    publisher.send(out, wait=30)
+
+
+def _await_ticket_keys(buses: list[Bus], console, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    waiting = list(buses)
+    while waiting and time.monotonic() < deadline:
+        for bus in waiting:
+            bus.downlink.apply_due()
+        waiting = [b for b in waiting if not b.terminal.ticket_params.public_keys]
+        time.sleep(0.05)
+    if waiting:
+        console.print(f"[red]the ticket keys did not reach {len(waiting)} of the {len(buses)} buses")
+    else:
+        console.print(f"ticket keys (params package) received over the air by all {len(buses)} buses")
+
+
+class _LastResult:
+    """The bus's ticket check as the driver menu sees it, keeping the last pickup result for the demo's count."""
+
+    def __init__(self, checker: TicketChecker):
+        self.checker = checker
+        self.last = None
+
+    def pickup(self, code: str):
+        self.last = self.checker.pickup(code)
+        return self.last
+
+    def __getattr__(self, name):
+        return getattr(self.checker, name)
+
+
+def _show_ticket(ride, bus: Bus, ticket, figures: TicketFigures) -> None:
+    """A rider shows a ticket: the QR code to the bus's scanner, or the pickup code read out to the driver, who
+    keys 5, the 16 digits and # on the driver menu."""
+    if ride.presented == "qr":
+        result = bus.tickets.scan(ticket.token)
+    else:
+        for key in "5" + ticket.pickup_code + "#":
+            bus.menu.press(key)
+        result = bus.menu.tickets.last
+        if result is not None and result.record is not None:
+            figures.by_pickup += 1
+    if result is not None:
+        figures.outcomes[result.outcome.value] = figures.outcomes.get(result.outcome.value, 0) + 1
+        if result.record is not None:
+            bus.uplink.notify()
 
 
 def _issue_cards(engine, plan: CityPlan, cards: dict[bytes, SimCard], at: datetime) -> int:
@@ -247,7 +364,8 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
                   f"{len(plan.cards)} riders' cards")
 
     database_url = settings.effective_database_url
-    root = bootstrap.start(settings, "device_master", "signing", announce=False)  # test keys: it is the demo
+    root = bootstrap.start(settings, "device_master", "signing", "ticket", "pickup",
+                           announce=False)  # test keys: it is the demo
     engine = root.engine()
     _seed_registry(engine, plan)
     console.print(f"back office database: {engine.url.render_as_string(hide_password=True)}", soft_wrap=True)
@@ -265,6 +383,11 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
     on_cards = _issue_cards(engine, plan, cards, at=now[0])
     console.print(f"{len(plan.cards)} cards issued at the counter, holding {yuan(on_cards, symbol='¥')} "
                   f"(deposit {yuan(DEPOSIT, symbol='¥')} each)")
+    issued, ticket_figures = _sell_tickets(engine, plan, root.ticket_keys, tag, now[0])
+    kinds = {p.code: p.name for p in plan.products}
+    bought = ", ".join(f"{sum(t.product == code for t in plan.tickets)} {name}" for code, name in kinds.items())
+    console.print(f"{ticket_figures.sold} e-tickets bought in the bus company's app ({bought}), paid "
+                  f"{yuan(ticket_figures.sales, symbol='¥')}")
 
     broker = None
     mqtt_url = settings.mqtt_url
@@ -305,12 +428,18 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
                             mac_key=devicekeys.mac_key(master, b.device_id), terminal=terminal, downlink=downlink,
                             heartbeat_seconds=HEARTBEAT_MINUTES * 60, clock=clock)
             uplink.start()
-            buses.append(Bus(SimReader(), terminal, uplink, journal, downlink))
+            checker = TicketChecker(terminal)
+            menu = DriverMenu(terminal, None, None, lambda lines: None, tz=plan.tz, clock=clock,
+                              tickets=_LastResult(checker))
+            buses.append(Bus(SimReader(), terminal, uplink, journal, downlink, checker, menu))
         _await_denylist(buses, first.version, console)
+        _publish_ticket_keys(engine, publisher, plan, fares, root.ticket_keys, seed_key)
+        _await_ticket_keys(buses, console)
 
         lost = _lost_at_noon(plan)
         outcomes = _ride(plan, buses, cards, driver_cards, now, ingest, kill_ingest_at, console,
-                         lambda: _report_lost(engine, publisher, lost, plan, now[0], console))
+                         lambda: _report_lost(engine, publisher, lost, plan, now[0], console),
+                         lambda ride: _show_ticket(ride, buses[ride.bus], issued[ride.ticket], ticket_figures))
 
         console.print("waiting for every bus's records to reach the back office ...")
         for b, bus in zip(plan.buses, buses, strict=True):
@@ -341,7 +470,10 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
         audited = audit_books(conn, operator=plan.operator, day=day)
         books = _card_books(conn, plan, cards)
         fleet = fleet_status(conn, plan.operator, now[0])
+        _count_tickets(conn, plan, result, ticket_figures)
     journal_records = sum(len(bus.journal.records_since(0)) for bus in buses)
+    ticket_figures.uses_written = sum(r.kind is RecordKind.TICKET_USE for bus in buses
+                                      for r in bus.journal.records_since(0))
     for bus in buses:
         bus.journal.close()
     cards_paid = sum(c.balance for c in plan.cards) - sum(card.balance for card in cards.values())
@@ -349,7 +481,7 @@ def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, sta
                       cards_paid=cards_paid, settled_amount=result.settlement.amount,
                       settled_taps=result.settlement.taps, stored_records=stored, journal_records=journal_records,
                       quarantined=quarantined, ingest_kills=ingest.starts - 1, seconds=time.monotonic() - started,
-                      audit_differences=len(audited.differences))
+                      audit_differences=len(audited.differences), tickets=ticket_figures)
     _write_summary(demo, result.settlement, cards, plan)
     _print_summary(console, demo, result.settlement, names, route_names, plan)
     if result.run is not None:
@@ -393,8 +525,10 @@ def _print_audit(console: Console, audited) -> None:
         console.print(f"  {d.line()}", markup=False)
 
 
-def _ride(plan, buses, cards, driver_cards, now, ingest, kill_ingest_at, console, at_noon) -> dict[str, int]:
+def _ride(plan, buses, cards, driver_cards, now, ingest, kill_ingest_at, console, at_noon,
+          show_ticket=lambda ride: None) -> dict[str, int]:
     outcomes: dict[str, int] = {}
+    rides = list(plan.ticket_rides)
     noon = len(plan.taps) // 2
     kills = sorted(int(f * len(plan.taps)) for f in kill_ingest_at)
     offline: set[int] = set()
@@ -425,6 +559,12 @@ def _ride(plan, buses, cards, driver_cards, now, ingest, kill_ingest_at, console
                 ingest.start()
             if i == noon:
                 at_noon()
+            while rides and rides[0].at <= tap.at:  # riders with e-tickets board between the card taps
+                ride = rides.pop(0)
+                now[0] = ride.at
+                buses[ride.bus].downlink.apply_due()
+                show_ticket(ride)
+                now[0] = tap.at
             bus = buses[tap.bus]
             bus.downlink.apply_due()  # between taps: a deny list that arrived over the air takes effect now
             card = driver_cards[plan.buses[tap.bus].driver] if tap.card is None else cards[tap.card]
@@ -485,11 +625,33 @@ def _local_time(at: datetime, tz: str) -> str:
 
 
 def _count_rows(conn, plan: CityPlan) -> tuple[int, int]:
+    """(records stored: taps and ticket uses, records quarantined) of this run's buses."""
+    from backoffice.tickets.uses import ticket_use
+
     devices = [b.device_id for b in plan.buses]
     stored = conn.execute(select(func.count()).select_from(Tap).where(Tap.device_id.in_(devices))).scalar_one()
+    stored += conn.execute(select(func.count()).select_from(ticket_use)
+                           .where(ticket_use.c.device_id.in_(devices))).scalar_one()
     quarantined = conn.execute(select(func.count()).select_from(Quarantine)
                                .where(Quarantine.device_id.in_(devices))).scalar_one()
     return stored, quarantined
+
+
+def _count_tickets(conn, plan: CityPlan, result, figures: TicketFigures) -> None:
+    """The ticket uses the back office stored for this run's buses, and the ticket revenue the run recognised."""
+    from backoffice.tickets.revenue import run_lines
+    from backoffice.tickets.uses import ticket_use
+
+    devices = [b.device_id for b in plan.buses]
+    figures.uses_stored = conn.execute(select(func.count()).select_from(ticket_use)
+                                       .where(ticket_use.c.device_id.in_(devices))).scalar_one()
+    if result.run is None:
+        return
+    lines = run_lines(conn, result.run.id)
+    if len(lines):
+        by_source = lines.groupby("source")["amount"].sum()
+        figures.revenue_by_source = {str(k): int(v) for k, v in by_source.items()}
+    figures.revenue = sum(figures.revenue_by_source.values())
 
 
 def _write_summary(demo: DemoResult, settlement, cards, plan: CityPlan) -> None:
@@ -501,6 +663,7 @@ def _write_summary(demo: DemoResult, settlement, cards, plan: CityPlan) -> None:
         "stored_records": demo.stored_records, "journal_records": demo.journal_records,
         "quarantined": demo.quarantined, "ingest_kills": demo.ingest_kills, "seconds": round(demo.seconds, 1),
         "audit_differences": demo.audit_differences,
+        "tickets": dataclasses.asdict(demo.tickets),
         "devices": [b.device_id for b in plan.buses],
         "cards": {asn.hex(): {"initial": c.balance, "final": cards[asn].balance} for asn, c in
                   ((c.asn, c) for c in plan.cards)},
@@ -612,14 +775,36 @@ def _print_summary(console: Console, demo: DemoResult, settlement, names: dict[s
                   f"the back office, {demo.quarantined} quarantined")
     if demo.ingest_kills:
         console.print(f"the back office's ingest was killed and restarted {demo.ingest_kills} time(s)")
+    _print_tickets(console, demo.tickets)
     verdict = "[green]agree" if demo.consistent else "[red]DO NOT AGREE"
     console.print(f"cards paid {yuan(demo.cards_paid, symbol='¥')} in fares; settlement "
                   f"{yuan(demo.settled_amount, symbol='¥')} in {demo.settled_taps} fares: {verdict}")
 
 
+SOURCE_WORDS = {"use": "at use", "pass_day": "pass days", "breakage": "left unused at expiry",
+                "refund": "taken back for refunds"}
+
+
+def _print_tickets(console: Console, t: TicketFigures) -> None:
+    accepted = t.outcomes.get(Outcome.TICKET_OK.value, 0)
+    refused = ", ".join(f"{n} refused: {OUTCOME_WORDS.get(k, Outcome(k).name.lower().replace('_', ' '))}"
+                        for k, n in sorted(t.outcomes.items()) if k != Outcome.TICKET_OK.value)
+    console.print(f"e-tickets: {t.sold} sold for {yuan(t.sales, symbol='¥')}; {accepted} uses on the buses "
+                  f"({accepted - t.by_pickup} QR, {t.by_pickup} pickup code keyed by a driver)")
+    console.print(f"ticket uses: {t.uses_written} written by the validators, {t.uses_stored} stored once"
+                  f"{'; ' + refused if refused else ''}")
+    order = list(SOURCE_WORDS)
+    parts = ", ".join(f"{yuan(v, symbol='¥')} {SOURCE_WORDS.get(k, k)}" for k, v in
+                      sorted(t.revenue_by_source.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9))
+    verdict = "[green]agree" if t.revenue == t.sales else "[red]DO NOT AGREE"
+    console.print(f"ticket revenue recognised {yuan(t.revenue, symbol='¥')} ({parts}) of "
+                  f"{yuan(t.sales, symbol='¥')} sold: {verdict}")
+
+
 OUTCOME_WORDS = {Outcome.PAID.value: "paid", Outcome.INSUFFICIENT_BALANCE.value: "refused: balance too low",
                  Outcome.CARD_BLOCKED.value: "refused: card on the deny list",
-                 Outcome.SHIFT_OPENED.value: "signed in", Outcome.SHIFT_CLOSED.value: "signed out"}
+                 Outcome.SHIFT_OPENED.value: "signed in", Outcome.SHIFT_CLOSED.value: "signed out",
+                 Outcome.TICKET_USED.value: "ticket already used"}
 
 
 def serve_command(settings: Settings) -> str:

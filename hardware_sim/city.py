@@ -7,6 +7,12 @@ Codes (operator, routes, vehicles, devices, staff numbers, card numbers) carry t
 database and a broker without meeting; names (the company's, the routes', the drivers', the plates, the holders')
 never do: they are what people read. A bus is named to people by its plate (``BusPlan.name``), as on the vehicle
 settlement and the validators page.
+
+Beside the cards, a few riders buy e-tickets in the bus company's app (single rides and a day pass, ``tickets``) and
+show them on the buses (``ticket_rides``): the QR code to the bus's 2D scanner, or the 16-digit pickup code read
+out to the driver, who keys it in. One single ride is never used (its money is recognised when it expires), and one
+is shown a second time on the same bus (refused: already used). They come from a random stream of their own, so
+the card taps are the same with or without them.
 """
 
 from __future__ import annotations
@@ -73,6 +79,32 @@ class Outage:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProductPlan:
+    code: str
+    kind: str  # single | day_pass (backoffice.tickets.catalogue)
+    name: str
+    price: int  # fen
+    ride_value: int = 0  # a pass's revenue per ride (rule per_ride); 0: not a pass
+
+
+@dataclasses.dataclass(frozen=True)
+class TicketPlan:
+    """A ticket a rider buys in the bus company's app before riding."""
+
+    product: str  # ProductPlan.code
+    holder: str
+    phone: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TicketRide:
+    at: datetime  # UTC
+    bus: int  # index into CityPlan.buses
+    ticket: int  # index into CityPlan.tickets
+    presented: str  # qr (the scanner) | pickup (the driver keys the code)
+
+
+@dataclasses.dataclass(frozen=True)
 class CityPlan:
     operator: str
     operator_name: str
@@ -85,6 +117,9 @@ class CityPlan:
     denied: frozenset[bytes]  # ASNs on the deny list
     taps: tuple[Tap, ...]  # the whole day in time order, driver sign-in and sign-out included
     outages: tuple[Outage, ...]
+    products: tuple[ProductPlan, ...] = ()
+    tickets: tuple[TicketPlan, ...] = ()
+    ticket_rides: tuple[TicketRide, ...] = ()  # in time order
 
 
 _SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗"
@@ -145,6 +180,31 @@ def plan_city(*, tag: str, day: date, seed: int = 7, riders: int = 200, buses: i
     # Bus 3 drives through a dead zone from 09:00 to 13:00: its link is down, its taps wait in its journal, and the
     # validators page shows the gap in its link history.
     outages = (Outage(2, at(9.0), at(13.0)),)
+    products, tickets, rides = _tickets(random.Random(seed + 2), at, buses)
     return CityPlan(operator=f"{tag}_bus", operator_name="示例公交 Example City Bus Co.", tz=tz, day=day,
                     routes=routes, buses=bus_plans, drivers=drivers, cards=tuple(cards), denied=denied,
-                    taps=tuple(taps), outages=outages)
+                    taps=tuple(taps), outages=outages, products=products, tickets=tickets, ticket_rides=rides)
+
+
+def _tickets(rng: random.Random, at, buses: int):
+    """Five single rides and a day pass, and when and where they are shown (between 07:30 and 19:00, when every
+    bus has its driver signed in). Single ride 4 is never used; single ride 3 is shown twice on the same bus."""
+    products = (ProductPlan("ride", "single", "单程票 Single ride", 200),
+                ProductPlan("day", "day_pass", "一日票 Day pass", 1000, ride_value=200))
+    holders = ["赵磊", "钱芳", "孙杰", "李静", "周涛", "吴霞"]
+    tickets = tuple(TicketPlan("day" if i == 5 else "ride", holders[i], f"1390000{rng.randrange(10000):04d}")
+                    for i in range(6))
+
+    def bus() -> int:
+        return rng.randrange(buses)
+
+    three = bus()
+    rides = [TicketRide(at(7.5 + rng.random()), bus(), 5, "qr"),
+             TicketRide(at(8.0 + rng.random()), bus(), 0, "qr"),
+             TicketRide(at(10.0 + rng.random()), bus(), 1, "qr"),
+             TicketRide(at(11.0 + rng.random()), bus(), 2, "pickup"),
+             TicketRide(at(12.0 + rng.random()), bus(), 5, "qr"),
+             TicketRide(at(15.0 + rng.random()), three, 3, "qr"),
+             TicketRide(at(16.5 + rng.random()), three, 3, "qr"),  # again, much later: already used
+             TicketRide(at(18.0 + rng.random()), bus(), 5, "qr")]
+    return products, tickets, tuple(sorted(rides, key=lambda r: r.at))

@@ -37,13 +37,16 @@ from farebox.demo import run_demo
 pytestmark = pytest.mark.slow
 
 
-def journal_records(run_dir: Path, devices: list[str]) -> dict[tuple[str, int], dict]:
-    """Completed records straight from each validator's SQLite journal."""
+def journal_records(run_dir: Path, devices: list[str], *, tickets: bool = False) -> dict[tuple[str, int], dict]:
+    """Completed records straight from each validator's SQLite journal: the card taps (and shifts), or with
+    ``tickets`` the e-ticket uses."""
     out = {}
     for device in devices:
         db = sqlite3.connect(run_dir / f"{device}.journal")
         for seq, body in db.execute("SELECT device_seq, body FROM record WHERE state = 'done'"):
-            out[(device, seq)] = json.loads(body)
+            record = json.loads(body)
+            if (record["kind"] == "ticket_use") == tickets:
+                out[(device, seq)] = record
         db.close()
     return out
 
@@ -87,6 +90,49 @@ def check_run(summary: dict, run_dir: Path, database_url: str) -> None:
     assert yuan(lost) in text_
     for section in ("By route", "By vehicle", "By driver"):
         assert section in text_
+    check_tickets(summary, run_dir, database_url)
+
+
+def check_tickets(summary: dict, run_dir: Path, database_url: str) -> None:
+    """The e-tickets: every use a validator wrote is stored once (plain SQL on ticket_use), each counted; what the
+    clearing run recognised comes to what the tickets sold for (all of them expired by the day's end); and the
+    revenue at use lies on the route, vehicle and driver of the bus each use was made on, at the value computed
+    here: a single ride its price, the day pass its stated ride value until its price is used up."""
+    devices, operator = summary["devices"], summary["operator"]
+    written = journal_records(run_dir, devices, tickets=True)
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        uses = [dict(r) for r in conn.execute(text(
+            "SELECT u.device_id, u.device_seq, u.ticket_id, u.presented_by, u.route, u.vehicle, u.driver, "
+            "u.revenue, u.occurred_at, t.kind, t.price_fen FROM ticket_use u JOIN ticket t ON t.ticket_id = "
+            "u.ticket_id WHERE u.device_id IN :d ORDER BY u.occurred_at, u.id")
+            .bindparams(bindparam("d", expanding=True)), {"d": devices}).mappings()]
+        sold = conn.execute(text("SELECT SUM(paid_fen - refunded_fen) FROM ticket_order WHERE operator = :op"),
+                            {"op": operator}).scalar()
+        ledger = [dict(r) for r in conn.execute(text(
+            "SELECT source, ticket_id, route, vehicle, driver, amount FROM ticket_revenue WHERE operator = :op"),
+            {"op": operator}).mappings()]
+    engine.dispose()
+    keys = [(u["device_id"], u["device_seq"]) for u in uses]
+    assert len(keys) == len(set(keys)) and set(keys) == set(written) and len(written) >= 5
+    assert all(u["revenue"] for u in uses), "a genuine use was flagged"
+    assert {u["presented_by"] for u in uses} == {"qr", "pickup"}, "no QR or no pickup code on the buses"
+    for key, u in zip(keys, uses, strict=True):  # a pickup code names the ticket's 10-digit serial only
+        ticket = u["ticket_id"] % 10**10 if u["presented_by"] == "pickup" else u["ticket_id"]
+        assert (written[key]["ticket_id"], written[key]["route"]) == (ticket, u["route"])
+    assert sold == summary["tickets"]["sales"] > 0
+    assert sum(line["amount"] for line in ledger) == sold == summary["tickets"]["revenue"]
+    earned: dict[int, int] = defaultdict(int)
+    expected = defaultdict(int)
+    for u in uses:
+        value = u["price_fen"] if u["kind"] == "single" else min(200, u["price_fen"] - earned[u["ticket_id"]])
+        earned[u["ticket_id"]] += value
+        expected[(u["route"], u["vehicle"], u["driver"])] += value
+    got = defaultdict(int)
+    for line in ledger:
+        if line["source"] == "use":
+            got[(line["route"], line["vehicle"], line["driver"])] += line["amount"]
+    assert dict(got) == dict(expected)
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +152,10 @@ def test_make_demo_on_embedded_defaults(embedded_demo):
     proc, var, _env, run_dir, summary = embedded_demo
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "agree" in proc.stdout and "DO NOT AGREE" not in proc.stdout
+    tickets = summary["tickets"]
+    assert f"e-tickets: {tickets['sold']} sold for {_yuan(tickets['sales'])}" in proc.stdout
+    assert f"ticket revenue recognised {_yuan(tickets['revenue'])}" in proc.stdout
+    assert tickets["by_pickup"] == 1 and tickets["outcomes"].get("ticket_used") == 1  # shown twice: refused once
     assert "(embedded)" in proc.stdout and "took" in proc.stdout
     assert Path(summary["pdf"]).resolve().parent == (var / "reports").resolve()
     check_run(summary, run_dir, f"sqlite:///{var / 'backoffice.db'}")
