@@ -109,6 +109,9 @@ def _configure_ota(app, root) -> None:
     from backoffice.web.api.ota import configure_ota
 
     configure_ota(app, keys=root.key_service, webhook_key=root.payment_public_key)
+    from backoffice.payments.platform import configure as configure_payments
+
+    configure_payments(app, root.payment_public_key)  # the platform adapter when FAREBOX_PAYMENT_URL is set
 
 
 def _configure_quarantine(app, root, *, accept_unsigned: bool) -> None:

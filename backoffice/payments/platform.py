@@ -246,3 +246,10 @@ def platform_from_env(public_key: bytes, environ=os.environ) -> HttpPlatform | N
         raise ValueError(f"{SECRET_ENV} must be the merchant's HMAC secret in hex (at least 16 bytes)")
     return HttpPlatform(url, merchant_id=environ.get(MERCHANT_ENV, "farebox"), secret=key, public_key=public_key,
                         notify_url=environ.get(NOTIFY_URL_ENV, "").strip() or None)
+
+
+def configure(app, public_key: bytes, environ=os.environ) -> HttpPlatform | None:
+    """``farebox serve``: the web app's platform adapter (``app.state.payment_platform``), from the environment;
+    staff refunds over HTTP then go through the platform (backoffice.web.api.ota ``staff_refund``)."""
+    app.state.payment_platform = platform_from_env(public_key, environ)
+    return app.state.payment_platform

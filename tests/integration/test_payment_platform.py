@@ -38,7 +38,7 @@ from backoffice.tickets.keys import published_test_keys
 from backoffice.tickets.orders import ItemRequest
 from backoffice.web.api.ota import configure_ota
 from backoffice.web.app import create_app
-from backoffice.web.auth import TokenStore
+from backoffice.web.auth import Principal, TokenStore
 from clearing.money import yuan
 from hardware_sim.payment import TEST_MERCHANT_SECRET, PlatformSimulator
 from reports.payments_close import TOTAL, write_close_report
@@ -47,6 +47,7 @@ START = datetime(2026, 12, 3, 2, 0, tzinfo=UTC)  # 10:00 in Shanghai
 DAY = date(2026, 12, 3)  # the platform's day (Asia/Shanghai)
 OP = "coachco"
 TICKET_KEYS = published_test_keys()
+STAFF_TOKEN = "staff-token-for-payment-tests-0001"
 
 
 def free_port() -> int:
@@ -56,9 +57,10 @@ def free_port() -> int:
 
 
 class World:
-    def __init__(self, engine, url, clock, sim, platform, notify_url, card):
+    def __init__(self, engine, url, clock, sim, platform, notify_url, card, app):
         self.engine, self.url, self.clock, self.sim, self.platform = engine, url, clock, sim, platform
-        self.notify_url, self.card = notify_url, card
+        self.notify_url, self.card, self.app = notify_url, card, app
+        self.api = notify_url.rsplit("/ota/", 1)[0]
 
     def buy(self, product="ride", quantity=1, channel="web") -> tuple[str, int]:
         with self.engine.begin() as conn:
@@ -106,7 +108,8 @@ def world(request, tmp_path):
                               price_fen=3000, by="clerk", now=START)
     card = issued_card(engine, tmp_path, clock)
     sim = PlatformSimulator(clock=clock).start()
-    app = create_app(engine, tokens=TokenStore(tokens={}), clock=clock, migrate=False)
+    app = create_app(engine, tokens=TokenStore(tokens={STAFF_TOKEN: Principal("carol", "operator_staff")}),
+                     clock=clock, migrate=False)
     configure_ota(app, keys=KEYS, webhook_key=sim.public_key)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -116,7 +119,7 @@ def world(request, tmp_path):
         time.sleep(0.01)
     platform = HttpPlatform(sim.url, merchant_id="farebox", secret=TEST_MERCHANT_SECRET, public_key=sim.public_key,
                             clock=clock)
-    yield World(engine, url, clock, sim, platform, f"http://127.0.0.1:{port}/api/v1/ota/webhook", card)
+    yield World(engine, url, clock, sim, platform, f"http://127.0.0.1:{port}/api/v1/ota/webhook", card, app)
     platform.close()
     server.should_exit = True
     thread.join(10)
@@ -284,6 +287,28 @@ def test_refunds_exactly_once_under_a_lost_answer_and_an_answer_given_twice(worl
         == [(400,)]
     assert [tuple(r) for r in sql(w.engine, "SELECT status FROM topup_order WHERE order_id = :o", o=t)] \
         == [("refunded",)]
+
+
+def test_staff_refund_a_top_up_over_http_through_the_platform_once(world):
+    import httpx
+
+    w = world
+    t = w.topup(4000)
+    w.checkout(t, 4000)
+    w.app.state.payment_platform = w.platform  # as farebox serve does with FAREBOX_PAYMENT_URL set
+    w.sim.faults.lose_answers["refunds"] = 1
+    staff = {"Authorization": f"Bearer {STAFF_TOKEN}"}
+    r = httpx.post(f"{w.api}/topups/orders/{t}/refund", json={"why": "rider asked"}, headers=staff)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "refunded" and r.json()["refund"]["state"] == "pending"
+    again = httpx.post(f"{w.api}/topups/orders/{t}/refund", json={"why": "clicked again"}, headers=staff)
+    assert again.status_code == 409 and again.json()["detail"]["reason"] == "bad_state"
+    w.clock.tick(60)
+    (sent,) = retry_pending_refunds(w.engine, w.platform, now=w.clock())
+    assert sent["state"] == "succeeded" and sent["refund_id"] == r.json()["refund"]["refund_id"]
+    assert refunds_in_ledger(w.sim) == [(t, 4000)]
+    assert [tuple(x) for x in sql(w.engine, "SELECT order_id, amount, state FROM payment_refund")] == [
+        (t, 4000, "succeeded")]
 
 
 def day_of_sales(w) -> dict:

@@ -292,8 +292,21 @@ def staff_retry(*, order_id: OrderId, body: StaffRetry, who: Annotated[Principal
 
 @router.post("/topups/orders/{order_id}/refund")
 def staff_refund(*, order_id: OrderId, body: StaffRefund, who: Annotated[Principal, Depends(owned_by("operator_staff"))],
-                 svc: Annotated[Services, Depends(services)]) -> dict:
-    """Pay a paid, unloaded order back (the platform pays it out)."""
+                 svc: Annotated[Services, Depends(services)], request: Request) -> dict:
+    """Pay a paid, unloaded order back (the platform pays it out: with a platform configured, through
+    backoffice.payments exactly once; the answer carries the refund's state)."""
+    platform = getattr(request.app.state, "payment_platform", None)
+    if platform is not None:
+        from backoffice.payments import service as payments_service
+
+        try:
+            row = payments_service.refund(svc.engine, platform, order_id=order_id, who=who.name, why=body.why,
+                                          now=svc.clock())
+        except payments_service.RefundError as e:
+            raise HTTPException(404 if e.code == "unknown_order" else 409, {"reason": e.code, "message": str(e)})
+        with svc.engine.connect() as conn:
+            return order_view(topup.get_order(conn, order_id=order_id)) | {
+                "refund": {k: row[k] for k in ("refund_id", "amount", "state", "attempts")}}
     with writing(svc) as conn:
         order = topup.refund_order(conn, order_id=order_id, who=who.name, why=body.why, now=svc.clock())
     return order_view(order)
