@@ -281,5 +281,14 @@ def configure_counter(app, *, printer: str | None = None, guard: Guard | None = 
 
 
 def counter_config(app) -> CounterConfig:
+    """The app's counter wiring; the first request wires it from the environment when nobody did. A printer path
+    that is wrong there is logged and the counter goes on without a printer (the page shows the ticket to print)
+    rather than failing every redemption."""
     cfg = getattr(app.state, "counter", None)
-    return cfg if cfg is not None else configure_counter(app)
+    if cfg is None:
+        try:
+            cfg = configure_counter(app)
+        except ValueError as e:
+            log.error("FAREBOX_COUNTER_PRINTER: %s; the counter prints nothing until it is fixed", e)
+            cfg = app.state.counter = CounterConfig(None)
+    return cfg
