@@ -456,13 +456,23 @@ def test_the_scheduler_fetches_the_last_days_statements_once(world):
         stop_scheduler(scheduler, wait=False)
     k, k_fen = w.buy("day")
     w.checkout(k, k_fen)
+    r, r_fen = w.buy("ride", 2, channel="sms")
+    w.checkout(r, r_fen)
+    w.issue(r)
+    w.sim.faults.lose_answers["refunds"] = 1  # answered on the retry: still one refund on the statement
+    refund(w.engine, w.platform, order_id=r, who="clerk", why="rider asked", now=w.clock())
+    w.clock.tick(60)
+    retry_pending_refunds(w.engine, w.platform, now=w.clock())
+    t = w.topup(1000)
+    w.checkout(t, 1000)
     w.clock.now = datetime(2026, 12, 4, 3, 0, tzinfo=UTC)  # 11:00 the next morning in Shanghai
     done = jobs.payments_statements(now=w.clock())
     assert [(s.day, s.new, s.lines) for s, _ in done] == [(date(2026, 12, 1), True, 0), (date(2026, 12, 2), True, 0),
-                                                         (DAY, True, 1)]
+                                                         (DAY, True, 4)]
+    assert [items for _, items in done] == [[], [], []]  # a clean day reconciles to zero differences
     again = jobs.payments_statements(now=w.clock())  # the same files again (a second scheduler, a rerun)
     assert [s.new for s, _ in again] == [False, False, False]
-    assert sql(w.engine, "SELECT day, lines FROM payment_statement ORDER BY day")[-1][1] == 1
+    assert sql(w.engine, "SELECT day, lines FROM payment_statement ORDER BY day")[-1][1] == 4
     assert sql(w.engine, "SELECT COUNT(*) FROM payment_statement") == [(3,)]
     assert sql(w.engine, "SELECT COUNT(*) FROM payment_recon_item") == [(0,)]
 
