@@ -19,6 +19,7 @@ Ed25519 public key as for the webhooks (``FAREBOX_PAYMENT_PUBLIC_KEY``). Money i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import date
 from pathlib import Path
@@ -56,23 +57,22 @@ def payment_jobs(scheduler, services) -> None:
     when a platform is configured (``FAREBOX_PAYMENT_URL``); without one, notifications only."""
     import logging
 
-    from backoffice.payments.platform import platform_from_env
+    from backoffice.payments.platform import URL_ENV, platform_from_env
     from backoffice.scheduler import add_payment_jobs
-
     from farebox import bootstrap
     from farebox.config import load_settings
 
     log = logging.getLogger(__name__)
+    if not os.environ.get(URL_ENV, "").strip():
+        log.info("payments: no platform configured (%s): no order query, refund or statement jobs", URL_ENV)
+        return
     try:  # the key serve checked at start; loaded again here by the same rule
         platform = platform_from_env(bootstrap.start(load_settings(), "payment", announce=False).payment_public_key)
     except (bootstrap.StartRefused, ValueError) as e:
         log.error("payments: the platform's settings are refused (%s): no order query, refund or statement jobs", e)
         return
-    if platform is None:
-        log.info("payments: no platform configured (FAREBOX_PAYMENT_URL): no order query, "
-                                         "refund or statement jobs")
-        return
-    add_payment_jobs(scheduler, platform)
+    if platform is not None:
+        add_payment_jobs(scheduler, platform)
 
 
 def register(sub) -> None:
