@@ -346,3 +346,51 @@ def test_the_settlement_reports_carry_a_ticket_section(engine, tmp_path):
     for words in ("E-tickets", "By route", "By product", "By channel", "Outstanding: sold, not yet recognised",
                   "does not apply to ticket revenue", f"{(2 * RIDE + RIDE_VALUE) / 100:.2f}"):
         assert words in text_, words
+
+
+def test_the_command_line_states_the_rule_audits_and_prints_the_deferred_balance(tmp_path):
+    """``farebox ticket-revenue rule`` (yuan typed, fen stored), ``farebox audit`` (clean, then the difference of a
+    changed line, exit 1) and ``farebox ticket-revenue outstanding`` through subprocess on a SQLite file."""
+    import os
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path}/cli.db"
+    engine = make_engine(url)
+    upgrade(engine)
+    with engine.begin() as conn:
+        registry.add_operator(conn, code=OP, name="Ticket Bus", at=NOW - timedelta(days=30))
+        registry.add_route(conn, code="R1", operator=OP, name="Route R1", flat_fare=200, at=NOW - timedelta(days=30))
+        cr.set_commission_rate(conn, operator=OP, rate_bp=60, valid_from=date(2026, 1, 1))
+        catalogue.add_product(conn, operator=OP, code="week", kind="day_pass", name="Week", price_fen=2000,
+                              validity_days=7, uses=0, by="clerk", now=NOW - timedelta(days=1))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAREBOX_")}
+    env.update(FAREBOX_VAR_DIR=str(tmp_path / "var"), FAREBOX_DATABASE_URL=url)
+
+    def farebox(*args):
+        return subprocess.run([sys.executable, "-m", "farebox.cli", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+
+    refused = farebox("ticket-revenue", "rule", "--operator", OP, "--product", "week", "--per-ride", "2.505",
+                      "--by", "clerk")
+    assert refused.returncode == 2
+    done = farebox("ticket-revenue", "rule", "--operator", OP, "--product", "week", "--per-ride", "2.50",
+                   "--by", "clerk")
+    assert done.returncode == 0, done.stderr
+    assert "¥2.50" in done.stdout
+    assert sql(engine, "SELECT rule, ride_value_fen FROM ticket_revenue_rule") == [("per_ride", 250)]
+    (week,) = sell(engine, "web", [ItemRequest("week", 1, start_date=DAY)])
+    use(engine, week, at=NOW + timedelta(hours=1), received=NOW + timedelta(hours=2), route="R1", vehicle="V1",
+        driver="D1")
+    with engine.begin() as conn:
+        cr.clear_day(conn, operator=OP, day=DAY, now=RUN1)
+    audited = farebox("audit", "--operator", OP)
+    assert audited.returncode == 0 and "no differences" in audited.stdout, audited.stdout + audited.stderr
+    owed = farebox("ticket-revenue", "outstanding", "--operator", OP)
+    assert owed.returncode == 0, owed.stderr
+    assert "¥17.50" in owed.stdout  # 20.00 sold - 2.50 for the one ride
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE ticket_revenue SET route = 'R9' WHERE source = 'use'"))
+    audited = farebox("audit", "--operator", OP)
+    assert audited.returncode == 1 and "ticket line use:" in audited.stdout, audited.stdout
+    engine.dispose()
