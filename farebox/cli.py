@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cmd.register(sub)  # audit
     __import__("farebox.tickets_cmd").tickets_cmd.register(sub)  # ticket
     __import__("farebox.payments_cmd").payments_cmd.register(sub)  # payments
+    __import__("farebox.sms_cmd").sms_cmd.register(sub)  # sms
     __import__("farebox.ticket_revenue_cmd").ticket_revenue_cmd.register(sub)  # ticket-revenue
     _insecure_flag_everywhere(sub)
     return parser

@@ -153,8 +153,17 @@ def handle_inbound(ch: Channel, msg: InboundSms) -> str:
                          .values(outcome=outcome[:200]))
     if pay_for is not None:
         _payment_link(ch, msg.phone, pay_for)
+    _deliver_own(ch, msg.phone, now)
     flush_outbox(ch)
     return outcome
+
+
+def _deliver_own(ch: Channel, phone: str, now: datetime) -> None:
+    """The sender's own paid order gets its pickup code now, whether or not a sweep runs in this process."""
+    with ch.engine.begin() as conn:
+        conv = conn.execute(select(_C).where(_C.c.phone == phone)).first()
+        if conv is not None and conv.state == "paying" and _order_state(conn, conv.order_id) in ("paid", "issued"):
+            _deliver(conn, ch, conv, now)
 
 
 def _step(conn, ch: Channel, msg: InboundSms, now: datetime) -> tuple[str, str | None]:

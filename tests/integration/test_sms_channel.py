@@ -266,3 +266,21 @@ def test_a_number_texting_too_often_is_told_once_then_ignored(world):
     w.clock.tick(RATE_LIMIT[1].total_seconds() + 1)  # the window passes: served again
     (quote,) = w.text(RIDER, ASK)
     assert "seats left" in quote
+
+
+def test_a_server_without_the_gateway_secret_refuses_every_inbound_text(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from backoffice.sms.gateway import SECRET_ENV, sign
+
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    engine = make_engine(f"sqlite:///{tmp_path}/bo.db")
+    upgrade(engine)
+    app = create_app(engine, tokens=TokenStore(tokens={}), migrate=False)
+    body = json.dumps({"message_id": "m1", "from": RIDER, "to": "1069", "text": "Q"}).encode()
+    with TestClient(app) as client:
+        r = client.post("/api/v1/sms/inbound", content=body, headers={
+            "X-Sms-Signature": sign(TEST_SMS_SECRET, body, int(time.time()))})
+    assert r.status_code == 401 and r.json()["detail"]["reason"] == "not_configured"
+    assert sql(engine, "SELECT COUNT(*) FROM sms_message") == [(0,)]
+    engine.dispose()

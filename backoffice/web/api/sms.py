@@ -2,13 +2,15 @@
 
 ``POST /sms/inbound``: the SMS gateway only. No bearer token: the HMAC-SHA256 signature in ``X-Sms-Signature``
 (``t=<unix>,hmac-sha256=<hex>`` over ``b"<t>." + body`` with the gateway's shared secret, backoffice.sms.gateway)
-is the authentication; a forged, stale or unsigned message is refused (401), a malformed one 422, an unconfigured
-secret 503. A message id seen before is answered 200 ``{"outcome": "duplicate"}`` and changes nothing.
+is the authentication; a forged, stale or unsigned message is refused (401; also while no secret is configured,
+reason ``not_configured``), a malformed one 422. A message id seen before is answered 200 ``{"outcome": "duplicate"}`` and changes nothing.
 
 Wiring: ``configure_sms_channel(app, ...)`` (``farebox serve`` or a test) gives the gateway, the secret, the ticket
 keys, the payment platform and the notify URL, and starts the sweep (pickup codes after payment, lapsed quotes).
-Unconfigured, the channel is made on first use from the environment (backoffice.sms.gateway.gateway_from_env /
-secret_from_env) and the web shop's wiring (``app.state.shop``: ticket keys, platform, notify URL), without a sweep.
+Unconfigured (``farebox serve``), the channel is made on first use from the environment
+(backoffice.sms.gateway.gateway_from_env / secret_from_env, backoffice.payments.platform.platform_from_env with the
+key ``configure_ota`` gave, ``FAREBOX_PAYMENT_NOTIFY_URL``) and the web shop's wiring (``app.state.shop``: ticket
+keys), without a sweep thread: serve's scheduler sweeps (farebox.sms_cmd).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from backoffice.sms.dialogue import Channel, SweepThread, handle_inbound
 from backoffice.sms.gateway import SIGNATURE_HEADER, InboundRefused, app_gateway, app_secret, verify_inbound
 
 router = APIRouter(tags=["SMS channel"])
-_STATUS = {"bad_signature": 401, "stale": 401, "not_configured": 503, "bad_body": 422}
+# no secret configured: nothing can prove a message is the gateway's, so it is refused as unsigned (401, reason
+# not_configured) rather than 503: a sender cannot tell a server without SMS from one that refuses it
+_STATUS = {"bad_signature": 401, "stale": 401, "not_configured": 401, "bad_body": 422}
 
 
 def configure_sms_channel(app, *, gateway, secret: bytes | None, ticket_keys=None, platform=None,
@@ -40,10 +44,18 @@ def configure_sms_channel(app, *, gateway, secret: bytes | None, ticket_keys=Non
 def sms_channel(app) -> Channel:
     ch = getattr(app.state, "sms_channel", None)
     if ch is None:
+        import os
+
+        from backoffice.payments.platform import NOTIFY_URL_ENV, platform_from_env
+
         svc, shop = app.state.services, getattr(app.state, "shop", None)
+        platform = getattr(shop, "platform", None)
+        key = getattr(app.state, "ota_webhook_key", None)  # the platform's public key (configure_ota)
+        if platform is None and key is not None:
+            platform = platform_from_env(key)
         ch = app.state.sms_channel = Channel(
-            svc.engine, app_gateway(app), ticket_keys=getattr(shop, "ticket_keys", None),
-            platform=getattr(shop, "platform", None), notify_url=getattr(shop, "notify_url", ""), clock=svc.clock)
+            svc.engine, app_gateway(app), ticket_keys=getattr(shop, "ticket_keys", None), platform=platform,
+            notify_url=getattr(shop, "notify_url", "") or os.environ.get(NOTIFY_URL_ENV, ""), clock=svc.clock)
     return ch
 
 
