@@ -219,25 +219,34 @@ def _adjustments(conn: Connection, runs: list[clearing_runs.StoredRun]) -> pd.Da
     return out[columns]
 
 
-def ticket_tables(conn: Connection, run: clearing_runs.StoredRun, tz: str, cutoff_hour: int
+def ticket_tables(conn: Connection, runs: list[clearing_runs.StoredRun], tz: str, cutoff_hour: int
                   ) -> TicketTables | None:
-    """The run's e-ticket figures for the reports (``reports.tickets``); None when the operator had sold no ticket
-    by the run's moment and the run recognised nothing."""
-    sections = set(run.rows["section"])
+    """The runs' e-ticket figures for the reports (``reports.tickets``): what they recognised for their own days
+    (summed by key) and for earlier days, the sales of their days, the deferred balance after the last of them;
+    None when the operator had sold no ticket by then and the runs recognised nothing."""
+    if not runs:
+        return None
+    last = max(runs, key=lambda r: r.day)
+    sections = set().union(*(set(r.rows["section"]) for r in runs))
     if "ticket" not in sections and "ticket_late" not in sections and not conn.execute(
-            select(func.count()).select_from(Ticket).where(Ticket.operator == run.operator,
-                                                           Ticket.issued_at < run.as_of)).scalar():
+            select(func.count()).select_from(Ticket).where(Ticket.operator == last.operator,
+                                                           Ticket.issued_at < last.as_of)).scalar():
         return None
     by = {}
     for dim in TICKET_DIMENSIONS:
-        frame = run.table(dim, "ticket")[[dim, "taps", "gross"]]
-        by[dim] = frame.sort_values(dim, kind="stable").reset_index(drop=True)
-    late = run.table("source", "ticket_late").rename(columns={"source": "source"})[["for_day", "source", "taps",
-                                                                                    "gross"]]
+        frame = pd.concat([r.table(dim, "ticket")[[dim, "taps", "gross"]] for r in runs], ignore_index=True)
+        frame = frame.groupby(dim, sort=True)[["taps", "gross"]].sum().reset_index() if len(frame) else frame
+        by[dim] = frame.astype({"taps": "int64", "gross": "int64"}).reset_index(drop=True)
+    late = pd.concat([r.table("source", "ticket_late")[["for_day", "source", "taps", "gross"]] for r in runs],
+                     ignore_index=True)
+    if len(late):
+        late = late.groupby(["for_day", "source"], sort=True)[["taps", "gross"]].sum().reset_index()
+    first = min(r.day for r in runs)
     return TicketTables(
-        by=by, late=late.reset_index(drop=True),
-        sales=ticket_revenue.sales(conn, operator=run.operator, day=run.day, tz=tz, cutoff_hour=cutoff_hour),
-        outstanding=ticket_revenue.outstanding(conn, operator=run.operator, run_id=run.id, as_of=run.as_of))
+        by=by, late=late.astype({"taps": "int64", "gross": "int64"}).reset_index(drop=True),
+        sales=ticket_revenue.sales(conn, operator=last.operator, day=first, last_day=last.day, tz=tz,
+                                   cutoff_hour=cutoff_hour),
+        outstanding=ticket_revenue.outstanding(conn, operator=last.operator, run_id=last.id, as_of=last.as_of))
 
 
 def _provisional_table(frame: pd.DataFrame, key: str) -> pd.DataFrame:
@@ -291,7 +300,7 @@ def settle(conn: Connection, *, operator: str, day: date, reports_dir: Path | No
             by_card_type=_card_types(_breakdown(run, "card_type"), _free_rides(conn, run, op.timezone,
                                                                                op.cutoff_hour)),
             commission_bp=_run_rates(conn, [run.id]),
-            tickets=ticket_tables(conn, run, op.timezone, op.cutoff_hour))
+            tickets=ticket_tables(conn, [run], op.timezone, op.cutoff_hour))
         run_id = run.id
     else:
         taps = load_day_taps(conn, operator=operator, day=day, tz=op.timezone, cutoff_hour=op.cutoff_hour)
@@ -370,7 +379,7 @@ def settle_month(conn: Connection, *, operator: str, year: int, month: int, repo
         commission_bp=_run_rates(conn, [r.id for r in runs]),
         previous=Comparison(("上月", "previous month"), prev_first, prev_last,
                             _stored_totals(conn, operator, prev_first, prev_last)),
-        tz=op.timezone, days_not_cleared=missing)
+        tz=op.timezone, days_not_cleared=missing, tickets=ticket_tables(conn, runs, op.timezone, op.cutoff_hour))
     pdf, files = None, ()
     if reports_dir is not None:
         files = _write(tables, Path(reports_dir), f"settlement-{operator}-{first:%Y-%m}", write_monthly_pdf,

@@ -268,9 +268,11 @@ def run_rows(conn: Connection, run_id: int, window) -> list[tuple]:
 SALES_COLUMNS = ("product", "channel", "tickets", "gross", "refunded_tickets", "refunded", "net")
 
 
-def sales(conn: Connection, *, operator: str, day: date, tz: str, cutoff_hour: int) -> pd.DataFrame:
-    """Tickets sold (issued) in service ``day`` and tickets refunded in it, by product and channel, in fen."""
-    start, end = day_bounds(day, tz, cutoff_hour)
+def sales(conn: Connection, *, operator: str, day: date, tz: str, cutoff_hour: int,
+          last_day: date | None = None) -> pd.DataFrame:
+    """Tickets sold (issued) in service ``day`` (to ``last_day``, inclusive) and tickets refunded in it, by product
+    and channel, in fen."""
+    start, end = day_bounds(day, tz, cutoff_hour)[0], day_bounds(last_day or day, tz, cutoff_hour)[1]
     base = _ticket_joins(select(Product.code.label("product"), TicketOrder.channel, func.count().label("n"),
                                 func.sum(Ticket.price_fen).label("fen")).select_from(Ticket)) \
         .where(Ticket.operator == operator).group_by(Product.code, TicketOrder.channel)

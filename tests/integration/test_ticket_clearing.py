@@ -394,3 +394,27 @@ def test_the_command_line_states_the_rule_audits_and_prints_the_deferred_balance
     audited = farebox("audit", "--operator", OP)
     assert audited.returncode == 1 and "ticket line use:" in audited.stdout, audited.stdout
     engine.dispose()
+
+
+def test_the_month_report_sums_the_runs_ticket_figures(engine, tmp_path):
+    from backoffice.settle import settle_month
+
+    (ride,) = sell(engine, "web", [ItemRequest("ride", 1)])
+    (day3,) = sell(engine, "partner", [ItemRequest("day3", 1, start_date=DAY)])
+    use(engine, ride, at=NOW + timedelta(hours=1), received=NOW + timedelta(hours=2), route="R1", vehicle="V1",
+        driver="D1")
+    for n in range(2):
+        with engine.begin() as conn:
+            cr.clear_day(conn, operator=OP, day=DAY + timedelta(days=n), now=RUN1 + timedelta(days=n))
+    with engine.begin() as conn:
+        month = settle_month(conn, operator=OP, year=2026, month=12, reports_dir=tmp_path, now=RUN2)
+    rows, total = read_csv(tmp_path / f"settlement-{OP}-2026-12-tickets_by_product.csv")
+    got = {r["票种 Product"]: fen(r["确认收入(元) Revenue recognised (yuan)"]) for r in rows}
+    want = {p: int(f) for p, f in sql(engine, "SELECT p.code, SUM(CASE p.code WHEN 'ride' THEN t.price_fen "
+                                              "ELSE t.price_fen / 3 END) FROM ticket t JOIN product p "
+                                              "ON p.id = t.product_id GROUP BY p.code")}
+    want["day3"] *= 2  # two of its three days cleared
+    assert got == want == {"ride": RIDE, "day3": 2 * (DAY3 // 3)}
+    assert month.tables.tickets is not None and month.tables.tickets.revenue == RIDE + 2 * (DAY3 // 3)
+    _rows, owed = read_csv(tmp_path / f"settlement-{OP}-2026-12-ticket_outstanding.csv")
+    assert fen(owed["递延余额(元) Deferred (yuan)"]) == DAY3 // 3
