@@ -563,7 +563,8 @@ def _tickets(conn, operator, runs, audited_ids, stored) -> list[Difference]:
     last_end = day_window(_day(last_run["service_day"]), tz, cutoff)[1]
     for ticket_id, t in tickets.items():
         price, have = int(t.price_fen), held.get(ticket_id, 0)
-        refunded = t.state == "refunded" and _utc(t.updated_at) < _utc(last_run["as_of"])
+        # a refund the last run could see: before its moment and before its day's end
+        refunded = t.state == "refunded" and _utc(t.updated_at) < min(_utc(last_run["as_of"]), last_end)
         if have > price:
             out.append(Difference(f"ticket {ticket_id} recognised (fen), at most its price", have, price))
         if refunded and have:

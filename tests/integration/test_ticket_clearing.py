@@ -418,3 +418,21 @@ def test_the_month_report_sums_the_runs_ticket_figures(engine, tmp_path):
     assert month.tables.tickets is not None and month.tables.tickets.revenue == RIDE + 2 * (DAY3 // 3)
     _rows, owed = read_csv(tmp_path / f"settlement-{OP}-2026-12-ticket_outstanding.csv")
     assert fen(owed["递延余额(元) Deferred (yuan)"]) == DAY3 // 3
+
+
+def test_a_pass_refunded_in_its_validity_gives_back_what_was_recognised(engine):
+    (day3,) = sell(engine, "web", [ItemRequest("day3", 1, start_date=DAY)])
+    with engine.begin() as conn:
+        cr.clear_day(conn, operator=OP, day=DAY, now=RUN1)
+        order = conn.execute(text("SELECT order_id FROM ticket WHERE ticket_id = :t"), {"t": day3}).scalar()
+        orders.refund(conn, order, who="clerk", why="rider moved away", now=RUN1 + timedelta(hours=2))
+    with engine.begin() as conn:
+        run2 = cr.clear_day(conn, operator=OP, day=NEXT_DAY, now=RUN2)
+    lines = [(s, str(d)[:10], int(a)) for s, d, a in sql(
+        engine, "SELECT source, for_day, amount FROM ticket_revenue WHERE ticket_id = :t ORDER BY id", t=day3)]
+    assert lines == [("pass_day", "2026-12-03", DAY3 // 3), ("refund", "2026-12-04", -(DAY3 // 3))]
+    assert run2.totals["ticket_day_gross"] == -(DAY3 // 3)
+    with engine.connect() as conn:
+        owed = revenue.outstanding(conn, operator=OP, run_id=run2.id, as_of=run2.as_of)
+        assert int(owed["deferred"].sum()) == 0 and int(owed["refunded"].sum()) == DAY3
+        assert audit_runs.audit(conn, operator=OP).clean
