@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from datetime import datetime, timedelta
 from typing import Annotated
 
@@ -49,7 +50,12 @@ def _config(request: Request) -> shop.ShopConfig:
     return cfg
 
 
+SAFE = re.compile(r"[A-Za-z0-9_.-]{1,40}")  # codes and order ids in addresses (no NUL reaches PostgreSQL)
+
+
 def _operator(svc: Services, code: str):
+    if not SAFE.fullmatch(code):
+        raise HTTPException(404, ("没有这家公司", "No such bus company sells tickets here"))
     with svc.engine.connect() as conn:
         row = conn.execute(select(Operator.code, Operator.name, Operator.timezone, Operator.cutoff_hour)
                            .where(Operator.code == code, Operator.retired_at.is_(None))).first()
@@ -131,11 +137,11 @@ def _quote(svc: Services, operator: str, product: str, departure: int | None, qu
 
 
 def _item_args(product: str, departure: str, quantity: str) -> tuple[str, int | None, int]:
-    dep = int(departure) if departure.isdigit() and len(departure) < 19 else None
-    qty = int(quantity) if quantity.isdigit() and len(quantity) < 3 else 1
+    dep = int(departure) if departure.isascii() and departure.isdigit() and len(departure) < 19 else None
+    qty = int(quantity) if quantity.isascii() and quantity.isdigit() and len(quantity) < 3 else 1
     if not 1 <= qty <= orders.MAX_QUANTITY:
         qty = 1
-    return product[:32], dep, qty
+    return (product if SAFE.fullmatch(product) else "")[:32], dep, qty
 
 
 @router.get("/shop/{operator}/buy")
@@ -227,6 +233,8 @@ def shop_order(*, operator: str, request: Request, svc: Annotated[Services, Depe
 def _own_order(request: Request, svc: Services, cfg: shop.ShopConfig, operator: str, order_id: str):
     phone = _proven_phone(request, cfg, svc.clock())
     try:
+        if not SAFE.fullmatch(order_id):
+            raise orders.OrderError("unknown_order", "no such order")
         view, tickets = shop.read_order(svc.engine, cfg, order_id, now=svc.clock(), who="web shop")
     except orders.OrderError:
         view = None

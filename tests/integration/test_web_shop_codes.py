@@ -124,3 +124,14 @@ def test_an_order_page_opens_only_for_its_phone_and_the_pages_carry_the_headers(
     assert client.get(page).status_code == 404
     client.cookies.set("farebox_rider", f"{PHONE}.{int(NOW.timestamp()) + 999}.forged", path="/shop")
     assert client.get(page).status_code == 404
+
+
+def test_odd_addresses_and_forms_are_refused_not_crashed(shop):
+    client, engine, sms, clock = shop
+    for url in ("/shop/%00", f"/shop/{OP}/buy?product=%00", f"/shop/{OP}/buy?product=ride&departure=%C2%B2",
+                f"/shop/{OP}/buy?product=ride&quantity=99", f"/shop/{OP}/orders/%00", f"/shop/{OP}/orders/x/qr/1.png"):
+        assert client.get(url).status_code in (200, 404), url
+    r = client.post(f"/shop/{OP}/code", data={"phone": "12\x00", "product": "ride\x00"})
+    assert r.status_code == 404
+    assert client.post(f"/shop/{OP}/code", data={"phone": "not a phone", **ITEM}).status_code == 400
+    assert sms.outbox == [] and orders_made(engine) == 0

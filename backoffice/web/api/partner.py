@@ -39,6 +39,7 @@ PartnerOrderNo = Annotated[str, StringConstraints(min_length=1, max_length=40, p
                            Field(description="the partner's own order number: the idempotency key")]
 Phone = Annotated[str, StringConstraints(max_length=24, pattern=r"^\+?[0-9]{5,20}$")]
 TicketId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+CodeQuery = Annotated[str | None, Query(max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]  # operator, route codes
 _STATUS = {"unknown_order": 404, "unknown_product": 404, "unknown_departure": 404, "unknown_operator": 404,
            "sold_out": 409, "departed": 409, "not_refundable": 409, "bad_state": 409, "not_paid": 409,
            "conflict": 409}
@@ -107,7 +108,7 @@ def ticket_view(t: orders.IssuedTicket, state: str | None = None) -> dict:
 
 @router.get("/products")
 def products(*, who: Annotated[Principal, Depends(owned_by(*PARTNER))], svc: Annotated[Services, Depends(services)],
-             operator: Annotated[str | None, Query(max_length=32)] = None) -> list[dict]:
+             operator: CodeQuery = None) -> list[dict]:
     """The operator's products on sale now."""
     op = operator_of(who, operator)
     with svc.engine.connect() as conn:
@@ -119,8 +120,8 @@ def products(*, who: Annotated[Principal, Depends(owned_by(*PARTNER))], svc: Ann
 @router.get("/departures")
 def departures(*, who: Annotated[Principal, Depends(owned_by(*PARTNER))],
                svc: Annotated[Services, Depends(services)], day: ServiceDay,
-               until: ServiceDay | None = None, route: Annotated[str | None, Query(max_length=32)] = None,
-               operator: Annotated[str | None, Query(max_length=32)] = None) -> list[dict]:
+               until: ServiceDay | None = None, route: CodeQuery = None,
+               operator: CodeQuery = None) -> list[dict]:
     """Coach departures from ``day`` to ``until`` (at most 31 days), with the seats still free; a departure that
     has left shows 0."""
     op = operator_of(who, operator)
@@ -138,7 +139,7 @@ def departures(*, who: Annotated[Principal, Depends(owned_by(*PARTNER))],
 @router.post("/orders", status_code=201)
 def create_order(*, body: NewOrder, response: Response, request: Request,
                  who: Annotated[Principal, Depends(owned_by(*PARTNER))], svc: Annotated[Services, Depends(services)],
-                 operator: Annotated[str | None, Query(max_length=32)] = None) -> dict:
+                 operator: CodeQuery = None) -> dict:
     """A new order, its coach seats held until ``pay_by``; the same ``partner_order_no`` again answers the first
     order (200) and changes nothing."""
     op = operator_of(who, operator)
@@ -164,7 +165,7 @@ def create_order(*, body: NewOrder, response: Response, request: Request,
 @router.get("/orders/{partner_order_no}")
 def order_status(*, partner_order_no: PartnerOrderNo, request: Request,
                  who: Annotated[Principal, Depends(owned_by(*PARTNER))], svc: Annotated[Services, Depends(services)],
-                 operator: Annotated[str | None, Query(max_length=32)] = None) -> dict:
+                 operator: CodeQuery = None) -> dict:
     op = operator_of(who, operator)
     cfg = shop_service.shop_config(request)
     order_id = _order_id(svc, op, partner_order_no)
@@ -177,7 +178,7 @@ def order_status(*, partner_order_no: PartnerOrderNo, request: Request,
 def order_tickets(*, partner_order_no: PartnerOrderNo, request: Request,
                   who: Annotated[Principal, Depends(owned_by(*PARTNER))],
                   svc: Annotated[Services, Depends(services)],
-                  operator: Annotated[str | None, Query(max_length=32)] = None) -> dict:
+                  operator: CodeQuery = None) -> dict:
     """The tickets: QR text and pickup code each. Empty while the order is unpaid."""
     op = operator_of(who, operator)
     cfg = shop_service.shop_config(request)
@@ -193,7 +194,7 @@ def order_tickets(*, partner_order_no: PartnerOrderNo, request: Request,
 @router.post("/orders/{partner_order_no}/refund")
 def refund(*, partner_order_no: PartnerOrderNo, body: RefundAsk, request: Request,
            who: Annotated[Principal, Depends(owned_by(*PARTNER))], svc: Annotated[Services, Depends(services)],
-           operator: Annotated[str | None, Query(max_length=32)] = None) -> dict:
+           operator: CodeQuery = None) -> dict:
     """Refund the order's unused tickets (or ``ticket_ids`` of them) through the payment platform, exactly once:
     the refund is written down before the platform is asked, and a lost answer is retried with the same refund id."""
     from backoffice.payments import service as payments
