@@ -15,6 +15,7 @@ statement; it posts its notifications to the order's ``notify_url``. It misbehav
 - ``notify``: ``"normal"``, ``"drop"`` (never sent: the order query must settle it), ``"duplicate"`` (sent twice),
   ``"late"`` (held until ``deliver_held()``);
 - ``refund_twice``: a refund is answered, and its notification is also posted twice;
+- ``refuse_refunds = n``: the next n new refunds are refused;
 - ``statement_extra`` (lines added to every file: an order farebox never had), ``statement_omit`` (order ids left
   out: a missing order).
 
@@ -87,6 +88,7 @@ class Faults:
     lose_answers: dict = field(default_factory=lambda: defaultdict(int))
     notify: str = "normal"  # normal | drop | duplicate | late
     refund_twice: bool = False
+    refuse_refunds: int = 0  # the next n new refunds are refused (409 refund_refused: e.g. the merchant's balance)
     statement_extra: list = field(default_factory=list)  # dicts with the statement's columns
     statement_omit: set = field(default_factory=set)  # order ids
 
@@ -243,6 +245,9 @@ class PlatformSimulator(PaymentPlatform):
         refund_id, amount = str(p["refund_id"]), p["amount"]
         with self._lock:
             done = self.refunds.get(refund_id)
+            if done is None and self.faults.refuse_refunds > 0:
+                self.faults.refuse_refunds -= 1
+                return 409, {"reason": "refund_refused", "message": "the merchant account's balance is too low"}
             if done is None:
                 o = self.orders.get(p["order_id"])
                 if o is None or o["payment_ref"] is None or o["payment_ref"] != p.get("payment_ref"):

@@ -188,7 +188,21 @@ STATEMENT_PROBLEMS = {
     "refund_not_in_farebox": "refunded on the platform, farebox has no such refund answered",
     "refund_missing_in_statement": "refunded in farebox, on no statement of the platform: ask the platform",
     "refund_amount_differs": "the platform paid out another amount than the refund's",
+    "refund_refused": "the platform refused a refund farebox had committed (its tickets are void): pay the rider "
+                      "back another way, or take it up with the platform",
 }
+
+
+def add_item(conn: Connection, *, day: date, ref: str, problem: str, ours: int | None, theirs: int | None,
+             detail: str, now: datetime) -> bool:
+    """One work-list item, unless the same (order or refund, problem) is there already; True when added."""
+    if conn.execute(select(PaymentReconItem.id).where(PaymentReconItem.order_id == ref,
+                                                      PaymentReconItem.problem == problem)).first():
+        return False
+    conn.execute(PaymentReconItem.__table__.insert().values(
+        day=day, order_id=ref, problem=problem, ours=ours, theirs=theirs, detail=detail[:500], status="open",
+        created_at=now, note=""))
+    return True
 
 
 def _books_payments(conn: Connection, start: datetime, end: datetime) -> dict[str, tuple[str, int]]:

@@ -29,6 +29,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -274,9 +275,16 @@ def send_refund(engine: Engine, platform: Platform, refund_id: str, *, now: date
         with engine.connect() as conn:
             return get_refund(conn, refund_id)
     except PlatformRefused as e:
+        # What was voided stays voided (a ticket refunded must not ride): the refusal goes to the work list.
+        from backoffice.cards.payments_recon import DEFAULT_TZ, STATEMENT_PROBLEMS, add_item
+
         with engine.begin() as conn:
-            conn.execute(update(R).where(R.c.refund_id == refund_id, R.c.state == "pending").values(
-                state="failed", answered_at=now, answer=f"refused ({e.reason}): {e}"[:500]))
+            if conn.execute(update(R).where(R.c.refund_id == refund_id, R.c.state == "pending").values(
+                    state="failed", answered_at=now, answer=f"refused ({e.reason}): {e}"[:500])).rowcount:
+                add_item(conn, day=now.astimezone(ZoneInfo(DEFAULT_TZ)).date(), ref=refund_id,
+                         problem="refund_refused", ours=row["amount"], theirs=None, now=now,
+                         detail=f"refund of order {row['order_id']}, {row['amount']} fen: the platform said "
+                                f"{e.reason}: {e}. " + STATEMENT_PROBLEMS["refund_refused"])
             return get_refund(conn, refund_id)
     with engine.begin() as conn:
         record_refund_answer(conn, refund_id=refund_id, refund_ref=answer.refund_ref, amount=answer.amount, now=now,

@@ -311,6 +311,21 @@ def test_staff_refund_a_top_up_over_http_through_the_platform_once(world):
         (t, 4000, "succeeded")]
 
 
+def test_a_refund_the_platform_refuses_goes_to_the_work_list(world):
+    w = world
+    k, k_fen = w.buy("day")
+    w.checkout(k, k_fen)
+    w.issue(k)
+    w.sim.faults.refuse_refunds = 1
+    row = refund(w.engine, w.platform, order_id=k, who="clerk", why="rider asked", now=w.clock())
+    assert row["state"] == "failed" and "refund_refused" in row["answer"]
+    assert refunds_in_ledger(w.sim) == []
+    w.clock.tick(60)
+    assert retry_pending_refunds(w.engine, w.platform, now=w.clock()) == []  # refused is an answer: not resent
+    assert [tuple(r) for r in sql(w.engine, "SELECT order_id, problem, ours, theirs, status FROM payment_recon_item")] \
+        == [(row["refund_id"], "refund_refused", k_fen, None, "open")]
+
+
 def day_of_sales(w) -> dict:
     """A day: ticket sales on three channels and a top-up, a part refund and a top-up refund."""
     web, web_fen = w.buy("ride", 2, channel="web")
