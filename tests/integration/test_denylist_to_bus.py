@@ -169,7 +169,7 @@ def test_a_card_lost_at_the_counter_and_a_retired_drivers_card_are_refused_by_a_
         page = staff.get(f"/cards/{asn}")
         assert page.status_code == 200, page.text
         started = time.monotonic()
-        r = staff.post(f"/cards/{asn}/lost", data={"why": "rider phoned: phone stolen", "csrf": csrf_of(page.text)},
+        r = staff.post(f"/cards/{asn}/lost", data={"why": "rider phoned: phone stolen", "confirmed": "yes", "csrf": csrf_of(page.text)},
                        follow_redirects=False)
         assert r.status_code == 303, r.text
         figures["lost"] = wait_listed(deny, asn, started)
@@ -221,7 +221,7 @@ def test_the_default_serve_with_its_own_broker_builds_the_version_by_itself(tmp_
         staff = login(base, city.tokens["operator_staff"])
         page = staff.get(f"/cards/{asn}")
         started = time.monotonic()
-        r = staff.post(f"/cards/{asn}/lost", data={"why": "rider phoned", "csrf": csrf_of(page.text)},
+        r = staff.post(f"/cards/{asn}/lost", data={"why": "rider phoned", "confirmed": "yes", "csrf": csrf_of(page.text)},
                        follow_redirects=False)
         assert r.status_code == 303, r.text
         db = sqlite3.connect(city.var / "backoffice.db")

@@ -428,9 +428,9 @@ def set_fare_rules(*, operator: OperatorCode, body: FareRulesIn, who: Who, svc: 
                                               discounts=body.discounts,
                                               transfer_window_minutes=body.transfer_window_minutes,
                                               transfer_discount=body.transfer_discount, min_balance=body.min_balance)
+            # the rules from when they apply; ``at`` before the operator was registered is a 409, nothing written
+            table = registry.fare_table(conn, operator, 0, at=at)
     except RegistryRefused as e:
         raise _http(e) from None
-    with svc.engine.connect() as conn:
-        table = registry.fare_table(conn, operator, 0, at=at)  # the rules from when they apply
     return {"changed": changed, "discounts": table["discounts"], "transfer": table["transfer"],
             "min_balance": table["min_balance"]}
