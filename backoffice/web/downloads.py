@@ -20,6 +20,6 @@ def day_csv_tables(run: clearing_runs.StoredRun | None) -> list[str]:
     if run is not None:
         if any(run.table("fleet")["fleet"].astype(str) != NO_FLEET):
             names.append("fleet")
-        if (run.rows["section"] != "day").any():
+        if run.rows["section"].isin(("late", "reconciliation")).any():  # not the ticket sections
             names.append("adjustments")
     return names
