@@ -284,3 +284,67 @@ def test_a_server_without_the_gateway_secret_refuses_every_inbound_text(tmp_path
     assert r.status_code == 401 and r.json()["detail"]["reason"] == "not_configured"
     assert sql(engine, "SELECT COUNT(*) FROM sms_message") == [(0,)]
     engine.dispose()
+
+
+def test_farebox_serve_answers_texts_and_sends_the_pickup_code_by_itself(tmp_path):
+    """The same dialogue against a real ``farebox serve`` process wired only by its settings (gateway, secret,
+    payment platform, notify URL): its scheduler's SMS sweep texts the pickup code after the payment lands."""
+    import os
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path}/bo.db"
+    engine = make_engine(url)
+    upgrade(engine)
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        registry.add_operator(conn, code=OP, name="Coach Co", at=now - timedelta(days=30))
+        registry.set_stop(conn, operator=OP, code="SH", name="上海", by="clerk")
+        registry.set_stop(conn, operator=OP, code="SZ", name="苏州", by="clerk")
+        registry.add_route(conn, code="G2", operator=OP, name="上海-苏州", flat_fare=200,
+                           at=now - timedelta(days=30), stops={0: ["SH", "SZ"]})
+        catalogue.add_product(conn, operator=OP, code="coach", kind="coach_trip", name="上海-苏州 coach",
+                              price_fen=PRICE, by="clerk", now=now)
+        day = (now + timedelta(days=2)).date()
+        catalogue.add_departure(conn, operator=OP, product="coach", route="G2", service_date=day, departs="08:30",
+                                seats=SEATS)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/api/v1"
+    pay = PlatformSimulator().start()
+    sms = SmsGatewaySimulator(inbound_url=f"{base}/sms/inbound").start()
+    ready, log_path = tmp_path / "serve.ready", tmp_path / "serve.log"
+    env = {**os.environ, "FAREBOX_DATABASE_URL": url, "FAREBOX_VAR_DIR": str(tmp_path / "var"),
+           "FAREBOX_API_TOKENS": str(tmp_path / "tokens.toml"), "FAREBOX_INSECURE_TEST_KEYS": "1",
+           "FAREBOX_SMS_URL": sms.url, "FAREBOX_SMS_SECRET": TEST_SMS_SECRET.hex(),
+           "FAREBOX_PAYMENT_URL": pay.url, "FAREBOX_PAYMENT_SECRET": TEST_MERCHANT_SECRET.hex(),
+           "FAREBOX_PAYMENT_MERCHANT": "farebox", "FAREBOX_PAYMENT_NOTIFY_URL": f"{base}/ota/webhook"}
+    for name in ("FAREBOX_MQTT_URL", "FAREBOX_CONFIG", "FAREBOX_PAYMENT_PUBLIC_KEY"):
+        env.pop(name, None)
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "farebox.cli", "serve", "--port", str(port), "--no-ingest",
+                                 "--no-status", "--no-publisher", "--ready-file", str(ready)],
+                                env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: ready.exists() or proc.poll() is not None, timeout=90)
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        w = World(engine, None, sms, pay, base)
+        (quote,) = w.text(RIDER, f"C#上海#苏州#{day}#08:00")
+        assert f"{day} 08:30" in quote and as_yuan(PRICE) in quote and f"{SEATS - w.seats_taken()} seats left" in quote
+        (link,) = w.text(RIDER, "Y")
+        [(order_id, *_)] = w.orders_of(RIDER)
+        assert f"{pay.url}/pay/{order_id}" in link
+        pay.rider_pays(order_id)
+        code_text = wait_for(lambda: next((t for t in sms.texts_to(RIDER) if "Pickup code" in t), None), timeout=30)
+        code = re.search(r"Pickup code (\d{16})", code_text).group(1)
+        [(serial, state)] = sql(engine, "SELECT t.pickup_serial, o.state FROM ticket t JOIN ticket_order o "
+                                "ON o.order_id = t.order_id WHERE o.order_id = :o", o=order_id)
+        assert int(code[:10]) == serial and state == "issued" and w.seats_taken() == 1
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        sms.stop()
+        pay.stop()
+        engine.dispose()

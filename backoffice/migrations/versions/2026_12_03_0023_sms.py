@@ -29,7 +29,7 @@ def upgrade() -> None:
         "sms_message",
         sa.Column("id", BigId, primary_key=True, autoincrement=True),
         sa.Column("direction", sa.String(3), nullable=False),  # in | out
-        sa.Column("gateway_id", sa.String(64), nullable=True),  # inbound: the gateway's message id; outbound: its answer
+        sa.Column("gateway_id", sa.String(64), nullable=True),  # inbound: the gateway's message id
         sa.Column("phone", sa.String(24), nullable=False),
         sa.Column("text", sa.String(500), nullable=False),
         sa.Column("at", UTC, nullable=False),

@@ -3,7 +3,8 @@
 ``POST /sms/inbound``: the SMS gateway only. No bearer token: the HMAC-SHA256 signature in ``X-Sms-Signature``
 (``t=<unix>,hmac-sha256=<hex>`` over ``b"<t>." + body`` with the gateway's shared secret, backoffice.sms.gateway)
 is the authentication; a forged, stale or unsigned message is refused (401; also while no secret is configured,
-reason ``not_configured``), a malformed one 422. A message id seen before is answered 200 ``{"outcome": "duplicate"}`` and changes nothing.
+reason ``not_configured``), a malformed one 422. A message id seen before is answered 200
+``{"outcome": "duplicate"}`` and changes nothing.
 
 Wiring: ``configure_sms_channel(app, ...)`` (``farebox serve`` or a test) gives the gateway, the secret, the ticket
 keys, the payment platform and the notify URL, and starts the sweep (pickup codes after payment, lapsed quotes).
