@@ -6,6 +6,7 @@
 | ``pcsc:<reader name, or index, or empty for the first>`` | a PC/SC reader through pcscd | pyscard |
 | ``nfc:<nfcpy path>``, e.g. ``nfc:usb``, ``nfc:udp:127.0.0.1:50000`` | an NFC reader, ISO-DEP (Type 4A) cards | nfcpy |
 | ``rfid24:<serial device>[?baud=115200&timeout=0.5&retries=2]`` | a 2.45 GHz RFID-SIM module on a UART | pyserial |
+| ``qr:<serial device>[?baud=9600]`` | not a card reader: the bus's 2D (QR) scanner for e-tickets, beside one of the above (``--scanner``; validator.readers.qr, each code's text ending in CR) | pyserial |
 
 Each backend's library is imported only when that backend is opened, so a validator with only an RFID-SIM
 module needs neither pcscd nor nfcpy. Every backend raises only ``ReaderError`` and its subclasses: ``CardRemoved``
