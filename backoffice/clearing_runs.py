@@ -276,6 +276,12 @@ def _reclear(conn: Connection, run) -> StoredRun:
             f"{result.fingerprint[:16]}… (stored {run.fingerprint[:16]}…) and the day's gross "
             f"{result.totals['day_gross']} fen (stored {run.day_gross}); stored taps of a closed day have changed: "
             "look at the tap table, the run stays as it was")
+    changed = ticket_revenue.changed_uses(conn, run.id, window)
+    if changed:
+        raise ClearingMismatch(
+            f"{run.operator} {run.service_day}: {len(changed)} ticket use(s) run {run.id} recognised no longer give "
+            f"the same revenue line (first: {changed[0]}); stored ticket uses of a closed day have changed: look at "
+            "the ticket_use table, the run stays as it was")
     return stored
 
 

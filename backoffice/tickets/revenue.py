@@ -259,6 +259,33 @@ def run_lines(conn: Connection, run_id: int) -> pd.DataFrame:
     return _frame([dict(r) for r in rows])
 
 
+def changed_uses(conn: Connection, run_id: int, window) -> list[str]:
+    """The run's use lines whose stored use (or ticket, or rule) no longer gives the same line: each as a short
+    text; [] when every line still stands. Clearing a closed day again asks this beside summing its lines."""
+    if not _in_use(conn):
+        return []
+    query = _ticket_joins(select(ledger.c.ref, ledger.c.amount, ledger.c.route.label("l_route"),
+                                 ledger.c.vehicle.label("l_vehicle"), ledger.c.driver.label("l_driver"),
+                                 ledger.c.for_day, ticket_use.c.use_no, ticket_use.c.revenue, ticket_use.c.route,
+                                 ticket_use.c.vehicle, ticket_use.c.driver, ticket_use.c.occurred_at,
+                                 *_ticket_columns())
+                          .select_from(ledger).join(ticket_use, ticket_use.c.id == ledger.c.use_id)
+                          .join(Ticket, Ticket.ticket_id == ledger.c.ticket_id)) \
+        .where(ledger.c.run_id == run_id, ledger.c.source == "use")
+    out = []
+    for r in conn.execute(query):
+        want = (0 if not r.revenue or r.use_no is None else
+                use_value(rule=_rule(r.kind, r.rule), price=int(r.price_fen), uses_allowed=int(r.uses_allowed),
+                          use_no=int(r.use_no), ride_value=int(r.ride_value_fen or 0)),
+                r.route[:32], r.vehicle[:32], r.driver[:32],
+                service_day_of(_utc(r.occurred_at), window.tz, window.cutoff_hour))
+        have = (int(r.amount), r.l_route, r.l_vehicle, r.l_driver, r.for_day if isinstance(r.for_day, date)
+                else date.fromisoformat(str(r.for_day)[:10]))
+        if have != want:
+            out.append(f"{r.ref}: stored {have}, now {want}")
+    return out
+
+
 def run_rows(conn: Connection, run_id: int, window) -> list[tuple]:
     """The run's ticket rows (``clearing.tickets.ticket_rows``) summed from its stored lines."""
     return ticket_rows(run_lines(conn, run_id), window.operator, window.day)

@@ -436,3 +436,17 @@ def test_a_pass_refunded_in_its_validity_gives_back_what_was_recognised(engine):
         owed = revenue.outstanding(conn, operator=OP, run_id=run2.id, as_of=run2.as_of)
         assert int(owed["deferred"].sum()) == 0 and int(owed["refunded"].sum()) == DAY3
         assert audit_runs.audit(conn, operator=OP).clean
+
+
+def test_clearing_a_closed_day_again_notices_a_changed_ticket_use(engine):
+    (ride,) = sell(engine, "web", [ItemRequest("ride", 1)])
+    use(engine, ride, at=NOW + timedelta(hours=1), received=NOW + timedelta(hours=2), route="R1", vehicle="V1",
+        driver="D1")
+    with engine.begin() as conn:
+        cr.clear_day(conn, operator=OP, day=DAY, now=RUN1)
+    with engine.begin() as conn:
+        assert cr.clear_day(conn, operator=OP, day=DAY, now=RUN2).recleared
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE ticket_use SET route = 'R2'"))
+    with engine.begin() as conn, pytest.raises(cr.ClearingMismatch, match="ticket use"):
+        cr.clear_day(conn, operator=OP, day=DAY, now=RUN2)
