@@ -67,13 +67,19 @@ def order_kind(conn: Connection, order_id: str) -> str | None:
 def settle_paid(conn: Connection, *, order_id: str, amount: int, payment_ref: str, who: str, now: datetime) -> str:
     """The platform says ``order_id`` is paid: record it once (ticket or top-up), in words what happened. A refusal
     (unknown order, wrong amount, a second payment) is returned as words too, for the event log; nothing changes."""
+    return _settle_paid(conn, order_id=order_id, amount=amount, payment_ref=payment_ref, who=who, now=now)[0]
+
+
+def _settle_paid(conn: Connection, *, order_id: str, amount: int, payment_ref: str, who: str, now: datetime
+                 ) -> tuple[str, bool]:
+    """(words, whether this call recorded the payment)."""
     kind = order_kind(conn, order_id)
     if kind == "ticket":
         try:
             result = orders.mark_paid(conn, order_id, amount_fen=amount, payment_ref=payment_ref, who=who, now=now,
                                       why=f"payment confirmed by {who}")
         except orders.OrderError as e:
-            return f"refused ({e.code}): {e}"
+            return f"refused ({e.code}): {e}", False
         outcome = f"ticket order {order_id}: {result.outcome} ({payment_ref})"
         if result.outcome == "refund_due":  # paid after it expired and its seats were sold: the money goes back
             row = start_refund(conn, order_id=order_id, who=who, now=now,
@@ -81,16 +87,17 @@ def settle_paid(conn: Connection, *, order_id: str, amount: int, payment_ref: st
             outcome += f"; refund {row['refund_id']} queued"
         elif result.outcome == "second_payment":
             outcome += "; " + _refund_stray(conn, "ticket", order_id, payment_ref, amount, who=who, now=now)
-        return outcome
+        return outcome, result.newly_paid or result.outcome == "refund_due"
     if kind == "topup":
         try:
-            return topup.mark_paid(conn, order_id=order_id, amount=amount, payment_ref=payment_ref, now=now)
+            words = topup.mark_paid(conn, order_id=order_id, amount=amount, payment_ref=payment_ref, now=now)
         except topup.TopupRefused as e:
             if e.reason == "paid_twice":
                 return f"refused ({e.reason}): {e}; " + _refund_stray(conn, "topup", order_id, payment_ref, amount,
-                                                                      who=who, now=now)
-            return f"refused ({e.reason}): {e}"
-    return f"refused (unknown_order): no order {order_id}"
+                                                                      who=who, now=now), False
+            return f"refused ({e.reason}): {e}", False
+        return words, not words.startswith(f"order {order_id} was paid already")
+    return f"refused (unknown_order): no order {order_id}", False
 
 
 def _refund_stray(conn: Connection, kind: str, order_id: str, payment_ref: str, amount: int, *, who: str,
@@ -186,10 +193,9 @@ def query_open_orders(engine: Engine, platform: Platform, *, now: datetime | Non
             done.unpaid += 1
             continue
         with engine.begin() as conn:
-            outcome = settle_paid(conn, order_id=order_id, amount=payment.amount, payment_ref=payment.payment_ref,
-                                  who="order query", now=now)
-        if outcome.startswith(f"ticket order {order_id}: paid") or outcome.startswith(
-                f"ticket order {order_id}: revived") or outcome == f"order {order_id} paid ({payment.payment_ref})":
+            outcome, recorded = _settle_paid(conn, order_id=order_id, amount=payment.amount,
+                                             payment_ref=payment.payment_ref, who="order query", now=now)
+        if recorded:
             done.settled.append(order_id)
         log.info("order query %s: %s", order_id, outcome)
     return done
