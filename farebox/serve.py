@@ -112,6 +112,9 @@ def _configure_ota(app, root) -> None:
     from backoffice.payments.platform import configure as configure_payments
 
     configure_payments(app, root.payment_public_key)  # the platform adapter when FAREBOX_PAYMENT_URL is set
+    from backoffice.web.shop_service import configure_shop
+
+    configure_shop(app, ticket_keys=root.ticket_keys, platform=app.state.payment_platform)  # web shop, partner API
 
 
 def _configure_quarantine(app, root, *, accept_unsigned: bool) -> None:
