@@ -19,6 +19,10 @@ are part of the fingerprint, and no longer pick taps.
 
 Pure: works on frames and values handed in; money is int fen; times are UTC. The rounding rule is
 ``clearing.commission``'s.
+
+E-tickets are a second source beside taps: their revenue (recognised at use, passes by the operator's rule,
+breakage of unused expired tickets) is ``clearing.tickets``'s, stored beside these rows in sections ``ticket`` and
+``ticket_late`` with no issuer commission; ``clear`` and its fingerprint stay the card fares'.
 """
 
 from __future__ import annotations
