@@ -24,7 +24,9 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, and_, insert, select, update
 
+from backoffice import gtfs, registry
 from backoffice.models import Departure, Operator, Product, Route
+from backoffice.tickets.orders import split_routes
 
 KINDS = ("single", "day_pass", "month_pass", "coach_trip")
 # kind -> (validity days, uses) a product gets when the clerk says nothing: one ride on the day bought, unlimited
@@ -75,10 +77,6 @@ class DepartureView:
     @property
     def seats_free(self) -> int:
         return self.seats - self.seats_taken
-
-
-def split_routes(text: str) -> tuple[str, ...]:
-    return tuple(r for r in (text or "").split() if r)
 
 
 def _operator(conn: Connection, code: str):
@@ -269,7 +267,6 @@ def departures_between(conn: Connection, *, operator: str, origin: str, destinat
     route, in the departure's direction, calls at ``origin`` before ``destination`` (stop codes or names):
     what a rider's SMS ``C#origin#destination#date#time`` asks for. Earliest first, sold-out ones included (the
     caller says "sold out" rather than "no coach")."""
-    from backoffice import registry
 
     froms, tos = _stop_codes(conn, operator, origin), _stop_codes(conn, operator, destination)
     if not froms or not tos:
@@ -313,7 +310,6 @@ class DepartureImport:
 def _calendar_rows(path: Path, name: str) -> list[tuple[int, dict[str, str]]]:
     """calendar.txt / calendar_dates.txt of the feed, when it has them (backoffice.gtfs reads only the four files
     of routes and stops). Size-checked the way gtfs checks its own files."""
-    from backoffice import gtfs  # here: gtfs -> registry -> clearing_runs -> tickets.revenue -> orders -> us
     limits = gtfs.LIMITS
     if path.is_dir():
         f = path / name
@@ -336,7 +332,6 @@ def _calendar_rows(path: Path, name: str) -> list[tuple[int, dict[str, str]]]:
 def _service_days(path: Path, start: date, end: date) -> dict[str, set[date]] | None:
     """service_id -> the dates in [start, end] it runs, from calendar.txt and calendar_dates.txt; None when the feed
     has neither (then every trip is taken to run every day asked for)."""
-    from backoffice import gtfs  # here: gtfs -> registry -> clearing_runs -> tickets.revenue -> orders -> us
     cal, dates = _calendar_rows(path, "calendar.txt"), _calendar_rows(path, "calendar_dates.txt")
     if not cal and not dates:
         return None
@@ -380,7 +375,6 @@ def _service_days(path: Path, start: date, end: date) -> dict[str, set[date]] | 
 def _first_departures(path: Path) -> tuple[dict[str, tuple[str, str, int]], dict[str, str]]:
     """trip_id -> (route_id, service_id, direction) and trip_id -> its first stop's departure time, read with
     gtfs's reader."""
-    from backoffice import gtfs  # here: gtfs -> registry -> clearing_runs -> tickets.revenue -> orders -> us
     errors: list[str] = []
     trips: dict[str, tuple[str, str, int]] = {}
     first: dict[str, tuple[int, str]] = {}

@@ -41,7 +41,6 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, case, func, insert, select, update
 
 from backoffice.models import Departure, Operator, OrderAudit, OrderItem, Product, SeatHold, Ticket, TicketOrder
-from backoffice.tickets.catalogue import split_routes
 
 CHANNELS = ("web", "sms", "partner", "counter")
 STATES = ("created", "paid", "issued", "used", "refunded", "expired")
@@ -54,6 +53,11 @@ BOARDING_AFTER = timedelta(minutes=120)  # ... to two hours after (a late coach)
 PHONE = re.compile(r"\+?[0-9]{5,20}")
 PICKUP_MOD = 10**10
 KINDS = {"single": 1, "day_pass": 2, "month_pass": 3, "coach_trip": 4}  # wire.ticket.ProductKind
+
+
+def split_routes(text: str) -> tuple[str, ...]:
+    """A product's or ticket's route codes as stored (space-separated; none = any route)."""
+    return tuple(r for r in (text or "").split() if r)
 
 
 class OrderError(ValueError):
