@@ -450,3 +450,36 @@ def test_clearing_a_closed_day_again_notices_a_changed_ticket_use(engine):
         conn.execute(text("UPDATE ticket_use SET route = 'R2'"))
     with engine.begin() as conn, pytest.raises(cr.ClearingMismatch, match="ticket use"):
         cr.clear_day(conn, operator=OP, day=DAY, now=RUN2)
+
+
+def test_a_use_committed_just_after_a_run_started_lands_in_the_next_run(pg_schema_url):
+    """The claim's hole, for ticket uses (PostgreSQL, READ COMMITTED): ingest stamps received_at, the run reads the
+    uses, ingest commits. The run did not see the use; the next run takes it, as a late use, once."""
+    engine = make_engine(pg_schema_url)
+    upgrade(engine)
+    with engine.begin() as conn:
+        registry.add_operator(conn, code=OP, name="Ticket Bus", at=NOW - timedelta(days=30))
+        cr.set_commission_rate(conn, operator=OP, rate_bp=60, valid_from=date(2026, 1, 1))
+        catalogue.add_product(conn, operator=OP, code="ride", kind="single", name="One ride", price_fen=RIDE,
+                              validity_days=2, by="clerk", now=NOW - timedelta(days=1))
+    (ride,) = sell(engine, "web", [ItemRequest("ride", 1)])
+    record = TapRecord(device_id="VAL-V1", device_seq=1, kind=RecordKind.TICKET_USE, occurred_at=NOW,
+                       operator=OP, route="R1", vehicle="V1", driver="D1", shift_no=1, ticket_id=ride, ticket_use=1,
+                       presented="qr")
+    ingest = engine.connect()
+    try:
+        tx = ingest.begin()
+        assert store_records(ingest, [record], now=RUN1 - timedelta(seconds=1))[0].status == "stored"
+        with engine.begin() as conn:  # the run, while ingest has not committed
+            run1 = cr.clear_day(conn, operator=OP, day=DAY, now=RUN1)
+        tx.commit()
+    finally:
+        ingest.close()
+    assert run1.totals["ticket_gross"] == 0
+    with engine.begin() as conn:
+        run2 = cr.clear_day(conn, operator=OP, day=NEXT_DAY, now=RUN2)
+    assert (run2.totals["ticket_late_uses"], run2.totals["ticket_late_gross"]) == (1, RIDE)
+    assert sql(engine, "SELECT run_id, COUNT(*) FROM ticket_revenue GROUP BY run_id") == [(run2.id, 1)]
+    with engine.connect() as conn:
+        assert audit_runs.audit(conn, operator=OP).clean
+    engine.dispose()
