@@ -418,6 +418,15 @@ def test_the_statement_is_stored_once_reconciled_and_the_close_ties_to_the_fen(w
         assert line.split()[2:] == ["5", yuan(sales), "2", yuan(refunds_fen), yuan(fees_fen),
                                     yuan(sales - refunds_fen - fees_fen)]
 
+    # the platform sends a corrected file: stored beside the first, the close now reads it and ties to the fen
+    w.sim.faults.statement_extra, w.sim.faults.statement_omit = [], set()
+    corrected, new_items = fetch_statement(w.engine, w.platform, day=DAY, now=w.clock())
+    assert corrected.new and corrected.statement_id != stored.statement_id and new_items == []
+    with w.engine.connect() as conn:
+        close = close_figures(conn, day=DAY)
+    assert close.statement_id == corrected.statement_id
+    assert (close.statement_sales, close.statement_refunds) == (sales, refunds_fen)
+
 
 @pytest.mark.parametrize("world", ["sqlite"], indirect=True)  # the same use cases run on PostgreSQL above
 def test_farebox_payments_at_the_command_line(world, tmp_path):
