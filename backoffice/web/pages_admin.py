@@ -79,7 +79,7 @@ def _refusal(svc: Services, form: dict) -> tuple[str, str] | None:
         return ("请填写姓名", "Give the user a name (who holds the token)")
     if role not in auth.ROLES:
         return ("请选择角色", f"Choose a role: {', '.join(auth.ROLES)}")
-    if role == "clerk":
+    if role in auth.OPERATOR_BOUND:  # a clerk, or a partner selling for one operator
         if not operator:
             return ("公司文员须指定公司", "A clerk sees one bus company's data: choose the operator")
         with svc.engine.connect() as conn:
@@ -106,7 +106,7 @@ def admin_add_user(*, request: Request, who: Admin, svc: Svc, csrf: Csrf = "",
                    operator: Annotated[str, Form()] = "", days: Annotated[str, Form()] = "",
                    lang: Annotated[str, Form()] = "zh") -> Response:
     check_csrf(request, csrf)
-    form = {"name": name.strip()[:80], "role": role, "operator": operator.strip() if role == "clerk" else "",
+    form = {"name": name.strip()[:80], "role": role, "operator": operator.strip() if role in auth.OPERATOR_BOUND else "",
             "days": days.strip() or str(auth.DEFAULT_TOKEN_DAYS), "lang": lang}
     refused = _refusal(svc, form)
     if refused is None:

@@ -213,3 +213,30 @@ def test_the_partner_api_is_in_the_openapi_schema(world):
                  "/api/v1/partner/orders/{partner_order_no}/refund"):
         assert path in spec["paths"], path
     assert not any(p.startswith("/shop") for p in spec["paths"])  # the shop's pages are pages, not API
+
+
+def test_a_partner_token_from_the_command_line_is_bound_to_its_operator(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from backoffice.web.auth import TokenStore as Store
+
+    path = tmp_path / "tokens.toml"
+    env = {**os.environ, "FAREBOX_API_TOKENS": str(path), "FAREBOX_VAR_DIR": str(tmp_path)}
+    env.pop("FAREBOX_DATABASE_URL", None)
+    engine = make_engine(f"sqlite:///{tmp_path}/backoffice.db")  # the operator is checked against the registry
+    upgrade(engine)
+    with engine.begin() as conn:
+        registry.add_operator(conn, code=OP, name="Coach Co", at=START)
+    engine.dispose()
+
+    def farebox(*args):
+        return subprocess.run([sys.executable, "-m", "farebox.cli", "token", "add", "--file", str(path), *args],
+                              env=env, capture_output=True, text=True, timeout=60)
+
+    unbound = farebox("--role", "partner", "--name", "app")
+    assert unbound.returncode != 0 and "one operator" in unbound.stdout + unbound.stderr
+    made = farebox("--role", "partner", "--name", "coach-app", "--operator", OP)
+    assert made.returncode == 0, made.stderr
+    assert Store(path).lookup(made.stdout.strip()) == Principal("coach-app", "partner", OP)
