@@ -47,7 +47,9 @@ def _platform(settings):
     root = bootstrap.start(settings, "payment", announce=False)
     platform = platform_from_env(root.payment_public_key)
     if platform is None:
-        raise SystemExit(f"farebox payments: {URL_ENV} is not set: give the payment platform's address")
+        print(f"farebox payments: {URL_ENV} is not set: give the payment platform's address (and "
+              "FAREBOX_PAYMENT_MERCHANT, FAREBOX_PAYMENT_SECRET)", file=sys.stderr)
+        raise SystemExit(2)
     return root, platform
 
 
