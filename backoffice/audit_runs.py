@@ -538,7 +538,8 @@ def _tickets(conn, operator, runs, audited_ids, stored) -> list[Difference]:
             if u is None or not u.revenue or u.use_no is None:
                 out.append(Difference(f"{what}: a counting use behind it", None if u is None else u.revenue, True))
                 continue
-            want = (_ticket_value(t, int(u.use_no)), u.route, u.vehicle, u.driver,
+            # the ledger keeps 32 characters of each (a counter's station name may be longer)
+            want = (_ticket_value(t, int(u.use_no)), u.route[:32], u.vehicle[:32], u.driver[:32],
                     _service_day(_utc(u.occurred_at), tz, cutoff))
             have = (int(line.amount), line.route, line.vehicle, line.driver, _day(line.for_day))
             if have != want:
