@@ -17,8 +17,10 @@ Why it holds:
 - Replies are written ``pending`` in the same transaction as the step that says them, sent after the commit under
   the client reference ``fbsms<row id>`` (the gateway sends a reference once, so a retry after a lost answer does
   not text the rider twice) and marked ``sent``; ``sweep`` retries what is still pending.
-- The pickup code is texted once: the step ``paying -> done`` is a conditional UPDATE on the conversation, and the
-  tickets come from ``orders.issue_tickets`` (idempotent).
+- The pickup code is texted once: the step ``paying -> done`` is a conditional UPDATE on the conversation, the
+  tickets come from ``orders.issue_tickets`` (idempotent), and the text's key ``pickup:<order>`` is unique in the
+  log. An SMS order paid after the rider was told its time ran out (the money is the rider's: the order revives
+  while the seat is free) gets its code the same way.
 - The seat hold is the order's (backoffice.tickets.orders): a quote is an order in state created whose hold ends
   when the quote does (10 minutes); Y extends the hold by the time to pay (15 minutes); an unconfirmed quote, N, or
   an unpaid order past its time is expired here with its seats given back (or by the ticket expiry job, whichever
@@ -211,7 +213,12 @@ def _quote(conn, ch: Channel, phone: str, text: str, conv, now: datetime) -> str
         _say(conn, phone, f"日期或时间不对：{day_text} {at}。 Date or time not understood: {day_text} {at} "
              "(YYYY-MM-DD HH:MM).", now)
         return "bad date"
-    if conv.state == "paying" and _order_state(conn, conv.order_id) == "created":
+    if conv.state == "paying" and _order_state(conn, conv.order_id) in ("paid", "issued"):
+        _deliver(conn, ch, conv, now)  # its pickup code first: a new quote must not lose it
+    elif conv.state == "paying" and _order_state(conn, conv.order_id) == "created" and \
+            _utc(conv.expires_at) <= now:
+        _give_back(conn, conv.order_id, now, "not paid in time by SMS; seat released")
+    elif conv.state == "paying" and _order_state(conn, conv.order_id) == "created":
         _say(conn, phone, f"您有待付款的订单 {conv.order_id}：请先付款，或回复 N 取消。 Order {conv.order_id} is "
              "waiting for payment: pay it, or reply N to cancel it first.", now, conv.order_id)
         return "refused: an order is waiting for payment"
@@ -349,6 +356,7 @@ def sweep(ch: Channel) -> dict:
                          f"{'The quote' if conv.state == 'quoted' else 'The time to pay'} ran out: order "
                          f"{conv.order_id} is cancelled and the seat released.", now, conv.order_id)
                     done["expired"] += 1
+    done["late"] = _late_payments(ch, now)
     flush_outbox(ch)
     return done
 
@@ -358,15 +366,41 @@ def _deliver(conn, ch: Channel, conv, now: datetime) -> bool:
         return False
     if not _set(conn, conv.phone, now, from_state="paying", state="done", expires_at=None):
         return False  # another process texted it
-    tickets = orders.issue_tickets(conn, conv.order_id, keys=ch.ticket_keys, who=WHO, now=now)
+    return _pickup_code(conn, ch, conv.phone, conv.order_id, now)
+
+
+def _pickup_code(conn, ch: Channel, phone: str, order_id: str, now: datetime) -> bool:
+    """Issue the paid order's tickets and text their pickup codes: once per order, whichever process or path
+    (conversation, late payment) gets here first (the text's key ``pickup:<order>`` is unique in the log)."""
+    tickets = orders.issue_tickets(conn, order_id, keys=ch.ticket_keys, who=WHO, now=now)
     dep = conn.execute(select(Departure.service_date, Departure.departs_local, Departure.route)
                        .join(SeatHold, SeatHold.departure_id == Departure.id)
-                       .where(SeatHold.order_id == conv.order_id)).first()
+                       .where(SeatHold.order_id == order_id)).first()
     when = f"{dep.service_date} {dep.departs_local} {dep.route} " if dep else ""
     codes = ", ".join(t.pickup_code for t in tickets)
-    _say(conn, conv.phone, f"已付款。取票码 {codes}（{when}上车时出示或在车上键盘输入）。 Paid. Pickup code {codes} "
-         f"({when}show it or key it in on the coach).", now, conv.order_id)
-    return True
+    text = (f"已付款。取票码 {codes}（{when}上车时出示或在车上键盘输入）。 Paid. Pickup code {codes} "
+            f"({when}show it or key it in on the coach).")
+    return _insert_or_nothing(conn, _M, {"direction": "out", "gateway_id": f"pickup:{order_id}", "phone": phone,
+                                         "text": text[:500], "at": now, "order_id": order_id, "state": "pending",
+                                         "outcome": ""})
+
+
+def _late_payments(ch: Channel, now: datetime) -> int:
+    """SMS orders paid but not issued that no open conversation waits for (paid after the rider was told the time
+    ran out, or after a new quote): their tickets and pickup codes go out all the same."""
+    if ch.ticket_keys is None:
+        return 0
+    with ch.engine.connect() as conn:
+        due = conn.execute(select(TicketOrder.order_id, TicketOrder.phone).where(
+            TicketOrder.channel == "sms", TicketOrder.state == "paid").limit(100)).all()
+    done = 0
+    for order_id, phone in due:
+        with ch.engine.begin() as conn:
+            waiting = conn.execute(select(_C.c.phone).where(_C.c.order_id == order_id,
+                                                            _C.c.state == "paying")).first()
+            if waiting is None and _pickup_code(conn, ch, phone, order_id, now):
+                done += 1
+    return done
 
 
 # -------------------------------------------------------------------------------------------------- outbox

@@ -348,3 +348,52 @@ def test_farebox_serve_answers_texts_and_sends_the_pickup_code_by_itself(tmp_pat
         sms.stop()
         pay.stop()
         engine.dispose()
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_revision_0023_downgrades_alone_and_back(db, request, tmp_path):
+    from alembic import command
+    from sqlalchemy import MetaData
+
+    from backoffice.db import alembic_config
+
+    url = f"sqlite:///{tmp_path}/bo.db" if db == "sqlite" else request.getfixturevalue("pg_schema_url")
+    engine = make_engine(url)
+    upgrade(engine)
+    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "2026_12_03_0023@-1")  # only this branch's step: back to 0020, others untouched
+    reflected = MetaData()
+    reflected.reflect(engine)
+    assert not {"sms_message", "sms_conversation"} & set(reflected.tables)
+    assert {"ticket_order", "departure", "payment_refund"} <= set(reflected.tables)
+    upgrade(engine)
+    reflected = MetaData()
+    reflected.reflect(engine)
+    assert {"sms_message", "sms_conversation"} <= set(reflected.tables)
+    engine.dispose()
+
+
+def test_an_order_not_paid_in_time_gives_its_seat_back_and_a_late_payment_is_not_lost(world):
+    w = world
+    w.text(RIDER, ASK)
+    w.text(RIDER, "Y")
+    [(order_id, *_)] = w.orders_of(RIDER)
+    (busy,) = w.text(RIDER, ASK)  # one open order per number: pay or cancel it first
+    assert "waiting for payment" in busy and len(w.orders_of(RIDER)) == 1 and w.seats_taken() == 1
+    w.clock.tick(16 * 60)  # past "pay within 15 minutes"
+    gone = wait_for(lambda: next((t for t in w.sms.texts_to(RIDER) if "time to pay ran out" in t), None))
+    assert order_id in gone and w.seats_taken() == 0
+    assert sql(w.engine, "SELECT state, paid_fen FROM ticket_order WHERE order_id = :o", o=order_id) == [
+        ("expired", 0)]
+    # the rider pays the old link anyway: the books keep the money (the order revives while the seat is free)
+    w.pay.rider_pays(order_id)
+    (state, paid), = wait_for(lambda: [r for r in sql(w.engine, "SELECT state, paid_fen FROM ticket_order "
+                                                      "WHERE order_id = :o", o=order_id) if r[1]])
+    assert paid == PRICE and state in ("paid", "issued")
+    code_text = wait_for(lambda: next((t for t in w.sms.texts_to(RIDER) if "Pickup code" in t), None))
+    [(serial,)] = sql(w.engine, "SELECT pickup_serial FROM ticket WHERE order_id = :o", o=order_id)
+    assert re.search(r"Pickup code (\d{10})\d{6}", code_text).group(1) == f"{serial:010d}"
+    time.sleep(0.3)
+    assert sum("Pickup code" in t for t in w.sms.texts_to(RIDER)) == 1
