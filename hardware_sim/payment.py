@@ -335,3 +335,27 @@ class PlatformSimulator(PaymentPlatform):
             at = e["at"].astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
             out.append(f"{e['kind']},{e['order_id']},{e['ref']},{e['amount']},{e['fee']},{at}")
         return "\r\n".join(out) + "\r\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hardware_sim.payment [--port N]``: the simulated platform as a process, until interrupted
+    (merchant ``farebox``, the published test merchant secret and platform key)."""
+    import argparse
+    import time as _time
+
+    p = argparse.ArgumentParser(description="simulated payment platform (HTTP, signed both ways)")
+    p.add_argument("--port", type=int, default=0)
+    args = p.parse_args(argv)
+    sim = PlatformSimulator().start(args.port)
+    print(f"payment platform simulator at {sim.url} (public key {sim.public_key.hex()}, merchant farebox, secret "
+          f"{TEST_MERCHANT_SECRET.hex()})", flush=True)
+    try:
+        while True:
+            _time.sleep(3600)
+    except KeyboardInterrupt:
+        sim.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

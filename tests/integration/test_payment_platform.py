@@ -28,6 +28,7 @@ from test_topup import KEYS, Clock, issued_card
 
 from backoffice import registry
 from backoffice.cards import topup
+from backoffice.cards.payments import WebhookRefused
 from backoffice.db import make_engine, upgrade
 from backoffice.payments.close import close_figures
 from backoffice.payments.platform import HttpPlatform, PlatformRefused, PlatformUnavailable
@@ -516,6 +517,10 @@ def test_forged_notifications_and_answers_are_not_believed(world):
     forged = forger.pay(k, k_fen)
     r = httpx.post(w.notify_url, content=forged.body, headers={"X-Payment-Signature": forged.signature})
     assert r.status_code == 401
+    with pytest.raises(WebhookRefused):  # the adapter's own check says the same
+        w.platform.verify_notification(forged.body, forged.signature, now=w.clock())
+    genuine = w.sim.pay(k, k_fen)
+    assert w.platform.verify_notification(genuine.body, genuine.signature, now=w.clock())["order_id"] == k
     # genuinely signed, but for another amount than the order's (a notification of another order, replayed here)
     other = w.sim.pay(k, 1)
     r = httpx.post(w.notify_url, content=other.body, headers={"X-Payment-Signature": other.signature})
