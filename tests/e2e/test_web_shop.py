@@ -231,6 +231,12 @@ def test_a_rider_buys_a_ride_and_a_coach_seat_on_a_phone(shop, phone, tmp_path):
     assert coach_ticket != ride_ticket
     assert len(shop["sms"].texts_to(PHONE)) == 1  # one code sent in all
 
+    # the same page in English, one language at a time
+    _click(driver, "#lang-en")
+    _wait(driver, "#lang-zh")
+    assert "give the driver the pickup code" in driver.page_source and "取票码" not in driver.page_source
+    _shot(driver, "shop-ticket-coach-en")
+
     # the books in plain SQL: one seat sold of two, what the page now says; two payments on the platform
     assert sql(engine, "SELECT seats, seats_taken FROM departure WHERE id = :d", d=shop["dep"]) == [(2, 1)]
     driver.get(f"{base}/shop/{OP}?day={shop['tomorrow']}")
