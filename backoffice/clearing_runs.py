@@ -24,7 +24,6 @@ import pandas as pd
 from sqlalchemy import Connection, and_, func, select, tuple_, update
 
 from backoffice import day_lock
-from backoffice.tickets import revenue as ticket_revenue
 from backoffice.models import (
     ClearingRow,
     ClearingRun,
@@ -209,6 +208,14 @@ def _stored(conn: Connection, run, *, recleared: bool = False) -> StoredRun | No
                      run.fingerprint, totals, rows, recleared)
 
 
+def _ticket_revenue():
+    """backoffice.tickets.revenue, imported when a run needs it: the registry imports this module, and the ticket
+    use cases import the registry's neighbours; a top-level import here closes a circle."""
+    from backoffice.tickets import revenue
+
+    return revenue
+
+
 def ticket_totals(rows: pd.DataFrame) -> dict:
     """A run's ticket figures from its rows, in fen: uses and revenue of its day, of earlier days, and together
     (``ticket_gross``). Not part of ``payable_*``: the card issuer pays card fares only."""
@@ -223,7 +230,7 @@ def ticket_totals(rows: pd.DataFrame) -> dict:
 
 def _with_tickets(conn: Connection, result: ClearingResult, run_id: int, window: ClearingWindow) -> ClearingResult:
     """The card result with the run's ticket rows beside its rows (sorted as a run's rows are)."""
-    extra = ticket_revenue.run_rows(conn, run_id, window)
+    extra = _ticket_revenue().run_rows(conn, run_id, window)
     if not extra:
         return result
     frame = pd.concat([result.rows, pd.DataFrame(extra, columns=list(ROW_FIELDS))], ignore_index=True)
@@ -276,7 +283,7 @@ def _reclear(conn: Connection, run) -> StoredRun:
             f"{result.fingerprint[:16]}… (stored {run.fingerprint[:16]}…) and the day's gross "
             f"{result.totals['day_gross']} fen (stored {run.day_gross}); stored taps of a closed day have changed: "
             "look at the tap table, the run stays as it was")
-    changed = ticket_revenue.changed_uses(conn, run.id, window)
+    changed = _ticket_revenue().changed_uses(conn, run.id, window)
     if changed:
         raise ClearingMismatch(
             f"{run.operator} {run.service_day}: {len(changed)} ticket use(s) run {run.id} recognised no longer give "
@@ -345,7 +352,7 @@ def _clear_new_day(conn: Connection, op, operator: str, day: date, now: datetime
             ReconItem.operator == operator, ReconItem.status == "adjusted", ReconItem.carried_run_id.is_(None)))]
     run_id = _insert_run(conn, window, now)
     claim_taps(conn, run_id=run_id, window=window)
-    ticket_revenue.recognise(conn, run_id=run_id, window=window)
+    _ticket_revenue().recognise(conn, run_id=run_id, window=window)
     result = _with_tickets(conn, clear(load_run_taps(conn, run_id, window), window, adjustments), run_id, window)
     _store_result(conn, run_id, result, adjustments)
     return _stored(conn, _run_row(conn, ClearingRun.id == run_id))
