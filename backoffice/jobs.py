@@ -224,5 +224,24 @@ def payments_statements(now: datetime | None = None, tz: str = "Asia/Shanghai"):
         if stored.new:
             log.info("payments: statement of %s stored (%d line(s)), %d new work-list item(s)", day, stored.lines,
                      len(items))
+            _payments_close(engine, day, tz)
         done.append((stored, items))
     return done
+
+
+def _payments_close(engine: Engine, day: date, tz: str) -> None:
+    """The day's close report (reports.payments_close) beside the other reports, when a statement came in. The
+    statement is stored already, so a failure here is logged; ``farebox payments close-report`` makes it again."""
+    _, reports_dir = _context()
+    if reports_dir is None:
+        return
+    from backoffice.payments.close import close_figures
+    from reports.payments_close import write_close_report
+
+    try:
+        with engine.connect() as conn:
+            close = close_figures(conn, day=day, tz=tz)
+        write_close_report(close, Path(reports_dir) / "payments")
+    except Exception:
+        log.exception("payments: the close report of %s was not written; `farebox payments close-report --day %s` "
+                      "makes it", day, day)

@@ -466,7 +466,7 @@ def test_farebox_payments_at_the_command_line(world, tmp_path):
     assert (tmp_path / "out" / f"payments-close-{day.isoformat()}.xlsx").exists()
 
 
-def test_the_scheduler_fetches_the_last_days_statements_once(world):
+def test_the_scheduler_fetches_the_last_days_statements_once(world, tmp_path):
     from backoffice import jobs
     from backoffice.scheduler import add_payment_jobs, make_scheduler, stop_scheduler
 
@@ -474,7 +474,7 @@ def test_the_scheduler_fetches_the_last_days_statements_once(world):
     scheduler = make_scheduler(w.engine)
     scheduler.start(paused=True)
     try:
-        jobs.bind(w.engine, reports_dir=None)
+        jobs.bind(w.engine, reports_dir=tmp_path / "reports")
         assert sorted(add_payment_jobs(scheduler, w.platform)) == ["payments:query", "payments:refunds",
                                                                    "payments:statements"]
     finally:
@@ -495,6 +495,7 @@ def test_the_scheduler_fetches_the_last_days_statements_once(world):
     assert [(s.day, s.new, s.lines) for s, _ in done] == [(date(2026, 12, 1), True, 0), (date(2026, 12, 2), True, 0),
                                                          (DAY, True, 4)]
     assert [items for _, items in done] == [[], [], []]  # a clean day reconciles to zero differences
+    assert (tmp_path / "reports" / "payments" / "payments-close-2026-12-03.pdf").exists()
     again = jobs.payments_statements(now=w.clock())  # the same files again (a second scheduler, a rerun)
     assert [s.new for s, _ in again] == [False, False, False]
     assert sql(w.engine, "SELECT day, lines FROM payment_statement ORDER BY day")[-1][1] == 4
