@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from urllib.parse import parse_qs
 from zoneinfo import ZoneInfo
 
+from validator.messages import yuan
 from validator.shift_report import card_type_label, pad, pair, render, when, width_of
 from wire.records import RecordKind, TapRecord
 
@@ -99,11 +100,6 @@ TEXTS: dict[str, tuple[str, str]] = {
 def say(key: str, languages: Sequence[str]) -> str:
     zh, en = TEXTS[key]
     return " ".join(text for lang, text in (("zh", zh), ("en", en)) if lang in languages)
-
-
-def yuan(fen: int) -> str:
-    sign = "-" if fen < 0 else ""
-    return f"{sign}{abs(fen) // 100}.{abs(fen) % 100:02d}"
 
 
 def masked(asn: str) -> str:

@@ -32,6 +32,7 @@ Why it holds:
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -43,13 +44,12 @@ from backoffice.models import Departure, Product, SeatHold, TicketOrder
 from backoffice.sms import tables
 from backoffice.sms.gateway import InboundSms, SmsError, SmsGateway
 from backoffice.tickets import catalogue, orders
-from clearing.money import yuan as _yuan
+from clearing import money
 
 log = logging.getLogger(__name__)
 
 
-def yuan(fen: int) -> str:
-    return _yuan(fen, symbol="¥")
+_price = functools.partial(money.yuan, symbol="¥")  # fen as "¥45.50": clearing's one formatter
 
 QUOTE_MINUTES = 10  # reply Y within ...
 PAY_MINUTES = 15  # pay within ... after Y
@@ -244,9 +244,9 @@ def _quote(conn, ch: Channel, phone: str, text: str, conv, now: datetime) -> str
     left = conn.execute(select(Departure.seats - Departure.seats_taken).where(Departure.id == d.id)).scalar()
     expires = now + timedelta(minutes=QUOTE_MINUTES)
     _set(conn, phone, now, state="quoted", operator=operator, order_id=order_id, expires_at=expires)
-    _say(conn, phone, f"{d.service_date} {d.departs_local} {origin}→{destination}（{d.route}）票价 {yuan(price)}，"
+    _say(conn, phone, f"{d.service_date} {d.departs_local} {origin}→{destination}（{d.route}）票价 {_price(price)}，"
          f"余座 {left}。已为您保留 1 座，请在{QUOTE_MINUTES}分钟内回复 Y 确认，N 取消。 "
-         f"Coach {d.route} {d.service_date} {d.departs_local} {origin} to {destination}: fare {yuan(price)}, "
+         f"Coach {d.route} {d.service_date} {d.departs_local} {origin} to {destination}: fare {_price(price)}, "
          f"{left} seats left. One seat held: reply Y within {QUOTE_MINUTES} minutes to confirm, N to cancel.",
          now, order_id)
     return f"quoted {order_id}"
@@ -292,11 +292,11 @@ def _payment_link(ch: Channel, phone: str, order_id: str) -> None:
         except PlatformError as e:
             log.warning("sms: no payment page for %s yet: %s", order_id, e)
     if link:
-        text = (f"请在{PAY_MINUTES}分钟内支付 {yuan(total)}：{link} 订单 {order_id}。 Pay {yuan(total)} within "
+        text = (f"请在{PAY_MINUTES}分钟内支付 {_price(total)}：{link} 订单 {order_id}。 Pay {_price(total)} within "
                 f"{PAY_MINUTES} minutes: {link} (order {order_id}).")
     else:
-        text = (f"订单 {order_id} 待支付 {yuan(total)}，支付页面暂不可用，请稍后回复 Q。 Order {order_id}: "
-                f"{yuan(total)} to pay; the payment page is not available now, reply Q later.")
+        text = (f"订单 {order_id} 待支付 {_price(total)}，支付页面暂不可用，请稍后回复 Q。 Order {order_id}: "
+                f"{_price(total)} to pay; the payment page is not available now, reply Q later.")
     with ch.engine.begin() as conn:
         _say(conn, phone, text, now, order_id)
 
@@ -323,7 +323,7 @@ def _query(conn, ch: Channel, phone: str, now: datetime) -> str:
             if view.issued_at is not None and ch.ticket_keys is not None:
                 codes = " 取票码 pickup code " + ", ".join(
                     t.pickup_code for t in orders.tickets_of(conn, order_id, keys=ch.ticket_keys))
-            lines.append(f"{order_id} {view.state} {yuan(view.total_fen)}{codes}")
+            lines.append(f"{order_id} {view.state} {_price(view.total_fen)}{codes}")
     if not lines:
         _say(conn, phone, "此号码没有车票。 No tickets for this number.", now)
         return "query: none"
