@@ -15,8 +15,9 @@
 6. `farebox payments statement fetch` stores the day's file and reconciles it: no differences, and its money is
    the books' (plain SQL).
 
-The back office's web app (shop, SMS webhook, payment webhook) runs in this process under uvicorn, wired as
-test_web_shop and test_sms_channel wire it; everything else is its own process or server."""
+The back office is `farebox serve` (pages, API, the SMS and payment webhooks, its scheduler sweeping the SMS dialogue)
+and `farebox ingest`, each its own process configured by its FAREBOX_* settings (the published test keys, with
+--insecure-test-keys); the payment platform and the SMS gateway are simulators serving HTTP."""
 
 from __future__ import annotations
 
@@ -34,23 +35,14 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import text
 
 from backoffice import clearing_runs, packages_publish, registry
 from backoffice.db import make_engine, upgrade
-from backoffice.keyservice import LocalKeyService
-from backoffice.payments.platform import HttpPlatform
-from backoffice.sms.gateway import TEST_SMS_SECRET, HttpSmsGateway
+from backoffice.sms.gateway import TEST_SMS_SECRET
 from backoffice.tickets import catalogue
 from backoffice.tickets.keys import published_test_keys
-from backoffice.web.api.ota import configure_ota
-from backoffice.web.api.sms import configure_sms_channel
-from backoffice.web.app import create_app
-from backoffice.web.auth import TokenStore
-from backoffice.web.shop_service import configure_shop
 from epurse.cardtypes import CardType
-from epurse.keys import TEST_ISSUER_KEYS
 from farebox.broker import free_port
 from hardware_sim.card import SimCard
 from hardware_sim.keypad import SimKeypad
@@ -175,43 +167,38 @@ def world(tmp_path, pg_schema_url, mosquitto_url, uid):
     api = f"http://127.0.0.1:{port}/api/v1"
     pay = PlatformSimulator().start()
     sms = SmsGatewaySimulator(inbound_url=f"{api}/sms/inbound").start()
-    app = create_app(engine, tokens=TokenStore(tokens={}), migrate=False)
-    configure_ota(app, keys=LocalKeyService(TEST_ISSUER_KEYS, source="test keys"), webhook_key=pay.public_key)
-    platform = HttpPlatform(pay.url, merchant_id="farebox", secret=TEST_MERCHANT_SECRET, public_key=pay.public_key)
-    gateway = HttpSmsGateway(sms.url, account="farebox", secret=TEST_SMS_SECRET)
-    configure_shop(app, ticket_keys=KEYS, platform=platform, notify_url=f"{api}/ota/webhook", otp_sender=gateway)
-    configure_sms_channel(app, gateway=gateway, secret=TEST_SMS_SECRET, ticket_keys=KEYS, platform=platform,
-                          notify_url=f"{api}/ota/webhook", sweep_every=0.2)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAREBOX_")}
     env.update(FAREBOX_DATABASE_URL=pg_schema_url, FAREBOX_MQTT_URL=mosquitto_url, FAREBOX_VAR_DIR=str(tmp_path),
                FAREBOX_PAYMENT_URL=pay.url, FAREBOX_PAYMENT_MERCHANT="farebox",
-               FAREBOX_PAYMENT_SECRET=TEST_MERCHANT_SECRET.hex(), PYTHONUNBUFFERED="1")
-    ready = tmp_path / "ingest.ready"
-    with open(tmp_path / "ingest.log", "w") as log:
-        ingest = subprocess.Popen([sys.executable, "-m", "farebox.cli", "--insecure-test-keys", "ingest",
-                                   "--client-id", f"ingest_{uid}", "--operator", op, "--ready-file", str(ready)],
-                                  env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+               FAREBOX_PAYMENT_SECRET=TEST_MERCHANT_SECRET.hex(), FAREBOX_PAYMENT_NOTIFY_URL=f"{api}/ota/webhook",
+               FAREBOX_PAYMENT_PUBLIC_KEY=pay.public_key.hex(), FAREBOX_SMS_URL=sms.url,
+               FAREBOX_SMS_ACCOUNT="farebox", FAREBOX_SMS_SECRET=TEST_SMS_SECRET.hex(), PYTHONUNBUFFERED="1",
+               # as well as --insecure-test-keys: serve's SMS and payment jobs read the settings again from the
+               # environment, where the command-line flag is not (farebox/sms_cmd.py, farebox/payments_cmd.py)
+               FAREBOX_INSECURE_TEST_KEYS="1")
+    # the back office: `farebox serve` (pages, API, webhooks, scheduler: the SMS sweep, the payment jobs) and
+    # `farebox ingest`, each its own process, as in production
+    procs = []
+    for name, args in (("serve", ["serve", "--no-ingest", "--no-status", "--no-publisher", "--port", str(port)]),
+                       ("ingest", ["ingest", "--client-id", f"ingest_{uid}", "--operator", op])):
+        ready = tmp_path / f"{name}.ready"
+        with open(tmp_path / f"{name}.log", "w") as log:
+            procs.append((name, ready, subprocess.Popen(
+                [sys.executable, "-m", "farebox.cli", "--insecure-test-keys", *args, "--ready-file", str(ready)],
+                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)))
     try:
-        wait_for(lambda: ready.exists() or ingest.poll() is not None, "ingest to start", 60)
-        assert ingest.poll() is None, (tmp_path / "ingest.log").read_text()[-3000:]
+        for name, ready, proc in procs:
+            wait_for(lambda: ready.exists() or proc.poll() is not None, f"{name} to start", 90)
+            assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
         yield dict(engine=engine, op=op, device=device, base=f"http://127.0.0.1:{port}", pay=pay, sms=sms, env=env,
                    departs=departs, mqtt=mosquitto_url, tmp=tmp_path, uid=uid)
     finally:
-        ingest.send_signal(signal.SIGTERM)
-        try:
-            ingest.wait(30)
-        except subprocess.TimeoutExpired:
-            ingest.kill()
-        app.state.sms_sweep.stop()
-        server.should_exit = True
-        thread.join(10)
-        gateway.close()
-        platform.close()
+        for _name, _ready, proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         sms.stop()
         pay.stop()
         engine.dispose()
