@@ -19,6 +19,11 @@ statement; it posts its notifications to the order's ``notify_url``. It misbehav
 - ``statement_extra`` (lines added to every file: an order farebox never had), ``statement_omit`` (order ids left
   out: a missing order).
 
+``GET /pay/<order_id>`` is the rider's payment page (what ``pay_url`` points at): the amount to pay and two buttons,
+"pay" and "cancel". Paying is ``rider_pays``; either button then sends the browser back (303) to the shop's
+``return_url`` (a query parameter of the link, as wallet H5 pages take a redirect URL; http(s) only), or shows
+"paid" / "cancelled" when there is none. The page needs no merchant signature: the rider's browser has none.
+
 Its own ledger says what money moved: ``ledger`` (one entry per payment collected and per refund paid out) and
 ``refunds`` (refund id -> what was paid out), so a test can check a refund was paid once.
 """
@@ -34,7 +39,9 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from html import escape
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -177,6 +184,9 @@ class PlatformSimulator(PaymentPlatform):
         body = h.rfile.read(length) if length else b""
         path = h.path
         self.calls.append((method, path))
+        if path.startswith("/pay/"):  # the rider's browser: no merchant signature
+            self._pay_page(h, method, body)
+            return
         if not self._merchant_ok(h, method, path, body):
             self._answer(h, 401, {"reason": "bad_signature", "message": "merchant signature does not verify"})
             return
@@ -202,6 +212,59 @@ class PlatformSimulator(PaymentPlatform):
             self._answer(h, status, None, csv_text=answer)
         else:
             self._answer(h, status, answer)
+
+    # ------------------------------------------------------------------------------------------ the rider's page
+    def _html(self, h: BaseHTTPRequestHandler, status: int, title: str, inner: str) -> None:
+        page = (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" "
+                f"content=\"width=device-width\"><title>{escape(title)}</title><style>body{{font:18px sans-serif;"
+                f"margin:2em auto;max-width:24em;text-align:center}} button{{font-size:1.2em;margin:.5em;"
+                f"padding:.5em 1.5em}} #amount{{font-size:2em}}</style></head><body><h1>{escape(title)}</h1>{inner}"
+                f"</body></html>").encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "text/html; charset=utf-8")
+        h.send_header("Content-Length", str(len(page)))
+        h.end_headers()
+        h.wfile.write(page)
+
+    @staticmethod
+    def _return_url(text: str) -> str | None:
+        parts = urlsplit(text)
+        return text if parts.scheme in ("http", "https") and parts.netloc and len(text) <= 2000 else None
+
+    def _pay_page(self, h: BaseHTTPRequestHandler, method: str, body: bytes) -> None:
+        """GET: the amount and the pay / cancel buttons; POST (the form): pay or not, then back to the shop."""
+        parts = urlsplit(h.path)
+        order_id = parts.path[len("/pay/"):]
+        given = parse_qs(parts.query) if method == "GET" else parse_qs(body.decode("utf-8", "replace"))
+        back = self._return_url((given.get("return_url") or [""])[0])
+        with self._lock:
+            o = self.orders.get(order_id)
+        if o is None:
+            self._html(h, 404, "Payment platform (simulator)", "<p id=\"unknown\">No such payment.</p>")
+            return
+        if method == "POST":
+            choice = (given.get("action") or [""])[0]
+            if choice == "pay":
+                self.rider_pays(order_id)
+            if back is not None:
+                h.send_response(303)
+                h.send_header("Location", back)
+                h.send_header("Content-Length", "0")
+                h.end_headers()
+                return
+            done = "paid" if choice == "pay" else "cancelled"
+            self._html(h, 200, "Payment platform (simulator)", f"<p id=\"{done}\">Payment {done}.</p>")
+            return
+        amount = f"¥{o['amount'] // 100}.{o['amount'] % 100:02d}"  # the platform's own screen, not farebox's
+        if o["payment_ref"] is not None:
+            inner = f"<p id=\"paid\">{escape(o['order_id'])}: paid {amount}.</p>"
+        else:
+            hidden = f"<input type=\"hidden\" name=\"return_url\" value=\"{escape(back)}\">" if back else ""
+            inner = (f"<p>{escape(o['description'] or o['order_id'])}</p><p id=\"amount\">{amount}</p>"
+                     f"<form method=\"post\" action=\"/pay/{escape(order_id)}\">{hidden}"
+                     f"<button id=\"pay\" name=\"action\" value=\"pay\">Pay {amount}</button>"
+                     f"<button id=\"cancel\" name=\"action\" value=\"cancel\">Cancel</button></form>")
+        self._html(h, 200, "Payment platform (simulator)", inner)
 
     def _merchant_ok(self, h, method: str, path: str, body: bytes) -> bool:
         try:

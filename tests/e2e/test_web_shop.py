@@ -137,17 +137,22 @@ def _click(driver, css: str) -> None:
 
 
 def _pay_and_see_ticket(driver, world, shot: str) -> tuple[str, str]:
-    """The order page: unpaid with a pay link; the rider pays in the wallet (the simulator); the page refreshes
-    itself to the ticket. (order id, page's pickup code)."""
+    """The order page: unpaid with a pay link; the rider follows it to the platform's page (the simulator), pays
+    there and is sent back to the order page, which shows the ticket. (order id, page's pickup code)."""
     from selenium.webdriver.common.by import By
 
     order_id = _wait(driver, "#order-id").text
     state = driver.find_element(By.ID, "state").get_attribute("class")
     assert "shop-created" in state
+    back, total = driver.current_url, driver.find_element(By.ID, "total").text
     pay = driver.find_element(By.ID, "pay").get_attribute("href")
-    assert pay == f"{world['sim'].url}/pay/{order_id}"
-    world["sim"].rider_pays(order_id)  # the rider pays on the platform's page, in the wallet app
+    assert pay.startswith(f"{world['sim'].url}/pay/{order_id}?return_url=")
+    _click(driver, "#pay")  # the platform's own page: the amount, then pay; it sends the browser back to the shop
+    assert _wait(driver, "#amount").text == total
+    _shot(driver, shot + "-platform")
+    _click(driver, "#pay")
     _wait(driver, "#qr-1")
+    assert driver.current_url == back
     assert "shop-issued" in driver.find_element(By.ID, "state").get_attribute("class")
     _shot(driver, shot)
     return order_id, driver.find_element(By.ID, "pickup-1").text
