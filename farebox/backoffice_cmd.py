@@ -45,13 +45,17 @@ def register(sub) -> None:
     p = token.add_parser("add", help="make a token, print it once, keep its SHA-256")
     p.add_argument("--role", required=True, choices=["clerk", "operator_staff", "operations", "admin", "partner"])
     p.add_argument("--name", required=True, help="who holds it")
-    p.add_argument("--operator", default=None, help="a clerk's bus company (clerks only)")
+    p.add_argument("--operator", default=None,
+                   help="the bus company a clerk or a partner works for (required for those two roles)")
+    p.add_argument("--lang", choices=["zh", "en"], default=None,
+                   help="the holder's page language (default: the name's earlier choice, else the browser's)")
     p.add_argument("--file", type=Path, default=None, help="the token file (default: the api_tokens_file setting)")
     p.add_argument("--days", type=float, default=None,
                    help="how many days the token works (default 90: backoffice.web.auth.DEFAULT_TOKEN_DAYS); "
                         "renew it with a new one")
     p.set_defaults(func=_token_add)
-    p = token.add_parser("list", help="names, roles, operators and the state of the tokens (expiry, revoked)")
+    p = token.add_parser("list", help="names, roles, operators, page languages and the state of the tokens "
+                                      "(expiry, revoked)")
     p.add_argument("--file", type=Path, default=None)
     p.set_defaults(func=_token_list)
     p = token.add_parser("revoke", help="stop a person's token now (a running farebox serve refuses it at once, "
@@ -96,7 +100,7 @@ def _token_add(args, settings) -> int:
             return 2
     try:
         token = add_token(path, role=args.role, name=args.name, operator=args.operator,
-                          days=DEFAULT_TOKEN_DAYS if args.days is None else args.days)
+                          days=DEFAULT_TOKEN_DAYS if args.days is None else args.days, lang=args.lang)
     except TokenFileError as e:
         print(f"farebox token add: {e}", file=sys.stderr)
         return 2
@@ -143,7 +147,7 @@ def _token_list(args, settings) -> int:
     now = datetime.now(UTC)
     for e in entries:
         p = e.principal
-        print(f"{p.name:<24} {p.role:<15} {p.operator or '':<12} {e.state(now)}")
+        print(f"{p.name:<24} {p.role:<15} {p.operator or '':<12} {e.lang or '-':<4} {e.state(now)}")
     working = sum(e.valid_at(now) for e in entries)
     print(f"{len(entries)} token(s) in {path}, {working} working")
     return 0

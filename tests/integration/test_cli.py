@@ -58,3 +58,23 @@ def test_quarantine_lists_what_ingest_refused_with_its_reason(tmp_path):
     done = farebox(tmp_path, "quarantine")
     assert done.returncode == 0
     assert "v9" in done.stdout and "12" in done.stdout and "TAC does not verify" in done.stdout
+
+
+def test_token_add_keeps_the_holders_language_and_token_list_shows_it(tmp_path):
+    import tomllib
+
+    path = tmp_path / "tokens.toml"
+    for name, lang in (("wang", "zh"), ("smith", "en")):
+        done = farebox(tmp_path, "token", "add", "--file", str(path), "--role", "operations", "--name", name,
+                       "--lang", lang)
+        assert done.returncode == 0, done.stderr
+    assert farebox(tmp_path, "token", "add", "--file", str(path), "--role", "admin", "--name", "li").returncode == 0
+    refused = farebox(tmp_path, "token", "add", "--file", str(path), "--role", "admin", "--name", "x", "--lang", "fr")
+    assert refused.returncode == 2 and "fr" in refused.stderr
+    # the file itself (what a login reads): each name with its language, li without one
+    kept = {t["name"]: t.get("lang") for t in tomllib.loads(path.read_text())["token"]}
+    assert kept == {"wang": "zh", "smith": "en", "li": None}
+    listed = farebox(tmp_path, "token", "list", "--file", str(path))
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line.split() for line in listed.stdout.splitlines() if line.split()[0] in kept}
+    assert rows["wang"][2] == "zh" and rows["smith"][2] == "en" and rows["li"][2] == "-"
