@@ -1,9 +1,10 @@
-"""The admin's page of staff users: who holds a token, with which role (and, for a clerk, which bus company), since
+"""The admin's page of staff users: who holds a token, with which role (and, for a clerk or a partner, which bus
+company), since
 and until when, revoked or not, and in which language their pages come.
 
 ``/admin/users`` lists the token file's entries and adds a user: the new token is shown on the answer to that form
-once and is stored nowhere (only its SHA-256 goes into the file, as with ``farebox token add``). A clerk's operator
-must exist in the database. ``/admin/users/revoke`` ends every working token of a name (and every page session
+once and is stored nowhere (only its SHA-256 goes into the file, as with ``farebox token add``). A clerk's or a
+partner's operator must exist in the database. ``/admin/users/revoke`` ends every working token of a name (and every page session
 opened with one, at once); ``/admin/users/lang`` keeps a user's language, applied at their next login. Each form is
 a thin view over backoffice.web.auth (add_token, revoke_token, set_lang), the functions the CLI calls, so a running
 ``farebox serve`` and the CLI see the same file. Admins only.
@@ -81,6 +82,8 @@ def _refusal(svc: Services, form: dict) -> tuple[str, str] | None:
         return ("请选择角色", f"Choose a role: {', '.join(auth.ROLES)}")
     if role in auth.OPERATOR_BOUND:  # a clerk, or a partner selling for one operator
         if not operator:
+            if role == "partner":
+                return ("合作方须指定公司", "A partner sells for one bus company: choose the operator")
             return ("公司文员须指定公司", "A clerk sees one bus company's data: choose the operator")
         with svc.engine.connect() as conn:
             if reads.registry_item(conn, kind="operators", key=operator) is None:
