@@ -1,13 +1,12 @@
 """The admin's page of staff users: who holds a token, with which role (and, for a clerk or a partner, which bus
-company), since
-and until when, revoked or not, and in which language their pages come.
+company), since and until when, revoked or not, and in which language their pages come.
 
 ``/admin/users`` lists the token file's entries and adds a user: the new token is shown on the answer to that form
 once and is stored nowhere (only its SHA-256 goes into the file, as with ``farebox token add``). A clerk's or a
-partner's operator must exist in the database. ``/admin/users/revoke`` ends every working token of a name (and every page session
-opened with one, at once); ``/admin/users/lang`` keeps a user's language, applied at their next login. Each form is
-a thin view over backoffice.web.auth (add_token, revoke_token, set_lang), the functions the CLI calls, so a running
-``farebox serve`` and the CLI see the same file. Admins only.
+partner's operator must exist in the database. ``/admin/users/revoke`` ends every working token of a name (and every
+page session opened with one, at once); ``/admin/users/lang`` keeps a user's language, applied at their next login.
+Each form is a thin view over backoffice.web.auth (add_token, revoke_token, set_lang), the functions the CLI calls,
+so a running ``farebox serve`` and the CLI see the same file. Admins only.
 """
 
 from __future__ import annotations
