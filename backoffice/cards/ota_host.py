@@ -1,5 +1,6 @@
 """The over-the-air host as the phone (through the operator's OTA gateway) and the payment platform reach it: each
-call is one transaction over :mod:`backoffice.cards.topup` and :mod:`backoffice.cards.payments`.
+call is one transaction over :mod:`backoffice.cards.topup` and, for the platform's notifications,
+:mod:`backoffice.payments.notify`.
 
 It lives beside them rather than in ``topup`` so that ``payments`` (which marks orders paid through ``topup``) and
 ``topup`` do not import each other."""
@@ -10,8 +11,9 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Engine
 
-from backoffice.cards import payments, topup
+from backoffice.cards import topup
 from backoffice.keyservice import KeyService
+from backoffice.payments import notify
 from epurse import apdu
 
 
@@ -44,7 +46,9 @@ class OtaHost:
             return result
 
     def payment_webhook(self, body: bytes, signature: str) -> str:
-        return self._run(payments.handle_webhook, body=body, signature=signature, public_key=self.webhook_key)
+        """The platform's notification (``POST /api/v1/ota/webhook`` calls this): verified and applied once by
+        backoffice.payments.notify, for a ticket order, a top-up order or a refund alike."""
+        return self._run(notify.handle_notification, body=body, signature=signature, public_key=self.webhook_key)
 
     def authorize(self, *, order_id: str, asn: str, init_answer: bytes, terminal_id: bytes,
                   log: list[bytes] | None = None) -> topup.LoadGrant:

@@ -23,7 +23,6 @@ returned or logged.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import re
 from collections.abc import Iterator
@@ -235,11 +234,8 @@ async def payment_webhook(request: Request, signature: Annotated[str | None, Hea
     host = ota_host(request)
     from starlette.concurrency import run_in_threadpool
 
-    from backoffice.payments.notify import handle_notification  # ticket and top-up orders, refunds (issue 11)
-
-    notified = functools.partial(host._run, handle_notification)
-    outcome = await run_in_threadpool(_host_call, notified, body=body, signature=signature,
-                                      public_key=host.webhook_key)
+    # backoffice.payments.notify: ticket and top-up orders, refunds (issue 11)
+    outcome = await run_in_threadpool(_host_call, host.payment_webhook, body=body, signature=signature)
     return {"outcome": outcome}
 
 
