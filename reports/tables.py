@@ -41,7 +41,8 @@ from pathlib import Path
 import pandas as pd
 
 from clearing.money import yuan, yuan_decimal
-from reports.pdf import MISSING_KEY, run_line, when_text
+from reports.daily import clearing_line
+from reports.pdf import MISSING_KEY, when_text
 from reports.tickets import YUAN_COLUMNS as TICKET_YUAN_COLUMNS
 from reports.tickets import export_frames as export_ticket_frames
 from reports.settlement_doc import (
@@ -237,8 +238,7 @@ def write_settlement_csv(tables: SettlementTables, directory: str | Path, *, ste
 def _about(tables: SettlementTables) -> pd.DataFrame:
     """The first sheet: what the workbook is, where its figures stand (status), and the totals in yuan."""
     made = when_text(tables.generated_at or datetime.now(UTC), tables.tz)
-    run = run_line(tables.run.id if tables.run else None, tables.run.at if tables.run else tables.generated_at,
-                   tables.tz)
+    run = clearing_line(tables)
     route = tables.by_route
     money = totals(route)
     rows = [("结算状态 Status", status_line(tables)),

@@ -187,7 +187,7 @@ def test_a_demo_like_day_is_settled_from_its_stored_run_with_reports_naming_it(e
     assert result.pdf == tmp_path / f"settlement-{OP}-{DAY}.pdf"
     pages = [p.extract_text() for p in PdfReader(result.pdf).pages]
     for page in pages:
-        assert f"clearing run {run.id} of" in page
+        assert f"清分批次 Clearing run {run.id} of" in page.replace("\n", "")
     whole = "".join(pages)
     for fen in (gross, commission, gross - commission):
         assert yuan(fen) in whole
@@ -212,7 +212,7 @@ def test_a_demo_like_day_is_settled_from_its_stored_run_with_reports_naming_it(e
     # XLSX: the about sheet names the run and says where the day stands, the fleet sheet the fleets.
     book = load_workbook(tmp_path / f"settlement-{OP}-{DAY}.xlsx")
     about = {r[0]: r[1] for r in book["about"].iter_rows(min_row=2, values_only=True)}
-    assert about["清分 Clearing"].startswith(f"clearing run {run.id} of")
+    assert about["清分 Clearing"].startswith(f"清分批次 Clearing run {run.id} of")
     assert about["结算状态 Status"].startswith(f"cleared in clearing run {run.id} of")
     assert in_fen(about[f"合计 Total {GROSS}"]) == gross and in_fen(about[f"合计 Total {COMMISSION}"]) == commission
     body = [r for r in book["by_fleet"].iter_rows(min_row=2, values_only=True)]

@@ -26,7 +26,8 @@ from reports.tables import write_settlement_csv, write_settlement_xlsx
 
 DAY = date(2024, 5, 2)
 RUN = ClearingRun("2024-05-02/3", datetime(2024, 5, 3, 1, 15, 30, tzinfo=UTC))
-RUN_LINE = "clearing run 2024-05-02/3 of 2024-05-03 01:15 UTC"
+RUN_LINE = "clearing run 2024-05-02/3 of 2024-05-03 01:15 UTC"  # a month's paper with a run id of another form
+DAY_RUN_LINE = "清分批次 Clearing run 2024-05-02/3 of 2024-05-03 01:15 UTC"  # the daily header: both languages
 LOCAL_RUN_LINE = "clearing run 2024-05-02/3 of 2024-05-03 09:15 Asia/Shanghai"  # a shift's or vehicle's paper
 GENERATED = datetime(2024, 5, 3, 1, 16, tzinfo=UTC)
 OPERATOR = "城市公交一公司"
@@ -139,7 +140,7 @@ def total_rows(texts: list[str], width: int, label: str = TOTAL) -> list[list[st
     return [all_lines[i + 1:i + 1 + width] for i, ln in enumerate(all_lines) if ln == label]
 
 
-def assert_headers(texts: list[str], period: str, run_line: str = RUN_LINE, operator: str = OPERATOR):
+def assert_headers(texts: list[str], period: str, run_line: str = DAY_RUN_LINE, operator: str = OPERATOR):
     n = len(texts)
     for i, text in enumerate(texts, start=1):
         flat = text.replace("\n", "")
@@ -251,7 +252,7 @@ def test_monthly_report(tmp_path):
     rows = shift_rows(900, days=31, seed=3)
     t = tables_for(rows, first=date(2024, 5, 1), last=date(2024, 5, 31), with_day=True)
     texts = pages(write_monthly_pdf(t, tmp_path / "m.pdf"))
-    assert_headers(texts, "month 2024-05 (2024-05-01 to 2024-05-31)")
+    assert_headers(texts, "month 2024-05 (2024-05-01 to 2024-05-31)", RUN_LINE)
     assert "每日笔数" in texts[0] and "Taps by day" in texts[0]
     taps, gross, commission, net = loop_sums(rows)
     totals = total_rows(texts, 4)
@@ -582,3 +583,29 @@ def test_vehicle_day(tmp_path):
     assert "06:00" in page and "14:00" in page and "14:10" in page and "00:30 +1d" in page
     assert "OUT OF BALANCE: 1 shift(s)" in flat.replace("\n", "")
     assert ["OUT"] == [ln for ln in page if ln == "OUT"] and "ok" in page
+
+
+def test_clearing_line_in_both_languages_on_the_daily_pdf_and_the_workbooks_about_sheet(tmp_path):
+    """The daily header and the XLSX "清分 Clearing" row say the run plainly in Chinese and English, in the
+    operator's zone: one run for a day, a span of runs for a month (reports.monthly.runs_label), an ad hoc
+    report said so."""
+    import openpyxl
+
+    rows = shift_rows(60, days=2)
+    seven = ClearingRun("7", datetime(2024, 5, 2, 20, 7, tzinfo=UTC))
+    day = dataclasses.replace(tables_for(rows, run=seven), tz="Asia/Shanghai")
+    line = "清分批次 Clearing run 7 of 2024-05-03 04:07 Asia/Shanghai"
+    texts = pages(write_daily_pdf(day, tmp_path / "day.pdf"))
+    assert all(line in t.replace("\n", "") for t in texts)  # the page header, on every page
+
+    def about(t, name):
+        sheet = openpyxl.load_workbook(write_settlement_xlsx(t, tmp_path / name))["about"]
+        return {r[0]: r[1] for r in sheet.iter_rows(values_only=True)}["清分 Clearing"]
+
+    assert about(day, "day.xlsx") == line
+    month = dataclasses.replace(tables_for(rows, first=date(2024, 5, 1), last=date(2024, 5, 2), with_day=True,
+                                           run=ClearingRun("1-2", seven.at)), tz="Asia/Shanghai")
+    assert about(month, "month.xlsx") == "清分批次 Clearing runs 1-2, the latest of 2024-05-03 04:07 Asia/Shanghai"
+    ad_hoc = dataclasses.replace(day, run=None)
+    assert about(ad_hoc, "adhoc.xlsx") == ("临时清分（无存档批次） Ad hoc clearing (no stored run) of "
+                                           "2024-05-03 09:16 Asia/Shanghai")
