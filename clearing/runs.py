@@ -146,19 +146,61 @@ class _Section:
 def _breakdowns(section_taps: _Section, keys: dict, operator: str, rate_bp: int, section: str,
                 for_day: date) -> list[tuple]:
     """Rows of every dimension of one section's purchases; every dimension shares the same commission."""
-    gross_total, n = section_taps.gross, len(section_taps.amount)
+    n = len(section_taps.amount)
+    per_dim = {} if not n else {
+        dim: _per_key(section_taps, keys[dim][0][section_taps.select], keys[dim][1]) for dim in DIMENSIONS[1:]}
+    return section_rows(operator, rate_bp, section, for_day, n, section_taps.gross, per_dim)
+
+
+def section_rows(operator: str, rate_bp: int, section: str, for_day: date, n: int, gross_total: int,
+                 per_dim: dict[str, list[tuple[str, int, int]]]) -> list[tuple]:
+    """A section's rows from its sums: the operator row (``n`` purchases, ``gross_total`` fen) and, per dimension,
+    (key, taps, gross) of each key sorted by key, the commission of the section allocated over the keys. The one
+    place a run's rows are made, from frames (``clear``) or from sums a database computed (``clear_sums``)."""
     commission_total = fee.commission_of(gross_total, rate_bp)
     out = [(section, "operator", operator, for_day, n, gross_total, commission_total,
             gross_total - commission_total)]
     if not n:
         return out
     for dim in DIMENSIONS[1:]:
-        all_codes, labels = keys[dim]
-        per_key = _per_key(section_taps, all_codes[section_taps.select], labels)
+        per_key = per_dim[dim]
+        if sum(t for _k, t, _g in per_key) != n or sum(g for _k, _t, g in per_key) != gross_total:
+            raise ArithmeticError(f"{section} {for_day}: the {dim} sums do not add up to the section's total; "
+                                  "refusing to settle")
         commissions = fee.allocate([gross for _label, _taps, gross in per_key], commission_total)
         for (label, taps, gross), com in zip(per_key, commissions, strict=True):
             out.append((section, dim, label, for_day, taps, gross, com, gross - com))
     return out
+
+
+def clear_sums(sections: dict[tuple[str, date], dict[str, list[tuple[str, int, int]]]], window: ClearingWindow,
+               adjustments: list[Adjustment] | tuple = (), *, fingerprint: str) -> ClearingResult:
+    """``clear``'s result from sums a database computed over the purchases a run took: ``sections`` maps
+    ("day" | "late", service day) to each dimension of ``DIMENSIONS[1:]``'s (key, taps, gross) rows (keys as
+    text, a missing key ""); the "day" section is always there (empty when nothing was bought). Rows, commission
+    allocation and totals are ``clear``'s (``section_rows``); ``fingerprint`` is the caller's
+    (``fingerprint_of_sums``)."""
+    fee.check_rate(window.rate_bp)
+    rows = []
+    keys = sorted(sections, key=lambda k: (k[0] != "day", k[1]))
+    if ("day", window.day) not in sections:
+        keys.insert(0, ("day", window.day))
+    for section, for_day in keys:
+        if section == "late" and for_day >= window.day:
+            raise ValueError(f"late purchases of {for_day} handed to the run of {window.day}")
+        per_dim = {dim: sorted(sections.get((section, for_day), {}).get(dim, []), key=lambda r: r[0])
+                   for dim in DIMENSIONS[1:]}
+        card = per_dim["card_type"]
+        rows += section_rows(window.operator, window.rate_bp, section, for_day, sum(t for _k, t, _g in card),
+                             sum(g for _k, _t, g in card), per_dim)
+    for adj in sorted(adjustments, key=lambda a: a.item_id):
+        com, net = fee.split(adj.amount, window.rate_bp)
+        rows.append(("reconciliation", "item", str(adj.item_id), adj.for_day, 0, int(adj.amount), com, net))
+    frame = pd.DataFrame(rows, columns=list(ROW_COLUMNS))
+    frame = frame.sort_values(["section", "for_day", "dimension", "key"], kind="stable").reset_index(drop=True)
+    for col in ("taps", "gross", "commission", "net"):
+        frame[col] = frame[col].astype("int64")
+    return ClearingResult(window, frame, fingerprint, _totals(frame))
 
 
 def _per_key(section_taps: _Section, codes: np.ndarray, labels: list[str]) -> list[tuple[str, int, int]]:
@@ -278,6 +320,21 @@ def _column_hash(col: pd.Series, k: np.uint64) -> np.ndarray:
 
 # One odd multiplier per column (from SplitMix64 itself), so that equal values in different columns differ.
 _MULTIPLIERS = [np.uint64(int(_splitmix(np.array([i], dtype=np.uint64))[0]) | 1) for i in range(1, 16)]
+
+
+FINGERPRINT_V2 = "2:"  # fingerprints made by ``fingerprint_of_sums`` start so; older ones are ``fingerprint``'s
+
+
+def fingerprint_of_sums(window: ClearingWindow, taps: int, total: int, xor: int, adjustments=()) -> str:
+    """The run's fingerprint from a summary of the taps it took that a database computed: ``taps`` purchases,
+    the wrapping sum (mod 2**64) and the XOR of one 64-bit value per tap (the first 8 bytes of the MD5 of the
+    tap's content as text: device, sequence, both times in whole seconds, route, vehicle, driver, card
+    type, amount; see ``backoffice.clearing_runs``). Same role as ``fingerprint``; marked ``2:`` so a run stored
+    with the older fingerprint is checked the older way."""
+    doc = {"window": window.params(), "taps": int(taps), "sum": int(total) % (1 << 64),
+           "xor": int(xor) % (1 << 64), "scheme": 2,
+           "adjustments": sorted([a.item_id, a.for_day.isoformat(), int(a.amount)] for a in adjustments)}
+    return FINGERPRINT_V2 + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:62]
 
 
 def fingerprint(taps: pd.DataFrame, mask: np.ndarray, window: ClearingWindow, adjustments=()) -> str:
