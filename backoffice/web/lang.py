@@ -21,7 +21,7 @@ from jinja2 import pass_context
 from starlette.requests import Request
 from starlette.responses import Response
 
-from backoffice.web import auth
+from backoffice.web import auth, messages
 from clearing.service_day import DEFAULT_TZ, local_time
 
 LANGS = {"zh": "中文", "en": "English"}
@@ -77,11 +77,15 @@ _LEADING_CJK = re.compile(rf"^[{_CJK}]+(?:[\s·:：,，]+[{_CJK}]+)*[\s·:：]+"
 
 @pass_context
 def pick(ctx, text) -> str:
-    """A message for the page's language: a (zh, en) pair shows one; older text written "中文 English" loses its
-    leading Chinese on an English page (the English half says the same, with the detail)."""
+    """A message for the page's language: a (zh, en) pair shows one; an English message of the domain code (a
+    registry refusal, a quarantine reason, an alarm: backoffice.web.messages) shows in Chinese on a Chinese page;
+    older text written "中文 English" loses its leading Chinese on an English page (the English half says the same,
+    with the detail)."""
     if isinstance(text, (tuple, list)) and len(text) == 2 and all(isinstance(x, str) for x in text):
         return text[1] if ctx.get("lang") == "en" else text[0]
     text = "" if text is None else str(text)
+    if ctx.get("lang") != "en":
+        return messages.chinese(text) or text
     if ctx.get("lang") == "en":
         stripped = _LEADING_CJK.sub("", text)
         return stripped or text
