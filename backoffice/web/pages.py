@@ -51,6 +51,7 @@ NAV = (
     ("/cards", "卡片查询", "Card lookup", ("operator_staff",)),
     ("/topups", "充值", "Top-ups", ("operator_staff",)),
     ("/tickets/redeem", "取票码兑换", "Pickup codes", ("operator_staff",)),
+    ("/tickets/orders", "车票订单", "Ticket orders", ("operator_staff",)),
     ("/reconciliation", "对账", "Reconciliation", ("clerk",)),
     ("/manage/routes", "资料维护", "Manage registry", ("clerk", "operations")),
     ("/reports", "报表", "Reports", ("clerk",)),
