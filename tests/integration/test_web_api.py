@@ -8,6 +8,7 @@ import os
 import secrets
 from collections import defaultdict
 from datetime import date, datetime, timedelta
+from unittest import mock
 
 import pytest
 from fastapi.testclient import TestClient
@@ -181,6 +182,12 @@ MATRIX = {
     ("POST", "/api/v1/tickets/redeem"): ("/api/v1/tickets/redeem", {"operator_staff"}),
     ("GET", "/tickets/redeem"): ("/tickets/redeem", {"operator_staff"}),
     ("POST", "/tickets/redeem"): ("/tickets/redeem", {"operator_staff"}),
+    # a ticket order's page (TKMATRIX1: order matrix-1) and its refund (order "nope": 404 past the door)
+    ("GET", "/tickets/orders"): ("/tickets/orders", {"operator_staff"}),
+    ("GET", "/tickets/orders/{order_id}"): ("/tickets/orders/TKMATRIX1", {"operator_staff"}),
+    ("POST", "/tickets/orders/{order_id}/refund"): ("/tickets/orders/nope/refund", {"operator_staff"}),
+    ("POST", "/tickets/orders/{order_id}/refunds/{refund_id}/send"): ("/tickets/orders/nope/refunds/nope/send",
+                                                                      {"operator_staff"}),
 }
 # The payment platform's webhook has no bearer token: its Ed25519 signature is the authentication
 # (tests/integration/test_web_cards.py refuses forged ones).
@@ -197,6 +204,7 @@ BODIES = {
     "/api/v1/cards/{asn}/lost": {"json": {"why": "matrix"}},
     "/api/v1/tickets/redeem": {"json": {"operator": A, "code": "matrix"}},
     "/tickets/redeem": {"data": {"operator": A, "code": "matrix"}},
+    "/tickets/orders/{order_id}/refund": {"data": {"why": "matrix"}},
     "/api/v1/partner/orders": {"json": {"partner_order_no": "matrix-2", "items": [{"product": "nope"}]}},
     "/api/v1/partner/orders/{partner_order_no}/refund": {"json": {"reason": "matrix"}},  # unpaid: 409
     "/api/v1/rider/cards/{asn}/lost": {"json": {"rider": "matrix"}},
@@ -274,8 +282,9 @@ def city(request, tmp_path_factory):
         topup.create_order(conn, asn=SHARED_CARD, rider="13800000000", amount=500, now=NOW, order_id="M1")
         catalogue.add_product(conn, operator=A, code="ride", kind="single", name="One ride", price_fen=200, by="t",
                               now=NOW)
-        orders.create_order(conn, operator=A, channel="partner", phone="", items=[orders.ItemRequest("ride")],
-                            who="matrix", idempotency_key="matrix-1", now=NOW)
+        with mock.patch.object(orders, "_new_order_id", lambda now: "TKMATRIX1"):  # the ticket order page's URL
+            orders.create_order(conn, operator=A, channel="partner", phone="", items=[orders.ItemRequest("ride")],
+                                who="matrix", idempotency_key="matrix-1", now=NOW)
     store = TokenStore(tokens={
         TOKENS["clerk"]: Principal("alice", "clerk", A), TOKENS["clerk_b"]: Principal("bob", "clerk", B),
         TOKENS["operator_staff"]: Principal("carol", "operator_staff"),
