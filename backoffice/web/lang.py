@@ -93,9 +93,10 @@ def pick(ctx, text) -> str:
 
 
 @pass_context
-def local(ctx, at, fmt: str = "%Y-%m-%d %H:%M") -> str:
-    """A stored UTC moment in the page's zone (``tz`` in the context, else Asia/Shanghai)."""
-    return local_time(at, ctx.get("tz") or DEFAULT_TZ, fmt)
+def local(ctx, at, fmt: str = "%Y-%m-%d %H:%M", tz: str | None = None) -> str:
+    """A stored UTC moment in the page's zone (``tz`` in the context, else Asia/Shanghai); ``tz`` given: that zone
+    (a row of its own operator on a page tied to none, e.g. a card's rides: ``{{ r.occurred_at|local(tz=r.tz) }}``)."""
+    return local_time(at, tz or ctx.get("tz") or DEFAULT_TZ, fmt)
 
 
 def install(env) -> None:

@@ -79,6 +79,17 @@ def type_label(value: int | None) -> tuple[str, str]:
     return (t.label_zh, t.label)
 
 
+def proof_label(proof: str | None) -> tuple[str, str] | None:
+    """The proof shown at issue as (Chinese, English): it is kept as the issue form wrote it, the kind in English
+    ("ID card 110101…"); a proof written otherwise (the CLI, the API) is shown as written."""
+    if not proof:
+        return None
+    for _kind, zh, en in PROOF_KINDS:
+        if proof == en or proof.startswith(en + " "):
+            return zh + proof[len(en):], proof
+    return proof, proof
+
+
 def to_fen(text: str) -> int:
     """'12.3' -> 1230, '-0.05' -> -5: yuan as typed, into fen without a float."""
     return parse_yuan(text, allow_negative=True)
@@ -163,12 +174,13 @@ def _card_page(request: Request, who: Principal, conn: Connection, asn: str, *, 
                status: int = 200, done: str = "", template: str = "card_ledger.html", **extra) -> HTMLResponse:
     asn = asn.strip().lower()
     book = ledger_view(conn, asn)
-    found = reads.card(conn, asn=asn)
+    found = reads.card(conn, asn=asn, named=True)
     if book is None and found is None:
         raise HTTPException(404, (f"查无此卡 {asn}", f"No card {asn} and no record of it"))
     card_type = book["card_type"] if book else found["card_type"]
     return render(request, template, who, status=status, asn=asn, card=found, book=book, error=error,
                   done=done, csrf=csrf_token(request), type_label=type_label(card_type),
+                  proof=proof_label(book["proof"] if book else None),
                   balance=one_balance(book, found), **LABELS, **extra)
 
 

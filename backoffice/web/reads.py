@@ -103,9 +103,10 @@ def quarantine(conn: Connection, *, operator: str | None = None, limit: int = 10
     return [_plain(r) for r in rows], total
 
 
-def card(conn: Connection, *, asn: str, limit: int = 50) -> dict | None:
-    """A card as issued (may be missing: a card of another issuer still rides) with its newest records; the
-    balance is the one the card reported in its latest purchase. None when farebox knows nothing of it."""
+def card(conn: Connection, *, asn: str, limit: int = 50, named: bool = False) -> dict | None:
+    """A card as issued (may be missing: a card of another issuer still rides) with its newest records (``named``:
+    each with its route's name, bus plate and operator's zone, ``_name_records``, for the page); the balance is the
+    one the card reported in its latest purchase. None when farebox knows nothing of it."""
     asn = asn.strip().lower()
     issued = conn.execute(select(Card.asn, Card.card_type, Card.status).where(Card.asn == asn)).first()
     rows = [_plain(r) for r in conn.execute(
@@ -114,6 +115,8 @@ def card(conn: Connection, *, asn: str, limit: int = 50) -> dict | None:
     if issued is None and not rows:
         return None
     total = conn.execute(select(func.count()).select_from(Tap).where(Tap.card_asn == asn)).scalar_one()
+    if named:  # the page's rows; the API's stay as stored
+        _name_records(conn, rows)
     latest = next((r for r in rows if r["kind"] == "purchase"), None)
     return {"asn": asn, "issued": issued is not None,
             "card_type": issued.card_type if issued else (rows[0]["card_type"] if rows else None),
@@ -121,6 +124,25 @@ def card(conn: Connection, *, asn: str, limit: int = 50) -> dict | None:
             "balance": None if latest is None else latest["balance_after"],
             "balance_at": None if latest is None else latest["occurred_at"],
             "records": rows, "records_total": total}
+
+
+def _name_records(conn: Connection, rows: list[dict]) -> None:
+    """Give each record what a person reads: its route's name, its bus's plate (the registry's current ones; the
+    code, which may carry a run tag, stays in ``route``/``vehicle``) and its operator's zone (``tz``), in which its
+    time is shown."""
+    def lookup(column_key, *columns, keys):
+        keys = sorted({k for k in keys if k})
+        if not keys:
+            return {}
+        return {r[0]: r[1] for r in conn.execute(select(*columns).where(column_key.in_(keys)))}
+
+    routes = lookup(Route.code, Route.code, Route.name, keys=(r["route"] for r in rows))
+    plates = lookup(Vehicle.code, Vehicle.code, Vehicle.plate, keys=(r["vehicle"] for r in rows))
+    zones = lookup(Operator.code, Operator.code, Operator.timezone, keys=(r["operator"] for r in rows))
+    for r in rows:
+        r["route_name"] = routes.get(r["route"])
+        r["plate"] = plates.get(r["vehicle"])
+        r["tz"] = zones.get(r["operator"])
 
 
 def day_state(day: date, *, now: datetime, tz: str, cutoff_hour: int) -> str:

@@ -125,3 +125,137 @@ def test_an_admin_reads_the_pages_in_english_then_in_chinese(server, browser, tm
             _shot(driver, "language-zh-" + url.removeprefix(base + "/").replace("/", "-"))
     entries = {e["name"]: e for e in tomllib.loads((var / "api-tokens.toml").read_text())["token"]}
     assert entries["e2e admin"]["lang"] == "zh"
+
+
+def _cells(driver, css: str) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, css)]
+
+
+def test_domain_messages_and_a_cards_rides_in_the_page_language(server, browser, tmp_path):
+    """What domain code words in English (a registry refusal, quarantine reasons, an alarm) reads in Chinese on a
+    Chinese page and as written on an English one, while the API keeps its English; a card's rides show route
+    names and plates, each at its own company's clock, and the proof shown at issue in the page's language."""
+    import json
+    import urllib.request
+    from datetime import UTC, date, datetime
+    from zoneinfo import ZoneInfo
+
+    from selenium.webdriver.common.by import By
+
+    from backoffice.cards import issuance
+    from web_city import B, SHARED_CARD
+
+    base, tokens, _city = server
+    driver = browser
+    db = tmp_path / "var" / "backoffice.db"
+    engine = make_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:  # the second company keeps Tokyo's clock: a shared card's rides show two zones
+        for table in ("operator", "operator_version"):
+            conn.execute(text(f"UPDATE {table} SET timezone = 'Asia/Tokyo' WHERE code = :b"), {"b": B})
+        # issued at the counter with its proof, as the issue form keeps it (kind in English, then the number)
+        issuance.issue_card(conn, card=issuance.CardFacts(
+            asn=SHARED_CARD, issuer="test", card_type=1, algorithm=0, valid_from=date(2026, 1, 1),
+            valid_to=date(2030, 12, 31), balance=10_000), deposit=2000, who="e2e admin",
+            now=datetime.now(UTC), proof="ID card 110101199001011234", holder="王芳")
+    with engine.connect() as conn:
+        tac_rows = conn.execute(text("SELECT id FROM quarantine WHERE reason LIKE 'TAC does not verify%' "
+                                     "ORDER BY id")).scalars().all()
+        unknown = conn.execute(text("SELECT count(*) FROM quarantine WHERE reason LIKE 'device % is not "
+                                    "registered%'")).scalar_one()
+        waiting = conn.execute(text("SELECT count(*) FROM quarantine WHERE status = 'open'")).scalar_one()
+        rides = conn.execute(text(
+            "SELECT t.occurred_at, t.card_ttc, o.timezone, r.name, v.plate FROM tap t "
+            "JOIN operator o ON o.code = t.operator LEFT JOIN route r ON r.code = t.route "
+            "LEFT JOIN vehicle v ON v.code = t.vehicle WHERE t.card_asn = :a"), {"a": SHARED_CARD}).all()
+    engine.dispose()
+    assert len(tac_rows) == 3 and unknown >= 1 and waiting >= 4
+    assert {r.timezone for r in rides} == {"Asia/Shanghai", "Asia/Tokyo"}  # the card rode with both companies
+
+    def local(at, zone):  # SQLite keeps UTC without an offset
+        return datetime.fromisoformat(str(at)).replace(tzinfo=UTC).astimezone(ZoneInfo(zone)).strftime(
+            "%Y-%m-%d %H:%M")
+
+    expected_rides = sorted((local(r.occurred_at, r.timezone), r.name, r.plate, str(r.card_ttc)) for r in rides)
+
+    def retire_cv1() -> str:
+        driver.get(f"{base}/manage/vehicles/cv1")
+        driver.find_element(By.ID, "reason").send_keys("sold")
+        driver.find_element(By.ID, "retire").click()
+        _wait_for(driver, "#form-error")
+        return driver.find_element(By.ID, "form-error").text
+
+    def rides_shown() -> list[tuple]:
+        rows = driver.find_elements(By.CSS_SELECTOR, "#records tbody tr")
+        shown = []
+        for row in rows:
+            cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+            shown.append((cells[0], cells[3], cells[4], cells[5]))
+        return sorted(shown)
+
+    _login(driver, base, tokens["admin"])  # the browser asks for Chinese
+    # a registry refusal, in Chinese (the words written here)
+    refused = retire_cv1()
+    assert "车辆“cv1”仍装有车载机 cb_001：请先移走或停用" in refused and "still carries" not in refused, refused
+    _shot(driver, "language-zh-registry-refusal")
+    # the API says it in English still
+    ask = urllib.request.Request(f"{base}/api/v1/vehicles/cv1/retire", method="POST",
+                                 data=json.dumps({"reason": "sold"}).encode(),
+                                 headers={"Authorization": f"Bearer {tokens['admin']}",
+                                          "Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(ask, timeout=30)
+        raise AssertionError("the API retired a vehicle that carries a validator")
+    except urllib.error.HTTPError as e:
+        assert e.code == 409
+        assert json.loads(e.read())["detail"]["message"].startswith("vehicle 'cv1' still carries validators cb_001")
+
+    # quarantine reasons, in Chinese on the list and on one row
+    driver.get(f"{base}/quarantine")
+    _wait_for(driver, "#quarantine")
+    reasons = _cells(driver, "#quarantine td.reason")
+    tac_zh = "TAC 用发卡方密钥验证不通过：记录被改动，或并非来自真卡"
+    assert sum(r == tac_zh for r in reasons) == len(tac_rows), reasons
+    assert sum(r.startswith("车载机 ") and "未登记：请用 `farebox device add` 登记后重发" in r for r in reasons) == unknown
+    assert not any("does not verify" in r or "is not registered" in r for r in reasons), reasons
+    driver.get(f"{base}/quarantine/{tac_rows[0]}")
+    _wait_for(driver, "#row")
+    assert _cells(driver, "#row td.reason") == [tac_zh]
+    _shot(driver, "language-zh-quarantine-reason")
+
+    # the alarm operations read: the open quarantined records, counted by plain SQL
+    driver.get(f"{base}/alarms")
+    _wait_for(driver, "#alarms")
+    growing = _cells(driver, 'tr[data-kind="quarantine_growing"] td.alarms')
+    assert growing and all(re.fullmatch(r"\d+ 条隔离记录待复核", g) for g in growing), growing
+    assert sum(int(g.split()[0]) for g in growing) == waiting
+    _shot(driver, "language-zh-alarms")
+
+    # the card: route names and plates, each ride on its own company's clock, the proof in Chinese
+    driver.get(f"{base}/cards/{SHARED_CARD}")
+    _wait_for(driver, "#records")
+    assert driver.find_element(By.ID, "proof").text == "身份证 110101199001011234"
+    assert rides_shown() == expected_rides
+    assert not any("_" in cell for ride in rides_shown() for cell in ride[1:3])
+    _shot(driver, "language-zh-card-rides")
+
+    # the same in English: the domain's own words, the proof's kind as typed
+    driver.find_element(By.ID, "lang-en").click()
+    _wait_for(driver, "#lang-zh")
+    refused = retire_cv1()
+    assert "vehicle 'cv1' still carries validators cb_001: move them with move_device or retire them first" in refused
+    assert not CJK.search(refused.replace("中文", ""))
+    driver.get(f"{base}/quarantine/{tac_rows[0]}")
+    _wait_for(driver, "#row")
+    assert _cells(driver, "#row td.reason") == [
+        "TAC does not verify with the issuer's key: record altered or not from a genuine card"]
+    driver.get(f"{base}/alarms")
+    _wait_for(driver, "#alarms")
+    growing = _cells(driver, 'tr[data-kind="quarantine_growing"] td.alarms')
+    assert growing and all(re.fullmatch(r"\d+ quarantined records? awaits? review", g) for g in growing), growing
+    driver.get(f"{base}/cards/{SHARED_CARD}")
+    _wait_for(driver, "#records")
+    assert driver.find_element(By.ID, "proof").text == "ID card 110101199001011234"
+    assert rides_shown() == expected_rides
+    _shot(driver, "language-en-card-rides")
