@@ -33,6 +33,10 @@ STATE_LABELS = {
     "created": ("待支付", "waiting for payment"), "paid": ("已支付", "paid"), "issued": ("已出票", "issued"),
     "used": ("已使用", "used"), "refunded": ("已退款", "refunded"), "expired": ("已过期", "expired"),
 }
+TICKET_LABELS = {
+    "issued": ("有效", "valid"), "used": ("已用完", "used up"), "refunded": ("已退款", "refunded"),
+    "expired": ("已过期", "expired"),
+}
 REFUND_LABELS = {
     "pending": ("待平台答复", "waiting for the platform"), "succeeded": ("已退款", "paid back"),
     "failed": ("平台拒绝", "refused by the platform"),
@@ -79,7 +83,7 @@ def _read(svc: Services, who: Principal, order_id: str) -> dict:
 def _page(request: Request, who: Principal, svc: Services, order_id: str, *, status: int = 200, done=None,
           error=None) -> HTMLResponse:
     return render(request, "ticket_order.html", who, status=status, csrf=csrf_token(request),
-                  labels=STATE_LABELS, refund_labels=REFUND_LABELS, platform=platform_of(request) is not None,
+                  labels=STATE_LABELS, ticket_labels=TICKET_LABELS, refund_labels=REFUND_LABELS, platform=platform_of(request) is not None,
                   done=done, error=error, **_read(svc, who, order_id))
 
 

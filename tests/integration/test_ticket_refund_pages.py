@@ -13,7 +13,7 @@ import re
 import socket
 import threading
 import time
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -25,7 +25,7 @@ from backoffice.db import make_engine, upgrade
 from backoffice.keyservice import LocalKeyService
 from backoffice.payments import service as payments
 from backoffice.payments.platform import HttpPlatform
-from backoffice.tickets import catalogue
+from backoffice.tickets import catalogue, orders
 from backoffice.tickets.keys import published_test_keys
 from backoffice.web.api.ota import configure_ota
 from backoffice.web.app import create_app
@@ -35,7 +35,6 @@ from epurse.keys import TEST_ISSUER_KEYS
 from hardware_sim.payment import TEST_MERCHANT_SECRET, PlatformSimulator
 
 START = datetime(2026, 12, 3, 2, 0, tzinfo=UTC)  # 10:00 in Shanghai
-TOMORROW = date(2026, 12, 4)
 OP = "coachco"
 KEYS = published_test_keys()
 TOKENS = {"t-partner": Principal("coach-app", "partner", OP), "t-staff": Principal("dora", "operator_staff", None),
@@ -61,20 +60,22 @@ def sql(engine, query: str, **params):
         return conn.execute(text(query), params).all()
 
 
-def make_world(url: str):
-    """(world dict, stop()): the back office on uvicorn, the platform simulator, a coach and a ride product."""
+def make_world(url: str, start: datetime = START):
+    """(world dict, stop()): the back office on uvicorn, the platform simulator, a coach and a ride product, a coach
+    departure the next service day; the clock stands at ``start``."""
     engine = make_engine(url)
     upgrade(engine)
-    clock = Clock(START)
+    clock = Clock(start)
+    tomorrow = orders.service_day_of(start, "Asia/Shanghai", 3) + timedelta(days=1)
     with engine.begin() as conn:
-        registry.add_operator(conn, code=OP, name="Coach Co", at=START - timedelta(days=9))
+        registry.add_operator(conn, code=OP, name="Coach Co", at=start - timedelta(days=9))
         registry.add_route(conn, code="C1", operator=OP, name="City - Airport", flat_fare=200,
-                           at=START - timedelta(days=9))
+                           at=start - timedelta(days=9))
         catalogue.add_product(conn, operator=OP, code="ride", kind="single", name="One ride", price_fen=200,
-                              by="clerk", now=START)
+                              by="clerk", now=start)
         catalogue.add_product(conn, operator=OP, code="coach", kind="coach_trip", name="Airport coach",
-                              price_fen=3000, by="clerk", now=START)
-        dep = catalogue.add_departure(conn, operator=OP, product="coach", route="C1", service_date=TOMORROW,
+                              price_fen=3000, by="clerk", now=start)
+        dep = catalogue.add_departure(conn, operator=OP, product="coach", route="C1", service_date=tomorrow,
                                       departs="08:30", seats=3).id
     sim = PlatformSimulator(clock=clock).start()
     app = create_app(engine, tokens=TokenStore(tokens=TOKENS), clock=clock, migrate=False)
