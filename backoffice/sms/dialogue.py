@@ -117,10 +117,7 @@ def _set(conn, phone: str, now: datetime, *, from_state: str | None = None, **va
 
 def _give_back(conn, order_id: str, now: datetime, why: str) -> bool:
     """The unpaid order ends (expired) and its seats go back; False when it was paid or ended already."""
-    if not orders._move(conn, order_id, "created", "expired", who=WHO, at=now, why=why):
-        return False
-    orders._release_holds(conn, order_id, now=now, states=("held",))
-    return True
+    return orders.cancel_order(conn, order_id, who=WHO, why=why, now=now)
 
 
 def _order_state(conn, order_id: str | None) -> str | None:
@@ -267,12 +264,8 @@ def _confirm(conn, phone: str, conv, now: datetime) -> tuple[str, str | None]:
              "send C#... again.", now, order.order_id)
         return f"expired {order.order_id}", None
     until = now + timedelta(minutes=PAY_MINUTES)
-    if not conn.execute(update(TicketOrder).where(TicketOrder.order_id == order.order_id,
-                                                  TicketOrder.state == "created")
-                        .values(expires_at=until, updated_at=now)).rowcount:
+    if not orders.extend_hold(conn, order.order_id, until=until, who=WHO, now=now):
         return "raced", None
-    conn.execute(update(SeatHold).where(SeatHold.order_id == order.order_id, SeatHold.state == "held")
-                 .values(expires_at=until))
     _set(conn, phone, now, state="paying", expires_at=until)
     return f"confirmed {order.order_id}", order.order_id
 

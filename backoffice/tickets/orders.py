@@ -163,12 +163,16 @@ def day_start(day: date, tz: str, cutoff_hour: int) -> datetime:
 
 
 def _insert_or_nothing(conn: Connection, model, values: dict) -> bool:
-    """INSERT unless it would break a unique key (then nothing, False): PostgreSQL and SQLite alike."""
+    """INSERT unless it would break a unique key (then nothing, False): PostgreSQL and SQLite alike. Whether a row
+    went in is read from RETURNING, not from ``rowcount``: psycopg reports -1 (true) for a skipped
+    ``ON CONFLICT DO NOTHING`` (test_insert_or_nothing_tells_whether_it_inserted)."""
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    return bool(conn.execute(dialect_insert(model).values(**values).on_conflict_do_nothing()).rowcount)
+    key = list(model.__table__.primary_key.columns)
+    stmt = dialect_insert(model).values(**values).on_conflict_do_nothing().returning(*key)
+    return conn.execute(stmt).first() is not None
 
 
 def _take_seats(conn: Connection, departure_id: int, seats: int, now: datetime) -> bool:
@@ -567,6 +571,34 @@ def expire_unpaid(conn: Connection, *, now: datetime | None = None, who: str = "
         _release_holds(conn, order_id, now=now, states=("held",))
         done.append(order_id)
     return done
+
+
+def cancel_order(conn: Connection, order_id: str, *, who: str, why: str, now: datetime | None = None) -> bool:
+    """An unpaid order ends now (created -> expired, one audit line) and its held seats go back: a rider who let a
+    quote lapse or said no. False when it was paid or had ended already (nothing changes then)."""
+    now = _now(now)
+    if not _move(conn, order_id, "created", "expired", who=who, at=now, why=why):
+        return False
+    _release_holds(conn, order_id, now=now, states=("held",))
+    return True
+
+
+def extend_hold(conn: Connection, order_id: str, *, until: datetime, who: str, why: str = "",
+                now: datetime | None = None) -> bool:
+    """An unpaid order keeps its seats until ``until`` (the order's ``expires_at`` and its held seats' alike),
+    e.g. once the rider confirmed a quote and is paying (seats not yet released by the expiry job are still held,
+    so a hold past its time is extended too). False when the order is no longer unpaid (paid, expired); nothing
+    changes then. An audit line when ``why`` is given."""
+    now = _now(now)
+    until = _utc(until)
+    if not conn.execute(update(TicketOrder).where(TicketOrder.order_id == order_id, TicketOrder.state == "created")
+                        .values(expires_at=until, updated_at=now)).rowcount:
+        return False
+    conn.execute(update(SeatHold).where(SeatHold.order_id == order_id, SeatHold.state == "held")
+                 .values(expires_at=until))
+    if why:
+        _audit(conn, order_id, who=who, at=now, from_state="created", to_state="created", why=why)
+    return True
 
 
 def _release_holds(conn: Connection, order_id: str, *, now: datetime, states: Iterable[str]) -> None:
