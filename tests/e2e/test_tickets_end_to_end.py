@@ -226,7 +226,7 @@ def _shop_ticket(http, w, *, first: bool) -> tuple[str, str, str]:
     assert r.status_code == 303, r.text[:500]
     order_id = r.headers["location"].rsplit("/", 1)[1]
     page = http.get(r.headers["location"]).text
-    assert f'href="{w["pay"].url}/pay/{order_id}"' in page
+    assert f'href="{w["pay"].url}/pay/{order_id}?return_url=' in page  # the platform's page, then back here
     w["pay"].rider_pays(order_id)  # in the wallet app; the platform notifies the back office
 
     def issued():
