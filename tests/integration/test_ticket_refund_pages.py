@@ -226,3 +226,25 @@ def test_the_partner_refund_under_a_lost_answer_is_sent_again_by_the_job_with_th
         (1, 3200)]
     assert [(e["ref"], e["amount"]) for e in sim.ledger if e["kind"] == "refund"] == [(answer["refund_id"], 3200)]
     assert partner.get("/orders/P-2").json()["state"] == "refunded"
+
+
+def test_the_platforms_payment_page_cancel_and_a_return_url_it_will_not_follow():
+    """The simulator's rider page on its own: cancel sends the browser back and collects nothing; a return URL that
+    is not http(s) is not followed; an unknown payment is 404; paying twice collects once."""
+    with PlatformSimulator() as sim:
+        platform = HttpPlatform(sim.url, merchant_id="farebox", secret=TEST_MERCHANT_SECRET, public_key=sim.public_key)
+        pay_url = platform.create_payment(order_id="TK-page", amount=1234, description="two rides",
+                                          notify_url="").pay_url
+        assert pay_url == f"{sim.url}/pay/TK-page"
+        page = httpx.get(pay_url, params={"return_url": "https://shop.example/orders/TK-page"})
+        assert 'id="amount">¥12.34<' in page.text and 'value="https://shop.example/orders/TK-page"' in page.text
+        back = httpx.post(pay_url, data={"action": "cancel", "return_url": "https://shop.example/orders/TK-page"})
+        assert back.status_code == 303 and back.headers["location"] == "https://shop.example/orders/TK-page"
+        assert sim.ledger == [] and platform.query_order("TK-page").status == "created"
+        odd = httpx.post(pay_url, data={"action": "pay", "return_url": "javascript:alert(1)"})
+        assert odd.status_code == 200 and 'id="paid"' in odd.text and "javascript" not in odd.text
+        httpx.post(pay_url, data={"action": "pay"})
+        assert [(e["kind"], e["amount"]) for e in sim.ledger] == [("payment", 1234)]
+        assert platform.query_order("TK-page").status == "paid"
+        assert httpx.get(f"{sim.url}/pay/TK-nope").status_code == 404
+        platform.close()
