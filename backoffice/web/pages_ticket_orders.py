@@ -83,7 +83,8 @@ def _read(svc: Services, who: Principal, order_id: str) -> dict:
 def _page(request: Request, who: Principal, svc: Services, order_id: str, *, status: int = 200, done=None,
           error=None) -> HTMLResponse:
     return render(request, "ticket_order.html", who, status=status, csrf=csrf_token(request),
-                  labels=STATE_LABELS, ticket_labels=TICKET_LABELS, refund_labels=REFUND_LABELS, platform=platform_of(request) is not None,
+                  labels=STATE_LABELS, ticket_labels=TICKET_LABELS, refund_labels=REFUND_LABELS,
+                  platform=platform_of(request) is not None,
                   done=done, error=error, **_read(svc, who, order_id))
 
 
