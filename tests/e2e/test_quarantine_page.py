@@ -96,7 +96,7 @@ def test_operations_release_a_swapped_psams_tap_and_reject_a_forgery_in_the_brow
     driver = browser
     _login(driver, base, token)
     driver.get(f"{base}/quarantine")
-    assert "not the PSAM registered" in driver.page_source and "TAC does not verify" in driver.page_source
+    assert "不是该车载机在" in driver.page_source and "TAC 用发卡方密钥验证不通过" in driver.page_source  # Chinese page
     _shot(driver, "quarantine-review-list")
 
     swapped_row = _row_id(engine_url, device_id="cb_002", device_seq=genuine.device_seq)
@@ -115,7 +115,7 @@ def test_operations_release_a_swapped_psams_tap_and_reject_a_forgery_in_the_brow
     driver.find_element(By.ID, "release-why").send_keys("looks fine")
     driver.find_element(By.ID, "release").click()
     _wait_for(driver, "#recheck")
-    assert "TAC does not verify" in driver.find_element(By.ID, "recheck").text
+    assert "TAC 用发卡方密钥验证不通过" in driver.find_element(By.ID, "recheck").text
     assert driver.find_element(By.ID, "status").text == "待处理"  # still open
     driver.find_element(By.ID, "reject-why").send_keys("forged TAC")
     driver.find_element(By.ID, "reject").click()

@@ -218,12 +218,12 @@ def test_operations_day_through_the_pages(ops_server, browser, tmp_path):  # noq
                                      "AND cleared_at IS NULL", BUS)
         assert text == f"1 grey purchase since {last_heard - timedelta(minutes=20):%Y-%m-%d %H:%M}Z"
         row = driver.find_element(By.ID, f"alarm-{alarm_id}")
-        assert text in row.text and "未完成扣款" in row.text
+        assert f"自 {last_heard - timedelta(minutes=20):%Y-%m-%d %H:%M}Z 起 1 笔未完成扣款" in row.text  # zh page
         # open quarantined records of the operator's validators, and of unregistered ones on its topics
         quarantined = _sql(db, "SELECT count(*) FROM quarantine q LEFT JOIN device d ON d.device_id = q.device_id "
                                "WHERE q.status = 'open' AND (d.operator = ? OR (d.device_id IS NULL AND "
                                "q.topic LIKE 'farebox/v1/' || ? || '/%'))", A, A)[0][0]
-        assert any(f"{quarantined} quarantined records await review" in r.text
+        assert any(f"{quarantined} 条隔离记录待复核" in r.text
                    for r in driver.find_elements(By.CSS_SELECTOR, "#alarms tr[data-kind=quarantine_growing]"))
         _shot(driver, "ops-alarms-before-ack")
         driver.find_element(By.ID, f"ack-{alarm_id}").click()

@@ -187,7 +187,7 @@ def test_a_clerk_and_counter_staff_use_the_pages(server, browser):
     _shot(driver, "devices")
 
     _nav(driver, "/quarantine")
-    assert "TAC does not verify" in driver.page_source
+    assert "TAC 用发卡方密钥验证不通过" in driver.page_source
     assert len(driver.find_elements(By.CSS_SELECTOR, "#quarantine tbody tr")) == 2
     _shot(driver, "quarantine")
 

@@ -559,7 +559,7 @@ def test_devices_quarantine_and_deny_list(city):
     q = get(client, "/api/v1/quarantine?limit=1", "operations").json()
     assert q["total"] == len(city_data.quarantined) + city_data.unknown_device_batches and len(q["items"]) == 1
     page = get(client, "/quarantine", "operations").text
-    assert "TAC does not verify" in page and "zz_999" in page
+    assert "TAC 用发卡方密钥验证不通过" in page and "zz_999" in page  # the reason in the page's language
     versions = get(client, "/api/v1/denylist/versions", "operator_staff").json()
     assert [(v["version"], v["count"]) for v in versions] == [(1, 1)]
 

@@ -263,7 +263,7 @@ def test_the_clerks_forms_and_report_page(app):
                     follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/manage/routes/r9?done=added"
     bad = client.post("/manage/routes", data={"csrf": csrf, "key": "r8", "name": "8路", "fare": "2.555"})
-    assert bad.status_code == 409 and "at most two decimals" in bad.text
+    assert bad.status_code == 409 and "最多两位小数" in bad.text  # the page's language (Chinese)
     clock["now"] = FEB1 + timedelta(days=3)
     r = client.post("/manage/routes/r9", data={"csrf": csrf, "name": "9路 新名", "fare": ""}, follow_redirects=False)
     assert r.status_code == 303
@@ -275,7 +275,7 @@ def test_the_clerks_forms_and_report_page(app):
     client.post("/manage/vehicles", data={"csrf": csrf, "key": "v9", "plate": "粤A·9"})
     client.post("/manage/devices", data={"csrf": csrf, "key": "dev9", "vehicle": "v9", "terminal_id": "0" * 11 + "9"})
     refused = client.post("/manage/vehicles/v9/retire", data={"csrf": csrf, "reason": "sold"})
-    assert refused.status_code == 409 and "still carries validators dev9" in refused.text
+    assert refused.status_code == 409 and "仍装有车载机 dev9" in refused.text  # the page's language (Chinese)
     client.post("/manage/devices/dev9", data={"csrf": csrf, "vehicle": "-"})
     assert client.post("/manage/vehicles/v9/retire", data={"csrf": csrf, "reason": "sold"},
                        follow_redirects=False).status_code == 303
