@@ -259,3 +259,25 @@ def test_domain_messages_and_a_cards_rides_in_the_page_language(server, browser,
     assert driver.find_element(By.ID, "proof").text == "ID card 110101199001011234"
     assert rides_shown() == expected_rides
     _shot(driver, "language-en-card-rides")
+
+    # the users page: a partner is tied to a bus company like a clerk, and the operator field says so
+    from selenium.webdriver.support.ui import Select
+
+    def add_partner(operator: str) -> None:
+        driver.get(f"{base}/admin/users")
+        _wait_for(driver, "#add-user")
+        driver.find_element(By.ID, "user-name").send_keys("ticket app")
+        Select(driver.find_element(By.ID, "user-role")).select_by_value("partner")
+        Select(driver.find_element(By.ID, "user-operator")).select_by_value(operator)
+        driver.find_element(By.ID, "add-user-button").click()
+        _wait_for(driver, "#form-error, #new-token")
+
+    driver.get(f"{base}/admin/users")
+    _wait_for(driver, "#add-user")
+    assert driver.find_element(By.CSS_SELECTOR, 'label[for="user-operator"]').text == "Operator (clerks and partners)"
+    add_partner("")
+    assert "A partner sells for one bus company: choose the operator" in driver.find_element(By.ID, "form-error").text
+    add_partner(B)
+    assert driver.find_element(By.ID, "new-token").text
+    kept = {e["name"]: e for e in tomllib.loads((tmp_path / "var" / "api-tokens.toml").read_text())["token"]}
+    assert kept["ticket app"]["role"] == "partner" and kept["ticket app"]["operator"] == B
