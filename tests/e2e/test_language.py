@@ -136,7 +136,8 @@ def _cells(driver, css: str) -> list[str]:
 def test_domain_messages_and_a_cards_rides_in_the_page_language(server, browser, tmp_path):
     """What domain code words in English (a registry refusal, quarantine reasons, an alarm) reads in Chinese on a
     Chinese page and as written on an English one, while the API keeps its English; a card's rides show route
-    names and plates, each at its own company's clock, and the proof shown at issue in the page's language."""
+    names and plates, each at its own company's clock, and the proof shown at issue in the page's language; the
+    users page ties a partner to a bus company as it does a clerk."""
     import json
     import urllib.request
     from datetime import UTC, date, datetime
