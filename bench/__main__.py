@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                "mqtt://127.0.0.1:1883).")
     p.add_argument("which", nargs="?",
                    choices=["all", "tap", "ingest", "denylist", "readers", "wire", "report", "fleet", "clearing",
-                            "tickets", "shop"],
+                            "tickets", "shop", "city"],
                    default="all", help="which benchmark to run (default: all)")
     p.add_argument("--quick", action="store_true",
                    help=f"a small run for smoke tests (tap {QUICK['tap_taps']} taps; ingest {QUICK['taps']} taps "
@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         from bench import shop
 
         shop.run(**({"orders": 60, "buyers": 4} if args.quick else {}), console=out, results_dir=args.results)
+    if args.which == "city":  # the nightly path at 1 M / 10 M taps in PostgreSQL; --quick: 100,000 once (not in "all")
+        from bench import city
+
+        city.run(**({"sizes": city.QUICK_SIZES, "repeat": 1} if args.quick else {}), console=out,
+                 results_dir=args.results)
     return status
 
 

@@ -4,6 +4,7 @@ produced figures for itself and for its baseline."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -21,3 +22,14 @@ def test_quick_benchmarks_run_and_write_json(tmp_path, pg_url, mosquitto_url):
     assert tap and ingest
     text = json.dumps([tap, ingest])
     assert "floor" in text and "raw" in text
+
+
+def test_quick_city_bench_clears_a_day_and_writes_json(tmp_path, pg_url):
+    env = {**os.environ, "FAREBOX_BENCH_PG_URL": pg_url}
+    done = subprocess.run([sys.executable, "-m", "bench", "city", "--quick", "--results", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (result,) = json.loads((tmp_path / "city.json").read_text())["results"]
+    assert result["taps"] == 100_000 and result["nightly_s"] > 0 and result["baseline_s"] > 0
+    assert result["agrees_with_sql"] and result["peak_rss_mb"] > 0
+    assert {"settlement-CITY-2026-11-02.pdf", "settlement-CITY-2026-11-02.xlsx"} <= set(result["files"])
