@@ -39,3 +39,22 @@ conversation = Table(
     Column("updated_at", UTC, nullable=False),
     Index("ix_sms_conversation_state", "state", "expires_at"),
 )
+
+# Revision 2026_12_03_0025: the web shop's one-time codes (sent by SMS) and rate counters (backoffice.web.shop_service)
+shop_code = Table(
+    "shop_code", Base.metadata,
+    Column("phone", String(24), primary_key=True),
+    Column("digest", String(64), nullable=False),
+    Column("expires_at", UTC, nullable=False),
+    Column("attempts_left", Integer, nullable=False),
+    Column("created_at", UTC, nullable=False),
+)
+
+shop_rate_event = Table(
+    "shop_rate_event", Base.metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("key", String(80), nullable=False),
+    Column("at", UTC, nullable=False),
+    Index("ix_shop_rate_event_key", "key", "at"),
+    Index("ix_shop_rate_event_at", "at"),
+)

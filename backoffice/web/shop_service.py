@@ -9,8 +9,8 @@ orders but issues no tickets.
 
 One-time codes go out through the SMS gateway adapter (backoffice.sms.gateway.app_gateway: ``send(phone, text)``,
 a NullGateway when no ``FAREBOX_SMS_URL`` is set); ``OutboxSender`` is a sender of the same shape that only keeps the
-texts, for tests without a gateway. Codes and rate-limit counters live in this process's memory: one ``farebox
-serve`` process serves the shop; a restart forgets open codes (the rider asks again).
+texts, for tests without a gateway. Codes and rate-limit counters live in the database (revision 0025): several
+``farebox serve`` processes on one database serve the shop together.
 """
 
 from __future__ import annotations
@@ -19,14 +19,12 @@ import hashlib
 import hmac
 import logging
 import secrets
-import threading
-from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from fastapi import HTTPException, Request
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text as sql_text
 
 from backoffice.tickets import orders
 
@@ -44,24 +42,48 @@ PAYMENT_QUERY_AFTER = timedelta(seconds=20)  # an unpaid order read this long af
 
 
 # ------------------------------------------------------------------------------------------------ rate limits
-class RateLimiter:
-    """Sliding-window counters in memory: ``hit(key, (limit, window), now)`` counts one event and says whether it
-    is within the limit (an event over the limit is not counted, so waiting frees the key again)."""
+def _key_lock(conn, key: str) -> None:
+    """PostgreSQL: requests counting the same key wait for each other (the count and the insert are one step);
+    SQLite has one writer at a time anyway."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sql_text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": f"shop-rate|{key}"})
 
-    def __init__(self):
-        self._events: dict[str, deque] = defaultdict(deque)
-        self._lock = threading.Lock()
+
+class RateLimiter:
+    """Sliding-window counters in the database (table ``shop_rate_event``, revision 0025), shared by every
+    ``farebox serve`` process on it: ``hit(key, (limit, window), now)`` counts one event and says whether it is
+    within the limit (an event over the limit is not counted, so waiting frees the key again)."""
+
+    KEEP = timedelta(hours=2)  # longer than any window: older events are deleted as new ones come
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
 
     def hit(self, key: str, rule: tuple[int, timedelta], now: datetime) -> bool:
+        from sqlalchemy import delete, func, insert, select
+
+        from backoffice.sms.tables import shop_rate_event as ev
+
         limit, window = rule
-        with self._lock:
-            q = self._events[key]
-            while q and q[0] <= now - window:
-                q.popleft()
-            if len(q) >= limit:
-                return False
-            q.append(now)
-            return True
+        key = key[:80]
+        try:
+            with self.engine.begin() as conn:
+                _key_lock(conn, key)
+                conn.execute(delete(ev).where(ev.c.at <= now - self.KEEP))
+                # the event goes in first, then the window is counted with it: on SQLite the write takes the lock
+                # before the count, so two processes cannot both see room for one
+                conn.execute(insert(ev).values(key=key, at=now))
+                n = conn.execute(select(func.count()).select_from(ev)
+                                 .where(ev.c.key == key, ev.c.at > now - window)).scalar()
+                if n > limit:
+                    raise _OverLimit  # rolls the event back: an event over the limit is not counted
+        except _OverLimit:
+            return False
+        return True
+
+
+class _OverLimit(Exception):
+    pass
 
 
 # ------------------------------------------------------------------------------------------------ one-time codes
@@ -87,47 +109,70 @@ class OutboxSender:
         return None
 
 
-@dataclass
-class _Code:
-    digest: bytes
-    expires: datetime
-    attempts_left: int
-
-
 class OtpBook:
-    """One open code per phone number, kept as HMAC-SHA256(pepper, phone | code): a copy of memory shows no code.
-    A code works once, for ``OTP_LIFETIME``, and dies after ``OTP_ATTEMPTS`` wrong tries."""
+    """One open code per phone number in the database (table ``shop_code``, revision 0025), shared by every
+    ``farebox serve`` process on it, kept as HMAC-SHA256(pepper, phone | code): a copy of the table shows no code
+    without the pepper, which comes from the ticket keys' pickup master secret (not in the database). A code works
+    once, for ``OTP_LIFETIME``, and dies after ``OTP_ATTEMPTS`` wrong tries."""
 
-    def __init__(self):
-        self._pepper = secrets.token_bytes(32)
-        self._codes: dict[str, _Code] = {}
-        self._lock = threading.Lock()
+    def __init__(self, engine: Engine, pepper: bytes):
+        self.engine = engine
+        self._pepper = pepper
 
-    def _digest(self, phone: str, code: str) -> bytes:
-        return hmac.new(self._pepper, f"{phone}|{code}".encode(), hashlib.sha256).digest()
+    def _digest(self, phone: str, code: str) -> str:
+        return hmac.new(self._pepper, f"{phone}|{code}".encode(), hashlib.sha256).hexdigest()
+
+    def _upsert(self, conn, values: dict):
+        if conn.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        from backoffice.sms.tables import shop_code
+
+        q = dialect_insert(shop_code).values(**values)
+        return q.on_conflict_do_update(index_elements=[shop_code.c.phone],
+                                       set_={k: q.excluded[k] for k in values if k != "phone"})
 
     def issue(self, phone: str, now: datetime) -> str:
         code = f"{secrets.randbelow(10**OTP_DIGITS):0{OTP_DIGITS}d}"
-        with self._lock:
-            self._codes[phone] = _Code(self._digest(phone, code), now + OTP_LIFETIME, OTP_ATTEMPTS)
+        with self.engine.begin() as conn:
+            conn.execute(self._upsert(conn, dict(phone=phone, digest=self._digest(phone, code),
+                                                 expires_at=now + OTP_LIFETIME, attempts_left=OTP_ATTEMPTS,
+                                                 created_at=now)))
         return code
 
     def check(self, phone: str, code: str, now: datetime) -> str:
         """``ok`` (the code is used up), ``wrong``, ``expired`` or ``none`` (no code open, or too many tries)."""
-        with self._lock:
-            open_ = self._codes.get(phone)
-            if open_ is None or open_.attempts_left <= 0:
+        from sqlalchemy import delete, select, update
+
+        from backoffice.sms.tables import shop_code as c
+
+        with self.engine.begin() as conn:
+            row = conn.execute(select(c).where(c.c.phone == phone)).first()
+            if row is None or row.attempts_left <= 0:
                 return "none"
-            if now >= open_.expires:
-                del self._codes[phone]
+            mine = (c.c.phone == phone) & (c.c.digest == row.digest)  # this code, not one issued since
+            if now >= utc(row.expires_at):
+                conn.execute(delete(c).where(mine))
                 return "expired"
-            if hmac.compare_digest(open_.digest, self._digest(phone, (code or "").strip())):
-                del self._codes[phone]
-                return "ok"
-            open_.attempts_left -= 1
-            if open_.attempts_left <= 0:
-                del self._codes[phone]
+            if hmac.compare_digest(row.digest, self._digest(phone, (code or "").strip())):
+                # deleting it is using it: of two processes checking the same code at once, one deletes the row
+                return "ok" if conn.execute(delete(c).where(mine)).rowcount else "none"
+            if not conn.execute(update(c).where(mine, c.c.attempts_left > 0)
+                                .values(attempts_left=c.c.attempts_left - 1)).rowcount:
+                return "none"
+            conn.execute(delete(c).where(mine, c.c.attempts_left <= 0))
             return "wrong"
+
+
+def shop_key(ticket_keys, purpose: str) -> bytes:
+    """A key of the shop's own (the one-time codes' HMAC pepper, the phone cookie's key), the same in every
+    process: derived from the pickup master secret; without ticket keys (the shop then sells nothing) a random
+    one of this process."""
+    master = getattr(ticket_keys, "pickup_master", None)
+    if not master:
+        return secrets.token_bytes(32)
+    return hmac.new(master, f"farebox shop {purpose} v1".encode(), hashlib.sha256).digest()
 
 
 # ------------------------------------------------------------------------------------------------ wiring
@@ -135,10 +180,10 @@ class OtpBook:
 class ShopConfig:
     ticket_keys: object | None  # backoffice.tickets.keys.TicketKeys
     platform: object | None  # backoffice.payments.platform.Platform
+    otp: OtpBook
+    limits: RateLimiter
     notify_url: str = ""
     otp_sender: OtpSender = field(default_factory=OutboxSender)
-    otp: OtpBook = field(default_factory=OtpBook)
-    limits: RateLimiter = field(default_factory=RateLimiter)
     cookie_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     pay_urls: dict[str, str] = field(default_factory=dict)  # order id -> the platform's payment page
 
@@ -152,7 +197,9 @@ def configure_shop(app, *, ticket_keys, platform=None, notify_url: str = "", otp
         from backoffice.sms.gateway import app_gateway
 
         otp_sender = app_gateway(app)
-    cfg = ShopConfig(ticket_keys, platform, notify_url, otp_sender)
+    engine = app.state.services.engine
+    cfg = ShopConfig(ticket_keys, platform, OtpBook(engine, shop_key(ticket_keys, "one-time codes")),
+                     RateLimiter(engine), notify_url, otp_sender, cookie_key=shop_key(ticket_keys, "phone cookie"))
     app.state.shop = cfg
     return cfg
 
@@ -160,7 +207,8 @@ def configure_shop(app, *, ticket_keys, platform=None, notify_url: str = "", otp
 def shop_config(request: Request) -> ShopConfig:
     cfg = getattr(request.app.state, "shop", None)
     if cfg is None:  # reads work unconfigured; what needs keys or the platform says so
-        cfg = request.app.state.shop = ShopConfig(None, None)
+        engine = request.app.state.services.engine
+        cfg = request.app.state.shop = ShopConfig(None, None, OtpBook(engine, shop_key(None, "")), RateLimiter(engine))
     return cfg
 
 

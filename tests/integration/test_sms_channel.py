@@ -351,7 +351,7 @@ def test_farebox_serve_answers_texts_and_sends_the_pickup_code_by_itself(tmp_pat
 
 
 @pytest.mark.parametrize("db", ["sqlite", "postgresql"])
-def test_revision_0023_downgrades_alone_and_back(db, request, tmp_path):
+def test_revisions_0025_and_0023_downgrade_alone_and_back(db, request, tmp_path):
     from alembic import command
     from sqlalchemy import MetaData
 
@@ -363,7 +363,14 @@ def test_revision_0023_downgrades_alone_and_back(db, request, tmp_path):
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "2026_12_03_0023@-1")  # only this branch's step: back to 0020, others untouched
+        command.downgrade(cfg, "2026_12_03_0025@-1")  # the shop's codes (0025, on top of 0023) alone
+    reflected = MetaData()
+    reflected.reflect(engine)
+    assert not {"shop_code", "shop_rate_event"} & set(reflected.tables)
+    assert {"sms_message", "sms_conversation"} <= set(reflected.tables)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "2026_12_03_0023@-1")  # then this branch's step: back to 0020, others untouched
     reflected = MetaData()
     reflected.reflect(engine)
     assert not {"sms_message", "sms_conversation"} & set(reflected.tables)
@@ -371,7 +378,7 @@ def test_revision_0023_downgrades_alone_and_back(db, request, tmp_path):
     upgrade(engine)
     reflected = MetaData()
     reflected.reflect(engine)
-    assert {"sms_message", "sms_conversation"} <= set(reflected.tables)
+    assert {"sms_message", "sms_conversation", "shop_code", "shop_rate_event"} <= set(reflected.tables)
     engine.dispose()
 
 
