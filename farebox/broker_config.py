@@ -266,3 +266,165 @@ def _write_private(path: Path, text: str, gid: int | None) -> None:
     if gid is not None:
         os.chown(tmp, -1, gid)  # the broker's group reads it, nobody else
     os.replace(tmp, path)  # a broker reloading on HUP never reads a half-written file
+
+
+# ---------------------------------------------------------------------- NATS: the broker as a cluster
+
+# NATS subjects for the topics above: MQTT ``a/b/c`` is NATS ``a.b.c`` (``+`` -> ``*``, ``#`` -> ``>``).
+N = P.replace("/", ".")
+TAPS_STREAM = "FAREBOX_TAPS"  # the JetStream work queue the ingest workers consume (backoffice.ingest_jetstream)
+NATS_MAX_PAYLOAD = 8 * 1024 * 1024  # a tap batch is at most 4 MiB; NATS refuses to start with more than 64 MiB
+# nats-server delivers an MQTT session's QoS 1 messages from a JetStream consumer to "$MQTT.sub.<id>": every MQTT
+# login (the buses, status, publisher) needs to subscribe to that, or its SUBSCRIBE fails ("Subscription Violation").
+MQTT_DELIVERY = "$MQTT.sub.>"
+# What the back office's NATS/MQTT logins may do, as NATS subjects.
+NATS_SERVICE_PERMISSIONS: dict[str, dict[str, list[str]]] = {
+    # consumes the taps work queue (JetStream API, its acks), publishes each device's ack (core and the MQTT
+    # sessions' JetStream store), replies on inboxes
+    "ingest": {"publish": ["$JS.API.>", "$JS.ACK.>", f"{N}.*.*.ack", f"$MQTT.msgs.{N}.*.*.ack"],
+               "subscribe": ["_INBOX.>", f"{N}.*.*.taps"]},
+    "status": {"publish": [], "subscribe": [f"{N}.*.*.status", MQTT_DELIVERY]},
+    "publisher": {"publish": [f"{N}.*.*.denylist", f"{N}.*.*.params", f"{N}.*.*.software"],
+                  "subscribe": [f"{N}.*.*.status", MQTT_DELIVERY]},
+}
+
+
+def nats_device_permissions(device_id: str, operator: str) -> dict[str, list[str]]:
+    """The device's NATS permissions: the Mosquitto ACL's lines (acl_file) as subjects."""
+    own = f"{N}.{topics.check_segment(operator, 'operator')}.{topics.check_device_id(device_id)}"
+    return {"publish": [f"{own}.{m}" for m in topics.UPLINK],
+            "subscribe": [f"{own}.{m}" for m in topics.DOWNLINK] + [
+                f"{N}.{operator}.{topics.FLEET}", f"{N}.{operator}.{topics.FLEET}.>",  # MQTT's "/#" is both
+                MQTT_DELIVERY]}
+
+
+def _q(value: str) -> str:
+    import json
+
+    return json.dumps(value)  # a JSON string is a valid NATS config string
+
+
+def _perm_block(perms: dict[str, list[str]]) -> str:
+    def one(subjects: list[str]) -> str:  # an empty allow list would allow everything: deny it all instead
+        return f"{{ allow: [{', '.join(_q(s) for s in subjects)}] }}" if subjects else '{ deny: [">"] }'
+
+    return f"permissions: {{ publish: {one(perms['publish'])}, subscribe: {one(perms['subscribe'])} }}"
+
+
+@dataclasses.dataclass(frozen=True)
+class NatsNode:
+    name: str
+    host: str
+    client_port: int  # NATS clients (the ingest workers)
+    mqtt_port: int  # the buses, status, publisher
+    cluster_port: int  # routes between the nodes
+    store_dir: Path
+
+
+def nats_nodes(n: int, folder: Path, *, host: str = "127.0.0.1", client_port: int = 4222, mqtt_port: int = 1883,
+               cluster_port: int = 6222, hosts: list[str] | None = None) -> list[NatsNode]:
+    """N nodes: on one host (ports counting up from the given ones: a test or a demo) or one per host in ``hosts``
+    (the same ports on each machine)."""
+    if hosts:
+        return [NatsNode(f"n{i + 1}", h, client_port, mqtt_port, cluster_port, (folder / f"n{i + 1}").resolve())
+                for i, h in enumerate(hosts)]
+    return [NatsNode(f"n{i + 1}", host, client_port + i, mqtt_port + i, cluster_port + i,
+                     (folder / f"n{i + 1}").resolve()) for i in range(n)]
+
+
+def nats_conf(node: NatsNode, nodes: list[NatsNode], *, users: list[tuple[str, str, dict]],
+              cluster_name: str = "farebox", max_payload: int = NATS_MAX_PAYLOAD) -> str:
+    """One node's nats-server configuration. ``users``: (user, password, permissions)."""
+    routes = ", ".join(_q(f"nats-route://{n.host}:{n.cluster_port}") for n in nodes)
+    user_lines = [f"      {{ user: {_q(u)}, password: {_q(pw)}, {_perm_block(perms)} }}" for u, pw, perms in users]
+    replicas = min(3, len(nodes))
+    return "\n".join([
+        f"# farebox NATS node {node.name}, written by `farebox broker config --engine nats` on "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M}Z.",
+        f"# Run: nats-server -c THIS_FILE (one per node). Regenerate after `farebox device add` and reload each node",
+        "# (nats-server --signal reload=PID, or kill -HUP): users and permissions change without dropping connections.",
+        f"server_name: {_q(node.name)}",
+        f"listen: {_q(f'{node.host}:{node.client_port}')}",
+        "# A batch is at most 4 MiB (wire.codec.MAX_PAYLOAD); a bigger publish is refused, not passed on.",
+        f"max_payload: {max_payload}",
+        "# Keep a slow consumer's queue bounded instead of the server's memory.",
+        "max_pending: 67108864",
+        "",
+        "# JetStream: the MQTT sessions, their queued QoS 1 messages and retained messages, and the taps work queue,",
+        f"# each kept on {replicas} nodes (RAFT): a node can die without losing a session or an acknowledged message.",
+        "jetstream {",
+        f"  store_dir: {_q(str(node.store_dir))}",
+        "  max_memory_store: 268435456",
+        "  max_file_store: 21474836480",
+        "}",
+        "",
+        "cluster {",
+        f"  name: {_q(cluster_name)}",
+        f"  listen: {_q(f'{node.host}:{node.cluster_port}')}",
+        f"  routes: [{routes}]",
+        "}",
+        "",
+        "# MQTT 3.1.1 for the buses (and the back office's status and publisher). nats-server keeps a persistent",
+        "# session in JetStream: a bus whose node dies reconnects to another with the same client id and finds its",
+        "# subscriptions and queued messages there.",
+        "mqtt {",
+        f"  listen: {_q(f'{node.host}:{node.mqtt_port}')}",
+        f"  stream_replicas: {replicas}",
+        "  # QoS 1 messages sent to one client and not yet PUBACKed: lets the status consumer keep up with a city.",
+        "  max_ack_pending: 1024",
+        "  ack_wait: \"30s\"",
+        "}",
+        "",
+        "# One account for the fleet and the back office: no anonymous login; each device only on its own subjects",
+        "# (the Mosquitto ACL of `farebox broker config` as NATS permissions); MQTT user name = device id.",
+        "accounts {",
+        "  FAREBOX: {",
+        "    jetstream: enabled",
+        "    users: [",
+        ",\n".join(user_lines),
+        "    ]",
+        "  }",
+        "}",
+        "",
+    ])
+
+
+@dataclasses.dataclass(frozen=True)
+class NatsFiles:
+    folder: Path
+    confs: tuple[Path, ...]
+    nodes: tuple[NatsNode, ...]
+    devices: int
+    skipped: tuple[tuple[str, str], ...] = ()
+
+
+def write_nats_config(*, devices: list[tuple[str, str]], master: bytes, folder: Path, nodes: int = 3,
+                      host: str = "127.0.0.1", hosts: list[str] | None = None, client_port: int = 4222,
+                      mqtt_port: int = 1883, cluster_port: int = 6222) -> NatsFiles:
+    """``nodes`` nats-server configurations (``<folder>/<name>.conf``, mode 600: they hold the passwords, which
+    nats-server takes as text or bcrypt only) with the same users and permissions."""
+    from backoffice.devices import BACKOFFICE_USERS, service_password
+    from wire.devicekeys import mqtt_password
+
+    good, skipped = [], []
+    for device_id, operator in devices:
+        try:
+            topics.check_device_id(device_id)
+            topics.check_segment(operator, "operator")
+        except topics.TopicError as e:
+            skipped.append((device_id, str(e)))
+        else:
+            good.append((device_id, operator))
+    users = [(u, service_password(master, u), NATS_SERVICE_PERMISSIONS[u]) for u in BACKOFFICE_USERS]
+    users += [(d, mqtt_password(master, d), nats_device_permissions(d, op)) for d, op in good]
+    folder.mkdir(parents=True, exist_ok=True)
+    node_list = nats_nodes(len(hosts) if hosts else nodes, folder, host=host, client_port=client_port,
+                           mqtt_port=mqtt_port, cluster_port=cluster_port, hosts=hosts)
+    confs = []
+    for node in node_list:
+        node.store_dir.mkdir(parents=True, exist_ok=True)
+        path = folder.resolve() / f"{node.name}.conf"
+        _write_private(path, nats_conf(node, node_list, users=users), None)
+        confs.append(path)
+    return NatsFiles(folder=folder.resolve(), confs=tuple(confs), nodes=tuple(node_list), devices=len(good),
+                     skipped=tuple(skipped))

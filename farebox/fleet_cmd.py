@@ -51,6 +51,14 @@ def register(sub) -> None:
     p.add_argument("--persistence-dir", type=Path, default=None, help="Mosquitto's database (default: OUT/data)")
     p.add_argument("--run-as", default=None, metavar="USER",
                    help="the user Mosquitto switches to when started as root (default: mosquitto)")
+    p.add_argument("--engine", choices=("mosquitto", "nats"), default="mosquitto",
+                   help="mosquitto (default, one machine) or nats: one nats-server configuration per node of a "
+                        "cluster (MQTT listener on each, JetStream with 3 replicas, per-device permissions)")
+    p.add_argument("--nodes", type=int, default=3, help="with --engine nats: nodes on this host (ports count up)")
+    p.add_argument("--hosts", default=None,
+                   help="with --engine nats: one node per host, comma-separated (the same ports on each)")
+    p.add_argument("--client-port", type=int, default=4222, help="with --engine nats: NATS clients (ingest)")
+    p.add_argument("--cluster-port", type=int, default=6222, help="with --engine nats: routes between the nodes")
     p.set_defaults(func=_broker_config)
 
 
@@ -220,6 +228,8 @@ def _broker_config(args, settings) -> int:
     with engine.connect() as conn:
         devices = registered_devices(conn)
     master = root.device_master
+    if args.engine == "nats":
+        return _nats_config(args, devices, master)
     try:
         files = write_broker_config(devices=devices, master=master, folder=args.out, port=args.port, bind=args.bind,
                                     persistence_dir=args.persistence_dir, run_as=args.run_as,
@@ -246,4 +256,36 @@ def _broker_config(args, settings) -> int:
         with os.fdopen(fd, "w", encoding="ascii") as f:
             f.write(url + "\n")
     print(f"  (also in {Path(args.out) / '<user>.url'}, mode 600: FAREBOX_MQTT_URL=$(cat {Path(args.out)}/ingest.url))")
+    return 0
+
+
+def _nats_config(args, devices, master) -> int:
+    from backoffice.devices import BACKOFFICE_USERS, service_password
+    from farebox.broker_config import write_nats_config
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()] if args.hosts else None
+    host = args.bind or "127.0.0.1"
+    try:
+        files = write_nats_config(devices=devices, master=master, folder=args.out, nodes=args.nodes, host=host,
+                                  hosts=hosts, client_port=args.client_port, mqtt_port=args.port,
+                                  cluster_port=args.cluster_port)
+    except ValueError as e:
+        print(f"farebox: {e}", file=sys.stderr)
+        return 2
+    for device_id, why in files.skipped:
+        print(f"farebox: left out {device_id!r}: {why}. Retire it and register the bus under a valid id.",
+              file=sys.stderr)
+    print(f"nats-server configurations for {len(files.nodes)} nodes, {files.devices} device(s) and the back "
+          f"office's {', '.join(BACKOFFICE_USERS)} (mode 600: they hold the passwords):")
+    for conf in files.confs:
+        print(f"  nats-server -c {conf}")
+    mqtt = ",".join(f"mqtt://<device>:<password>@{n.host}:{n.mqtt_port}" for n in files.nodes)
+    nats = ",".join(f"nats://{n.host}:{n.client_port}" for n in files.nodes)
+    print(f"Buses:   farebox validator run --mqtt {mqtt} ...")
+    print(f"Ingest:  farebox ingest --engine nats --nats {nats} (as many as you like, on any machine)")
+    print("Status and publisher log in over MQTT on any node, e.g. (SECRET):")
+    first = files.nodes[0]
+    for user in ("status", "publisher"):
+        print(f"  {user:<10} mqtt://{user}:{service_password(master, user)}@{first.host}:{first.mqtt_port}")
+    print("Reload after `farebox device add`: run this command again, then kill -HUP each nats-server.")
     return 0

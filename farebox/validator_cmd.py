@@ -75,8 +75,9 @@ def add_parser(sub) -> None:
     p.add_argument("--journal-budget-mb", type=int, default=256)
     p.add_argument("--fares", type=Path, required=True, help="fare table JSON (reloaded when it changes)")
     p.add_argument("--deny-list", type=Path, default=None, help="deny list file (reloaded when it changes)")
-    p.add_argument("--mqtt", default=None, help="broker URL for the uplink, mqtt[s]://<device>:<password>@host "
-                   "(default: offline)")
+    p.add_argument("--mqtt", default=None, action="append", help="broker URL for the uplink, "
+                   "mqtt[s]://<device>:<password>@host (default: offline); a cluster's nodes comma-separated or "
+                   "--mqtt repeated: the uplink fails over to the next when its node dies")
     p.add_argument("--mqtt-password-file", type=Path, default=None,
                    help="the device's broker password, read from this file instead of the URL")
     p.add_argument("--mac-key", default=None,
@@ -336,14 +337,15 @@ def run(args, settings=None) -> int:
         if args.mqtt:
             from dataclasses import replace
 
-            from wire.mqtt_url import parse_mqtt_url
+            from wire.mqtt_url import parse_mqtt_urls
 
-            target = parse_mqtt_url(args.mqtt)
+            target = parse_mqtt_urls(args.mqtt)  # one URL, or a cluster's nodes
             if args.mqtt_password_file is not None:
-                target = replace(target, password=args.mqtt_password_file.read_text("utf-8").strip())
+                password = args.mqtt_password_file.read_text("utf-8").strip()
+                target = [replace(t, password=password) for t in target]
         # the test-key rule before anything opens (farebox.bootstrap): StartRefused reaches farebox.cli.main
         bootstrap.check_test_keys(settings or Settings(),
-                                  test_keys_in_use(args, mac_key, signing_key, target, settings))
+                                  test_keys_in_use(args, mac_key, signing_key, target and target[0], settings))
         if (args.tap or args.trial_clock) and not args.reader.startswith("sim:"):
             raise ValueError("--tap and --trial-clock are for a trial on the in-process reader: give --reader sim:")
         if args.trial_clock and not args.tap:

@@ -33,6 +33,13 @@ Downlink: the device's own ``ack``, ``denylist``, ``params`` and ``software`` to
 Packages go to a :class:`validator.downlink.Downlink` (checked and staged on this thread, applied between taps by the
 main loop); without one they are logged and dropped.
 
+Failover: ``target`` may be a list of broker URLs' targets (the nodes of a cluster, e.g. NATS with its MQTT listener
+on each node and the sessions kept in JetStream). The client connects to the first; when its connection drops or a
+connect fails, the next (re)connect goes to the next node in the list, round and round. The session is persistent
+(clean_session=False, the same client id), so on a cluster that keeps sessions the new node has the bus's
+subscriptions and queued downlink; the batch in flight is sent again on the new connection (the back office drops
+duplicates), and everything else is still in the journal until acknowledged.
+
 The broker user and password come from the MQTT URL (``mqtt://<device>:<password>@host``; ``farebox device add``
 prints both). Without ``mac_key`` the key is derived from the published TEST device master, with a warning: right
 for the demo fleet, never for a real bus.
@@ -43,7 +50,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import paho.mqtt.client as mqtt
@@ -63,12 +70,17 @@ GREY_ALARM_AFTER = timedelta(minutes=10)
 
 
 class Uplink:
-    def __init__(self, journal: Journal, target: MqttTarget, *, device_id: str, operator: str,
+    def __init__(self, journal: Journal, target: MqttTarget | Sequence[MqttTarget], *, device_id: str, operator: str,
                  mac_key: bytes | None = None, terminal=None, downlink=None, software: str | None = None,
                  heartbeat_seconds: float = 60.0, batch_size: int = 50, ack_timeout: float = 5.0,
                  max_backoff: float = 60.0, clock: Callable[[], datetime] | None = None):
         self.journal = journal
-        self.target = target
+        self.targets = [target] if isinstance(target, MqttTarget) else list(target)
+        if not self.targets:
+            raise ValueError("Uplink needs at least one broker")
+        self._node = 0  # index in self.targets of the node connected to (or being tried)
+        self.target = self.targets[0]
+        self.failovers = 0
         self.device_id = device_id
         self.operator = operator
         if mac_key is None:
@@ -111,8 +123,9 @@ class Uplink:
         self.set_aside = 0  # records this uplink set aside because they would not encode
         self.quarantined = 0  # records the back office acknowledged as quarantined
 
-        client = new_client(target, f"dev_{device_id}", max_inflight=4)
+        client = new_client(self.target, f"dev_{device_id}", max_inflight=4)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect_fail = self._on_connect_fail
         client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -263,6 +276,24 @@ class Uplink:
         if not self._offline and not self._stop.is_set():
             log.warning("device %s: link to the broker lost (%s); records stay in the journal", self.device_id,
                         reason_code)
+            self._next_node()
+
+    def _on_connect_fail(self, client, userdata):
+        if not self._offline and not self._stop.is_set():
+            self._next_node()
+
+    def _next_node(self) -> None:
+        """The next (re)connect goes to the next broker of the list (nothing changes with one broker)."""
+        if len(self.targets) < 2:
+            return
+        self._node = (self._node + 1) % len(self.targets)
+        self.target = self.targets[self._node]
+        try:
+            self.client.host, self.client.port = self.target.host, self.target.port
+        except RuntimeError:  # paho has not marked the socket closed yet: set what reconnect() reads
+            self.client._host, self.client._port = self.target.host, self.target.port
+        self.failovers += 1
+        log.warning("device %s: failing over to broker %s", self.device_id, self.target.url(with_password=False))
 
     def _on_message(self, client, userdata, message):
         try:

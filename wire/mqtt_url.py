@@ -150,3 +150,18 @@ def new_client(target: MqttTarget, client_id: str, *, persistent: bool = True, m
     configure_client(client, target)
     client.max_inflight_messages_set(max_inflight)  # before connecting, or paho ignores it
     return client
+
+
+def parse_mqtt_urls(value: str | list[str] | tuple[str, ...]) -> list[MqttTarget]:
+    """A list of broker URLs (the nodes of a cluster): ``"mqtt://a:1883,mqtt://b:1883"``, a list of such strings
+    (a repeated ``--mqtt``), or both. A validator connects to the first and fails over to the next when its node
+    dies. Raises ``ValueError`` for an empty list or a bad URL (the message names it, password masked).
+
+    >>> [t.port for t in parse_mqtt_urls(["mqtt://a:1", "mqtt://b:2,mqtt://c:3"])]
+    [1, 2, 3]
+    """
+    items = [value] if isinstance(value, str) else list(value)
+    urls = [u.strip() for item in items for u in str(item).split(",") if u.strip()]
+    if not urls:
+        raise ValueError("no broker URL given: write mqtt://host[:port], or several separated by commas")
+    return [parse_mqtt_url(u) for u in urls]

@@ -1,0 +1,312 @@
+"""Ingest from a NATS cluster: tap batches from a durable JetStream work-queue consumer, stored, committed, then
+acknowledged to JetStream and to the device.
+
+The buses keep speaking MQTT 3.1.1 to the nats-server MQTT listener on any node (``farebox broker config --engine
+nats``). A topic ``farebox/v1/<op>/<dev>/taps`` is the NATS subject ``farebox.v1.<op>.<dev>.taps``; the stream
+``FAREBOX_TAPS`` (work-queue retention, file storage, ``replicas`` copies, made here if it is missing) captures
+those subjects, and every worker pulls from the one durable consumer ``ingest``: JetStream hands each batch to one
+worker, and redelivers it after ``ack_wait`` if that worker dies before acknowledging. Scaling out = starting more
+workers (on any machine) with the same durable name.
+
+Per fetch (up to ``max_messages``), what :class:`backoffice.ingest_consumer.IngestConsumer` does for MQTT: decode,
+verify (device MAC, TAC per purchase), store in one transaction (:meth:`backoffice.ingest.Ingest.messages`),
+commit; only then acknowledge each message to JetStream (``+ACK``), and publish the device's MAC'd ack. A crash
+anywhere before the JetStream ack makes JetStream deliver the batch again; a crash after it but before the device's
+ack makes the bus send the batch again (its journal keeps every record until acknowledged): either way the records
+come back as duplicates, which the database's unique keys turn away, and the device is acknowledged then.
+
+The device's ack (``ack_via``):
+- ``"jetstream"`` (default): a JetStream publish to ``$MQTT.msgs.farebox.v1.<op>.<dev>.ack``, the stream in which
+  nats-server keeps MQTT QoS 1 messages: the bus's persistent session gets it as a QoS 1 message even when it is
+  offline or reconnects to another node (redelivered after the MQTT ``ack_wait`` if it was sent to a dead
+  connection). Checked on nats-server 2.9.10: a core NATS publish reaches only a bus connected at that moment, as
+  QoS 0.
+- ``"core"``: a core NATS publish (faster; a bus that misses it sends the batch again after its ack timeout).
+
+Why the guarantee still holds when a node dies between a bus's PUBACK and the capture into ``FAREBOX_TAPS``:
+nats-server PUBACKs an MQTT QoS 1 publish once it is in its own ``$MQTT_msgs`` stream; the copy into the work queue
+follows. A batch lost there is never acknowledged to the bus, which sends it again: a delay, not a loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+
+from backoffice.ingest import DeviceDirectory, Ingest, IngestResult
+from backoffice.ingest_consumer import COUNTS
+from backoffice.keyservice import KeyService
+from epurse.keys import IssuerKeys
+from wire import topics
+
+log = logging.getLogger(__name__)
+
+STREAM = "FAREBOX_TAPS"
+DURABLE = "ingest"
+SUBJECTS = f"{topics.PREFIX.replace('/', '.')}.*.*.taps"
+MQTT_MSGS_PREFIX = "$MQTT.msgs."  # nats-server's stream of MQTT QoS 1 messages
+
+
+def nats_urls(value: str | list[str], *, user: str | None = None, password: str | None = None) -> list[str]:
+    """``nats://host:port`` URLs from a comma-separated string or a list; a URL without a login gets ``user`` and
+    ``password`` (the back office's ``ingest`` login, derived from the device master like the Mosquitto one)."""
+    from urllib.parse import quote, urlsplit
+
+    items = [value] if isinstance(value, str) else list(value)
+    urls = [u.strip() for item in items for u in item.split(",") if u.strip()]
+    if not urls:
+        raise ValueError("no NATS URL given: write nats://host:4222, or several separated by commas")
+    out = []
+    for url in urls:
+        parts = urlsplit(url if "://" in url else f"nats://{url}")
+        if parts.scheme not in ("nats", "tls"):
+            raise ValueError(f"NATS URL {url!r}: the scheme must be nats:// or tls://")
+        if parts.username is None and user is not None:
+            auth = quote(user, safe="") + (":" + quote(password, safe="") if password else "")
+            url = f"{parts.scheme}://{auth}@{parts.netloc}"
+        else:
+            url = f"{parts.scheme}://{parts.netloc}"
+        out.append(url)
+    return out
+
+
+def topic_of(subject: str) -> str:
+    return subject.replace(".", "/")
+
+
+@dataclass
+class JetStreamIngest:
+    """One ingest worker on a NATS cluster (see the module's text)."""
+
+    engine: Engine
+    servers: list[str]
+    keys: KeyService | IssuerKeys
+    master: bytes
+    durable: str = DURABLE
+    stream: str = STREAM
+    replicas: int = 3
+    operator: str | None = None
+    accept_unsigned: bool = False
+    write: str = "copy"
+    max_messages: int = 100
+    ack_wait: float = 30.0
+    ack_via: str = "jetstream"
+    name: str = "ingest"
+    on_ready: Callable[[], None] | None = None
+    counts: dict = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
+
+    def __post_init__(self):
+        if self.ack_via not in ("jetstream", "core"):
+            raise ValueError("ack_via is 'jetstream' or 'core'")
+        self.ingest = Ingest(keys=self.keys, master=self.master, devices=DeviceDirectory(),
+                             accept_unsigned=self.accept_unsigned,
+                             write=self.write if self.engine.dialect.name == "postgresql" else "insert")
+        self.nc = None
+        self.js = None
+        self._sub = None
+        self.connected_url: str | None = None
+
+    # -- connection
+
+    async def connect(self) -> None:
+        import nats
+        from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+        from nats.js.errors import NotFoundError
+
+        async def disconnected():
+            log.warning("%s: NATS connection lost; reconnecting to another node", self.name)
+
+        async def reconnected():
+            self.connected_url = str(self.nc.connected_url.netloc) if self.nc.connected_url else None
+            log.warning("%s: NATS reconnected to %s", self.name, self.connected_url)
+
+        async def error(e):
+            log.info("%s: NATS: %s", self.name, e)
+
+        self.nc = await nats.connect(servers=self.servers, name=self.name, max_reconnect_attempts=-1,
+                                     reconnect_time_wait=0.5, connect_timeout=2, allow_reconnect=True,
+                                     disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error)
+        self.connected_url = str(self.nc.connected_url.netloc) if self.nc.connected_url else None
+        self.js = self.nc.jetstream(timeout=10)
+        subject = SUBJECTS if self.operator is None else SUBJECTS.replace(".*.*.", f".{self.operator}.*.", 1)
+        try:
+            await self.js.stream_info(self.stream)
+        except NotFoundError:
+            await self.js.add_stream(StreamConfig(
+                name=self.stream, subjects=[SUBJECTS], retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE, num_replicas=self.replicas, max_msg_size=8 * 1024 * 1024))
+            log.info("%s: stream %s created (%d replicas)", self.name, self.stream, self.replicas)
+        self._sub = await self.js.pull_subscribe(
+            subject, durable=self.durable, stream=self.stream,
+            config=ConsumerConfig(ack_wait=self.ack_wait, max_deliver=-1, max_ack_pending=20_000,
+                                  filter_subject=subject))
+
+    async def close(self) -> None:
+        if self.nc is not None:
+            try:
+                await self.nc.drain()
+            except Exception:  # noqa: BLE001 - closing a connection to a dead cluster
+                await self.nc.close()
+
+    # -- the loop
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.connect()
+        if self.on_ready is not None:
+            self.on_ready()
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            try:
+                msgs = await self._sub.fetch(self.max_messages, timeout=1.0)
+            except (TimeoutError, asyncio.TimeoutError):
+                continue
+            except Exception as e:  # noqa: BLE001 - a node gone, a leader election: fetch again
+                log.info("%s: fetch failed (%s); again", self.name, e)
+                await asyncio.sleep(0.2)
+                continue
+            if not msgs:
+                continue
+            messages = [(topic_of(m.subject), m.data) for m in msgs]
+            results = await loop.run_in_executor(None, self.store, messages)
+            await self._acknowledge(msgs, results)
+
+    def store(self, messages: list[tuple[str, bytes]]) -> list[IngestResult | None]:
+        """Commit the messages together; if that fails, each in a transaction of its own (what
+        IngestConsumer.store does). None for a message that could not be stored."""
+        try:
+            return self._commit(messages)
+        except Exception:  # noqa: BLE001
+            if len(messages) == 1:
+                self._failed(messages[0][0])
+                return [None]
+            log.warning("%s: %d messages failed together; storing them one by one", self.name, len(messages),
+                        exc_info=True)
+        results: list[IngestResult | None] = []
+        for message in messages:
+            try:
+                results.extend(self._commit([message]))
+            except Exception:  # noqa: BLE001 - logged; JetStream delivers it again
+                self._failed(message[0])
+                results.append(None)
+        return results
+
+    def _commit(self, messages) -> list[IngestResult]:
+        with self.engine.begin() as conn:  # commits on leaving the block
+            results = self.ingest.messages(conn, messages)
+        self.counts["transactions"] += 1
+        return results
+
+    def _failed(self, topic: str) -> None:
+        self.counts["errors"] += 1
+        log.exception("%s: batch on %s not stored; JetStream delivers it again", self.name, topic)
+
+    async def _acknowledge(self, msgs, results) -> None:
+        """After the commit: the JetStream ack of every stored message, then the devices' acks."""
+        device_acks = []
+        for msg, result in zip(msgs, results, strict=True):
+            if result is None:
+                try:
+                    await msg.nak(delay=1.0)
+                except Exception:  # noqa: BLE001 - redelivered after ack_wait anyway
+                    pass
+                continue
+            try:
+                await msg.ack()
+            except Exception:  # noqa: BLE001 - redelivered: a duplicate, turned away and acknowledged then
+                log.info("%s: JetStream ack failed; the batch comes again as a duplicate", self.name)
+            counts = self.counts
+            counts["messages"] += 1
+            counts["stored"] += result.stored
+            counts["duplicates"] += result.duplicates
+            counts["quarantined"] += result.quarantined
+            counts["fraud"] += result.fraud
+            counts["refused"] += result.refused is not None
+            if result.ack_seqs:
+                subject = topics.ack(result.operator, result.device_id).replace("/", ".")
+                device_acks.append((subject, self.ingest.encode_ack(result)))
+        if not device_acks:
+            return
+        if self.ack_via == "core":
+            for subject, payload in device_acks:
+                await self.nc.publish(subject, payload)
+            return
+        outcomes = await asyncio.gather(*(self.js.publish(MQTT_MSGS_PREFIX + s, p) for s, p in device_acks),
+                                        return_exceptions=True)
+        for (subject, payload), outcome in zip(device_acks, outcomes, strict=True):
+            if isinstance(outcome, Exception):  # the MQTT stream unavailable for a moment: at least say it now
+                log.info("%s: ack to %s not stored (%s); sent as QoS 0", self.name, subject, outcome)
+                try:
+                    await self.nc.publish(subject, payload)
+                except Exception:  # noqa: BLE001 - the bus sends the batch again
+                    pass
+
+
+def run_forever(worker: JetStreamIngest) -> None:
+    """Run one worker until SIGTERM / SIGINT."""
+    import signal
+
+    async def main():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await worker.run(stop)
+        finally:
+            await worker.close()
+
+    started = time.monotonic()
+    asyncio.run(main())
+    log.info("%s: stopped after %.0f s: %s", worker.name, time.monotonic() - started, worker.counts)
+
+
+@dataclass(frozen=True)
+class JetStreamWorkerSpec:
+    """What a worker process needs (picklable): keys is an opener, as in ingest_consumer.WorkerSpec."""
+
+    database_url: str
+    servers: tuple[str, ...]
+    keys: Callable[[], KeyService]
+    master: bytes
+    name: str
+    operator: str | None = None
+    accept_unsigned: bool = False
+    durable: str = DURABLE
+    ready_file: str | None = None
+    log_level: int = logging.INFO
+
+    @property
+    def client_id(self) -> str:  # what IngestPool names a worker by
+        return self.name
+
+
+def run_worker(spec: JetStreamWorkerSpec) -> None:
+    from pathlib import Path
+
+    from backoffice.db import make_engine
+
+    logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = JetStreamIngest(make_engine(spec.database_url), list(spec.servers), keys=spec.keys(),
+                             master=spec.master, name=spec.name, operator=spec.operator,
+                             accept_unsigned=spec.accept_unsigned, durable=spec.durable)
+    if spec.ready_file:
+        worker.on_ready = lambda: Path(spec.ready_file).touch()
+    run_forever(worker)
+
+
+def run_pool(specs: list[JetStreamWorkerSpec], *, ready_file: str | None = None) -> None:
+    """N worker processes on the one durable consumer; one that dies is started again (IngestPool's supervision)."""
+    from backoffice.ingest_consumer import IngestPool
+
+    class Pool(IngestPool):
+        def _start(self, i: int) -> None:
+            proc = self._ctx.Process(target=run_worker, args=(self.specs[i],), name=f"ingest-{i}", daemon=True)
+            proc.start()
+            self.procs[i] = proc
+
+    Pool(specs, ready_file=ready_file).run_forever()
