@@ -103,15 +103,17 @@ def _words(e: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'form'}: {err['msg']}" for err in e.errors())
 
 
-def _attempt(svc: Services, fn) -> tuple[str | None, object]:
-    """Run one write; (its refusal's words or None, its result)."""
+def _attempt(svc: Services, fn) -> tuple[str | tuple[str, str] | None, object]:
+    """Run one write; (its refusal's words or None, its result). The words are the registry's English, which the
+    template's ``pick`` shows in Chinese on a Chinese page (backoffice.web.messages); a form field the API's model
+    refused comes as a (Chinese, English) pair, the field's rule in the validator's English after a Chinese lead."""
     try:
         with edit_api.writing(svc) as conn:
             return None, fn(conn)
     except edit_api.RegistryRefused as e:
         return str(e), None
     except ValidationError as e:
-        return _words(e), None
+        return (f"表单填写有误（{_words(e)}）", _words(e)), None
     except ValueError as e:  # a fare or stage typed wrongly
         return str(e), None
     except HTTPException as e:
