@@ -29,6 +29,9 @@ class Settings:
     denylist_rebuild_seconds: float = 30.0  # how often the publisher looks for cards newly lost/found (0: never)
     web_session_hours: float = 12.0  # a web page login lasts this long (backoffice.web.sessions)
     web_secure_cookies: bool | None = None  # None: Secure when the request came over https; 1 behind a TLS proxy
+    sms_url: str | None = None  # the SMS gateway (backoffice.sms.gateway); None: no text is sent, only logged
+    sms_account: str = "farebox"  # our account at the SMS gateway
+    sms_secret: str | None = None  # the gateway's shared HMAC secret, hex (>= 16 bytes): signs both ways
 
     @property
     def sqlite_url(self) -> str:
@@ -50,7 +53,8 @@ _ENV = {"var_dir": "FAREBOX_VAR_DIR", "database_url": "FAREBOX_DATABASE_URL", "m
         "payment_public_key": "FAREBOX_PAYMENT_PUBLIC_KEY", "insecure_test_keys": "FAREBOX_INSECURE_TEST_KEYS",
         "denylist_rebuild_seconds": "FAREBOX_DENYLIST_REBUILD_SECONDS", "web_session_hours": "FAREBOX_WEB_SESSION_HOURS",
         "web_secure_cookies": "FAREBOX_WEB_SECURE_COOKIES", "ticket_key_file": "FAREBOX_TICKET_KEY",
-        "ticket_key_id": "FAREBOX_TICKET_KEY_ID", "ticket_pickup_key_file": "FAREBOX_TICKET_PICKUP_KEY"}
+        "ticket_key_id": "FAREBOX_TICKET_KEY_ID", "ticket_pickup_key_file": "FAREBOX_TICKET_PICKUP_KEY",
+        "sms_url": "FAREBOX_SMS_URL", "sms_account": "FAREBOX_SMS_ACCOUNT", "sms_secret": "FAREBOX_SMS_SECRET"}
 
 
 def load_settings(environ=os.environ) -> Settings:

@@ -112,9 +112,31 @@ def _configure_ota(app, root) -> None:
     from backoffice.payments.platform import configure as configure_payments
 
     configure_payments(app, root.payment_public_key)  # the platform adapter when FAREBOX_PAYMENT_URL is set
+    _configure_sms_and_shop(app, root)
+
+
+def _configure_sms_and_shop(app, root) -> None:
+    """One SMS gateway from the settings (``sms_url``, ``sms_account``, ``sms_secret``: TOML or FAREBOX_SMS_*)
+    for the SMS dialogue (its inbound webhook and answers) and the web shop's one-time codes; both get the ticket
+    keys and the payment platform ``configure_payments`` made. The dialogue is swept by serve's scheduler
+    (farebox.sms_cmd), not by a thread of its own."""
+    import os
+
+    from backoffice.payments.platform import NOTIFY_URL_ENV
+    from backoffice.sms.gateway import configure_sms, gateway_from_settings, secret_from_settings
+    from backoffice.web.api.sms import configure_sms_channel
     from backoffice.web.shop_service import configure_shop
 
-    configure_shop(app, ticket_keys=root.ticket_keys, platform=app.state.payment_platform)  # web shop, partner API
+    settings = root.settings
+    gateway, secret = gateway_from_settings(settings), secret_from_settings(settings)
+    configure_sms(app, gateway=gateway, secret=secret)
+    platform = app.state.payment_platform
+    notify_url = os.environ.get(NOTIFY_URL_ENV, "").strip()
+    configure_shop(app, ticket_keys=root.ticket_keys, platform=platform, notify_url=notify_url,
+                   otp_sender=gateway)  # web shop, partner API
+    configure_sms_channel(app, gateway=gateway, secret=secret, ticket_keys=root.ticket_keys, platform=platform,
+                          notify_url=notify_url, sweep_every=None)
+    log.info("serve: SMS gateway %s (dialogue and shop codes)", gateway.__class__.__name__)
 
 
 def _configure_quarantine(app, root, *, accept_unsigned: bool) -> None:

@@ -19,8 +19,10 @@ over HTTP, signed with one shared HMAC secret both ways:
 Errors a caller catches by meaning: ``SmsUnavailable`` (no answer; retry with the same ``client_ref``),
 ``SmsRefused`` (the gateway said no), ``InboundRefused`` (a webhook that is forged, stale or malformed).
 
-Settings: ``FAREBOX_SMS_URL`` (the gateway; unset: no SMS is sent, a ``NullGateway`` logs what would have been),
-``FAREBOX_SMS_ACCOUNT``, ``FAREBOX_SMS_SECRET`` (hex, at least 16 bytes; the same secret signs inbound webhooks).
+Settings (farebox.config: the TOML file or the environment): ``sms_url`` / ``FAREBOX_SMS_URL`` (the gateway; unset:
+no SMS is sent, a ``NullGateway`` logs what would have been), ``sms_account`` / ``FAREBOX_SMS_ACCOUNT``,
+``sms_secret`` / ``FAREBOX_SMS_SECRET`` (hex, at least 16 bytes; the same secret signs inbound webhooks).
+``farebox serve`` makes one gateway from them for the SMS dialogue and the web shop's one-time codes.
 """
 
 from __future__ import annotations
@@ -202,30 +204,53 @@ class NullGateway:
         return msg
 
 
-def secret_from_env(environ=os.environ, *, insecure_test_key: bool = False) -> bytes | None:
-    """The gateway's shared secret (hex, >= 16 bytes); None unset (the inbound webhook then answers 503), the
-    published TEST secret when unset and ``insecure_test_key``."""
-    text = environ.get(SECRET_ENV, "").strip()
+def secret_from_settings(settings) -> bytes | None:
+    """The gateway's shared secret (``sms_secret``, hex, >= 16 bytes; farebox.config: TOML or
+    ``FAREBOX_SMS_SECRET``); None unset (the inbound webhook then refuses everything), the published TEST secret
+    when unset and the settings say ``insecure_test_keys``."""
+    text = (settings.sms_secret or "").strip()
     if not text:
-        return TEST_SMS_SECRET if insecure_test_key else None
+        return TEST_SMS_SECRET if settings.insecure_test_keys else None
     try:
         key = bytes.fromhex(text)
     except ValueError:
         key = b""
     if len(key) < 16:
-        raise ValueError(f"{SECRET_ENV} must be the SMS gateway's shared secret in hex (at least 16 bytes)")
+        raise ValueError(f"sms_secret ({SECRET_ENV}) must be the SMS gateway's shared secret in hex (at least 16 "
+                         "bytes)")
     return key
 
 
-def gateway_from_env(environ=os.environ, *, insecure_test_key: bool = False) -> SmsGateway:
-    """The gateway named by ``FAREBOX_SMS_URL``; a ``NullGateway`` when unset."""
-    url = environ.get(URL_ENV, "").strip()
+def gateway_from_settings(settings) -> SmsGateway:
+    """The gateway the settings name (``sms_url``, ``sms_account``, ``sms_secret``); a ``NullGateway`` without a
+    URL."""
+    url = (settings.sms_url or "").strip()
     if not url:
         return NullGateway()
-    secret = secret_from_env(environ, insecure_test_key=insecure_test_key)
+    secret = secret_from_settings(settings)
     if secret is None:
-        raise ValueError(f"{URL_ENV} is set but {SECRET_ENV} is not: give the gateway's shared secret (hex)")
-    return HttpSmsGateway(url, account=environ.get(ACCOUNT_ENV, "farebox"), secret=secret)
+        raise ValueError(f"sms_url ({URL_ENV}) is set but sms_secret ({SECRET_ENV}) is not: give the gateway's "
+                         "shared secret (hex)")
+    return HttpSmsGateway(url, account=(settings.sms_account or "farebox").strip(), secret=secret)
+
+
+def _settings(environ, insecure_test_key: bool):
+    import dataclasses
+
+    from farebox.config import load_settings
+
+    settings = load_settings(environ)
+    return dataclasses.replace(settings, insecure_test_keys=settings.insecure_test_keys or insecure_test_key)
+
+
+def secret_from_env(environ=os.environ, *, insecure_test_key: bool = False) -> bytes | None:
+    """``secret_from_settings`` of the settings ``environ`` gives (``FAREBOX_SMS_SECRET`` or the TOML file)."""
+    return secret_from_settings(_settings(environ, insecure_test_key))
+
+
+def gateway_from_env(environ=os.environ, *, insecure_test_key: bool = False) -> SmsGateway:
+    """``gateway_from_settings`` of the settings ``environ`` gives (``FAREBOX_SMS_URL`` ... or the TOML file)."""
+    return gateway_from_settings(_settings(environ, insecure_test_key))
 
 
 # ---------------------------------------------------------------------------------------- the app's gateway

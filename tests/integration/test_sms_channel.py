@@ -287,8 +287,9 @@ def test_a_server_without_the_gateway_secret_refuses_every_inbound_text(tmp_path
 
 
 def test_farebox_serve_answers_texts_and_sends_the_pickup_code_by_itself(tmp_path):
-    """The same dialogue against a real ``farebox serve`` process wired only by its settings (gateway, secret,
-    payment platform, notify URL): its scheduler's SMS sweep texts the pickup code after the payment lands."""
+    """The same dialogue against a real ``farebox serve`` process wired only by its settings (the gateway and its
+    secret in the TOML file, the payment platform and notify URL in the environment): its scheduler's SMS sweep texts
+    the pickup code after the payment lands, and the web shop's one-time code goes out through the same gateway."""
     import os
     import subprocess
     import sys
@@ -313,12 +314,15 @@ def test_farebox_serve_answers_texts_and_sends_the_pickup_code_by_itself(tmp_pat
     pay = PlatformSimulator().start()
     sms = SmsGatewaySimulator(inbound_url=f"{base}/sms/inbound").start()
     ready, log_path = tmp_path / "serve.ready", tmp_path / "serve.log"
+    config = tmp_path / "farebox.toml"  # the SMS gateway from the settings file, not the environment
+    config.write_text(f'sms_url = "{sms.url}"\nsms_account = "farebox"\nsms_secret = "{TEST_SMS_SECRET.hex()}"\n')
     env = {**os.environ, "FAREBOX_DATABASE_URL": url, "FAREBOX_VAR_DIR": str(tmp_path / "var"),
            "FAREBOX_API_TOKENS": str(tmp_path / "tokens.toml"), "FAREBOX_INSECURE_TEST_KEYS": "1",
-           "FAREBOX_SMS_URL": sms.url, "FAREBOX_SMS_SECRET": TEST_SMS_SECRET.hex(),
+           "FAREBOX_CONFIG": str(config),
            "FAREBOX_PAYMENT_URL": pay.url, "FAREBOX_PAYMENT_SECRET": TEST_MERCHANT_SECRET.hex(),
            "FAREBOX_PAYMENT_MERCHANT": "farebox", "FAREBOX_PAYMENT_NOTIFY_URL": f"{base}/ota/webhook"}
-    for name in ("FAREBOX_MQTT_URL", "FAREBOX_CONFIG", "FAREBOX_PAYMENT_PUBLIC_KEY"):
+    for name in ("FAREBOX_MQTT_URL", "FAREBOX_PAYMENT_PUBLIC_KEY", "FAREBOX_SMS_URL", "FAREBOX_SMS_SECRET",
+                 "FAREBOX_SMS_ACCOUNT"):
         env.pop(name, None)
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "farebox.cli", "serve", "--port", str(port), "--no-ingest",
@@ -339,6 +343,12 @@ def test_farebox_serve_answers_texts_and_sends_the_pickup_code_by_itself(tmp_pat
         [(serial, state)] = sql(engine, "SELECT t.pickup_serial, o.state FROM ticket t JOIN ticket_order o "
                                 "ON o.order_id = t.order_id WHERE o.order_id = :o", o=order_id)
         assert int(code[:10]) == serial and state == "issued" and w.seats_taken() == 1
+        # the web shop's one-time code goes out through the same gateway (the simulator's outbox has it)
+        [(dep_id,)] = sql(engine, "SELECT id FROM departure")
+        shop = f"http://127.0.0.1:{port}/shop/{OP}/code"
+        r = httpx.post(shop, data={"phone": OTHER, "product": "coach", "departure": str(dep_id), "quantity": "1"})
+        assert r.status_code == 200, r.text[-500:]
+        assert any("ticket code" in t for t in wait_for(lambda: sms.texts_to(OTHER), timeout=10))
     finally:
         proc.terminate()
         try:
