@@ -127,9 +127,9 @@ def card(conn: Connection, *, asn: str, limit: int = 50, named: bool = False) ->
 
 
 def _name_records(conn: Connection, rows: list[dict]) -> None:
-    """Give each record what a person reads: its route's name, its bus's plate (the registry's current ones; the
-    code, which may carry a run tag, stays in ``route``/``vehicle``) and its operator's zone (``tz``), in which its
-    time is shown."""
+    """Give each record what a person reads: its bus company's, route's names and its bus's plate (the registry's
+    current ones; the codes, which may carry a run tag, stay in ``operator``/``route``/``vehicle``) and its
+    operator's zone (``tz``), in which its time is shown."""
     def lookup(column_key, *columns, keys):
         keys = sorted({k for k in keys if k})
         if not keys:
@@ -139,10 +139,12 @@ def _name_records(conn: Connection, rows: list[dict]) -> None:
     routes = lookup(Route.code, Route.code, Route.name, keys=(r["route"] for r in rows))
     plates = lookup(Vehicle.code, Vehicle.code, Vehicle.plate, keys=(r["vehicle"] for r in rows))
     zones = lookup(Operator.code, Operator.code, Operator.timezone, keys=(r["operator"] for r in rows))
+    names = lookup(Operator.code, Operator.code, Operator.name, keys=(r["operator"] for r in rows))
     for r in rows:
         r["route_name"] = routes.get(r["route"])
         r["plate"] = plates.get(r["vehicle"])
         r["tz"] = zones.get(r["operator"])
+        r["operator_name"] = names.get(r["operator"])
 
 
 def day_state(day: date, *, now: datetime, tz: str, cutoff_hour: int) -> str:

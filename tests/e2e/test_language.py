@@ -167,7 +167,7 @@ def test_domain_messages_and_a_cards_rides_in_the_page_language(server, browser,
                                     "registered%'")).scalar_one()
         waiting = conn.execute(text("SELECT count(*) FROM quarantine WHERE status = 'open'")).scalar_one()
         rides = conn.execute(text(
-            "SELECT t.occurred_at, t.card_ttc, o.timezone, r.name, v.plate FROM tap t "
+            "SELECT t.occurred_at, t.card_ttc, o.timezone, o.name AS operator_name, r.name, v.plate FROM tap t "
             "JOIN operator o ON o.code = t.operator LEFT JOIN route r ON r.code = t.route "
             "LEFT JOIN vehicle v ON v.code = t.vehicle WHERE t.card_asn = :a"), {"a": SHARED_CARD}).all()
     engine.dispose()
@@ -178,7 +178,8 @@ def test_domain_messages_and_a_cards_rides_in_the_page_language(server, browser,
         return datetime.fromisoformat(str(at)).replace(tzinfo=UTC).astimezone(ZoneInfo(zone)).strftime(
             "%Y-%m-%d %H:%M")
 
-    expected_rides = sorted((local(r.occurred_at, r.timezone), r.name, r.plate, str(r.card_ttc)) for r in rides)
+    expected_rides = sorted((local(r.occurred_at, r.timezone), r.operator_name, r.name, r.plate, str(r.card_ttc))
+                            for r in rides)
 
     def retire_cv1() -> str:
         driver.get(f"{base}/manage/vehicles/cv1")
@@ -192,7 +193,7 @@ def test_domain_messages_and_a_cards_rides_in_the_page_language(server, browser,
         shown = []
         for row in rows:
             cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
-            shown.append((cells[0], cells[3], cells[4], cells[5]))
+            shown.append((cells[0], cells[2], cells[3], cells[4], cells[5]))
         return sorted(shown)
 
     _login(driver, base, tokens["admin"])  # the browser asks for Chinese
@@ -238,7 +239,7 @@ def test_domain_messages_and_a_cards_rides_in_the_page_language(server, browser,
     _wait_for(driver, "#records")
     assert driver.find_element(By.ID, "proof").text == "身份证 110101199001011234"
     assert rides_shown() == expected_rides
-    assert not any("_" in cell for ride in rides_shown() for cell in ride[1:3])
+    assert not any("_" in cell for ride in rides_shown() for cell in ride[1:4])  # names, not codes
     _shot(driver, "language-zh-card-rides")
 
     # the same in English: the domain's own words, the proof's kind as typed
