@@ -106,6 +106,9 @@ def _settle(args, settings) -> int:
         print(f"{args.operator} {m.first_day:%Y-%m}: {len(m.runs)} day(s) cleared, gross {_yuan(gross)}, net "
               f"{_yuan(net)}; payable with late taps and adjustments {_yuan(payable)}; "
               f"{len(m.missing)} day(s) without a clearing run left out")
+        tickets = sum(int(r.totals.get("ticket_gross", 0)) for r in m.runs)
+        if tickets:
+            print(f"  e-tickets: revenue recognised {_yuan(tickets)} (no issuer commission on e-tickets)")
         print(f"reports: {', '.join(str(f) for f in m.files)}")
         return 0
     s, run = d.settlement, d.run
@@ -121,6 +124,11 @@ def _settle(args, settings) -> int:
               f": {t['day_taps']} fares, gross {_yuan(t['day_gross'])}, issuer commission "
               f"{_yuan(t['day_commission'])}, net {_yuan(t['day_net'])}; payable with late taps and adjustments "
               f"{_yuan(t['payable_net'])}")
+        if t.get("ticket_gross") or t.get("ticket_day_uses") or t.get("ticket_late_uses"):
+            # e-tickets: recognised revenue, beside the card fares; no issuer commission, not in payable
+            print(f"  e-tickets: {t['ticket_day_uses']} use(s), revenue recognised {_yuan(t['ticket_day_gross'])}"
+                  f"; for earlier days {_yuan(t['ticket_late_gross'])}; day's total (card gross + e-tickets) "
+                  f"{_yuan(t['day_gross'] + t['ticket_day_gross'])} (no issuer commission on e-tickets)")
         if d.shift_items:
             print(f"  {len(d.shift_items)} shift(s) out of balance: see the reconciliation work list")
     print(f"reports: {', '.join(str(f) for f in d.files)}")

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backoffice import clearing_runs, day_lock, registry, signoff, taps_browser
 from backoffice.models import ClearingRun as ClearingRunRow
-from backoffice.settle import settle, stored_run_id
+from backoffice.settle import settle, stored_run_id, ticket_tables
 from backoffice.web import lang, reads
 from backoffice.web.downloads import CSV_LABELS, day_csv_tables
 from backoffice.web.api import reports as reports_api
@@ -286,6 +286,53 @@ def _breakdown(run, settlement, key: str, names: dict) -> list[dict]:
     return sorted(rows, key=lambda r: str(r["key"]))
 
 
+TICKET_TABLES = (("route", "按线路", "By route"), ("vehicle", "按车辆", "By vehicle"),
+                 ("driver", "按司机", "By driver"), ("product", "按票种", "By product"),
+                 ("channel", "按渠道", "By channel"), ("source", "按来源", "By source"))
+TICKET_SOURCES = {"use": ("乘车使用", "rides"), "pass_day": ("通票按日", "pass days"),
+                  "breakage": ("逾期未用", "breakage"), "refund": ("退票冲回", "refund taken back")}
+TICKET_CHANNELS = {"web": ("网上商城", "web shop"), "sms": ("短信", "SMS"), "partner": ("小程序/合作方", "partner API"),
+                   "counter": ("柜台", "counter")}
+
+
+def _ticket_label(dim: str, key) -> tuple[str, str]:
+    key = "" if key is None else str(key)
+    if dim == "source":
+        return TICKET_SOURCES.get(key, (key, key))
+    if dim == "channel":
+        return TICKET_CHANNELS.get(key, (key, key))
+    return (key, key) if key else ("（无）", "(none)")
+
+
+def _ticket_parts(conn: Connection, run, tz: str, cutoff: int) -> dict | None:
+    """The cleared day's e-ticket figures (backoffice.settle.ticket_tables, the same the PDF and CSVs carry), in
+    fen: revenue recognised by route ... source, late (earlier days), sales, outstanding; None before the day is
+    cleared or when the operator sells no tickets. No issuer commission on tickets (clearing.tickets)."""
+    if run is None:
+        return None
+    t = ticket_tables(conn, [run], tz, cutoff)
+    if t is None:
+        return None
+    by = [{"key": dim, "zh": zh, "en": en,
+           "rows": [{"key": str(k), "label": _ticket_label(dim, k), "taps": int(n), "gross": int(g)}
+                    for k, n, g in t.by[dim][[dim, "taps", "gross"]].itertuples(index=False)]}
+          for dim, zh, en in TICKET_TABLES]
+    late = [{"for_day": d, "label": _ticket_label("source", src), "taps": int(n), "gross": int(g)}
+            for d, src, n, g in t.late[["for_day", "source", "taps", "gross"]].itertuples(index=False)]
+    sales = [{"product": r.product, "channel": _ticket_label("channel", r.channel), "tickets": int(r.tickets),
+              "gross": int(r.gross), "refunded_tickets": int(r.refunded_tickets), "refunded": int(r.refunded),
+              "net": int(r.net)} for r in t.sales.itertuples(index=False)]
+    outstanding = [{"product": r.product, "tickets": int(r.tickets), "sold": int(r.sold),
+                    "refunded": int(r.refunded), "recognised": int(r.recognised), "deferred": int(r.deferred)}
+                   for r in t.outstanding.itertuples(index=False)]
+    totals = dict(run.totals)
+    return {"by": by, "late": late, "sales": sales, "outstanding": outstanding,
+            "day_uses": int(totals.get("ticket_day_uses", 0)), "day_gross": int(totals.get("ticket_day_gross", 0)),
+            "late_gross": int(totals.get("ticket_late_gross", 0)), "gross": int(totals.get("ticket_gross", 0)),
+            "breakage": int(t.by["source"].loc[t.by["source"]["source"] == "breakage", "gross"].sum()),
+            "deferred": sum(r["deferred"] for r in outstanding)}
+
+
 def _settlement_page(request: Request, conn: Connection, svc: Services, who: Principal, operator: str, info,
                      day: date, codes: list[str], *, done: str = "", error=None, status: int = 200) -> HTMLResponse:
     name, tz, cutoff = info
@@ -325,11 +372,12 @@ def _settlement_page(request: Request, conn: Connection, svc: Services, who: Pri
     day_over_day = {k: signoff.change(mine[k], prev[k]) for k in ("taps", "gross", "net")}
     month_change = {k: signoff.change(compare["month_to_date"][k], compare["last_month"][k])
                     for k in ("taps", "gross", "net")}
+    tickets = _ticket_parts(conn, run, tz, cutoff)
     index = reports_api.day_index(conn, op=reports_api.OperatorDay(operator, name, tz, cutoff), day=day)
     q = urlencode({"operator": operator, "day": day.isoformat()})
     downloads = {
         "pdf": f"/settlement.pdf?{q}", "xlsx": f"/reports/day?{q}&format=xlsx",
-        "csv": [(t, f"/reports/day?{q}&format=csv&table={t}") for t in day_csv_tables(run)],
+        "csv": [(t, f"/reports/day?{q}&format=csv&table={t}") for t in day_csv_tables(run, conn)],
         "month_pdf": f"/reports/month?operator={quote(operator)}&month={day:%Y-%m}&format=pdf",
         "month_xlsx": f"/reports/month?operator={quote(operator)}&month={day:%Y-%m}&format=xlsx",
         "taps_csv": f"/taps.csv?operator={quote(operator)}&first={day}&last={day}",
@@ -345,7 +393,7 @@ def _settlement_page(request: Request, conn: Connection, svc: Services, who: Pri
         day_over_day=day_over_day, compare=compare, month_change=month_change,
         signed=day_lock.signed_off(conn, operator=operator, day=day), downloads=downloads, pdf=downloads["pdf"],
         done=DONE.get(done), error=error, csrf=csrf_token(request), timedelta=timedelta, CARD_TYPE_LABELS=CARD_TYPE_LABELS,
-        CSV_LABELS=CSV_LABELS,
+        CSV_LABELS=CSV_LABELS, tickets=tickets,
         day_end=day_bounds(day, tz, cutoff)[1])
 
 

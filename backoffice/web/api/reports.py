@@ -41,7 +41,11 @@ OWNERS = ("clerk",)
 MEDIA = {"pdf": "application/pdf", "csv": "text/csv; charset=utf-8",
          "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"}
 # adjustments: late taps and reconciliation; fleet only when a vehicle is in a fleet (404 otherwise)
-TABLES = ("route", "vehicle", "driver", "fleet", "card_type", "adjustments")
+# e-tickets (issue 11): revenue the run recognised by route ... source, what it recognised for earlier days (only when
+# it did), the day's sales by product and channel, the deferred balance; only when the operator sells tickets
+TICKET_TABLES = ("tickets_by_route", "tickets_by_vehicle", "tickets_by_driver", "tickets_by_product",
+                 "tickets_by_channel", "tickets_by_source", "tickets_late", "ticket_sales", "ticket_outstanding")
+TABLES = ("route", "vehicle", "driver", "fleet", "card_type", "adjustments") + TICKET_TABLES
 PURCHASE, SHIFT_OPEN, SHIFT_CLOSE = "purchase", "shift_open", "shift_close"
 # reconciliation problems that make a shift out of balance; "not_closed" the slip shows on its own line
 OUT_OF_BALANCE = ("records_missing", "no_sign_in", "out_of_balance", "shift_not_received")
@@ -92,7 +96,8 @@ def day_settlement(conn: Connection, *, op: OperatorDay, day: date, fmt: str, ta
     with tempfile.TemporaryDirectory(prefix="farebox-report-") as folder:
         result = settle(conn, operator=op.code, day=day, reports_dir=Path(folder), now=now, close_day=False)
         stem = f"settlement-{op.code}-{day.isoformat()}"
-        csv_name = f"{stem}-adjustments.csv" if table == "adjustments" else f"{stem}-by_{table}.csv"
+        csv_name = (f"{stem}-{table}.csv" if table == "adjustments" or table in TICKET_TABLES
+                    else f"{stem}-by_{table}.csv")
         name = csv_name if fmt == "csv" else f"{stem}.{fmt}"
         path = Path(folder) / name
         if not path.exists():
