@@ -43,10 +43,15 @@ RECORD = {"kind": ("类型", "kind"), "device_id": ("车载机", "device"), "dev
           "terminal_id": ("终端号", "terminal"), "terminal_seq": ("终端流水", "terminal seq"), "tac": ("TAC", "TAC"),
           "reason": ("原因", "reason"), "tx_type": ("交易类型", "transaction type"), "algorithm": ("算法", "algorithm"),
           "entry_stop": ("上车站", "entry stop"), "exit_stop": ("下车站", "exit stop"),
-          "epoch": ("日志代次", "journal epoch")}
+          "epoch": ("日志代次", "journal epoch"), "ticket_id": ("车票号", "ticket"),
+          "ticket_use": ("使用次序", "ticket use no."), "presented": ("出示方式", "presented as")}
+# a record's kind as people say it
+RECORD_KINDS = {"purchase": ("消费", "fare"), "denied": ("拒绝", "refused"), "shift_open": ("签到", "sign-in"),
+                "shift_close": ("签退", "sign-out"), "ticket_use": ("乘车码", "ticket use")}
 CARD_TYPES = {int(c): (c.label_zh, c.label) for c in CardType}
 templates.env.globals.update(QUARANTINE_STATUS=STATUS, QUARANTINE_DONE=DONE, QUARANTINE_SIGNED=SIGNED,
-                             QUARANTINE_RECORD=RECORD, QUARANTINE_CARD_TYPES=CARD_TYPES)
+                             QUARANTINE_RECORD=RECORD, QUARANTINE_CARD_TYPES=CARD_TYPES,
+                             QUARANTINE_KINDS=RECORD_KINDS)
 
 
 def _page(request: Request, who: Principal, conn: Connection, quarantine_id: int, *, done: str = "",
