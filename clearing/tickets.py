@@ -36,6 +36,10 @@ from datetime import date
 import pandas as pd
 
 PASS_KINDS = ("day_pass", "month_pass")
+# A pickup code redeemed at a station counter is a use on no bus: it lands on the ticket's route when the ticket has
+# exactly one, else on this route line of its own (never a real route code: those have no spaces); its vehicle is
+# the station's name, its driver "" (backoffice.tickets.redeem).
+COUNTER_ROUTE = "station counter"
 RULES = ("per_ride", "spread")
 SOURCES = ("use", "pass_day", "breakage", "refund")
 DIMENSIONS = ("operator", "route", "vehicle", "driver", "product", "channel", "source")

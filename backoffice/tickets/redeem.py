@@ -11,7 +11,8 @@ the page (``/tickets/redeem``, backoffice.web.pages_tickets) both call:
    (an attacker who can restart the server has other ways in).
 2. the code is checked with the operator's pickup key and mapped to its ticket, the ticket must be good now and
    have a use left (``backoffice.tickets.orders.use_by_pickup_code`` counts it), and a ``ticket_use`` row with
-   ``presented_by = 'counter'`` records where, when and by whom (backoffice.tickets.uses);
+   ``presented_by = 'counter'`` records where, when and by whom (backoffice.tickets.uses): route the ticket's one
+   route, else ``station counter`` (:func:`counter_route`); vehicle the station's name; driver "";
 3. the paper ticket is printed on the counter's ESC/POS printer (:class:`CounterPrinter`) *before* the
    transaction commits: a printer out of paper or unplugged rolls the use back, so the rider keeps the ride and
    the staff see why. (A commit failing after the paper came out is logged with the ticket id.)
@@ -229,11 +230,11 @@ def redeem(engine: Engine, *, operator: str, code: str, keys, staff: str, client
             if e.code == "not_valid_now":
                 raise RedeemError("not_valid_now", 409, "车票不在有效期内", e.message) from None
             raise RedeemError("used_up", 409, "车票已使用、已退款或已过期", e.message) from None
-        uses.record_counter_use(conn, ticket_id=ticket_id, operator=operator, use_no=use_no, staff=staff,
-                                station=station, at=now)
         t = conn.execute(select(Ticket.order_id, Ticket.kind, Ticket.routes, Ticket.valid_from, Ticket.valid_to,
                                 Ticket.uses_allowed, Product.name).join(Product, Product.id == Ticket.product_id)
                          .where(Ticket.ticket_id == ticket_id)).one()
+        uses.record_counter_use(conn, ticket_id=ticket_id, operator=operator, use_no=use_no, staff=staff,
+                                station=station, at=now, route=counter_route(t.routes))
         result = Redeemed(ticket_id=ticket_id, use_no=use_no, uses_allowed=t.uses_allowed, operator=operator,
                           operator_name=op.name, product=t.name, kind=t.kind, routes=tuple(t.routes.split()),
                           valid_from=_utc(t.valid_from), valid_to=_utc(t.valid_to), order_id=t.order_id,
@@ -251,6 +252,15 @@ def redeem(engine: Engine, *, operator: str, code: str, keys, staff: str, client
                                   "cable, power and paper, then redeem again") from None
     log.info("counter %s: %s redeemed ticket %d (use %d)", station or "-", staff, ticket_id, use_no)
     return result
+
+
+def counter_route(routes: str) -> str:
+    """The route a counter use is cleared on: the ticket's route when it has exactly one (a coach trip's departure,
+    a one-route product), else the ``station counter`` line (clearing.tickets.COUNTER_ROUTE)."""
+    from clearing.tickets import COUNTER_ROUTE
+
+    codes = orders.split_routes(routes)
+    return codes[0] if len(codes) == 1 else COUNTER_ROUTE
 
 
 def _wrong(guard: Guard, who: list[str], now: datetime) -> RedeemError:

@@ -246,11 +246,11 @@ def store_records(conn: Connection, records: list[TapRecord], *, now: datetime) 
 
 
 def record_counter_use(conn: Connection, *, ticket_id: int, operator: str, use_no: int, staff: str, station: str,
-                       at: datetime) -> None:
+                       at: datetime, route: str = "") -> None:
     """The ticket_use row of a pickup code redeemed at a counter (the use already counted by
     ``orders.use_by_pickup_code``)."""
     _insert(conn, dict(device_id=COUNTER_DEVICE, epoch=0, device_seq=None, operator=operator, ticket_id=ticket_id,
-                       use_no=use_no, device_use=0, presented_by=PRESENTED_COUNTER, route="", vehicle=station[:64],
+                       use_no=use_no, device_use=0, presented_by=PRESENTED_COUNTER, route=route[:64], vehicle=station[:64],
                        driver="", shift_no=0, staff=staff[:64], occurred_at=at,
                        service_day=_Operators(conn).service_day(operator, at), received_at=at, revenue=True,
                        flag=None, reason=""))

@@ -441,3 +441,43 @@ def test_insert_or_nothing_tells_whether_it_inserted(engine):
         assert orders._insert_or_nothing(conn, OrderAudit, dict(order_id="TKX1", at=NOW, who="t", to_state="x",
                                                                 why="")) is True
     assert sql(engine, "SELECT order_id FROM ticket_order WHERE order_id LIKE 'TKX%'") == [("TKX1",)]
+
+
+def test_counter_uses_are_cleared_on_the_tickets_one_route_or_the_station_counter_line(engine):
+    """A pickup code redeemed at a station counter (backoffice.tickets.redeem, the use case the counter page and API
+    call) is a use on no bus: a coach ticket (one route) lands on its route, a ride of any route and a pass of two
+    routes on the "station counter" line; the station is the use's vehicle. The day's clearing run shows them so
+    (its route rows checked against plain SQL over ticket_use)."""
+    from backoffice import clearing_runs as cr
+    from backoffice.tickets import redeem
+    from clearing.tickets import COUNTER_ROUTE
+
+    dep = departure(engine, seats=5, departs="18:30")  # 10:30 UTC; the ticket is good from 09:30 UTC
+    tickets = {}
+    for name, item in (("coach", ItemRequest("coach", 1, departure_id=dep)), ("ride", ItemRequest("ride")),
+                       ("day", ItemRequest("day"))):
+        order_id = buy(engine, [item])
+        pay(engine, order_id, f"PAY-{name}")
+        (tickets[name],) = issue(engine, order_id)
+    at = NOW + timedelta(hours=8)  # 10:00 UTC, 18:00 local
+    guard = redeem.Guard()
+    for name in tickets:
+        r = redeem.redeem(engine, operator=OP, code=tickets[name].pickup_code, keys=KEYS, staff="clerk1",
+                          client="127.0.0.1", station="North Station", guard=guard, printer=None, now=at)
+        assert r.use_no == 1
+    got = {t: (route, vehicle, driver) for t, route, vehicle, driver in sql(
+        engine, "SELECT ticket_id, route, vehicle, driver FROM ticket_use WHERE presented_by = 'counter'")}
+    assert got == {tickets["coach"].ticket_id: ("C1", "North Station", ""),
+                   tickets["ride"].ticket_id: (COUNTER_ROUTE, "North Station", ""),
+                   tickets["day"].ticket_id: (COUNTER_ROUTE, "North Station", "")}
+    with engine.begin() as conn:
+        cr.set_commission_rate(conn, operator=OP, rate_bp=60, valid_from=date(2026, 1, 1))
+        cr.clear_day(conn, operator=OP, day=DAY, now=NOW + timedelta(days=1))
+    rows = {key: (int(taps), int(gross)) for key, taps, gross in sql(
+        engine, "SELECT w.key, w.taps, w.gross FROM clearing_row w JOIN clearing_run r ON r.id = w.run_id "
+                "WHERE r.operator = :op AND r.service_day = :d AND w.section = 'ticket' AND w.dimension = 'route'",
+        op=OP, d=DAY)}
+    # what each counter use earns: the coach and the ride their price, the day pass nothing per ride (spread)
+    assert rows["C1"] == (1, 3000)
+    assert rows[COUNTER_ROUTE] == (2, 200)
+    assert all(key != "" or taps == 0 for key, (taps, _) in rows.items())  # no use on a blank route
