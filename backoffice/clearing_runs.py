@@ -286,8 +286,8 @@ def _run_sums(conn: Connection, run_id: int, window: ClearingWindow) -> dict:
 
 # One 64-bit value per tap: the first 8 bytes of MD5 over its content as text. PostgreSQL computes and folds them
 # (count, sum, bit_xor); SQLite has no MD5, so Python hashes the same text there (the embedded, small case).
-_TAP_TEXT_PG = ("concat_ws('|', device_id, device_seq, floor(extract(epoch FROM occurred_at))::bigint, "
-                "floor(extract(epoch FROM received_at))::bigint, route, vehicle, driver, card_type, amount)")
+_TAP_TEXT_PG = ("concat_ws('|', device_id, device_seq, floor(date_part('epoch', occurred_at))::bigint, "
+                "floor(date_part('epoch', received_at))::bigint, route, vehicle, driver, card_type, amount)")
 _TAP_TEXT_SQLITE = ("device_id || '|' || device_seq || '|' || CAST(strftime('%s', occurred_at) AS "
                     "INTEGER) || '|' || CAST(strftime('%s', received_at) AS INTEGER) || '|' || route || '|' || "
                     "vehicle || '|' || driver || '|' || card_type || '|' || amount")
