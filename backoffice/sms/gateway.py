@@ -204,13 +204,13 @@ class NullGateway:
         return msg
 
 
-def secret_from_settings(settings) -> bytes | None:
+def secret_from_settings(settings, *, insecure_test_key: bool = False) -> bytes | None:
     """The gateway's shared secret (``sms_secret``, hex, >= 16 bytes; farebox.config: TOML or
     ``FAREBOX_SMS_SECRET``); None unset (the inbound webhook then refuses everything), the published TEST secret
-    when unset and the settings say ``insecure_test_keys``."""
+    when unset and ``insecure_test_key`` (asked for explicitly: ``--insecure-test-keys`` alone does not)."""
     text = (settings.sms_secret or "").strip()
     if not text:
-        return TEST_SMS_SECRET if settings.insecure_test_keys else None
+        return TEST_SMS_SECRET if insecure_test_key else None
     try:
         key = bytes.fromhex(text)
     except ValueError:
@@ -221,36 +221,33 @@ def secret_from_settings(settings) -> bytes | None:
     return key
 
 
-def gateway_from_settings(settings) -> SmsGateway:
+def gateway_from_settings(settings, *, insecure_test_key: bool = False) -> SmsGateway:
     """The gateway the settings name (``sms_url``, ``sms_account``, ``sms_secret``); a ``NullGateway`` without a
     URL."""
     url = (settings.sms_url or "").strip()
     if not url:
         return NullGateway()
-    secret = secret_from_settings(settings)
+    secret = secret_from_settings(settings, insecure_test_key=insecure_test_key)
     if secret is None:
         raise ValueError(f"sms_url ({URL_ENV}) is set but sms_secret ({SECRET_ENV}) is not: give the gateway's "
                          "shared secret (hex)")
     return HttpSmsGateway(url, account=(settings.sms_account or "farebox").strip(), secret=secret)
 
 
-def _settings(environ, insecure_test_key: bool):
-    import dataclasses
-
+def _settings(environ):
     from farebox.config import load_settings
 
-    settings = load_settings(environ)
-    return dataclasses.replace(settings, insecure_test_keys=settings.insecure_test_keys or insecure_test_key)
+    return load_settings(environ)
 
 
 def secret_from_env(environ=os.environ, *, insecure_test_key: bool = False) -> bytes | None:
     """``secret_from_settings`` of the settings ``environ`` gives (``FAREBOX_SMS_SECRET`` or the TOML file)."""
-    return secret_from_settings(_settings(environ, insecure_test_key))
+    return secret_from_settings(_settings(environ), insecure_test_key=insecure_test_key)
 
 
 def gateway_from_env(environ=os.environ, *, insecure_test_key: bool = False) -> SmsGateway:
     """``gateway_from_settings`` of the settings ``environ`` gives (``FAREBOX_SMS_URL`` ... or the TOML file)."""
-    return gateway_from_settings(_settings(environ, insecure_test_key))
+    return gateway_from_settings(_settings(environ), insecure_test_key=insecure_test_key)
 
 
 # ---------------------------------------------------------------------------------------- the app's gateway
