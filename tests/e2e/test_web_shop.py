@@ -32,6 +32,7 @@ from backoffice.keyservice import LocalKeyService
 from backoffice.payments.platform import HttpPlatform
 from backoffice.tickets import catalogue, orders
 from backoffice.tickets.keys import published_test_keys
+from backoffice.web import shop_service
 from backoffice.web.api.ota import configure_ota
 from backoffice.web.app import create_app
 from backoffice.web.auth import TokenStore
@@ -212,6 +213,9 @@ def test_a_rider_buys_a_ride_and_a_coach_seat_on_a_phone(shop, phone, tmp_path):
     _click(driver, "#confirm")
     assert _wait(driver, ".shop-error").is_displayed()  # a wrong code: told so, nothing ordered
     assert sql(engine, "SELECT COUNT(*) FROM ticket_order") == [(0,)]
+    # the open code is in the database (any serve process can check it), as an HMAC with one wrong try spent
+    [(digest, tries)] = sql(engine, "SELECT digest, attempts_left FROM shop_code WHERE phone = :p", p=PHONE)
+    assert code not in digest and tries == shop_service.OTP_ATTEMPTS - 1
     _wait(driver, "#code").send_keys(code)
     _shot(driver, "shop-code")
     _click(driver, "#confirm")
