@@ -7,7 +7,12 @@ the filters select (not only the page). The same selection, unpaginated, is what
 - ``cleared``: a clearing run of its own service day took it (``clearing_runs.claim_taps``);
 - ``late``: it arrived after its day was cleared, and the run of a later day took it as a late tap;
 - ``waiting``: stored, not taken by any run yet (its day is not cleared, or it came after the last run);
-- ``refused``: a deny-listed card refused on the bus (kind ``denied``; no money).
+- ``refused``: a deny-listed card refused on the bus (kind ``denied``; no money);
+- ``flagged``: an e-ticket use that does not count (kind ``ticket``: a second use on another bus, a use after a
+  refund, outside validity; its flag and reason say which).
+
+Kind ``ticket`` reads the stored e-ticket uses (backoffice.tickets.uses) instead of the taps: their "fares" are the
+counting uses and their amount the revenue a clearing run recognised on them (backoffice.tickets.revenue).
 
 Records the back office refused at the door are in the quarantine, not here (the page links to it).
 
@@ -26,10 +31,15 @@ from backoffice.models import ClearingRun, Driver, Route, Tap, Vehicle
 from clearing.service_day import day_bounds
 
 KINDS = {"purchase": ("乘车", "fare"), "shift_open": ("司机签到", "driver signed in"),
-         "shift_close": ("司机签退", "driver signed out"), "denied": ("拒绝（黑名单卡）", "refused (deny-listed card)")}
+         "shift_close": ("司机签退", "driver signed out"), "denied": ("拒绝（黑名单卡）", "refused (deny-listed card)"),
+         "ticket": ("电子票使用", "e-ticket use")}
 OUTCOMES = {"cleared": ("已清分", "cleared"), "late": ("迟到，计入后一批次", "late, in a later run"),
-            "waiting": ("待清分", "waiting for clearing"), "refused": ("车上拒绝", "refused on the bus")}
-PURCHASE, DENIED = "purchase", "denied"
+            "waiting": ("待清分", "waiting for clearing"), "refused": ("车上拒绝", "refused on the bus"),
+            "flagged": ("不计收入（已标记）", "not counted (flagged)")}
+PURCHASE, DENIED, TICKET = "purchase", "denied", "ticket"
+FLAGS = {"second_use": ("重复使用（疑似欺诈）", "used again (fraud suspected)"),
+         "refunded": ("已退票仍使用", "used after its refund"),
+         "outside_validity": ("不在有效期内", "outside its validity")}
 MAX_RANGE_DAYS = 366
 MAX_EXPORT = 100_000  # rows in one export; narrower filters beyond that
 _COLUMNS = ("id", "device_id", "epoch", "device_seq", "kind", "occurred_at", "received_at", "route", "vehicle",
@@ -167,6 +177,8 @@ def search(conn: Connection, f: TapFilter, *, tz: str, cutoff_hour: int, limit: 
            offset: int = 0) -> TapPage:
     """One page of the records ``f`` selects, oldest first, and the totals of all of them."""
     f.check()
+    if f.kind == TICKET:  # e-ticket uses (their own table): fares = counting uses, amount = revenue recognised
+        return _ticket_search(conn, f, tz=tz, cutoff_hour=cutoff_hour, limit=limit, offset=offset)
     runs = _runs(conn, f.operator, f.first_day)
     where = _where(f, tz=tz, cutoff_hour=cutoff_hour, runs=runs)
     is_fare = Tap.kind == PURCHASE
@@ -176,6 +188,79 @@ def search(conn: Connection, f: TapFilter, *, tz: str, cutoff_hour: int, limit: 
     query = (select(*[getattr(Tap, c) for c in _COLUMNS]).where(*where)
              .order_by(Tap.occurred_at, Tap.id).limit(limit).offset(offset))
     rows = _rows(conn, query, tz=tz, cutoff_hour=cutoff_hour, runs=runs)
+    return TapPage(rows, int(total), int(fares), int(amount), limit, offset)
+
+
+# ------------------------------------------------------------------------------------------------ ticket uses
+def _ticket_parts(f: TapFilter, *, tz: str, cutoff_hour: int):
+    """The stored ticket uses ``f`` selects (kind ``ticket``), each with the run that recognised it (the ledger's
+    ``use`` line, backoffice.tickets.revenue) and that run's day; the columns the page shows, tap-shaped."""
+    from backoffice.tickets.revenue import ledger
+    from backoffice.tickets.uses import ticket_use as u
+
+    start = day_bounds(f.first_day, tz, cutoff_hour)[0]
+    end = day_bounds(f.last_day, tz, cutoff_hour)[1]
+    line = ledger.alias("line")
+    where = [u.c.operator == f.operator, u.c.occurred_at >= start, u.c.occurred_at < end]
+    for column, value in ((u.c.route, f.route), (u.c.vehicle, f.vehicle), (u.c.driver, f.driver)):
+        if value:
+            where.append(column == value)
+    if f.card:  # a ticket's number in the card field
+        card = f.card.strip()
+        where.append(u.c.ticket_id == int(card) if card.isdigit() and len(card) <= 19 else false())
+    late = ClearingRun.service_day > u.c.service_day
+    if f.outcome == "flagged":
+        where.append(u.c.revenue.is_(False))
+    elif f.outcome == "waiting":
+        where += [u.c.revenue.is_(True), line.c.run_id.is_(None)]
+    elif f.outcome == "late":
+        where += [line.c.run_id.is_not(None), late]
+    elif f.outcome == "cleared":
+        where += [line.c.run_id.is_not(None), not_(late)]
+    elif f.outcome == "refused":
+        where.append(false())
+    q = f.q.strip()
+    if q:
+        pattern = _like(q)
+        texts = [c.ilike(pattern, escape="\\") for c in (u.c.device_id, u.c.route, u.c.vehicle, u.c.driver,
+                                                           u.c.reason, u.c.flag, u.c.staff)]
+        exact = [u.c.ticket_id == int(q)] if q.isdigit() and len(q) <= 19 else []
+        where.append(or_(*texts, *exact))
+    joined = (u.outerjoin(line, and_(line.c.use_id == u.c.id, line.c.source == "use"))
+              .outerjoin(ClearingRun, ClearingRun.id == line.c.run_id))
+    columns = (u.c.id, u.c.device_id, u.c.epoch, u.c.device_seq, u.c.occurred_at, u.c.received_at, u.c.route,
+               u.c.vehicle, u.c.driver, u.c.shift_no, u.c.ticket_id, u.c.use_no, u.c.presented_by, u.c.revenue,
+               u.c.flag, u.c.reason, u.c.staff, line.c.amount, line.c.run_id.label("clearing_run_id"),
+               ClearingRun.service_day.label("run_day"))
+    return joined, where, columns, u, line
+
+
+def _ticket_search(conn: Connection, f: TapFilter, *, tz: str, cutoff_hour: int, limit: int,
+                   offset: int) -> TapPage:
+    joined, where, columns, u, line = _ticket_parts(f, tz=tz, cutoff_hour=cutoff_hour)
+    total, fares, amount = conn.execute(select(
+        func.count(), func.coalesce(func.sum(case((u.c.revenue.is_(True), 1), else_=0)), 0),
+        func.coalesce(func.sum(line.c.amount), 0)).select_from(joined).where(*where)).one()
+    rows = []
+    for r in conn.execute(select(*columns).select_from(joined).where(*where)
+                          .order_by(u.c.occurred_at, u.c.id).limit(limit).offset(offset)):
+        occurred, received = _utc(r.occurred_at), _utc(r.received_at)
+        day = service_day_of(occurred, tz, cutoff_hour)
+        run_day = r.run_day if r.run_day is None or isinstance(r.run_day, date) else date.fromisoformat(
+            str(r.run_day)[:10])
+        outcome = ("flagged" if not r.revenue else "waiting" if r.clearing_run_id is None
+                   else "late" if run_day > day else "cleared")
+        rows.append({
+            "id": f"u{r.id}", "device_id": r.device_id, "epoch": r.epoch,
+            "device_seq": "" if r.device_seq is None else int(r.device_seq), "kind": TICKET,
+            "occurred_at": occurred, "received_at": received, "route": r.route, "vehicle": r.vehicle,
+            "driver": r.driver or r.staff, "shift_no": int(r.shift_no or 0), "card_asn": "", "card_type": 0,
+            "ticket_id": int(r.ticket_id), "use_no": r.use_no, "presented_by": r.presented_by,
+            "amount": int(r.amount or 0), "balance_after": 0, "terminal_id": "", "terminal_seq": 0,
+            "reason": r.reason or "", "flag": r.flag, "flag_label": FLAGS.get(r.flag) if r.flag else None,
+            "clearing_run_id": None if r.clearing_run_id is None else int(r.clearing_run_id), "run_day": run_day,
+            "service_day": day, "outcome": outcome,
+            "upload_delay_min": int((received - occurred).total_seconds() // 60)})
     return TapPage(rows, int(total), int(fares), int(amount), limit, offset)
 
 

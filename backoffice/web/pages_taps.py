@@ -130,14 +130,17 @@ def table(page: taps_browser.TapPage, tz: str) -> tuple[list[str], list[list], l
     rows = []
     for r in page.rows:
         run = "" if r["clearing_run_id"] is None else f"{r['clearing_run_id']} ({r['run_day']})"
-        purchase = r["kind"] == "purchase"
+        purchase = r["kind"] in ("purchase", taps_browser.TICKET)  # a ticket use: the revenue recognised on it
         rows.append([local_time(r["occurred_at"], tz, "%Y-%m-%d %H:%M:%S"), r["service_day"].isoformat(),
                      _both(KINDS.get(r["kind"], (r["kind"], r["kind"]))), _both(OUTCOMES[r["outcome"]]), run,
-                     r["route"], r["vehicle"], r["driver"], r["device_id"], int(r["device_seq"]), int(r["shift_no"]),
-                     r["card_asn"], _card_type(r["card_type"]) if r["card_asn"] else "",
+                     r["route"], r["vehicle"], r["driver"], r["device_id"],
+                     None if r["device_seq"] == "" else int(r["device_seq"]), int(r["shift_no"]),
+                     r["card_asn"] or (f"电子票 ticket {r['ticket_id']}" if r.get("ticket_id") else ""),
+                     _card_type(r["card_type"]) if r["card_asn"] else "",
                      money.yuan_decimal(int(r["amount"])) if purchase else None,
-                     money.yuan_decimal(int(r["balance_after"])) if purchase else None,
-                     local_time(r["received_at"], tz, "%Y-%m-%d %H:%M:%S"), r["upload_delay_min"], r["reason"]])
+                     money.yuan_decimal(int(r["balance_after"])) if r["kind"] == "purchase" else None,
+                     local_time(r["received_at"], tz, "%Y-%m-%d %H:%M:%S"), r["upload_delay_min"],
+                     " ".join(x for x in (_both(r["flag_label"]) if r.get("flag_label") else "", r["reason"]) if x)])
     totals = [f"合计 Total: {page.total} 条记录 records, {page.fares} 次乘车 fares", "", "", "", "", "", "", "", "",
               None, None, "", "", money.yuan_decimal(page.amount), None, "", None, ""]
     return header, rows, totals

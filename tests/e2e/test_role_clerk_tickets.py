@@ -177,3 +177,24 @@ def test_a_clerk_reads_the_day_s_ticket_revenue(server, browser):
         raise AssertionError("an unknown table was served")
     except urllib.error.HTTPError as e:
         assert e.code == 422
+
+    # ---- the taps browser, kind "ticket": the day's ticket uses, the fraud one flagged with its reason
+    driver.get(f"{base}/taps?operator={A}&first={day}&last={day}&kind=ticket")
+    _wait_for(driver, "#taps")
+    (n_uses,) = one("SELECT COUNT(*) FROM ticket_use WHERE operator = ? AND service_day = ?", A, str(day))
+    assert driver.find_element(By.ID, "total").text == str(n_uses) == "5"
+    assert driver.find_element(By.ID, "fares").text == str(uses_n)
+    assert driver.find_element(By.ID, "amount").text == _yuan(uses_fen)  # what the run recognised on them
+    flag, reason = one("SELECT flag, reason FROM ticket_use WHERE operator = ? AND revenue = 0", A)
+    flagged = driver.find_elements(By.CSS_SELECTOR, "#taps tbody tr.outcome-flagged")
+    assert len(flagged) == 1
+    assert str(rides[0]) in flagged[0].text and reason in flagged[0].find_element(By.CSS_SELECTOR, "td.reason").text
+    _shot(driver, "clerk-tickets-taps-browser")
+    driver.get(f"{base}/taps?operator={A}&first={day}&last={day}&kind=ticket&outcome=flagged")
+    _wait_for(driver, "#taps")
+    assert driver.find_element(By.ID, "total").text == "1"
+    seen = {p.name for p in driver.downloads.iterdir()}
+    driver.find_element(By.ID, "export-csv").click()
+    rows = list(csv.reader(io.StringIO(_downloaded(driver, ".csv", seen).read_text(encoding="utf-8-sig"))))
+    assert len(rows) == 3 and str(rides[0]) in rows[1][11] and reason in rows[1][-1]
+    assert flag == "second_use"
