@@ -36,7 +36,7 @@ from backoffice.models import Fleet, Operator, ReconItem, Tap, Ticket
 from backoffice.tickets import revenue as ticket_revenue
 from clearing.runs import NO_FLEET, PURCHASE
 from clearing.service_day import day_bounds
-from clearing.settlement import Settlement, settle_day
+from clearing.settlement import Settlement
 from epurse.cardtypes import CardType
 from reports.daily import write_daily_pdf
 from reports.monthly import month_bounds, runs_label, write_monthly_pdf
@@ -88,6 +88,31 @@ def load_day_taps(conn: Connection, *, operator: str, day: date, tz: str, cutoff
     # SQLite hands back naive datetimes; everything stored is UTC.
     frame["occurred_at"] = pd.to_datetime(frame["occurred_at"], utc=True)
     return frame
+
+
+def provisional_settlement(conn: Connection, *, operator: str, day: date, tz: str, cutoff_hour: int
+                           ) -> tuple[Settlement, dict[int, int]]:
+    """The stored purchases of ``day`` summed in the database by route, vehicle, driver and card type (a
+    ``Settlement`` as ``clearing.settlement.settle_day`` gives it, with no run), and the free rides by card type.
+    The tap table's unique key already keeps a record once, so nothing is deduplicated here."""
+    start, end = day_bounds(day, tz, cutoff_hour)
+    where = (Tap.operator == operator, Tap.kind == PURCHASE, Tap.occurred_at >= start, Tap.occurred_at < end)
+    tables = {}
+    for key, col in (("route", Tap.route), ("vehicle", Tap.vehicle), ("driver", Tap.driver),
+                     ("card_type", Tap.card_type)):
+        rows = conn.execute(select(col, func.count(), func.coalesce(func.sum(Tap.amount), 0)).where(*where)
+                            .group_by(col)).all()
+        keys = [int(k) if key == "card_type" else ("" if k is None else str(k)) for k, _n, _g in rows]
+        frame = pd.DataFrame({key: pd.Series(keys, dtype="int64" if key == "card_type" else "str"),
+                              "taps": pd.Series([int(n) for _k, n, _g in rows], dtype="int64"),
+                              "amount": pd.Series([int(g) for _k, _n, g in rows], dtype="int64")})
+        tables[key] = frame.sort_values(key, kind="stable").reset_index(drop=True)
+    free = {int(ct): int(n) for ct, n in conn.execute(
+        select(Tap.card_type, func.count()).where(*where, Tap.amount == 0).group_by(Tap.card_type))}
+    cards = tables["card_type"]
+    return Settlement(operator=operator, day=day, by_route=tables["route"], by_vehicle=tables["vehicle"],
+                      by_driver=tables["driver"], by_card_type=cards, taps=int(cards["taps"].sum()),
+                      amount=int(cards["amount"].sum())), free
 
 
 def _operator(conn: Connection, operator: str):
@@ -337,10 +362,8 @@ def settle(conn: Connection, *, operator: str, day: date, reports_dir: Path | No
             tickets=ticket_tables(conn, [run], op.timezone, op.cutoff_hour))
         run_id = run.id
     else:
-        taps = load_day_taps(conn, operator=operator, day=day, tz=op.timezone, cutoff_hour=op.cutoff_hour)
-        settlement = settle_day(taps, day, operator=operator, tz=op.timezone, cutoff_hour=op.cutoff_hour)
-        buys = taps[taps["kind"] == PURCHASE]
-        free = {int(k): int(n) for k, n in buys[buys["amount"] == 0].groupby("card_type").size().items()}
+        settlement, free = provisional_settlement(conn, operator=operator, day=day, tz=op.timezone,
+                                                  cutoff_hour=op.cutoff_hour)
         tables = SettlementTables(
             operator=operator, operator_name=op.name, first_day=day, last_day=day,
             by_route=_provisional_table(settlement.by_route, "route"),

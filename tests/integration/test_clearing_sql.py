@@ -127,6 +127,18 @@ def test_sums_in_the_database_equal_pandas_and_the_auditor(engine, tmp_path):
     ]
     with engine.begin() as conn:
         conn.execute(Tap.__table__.insert(), arriving + today + edges)
+    # Before the day is cleared: provisional figures, every stored purchase of the day, summed in SQL too.
+    with engine.begin() as conn:
+        early = settle(conn, operator=OP, day=DAY, now=as_of, close_day=False)
+    stored = pd.DataFrame(earlier + arriving + today + edges)
+    stored = stored[(stored["kind"] == "purchase") & (stored["occurred_at"] >= START) & (stored["occurred_at"] < END)]
+    assert early.run is None and early.provisional
+    for dim in ("route", "vehicle", "driver", "card_type"):
+        want_dim = stored.groupby(dim).agg(taps=("amount", "size"), amount=("amount", "sum")).reset_index()
+        got_dim = early.settlement.tables()[dim]
+        assert got_dim[dim].tolist() == want_dim[dim].tolist(), dim
+        assert got_dim[["taps", "amount"]].to_numpy().tolist() == want_dim[["taps", "amount"]].to_numpy().tolist()
+    assert early.settlement.amount == int(stored["amount"].sum())
     with engine.begin() as conn:
         result = settle(conn, operator=OP, day=DAY, reports_dir=tmp_path, now=as_of)
     run = result.run
