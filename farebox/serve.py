@@ -90,7 +90,8 @@ def serve(settings, options: ServeOptions) -> int:
     try:
         _start_mqtt_parts(root, options, engine, stops)
         if options.scheduler:
-            _start_scheduler(app.state.services, settings, stops)
+            _start_scheduler(app.state.services, settings, stops,
+                             sms_channel=getattr(app.state, "sms_channel", None) if options.web else None)
         if not options.web:
             _ready(options)
             _wait_for_signal()
@@ -188,7 +189,7 @@ def _start_mqtt_parts(root, options: ServeOptions, engine, stops: list) -> None:
         stops.append(("publisher", publisher.stop))
 
 
-def _start_scheduler(services, settings, stops: list) -> None:
+def _start_scheduler(services, settings, stops: list, *, sms_channel=None) -> None:
     from backoffice.scheduler import start_scheduler, stop_scheduler
 
     # The nightly clearing jobs live in the database's job store (backoffice.scheduler); jobs registered here
@@ -196,6 +197,9 @@ def _start_scheduler(services, settings, stops: list) -> None:
     scheduler = start_scheduler(services.engine, settings)
     for register in SCHEDULED_JOBS:
         register(scheduler, services)
+    if sms_channel is not None and scheduler.get_job("sms-sweep", jobstore="memory") is not None:
+        # the sweep texts through the web app's own SMS channel: one gateway for webhook answers, sweep and shop
+        scheduler.modify_job("sms-sweep", jobstore="memory", args=(sms_channel,))
     stops.append(("scheduler", lambda: stop_scheduler(scheduler, wait=False)))
     log.info("serve: scheduler started with %d job(s)", len(scheduler.get_jobs()))
 
