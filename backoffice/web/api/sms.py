@@ -6,12 +6,13 @@ is the authentication; a forged, stale or unsigned message is refused (401; also
 reason ``not_configured``), a malformed one 422. A message id seen before is answered 200
 ``{"outcome": "duplicate"}`` and changes nothing.
 
-Wiring: ``configure_sms_channel(app, ...)`` (``farebox serve`` or a test) gives the gateway, the secret, the ticket
-keys, the payment platform and the notify URL, and starts the sweep (pickup codes after payment, lapsed quotes).
-Unconfigured (``farebox serve``), the channel is made on first use from the environment
-(backoffice.sms.gateway.gateway_from_env / secret_from_env, backoffice.payments.platform.platform_from_env with the
-key ``configure_ota`` gave, ``FAREBOX_PAYMENT_NOTIFY_URL``) and the web shop's wiring (``app.state.shop``: ticket
-keys), without a sweep thread: serve's scheduler sweeps (farebox.sms_cmd).
+Wiring: ``configure_sms_channel(app, ...)`` gives the gateway, the secret, the ticket keys, the payment platform and
+the notify URL, and starts the sweep (pickup codes after payment, lapsed quotes) unless ``sweep_every=None``.
+``farebox serve`` calls it with the one gateway made from the settings (``sms_url`` ...; farebox.serve) and no
+sweep thread: its scheduler sweeps this same channel (farebox.sms_cmd). Unconfigured (a bare app), the channel is
+made on first use from the settings (backoffice.sms.gateway.gateway_from_env / secret_from_env,
+backoffice.payments.platform.platform_from_env with the key ``configure_ota`` gave, ``FAREBOX_PAYMENT_NOTIFY_URL``)
+and the web shop's wiring (``app.state.shop``: ticket keys).
 """
 
 from __future__ import annotations
