@@ -27,6 +27,7 @@ from backoffice.web import pages_admin
 from backoffice.web import pages_shop
 from backoffice.web import pages_tickets
 from backoffice.web import pages_ticket_orders
+from backoffice.web import pages_ticket_reports
 from backoffice.web.auth import TokenStore
 from backoffice.web.deps import HERE, Services, utc_now
 from backoffice.web.limits import BodyLimit
@@ -82,6 +83,7 @@ def create_app(source, *, tokens: TokenStore | Path | None = None, clock: Callab
     app.include_router(pages_shop.router)  # the rider's web shop (public, one-time code by SMS)
     app.include_router(pages_tickets.router)  # the station counter redeems pickup codes
     app.include_router(pages_ticket_orders.router)  # a ticket order: tickets, uses, payment, refunds
+    app.include_router(pages_ticket_reports.router)  # e-ticket sales, uses and outstanding (clerks)
     pages.install_error_pages(app)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     # outermost last: the headers go on every answer, the 413 included; the size limit acts before any body is read

@@ -55,6 +55,7 @@ NAV = (
     ("/reconciliation", "对账", "Reconciliation", ("clerk",)),
     ("/manage/routes", "资料维护", "Manage registry", ("clerk", "operations")),
     ("/reports", "报表", "Reports", ("clerk",)),
+    ("/tickets/report", "电子票报表", "Ticket report", ("clerk",)),
     ("/admin/users", "用户", "Users", ()),
 )
 REGISTRY_LABELS = {

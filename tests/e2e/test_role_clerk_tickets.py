@@ -198,3 +198,43 @@ def test_a_clerk_reads_the_day_s_ticket_revenue(server, browser):
     rows = list(csv.reader(io.StringIO(_downloaded(driver, ".csv", seen).read_text(encoding="utf-8-sig"))))
     assert len(rows) == 3 and str(rides[0]) in rows[1][11] and reason in rows[1][-1]
     assert flag == "second_use"
+
+    # ---- the ticket report page: the day and the day after (not cleared: named, adds no revenue)
+    driver.get(f"{base}/dashboard")
+    driver.find_element(By.CSS_SELECTOR, "nav a[href='/tickets/report'], header a[href='/tickets/report']").click()
+    _wait_for(driver, "#range-form")
+    driver.get(f"{base}/tickets/report?operator={A}&first={day}&last={day + timedelta(days=1)}")
+    _wait_for(driver, "#sales")
+    assert driver.find_element(By.ID, "missing").text.endswith(str(day + timedelta(days=1)))
+    assert driver.find_element(By.ID, "sales-gross").text == _yuan(sum(f for _, f in sales.values()))
+    assert driver.find_element(By.ID, "recognised").text == _yuan(ticket_gross)
+    assert driver.find_element(By.ID, "deferred").text == _yuan(deferred)
+    shown = {}
+    for row in driver.find_elements(By.CSS_SELECTOR, "#uses-by-route tbody tr[data-key]"):
+        cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+        shown[row.get_attribute("data-key")] = (int(cells[1]), cells[2])
+    assert shown == {**{r: (n, _yuan(f)) for r, (n, f) in by_route.items()}, "": (0, _yuan(breakage))}
+    by_product = {}
+    for (p, _c), (n, f) in sales.items():
+        by_product[p] = (by_product.get(p, (0, 0))[0] + n, by_product.get(p, (0, 0))[1] + f)
+    outstanding = {row.get_attribute("data-product"): [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+                   for row in driver.find_elements(By.CSS_SELECTOR, "#outstanding tbody tr")}
+    assert {p: (int(c[1]), c[2]) for p, c in outstanding.items()} == {
+        p: (n, _yuan(f)) for p, (n, f) in by_product.items()}
+    assert outstanding["day1"][5] == _yuan(PASS) and outstanding["ride"][5] == _yuan(0)
+    _shot(driver, "clerk-tickets-report")
+    seen = {p.name for p in driver.downloads.iterdir()}
+    driver.find_element(By.ID, "dl-csv-ticket_sales").click()
+    rows = list(csv.reader(io.StringIO(_downloaded(driver, "-ticket_sales.csv", seen).read_text(encoding="utf-8-sig"))))
+    money = rows[0].index("售票款(元) Sales (yuan)")
+    assert {(r[0], r[1].split(" ")[0]): (int(r[2]), _money(r[money])) for r in rows[1:-1]} == {
+        (p, {"web": "网上商城", "partner": "小程序/合作方"}[c]): v for (p, c), v in sales.items()}
+    seen = {p.name for p in driver.downloads.iterdir()}
+    driver.find_element(By.ID, "dl-xlsx").click()
+    from openpyxl import load_workbook
+
+    book = load_workbook(_downloaded(driver, ".xlsx", seen))
+    sheet = book["ticket_outstanding"]
+    values = list(sheet.iter_rows(values_only=True))
+    assert float(values[-1][-1]) * 100 == deferred
+    assert "tickets_by_route" in book.sheetnames
