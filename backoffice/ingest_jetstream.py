@@ -16,12 +16,15 @@ ack makes the bus send the batch again (its journal keeps every record until ack
 come back as duplicates, which the database's unique keys turn away, and the device is acknowledged then.
 
 The device's ack (``ack_via``):
-- ``"jetstream"`` (default): a JetStream publish to ``$MQTT.msgs.farebox.v1.<op>.<dev>.ack``, the stream in which
-  nats-server keeps MQTT QoS 1 messages: the bus's persistent session gets it as a QoS 1 message even when it is
-  offline or reconnects to another node (redelivered after the MQTT ``ack_wait`` if it was sent to a dead
-  connection). Checked on nats-server 2.9.10: a core NATS publish reaches only a bus connected at that moment, as
-  QoS 0.
-- ``"core"``: a core NATS publish (faster; a bus that misses it sends the batch again after its ack timeout).
+- ``"core"`` (default): a core NATS publish on ``farebox.v1.<op>.<dev>.ack``. nats-server 2.9.10 delivers it to
+  the bus's MQTT subscription as QoS 0, and only to a bus connected at that moment; a bus that misses it (its node
+  died, it was reconnecting) sends the batch again after its ack timeout, and that duplicate is turned away and
+  acknowledged. Measured: 4 buses, 3 nodes, drained in 3 s.
+- ``"jetstream"``: a JetStream publish to ``$MQTT.msgs.farebox.v1.<op>.<dev>.ack``, the stream in which
+  nats-server keeps MQTT QoS 1 messages, meant to reach a persistent session even while it is away. NOT the
+  default: on nats-server 2.9.10, in the same run as above, 2 of 4 buses never received one in 60 s (30 resends
+  each; their taps were stored), although a manual check saw one delivered to an offline session's consumer. A
+  JetStream message without nats-server's own MQTT headers is evidently not handled like an MQTT publish.
 
 Why the guarantee still holds when a node dies between a bus's PUBACK and the capture into ``FAREBOX_TAPS``:
 nats-server PUBACKs an MQTT QoS 1 publish once it is in its own ``$MQTT_msgs`` stream; the copy into the work queue
@@ -95,7 +98,7 @@ class JetStreamIngest:
     write: str = "copy"
     max_messages: int = 100
     ack_wait: float = 30.0
-    ack_via: str = "jetstream"
+    ack_via: str = "core"
     name: str = "ingest"
     on_ready: Callable[[], None] | None = None
     counts: dict = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))

@@ -1,0 +1,385 @@
+"""`python -m bench cluster`: ack latency through a 3-node NATS cluster beside single Mosquitto, same validators.
+
+For each engine, a fresh PostgreSQL database with N validators registered, then N real validators (simbus-like:
+Terminal, Journal, Uplink with simulated cards; every bus its own paho client with a persistent session) in one
+process, and the engine's ingest:
+
+- **mosquitto**: a private Mosquitto (free port, the bench.fleet ``Broker``: nothing dropped silently) and one
+  ``IngestConsumer`` worker process (what ``farebox ingest`` runs).
+- **nats**: three nats-server nodes on loopback (``farebox.broker_config.write_nats_config``: MQTT listener per
+  node, JetStream, stream_replicas 3), the buses spread over the nodes (each with the three URLs, failing over), and
+  ``workers`` JetStream ingest workers (``backoffice.ingest_jetstream``, what ``farebox ingest --engine nats``
+  runs) on the one durable consumer.
+
+Each bus taps ``taps`` times, one tap every ``interval`` seconds (spread over the fleet); latency = a record's
+journal write -> its acknowledgement marked in the journal (publish, broker, ingest, commit, ack back), sampled by
+polling each journal's unacked set. Out: p50/p95/p99/max per engine, taps/s, JSON in bench/results/cluster.json.
+
+:class:`NatsCluster` (start, SIGKILL and restart nodes) is also what tests/integration/test_nats_cluster.py uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class NatsCluster:
+    """Three (or ``n``) nats-server nodes on loopback with the farebox configuration for ``devices``."""
+
+    def __init__(self, work: Path, devices: list[tuple[str, str]], master: bytes, n: int = 3):
+        from farebox.broker_config import write_nats_config
+
+        self.work = Path(work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        ports = free_ports(3 * n)
+        # write_nats_config counts ports up from the given ones; free ones are not consecutive, so one file per node
+        self.files = []
+        self.nodes = []
+        from farebox.broker_config import NatsNode, nats_conf, _write_private  # noqa: F401
+
+        base = write_nats_config(devices=devices, master=master, folder=self.work, nodes=n)
+        nodes = [NatsNode(node.name, "127.0.0.1", ports[3 * i], ports[3 * i + 1], ports[3 * i + 2], node.store_dir)
+                 for i, node in enumerate(base.nodes)]
+        users = _users(devices, master)
+        for node, conf in zip(nodes, base.confs, strict=True):
+            _write_private(conf, nats_conf(node, nodes, users=users), None)
+        self.nodes = nodes
+        self.confs = list(base.confs)
+        self.procs: list[subprocess.Popen | None] = [None] * n
+
+    def start(self, i: int | None = None) -> None:
+        for k in ([i] if i is not None else range(len(self.nodes))):
+            log = open(self.work / f"{self.nodes[k].name}.log", "ab")
+            self.procs[k] = subprocess.Popen([NATS_SERVER, "-c", str(self.confs[k])], stdout=log, stderr=log)
+            log.close()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Every running node answers on its MQTT and client ports."""
+        deadline = time.monotonic() + timeout
+        for k, node in enumerate(self.nodes):
+            if self.procs[k] is None:
+                continue
+            while not (_answers(node.mqtt_port) and _answers(node.client_port)):
+                if time.monotonic() > deadline or self.procs[k].poll() is not None:
+                    raise RuntimeError(f"nats node {node.name} did not start: see {self.work / node.name}.log")
+                time.sleep(0.1)
+
+    def kill(self, i: int) -> None:
+        proc = self.procs[i]
+        if proc is not None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            self.procs[i] = None
+
+    def stop(self) -> None:
+        for i, proc in enumerate(self.procs):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                self.procs[i] = None
+
+    def mqtt_targets(self, device: str, master: bytes, *, first: int = 0):
+        """The device's login on every node, starting with node ``first``."""
+        from wire.devicekeys import mqtt_password
+        from wire.mqtt_url import MqttTarget
+
+        n = len(self.nodes)
+        return [MqttTarget("127.0.0.1", self.nodes[(first + k) % n].mqtt_port, device, mqtt_password(master, device))
+                for k in range(n)]
+
+    def nats_urls(self) -> list[str]:
+        return [f"nats://127.0.0.1:{node.client_port}" for node in self.nodes]
+
+
+def _users(devices, master):
+    from backoffice.devices import BACKOFFICE_USERS, service_password
+    from farebox.broker_config import NATS_SERVICE_PERMISSIONS, nats_device_permissions
+    from wire.devicekeys import mqtt_password
+
+    users = [(u, service_password(master, u), NATS_SERVICE_PERMISSIONS[u]) for u in BACKOFFICE_USERS]
+    return users + [(d, mqtt_password(master, d), nats_device_permissions(d, op)) for d, op in devices]
+
+
+# A JetStream ingest worker process (tests and the bench): test keys, accept_unsigned as the simulated buses need.
+JETSTREAM_WORKER = """
+import logging, sys
+from pathlib import Path
+from backoffice.db import make_engine
+from backoffice.devices import service_password
+from backoffice.ingest_jetstream import JetStreamIngest, nats_urls, run_forever
+from epurse.keys import TEST_ISSUER_KEYS
+from wire.devicekeys import TEST_DEVICE_MASTER
+
+database_url, urls, name, ready, ack_wait = sys.argv[1:6]
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s: %(message)s")
+worker = JetStreamIngest(make_engine(database_url),
+                         nats_urls(urls, user="ingest", password=service_password(TEST_DEVICE_MASTER, "ingest")),
+                         keys=TEST_ISSUER_KEYS, master=TEST_DEVICE_MASTER, name=name, accept_unsigned=True,
+                         ack_wait=float(ack_wait))
+worker.on_ready = lambda: Path(ready).touch()
+run_forever(worker)
+"""
+
+
+class JetStreamWorker:
+    def __init__(self, work: Path, database_url: str, urls: list[str], name: str, ack_wait: float = 5.0):
+        self.work, self.name = Path(work), name
+        self.args = [database_url, ",".join(urls), name, str(self.work / f"{name}.ready"), str(ack_wait)]
+        self.ready = self.work / f"{name}.ready"
+        self.log = self.work / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.ready.unlink(missing_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-c", JETSTREAM_WORKER, *self.args], stdout=log,
+                                         stderr=log)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"JetStream ingest worker {self.name} did not start: see {self.log}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+# ---------------------------------------------------------------------- the bench
+
+
+def _fleet(work: Path, n: int, targets_of, operator: str):
+    """n light real validators: simbus.Bus from tests/ (Terminal, Journal, Uplink, simulated cards)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from simbus import Bus
+
+    from hardware_sim.card import SimCard
+
+    buses = []
+    for i in range(n):
+        device = f"c{i:05d}"
+        bus = Bus(work, targets_of(device, i), operator, device)
+        bus.riders = [SimCard(bytes.fromhex(f"97{i:06d}{k:012d}"), c.card_type, c.balance, start=c.start, end=c.end)
+                      for k, c in enumerate(bus.riders, 1)]
+        buses.append(bus)
+    return buses
+
+
+def _measure(buses, taps: int, interval: float, drain: float = 120.0) -> dict:
+    """Each bus taps ``taps`` times, the fleet's taps spread over ``interval``; ack latency per record."""
+    waiting: list[dict[int, float]] = [{} for _ in buses]  # per bus: device_seq -> when written
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            for i, bus in enumerate(buses):
+                with lock:
+                    if not waiting[i]:
+                        continue
+                    seqs = list(waiting[i])
+                pending = {r.device_seq for r in bus.journal.unsent(10**6)}
+                now = time.monotonic()
+                with lock:
+                    for seq in seqs:
+                        if seq not in pending:
+                            latencies.append((now - waiting[i].pop(seq)) * 1000)
+            time.sleep(0.02)
+
+    for bus in buses:
+        bus.tap(bus.driver)
+    t0 = time.monotonic()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    gap = interval / max(1, len(buses))
+    written = 0
+    for k in range(taps):
+        for i, bus in enumerate(buses):
+            bus.tap(bus.riders[k % len(bus.riders)])
+            seq = bus.journal._last_seq  # the record just written
+            with lock:
+                waiting[i][seq] = time.monotonic()
+            written += 1
+            time.sleep(gap)
+    sent = time.monotonic() - t0
+    deadline = time.monotonic() + drain
+    while any(waiting) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop.set()
+    watcher.join()
+    lat = sorted(latencies)
+
+    def q(p):
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))], 1) if lat else None
+
+    return {"validators": len(buses), "taps": written, "acked": len(lat), "seconds": round(sent, 1),
+            "taps_per_s": round(written / sent, 1), "p50_ms": q(0.50), "p95_ms": q(0.95), "p99_ms": q(0.99),
+            "max_ms": round(lat[-1], 1) if lat else None}
+
+
+def _database(pg_url: str, operator: str, devices: list[str]) -> str:
+    import secrets
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from backoffice import registry
+    from backoffice.db import make_engine, upgrade
+
+    name = f"bench_cluster_{secrets.token_hex(3)}"
+    url = make_url(pg_url)
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+    db_url = url.set(database=name).render_as_string(hide_password=False)
+    engine = make_engine(db_url)
+    upgrade(engine)
+    with engine.begin() as conn:
+        registry.add_operator(conn, code=operator, name="Cluster bench")
+        for d in devices:
+            registry.add_device(conn, device_id=d, operator=operator, vehicle=None, terminal_id="010000000777")
+    engine.dispose()
+    return db_url
+
+
+def _drop(pg_url: str, db_url: str) -> None:
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg_url)
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{make_url(db_url).database}" WITH (FORCE)')
+
+
+def run(*, validators: int = 200, taps: int = 5, interval: float = 2.0, workers: int = 2,
+        pg_url: str | None = None, out: Path | None = None) -> dict:
+    from bench.fleet import Broker, _mosquitto_program
+    from wire.devicekeys import TEST_DEVICE_MASTER
+    from wire.mqtt_url import MqttTarget
+
+    pg_url = pg_url or os.environ.get("FAREBOX_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    operator = "cbench"
+    devices = [f"c{i:05d}" for i in range(validators)]
+    result: dict = {"validators": validators, "taps_per_validator": taps, "interval_s": interval,
+                    "nats_workers": workers}
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    for engine in ("mosquitto", "nats"):
+        work = Path(tempfile.mkdtemp(prefix=f"bench-cluster-{engine}-"))
+        db_url = _database(pg_url, operator, devices)
+        procs: list = []
+        cluster = broker = None
+        buses = []
+        try:
+            if engine == "mosquitto":
+                broker = Broker(_mosquitto_program(), work / "broker")
+                target = MqttTarget("127.0.0.1", broker.port)
+                from bench.fleet import _start_ingest
+
+                ingest = _start_ingest(db_url, target, None, work / "ingest.ready")
+                procs.append(ingest)
+                deadline = time.monotonic() + 90
+                while not (work / "ingest.ready").exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                buses = _fleet(work, validators, lambda d, i: target, operator)
+            else:
+                cluster = NatsCluster(work / "nats", [(d, operator) for d in devices], TEST_DEVICE_MASTER)
+                cluster.start()
+                cluster.wait_ready()
+                ws = [JetStreamWorker(work, db_url, cluster.nats_urls(), f"w{i}") for i in range(workers)]
+                for w in ws:
+                    w.start()
+                for w in ws:
+                    w.wait_ready()
+                procs.extend(ws)
+                buses = _fleet(work, validators,
+                               lambda d, i: cluster.mqtt_targets(d, TEST_DEVICE_MASTER, first=i % 3), operator)
+            for bus in buses:
+                bus.uplink.start()
+            deadline = time.monotonic() + 120
+            while not all(b.uplink.connected for b in buses) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            result[engine] = _measure(buses, taps, interval)
+            print(engine, result[engine], flush=True)
+        finally:
+            for bus in buses:
+                bus.uplink.stop(goodbye_timeout=0.5)
+                bus.journal.close()
+            for p in procs:
+                if hasattr(p, "stop"):
+                    p.stop()
+                else:
+                    from bench.fleet import _stop
+
+                    _stop(p)
+            if cluster is not None:
+                cluster.stop()
+            if broker is not None:
+                broker.stop()
+            _drop(pg_url, db_url)
+            shutil.rmtree(work, ignore_errors=True)
+    if result.get("mosquitto", {}).get("p99_ms") and result.get("nats", {}).get("p99_ms"):
+        result["p99_ratio_nats_over_mosquitto"] = round(result["nats"]["p99_ms"] / result["mosquitto"]["p99_ms"], 2)
+    out = out or Path(__file__).resolve().parent / "results" / "cluster.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    run(validators=int(sys.argv[1]) if len(sys.argv) > 1 else 200)
