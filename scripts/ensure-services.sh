@@ -272,7 +272,17 @@ ensure_chromium() {
     say "chromium: ready ($(/usr/bin/chromium --version 2>/dev/null | head -n 1 || echo '?'))"
 }
 
+# ---------------------------------------------------------------- nats-server (tests/integration/test_nats_cluster.py)
+# The test starts its own three nodes; only the program is needed, no running service.
+ensure_nats() {
+    [[ -x /usr/sbin/nats-server ]] || command -v nats-server >/dev/null && { say "nats-server: installed"; return 0; }
+    is_root || { say "nats-server: not installed, and not root - NATS cluster tests will be skipped"; return 0; }
+    apt_install nats-server || { say "nats-server: install failed - NATS cluster tests will be skipped"; return 0; }
+    say "nats-server: installed"
+}
+
 ensure_postgresql
 ensure_mosquitto
 ensure_pcscd
 ensure_chromium
+ensure_nats
