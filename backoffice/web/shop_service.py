@@ -134,8 +134,13 @@ class OtpBook:
                                        set_={k: q.excluded[k] for k in values if k != "phone"})
 
     def issue(self, phone: str, now: datetime) -> str:
+        from sqlalchemy import delete
+
+        from backoffice.sms.tables import shop_code
+
         code = f"{secrets.randbelow(10**OTP_DIGITS):0{OTP_DIGITS}d}"
         with self.engine.begin() as conn:
+            conn.execute(delete(shop_code).where(shop_code.c.expires_at < now - OTP_LIFETIME))  # never checked
             conn.execute(self._upsert(conn, dict(phone=phone, digest=self._digest(phone, code),
                                                  expires_at=now + OTP_LIFETIME, attempts_left=OTP_ATTEMPTS,
                                                  created_at=now)))
