@@ -96,7 +96,11 @@ def _utc(at: datetime) -> datetime:
 
 def _insert(conn: Connection, values: dict) -> bool:
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return bool(conn.execute(dialect.insert(ticket_use).values(**values).on_conflict_do_nothing()).rowcount)
+    # whether a row went in is read from RETURNING, not rowcount (see orders._insert_or_nothing: psycopg's rowcount
+    # does not say 0 for a skipped ON CONFLICT DO NOTHING)
+    key = list(ticket_use.primary_key.columns)
+    stmt = dialect.insert(ticket_use).values(**values).on_conflict_do_nothing().returning(*key)
+    return conn.execute(stmt).first() is not None
 
 
 def lock_name(record: TapRecord) -> str:
