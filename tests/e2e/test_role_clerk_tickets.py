@@ -16,11 +16,11 @@ import csv
 import io
 import sqlite3
 import urllib.request
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 
 import pytest
-from test_role_clerk import (DAYS_BACK, SQL_DAY, _click_and_wait, _downloaded, _shot, _wait_for,  # noqa: F401
-                             _yuan, browser, server)
+from test_role_clerk import SQL_DAY, _click_and_wait, _downloaded, _shot, _wait_for, _yuan
+from test_role_clerk import browser, server  # noqa: F401  (the fixtures: Chromium, farebox serve on the city)
 from web_city import A
 
 from backoffice.db import make_engine
