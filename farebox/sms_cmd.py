@@ -25,7 +25,7 @@ def sms_sweep_job(scheduler, services) -> None:
 
     from backoffice.payments.platform import NOTIFY_URL_ENV, platform_from_env
     from backoffice.sms.dialogue import Channel, sweep
-    from backoffice.sms.gateway import gateway_from_env
+    from backoffice.sms.gateway import gateway_from_settings
     from backoffice.tickets.keys import TicketKeysRefused, ticket_keys
 
     from farebox import bootstrap
@@ -36,7 +36,7 @@ def sms_sweep_job(scheduler, services) -> None:
     try:
         keys = ticket_keys(settings)
         platform = platform_from_env(bootstrap.start(settings, "payment", announce=False).payment_public_key)
-        gateway = gateway_from_env()
+        gateway = gateway_from_settings(settings)
     except (TicketKeysRefused, bootstrap.StartRefused, ValueError) as e:
         log.error("sms: the SMS channel's settings are refused (%s): no pickup codes are texted", e)
         return
@@ -60,10 +60,10 @@ def register(sub) -> None:
 
 
 def _send(args, settings) -> int:
-    from backoffice.sms.gateway import NullGateway, SmsError, gateway_from_env
+    from backoffice.sms.gateway import NullGateway, SmsError, gateway_from_settings
 
     try:
-        gateway = gateway_from_env()
+        gateway = gateway_from_settings(settings)
         if isinstance(gateway, NullGateway):
             print("farebox sms send: FAREBOX_SMS_URL is not set: no gateway to send through")
             return 2

@@ -36,6 +36,7 @@ import re
 import secrets
 import threading
 from dataclasses import dataclass
+from types import SimpleNamespace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -235,18 +236,19 @@ def gateway_from_settings(settings, *, insecure_test_key: bool = False) -> SmsGa
 
 
 def _settings(environ):
-    from farebox.config import load_settings
-
-    return load_settings(environ)
+    """The SMS settings of the environment alone, for an app that ``farebox serve`` did not configure (tests,
+    embedding): the back office does not import farebox.config; serve hands over the TOML file's settings itself."""
+    return SimpleNamespace(sms_url=environ.get(URL_ENV), sms_account=environ.get(ACCOUNT_ENV),
+                           sms_secret=environ.get(SECRET_ENV))
 
 
 def secret_from_env(environ=os.environ, *, insecure_test_key: bool = False) -> bytes | None:
-    """``secret_from_settings`` of the settings ``environ`` gives (``FAREBOX_SMS_SECRET`` or the TOML file)."""
+    """``secret_from_settings`` of ``FAREBOX_SMS_SECRET``."""
     return secret_from_settings(_settings(environ), insecure_test_key=insecure_test_key)
 
 
 def gateway_from_env(environ=os.environ, *, insecure_test_key: bool = False) -> SmsGateway:
-    """``gateway_from_settings`` of the settings ``environ`` gives (``FAREBOX_SMS_URL`` ... or the TOML file)."""
+    """``gateway_from_settings`` of ``FAREBOX_SMS_URL``, ``_ACCOUNT``, ``_SECRET``."""
     return gateway_from_settings(_settings(environ), insecure_test_key=insecure_test_key)
 
 
