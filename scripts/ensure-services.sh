@@ -258,12 +258,13 @@ CONF
 
 # ---------------------------------------------------------------- Chromium (web page tests)
 # tests/e2e/test_web_pages.py drives Debian's chromium through chromedriver (selenium); the pages' Chinese labels
-# need a CJK font. A file check when all is there, so repeat runs cost nothing.
+# need a CJK font, the shop's QR codes zbar. A file check when all is there, so repeat runs cost nothing.
 ensure_chromium() {
     local missing=()
     [[ -x /usr/bin/chromium ]] || missing+=(chromium)
     [[ -x /usr/bin/chromedriver ]] || missing+=(chromium-driver)
     [[ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ]] || missing+=(fonts-wqy-microhei)
+    command -v zbarimg >/dev/null || missing+=(zbar-tools)  # test_web_shop decodes the shop's QR codes with zbar
     if ((${#missing[@]})); then
         is_root || { say "chromium: ${missing[*]} not installed, and not root - web page tests will be skipped"; return 0; }
         say "chromium: installing (apt-get install ${missing[*]}) ..."
