@@ -239,6 +239,11 @@ def _measure(buses, taps: int, interval: float, drain: float = 120.0) -> dict:
 
     for bus in buses:
         bus.tap(bus.driver)
+    # Warm up: every bus's shift record acknowledged first (on NATS an MQTT subscription is a JetStream consumer
+    # made after the CONNACK; an ack published before it exists is lost and costs the bus a resend).
+    deadline = time.monotonic() + drain
+    while any(b.journal.backlog() for b in buses) and time.monotonic() < deadline:
+        time.sleep(0.1)
     t0 = time.monotonic()
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -309,7 +314,7 @@ def run(*, validators: int = 200, taps: int = 5, interval: float = 2.0, workers:
     from wire.devicekeys import TEST_DEVICE_MASTER
     from wire.mqtt_url import MqttTarget
 
-    pg_url = pg_url or os.environ.get("FAREBOX_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    pg_url = pg_url or os.environ.get("FAREBOX_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
     operator = "cbench"
     devices = [f"c{i:05d}" for i in range(validators)]
     result: dict = {"validators": validators, "taps_per_validator": taps, "interval_s": interval,
@@ -383,3 +388,105 @@ def run(*, validators: int = 200, taps: int = 5, interval: float = 2.0, workers:
 
 if __name__ == "__main__":
     run(validators=int(sys.argv[1]) if len(sys.argv) > 1 else 200)
+
+
+# ---------------------------------------------------------------------- many real validators: one process per shard
+
+# paho's loop_start() select()s, which cannot take a descriptor numbered 1024 or above: one process holds about 150
+# real validators (socket, wake-up pair, journal with its WAL). A shard is a child process with up to SHARD buses,
+# driven over stdin/stdout, one JSON line each way: ["ride", n] -> {"ok": true}; ["backlog"] -> {"backlog": n,
+# "buses": k}; ["stop"] -> {"failovers": n} and it exits. Journals stay in ``work`` (tests read them with sqlite3).
+SHARD = 100
+BUS_SHARD = """
+import json, logging, sys
+sys.path.insert(0, sys.argv[1])
+logging.basicConfig(level=logging.ERROR)
+from pathlib import Path
+from simbus import Bus
+from hardware_sim.card import SimCard
+from wire.devicekeys import TEST_DEVICE_MASTER, mqtt_password
+from wire.mqtt_url import MqttTarget
+
+spec = json.loads(sys.argv[2])
+work, operator = Path(spec["work"]), spec["operator"]
+buses = []
+for i, device in spec["devices"]:
+    ports = spec["ports"]
+    targets = [MqttTarget("127.0.0.1", ports[(i + k) % len(ports)], device,
+                          mqtt_password(TEST_DEVICE_MASTER, device)) for k in range(len(ports))]
+    bus = Bus(work, targets, operator, device)
+    bus.riders = [SimCard(bytes.fromhex(f"96{i:04d}{k:014d}"), c.card_type, c.balance, start=c.start, end=c.end)
+                  for k, c in enumerate(bus.riders, 1)]
+    buses.append(bus)
+for bus in buses:
+    bus.uplink.start()
+    bus.tap(bus.driver)
+print(json.dumps({"ok": True}), flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd[0] == "ride":
+        for bus in buses:
+            for _ in range(cmd[1]):
+                bus.tap(bus.riders[bus.journal._last_seq % len(bus.riders)])
+        out = {"ok": True}
+    elif cmd[0] == "backlog":
+        out = {"backlog": sum(b.journal.backlog() for b in buses), "buses": sum(1 for b in buses if b.journal.backlog())}
+    else:
+        for bus in buses:
+            bus.uplink.stop(goodbye_timeout=0.5)
+        out = {"failovers": sum(b.uplink.failovers for b in buses)}
+        for bus in buses:
+            bus.journal.close()
+        print(json.dumps(out), flush=True)
+        break
+    print(json.dumps(out), flush=True)
+"""
+
+
+class BusShard:
+    """Up to SHARD real validators (tests/simbus.Bus) in a child process; ``devices``: (index, device id), the
+    index choosing the bus's first node and its riders' card numbers."""
+
+    def __init__(self, work: Path, devices: list[tuple[int, str]], operator: str, mqtt_ports: list[int]):
+        tests = str(Path(__file__).resolve().parents[1] / "tests")
+        spec = {"work": str(work), "operator": operator, "devices": devices, "ports": mqtt_ports}
+        self.devices = [d for _, d in devices]
+        self.proc = subprocess.Popen([sys.executable, "-c", BUS_SHARD, tests, json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def _ask(self, *cmd) -> dict:
+        if cmd:
+            self.proc.stdin.write(json.dumps(list(cmd)) + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bus shard {self.devices[0]}.. ended (exit {self.proc.poll()})")
+        return json.loads(line)
+
+    def started(self) -> None:
+        self._ask()
+
+    def ride(self, n: int) -> None:
+        self._ask("ride", n)
+
+    def backlog(self) -> tuple[int, int]:
+        out = self._ask("backlog")
+        return out["backlog"], out["buses"]
+
+    def stop(self) -> int:
+        if self.proc.poll() is not None:
+            return 0
+        try:
+            out = self._ask("stop")
+        except (RuntimeError, BrokenPipeError):
+            out = {"failovers": 0}
+        self.proc.wait(30)
+        return out["failovers"]
+
+
+def shards(work: Path, devices: list[str], operator: str, mqtt_ports: list[int]) -> list[BusShard]:
+    indexed = list(enumerate(devices))
+    out = [BusShard(work, indexed[k:k + SHARD], operator, mqtt_ports) for k in range(0, len(indexed), SHARD)]
+    for s in out:
+        s.started()
+    return out

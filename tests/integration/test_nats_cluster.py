@@ -2,7 +2,7 @@
 
 Three nats-server nodes on loopback (temp dirs, free ports) with the configuration ``farebox broker config --engine
 nats`` writes (per-device permissions, JetStream, MQTT stream_replicas 3); real validators (tests/simbus.py:
-Terminal, Journal, Uplink with simulated cards), each given the three nodes' URLs (the first one spread over the
+Terminal, Journal, Uplink with simulated cards; up to 100 per child process, bench.cluster.shards), each given the three nodes' URLs (the first one spread over the
 nodes); two JetStream ingest workers (backoffice.ingest_jetstream) on the one durable consumer. The buses ride all
 along while: node 1 is SIGKILLed; it comes back and node 2 is SIGKILLed; it comes back and ingest worker 0 is
 SIGKILLed (its unacknowledged deliveries go to worker 1 after ack_wait). After each blow every bus's backlog must
@@ -26,13 +26,11 @@ import time
 from pathlib import Path
 
 import pytest
-from simbus import Bus
 from sqlalchemy import create_engine, text
 
 from backoffice import registry
 from backoffice.db import make_engine, upgrade
-from bench.cluster import NATS_SERVER, JetStreamWorker, NatsCluster
-from hardware_sim.card import SimCard
+from bench.cluster import NATS_SERVER, JetStreamWorker, NatsCluster, shards
 from wire.devicekeys import TEST_DEVICE_MASTER
 
 pytestmark = pytest.mark.slow
@@ -40,42 +38,32 @@ VALIDATORS = 500 if os.environ.get("FAREBOX_SOAK") == "1" else 20
 ARTEFACT = Path(__file__).resolve().parents[2] / "var" / "test-artefacts" / "nats_cluster.json"
 
 
-def _buses(tmp_path, cluster, operator, uid):
-    buses = []
-    for i in range(VALIDATORS):
-        device = f"n{i:03d}_{uid}"
-        bus = Bus(tmp_path, cluster.mqtt_targets(device, TEST_DEVICE_MASTER, first=i % 3), operator, device)
-        bus.riders = [SimCard(bytes.fromhex(f"96{i:04d}{k:014d}"), c.card_type, c.balance, start=c.start,
-                              end=c.end) for k, c in enumerate(bus.riders, 1)]
-        buses.append(bus)
-    return buses
-
-
-def _journal_rows(bus) -> list[tuple[int, int]]:
-    """(device_seq, acked) of the records the bus sends (state done), read with plain SQL from the journal file."""
-    db = sqlite3.connect(bus.journal.path)
+def _journal_rows(path) -> list[tuple[int, int]]:
+    """(device_seq, acked) of the records a bus sends (state done), read with plain SQL from its journal file."""
+    db = sqlite3.connect(path)
     try:
         return db.execute("SELECT device_seq, acked FROM record WHERE state = 'done'").fetchall()
     finally:
         db.close()
 
 
-def _ride(buses, n=1):
-    for bus in buses:
-        for _ in range(n):
-            bus.tap(bus.riders[bus.journal._last_seq % len(bus.riders)])
+def _ride(shards, n=1):
+    for shard in shards:
+        shard.ride(n)
 
 
-def _drain(buses, timeout: float) -> float:
+def _drain(shards, timeout: float) -> float:
     """Seconds until every bus has nothing unacknowledged (asserts it happens within ``timeout``)."""
     t0 = time.monotonic()
     deadline = t0 + timeout
-    while any(b.journal.backlog() for b in buses):
+    while True:
+        counts = [s.backlog() for s in shards]
+        if not any(records for records, _ in counts):
+            return time.monotonic() - t0
         assert time.monotonic() < deadline, (
-            f"backlog not drained in {timeout} s: {sum(b.journal.backlog() for b in buses)} records on "
-            f"{sum(1 for b in buses if b.journal.backlog())} buses")
-        time.sleep(0.1)
-    return time.monotonic() - t0
+            f"backlog not drained in {timeout} s: {sum(r for r, _ in counts)} records on "
+            f"{sum(b for _, b in counts)} buses")
+        time.sleep(0.2)
 
 
 @pytest.mark.skipif(not Path(NATS_SERVER).exists(), reason="nats-server not installed (scripts/ensure-services.sh)")
@@ -93,8 +81,9 @@ def test_nats_cluster_loses_nothing_acknowledged_and_stores_nothing_twice(tmp_pa
     cluster = NatsCluster(tmp_path / "nats", devices, TEST_DEVICE_MASTER)
     workers = [JetStreamWorker(tmp_path, pg_schema_url, cluster.nats_urls(), f"w{i}_{uid}", ack_wait=5.0)
                for i in (0, 1)]
-    buses = []
+    buses: list = []
     timings: dict[str, float] = {}
+    failovers = 0
     try:
         cluster.start()
         cluster.wait_ready()
@@ -102,14 +91,12 @@ def test_nats_cluster_loses_nothing_acknowledged_and_stores_nothing_twice(tmp_pa
             w.start()
         for w in workers:
             w.wait_ready()
-        buses = _buses(tmp_path, cluster, operator, uid)
-        for bus in buses:
-            bus.uplink.start()
-            bus.tap(bus.driver)
+        # real validators (tests/simbus.Bus), up to 100 per child process, each bus given all three nodes
+        buses = shards(tmp_path, [d for d, _ in devices], operator, [n.mqtt_port for n in cluster.nodes])
         _ride(buses, 3)
-        timings["first_drain_s"] = _drain(buses, 120)
+        timings["first_drain_s"] = round(_drain(buses, 300), 1)
 
-        acked_before = {(b.terminal.config.device_id, s) for b in buses for s, a in _journal_rows(b) if a}
+        acked_before = {(d, s) for d, _ in devices for s, a in _journal_rows(tmp_path / f"{d}.journal") if a}
         for blow, act in (("kill node n1", lambda: cluster.kill(0)),
                           ("kill node n2 (n1 back)", lambda: (cluster.start(0), cluster.wait_ready(), cluster.kill(1))),
                           ("kill ingest worker 0 (n2 back)",
@@ -118,21 +105,20 @@ def test_nats_cluster_loses_nothing_acknowledged_and_stores_nothing_twice(tmp_pa
             act()
             t0 = time.monotonic()
             _ride(buses, 2)  # and after it
-            _drain(buses, 240)
+            _drain(buses, 300)
             timings[f"{blow}: acks resume for every bus after (s)"] = round(time.monotonic() - t0, 1)
         workers[0].start()
         workers[0].wait_ready()
         _ride(buses, 2)
         timings["after worker 0 restarted: drain (s)"] = round(_drain(buses, 120), 1)
     finally:
-        for bus in buses:
-            bus.uplink.stop(goodbye_timeout=1)
+        for shard in buses:
+            failovers += shard.stop()
         for w in workers:
             w.stop()
         cluster.stop()
 
-    failovers = sum(b.uplink.failovers for b in buses)
-    written = {(b.terminal.config.device_id, s): a for b in buses for s, a in _journal_rows(b)}
+    written = {(d, s): a for d, _ in devices for s, a in _journal_rows(tmp_path / f"{d}.journal")}
     eng = create_engine(pg_schema_url)
     with eng.connect() as conn:
         rows = conn.execute(text("SELECT device_id, device_seq FROM tap")).all()
@@ -144,8 +130,6 @@ def test_nats_cluster_loses_nothing_acknowledged_and_stores_nothing_twice(tmp_pa
     ARTEFACT.parent.mkdir(parents=True, exist_ok=True)
     ARTEFACT.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    for bus in buses:
-        bus.journal.close()
 
     assert acked_before <= stored  # acknowledged before the blows: still there
     assert all(written.values()), "a journal still holds unacknowledged records"  # every backlog drained
