@@ -401,7 +401,7 @@ class NatsFiles:
 def write_nats_config(*, devices: list[tuple[str, str]], master: bytes, folder: Path, nodes: int = 3,
                       host: str = "127.0.0.1", hosts: list[str] | None = None, client_port: int = 4222,
                       mqtt_port: int = 1883, cluster_port: int = 6222) -> NatsFiles:
-    """``nodes`` nats-server configurations (``<folder>/<name>.conf``, mode 600: they hold the passwords, which
+    """``nodes`` nats-server configurations (``<folder>/<name>.conf``, mode 640: they hold the passwords, which
     nats-server takes as text or bcrypt only) with the same users and permissions."""
     from backoffice.devices import BACKOFFICE_USERS, service_password
     from wire.devicekeys import mqtt_password

@@ -276,7 +276,7 @@ def _nats_config(args, devices, master) -> int:
         print(f"farebox: left out {device_id!r}: {why}. Retire it and register the bus under a valid id.",
               file=sys.stderr)
     print(f"nats-server configurations for {len(files.nodes)} nodes, {files.devices} device(s) and the back "
-          f"office's {', '.join(BACKOFFICE_USERS)} (mode 600: they hold the passwords):")
+          f"office's {', '.join(BACKOFFICE_USERS)} (mode 640: they hold the passwords):")
     for conf in files.confs:
         print(f"  nats-server -c {conf}")
     mqtt = ",".join(f"mqtt://<device>:<password>@{n.host}:{n.mqtt_port}" for n in files.nodes)

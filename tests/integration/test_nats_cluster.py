@@ -136,3 +136,37 @@ def test_nats_cluster_loses_nothing_acknowledged_and_stores_nothing_twice(tmp_pa
     assert {k for k, a in written.items() if a} <= stored  # nothing acknowledged is lost
     assert len(rows) == distinct == len(written) and stored == set(written)  # nothing stored twice, nothing extra
     assert failovers >= VALIDATORS // 3  # the buses on n1 and n2 did move
+
+
+@pytest.mark.skipif(not Path(NATS_SERVER).exists(), reason="nats-server not installed (scripts/ensure-services.sh)")
+def test_broker_config_engine_nats_writes_valid_node_files_with_the_acl_as_permissions(tmp_path, sqlite_url):
+    """`farebox broker config --engine nats` through the CLI: three files nats-server accepts (`-t`), each with the
+    registered bus allowed exactly the topics the Mosquitto ACL gives it."""
+    import re
+    import subprocess
+    import sys
+
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    with engine.begin() as conn:
+        registry.add_operator(conn, code="cfgbus", name="Config Bus")
+        registry.add_device(conn, device_id="bus0042", operator="cfgbus", vehicle=None, terminal_id="010000000777")
+    engine.dispose()
+    env = {**os.environ, "FAREBOX_DATABASE_URL": sqlite_url}
+    out = subprocess.run([sys.executable, "-m", "farebox.cli", "--insecure-test-keys", "broker", "config",
+                          "--engine", "nats", "--out", str(tmp_path / "nats"), "--port", "21883"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    confs = sorted((tmp_path / "nats").glob("n*.conf"))
+    assert [c.name for c in confs] == ["n1.conf", "n2.conf", "n3.conf"]
+    for conf in confs:
+        check = subprocess.run([NATS_SERVER, "-t", "-c", str(conf)], capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stdout + check.stderr
+        text_ = conf.read_text()
+        assert "stream_replicas: 3" in text_ and text_.count("nats-route://") == 3
+        line = next(ln for ln in text_.splitlines() if '"bus0042"' in ln)
+        pub, sub = re.findall(r"allow: \[([^\]]*)\]", line)
+        own = "farebox.v1.cfgbus.bus0042"
+        assert pub == f'"{own}.taps", "{own}.status"'
+        assert sub == (f'"{own}.ack", "{own}.denylist", "{own}.params", "{own}.software", '
+                       '"farebox.v1.cfgbus._fleet", "farebox.v1.cfgbus._fleet.>", "$MQTT.sub.>"')
