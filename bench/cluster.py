@@ -1,8 +1,8 @@
 """`python -m bench cluster`: ack latency through a 3-node NATS cluster beside single Mosquitto, same validators.
 
-For each engine, a fresh PostgreSQL database with N validators registered, then N real validators (simbus-like:
-Terminal, Journal, Uplink with simulated cards; every bus its own paho client with a persistent session) in one
-process, and the engine's ingest:
+For each engine, a fresh PostgreSQL database with N validators registered, then N real validators (tests/simbus.Bus:
+Terminal, Journal, Uplink with simulated cards; every bus its own paho client with a persistent session), up to
+``SHARD`` per child process (:func:`shards`), and the engine's ingest:
 
 - **mosquitto**: a private Mosquitto (free port, the bench.fleet ``Broker``: nothing dropped silently) and one
   ``IngestConsumer`` worker process (what ``farebox ingest`` runs).
@@ -13,7 +13,7 @@ process, and the engine's ingest:
 
 Each bus taps ``taps`` times, one tap every ``interval`` seconds (spread over the fleet); latency = a record's
 journal write -> its acknowledgement marked in the journal (publish, broker, ingest, commit, ack back), sampled by
-polling each journal's unacked set. Out: p50/p95/p99/max per engine, taps/s, JSON in bench/results/cluster.json.
+polling each journal's unacked set (in the bus's own process). Out: p50/p95/p99/max per engine, taps/s, JSON in bench/results/cluster.json.
 
 :class:`NatsCluster` (start, SIGKILL and restart nodes) is also what tests/integration/test_nats_cluster.py uses.
 """
@@ -198,24 +198,8 @@ class JetStreamWorker:
 # ---------------------------------------------------------------------- the bench
 
 
-def _fleet(work: Path, n: int, targets_of, operator: str):
-    """n light real validators: simbus.Bus from tests/ (Terminal, Journal, Uplink, simulated cards)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from simbus import Bus
-
-    from hardware_sim.card import SimCard
-
-    buses = []
-    for i in range(n):
-        device = f"c{i:05d}"
-        bus = Bus(work, targets_of(device, i), operator, device)
-        bus.riders = [SimCard(bytes.fromhex(f"97{i:06d}{k:012d}"), c.card_type, c.balance, start=c.start, end=c.end)
-                      for k, c in enumerate(bus.riders, 1)]
-        buses.append(bus)
-    return buses
-
-
-def _measure(buses, taps: int, interval: float, drain: float = 120.0) -> dict:
+def _measure(buses, taps: int, interval: float, drain: float = 120.0, *, driver: bool = True,
+             raw: bool = False) -> dict:
     """Each bus taps ``taps`` times, the fleet's taps spread over ``interval``; ack latency per record."""
     waiting: list[dict[int, float]] = [{} for _ in buses]  # per bus: device_seq -> when written
     latencies: list[float] = []
@@ -238,7 +222,8 @@ def _measure(buses, taps: int, interval: float, drain: float = 120.0) -> dict:
             time.sleep(0.02)
 
     for bus in buses:
-        bus.tap(bus.driver)
+        if driver:
+            bus.tap(bus.driver)
     # Warm up: every bus's shift record acknowledged first (on NATS an MQTT subscription is a JetStream consumer
     # made after the CONNACK; an ack published before it exists is lost and costs the bus a resend).
     deadline = time.monotonic() + drain
@@ -264,6 +249,8 @@ def _measure(buses, taps: int, interval: float, drain: float = 120.0) -> dict:
     stop.set()
     watcher.join()
     lat = sorted(latencies)
+    if raw:
+        return {"latencies": lat, "taps": written, "seconds": sent}
 
     def q(p):
         return round(lat[min(len(lat) - 1, int(p * len(lat)))], 1) if lat else None
@@ -332,15 +319,11 @@ def run(*, validators: int = 200, taps: int = 5, interval: float = 2.0, workers:
         try:
             if engine == "mosquitto":
                 broker = Broker(_mosquitto_program(), work / "broker")
-                target = MqttTarget("127.0.0.1", broker.port)
                 from bench.fleet import _start_ingest
 
-                ingest = _start_ingest(db_url, target, None, work / "ingest.ready")
+                ingest = _start_ingest(db_url, MqttTarget("127.0.0.1", broker.port), None, work / "ingest.ready")
                 procs.append(ingest)
-                deadline = time.monotonic() + 90
-                while not (work / "ingest.ready").exists() and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                buses = _fleet(work, validators, lambda d, i: target, operator)
+                ports = [broker.port]
             else:
                 cluster = NatsCluster(work / "nats", [(d, operator) for d in devices], TEST_DEVICE_MASTER)
                 cluster.start()
@@ -351,19 +334,26 @@ def run(*, validators: int = 200, taps: int = 5, interval: float = 2.0, workers:
                 for w in ws:
                     w.wait_ready()
                 procs.extend(ws)
-                buses = _fleet(work, validators,
-                               lambda d, i: cluster.mqtt_targets(d, TEST_DEVICE_MASTER, first=i % 3), operator)
-            for bus in buses:
-                bus.uplink.start()
-            deadline = time.monotonic() + 120
-            while not all(b.uplink.connected for b in buses) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            result[engine] = _measure(buses, taps, interval)
+                ports = [n.mqtt_port for n in cluster.nodes]
+            buses = shards(work, devices, operator, ports)  # real validators, up to SHARD per child process
+            for shard in buses:  # every shard taps its buses at once, each spread over the interval
+                shard.proc.stdin.write(json.dumps(["measure", taps, interval]) + "\n")
+                shard.proc.stdin.flush()
+            parts = [shard._ask() for shard in buses]
+            lat = sorted(x for p in parts for x in p["latencies"])
+            written = sum(p["taps"] for p in parts)
+            sent = max(p["seconds"] for p in parts)
+
+            def q(p, lat=lat):
+                return round(lat[min(len(lat) - 1, int(p * len(lat)))], 1) if lat else None
+
+            result[engine] = {"validators": validators, "taps": written, "acked": len(lat), "seconds": round(sent, 1),
+                              "taps_per_s": round(written / sent, 1), "p50_ms": q(0.50), "p95_ms": q(0.95),
+                              "p99_ms": q(0.99), "max_ms": round(lat[-1], 1) if lat else None}
             print(engine, result[engine], flush=True)
         finally:
-            for bus in buses:
-                bus.uplink.stop(goodbye_timeout=0.5)
-                bus.journal.close()
+            for shard in buses:
+                shard.stop()
             for p in procs:
                 if hasattr(p, "stop"):
                     p.stop()
@@ -399,7 +389,9 @@ if __name__ == "__main__":
 SHARD = 100
 BUS_SHARD = """
 import json, logging, sys
+from pathlib import Path
 sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, str(Path(sys.argv[1]).parent))
 logging.basicConfig(level=logging.ERROR)
 from pathlib import Path
 from simbus import Bus
@@ -429,6 +421,9 @@ for line in sys.stdin:
             for _ in range(cmd[1]):
                 bus.tap(bus.riders[bus.journal._last_seq % len(bus.riders)])
         out = {"ok": True}
+    elif cmd[0] == "measure":
+        from bench.cluster import _measure
+        out = _measure(buses, cmd[1], cmd[2], driver=False, raw=True)
     elif cmd[0] == "backlog":
         out = {"backlog": sum(b.journal.backlog() for b in buses), "buses": sum(1 for b in buses if b.journal.backlog())}
     else:
