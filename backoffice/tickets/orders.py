@@ -532,18 +532,26 @@ def record_use(conn: Connection, ticket_id: int, *, who: str, at: datetime | Non
     refunded, expired: the caller flags it). A ticket used up, and an order whose tickets are all done, change
     state with an audit line."""
     at = _now(at)
+    made = add_use(conn, ticket_id, at=at, state="issued")
+    if made is not None:
+        order_id = conn.execute(select(Ticket.order_id).where(Ticket.ticket_id == ticket_id)).scalar_one()
+        _settle(conn, order_id, who=who, at=at, why=f"ticket {ticket_id} used")
+    return made
+
+
+def add_use(conn: Connection, ticket_id: int, *, at: datetime, state: str) -> int | None:
+    """One more use on a ticket in ``state`` that has a use left (a ticket used up becomes "used"); its use number,
+    or None. ``state="expired"``: a use made within validity that reached us after the expiry job closed it."""
     changed = conn.execute(
         update(Ticket)
-        .where(Ticket.ticket_id == ticket_id, Ticket.state == "issued",
+        .where(Ticket.ticket_id == ticket_id, Ticket.state == state,
                (Ticket.uses_allowed == 0) | (Ticket.uses_made < Ticket.uses_allowed))
         .values(uses_made=Ticket.uses_made + 1, updated_at=at,
                 state=case(((Ticket.uses_allowed > 0) & (Ticket.uses_made + 1 >= Ticket.uses_allowed), "used"),
                            else_=Ticket.state))).rowcount
     if not changed:
         return None
-    row = conn.execute(select(Ticket.order_id, Ticket.uses_made).where(Ticket.ticket_id == ticket_id)).one()
-    _settle(conn, row.order_id, who=who, at=at, why=f"ticket {ticket_id} used")
-    return row.uses_made
+    return conn.execute(select(Ticket.uses_made).where(Ticket.ticket_id == ticket_id)).scalar()
 
 
 def denied_tickets(conn: Connection, operator: str, *, now: datetime | None = None) -> list[int]:

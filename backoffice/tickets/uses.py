@@ -25,11 +25,11 @@ import logging
 from datetime import UTC, date, datetime
 
 from sqlalchemy import (BigInteger, Boolean, Column, Connection, Date, DateTime, Index, Integer, String, Table,
-                        UniqueConstraint, case, func, select, tuple_, update)
+                        UniqueConstraint, func, select, tuple_)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from backoffice.models import Base, Operator, Tap, Ticket
-from backoffice.tickets.orders import record_use, service_day_of
+from backoffice.tickets.orders import add_use, record_use, service_day_of
 from wire.records import PRESENTED_PICKUP, RecordKind, TapRecord
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def count_use(conn: Connection, ticket, *, at: datetime, who: str) -> tuple[int 
     use = record_use(conn, ticket.ticket_id, who=who, at=at)
     if use is None and ticket.state == "expired":
         # A use made within validity, uploaded after the expiry job closed the ticket (a bus offline overnight).
-        use = _count_late(conn, ticket.ticket_id, at)
+        use = add_use(conn, ticket.ticket_id, at=at, state="expired")
     if use is not None:
         return use, None, ""
     if ticket.state == "refunded":
@@ -151,19 +151,6 @@ def count_use(conn: Connection, ticket, *, at: datetime, who: str) -> tuple[int 
     made = conn.execute(select(Ticket.uses_made).where(Ticket.ticket_id == ticket.ticket_id)).scalar()
     return None, SECOND_USE, (f"ticket {ticket.ticket_id} has no use left ({made} of {ticket.uses_allowed} made): "
                               "shown again, on another bus or after it was used up")
-
-
-def _count_late(conn: Connection, ticket_id: int, at: datetime) -> int | None:
-    changed = conn.execute(
-        update(Ticket)
-        .where(Ticket.ticket_id == ticket_id, Ticket.state == "expired",
-               (Ticket.uses_allowed == 0) | (Ticket.uses_made < Ticket.uses_allowed))
-        .values(uses_made=Ticket.uses_made + 1, updated_at=at,
-                state=case(((Ticket.uses_allowed > 0) & (Ticket.uses_made + 1 >= Ticket.uses_allowed), "used"),
-                           else_=Ticket.state))).rowcount
-    if not changed:
-        return None
-    return conn.execute(select(Ticket.uses_made).where(Ticket.ticket_id == ticket_id)).scalar()
 
 
 def _stored_by_key(conn: Connection, keys: list[tuple[str, int, int]]) -> dict:
