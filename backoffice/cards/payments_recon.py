@@ -130,6 +130,11 @@ def reconcile_payments_day(conn: Connection, *, day: date, platform_csv_text: st
     platform = [{"order_id": r.order_id, "amount": r.amount, "status": r.status} for r in records]
     orders = load_day_orders(conn, day=day, order_ids=sorted({r.order_id for r in records}), tz=tz)
     found = reconcile_payments(platform, orders)
+    return _store_new(conn, found, day=day, now=now)
+
+
+def _store_new(conn: Connection, found: list[Discrepancy], *, day: date, now: datetime) -> list[Discrepancy]:
+    """Each (order or refund, problem) stored once, left with whatever staff decided on it; the new ones."""
     if not found:
         return []
     known = set(conn.execute(select(PaymentReconItem.order_id, PaymentReconItem.problem).where(
@@ -285,17 +290,4 @@ def reconcile_statement(conn: Connection, *, statement_id: int, now: datetime, t
 
     day = conn.execute(select(S.c.day).where(S.c.id == statement_id)).scalar_one()
     found = statement_discrepancies(conn, statement_id=statement_id, tz=tz)
-    if not found:
-        return []
-    known = set(conn.execute(select(PaymentReconItem.order_id, PaymentReconItem.problem).where(
-        PaymentReconItem.order_id.in_(sorted({i.ref for i in found})))).all())
-    new = []
-    for item in found:
-        if (item.ref, item.problem) in known:
-            continue
-        known.add((item.ref, item.problem))
-        conn.execute(PaymentReconItem.__table__.insert().values(
-            day=day, order_id=item.ref, problem=item.problem, ours=item.ours, theirs=item.theirs,
-            detail=item.detail[:500], status="open", created_at=now, note=""))
-        new.append(item)
-    return new
+    return _store_new(conn, found, day=day, now=now)
