@@ -73,7 +73,7 @@ soak: venv
 	FAREBOX_SOAK=1 $(BIN)/pytest -q -p no:cacheprovider tests/reliability/test_outage.py \
 	  tests/reliability/test_broker_restart.py tests/reliability/test_live_garbage.py \
 	  tests/reliability/test_ingest_workers.py tests/reliability/test_clearing_race.py \
-	  tests/integration/test_new_company.py tests/integration/test_nats_cluster.py
+	  tests/integration/test_new_company.py
 
 bench: venv
 	$(BIN)/python -m bench
