@@ -275,7 +275,9 @@ def test_the_review_page_shows_the_record_and_its_psams_and_releases_it(engine):
     tokens = TokenStore(tokens={"t-ops": Principal("ops_wang", "operations"), "t-clerk": Principal("li", "clerk", OP)})
     app = create_app(engine, tokens=tokens, migrate=False)
     configure_quarantine(app, ingest=ingest)
-    ops, clerk = {"Authorization": "Bearer t-ops"}, {"Authorization": "Bearer t-clerk"}
+    # English pages: the reasons and refusals read as ingest and the review wrote them (test_language checks Chinese)
+    ops = {"Authorization": "Bearer t-ops", "Accept-Language": "en"}
+    clerk = {"Authorization": "Bearer t-clerk", "Accept-Language": "en"}
     with TestClient(app) as client:
         listed = client.get("/quarantine", headers=clerk)
         assert listed.status_code == 200 and f'href="/quarantine/{row}"' in listed.text
@@ -288,7 +290,7 @@ def test_the_review_page_shows_the_record_and_its_psams_and_releases_it(engine):
                            follow_redirects=False)
         assert done.status_code == 303 and done.headers["location"].endswith("done=released")
         page = client.get(f"/quarantine/{row}", headers=ops)
-        assert 'data-status="released">已放行' in page.text and "ops_wang" in page.text and NEW_PSAM in page.text
+        assert 'data-status="released">released' in page.text and "ops_wang" in page.text and NEW_PSAM in page.text
         twice = client.post(f"/quarantine/{row}/release", data={"why": "again"}, headers=ops)
         assert twice.status_code == 409 and "released already" in twice.text
         detail = client.get(f"/api/v1/quarantine/{row}", headers=clerk).json()
