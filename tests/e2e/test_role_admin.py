@@ -42,6 +42,7 @@ def _status(url: str, token: str, data: dict | None = None) -> int:
 
 def test_an_admin_adds_a_clerk_who_logs_in_and_is_revoked(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     base, tokens, _city = server
@@ -120,7 +121,9 @@ def test_an_admin_adds_a_clerk_who_logs_in_and_is_revoked(server, browser, tmp_p
         assert "Please log in" in clerk.find_element(By.TAG_NAME, "main").text
         clerk.find_element(By.ID, "token").send_keys(token)
         clerk.find_element(By.ID, "login").click()
-        WebDriverWait(clerk, 30).until(lambda d: "Unknown token" in d.find_element(By.CSS_SELECTOR, "p.error").text)
+        # the login form posts and the page is replaced: an element found on the old one goes stale, so look again
+        WebDriverWait(clerk, 30, ignored_exceptions=(StaleElementReferenceException,)).until(
+            lambda d: "Unknown token" in d.find_element(By.CSS_SELECTOR, "p.error").text)
         assert not clerk.find_elements(By.CSS_SELECTOR, "header form.who")
         _shot(clerk, "admin-revoked-token-refused")
     assert _status(f"{base}/api/v1/routes", token) == 401

@@ -91,7 +91,7 @@ def test_xlsx(tmp_path):
     taps, gross, commission, net = loop_sums(rows)
     about = {r[0]: r[1] for r in wb["about"].iter_rows(min_row=2, values_only=True)}
     assert about["运营单位名称 Operator name"] == OPERATOR
-    assert about["清分 Clearing"] == RUN_LINE
+    assert about["清分 Clearing"] == "清分批次 Clearing" + RUN_LINE.removeprefix("clearing")  # bilingual, as the PDF
     assert about["合计笔数 Total taps"] == taps
     for c, expected in zip(MONEY, (gross, commission, net)):
         assert fen_of(about[f"合计 Total {MONEY_HEADER[c]}"]) == expected
