@@ -109,8 +109,17 @@ def _stored_params(url: str, operator: str) -> list[tuple[str, dict]]:
     out = []
     for version, payload in rows:
         payload = bytes(payload)[:-64]
-        out.append((version, json.loads(payload[payload.index(b"{"):])))
+        # the binary header may hold a "{" byte by chance: the body is the first "{" from which the rest parses
+        starts = [i for i in range(len(payload)) if payload[i:i + 1] == b"{"]
+        out.append((version, next(_json_from(payload[i:]) for i in starts if _json_from(payload[i:]) is not None)))
     return out
+
+
+def _json_from(data: bytes):
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
 
 
 def test_package_publish_puts_the_ticket_keys_into_the_params(tmp_path, fresh, mosquitto_url, uid):
