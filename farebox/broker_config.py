@@ -273,6 +273,8 @@ def _write_private(path: Path, text: str, gid: int | None) -> None:
 # NATS subjects for the topics above: MQTT ``a/b/c`` is NATS ``a.b.c`` (``+`` -> ``*``, ``#`` -> ``>``).
 N = P.replace("/", ".")
 TAPS_STREAM = "FAREBOX_TAPS"  # the JetStream work queue the ingest workers consume (backoffice.ingest_jetstream)
+# Copies of each MQTT subscription's JetStream consumer (nats_conf's comment says what R1 keeps and gives up).
+MQTT_CONSUMER_REPLICAS = 1
 NATS_MAX_PAYLOAD = 8 * 1024 * 1024  # a tap batch is at most 4 MiB; NATS refuses to start with more than 64 MiB
 # nats-server delivers an MQTT session's QoS 1 messages from a JetStream consumer to "$MQTT.sub.<id>": every MQTT
 # login (the buses, status, publisher) needs to subscribe to that, or its SUBSCRIBE fails ("Subscription Violation").
@@ -333,8 +335,10 @@ def nats_nodes(n: int, folder: Path, *, host: str = "127.0.0.1", client_port: in
 
 
 def nats_conf(node: NatsNode, nodes: list[NatsNode], *, users: list[tuple[str, str, dict]],
-              cluster_name: str = "farebox", max_payload: int = NATS_MAX_PAYLOAD) -> str:
-    """One node's nats-server configuration. ``users``: (user, password, permissions)."""
+              cluster_name: str = "farebox", max_payload: int = NATS_MAX_PAYLOAD,
+              consumer_replicas: int = MQTT_CONSUMER_REPLICAS) -> str:
+    """One node's nats-server configuration. ``users``: (user, password, permissions); ``consumer_replicas``: copies
+    of each MQTT subscription's JetStream consumer (see MQTT_CONSUMER_REPLICAS)."""
     routes = ", ".join(_q(f"nats-route://{n.host}:{n.cluster_port}") for n in nodes)
     user_lines = [f"      {{ user: {_q(u)}, password: {_q(pw)}, {_perm_block(perms)} }}" for u, pw, perms in users]
     replicas = min(3, len(nodes))
@@ -370,6 +374,13 @@ def nats_conf(node: NatsNode, nodes: list[NatsNode], *, users: list[tuple[str, s
         "mqtt {",
         f"  listen: {_q(f'{node.host}:{node.mqtt_port}')}",
         f"  stream_replicas: {replicas}",
+        "  # Each QoS 1 subscription of a session is a JetStream consumer (a bus has five). Kept on ONE node (no RAFT",
+        "  # group of its own): 500 buses with R3 consumers (3,500 RAFT groups) timed out at connect on a 2-core",
+        "  # machine; with R1 2,000 buses connect. What it gives up: while the node holding a bus's consumer is down,",
+        "  # QoS 1 messages queued for that subscription (a per-device package) wait there until the node is back",
+        "  # (the messages themselves are in the R3 stream). Tap acks do not use it: ingest publishes them as core",
+        "  # NATS, delivered at once to a connected bus; a missed ack costs a resend that ingest turns away.",
+        f"  consumer_replicas: {min(consumer_replicas, replicas)}",
         "  # QoS 1 messages sent to one client and not yet PUBACKed: lets the status consumer keep up with a city.",
         "  max_ack_pending: 1024",
         "  ack_wait: \"30s\"",
