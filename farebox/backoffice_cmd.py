@@ -17,6 +17,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--day", type=date.fromisoformat, default=None, help="service day (default: yesterday)")
     p.add_argument("--riders", type=int, default=200)
+    p.add_argument("--buses", type=int, default=None, metavar="N",
+                   help="a city of N buses instead (e.g. 1000): real validators in districts of 100, a Mosquitto of "
+                        "the run's own, the throughput of each stage (farebox.demo_city)")
     p.add_argument("--kill-ingest-at", type=fractions, default=(),
                    help="fractions of the day (e.g. 0.3,0.6) at which ingest is killed with SIGKILL and restarted")
     p.set_defaults(func=_demo)
@@ -68,6 +71,10 @@ def register(sub) -> None:
 def _demo(args, settings) -> int:
     from farebox.demo import run_demo
 
+    if args.buses is not None:
+        from farebox.demo_city import run_city
+
+        return 0 if run_city(settings, buses=args.buses, seed=args.seed, day=args.day).consistent else 1
     result = run_demo(settings, seed=args.seed, day=args.day, riders=args.riders, kill_ingest_at=args.kill_ingest_at)
     return 0 if result.consistent else 1
 

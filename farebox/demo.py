@@ -148,8 +148,10 @@ class DemoResult:
 class IngestProcess:
     """`farebox ingest` as a child process, so that it can be killed for real."""
 
-    def __init__(self, run_dir: Path, database_url: str, mqtt_url: str, client_id: str, operator: str):
+    def __init__(self, run_dir: Path, database_url: str, mqtt_url: str, client_id: str, operator: str,
+                 workers: int = 1):
         self.run_dir = run_dir
+        self.workers = workers  # more than one: `farebox ingest --workers N` (a shared subscription)
         self.env = {**os.environ, "FAREBOX_DATABASE_URL": database_url, "FAREBOX_MQTT_URL": mqtt_url}
         self.client_id = client_id
         self.operator = operator
@@ -163,7 +165,8 @@ class IngestProcess:
         with open(self.run_dir / "ingest.log", "ab") as log_file:  # the child keeps its own copy of the fd
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "farebox.cli", "--insecure-test-keys", "ingest", "--client-id",
-                 self.client_id, "--operator", self.operator, "--ready-file", str(ready)],
+                 self.client_id, "--operator", self.operator, "--ready-file", str(ready),
+                 *(["--workers", str(self.workers)] if self.workers > 1 else [])],
                 env=self.env, stdout=log_file, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while not ready.exists():

@@ -208,3 +208,61 @@ def _tickets(rng: random.Random, at, buses: int):
              TicketRide(at(16.5 + rng.random()), three, 3, "qr"),  # again, much later: already used
              TicketRide(at(18.0 + rng.random()), bus(), 5, "qr")]
     return products, tickets, tuple(sorted(rides, key=lambda r: r.at))
+
+
+def plan_large_city(*, tag: str, day: date, seed: int = 7, buses: int = 1000, riders_per_bus: int = 20,
+                    trips_per_hour: float = 6.0, district: int = 100, tz: str = "Asia/Shanghai") -> CityPlan:
+    """A city of ``buses`` buses (``farebox demo --buses N``): a route per ten buses, a driver per bus, and
+    ``riders_per_bus`` riders' cards per bus. The buses are grouped in districts of ``district`` buses, in plan
+    order, and a rider rides only the buses of their own district (``district_of``): each district's buses and
+    cards can then be run by a process of their own, the cards' balances staying in one place. One bus in a
+    hundred drives through a dead zone from 09:00 to 13:00. No deny-listed card, no e-tickets (the small city of
+    :func:`plan_city` shows those). Codes carry ``tag`` as in :func:`plan_city`."""
+    if buses < 1 or district < 1 or riders_per_bus < 1:
+        raise ValueError("a city needs at least one bus, one bus per district and one rider per bus")
+    rng = random.Random(seed)
+    people = random.Random(seed + 1)
+    fares = (200, 200, 200, 200, 300, 500)
+    routes = tuple(RoutePlan(f"{tag}_r{n + 1}", f"{n + 1}路", fares[n % len(fares)])
+                   for n in range(max(1, (buses + 9) // 10)))
+    drivers = tuple(DriverPlan(f"{tag}-{1001 + i}", people.choice(_SURNAMES) + people.choice(_GIVEN),
+                               _asn(tag, 5900, i + 1)) for i in range(buses))
+    bus_plans = tuple(BusPlan(vehicle=f"{tag}_b{i + 1:04d}", plate=f"沪B-{10000 + i}", device_id=f"{tag}_v{i + 1:04d}",
+                              terminal_id=bytes.fromhex(f"0200{i + 1:08d}"), route=routes[i // 10].code,
+                              driver=drivers[i].staff_no, number=i + 1) for i in range(buses))
+    kinds = [CardType.ADULT] * 6 + [CardType.STUDENT, CardType.ELDERLY, CardType.STAFF]
+    cards = []
+    for n in range(buses * riders_per_bus):
+        balance = rng.choice([300, 500, 700]) if n % 10 == 3 else rng.randrange(2000, 10000, 100)
+        kind = rng.choice(kinds)
+        holder = people.choice(_SURNAMES) + people.choice(_GIVEN)
+        proof = {CardType.STUDENT: f"学生证 S{day.year}{n + 1:06d}",
+                 CardType.ELDERLY: f"老年证 E{3100000 + n + 1}"}.get(kind, "")
+        cards.append(CardPlan(_asn(tag, 5100, 1 + n), kind, balance, holder, proof))
+
+    local = ZoneInfo(tz)
+    midnight = datetime.combine(day, time(0)).replace(tzinfo=local)
+
+    def at(hour: float) -> datetime:
+        return (midnight + timedelta(hours=hour)).astimezone(ZoneInfo("UTC"))
+
+    per_district = district * riders_per_bus
+    taps: list[Tap] = []
+    for b in range(buses):
+        first = (b // district) * per_district
+        pool = cards[first:first + per_district]
+        start, end = 5.5 + rng.random(), 21.5 + rng.random()
+        taps.append(Tap(at(start), b, None))  # sign in
+        taps.append(Tap(at(end), b, None))  # sign out
+        hour = start + 0.05
+        while hour < end - 0.05:
+            rush = 2.0 if 7 <= hour < 9 or 17 <= hour < 19 else 1.0
+            hour += rng.expovariate(trips_per_hour * rush)
+            if hour < end - 0.05:
+                taps.append(Tap(at(hour), b, rng.choice(pool).asn))
+    taps.sort(key=lambda t: (t.at, t.bus))
+    outages = tuple(Outage(b, at(9.0), at(13.0)) for b in range(2, buses, 100))
+    return CityPlan(operator=f"{tag}_bus", operator_name="示例公交 Example City Bus Co.", tz=tz, day=day,
+                    routes=routes, buses=bus_plans, drivers=drivers, cards=tuple(cards), denied=frozenset(),
+                    taps=tuple(taps), outages=outages)
+
