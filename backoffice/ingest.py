@@ -47,7 +47,8 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from backoffice.models import Card, Device, DeviceVersion, FraudFlag, Quarantine, Tap
+from backoffice import partitions
+from backoffice.models import Card, Device, DeviceVersion, FraudFlag, Operator, Quarantine, Tap, tap_service_day
 from backoffice.tickets import uses as ticket_uses
 from epurse.apdu import ALG_3DES, ALG_SM4, TX_COMPOSITE, TX_PURCHASE
 from backoffice.keyservice import KeyService, as_key_service
@@ -61,7 +62,7 @@ log = logging.getLogger(__name__)
 # the ticket_use table (backoffice.tickets.uses), not to the tap table.
 TICKET_FIELDS = ("ticket_id", "ticket_use", "presented")
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(TapRecord) if f.name not in TICKET_FIELDS)
-TAP_COLUMNS = (*_RECORD_FIELDS, "received_at")
+TAP_COLUMNS = (*_RECORD_FIELDS, "received_at", "service_day")
 PURCHASE = RecordKind.PURCHASE.value
 
 
@@ -213,6 +214,7 @@ class _Candidate:
     result: IngestResult
     topic: str
     record: TapRecord
+    day: object = None  # the service day it is stored under (set once the operators' day rules are read)
 
 
 class Ingest:
@@ -269,13 +271,25 @@ class Ingest:
                 else:
                     candidates.append(_Candidate(result, topic, record))
         store = _store_for(conn, self.write)
-        store.lock(_lock_keys(candidates))
+        # The operators' day rules are read under a shared lock that the registry takes exclusively before it
+        # changes a rule (backoffice.partitions.day_rule_change_problem): a rule cannot change between this read and
+        # the commit of the taps stored by it.
+        day_operators = sorted({c.record.operator for c in candidates if c.record.kind is not RecordKind.TICKET_USE})
+        store.lock(_lock_keys(candidates), shared=[partitions.day_rule_lock_key(op) for op in day_operators])
+        rules = _day_rules(conn, day_operators)
+        for c in candidates:
+            if c.record.kind is not RecordKind.TICKET_USE:
+                c.day = tap_service_day(c.record.occurred_at, *rules[c.record.operator])
         ticket_uses = [c for c in candidates if c.record.kind is RecordKind.TICKET_USE]
         if ticket_uses:
             candidates = [c for c in candidates if c.record.kind is not RecordKind.TICKET_USE]
             _store_ticket_uses(conn, ticket_uses, now, quarantine)
         repeats: list[_Candidate] = []  # a key a second time in these messages (filled by _sort_out)
         taps, fraud_flags, fraud_cards = self._sort_out(conn, store, candidates, now, quarantine, repeats)
+        archived = store.archived(taps)  # keys stored in a day detached to the archive: not stored again
+        if archived:
+            taps, repeats = [c for c in taps if c.record.key not in archived], repeats + [
+                c for c in taps if c.record.key in archived]
         stored = store.insert(taps, now)
         clashes = [c for c in taps if c.record.key not in stored] + repeats
         for c in taps:
@@ -284,6 +298,7 @@ class Ingest:
         # A key already stored is a duplicate only if the stored record is the same record; otherwise (a journal
         # replaced without an epoch, a forgery with the device's key) it is a conflict, held with its reason.
         before = store.records_by_key({c.record.key for c in clashes}) if clashes else {}
+        before.update(archived)
         for c in clashes:
             _duplicate_or_conflict(c, before.get(c.record.key), now, quarantine)
         _mark_signed(quarantine, results)
@@ -532,6 +547,16 @@ def _store_ticket_uses(conn: Connection, candidates: list[_Candidate], now, quar
             c.result.hold(r.device_seq)
 
 
+def _day_rules(conn: Connection, operators: list[str]) -> dict[str, tuple[str, int]]:
+    """Each operator's day rule (time zone, cut-off hour) as the registry holds it; an operator the registry does not
+    know (cannot pass the device check, but a tool may call in) gets the default rule."""
+    rules = {op: ("Asia/Shanghai", 3) for op in operators}
+    if operators:
+        rules.update((r.code, (r.timezone, r.cutoff_hour)) for r in conn.execute(
+            select(Operator.code, Operator.timezone, Operator.cutoff_hour).where(Operator.code.in_(operators))))
+    return rules
+
+
 def _lock_keys(candidates: list[_Candidate]) -> list[int]:
     names = {f"device|{c.record.device_id}" for c in candidates}
     names.update(f"card|{c.record.card_asn}" for c in candidates if c.record.kind is RecordKind.PURCHASE)
@@ -554,8 +579,8 @@ OVERSIZE_KEPT = 4096
 def _quarantine_row(now, topic, device_id, seq, reason, payload) -> dict:
     if len(payload) > codec.MAX_PAYLOAD:
         payload = payload[:OVERSIZE_KEPT]
-    return {"received_at": now, "topic": topic[:200], "device_id": device_id[:32], "device_seq": seq,
-            "reason": reason[:500], "payload": payload}
+    return {"received_at": now, "received_day": now.astimezone(UTC).date(), "topic": topic[:200],
+            "device_id": device_id[:32], "device_seq": seq, "reason": reason[:500], "payload": payload}
 
 
 def _mark_signed(rows: list[dict], results: list[IngestResult]) -> None:
@@ -570,9 +595,25 @@ def _mark_signed(rows: list[dict], results: list[IngestResult]) -> None:
 
 
 def _insert_ignoring_duplicates(conn: Connection, table, rows: list[dict]) -> None:
-    """INSERT ... ON CONFLICT DO NOTHING for all rows (a resent record is quarantined or flagged once)."""
+    """INSERT ... ON CONFLICT DO NOTHING for all rows (a resent record is quarantined or flagged once).
+
+    Quarantine's key includes the day it arrived (its partition column), so a record with the same reason already
+    kept on another day is left out first: the caller holds the device's advisory lock (ingest's lock statement), so
+    no other worker adds it meanwhile."""
+    if rows and table.name == "quarantine":
+        rows = _not_yet_quarantined(conn, rows)
     if rows:
         conn.execute(_insert_statement(conn.dialect.name, table), rows)
+
+
+def _not_yet_quarantined(conn: Connection, rows: list[dict]) -> list[dict]:
+    keyed = sorted({(r["device_id"], r["device_seq"]) for r in rows if r["device_seq"] is not None})
+    kept: set[tuple] = set()
+    for i in range(0, len(keyed), 400):
+        kept.update(tuple(r) for r in conn.execute(
+            select(Quarantine.device_id, Quarantine.device_seq, Quarantine.reason)
+            .where(tuple_(Quarantine.device_id, Quarantine.device_seq).in_(keyed[i:i + 400]))))
+    return [r for r in rows if (r["device_id"], r["device_seq"], r["reason"]) not in kept]
 
 
 @functools.cache
@@ -591,8 +632,12 @@ class _Store:
     def __init__(self, conn: Connection):
         self.conn = conn
 
-    def lock(self, keys: list[int]) -> None:
+    def lock(self, keys: list[int], shared: list[int] = ()) -> None:
         """SQLite: one writer at a time already (a stale read makes the commit fail and the batch is retried)."""
+
+    def archived(self, candidates: list[_Candidate]) -> dict[tuple[str, int, int], dict]:
+        """Keys of these candidates already stored in a day detached to the archive (PostgreSQL only)."""
+        return {}
 
     def purchases_by_card_counter(self, pairs: set[tuple[str, int]]) -> Iterable[_Seen]:
         pairs = sorted(pairs)
@@ -622,6 +667,7 @@ class _Store:
             row = {name: getattr(c.record, name) for name in _RECORD_FIELDS}
             row["kind"] = c.record.kind.value
             row["received_at"] = now
+            row["service_day"] = c.day
             rows.append(row)
         statement = _insert_statement(self.conn.dialect.name, Tap.__table__, ("device_id", "epoch", "device_seq"))
         return {(r.device_id, r.epoch, r.device_seq) for r in self.conn.execute(statement, rows)}
@@ -641,10 +687,46 @@ class _PgCopyStore(_Store):
         # COPY writes the kind as its value ('purchase', as the tap table holds it): psycopg dumps an Enum by name.
         self.pg.adapters.register_dumper(RecordKind, StrDumper)
 
-    def lock(self, keys: list[int]) -> None:
-        if keys:
-            # Volatile functions in a select list run after the ORDER BY, so the locks are taken in key order.
-            self.pg.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k ORDER BY k", (keys,))
+    def lock(self, keys: list[int], shared: list[int] = ()) -> None:
+        if keys or shared:
+            # Volatile functions in a select list run after the ORDER BY, so the locks are taken in key order: the
+            # shared ones (operators' day rules) first, then the devices' and cards'.
+            self.pg.execute("SELECT CASE WHEN s THEN pg_advisory_xact_lock_shared(k) ELSE pg_advisory_xact_lock(k) "
+                            "END FROM (SELECT k, true AS s FROM unnest(%s::bigint[]) AS k UNION ALL "
+                            "SELECT k, false FROM unnest(%s::bigint[]) AS k) AS q ORDER BY s DESC, k",
+                            (list(shared), keys))
+
+    def archived(self, candidates):
+        """Keys already stored under a day that was detached to the archive schema (backoffice.partitions): their
+        resend must not land in tap_default. The parent is locked first (ROW EXCLUSIVE, as the INSERT would), so a
+        detach, which needs ACCESS EXCLUSIVE on it, is either committed before this look or waits for our commit."""
+        days = sorted({c.day for c in candidates})
+        if not days:
+            return {}
+        self.pg.execute("LOCK TABLE ONLY tap IN ROW EXCLUSIVE MODE")
+        names = [partitions.partition_name("tap", d) for d in days]
+        tables = [r[0] for r in self.pg.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relname = ANY(%s)", (partitions.ARCHIVE, names), prepare=False)]
+        found: dict = {}
+        if not tables:
+            return found
+        wanted = {c.record.key for c in candidates if partitions.partition_name("tap", c.day) in tables}
+        devices, epochs, seqs = (list(x) for x in zip(*sorted(wanted), strict=True))
+        columns = ", ".join(f"t.{name}" for name in _RECORD_FIELDS)
+        for table in tables:
+            cur = self.pg.cursor()
+            cur.execute(f"SELECT {columns} FROM {partitions.ARCHIVE}.{table} t JOIN unnest(%s::text[], %s::bigint[], "
+                        "%s::bigint[]) AS q(d, e, s) ON t.device_id = q.d AND t.epoch = q.e AND t.device_seq = q.s",
+                        (devices, epochs, seqs), prepare=False)
+            names_ = [d.name for d in cur.description]
+            for row in cur.fetchall():
+                mapping = dict(zip(names_, row, strict=True))
+                found[(mapping["device_id"], mapping["epoch"], mapping["device_seq"])] = mapping
+        if found:
+            log.warning("%d record(s) already stored in archived day(s) %s: not stored again", len(found),
+                        ", ".join(tables))
+        return found
 
     def purchases_by_card_counter(self, pairs):
         if not pairs:
@@ -673,10 +755,11 @@ class _PgCopyStore(_Store):
             with cur.copy(f"COPY {self.STAGE} ({columns}) FROM STDIN") as copy:
                 write = copy.write_row
                 for c in candidates:
-                    write((*_row_of(c.record), now))
+                    write((*_row_of(c.record), now, c.day))
+            # The key includes the partition column (backoffice.partitions says why it still means once).
             cur.execute(f"INSERT INTO tap ({columns}) SELECT {columns} FROM {self.STAGE} "
-                        "ORDER BY device_id, epoch, device_seq ON CONFLICT (device_id, epoch, device_seq) DO NOTHING "
-                        "RETURNING device_id, epoch, device_seq")
+                        "ORDER BY device_id, epoch, device_seq ON CONFLICT (device_id, epoch, device_seq, service_day) "
+                        "DO NOTHING RETURNING device_id, epoch, device_seq")
             return set(cur.fetchall())
 
 

@@ -7,11 +7,14 @@ record carries.
 
 from __future__ import annotations
 
-from datetime import datetime
+import functools
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -20,6 +23,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     UniqueConstraint,
+    select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -227,10 +231,46 @@ class Card(Base):
     status: Mapped[str] = mapped_column(String(16), default="active")  # active | lost | blocked | fraud
 
 
+def tap_service_day(at: datetime, tz: str, cutoff_hour: int) -> date:
+    """The service day of one moment (as ``clearing.service_day.service_day`` reads a column): the operator's wall
+    clock, ``cutoff_hour`` hours back, its date. A naive ``at`` is UTC (SQLite hands stored UTC back naive)."""
+    at = at.replace(tzinfo=UTC) if at.tzinfo is None else at
+    return (at.astimezone(_zone(tz)).replace(tzinfo=None) - timedelta(hours=cutoff_hour)).date()
+
+
+_zone = functools.lru_cache(maxsize=64)(ZoneInfo)
+
+
+def _service_day_default(context) -> date:
+    """A tap inserted without its service day (tools, tests, old scripts) gets it from its operator's rule, read
+    once per statement; ingest gives it explicitly. Unknown operators get the default rule (Asia/Shanghai, 03:00)."""
+    params = context.get_current_parameters()
+    rules = context.__dict__.setdefault("_farebox_day_rules", {})
+    code = params["operator"]
+    if code not in rules:
+        row = context.connection.execute(select(Operator.timezone, Operator.cutoff_hour)
+                                         .where(Operator.code == code)).first()
+        rules[code] = (row.timezone, row.cutoff_hour) if row else ("Asia/Shanghai", 3)
+    return tap_service_day(params["occurred_at"], *rules[code])
+
+
+def _received_day_default(context) -> date:
+    at = context.get_current_parameters()["received_at"]
+    return (at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)).date()
+
+
 class Tap(Base):
+    """A validator's record, stored once. On PostgreSQL the table is partitioned by ``service_day`` (one partition a
+    day, ``tap_2026_11_02``, and ``tap_default`` for days without one: backoffice.partitions, revision 0026); SQLite
+    keeps one table with the same columns. Keys include the partition column, as PostgreSQL requires; that they
+    still mean exactly once is argued in backoffice.partitions (the day is a function of the MAC'd record under a
+    rule frozen per operator once it has taps)."""
+
     __tablename__ = "tap"
-    # The dedupe key: a device's journal (epoch) and its sequence in it (revision 2026_12_03_0011).
-    __table_args__ = (UniqueConstraint("device_id", "epoch", "device_seq", name="uq_tap_device_epoch_seq"),
+    # The dedupe key: a device's journal (epoch) and its sequence in it (revision 2026_12_03_0011), and the service
+    # day it is stored under (revision 2026_12_03_0026). On PostgreSQL the primary key is (id, service_day).
+    __table_args__ = (UniqueConstraint("device_id", "epoch", "device_seq", "service_day",
+                                       name="uq_tap_device_epoch_seq"),
                       Index("ix_tap_card_ttc", "card_asn", "card_ttc"))
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
@@ -262,6 +302,9 @@ class Tap(Base):
     # The clearing run that took this tap; NULL until one claims it (backoffice.clearing_runs, revision 0012).
     clearing_run_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("clearing_run.id"), nullable=True,
                                                         index=True)
+    # The operator's service day of occurred_at under its rule (time zone, cut-off hour) when stored: the partition
+    # key on PostgreSQL (revision 2026_12_03_0026).
+    service_day: Mapped[date] = mapped_column(Date, default=_service_day_default)
 
 
 class Quarantine(Base):
@@ -270,7 +313,11 @@ class Quarantine(Base):
     __tablename__ = "quarantine"
     # A record quarantined once is not quarantined again for the same reason when its batch is resent; a forged
     # copy of a device's record (another reason) cannot take the place of the genuine one. NULL seqs stay distinct.
-    __table_args__ = (UniqueConstraint("device_id", "device_seq", "reason", name="uq_quarantine_record_reason"),
+    # On PostgreSQL the table is partitioned by received_day (the UTC date it arrived: a quarantined record has no
+    # trustworthy operator day), so the key includes it; ingest looks for the same record and reason on other days
+    # before it adds a row (backoffice.ingest), so a batch resent tomorrow is not quarantined twice either.
+    __table_args__ = (UniqueConstraint("device_id", "device_seq", "reason", "received_day",
+                                       name="uq_quarantine_record_reason"),
                       Index("ix_quarantine_status", "status", "id"))
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
@@ -290,6 +337,7 @@ class Quarantine(Base):
     tap_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # the tap a release stored (or found)
     rechecked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     recheck_reason: Mapped[str | None] = mapped_column(String(500), nullable=True)  # a release that still failed
+    received_day: Mapped[date] = mapped_column(Date, default=_received_day_default)  # UTC date of received_at
 
 
 class DeviceStatus(Base):
@@ -417,6 +465,9 @@ class ClearingRun(Base):
     reconciliation_gross: Mapped[int] = mapped_column(BigInteger)
     reconciliation_commission: Mapped[int] = mapped_column(BigInteger)
     reconciliation_net: Mapped[int] = mapped_column(BigInteger)
+    # The last tap id of its day that the run took as a block (revision 2026_12_03_0027, clearing_runs.claim_taps);
+    # NULL for runs that wrote their id into every tap they took.
+    claim_watermark: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class ClearingRow(Base):

@@ -22,7 +22,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy import Connection, select, update
 
-from backoffice import clearing_runs
+from backoffice import clearing_runs, partitions
 from backoffice.models import (
     Card,
     CardTypeDiscount,
@@ -254,6 +254,9 @@ def edit_operator(conn: Connection, *, code: str, by: str, name: str | None = No
                   cutoff_hour: int | None = None, at: datetime | None = None) -> bool:
     """Rename an operator or change its service day; False when nothing changed."""
     _check_service_day(timezone, cutoff_hour)
+    frozen = partitions.day_rule_change_problem(conn, code, timezone, cutoff_hour)  # the day is in the taps' key
+    if frozen:
+        raise RegistryError(frozen)
     return _operator_version(conn, code=code, by=by, at=at, discounts=None,
                              changes=_given(name=name, timezone=timezone, cutoff_hour=cutoff_hour))
 
