@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
+from backoffice import ingest_commit
 from backoffice.ingest import DeviceDirectory, Ingest, IngestResult
 from backoffice.keyservice import KeyService
 from backoffice.mqtt_service import MqttService
@@ -37,8 +38,6 @@ from wire import topics
 from wire.mqtt_url import MqttTarget, new_client
 
 log = logging.getLogger(__name__)
-
-COUNTS = ("messages", "transactions", "stored", "duplicates", "quarantined", "fraud", "refused", "errors")
 
 
 class IngestConsumer(MqttService):
@@ -61,7 +60,7 @@ class IngestConsumer(MqttService):
                              write=write if engine.dialect.name == "postgresql" else "insert")
         self.max_messages = max_messages
         self.linger = linger
-        self.counts = dict.fromkeys(COUNTS, 0)
+        self.counts = ingest_commit.new_counts()
         # Bounded: when the database falls behind, the network thread blocks here and the broker keeps the rest
         # (queued for this persistent session) instead of this process holding them in memory.
         self._inbox: queue.Queue = queue.Queue(maxsize=4 * max_messages)
@@ -105,45 +104,17 @@ class IngestConsumer(MqttService):
 
     def store(self, messages: list[tuple[str, bytes]]) -> list[IngestResult | None]:
         """Commit the messages together, then acknowledge each; if the transaction fails (a deadlock, a database
-        gone for a moment), each message gets a transaction of its own, so one cannot hold back the others."""
-        try:
-            results = self._commit(messages)
-        except Exception:
-            if len(messages) == 1:
-                self._failed(messages[0][0])
-                return [None]
-            log.warning("ingest: %d messages failed together; storing them one by one", len(messages),
-                        exc_info=True)
-            results = []
-            for message in messages:
-                try:
-                    results.extend(self._commit([message]))
-                except Exception:  # noqa: BLE001 - logged in _failed; the device sends the batch again
-                    self._failed(message[0])
-                    results.append(None)
+        gone for a moment), each message gets a transaction of its own, so one cannot hold back the others
+        (backoffice.ingest_commit.store)."""
+        results = ingest_commit.store(self.engine, self.ingest, self.counts, messages, name="ingest",
+                                      again="the device will send it again")
         for result in results:
             if result is not None:
                 self._acknowledge(result)
         return results
 
-    def _commit(self, messages) -> list[IngestResult]:
-        with self.engine.begin() as conn:  # commits on leaving the block
-            results = self.ingest.messages(conn, messages)
-        self.counts["transactions"] += 1
-        return results
-
-    def _failed(self, topic: str) -> None:
-        self.counts["errors"] += 1
-        log.exception("ingest: batch on %s not stored; the device will send it again", topic)
-
     def _acknowledge(self, result: IngestResult) -> None:
-        counts = self.counts
-        counts["messages"] += 1
-        counts["stored"] += result.stored
-        counts["duplicates"] += result.duplicates
-        counts["quarantined"] += result.quarantined
-        counts["fraud"] += result.fraud
-        counts["refused"] += result.refused is not None
+        ingest_commit.count(self.counts, result)
         if result.ack_seqs:
             self.client.publish(topics.ack(result.operator, result.device_id), self.ingest.encode_ack(result),
                                 qos=1)

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
+from backoffice import ingest_commit
 from backoffice.ingest import DeviceDirectory, Ingest, IngestResult
-from backoffice.ingest_consumer import COUNTS
 from backoffice.keyservice import KeyService
 from epurse.keys import IssuerKeys
 from wire import topics
@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 STREAM = "FAREBOX_TAPS"
 DURABLE = "ingest"
 SUBJECTS = f"{topics.PREFIX.replace('/', '.')}.*.*.taps"
-MQTT_MSGS_PREFIX = "$MQTT.msgs."  # nats-server's stream of MQTT QoS 1 messages
+MQTT_MSGS_PREFIX = "$MQTT.msgs."
+JETSTREAM_WAIT = 120.0  # seconds a starting worker waits for the cluster's JetStream to answer  # nats-server's stream of MQTT QoS 1 messages
 
 
 def nats_urls(value: str | list[str], *, user: str | None = None, password: str | None = None) -> list[str]:
@@ -78,6 +79,25 @@ def nats_urls(value: str | list[str], *, user: str | None = None, password: str 
     return out
 
 
+def _split_login(urls: list[str]) -> tuple[list[str], dict]:
+    """The URLs without their login, and the first login found as nats.connect's user/password options."""
+    from urllib.parse import unquote, urlsplit
+
+    plain, login = [], {}
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.username is not None and not login:
+            login = {"user": unquote(parts.username), "password": unquote(parts.password or "")}
+        host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+        plain.append(f"{parts.scheme}://{host}:{parts.port or 4222}")
+    return plain, login
+
+
+def _where(url) -> str | None:
+    """host:port of a connected URL (never its login: these go to the log)."""
+    return f"{url.hostname}:{url.port}" if url is not None else None
+
+
 def topic_of(subject: str) -> str:
     return subject.replace(".", "/")
 
@@ -100,8 +120,9 @@ class JetStreamIngest:
     ack_wait: float = 30.0
     ack_via: str = "core"
     name: str = "ingest"
+    randomize: bool = True  # False: try ``servers`` in the given order (the first is this worker's home node)
     on_ready: Callable[[], None] | None = None
-    counts: dict = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
+    counts: dict = field(default_factory=ingest_commit.new_counts)
 
     def __post_init__(self):
         if self.ack_via not in ("jetstream", "core"):
@@ -119,42 +140,62 @@ class JetStreamIngest:
     async def connect(self) -> None:
         import nats
         from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
-        from nats.js.errors import NotFoundError
+        from nats.js.errors import NotFoundError, ServiceUnavailableError
 
         async def disconnected():
             log.warning("%s: NATS connection lost; reconnecting to another node", self.name)
 
         async def reconnected():
-            self.connected_url = str(self.nc.connected_url.netloc) if self.nc.connected_url else None
+            self.connected_url = _where(self.nc.connected_url)
             log.warning("%s: NATS reconnected to %s", self.name, self.connected_url)
 
         async def error(e):
             log.info("%s: NATS: %s", self.name, e)
 
-        self.nc = await nats.connect(servers=self.servers, name=self.name, max_reconnect_attempts=-1,
+        # The login goes as connect options, not only in the URLs: nats-py also reconnects to the nodes the cluster
+        # tells it about, whose URLs carry no login (seen: 'Authorization Violation' on the way to another node).
+        servers, login = _split_login(self.servers)
+        self.nc = await nats.connect(servers=servers, name=self.name, max_reconnect_attempts=-1, **login,
                                      reconnect_time_wait=0.5, connect_timeout=2, allow_reconnect=True,
-                                     disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error)
-        self.connected_url = str(self.nc.connected_url.netloc) if self.nc.connected_url else None
+                                     disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
+                                     dont_randomize=not self.randomize)
+        self.connected_url = _where(self.nc.connected_url)
+        log.info("%s: connected to NATS at %s", self.name, self.connected_url)
         self.js = self.nc.jetstream(timeout=10)
         subject = SUBJECTS if self.operator is None else SUBJECTS.replace(".*.*.", f".{self.operator}.*.", 1)
-        try:
-            await self.js.stream_info(self.stream)
-        except NotFoundError:
-            await self.js.add_stream(StreamConfig(
-                name=self.stream, subjects=[SUBJECTS], retention=RetentionPolicy.WORK_QUEUE,
-                storage=StorageType.FILE, num_replicas=self.replicas, max_msg_size=8 * 1024 * 1024))
-            log.info("%s: stream %s created (%d replicas)", self.name, self.stream, self.replicas)
-        self._sub = await self.js.pull_subscribe(
-            subject, durable=self.durable, stream=self.stream,
-            config=ConsumerConfig(ack_wait=self.ack_wait, max_deliver=-1, max_ack_pending=20_000,
-                                  filter_subject=subject))
+        # A cluster that has just started (or lost its meta leader) answers JetStream API requests with a timeout
+        # or "unavailable" until it has elected one (seen: a worker started with the nodes died on its first
+        # stream_info): ask again, for up to JETSTREAM_WAIT seconds.
+        deadline = time.monotonic() + JETSTREAM_WAIT
+        while True:
+            try:
+                try:
+                    await self.js.stream_info(self.stream)
+                except NotFoundError:
+                    await self.js.add_stream(StreamConfig(
+                        name=self.stream, subjects=[SUBJECTS], retention=RetentionPolicy.WORK_QUEUE,
+                        storage=StorageType.FILE, num_replicas=self.replicas, max_msg_size=8 * 1024 * 1024))
+                    log.info("%s: stream %s created (%d replicas)", self.name, self.stream, self.replicas)
+                self._sub = await self.js.pull_subscribe(
+                    subject, durable=self.durable, stream=self.stream,
+                    config=ConsumerConfig(ack_wait=self.ack_wait, max_deliver=-1, max_ack_pending=20_000,
+                                          filter_subject=subject))
+                return
+            except (TimeoutError, asyncio.TimeoutError, nats.errors.TimeoutError, ServiceUnavailableError) as e:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("%s: JetStream not answering yet (%s); asking again", self.name, type(e).__name__)
+                await asyncio.sleep(1.0)
 
     async def close(self) -> None:
+        """Close the connection. Not drain(): nats-py's drain of a pull subscription waited past 15 s here (the
+        worker was SIGKILLed by its supervisor before it could log its counts), and there is nothing to drain:
+        every message handed to this worker is stored and acknowledged, or JetStream redelivers it."""
         if self.nc is not None:
             try:
-                await self.nc.drain()
+                await asyncio.wait_for(self.nc.close(), 5)
             except Exception:  # noqa: BLE001 - closing a connection to a dead cluster
-                await self.nc.close()
+                pass
 
     # -- the loop
 
@@ -177,36 +218,14 @@ class JetStreamIngest:
             messages = [(topic_of(m.subject), m.data) for m in msgs]
             results = await loop.run_in_executor(None, self.store, messages)
             await self._acknowledge(msgs, results)
+            if all(r is None for r in results):  # the database is away: wait before the next fetch, not spin
+                await asyncio.sleep(1.0)
 
     def store(self, messages: list[tuple[str, bytes]]) -> list[IngestResult | None]:
-        """Commit the messages together; if that fails, each in a transaction of its own (what
-        IngestConsumer.store does). None for a message that could not be stored."""
-        try:
-            return self._commit(messages)
-        except Exception:  # noqa: BLE001
-            if len(messages) == 1:
-                self._failed(messages[0][0])
-                return [None]
-            log.warning("%s: %d messages failed together; storing them one by one", self.name, len(messages),
-                        exc_info=True)
-        results: list[IngestResult | None] = []
-        for message in messages:
-            try:
-                results.extend(self._commit([message]))
-            except Exception:  # noqa: BLE001 - logged; JetStream delivers it again
-                self._failed(message[0])
-                results.append(None)
-        return results
-
-    def _commit(self, messages) -> list[IngestResult]:
-        with self.engine.begin() as conn:  # commits on leaving the block
-            results = self.ingest.messages(conn, messages)
-        self.counts["transactions"] += 1
-        return results
-
-    def _failed(self, topic: str) -> None:
-        self.counts["errors"] += 1
-        log.exception("%s: batch on %s not stored; JetStream delivers it again", self.name, topic)
+        """Commit the messages together; if that fails, each in a transaction of its own
+        (backoffice.ingest_commit.store, as IngestConsumer). None for a message that could not be stored."""
+        return ingest_commit.store(self.engine, self.ingest, self.counts, messages, name=self.name,
+                                   again="JetStream delivers it again")
 
     async def _acknowledge(self, msgs, results) -> None:
         """After the commit: the JetStream ack of every stored message, then the devices' acks."""
@@ -222,13 +241,7 @@ class JetStreamIngest:
                 await msg.ack()
             except Exception:  # noqa: BLE001 - redelivered: a duplicate, turned away and acknowledged then
                 log.info("%s: JetStream ack failed; the batch comes again as a duplicate", self.name)
-            counts = self.counts
-            counts["messages"] += 1
-            counts["stored"] += result.stored
-            counts["duplicates"] += result.duplicates
-            counts["quarantined"] += result.quarantined
-            counts["fraud"] += result.fraud
-            counts["refused"] += result.refused is not None
+            ingest_commit.count(self.counts, result)
             if result.ack_seqs:
                 subject = topics.ack(result.operator, result.device_id).replace("/", ".")
                 device_acks.append((subject, self.ingest.encode_ack(result)))

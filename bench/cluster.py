@@ -147,20 +147,29 @@ from epurse.keys import TEST_ISSUER_KEYS
 from wire.devicekeys import TEST_DEVICE_MASTER
 
 database_url, urls, name, ready, ack_wait = sys.argv[1:6]
+in_order = sys.argv[6:7] == ["in-order"]  # the first URL is the worker's home node
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s: %(message)s")
 worker = JetStreamIngest(make_engine(database_url),
                          nats_urls(urls, user="ingest", password=service_password(TEST_DEVICE_MASTER, "ingest")),
                          keys=TEST_ISSUER_KEYS, master=TEST_DEVICE_MASTER, name=name, accept_unsigned=True,
-                         ack_wait=float(ack_wait))
+                         ack_wait=float(ack_wait), randomize=not in_order)
 worker.on_ready = lambda: Path(ready).touch()
 run_forever(worker)
 """
 
 
 class JetStreamWorker:
-    def __init__(self, work: Path, database_url: str, urls: list[str], name: str, ack_wait: float = 5.0):
+    """A JetStream ingest worker process on ``urls``; ``home``: connect to ``urls[home]`` first, then the others in
+    order (a worker on a chosen node), else nats-py's random order."""
+
+    def __init__(self, work: Path, database_url: str, urls: list[str], name: str, ack_wait: float = 5.0,
+                 home: int | None = None):
         self.work, self.name = Path(work), name
+        if home is not None:
+            urls = urls[home:] + urls[:home]
         self.args = [database_url, ",".join(urls), name, str(self.work / f"{name}.ready"), str(ack_wait)]
+        if home is not None:
+            self.args.append("in-order")
         self.ready = self.work / f"{name}.ready"
         self.log = self.work / f"{name}.log"
         self.proc: subprocess.Popen | None = None
@@ -429,7 +438,7 @@ for line in sys.stdin:
     else:
         for bus in buses:
             bus.uplink.stop(goodbye_timeout=0.5)
-        out = {"failovers": sum(b.uplink.failovers for b in buses)}
+        out = {"failovers": sum(b.uplink.failovers for b in buses), "resends": sum(b.uplink.resends for b in buses)}
         for bus in buses:
             bus.journal.close()
         print(json.dumps(out), flush=True)
@@ -446,6 +455,7 @@ class BusShard:
         tests = str(Path(__file__).resolve().parents[1] / "tests")
         spec = {"work": str(work), "operator": operator, "devices": devices, "ports": mqtt_ports}
         self.devices = [d for _, d in devices]
+        self.resends = 0
         self.proc = subprocess.Popen([sys.executable, "-c", BUS_SHARD, tests, json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
@@ -476,6 +486,7 @@ class BusShard:
         except (RuntimeError, BrokenPipeError):
             out = {"failovers": 0}
         self.proc.wait(30)
+        self.resends = out.get("resends", 0)  # batches sent again after an ack timeout
         return out["failovers"]
 
 
