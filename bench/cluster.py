@@ -304,89 +304,138 @@ def _drop(pg_url: str, db_url: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{make_url(db_url).database}" WITH (FORCE)')
 
 
-def run(*, validators: int = 200, taps: int = 5, interval: float = 2.0, workers: int = 2,
-        pg_url: str | None = None, out: Path | None = None) -> dict:
+def _one(engine: str, validators: int, *, taps: int, interval: float, workers: int, pg_url: str) -> dict:
+    """One run of one engine: a fresh database, the broker(s) and ingest, ``validators`` real buses; their ack
+    latencies."""
     from bench.fleet import Broker, _mosquitto_program
     from wire.devicekeys import TEST_DEVICE_MASTER
     from wire.mqtt_url import MqttTarget
 
-    pg_url = pg_url or os.environ.get("FAREBOX_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
     operator = "cbench"
     devices = [f"c{i:05d}" for i in range(validators)]
-    result: dict = {"validators": validators, "taps_per_validator": taps, "interval_s": interval,
-                    "nats_workers": workers}
+    work = Path(tempfile.mkdtemp(prefix=f"bench-cluster-{engine}-"))
+    db_url = _database(pg_url, operator, devices)
+    procs: list = []
+    cluster = broker = None
+    buses = []
+    try:
+        t0 = time.monotonic()
+        if engine == "mosquitto":
+            broker = Broker(_mosquitto_program(), work / "broker")
+            from bench.fleet import _start_ingest
+
+            ingest = _start_ingest(db_url, MqttTarget("127.0.0.1", broker.port), None, work / "ingest.ready")
+            procs.append(ingest)
+            ports = [broker.port]
+        else:
+            cluster = NatsCluster(work / "nats", [(d, operator) for d in devices], TEST_DEVICE_MASTER)
+            cluster.start()
+            cluster.wait_ready()
+            ws = [JetStreamWorker(work, db_url, cluster.nats_urls(), f"w{i}", home=i % 3) for i in range(workers)]
+            for w in ws:
+                w.start()
+            for w in ws:
+                w.wait_ready()
+            procs.extend(ws)
+            ports = [n.mqtt_port for n in cluster.nodes]
+        buses = shards(work, devices, operator, ports)  # real validators, up to SHARD per child process
+        for shard in buses:  # every shard taps its buses at once, each spread over the interval
+            shard.proc.stdin.write(json.dumps(["measure", taps, interval]) + "\n")
+            shard.proc.stdin.flush()
+        parts = [shard._ask() for shard in buses]
+        lat = sorted(x for p in parts for x in p["latencies"])
+        written = sum(p["taps"] for p in parts)
+        sent = max(p["seconds"] for p in parts)
+
+        def q(p, lat=lat):
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 1) if lat else None
+
+        return {"validators": validators, "taps": written, "acked": len(lat), "seconds": round(sent, 1),
+                "taps_per_s": round(written / sent, 1), "p50_ms": q(0.50), "p95_ms": q(0.95), "p99_ms": q(0.99),
+                "max_ms": round(lat[-1], 1) if lat else None, "run_s": round(time.monotonic() - t0, 1)}
+    finally:
+        for shard in buses:
+            shard.stop()
+        for p in procs:
+            if hasattr(p, "stop"):
+                p.stop()
+            else:
+                from bench.fleet import _stop
+
+                _stop(p)
+        if cluster is not None:
+            cluster.stop()
+        if broker is not None:
+            broker.stop()
+        _drop(pg_url, db_url)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _median(values):
+    import statistics
+
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 1) if values else None
+
+
+def run(*, validators: int | list[int] = (500, 2000), rounds: int = 3, taps: int = 5, interval: float = 2.0,
+        workers: int = 2, pg_url: str | None = None, out: Path | None = None) -> dict:
+    """For each fleet size, ``rounds`` runs of each engine, alternating which goes first; per engine the median of
+    each percentile over the rounds, and NATS over Mosquitto as the ratio of the medians (and the median of each
+    round's ratio). JSON written after every run, so a stopped bench keeps what it measured."""
+    import platform
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    for engine in ("mosquitto", "nats"):
-        work = Path(tempfile.mkdtemp(prefix=f"bench-cluster-{engine}-"))
-        db_url = _database(pg_url, operator, devices)
-        procs: list = []
-        cluster = broker = None
-        buses = []
-        try:
-            if engine == "mosquitto":
-                broker = Broker(_mosquitto_program(), work / "broker")
-                from bench.fleet import _start_ingest
+    from farebox.broker_config import MQTT_CONSUMER_REPLICAS
 
-                ingest = _start_ingest(db_url, MqttTarget("127.0.0.1", broker.port), None, work / "ingest.ready")
-                procs.append(ingest)
-                ports = [broker.port]
-            else:
-                cluster = NatsCluster(work / "nats", [(d, operator) for d in devices], TEST_DEVICE_MASTER)
-                cluster.start()
-                cluster.wait_ready()
-                ws = [JetStreamWorker(work, db_url, cluster.nats_urls(), f"w{i}") for i in range(workers)]
-                for w in ws:
-                    w.start()
-                for w in ws:
-                    w.wait_ready()
-                procs.extend(ws)
-                ports = [n.mqtt_port for n in cluster.nodes]
-            buses = shards(work, devices, operator, ports)  # real validators, up to SHARD per child process
-            for shard in buses:  # every shard taps its buses at once, each spread over the interval
-                shard.proc.stdin.write(json.dumps(["measure", taps, interval]) + "\n")
-                shard.proc.stdin.flush()
-            parts = [shard._ask() for shard in buses]
-            lat = sorted(x for p in parts for x in p["latencies"])
-            written = sum(p["taps"] for p in parts)
-            sent = max(p["seconds"] for p in parts)
-
-            def q(p, lat=lat):
-                return round(lat[min(len(lat) - 1, int(p * len(lat)))], 1) if lat else None
-
-            result[engine] = {"validators": validators, "taps": written, "acked": len(lat), "seconds": round(sent, 1),
-                              "taps_per_s": round(written / sent, 1), "p50_ms": q(0.50), "p95_ms": q(0.95),
-                              "p99_ms": q(0.99), "max_ms": round(lat[-1], 1) if lat else None}
-            print(engine, result[engine], flush=True)
-        finally:
-            for shard in buses:
-                shard.stop()
-            for p in procs:
-                if hasattr(p, "stop"):
-                    p.stop()
-                else:
-                    from bench.fleet import _stop
-
-                    _stop(p)
-            if cluster is not None:
-                cluster.stop()
-            if broker is not None:
-                broker.stop()
-            _drop(pg_url, db_url)
-            shutil.rmtree(work, ignore_errors=True)
-    if result.get("mosquitto", {}).get("p99_ms") and result.get("nats", {}).get("p99_ms"):
-        result["p99_ratio_nats_over_mosquitto"] = round(result["nats"]["p99_ms"] / result["mosquitto"]["p99_ms"], 2)
+    pg_url = pg_url or os.environ.get("FAREBOX_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    sizes = [validators] if isinstance(validators, int) else list(validators)
     out = out or Path(__file__).resolve().parent / "results" / "cluster.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    result: dict = {"command": "python -m bench.cluster " + " ".join(map(str, sizes)) + f" --rounds {rounds}",
+                    "taps_per_validator": taps, "interval_s": interval, "rounds": rounds,
+                    "nats": {"nodes": 3, "stream_replicas": 3, "consumer_replicas": MQTT_CONSUMER_REPLICAS,
+                             "consumers_per_bus": 5, "ingest_workers": workers},
+                    "mosquitto": {"ingest_workers": 1}, "cpus": os.cpu_count(), "machine": platform.node(),
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sizes": {}}
+    for n in sizes:
+        runs: dict[str, list] = {"mosquitto": [], "nats": []}
+        entry = result["sizes"][str(n)] = {"runs": runs}
+        for r in range(rounds):
+            for engine in (("mosquitto", "nats") if r % 2 == 0 else ("nats", "mosquitto")):
+                try:
+                    one = _one(engine, n, taps=taps, interval=interval, workers=workers, pg_url=pg_url)
+                except Exception as e:  # noqa: BLE001 - a run that fails is reported, the others go on
+                    one = {"validators": n, "error": f"{type(e).__name__}: {e}"}
+                one["round"] = r
+                runs[engine].append(one)
+                print(engine, n, one, flush=True)
+                _summarise(entry)
+                out.write_text(json.dumps(result, indent=2) + "\n")
+    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print(json.dumps({n: {k: v for k, v in e.items() if k != "runs"} for n, e in result["sizes"].items()}, indent=2))
     return result
 
 
-if __name__ == "__main__":
-    run(validators=int(sys.argv[1]) if len(sys.argv) > 1 else 200)
+def _summarise(entry: dict) -> None:
+    runs = entry["runs"]
+    for engine in ("mosquitto", "nats"):
+        ok = [r for r in runs[engine] if "p99_ms" in r]
+        entry[engine] = {f"median_{k}": _median([r[k] for r in ok]) for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")}
+        entry[engine]["unacked_taps"] = [r["taps"] - r["acked"] for r in ok]
+        entry[engine]["failed_runs"] = len(runs[engine]) - len(ok)
+    m, n = entry["mosquitto"]["median_p99_ms"], entry["nats"]["median_p99_ms"]
+    entry["p99_ratio_nats_over_mosquitto"] = round(n / m, 2) if m and n else None
+    pairs = [(a["p99_ms"], b["p99_ms"]) for a, b in zip(runs["mosquitto"], runs["nats"], strict=False)
+             if a.get("p99_ms") and b.get("p99_ms")]
+    import statistics
+
+    entry["median_of_round_p99_ratios"] = round(statistics.median([b / a for a, b in pairs]), 2) if pairs else None
+    m, n = entry["mosquitto"]["median_p50_ms"], entry["nats"]["median_p50_ms"]
+    entry["p50_ratio_nats_over_mosquitto"] = round(n / m, 2) if m and n else None
 
 
 # ---------------------------------------------------------------------- many real validators: one process per shard
@@ -496,3 +545,16 @@ def shards(work: Path, devices: list[str], operator: str, mqtt_ports: list[int])
     for s in out:
         s.started()
     return out
+
+
+if __name__ == "__main__":  # python -m bench.cluster [N ...] [--rounds R] [--taps T]
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bench.cluster")
+    ap.add_argument("validators", nargs="*", type=int, default=[500, 2000])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--taps", type=int, default=5)
+    ap.add_argument("--interval", type=float, default=2.0)
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    run(validators=a.validators, rounds=a.rounds, taps=a.taps, interval=a.interval, out=a.out)
