@@ -195,7 +195,22 @@ def _sums(table: str) -> str:
     return "NULL::bigint, count(*) FILTER (WHERE status = 'open')"
 
 
+def _has_watermark(conn: Connection) -> bool:
+    return bool(conn.execute(text("SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = "
+                                  "current_schema() AND table_name = 'clearing_run' AND column_name = "
+                                  "'claim_watermark')")).scalar())
+
+
 def _exact(conn: Connection, table: str, qualified: str) -> tuple[int, int | None, int]:
+    """Rows, sum(amount) (tap) and the open ones: taps no run took, quarantine rows not reviewed."""
+    if table == "tap" and _has_watermark(conn):
+        # From revision 0027 a run takes its day's taps up to its claim_watermark without writing its id into
+        # them (backoffice.clearing_runs; the view tap_claimed): those are cleared too.
+        return tuple(conn.execute(text(
+            f"SELECT count(*), coalesce(sum(t.amount), 0), count(*) FILTER (WHERE t.clearing_run_id IS NULL AND "
+            f"r.id IS NULL) FROM {qualified} t LEFT JOIN clearing_run r ON t.clearing_run_id IS NULL AND "
+            "r.operator = t.operator AND r.service_day = t.service_day AND r.claim_watermark IS NOT NULL "
+            "AND t.id <= r.claim_watermark")).one())
     return tuple(conn.execute(text(f"SELECT count(*), {_sums(table)} FROM {qualified}")).one())
 
 
@@ -314,12 +329,14 @@ def detach(conn: Connection, table: str, day: date, *, force: bool = False) -> D
     rows, amount, open_ = _exact(conn, table, name)
     if open_ and not force:
         if table == "tap":
-            ops = ", ".join(r[0] for r in conn.execute(text(
-                f"SELECT DISTINCT operator FROM {name} WHERE clearing_run_id IS NULL ORDER BY 1")))
+            ops = [r[0] for r in conn.execute(text(
+                f"SELECT DISTINCT operator FROM {name} WHERE clearing_run_id IS NULL ORDER BY 1"))]
             raise PartitionError(
-                f"{open_} of the {rows} taps of {day} are not cleared yet (clearing_run_id NULL; operator(s) {ops}): "
-                f"clear the day first (`farebox settle --day {day}`) and detach it then, or pass --force to archive "
-                "them uncleared (attach the day again before clearing it)")
+                f"{open_} of the {rows} taps of {day} are not cleared yet (no clearing run took them; operator(s) "
+                f"{', '.join(ops)}): clear the day first ("
+                + "; ".join(f"`farebox settle --operator {op} --day {day}`" for op in ops)
+                + ") and detach it then, or pass --force to archive them uncleared (attach the day again before "
+                "clearing it)")
         raise PartitionError(f"{open_} of the {rows} quarantine rows received on {day} are still open: review them "
                              "first (`farebox quarantine list`), or pass --force to archive them open")
     conn.execute(text(f"ALTER TABLE {table} DETACH PARTITION {name}"))

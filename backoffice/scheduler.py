@@ -34,13 +34,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import Engine, select
 
-from backoffice import jobs
+from backoffice import jobs, partitions
 from backoffice.models import Operator
 
 log = logging.getLogger(__name__)
 
 JOB_TABLE = "apscheduler_jobs"
 SYNC_MINUTES = 10
+PARTITIONS_AT = {"hour": 0, "minute": 17, "timezone": "UTC"}  # days are made a week ahead: any quiet hour serves
 JOB_DEFAULTS = {"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
 
 
@@ -122,6 +123,10 @@ def start_scheduler(engine: Engine, settings, *, paused: bool = False) -> Backgr
     sync_jobs(scheduler, engine)
     scheduler.add_job(sync_jobs, "interval", minutes=SYNC_MINUTES, args=(scheduler, engine), id="sync-jobs",
                       jobstore="memory", replace_existing=True, name="schedule new operators")
+    if engine.dialect.name == "postgresql":  # tap's day partitions made ahead (SQLite keeps one table)
+        scheduler.add_job(partitions.scheduled_make, CronTrigger(**PARTITIONS_AT), args=(engine,),
+                          id="partitions:make", jobstore="memory", replace_existing=True,
+                          name="day partitions made ahead")
     if not paused:
         scheduler.resume()
     log.info("scheduler: started with %d stored job(s)", len(scheduler.get_jobs(jobstore="default")))

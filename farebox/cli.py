@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     __import__("farebox.payments_cmd").payments_cmd.register(sub)  # payments
     __import__("farebox.sms_cmd").sms_cmd.register(sub)  # sms
     __import__("farebox.ticket_revenue_cmd").ticket_revenue_cmd.register(sub)  # ticket-revenue
+    __import__("farebox.partitions_cmd").partitions_cmd.register(sub)  # partitions
     _insecure_flag_everywhere(sub)
     return parser
 
