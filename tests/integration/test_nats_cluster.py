@@ -173,3 +173,120 @@ def test_broker_config_engine_nats_writes_valid_node_files_with_the_acl_as_permi
         assert pub == f'"{own}.taps", "{own}.status"'
         assert sub == (f'"{own}.ack", "{own}.denylist", "{own}.params", "{own}.software", '
                        '"farebox.v1.cfgbus._fleet", "farebox.v1.cfgbus._fleet.>", "$MQTT.sub.>"')
+
+
+def _mqtt(target, client_id: str, *, persistent: bool = True, timeout: float = 90):
+    """A connected paho client (retrying while the cluster elects leaders) and the list its messages land in."""
+    import threading
+
+    from wire.mqtt_url import new_client
+
+    got: list[tuple[str, bytes, int]] = []
+    connected = threading.Event()
+    client = new_client(target, client_id, persistent=persistent)
+    client.on_message = lambda c, u, m: got.append((m.topic, m.payload, m.qos))
+    client.on_connect = lambda c, u, f, rc, p: connected.set() if not rc.is_failure else None
+    client.reconnect_delay_set(1, 2)
+    client.connect_async(target.host, target.port, keepalive=30)
+    client.loop_start()
+    assert connected.wait(timeout), f"no CONNACK from {target.port} in {timeout} s"
+    return client, got
+
+
+def _wait(pred, timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        assert time.monotonic() - t0 < timeout, f"{what}: not within {timeout} s"
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+@pytest.mark.skipif(not Path(NATS_SERVER).exists(), reason="nats-server not installed (scripts/ensure-services.sh)")
+def test_r1_consumer_node_down_delays_a_queued_package_and_never_the_acks(tmp_path, uid):
+    """What ``consumer_replicas: 1`` gives up, shown: a bus's subscription is a JetStream consumer on one node. A
+    per-device package published (QoS 1) while the bus is away is kept in the R3 stream; with that consumer's node
+    SIGKILLed and the bus back on another node, the package waits until the node is back, then arrives once. A tap
+    ack (ingest publishes it as core NATS) reaches the bus all along: acks never depend on those consumers."""
+    import asyncio
+
+    import nats
+
+    from backoffice.devices import service_password
+    from wire.devicekeys import mqtt_password
+    from wire.mqtt_url import MqttTarget
+
+    operator, bus = f"op_{uid}", f"r1_{uid}"
+    own = f"farebox/v1/{operator}/{bus}"
+    cluster = NatsCluster(tmp_path / "nats", [(bus, operator)], TEST_DEVICE_MASTER)
+    report: dict = {}
+    clients = []
+
+    async def consumer_nodes() -> dict[str, str]:
+        """filter subject -> the node holding that MQTT consumer (JetStream API, as the ingest login)."""
+        nc = await nats.connect(servers=cluster.nats_urls(), user="ingest",
+                                password=service_password(TEST_DEVICE_MASTER, "ingest"))
+        try:
+            js = nc.jetstream(timeout=10)
+            return {c.config.filter_subject: c.cluster.leader for c in await js.consumers_info("$MQTT_msgs")}
+        finally:
+            await nc.close()
+
+    async def core_ack(payload: bytes) -> None:
+        nc = await nats.connect(servers=cluster.nats_urls(), user="ingest",
+                                password=service_password(TEST_DEVICE_MASTER, "ingest"))
+        try:
+            await nc.publish(f"{own}/ack".replace("/", "."), payload)
+            await nc.flush()
+        finally:
+            await nc.close()
+
+    def bus_on(i: int) -> MqttTarget:
+        return MqttTarget("127.0.0.1", cluster.nodes[i].mqtt_port, bus, mqtt_password(TEST_DEVICE_MASTER, bus))
+
+    try:
+        cluster.start()
+        cluster.wait_ready()
+        client, _ = _mqtt(bus_on(0), f"dev_{bus}")
+        clients.append(client)
+        subscribed = []
+        client.on_subscribe = lambda c, u, mid, rcs, p: subscribed.append(mid)
+        client.subscribe([(f"{own}/params", 1), (f"{own}/ack", 1)])
+        _wait(lambda: subscribed, 60, "SUBACK")
+        client.disconnect()  # away: the session (and its consumers) stay
+        client.loop_stop()
+        clients.remove(client)
+        holder = asyncio.run(consumer_nodes())[f"$MQTT.msgs.{own.replace('/', '.')}.params"]
+        x = next(i for i, n in enumerate(cluster.nodes) if n.name == holder)
+        others = [i for i in range(3) if i != x]
+        report["consumer_node"] = holder
+
+        pub, _ = _mqtt(MqttTarget("127.0.0.1", cluster.nodes[others[0]].mqtt_port, "publisher",
+                                  service_password(TEST_DEVICE_MASTER, "publisher")), f"pub_{uid}", persistent=False)
+        clients.append(pub)
+        pub.publish(f"{own}/params", b"package-1", qos=1).wait_for_publish(30)
+
+        cluster.kill(x)
+        client, got = _mqtt(bus_on(others[1]), f"dev_{bus}", timeout=120)  # back, on another node
+        clients.append(client)
+        asyncio.run(core_ack(b"ack-1"))
+        report["ack_with_consumer_node_down_s"] = round(
+            _wait(lambda: any(t.endswith("/ack") for t, _, _ in got), 30, "the core ack"), 1)
+        time.sleep(5)
+        report["package_arrived_while_its_consumer_node_was_down"] = any(t.endswith("/params") for t, _, _ in got)
+
+        t0 = time.monotonic()
+        cluster.start(x)
+        cluster.wait_ready()
+        _wait(lambda: any(t.endswith("/params") for t, _, _ in got), 120, "the package after the node came back")
+        report["package_after_node_restart_s"] = round(time.monotonic() - t0, 1)
+        time.sleep(3)
+        packages = [(p, q) for t, p, q in got if t.endswith("/params")]
+    finally:
+        for c in clients:
+            c.disconnect()
+            c.loop_stop()
+        cluster.stop()
+    print(json.dumps(report, indent=2))
+    ARTEFACT.parent.mkdir(parents=True, exist_ok=True)
+    (ARTEFACT.parent / "nats_r1_consumer.json").write_text(json.dumps(report, indent=2) + "\n")
+    assert packages == [(b"package-1", 1)]  # kept through the node's death, delivered once, at QoS 1
