@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--buses", type=int, default=None, metavar="N",
                    help="a city of N buses instead (e.g. 1000): real validators in districts of 100, a Mosquitto of "
                         "the run's own, the throughput of each stage (farebox.demo_city)")
+    p.add_argument("--district", type=int, default=100, metavar="K",
+                   help="with --buses: buses per child process (default 100; paho takes ~150 at most in one)")
     p.add_argument("--kill-ingest-at", type=fractions, default=(),
                    help="fractions of the day (e.g. 0.3,0.6) at which ingest is killed with SIGKILL and restarted")
     p.set_defaults(func=_demo)
@@ -74,7 +76,8 @@ def _demo(args, settings) -> int:
     if args.buses is not None:
         from farebox.demo_city import run_city
 
-        return 0 if run_city(settings, buses=args.buses, seed=args.seed, day=args.day).consistent else 1
+        return 0 if run_city(settings, buses=args.buses, seed=args.seed, day=args.day,
+                                 district=args.district).consistent else 1
     result = run_demo(settings, seed=args.seed, day=args.day, riders=args.riders, kill_ingest_at=args.kill_ingest_at)
     return 0 if result.consistent else 1
 

@@ -94,6 +94,8 @@ class Ridden:
     ride_ended: float
     drained_at: float | None  # when the back office had acknowledged the last record; None: not within the wait
     backlog: int  # records still unacknowledged at the end of the wait
+    tap_seconds: float = 0.0  # wall time inside Terminal.tap (the card, the PSAM, the journal's commits)
+    cpu_seconds: float = 0.0  # the process's CPU time while riding (every thread: terminals, uplinks, paho)
 
 
 @dataclasses.dataclass
@@ -166,7 +168,7 @@ def run_district(d: District, conn, connect_timeout: float = 60.0, drain_timeout
 def _ride(d: District, buses: dict[int, _Bus], riders, drivers, now, conn, drain_timeout: float) -> Ridden:
     outcomes: dict[str, int] = {}
     offline: set[int] = set()
-    started = time.time()
+    started, cpu, in_tap = time.time(), time.process_time(), 0.0
     for n, tap in enumerate(d.taps, 1):
         now[0] = tap.at
         for o in d.outages:  # the link goes down and comes back on the simulated clock
@@ -180,7 +182,9 @@ def _ride(d: District, buses: dict[int, _Bus], riders, drivers, now, conn, drain
         bus = buses[tap.bus]
         card = drivers[bus.plan.driver] if tap.card is None else riders[tap.card]
         bus.reader.present(card)
+        t = time.perf_counter()
         result = bus.terminal.tap(bus.reader.poll())
+        in_tap += time.perf_counter() - t
         bus.reader.remove()
         outcomes[result.outcome.value] = outcomes.get(result.outcome.value, 0) + 1
         if result.record is not None:
@@ -188,7 +192,7 @@ def _ride(d: District, buses: dict[int, _Bus], riders, drivers, now, conn, drain
         if n % PROGRESS_EVERY == 0:
             conn.send(("progress", PROGRESS_EVERY))
     conn.send(("progress", len(d.taps) % PROGRESS_EVERY))
-    ended = time.time()
+    ended, cpu = time.time(), time.process_time() - cpu
     for b in offline:
         buses[b].uplink.go_online()
     deadline = time.monotonic() + drain_timeout
@@ -197,7 +201,7 @@ def _ride(d: District, buses: dict[int, _Bus], riders, drivers, now, conn, drain
     backlog = sum(b.journal.backlog() for b in buses.values())
     drained_at = time.time() if backlog == 0 else None
     return Ridden(taps=len(d.taps), outcomes=outcomes, ride_started=started, ride_ended=ended,
-                  drained_at=drained_at, backlog=backlog)
+                  drained_at=drained_at, backlog=backlog, tap_seconds=in_tap, cpu_seconds=cpu)
 
 
 def _final(buses: dict[int, _Bus], riders: dict[bytes, SimCard], goodbyes: int) -> Final:
