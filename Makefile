@@ -59,9 +59,10 @@ demo: venv
 # scripts/ensure-services.sh installs/starts PostgreSQL, Mosquitto and pcscd with farebox's vsmartcard vpcd readers
 # (apt: pcscd vsmartcard-vpcd opensc pcsc-tools libpcsclite-dev), or says why it cannot.
 # pytest's exit status goes straight to make: 5 ("no tests collected") fails the target too.
+# --durations: the slowest tests are named at the end of every run, so the suite's time can be kept in check.
 test: venv
 	@scripts/ensure-services.sh
-	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/pytest -q -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
 
 # The long variants of the reliability tests (about 15-25 minutes here); `make test` runs the short ones.
 soak: venv
