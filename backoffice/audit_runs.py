@@ -159,7 +159,7 @@ member AS (
   SELECT r.id AS run_id, td.id AS tap_id, td.for_day,
          CASE WHEN td.for_day = r.service_day THEN 'day' WHEN td.for_day < r.service_day THEN 'late'
               ELSE 'ahead' END AS section
-  FROM tap_day td JOIN tap t ON t.id = td.id JOIN clearing_run r ON r.id = t.{claim}
+  FROM tap_day td JOIN {tap} t ON t.id = td.id JOIN clearing_run r ON r.id = t.{claim}
   WHERE r.operator = :operator
 )"""
 
@@ -198,7 +198,9 @@ def _membership(conn: Connection) -> tuple[str, bool]:
     """The ``member`` CTE for the schema at hand (by the run id each tap carries since revision 0012, or before it by
     the runs' windows) and whether it is by window."""
     if "clearing_run_id" in {c["name"] for c in inspect(conn).get_columns("tap")}:
-        return _MEMBER_BY_CLAIM.format(claim="clearing_run_id"), False
+        # Since revision 0027 a run's block of its day carries no id: the view tap_claimed names the run of each.
+        tap = "tap_claimed" if "tap_claimed" in inspect(conn).get_view_names() else "tap"
+        return _MEMBER_BY_CLAIM.format(claim="clearing_run_id", tap=tap), False
     return _MEMBER_BY_WINDOW, True
 
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 import pandas as pd
-from sqlalchemy import Connection, and_, case, func, select, text, tuple_, update
+from sqlalchemy import Connection, and_, case, func, literal_column, or_, select, text, tuple_, union_all, update
+from sqlalchemy.exc import OperationalError
 
 from backoffice import day_lock
 from backoffice.models import (
@@ -154,31 +155,134 @@ def _with_fleets(conn: Connection, taps: pd.DataFrame, operator: str, tz: str, c
     return taps.assign(fleet=merged["fleet"].fillna(NO_FLEET).astype(str).to_numpy())
 
 
-def claim_taps(conn: Connection, *, run_id: int, window: ClearingWindow) -> int:
+TAP_GATE = 0x66617265_0027  # the advisory lock key of revision 0027's insert gate on tap (PostgreSQL)
+GATE_WAIT = "2s"  # how long a claim waits for inserts in flight before it claims every tap one by one instead
+
+
+def tap_watermark(conn: Connection) -> int | None:
+    """The largest tap id now stored, read so that every tap with an id up to it is committed (and seen by this
+    transaction's next statements) or will never be: on PostgreSQL each INSERT/COPY into ``tap`` holds a shared
+    advisory lock until its commit (revision 0027's statement trigger); this takes it exclusively for the moment of
+    reading ``max(id)`` and lets it go, so inserts in flight commit first and later ones get larger ids (the id
+    sequence hands them out in order). None when an insert stays uncommitted longer than ``GATE_WAIT`` (the claim
+    then takes its taps one by one, as before revision 0027). SQLite: one writer at a time. Read it before this
+    transaction writes any tap (a waiting insert may want a row it changed)."""
+    if conn.dialect.name != "postgresql":
+        return int(conn.execute(select(func.coalesce(func.max(Tap.id), 0))).scalar())
+    level = conn.execute(text("SELECT current_setting('transaction_isolation')")).scalar()
+    if level != "read committed":  # an older snapshot would not see every tap up to the watermark
+        raise RuntimeError(f"a clearing run claims taps in a READ COMMITTED transaction, not {level}")
+    wait = conn.execute(text("SELECT current_setting('lock_timeout')")).scalar()
+    try:
+        with conn.begin_nested():  # a lock timeout fails the savepoint only
+            conn.execute(text(f"SET LOCAL lock_timeout = '{GATE_WAIT}'"))
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": TAP_GATE})
+    except OperationalError:
+        return None
+    finally:
+        conn.execute(text("SELECT set_config('lock_timeout', :w, true)"), {"w": wait})
+    try:
+        return int(conn.execute(text("SELECT coalesce(max(id), 0) FROM tap")).scalar())
+    finally:
+        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": TAP_GATE})
+
+
+_ASK = object()
+
+
+def claim_taps(conn: Connection, *, run_id: int, window: ClearingWindow, watermark=_ASK) -> int:
     """Give run ``run_id`` every stored tap of ``window.operator`` that no run has taken yet, of the run's day or an
-    earlier one, received before ``window.as_of``; returns how many it took. The one place that decides which taps
-    a run takes.
+    earlier one, committed when the claim began (id <= ``watermark``, default ``tap_watermark``) and received before
+    ``window.as_of``; returns how many it took one by one (None: no watermark, every tap one by one). The one place that decides which taps a run takes.
 
     Why a claim and not a time window: ingest stamps ``received_at`` before its commit, so a tap can be received
     before a run's moment and committed after the run read the table; a run that took "received before as_of"
-    and a next run that took "received at or after it" both missed it. Here each tap carries the id of the run that
-    took it, set by one ``UPDATE ... WHERE clearing_run_id IS NULL`` in the run's own transaction:
+    and a next run that took "received at or after it" both missed it. Here each tap is taken by one run in the
+    run's own transaction, and ``run_of_tap`` / the view ``tap_claimed`` say which:
 
-    - PostgreSQL (READ COMMITTED): the UPDATE sees the taps committed when it starts. One committed later (or still
-      uncommitted then) is not seen and keeps NULL, so the next run takes it. A tap another run is claiming at the
-      same moment is locked by that run: this UPDATE waits, re-checks the committed row, and skips it when the
-      other run committed its claim (takes it when that run rolled back). Never both, never neither.
-    - SQLite: one writer at a time; the claim and ingest's inserts are serialised whole.
+    - The block: the taps of the run's own service day with an id up to the run's ``claim_watermark`` and not taken
+      one by one. That watermark is ``watermark``, lowered below the first tap of the day received at or after
+      ``as_of``, so every tap of the block was received before it. Nothing is written per tap (at 10 M taps a day
+      the UPDATE of each was 93% of the night); the run stores the number. A tap committed later has a larger id
+      and is never in the block.
+    - One by one (``tap.clearing_run_id``): the day's taps above the block (committed before the claim, received
+      before ``as_of``), and the taps of earlier days not in their day's block (late taps, committed after that
+      day's claim or received after its ``as_of``; days before the operator's first block: every tap not taken).
 
-    ``received_at < as_of`` keeps a run's taps to what had arrived by its moment (a clock that disagrees a little
-    only moves a tap to the next run); a tap received at exactly ``as_of`` goes to the next run. ``occurred_at <
-    end``: a tap at exactly the next cut-off belongs to the next day. Every kind of record is claimed (shift
-    records too), so "which run took this tap" has an answer for each; only purchases are money.
+    A tap committed after the watermark was read (or still uncommitted then) is above it: not in this run, taken
+    by the next. Runs of one operator are made one at a time (the unique (operator, service_day) and catch-up:
+    ``clear_day``), and the UPDATEs take only taps whose ``clearing_run_id`` is NULL and not in a block. Never both,
+    never neither. ``received_at < as_of`` keeps a run's taps to what had arrived by its moment (a clock that
+    disagrees a little only moves a tap to the next run); a tap received at exactly ``as_of`` goes to the next run.
+    A tap's day is its ``service_day`` (the operator's rule, frozen once it has taps: revision 0026), the same day
+    as ``occurred_at`` within the window's bounds; a tap at exactly the next cut-off belongs to the next day. Every
+    kind of record is claimed (shift records too), so "which run took this tap" has an answer for each; only
+    purchases are money.
     """
-    end = day_bounds(window.day, window.tz, window.cutoff_hour)[1]
-    return conn.execute(update(Tap.__table__).where(
-        Tap.clearing_run_id.is_(None), Tap.operator == window.operator, Tap.occurred_at < end,
-        Tap.received_at < window.as_of).values(clearing_run_id=run_id)).rowcount
+    top = tap_watermark(conn) if watermark is _ASK else watermark
+    op, day, as_of = window.operator, window.day, window.as_of
+    tap = Tap.__table__
+    own = (Tap.operator == op, Tap.service_day == day, Tap.clearing_run_id.is_(None))
+    upto = () if top is None else (Tap.id <= top,)  # no watermark: what is committed now, one by one
+    block = 0
+    if top is not None:  # min(id + 0): the received_at index (BRIN), not a walk down the ids
+        after = conn.execute(select(func.min(Tap.id + 0)).where(*own, *upto, Tap.received_at >= as_of)).scalar()
+        block = top if after is None else int(after) - 1
+    conn.execute(update(ClearingRun).where(ClearingRun.id == run_id).values(claim_watermark=block))
+    took = 0
+    if top is None or block < top:
+        took += conn.execute(update(tap).where(*own, Tap.id > block, *upto, Tap.received_at < as_of)
+                             .values(clearing_run_id=run_id)).rowcount
+    blocks = conn.execute(select(ClearingRun.service_day, ClearingRun.claim_watermark).where(
+        ClearingRun.operator == op, ClearingRun.claim_watermark.is_not(None), ClearingRun.service_day < day)
+        .order_by(ClearingRun.service_day)).all()
+    for earlier, mark in blocks:  # one day's partition each, from its key's id range: only the day's late taps
+        took += conn.execute(update(tap).where(
+            Tap.operator == op, Tap.service_day == earlier, Tap.clearing_run_id.is_(None), Tap.id > mark,
+            *upto, Tap.received_at < as_of).values(clearing_run_id=run_id)).rowcount
+    first = blocks[0].service_day if blocks else day
+    took += conn.execute(update(tap).where(  # days before the operator's first block (few untaken, bar the first)
+        Tap.operator == op, Tap.service_day < first, Tap.clearing_run_id.is_(None), *upto,
+        Tap.received_at < as_of).values(clearing_run_id=run_id)).rowcount
+    return took
+
+
+def _block(conn: Connection, run_id: int):
+    row = conn.execute(select(ClearingRun.operator, ClearingRun.service_day, ClearingRun.claim_watermark)
+                       .where(ClearingRun.id == run_id)).first()
+    return row if row is not None and row.claim_watermark is not None else None
+
+
+def run_taps(conn: Connection, run_id: int, *columns: str):
+    """The taps run ``run_id`` took (``claim_taps``) as a subquery ``t`` with ``columns``: the ones carrying its id,
+    UNION ALL its day's block (on PostgreSQL one partition, scanned once)."""
+    cols = [Tap.__table__.c[c] for c in columns]
+    carried = select(*cols).where(Tap.clearing_run_id == run_id)
+    block = _block(conn, run_id)
+    if block is None or not block.claim_watermark:
+        return carried.subquery("t")
+    return union_all(carried, select(*cols).where(
+        Tap.clearing_run_id.is_(None), Tap.operator == block.operator, Tap.service_day == block.service_day,
+        Tap.id <= block.claim_watermark)).subquery("t")
+
+
+def taken_by(conn: Connection, run_id: int):
+    """A WHERE clause on ``tap``: taken by run ``run_id`` (for readers that already narrow the taps to a day)."""
+    clause = Tap.clearing_run_id == run_id
+    block = _block(conn, run_id)
+    if block is None or not block.claim_watermark:
+        return clause
+    return or_(clause, and_(Tap.clearing_run_id.is_(None), Tap.operator == block.operator,
+                            Tap.service_day == block.service_day, Tap.id <= block.claim_watermark))
+
+
+def run_of_tap():
+    """A SQL expression over ``tap``: the id of the run that took the tap, NULL when no run has (the view
+    ``tap_claimed`` gives the same as its ``clearing_run_id``)."""
+    in_block = (select(ClearingRun.id).where(
+        ClearingRun.operator == Tap.operator, ClearingRun.service_day == Tap.service_day,
+        ClearingRun.claim_watermark >= Tap.id).correlate(Tap).scalar_subquery())
+    return func.coalesce(Tap.clearing_run_id, in_block)
 
 
 def load_run_taps(conn: Connection, run_id: int, window: ClearingWindow) -> pd.DataFrame:
@@ -203,14 +307,14 @@ def load_run_taps(conn: Connection, run_id: int, window: ClearingWindow) -> pd.D
 _MINUTE_SQLITE = "%Y-%m-%d %H:%M:00"
 
 
-def _late_minute(conn: Connection, start: datetime):
+def _late_minute(conn: Connection, start: datetime, occurred_at):
     """The minute (UTC) of a tap before the day's start, NULL for the day's own taps: a minute lies inside one
     service day (cut-offs are on the hour, zones are whole minutes), so a late tap's day is its minute's."""
     if conn.dialect.name == "postgresql":
-        minute = func.date_trunc("minute", Tap.occurred_at)
+        minute = func.date_trunc("minute", occurred_at)
     else:
-        minute = func.strftime(_MINUTE_SQLITE, Tap.occurred_at)
-    return case((Tap.occurred_at < start, minute), else_=None).label("late_minute")
+        minute = func.strftime(_MINUTE_SQLITE, occurred_at)
+    return case((occurred_at < start, minute), else_=None).label("late_minute")
 
 
 def _minute_day(values, window: ClearingWindow) -> dict:
@@ -245,10 +349,11 @@ def _fleet_on(history, vehicle: str, day: date) -> str:
 def _run_sums(conn: Connection, run_id: int, window: ClearingWindow) -> dict:
     """(section, for_day) -> dimension -> [(key, taps, gross)] of the purchases run ``run_id`` claimed."""
     start = day_bounds(window.day, window.tz, window.cutoff_hour)[0]
-    late = _late_minute(conn, start)
-    where = (Tap.clearing_run_id == run_id, Tap.kind == PURCHASE)
-    n, gross = func.count().label("n"), func.coalesce(func.sum(Tap.amount), 0).label("gross")
-    cols = {"route": Tap.route, "vehicle": Tap.vehicle, "driver": Tap.driver, "card_type": Tap.card_type}
+    t = run_taps(conn, run_id, "kind", "occurred_at", "route", "vehicle", "driver", "card_type", "amount")
+    late = _late_minute(conn, start, t.c.occurred_at)
+    where = (t.c.kind == PURCHASE,)
+    n, gross = func.count().label("n"), func.coalesce(func.sum(t.c.amount), 0).label("gross")
+    cols = {"route": t.c.route, "vehicle": t.c.vehicle, "driver": t.c.driver, "card_type": t.c.card_type}
     results: list[tuple[str, object, object, int, int]] = []  # (dim, late minute, key, taps, gross)
     if conn.dialect.name == "postgresql":
         sets = [tuple_(late, c) for c in cols.values()]
@@ -295,17 +400,19 @@ _TAP_TEXT_SQLITE = ("device_id || '|' || device_seq || '|' || CAST(strftime('%s'
 
 def _run_digest(conn: Connection, run_id: int) -> tuple[int, int, int]:
     """(taps, wrapping sum, xor) of the per-tap values of the purchases run ``run_id`` claimed."""
+    t = run_taps(conn, run_id, "kind", "device_id", "device_seq", "occurred_at", "received_at", "route", "vehicle",
+                 "driver", "card_type", "amount")
     if conn.dialect.name == "postgresql":
-        n, total, xor = conn.execute(text(
-            f"SELECT count(*), coalesce(sum(h), 0), coalesce(bit_xor(h), 0) FROM (SELECT ('x' || "
-            f"left(md5({_TAP_TEXT_PG}), 16))::bit(64)::bigint AS h FROM tap WHERE clearing_run_id = :run AND "
-            "kind = :kind) AS t"), {"run": run_id, "kind": PURCHASE}).one()
+        h = (select(literal_column(f"('x' || left(md5({_TAP_TEXT_PG}), 16))::bit(64)::bigint").label("h"))
+             .select_from(t).where(t.c.kind == PURCHASE).subquery("h"))
+        n, total, xor = conn.execute(select(func.count(), func.coalesce(func.sum(h.c.h), 0),
+                                            func.coalesce(func.bit_xor(h.c.h), 0))).one()
         return int(n), int(total) % (1 << 64), int(xor) % (1 << 64)
     import hashlib
 
     n = total = xor = 0
-    for (line,) in conn.execute(text(f"SELECT {_TAP_TEXT_SQLITE} FROM tap WHERE clearing_run_id = :run AND "
-                                     "kind = :kind"), {"run": run_id, "kind": PURCHASE}):
+    for (line,) in conn.execute(select(literal_column(_TAP_TEXT_SQLITE)).select_from(t)
+                                .where(t.c.kind == PURCHASE)):
         h = int.from_bytes(hashlib.md5(str(line).encode()).digest()[:8], "big")
         n, total, xor = n + 1, (total + h) % (1 << 64), xor ^ h
     return n, total, xor
@@ -474,7 +581,8 @@ def catch_up_days(conn: Connection, *, operator: str, day: date) -> list[date]:
     return [last + timedelta(days=n) for n in range(1, (day - last).days + 1)]
 
 
-def _clear_new_day(conn: Connection, op, operator: str, day: date, now: datetime) -> StoredRun:
+def _clear_new_day(conn: Connection, op, operator: str, day: date, now: datetime, watermark: int | None
+                   ) -> StoredRun:
     last = _last_run(conn, operator)
     if last is not None and now < _utc(last.as_of):
         raise ValueError(f"clearing as of {now.isoformat()} would go back before the last run's "
@@ -485,7 +593,7 @@ def _clear_new_day(conn: Connection, op, operator: str, day: date, now: datetime
         select(ReconItem.id, ReconItem.service_day, ReconItem.adjustment).where(
             ReconItem.operator == operator, ReconItem.status == "adjusted", ReconItem.carried_run_id.is_(None)))]
     run_id = _insert_run(conn, window, now)
-    claim_taps(conn, run_id=run_id, window=window)
+    claim_taps(conn, run_id=run_id, window=window, watermark=watermark)
     _ticket_revenue().recognise(conn, run_id=run_id, window=window)
     result = _with_tickets(conn, clear_run(conn, run_id, window, adjustments), run_id, window)
     _store_result(conn, run_id, result, adjustments)
@@ -504,8 +612,10 @@ def clear_day(conn: Connection, *, operator: str, day: date, now: datetime | Non
         return _reclear(conn, existing)
     op = _operator(conn, operator)
     run = None
-    for d in catch_up_days(conn, operator=operator, day=day):
-        run = _clear_new_day(conn, op, operator, d, now)
+    days = catch_up_days(conn, operator=operator, day=day)
+    watermark = tap_watermark(conn)  # once, before this transaction writes a tap: each day's claim uses it
+    for d in days:
+        run = _clear_new_day(conn, op, operator, d, now, watermark)
     return run
 
 

@@ -146,17 +146,17 @@ def _taps_by_hour(conn: Connection, *, operator: str, first: date, last: date, t
     """Purchases by local hour of the day, as the run counted them (the day's taps it claimed); every stored one
     of the day when there is no run yet (provisional)."""
     start, end = day_bounds(first, tz, cutoff_hour)[0], day_bounds(last, tz, cutoff_hour)[1]
-    query = select(Tap.occurred_at).where(Tap.operator == operator, Tap.kind == PURCHASE, Tap.occurred_at >= start,
-                                          Tap.occurred_at < end)
-    if run_id is not None:
-        query = query.where(Tap.clearing_run_id == run_id)
+    t = (Tap.__table__ if run_id is None else
+         clearing_runs.run_taps(conn, run_id, "operator", "kind", "occurred_at"))
     # Counted in the database by UTC minute (a minute lies inside one local hour in every zone), then the few
     # hundred minutes are put in their local hours here: no tap crosses into Python as an object.
     if conn.dialect.name == "postgresql":
-        minute = func.date_trunc("minute", Tap.occurred_at)
+        minute = func.date_trunc("minute", t.c.occurred_at)
     else:
-        minute = func.strftime("%Y-%m-%d %H:%M:00", Tap.occurred_at)
-    query = query.with_only_columns(minute.label("minute"), func.count()).group_by(minute)
+        minute = func.strftime("%Y-%m-%d %H:%M:00", t.c.occurred_at)
+    query = (select(minute.label("minute"), func.count()).select_from(t)
+             .where(t.c.operator == operator, t.c.kind == PURCHASE, t.c.occurred_at >= start, t.c.occurred_at < end)
+             .group_by(minute))
     counts = [0] * 24
     zone = ZoneInfo(tz)
     for at, n in conn.execute(query):
@@ -182,9 +182,10 @@ def _free_rides(conn: Connection, run: clearing_runs.StoredRun, tz: str, cutoff_
     """Purchases of the run's own day that paid nothing (free concession rides), by card type: a count over the
     taps the run claimed, so that it sits inside the run's card-type rows."""
     start, end = day_bounds(run.day, tz, cutoff_hour)
-    rows = conn.execute(select(Tap.card_type, func.count()).where(
-        Tap.clearing_run_id == run.id, Tap.kind == PURCHASE, Tap.amount == 0, Tap.occurred_at >= start,
-        Tap.occurred_at < end).group_by(Tap.card_type))
+    t = clearing_runs.run_taps(conn, run.id, "card_type", "kind", "amount", "occurred_at")
+    rows = conn.execute(select(t.c.card_type, func.count()).where(
+        t.c.kind == PURCHASE, t.c.amount == 0, t.c.occurred_at >= start, t.c.occurred_at < end)
+        .group_by(t.c.card_type))
     return {int(ct): int(n) for ct, n in rows}
 
 

@@ -113,7 +113,7 @@ def free_rides(conn: Connection, *, operator: str, day: date, tz: str, cutoff_ho
                                                    Tap.occurred_at >= start, Tap.occurred_at < end)
          .group_by(Tap.card_type))
     if run_id is not None:
-        q = q.where(Tap.clearing_run_id == run_id)
+        q = q.where(clearing_runs.taken_by(conn, run_id))
     return {int(k): int(n) for k, n in conn.execute(q)}
 
 

@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, and_, case, false, func, not_, or_, select
 
+from backoffice.clearing_runs import run_of_tap
 from backoffice.models import ClearingRun, Driver, Route, Tap, Vehicle
 from clearing.service_day import day_bounds
 
@@ -98,7 +99,7 @@ def _runs(conn: Connection, operator: str, since: date) -> dict[int, tuple[date,
 
 def _late(runs: dict[int, tuple[date, datetime]]):
     """A tap is late when the run that took it is of a later day: it happened before that run's day began."""
-    parts = [and_(Tap.clearing_run_id == rid, Tap.occurred_at < start) for rid, (_d, start) in runs.items()]
+    parts = [and_(run_of_tap() == rid, Tap.occurred_at < start) for rid, (_d, start) in runs.items()]
     return or_(*parts) if parts else false()
 
 
@@ -121,11 +122,11 @@ def _where(f: TapFilter, *, tz: str, cutoff_hour: int, runs: dict) -> list:
     if f.outcome == "refused":
         where.append(Tap.kind == DENIED)
     elif f.outcome == "waiting":
-        where += [Tap.kind != DENIED, Tap.clearing_run_id.is_(None)]
+        where += [Tap.kind != DENIED, run_of_tap().is_(None)]
     elif f.outcome == "late":
         where += [Tap.kind != DENIED, late]
     elif f.outcome == "cleared":
-        where += [Tap.kind != DENIED, Tap.clearing_run_id.is_not(None), not_(late)]
+        where += [Tap.kind != DENIED, run_of_tap().is_not(None), not_(late)]
     q = f.q.strip()
     if q:
         pattern = _like(q)
@@ -185,7 +186,9 @@ def search(conn: Connection, f: TapFilter, *, tz: str, cutoff_hour: int, limit: 
     total, fares, amount = conn.execute(select(
         func.count(), func.coalesce(func.sum(case((is_fare, 1), else_=0)), 0),
         func.coalesce(func.sum(case((is_fare, Tap.amount), else_=0)), 0)).select_from(Tap).where(*where)).one()
-    query = (select(*[getattr(Tap, c) for c in _COLUMNS]).where(*where)
+    # The run that took a tap: its id on the tap, or the run whose block of the day holds it (claim_taps).
+    query = (select(*[run_of_tap().label(c) if c == "clearing_run_id" else getattr(Tap, c) for c in _COLUMNS])
+             .where(*where)
              .order_by(Tap.occurred_at, Tap.id).limit(limit).offset(offset))
     rows = _rows(conn, query, tz=tz, cutoff_hour=cutoff_hour, runs=runs)
     return TapPage(rows, int(total), int(fares), int(amount), limit, offset)

@@ -35,7 +35,7 @@ LATE_SHARE, DENIED_SHARE, FREE_SHARE = 0.002, 0.01, 0.05
 GOAL_RATIO, GOAL_SECONDS, GOAL_MB = 3.0, 60.0, 2048
 COPY_COLUMNS = ("device_id", "device_seq", "epoch", "kind", "occurred_at", "received_at", "operator", "route",
                 "vehicle", "driver", "shift_no", "card_asn", "card_type", "card_ttc", "amount", "balance_after",
-                "terminal_id", "terminal_seq", "tac", "reason")
+                "terminal_id", "terminal_seq", "tac", "reason", "service_day")
 CHUNK = 500_000
 
 
@@ -86,6 +86,8 @@ def _chunk(rng: np.random.Generator, first: int, n: int, start, day_seconds: int
         "card_type": card_type, "card_ttc": seq % 65_536, "amount": amount, "balance_after": 5000,
         "terminal_id": "000000000001", "terminal_seq": seq, "tac": "00000000",
         "reason": np.where(denied, "insufficient balance", ""),
+        # The operator's service day (its wall clock, cut-off hours back): the partition key since revision 0026.
+        "service_day": (occurred.tz_convert(TZ).tz_localize(None) - pd.Timedelta(hours=CUTOFF)).strftime("%Y-%m-%d"),
     })
 
 
@@ -110,6 +112,11 @@ def load_day(libpq_url: str, taps: int, seed: int = 12) -> float:
         conn.execute("INSERT INTO fleet_vehicle (vehicle, valid_from, fleet) SELECT 'BUS' || lpad(i::text, 5, '0'), "
                      "%s, CASE WHEN i %% 2 = 0 THEN 'F1' ELSE 'F2' END FROM generate_series(0, %s, 3) i",
                      (DAY - timedelta(days=10), VEHICLES - 1))
+        if conn.execute("SELECT relkind FROM pg_class WHERE relname = 'tap'").fetchone()[0] == "p":
+            for n in range(-4, 2):  # the day's partition and its late taps' days (backoffice.partitions makes these
+                d = DAY + timedelta(days=n)  # ahead in service; a bench day a month back has none yet)
+                conn.execute(f"CREATE TABLE IF NOT EXISTS tap_{d:%Y_%m_%d} PARTITION OF tap FOR VALUES FROM "
+                             f"('{d.isoformat()}') TO ('{(d + timedelta(days=1)).isoformat()}')")
         with conn.cursor().copy(f"COPY tap ({', '.join(COPY_COLUMNS)}) FROM STDIN WITH (FORMAT csv, FORCE_NOT_NULL (reason))") as copy:
             for first in range(0, taps, CHUNK):
                 buf = io.StringIO()

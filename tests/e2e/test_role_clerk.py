@@ -267,9 +267,9 @@ def test_a_clerk_s_day_through_the_pages(server, browser):
     (run_id, fingerprint, runs) = one("SELECT id, fingerprint, (SELECT COUNT(*) FROM clearing_run) FROM clearing_run "
                                       "WHERE operator = ? AND service_day = ?", A, str(day))
     # the run took the day's taps and, as late taps, the earlier day's (no run before it)
-    gross, taps = one(f"SELECT SUM(amount), COUNT(*) FROM tap WHERE clearing_run_id = ? AND kind = 'purchase' "
+    gross, taps = one(f"SELECT SUM(amount), COUNT(*) FROM tap_claimed WHERE clearing_run_id = ? AND kind = 'purchase' "
                       f"AND {SQL_DAY} = ?", run_id, str(day))
-    late_gross, late_taps = one(f"SELECT COALESCE(SUM(amount), 0), COUNT(*) FROM tap WHERE clearing_run_id = ? "
+    late_gross, late_taps = one(f"SELECT COALESCE(SUM(amount), 0), COUNT(*) FROM tap_claimed WHERE clearing_run_id = ? "
                                 f"AND kind = 'purchase' AND {SQL_DAY} < ?", run_id, str(day))
     assert (taps, gross) == (fares, revenue)
     commission = _commission(gross)
@@ -281,7 +281,7 @@ def test_a_clerk_s_day_through_the_pages(server, browser):
     late_net = late_gross - _commission(late_gross)
     assert driver.find_element(By.ID, "total-payable").text == _yuan(gross - commission + late_net)
     for card_type, n, amount, free in sql.execute(
-            f"SELECT card_type, COUNT(*), SUM(amount), SUM(amount = 0) FROM tap WHERE clearing_run_id = ? AND "
+            f"SELECT card_type, COUNT(*), SUM(amount), SUM(amount = 0) FROM tap_claimed WHERE clearing_run_id = ? AND "
             f"kind = 'purchase' AND {SQL_DAY} = ? GROUP BY card_type", (run_id, str(day))):
         cells = [c.text for c in driver.find_elements(By.CSS_SELECTOR, f"#card-type-{card_type} td")]
         assert cells[1:4] == [str(n), str(free), _yuan(amount)], card_type

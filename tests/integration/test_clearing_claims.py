@@ -77,7 +77,7 @@ def purchases(engine) -> tuple[int, int]:
 
 def run_of(engine, device_seq: int) -> int | None:
     with engine.connect() as conn:
-        return conn.execute(text("SELECT clearing_run_id FROM tap WHERE device_seq = :s"), {"s": device_seq}).scalar()
+        return conn.execute(text("SELECT clearing_run_id FROM tap_claimed WHERE device_seq = :s"), {"s": device_seq}).scalar()
 
 
 def test_a_tap_committed_just_after_a_run_started_lands_in_the_next_run(pg_engine):

@@ -186,7 +186,7 @@ def test_sums_in_the_database_equal_pandas_and_the_auditor(engine, tmp_path):
 
     # A changed tap of the closed day is caught by the sums' fingerprint.
     with engine.begin() as conn:
-        tap_id = conn.execute(select(Tap.id).where(Tap.clearing_run_id == run.id, Tap.kind == "purchase",
+        tap_id = conn.execute(select(Tap.id).where(cr.taken_by(conn, run.id), Tap.kind == "purchase",
                                                    Tap.amount > 0).limit(1)).scalar_one()
         conn.execute(Tap.__table__.update().where(Tap.id == tap_id).values(route="R-changed"))
     with pytest.raises(cr.ClearingMismatch), engine.begin() as conn:

@@ -106,7 +106,7 @@ def test_a_signed_off_day_is_locked_and_a_late_tap_goes_to_the_next_run(engine, 
     next_row = sql(engine, "SELECT day_taps, day_gross, late_taps, late_gross FROM clearing_run WHERE id = :i",
                    i=nxt.id)
     assert tuple(next_row) == (1, 200, 1, 300)
-    assert sql(engine, "SELECT clearing_run_id FROM tap WHERE device_seq = 3")[0] == nxt.id
+    assert sql(engine, "SELECT clearing_run_id FROM tap_claimed WHERE device_seq = 3")[0] == nxt.id
     books = sql(engine, "SELECT SUM(day_gross + late_gross), SUM(day_taps + late_taps) FROM clearing_run")
     stored = sql(engine, "SELECT SUM(amount), COUNT(*) FROM tap WHERE kind = 'purchase'")
     assert tuple(books) == tuple(stored) == (850, 4)

@@ -157,11 +157,11 @@ def test_ingest_committing_while_runs_clear_puts_every_tap_in_exactly_one_run(pg
         # First what any version of clearing can be asked: do the runs add up to the purchases stored?
         assert (int(run_taps), int(run_gross)) == (purchases, gross), (
             f"{runs} runs counted {run_taps} purchases ({run_gross} fen); {purchases} ({gross} fen) are stored")
-        in_no_run = one(engine, "SELECT COUNT(*) FROM tap t LEFT JOIN clearing_run r ON r.id = t.clearing_run_id "
+        in_no_run = one(engine, "SELECT COUNT(*) FROM tap_claimed t LEFT JOIN clearing_run r ON r.id = t.clearing_run_id "
                                 "WHERE r.id IS NULL")[0]
         runs_off = one(engine, """
             SELECT COUNT(*) FROM clearing_run r LEFT JOIN (
-                SELECT clearing_run_id AS id, COUNT(*) AS n, SUM(amount) AS g FROM tap WHERE kind = 'purchase'
+                SELECT clearing_run_id AS id, COUNT(*) AS n, SUM(amount) AS g FROM tap_claimed WHERE kind = 'purchase'
                 GROUP BY clearing_run_id) c ON c.id = r.id
             WHERE r.day_taps + r.late_taps <> COALESCE(c.n, 0) OR r.day_gross + r.late_gross <> COALESCE(c.g, 0)""")[0]
         days_off = one(engine, """
@@ -178,7 +178,7 @@ def test_ingest_committing_while_runs_clear_puts_every_tap_in_exactly_one_run(pg
                 SELECT id, service_day, as_of,
                        ((service_day + 1)::timestamp + make_interval(hours => cutoff_hour)) AT TIME ZONE tz AS day_end
                 FROM clearing_run)
-            SELECT COUNT(*) FROM tap t
+            SELECT COUNT(*) FROM tap_claimed t
             WHERE (SELECT e.id FROM ends e WHERE t.received_at < e.as_of AND t.occurred_at < e.day_end
                    ORDER BY e.service_day LIMIT 1) IS DISTINCT FROM t.clearing_run_id""")[0]
         in_two_runs = int(run_taps) - int(purchases)

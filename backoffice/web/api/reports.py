@@ -210,7 +210,7 @@ def vehicle_day(conn: Connection, *, op: OperatorDay, day: date, vehicle: str, n
     where = [Tap.operator == op.code, Tap.vehicle == vehicle, Tap.kind == PURCHASE, Tap.occurred_at >= start,
              Tap.occurred_at < end]
     if run is not None:
-        where.append(Tap.clearing_run_id == run.id)
+        where.append(clearing_runs.taken_by(conn, run.id))
     buys = _records(conn, *where)
     if not buys and reads.registry_item(conn, kind="vehicles", key=vehicle, operator=op.code) is None:
         raise HTTPException(404, f"vehicle {vehicle!r} not found")
