@@ -44,7 +44,7 @@ from sqlalchemy import func, select
 
 from clearing.money import yuan
 from farebox import bootstrap
-from farebox.city_buses import District, Final, Ridden, rider_card, run_district
+from farebox.city_buses import District, Ridden, rider_card, run_district
 from farebox.config import Settings
 from hardware_sim.city import CityPlan, plan_large_city
 from wire.mqtt_url import parse_mqtt_url
@@ -76,7 +76,8 @@ class Stages:
     clearing_seconds: float = 0.0  # clear the day and store the run
     report_seconds: float = 0.0  # PDF, CSV, XLSX of the stored run
     audit_seconds: float = 0.0
-    books_seconds: float = 0.0
+    books_seconds: float = 0.0  # the districts' card books, read while the day was cleared and audited
+    books_wait_seconds: float = 0.0  # of which, waited for after the audit
 
     @staticmethod
     def rate(n: int, seconds: float) -> float:
@@ -208,15 +209,8 @@ def _run(settings, run_dir, tag, seed, day, n_buses, riders_per_bus, trips_per_h
     database_url = settings.effective_database_url
     boot = bootstrap.start(settings, "device_master", announce=False)  # test keys: it is the demo
     engine = boot.engine()
-    t = time.monotonic()
     _seed_registry(engine, plan)
     console.print(f"back office database: {engine.url.render_as_string(hide_password=True)}", soft_wrap=True)
-    first_tap = plan.taps[0].at
-    cards = {c.asn: rider_card(c, i, day) for i, c in enumerate(plan.cards)}
-    on_cards = _issue_cards(engine, plan, cards, at=first_tap - timedelta(minutes=15))
-    del cards  # the districts ride with chips made the same way; these only told the counter what they hold
-    console.print(f"{len(plan.cards)} cards issued at the counter, holding {yuan(on_cards, symbol='¥')} "
-                  f"({time.monotonic() - t:.1f} s with the registry)")
 
     broker = None
     mqtt_url = settings.mqtt_url
@@ -230,10 +224,8 @@ def _run(settings, run_dir, tag, seed, day, n_buses, riders_per_bus, trips_per_h
                            workers=ingest_workers)
     ctx = multiprocessing.get_context("spawn")
     procs, pipes = [], []
-    ridden: list[Ridden] = []
-    finals: list[Final] = []
     try:
-        ingest.start()
+        ingest.start(timeout=180)  # a loaded machine has been seen to take more than 30 s
         journal_dir = run_dir / "journals"
         journal_dir.mkdir()
         t = time.monotonic()
@@ -244,7 +236,13 @@ def _run(settings, run_dir, tag, seed, day, n_buses, riders_per_bus, trips_per_h
             child.close()
             procs.append(proc)
             pipes.append(parent)
-        connected = sum(_expect(p, "ready", 180) for p in pipes)
+        # The counter issues the riders' cards while the districts start and connect their buses.
+        cards = {c.asn: rider_card(c, i, day) for i, c in enumerate(plan.cards)}
+        on_cards = _issue_cards(engine, plan, cards, at=plan.taps[0].at - timedelta(minutes=15))
+        del cards  # the districts ride with chips made the same way; these only told the counter what they hold
+        console.print(f"{len(plan.cards)} cards issued at the counter, holding {yuan(on_cards, symbol='¥')} "
+                      f"({time.monotonic() - t:.1f} s)")
+        connected = sum(_gather(pipes, "ready", 180))
         console.print(f"{connected} of {n_buses} validators connected ({time.monotonic() - t:.1f} s)")
         for p in pipes:
             p.send("go")
@@ -253,12 +251,20 @@ def _run(settings, run_dir, tag, seed, day, n_buses, riders_per_bus, trips_per_h
                       f"[red]{sum(r.backlog for r in ridden)} records still unacknowledged")
         for p in pipes:
             p.send("stop")
-        finals = [_expect(p, "final", 120) for p in pipes]
+        finals = _gather(pipes, "final", 120)
+        ingest.stop()
+        if broker:
+            broker.stop()
+        for p in pipes:  # each district reads its cards' books while the day is cleared here
+            p.send(database_url)
+        return _close_day(settings, engine, plan, run_dir, ridden, finals, pipes, console, started, audit_books,
+                          _count_rows, _print_audit, _print_books, _print_serve, COMMISSION_BP)
     finally:
         for p in pipes:
             p.close()
+        deadline = time.monotonic() + 30  # a district whose pipe closed stops its buses and ends
         for proc in procs:
-            proc.join(timeout=30)
+            proc.join(timeout=max(0.1, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
         ingest.stop()
@@ -267,9 +273,6 @@ def _run(settings, run_dir, tag, seed, day, n_buses, riders_per_bus, trips_per_h
         else:
             for client_id in worker_client_ids(ingest.client_id, ingest_workers):
                 end_session(target, client_id)
-
-    return _close_day(settings, engine, plan, run_dir, ridden, finals, console, started, audit_books, _count_rows,
-                      _print_audit, _print_books, _print_serve, COMMISSION_BP)
 
 
 def _districts(plan: CityPlan, size: int, journal_dir: Path, mqtt_url: str, master: bytes):
@@ -290,13 +293,21 @@ def _districts(plan: CityPlan, size: int, journal_dir: Path, mqtt_url: str, mast
                        taps=taps.get(number, []), outages=[o for o in plan.outages if o.bus // size == number])
 
 
-def _expect(pipe, what: str, timeout: float):
-    if not pipe.poll(timeout):
-        raise RuntimeError(f"a district did not say {what!r} within {timeout:.0f} s (see its district-*.log)")
-    kind, value = pipe.recv()
-    if kind != what:
-        raise RuntimeError(f"a district said {kind!r}, not {what!r}")
-    return value
+def _gather(pipes, what: str, timeout: float) -> list:
+    """Each district's answer ``what``, in district order."""
+    out = []
+    deadline = time.monotonic() + timeout
+    for pipe in pipes:
+        if not pipe.poll(max(0.0, deadline - time.monotonic())):
+            raise RuntimeError(f"a district did not say {what!r} within {timeout:.0f} s (see its district-*.log)")
+        try:
+            kind, value = pipe.recv()
+        except EOFError:
+            raise RuntimeError(f"a district process ended before it said {what!r} (see its district-*.log)") from None
+        if kind != what:
+            raise RuntimeError(f"a district said {kind!r}, not {what!r}")
+        out.append(value)
+    return out
 
 
 def _follow(pipes, total: int, console) -> list[Ridden]:
@@ -325,10 +336,9 @@ def _follow(pipes, total: int, console) -> list[Ridden]:
     return [done[i] for i in range(len(pipes))]
 
 
-def _close_day(settings, engine, plan, run_dir, ridden, finals, console, started, audit_books, count_rows,
+def _close_day(settings, engine, plan, run_dir, ridden, finals, pipes, console, started, audit_books, count_rows,
                print_audit, print_books, print_serve, commission_bp) -> CityResult:
     from backoffice import clearing_runs
-    from backoffice.cards.ledger import card_ledger
     from backoffice.models import Tap
     from backoffice.settle import settle
 
@@ -353,7 +363,7 @@ def _close_day(settings, engine, plan, run_dir, ridden, finals, console, started
         stages.stored_seconds = (_utc(received_last) - _utc(received_first)).total_seconds()
 
     now = datetime.now(UTC)
-    t = time.monotonic()
+    books_started = t = time.monotonic()
     with engine.begin() as conn:  # clear the day and store the run, as settle does for a new day
         run = clearing_runs.clear_day(conn, operator=plan.operator, day=plan.day, now=now)
         clearing_runs.reconcile_shifts_day(conn, operator=plan.operator, day=plan.day, now=now)
@@ -373,15 +383,11 @@ def _close_day(settings, engine, plan, run_dir, ridden, finals, console, started
     for f in finals:
         balances.update(f.balances)
     t = time.monotonic()
-    equal = clean = 0
-    with engine.connect() as conn:
-        for c in plan.cards:
-            ledger = card_ledger(conn, asn=c.asn.hex())
-            equal += ledger.balance + ledger.refunds == balances[c.asn.hex()]
-            clean += not ledger.findings
-    stages.books_seconds = time.monotonic() - t
-    books = (len(plan.cards), equal, clean)
-
+    books = (0, 0, 0)
+    for share in _gather(pipes, "books", 600):  # the districts read their cards' books meanwhile
+        books = tuple(a + b for a, b in zip(books, share, strict=True))
+    stages.books_seconds = time.monotonic() - books_started
+    stages.books_wait_seconds = time.monotonic() - t
     outcomes: dict[str, int] = {}
     for r in ridden:
         for k, v in r.outcomes.items():
@@ -442,7 +448,7 @@ def _print_stages(console: Console, s: Stages) -> None:
     table.add_row("clearing: clear the day, store the run", "", f"{s.clearing_seconds:.1f}", "")
     table.add_row("reports: PDF, CSV, XLSX", "", f"{s.report_seconds:.1f}", "")
     table.add_row("audit: re-derive the run from the raw tables", "", f"{s.audit_seconds:.1f}", "")
-    table.add_row("card books: every card's ledger", "", f"{s.books_seconds:.1f}", "")
+    table.add_row("card books: every card's ledger (in the districts)", "", f"{s.books_seconds:.1f}", "")
     console.print(table)
     if s.resends:
         console.print(f"({s.resends} of the messages were resends: an acknowledgement not back within the timeout)")
