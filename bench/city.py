@@ -173,7 +173,7 @@ def nightly(url: str, reports: Path) -> tuple[float, float, dict]:
     claim_s = []
     claim = clearing_runs.claim_taps
 
-    def timed_claim(*args, **kwargs):  # the claim's share of the path: one UPDATE that writes every tap
+    def timed_claim(*args, **kwargs):  # the claim's share of the path (before revision 0027: an UPDATE of every tap)
         t0 = time.perf_counter()
         try:
             return claim(*args, **kwargs)
@@ -193,8 +193,8 @@ def nightly(url: str, reports: Path) -> tuple[float, float, dict]:
     clearing_runs.claim_taps = claim
     with engine.connect() as conn:
         audit = conn.execute(text(
-            "SELECT count(*), coalesce(sum(amount), 0) FROM tap WHERE clearing_run_id = :r AND kind = 'purchase' "
-            "AND occurred_at >= :s"), {"r": result.run.id, "s": day_bounds(DAY, TZ, CUTOFF)[0]}).one()
+            "SELECT count(*), coalesce(sum(amount), 0) FROM tap_claimed WHERE clearing_run_id = :r "
+            "AND kind = 'purchase' AND occurred_at >= :s"), {"r": result.run.id, "s": day_bounds(DAY, TZ, CUTOFF)[0]}).one()
     engine.dispose()
     totals = dict(result.run.totals)
     totals["agrees_with_sql"] = (int(audit[0]), int(audit[1])) == (totals["day_taps"], totals["day_gross"])
@@ -238,17 +238,32 @@ def run_size(pg_url: str, taps: int, repeat: int) -> dict:
                     "memory": max(peaks) <= GOAL_MB}}
 
 
-def run(*, sizes=SIZES, repeat: int = 3, console, results_dir: Path, pg_url: str | None = None) -> dict:
+def _growth(results: list[dict]) -> dict | None:
+    """How the smallest size's figures grow to the largest's: taps, time, baseline, cost per tap, peak memory."""
+    if len(results) < 2:
+        return None
+    a, b = results[0], results[-1]
+    keys = ("taps", "nightly_s", "baseline_s", "claim_s", "us_per_tap", "baseline_us_per_tap", "peak_rss_mb")
+    return {k: ratio(b[k], a[k]) for k in keys}
+
+
+def run(*, sizes=SIZES, repeat: int | None = None, console, results_dir: Path, pg_url: str | None = None) -> dict:
+    """Each size in one sitting, ``repeat`` times (default: 3, and 2 from 10 M taps up, where a sitting of three
+    takes most of an hour on this machine); the JSON is written after each size, so a long run keeps what it did."""
     pg_url = pg_url or os.environ.get("FAREBOX_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-    results = [run_size(pg_url, n, repeat) for n in sizes]
-    doc = {"routes": ROUTES, "vehicles": VEHICLES, "drivers": DRIVERS, "results": results,
-           "goals": {"ratio_max": GOAL_RATIO, "seconds_max": GOAL_SECONDS, "peak_rss_mb_max": GOAL_MB},
-           "growth_us_per_tap": ratio(results[-1]["us_per_tap"], results[0]["us_per_tap"]) if len(results) > 1
-           else None}
-    path = write_result("city", doc, results_dir)
+    results: list[dict] = []
+    doc: dict = {}
+    for n in sizes:
+        results.append(run_size(pg_url, n, repeat or (2 if n >= 10_000_000 else 3)))
+        doc = {"routes": ROUTES, "vehicles": VEHICLES, "drivers": DRIVERS, "results": results,
+               "goals": {"ratio_max": GOAL_RATIO, "seconds_max": GOAL_SECONDS, "peak_rss_mb_max": GOAL_MB},
+               "growth_us_per_tap": ratio(results[-1]["us_per_tap"], results[0]["us_per_tap"])
+               if len(results) > 1 else None,
+               "growth": _growth(results)}
+        path = write_result("city", doc, results_dir)
     console.print(table(
         f"city: the nightly path (settle: claim, clear, store, PDF/CSV/XLSX) beside COPY out + bare GROUP BYs "
-        f"(median of {repeat})",
+        f"(median of {', '.join(str(r['repeat']) for r in results)})",
         ["taps", "nightly s", "of it claim s", "baseline s", "ratio", "ratio w/o claim", "peak RSS MiB", "µs/tap",
          "baseline µs/tap", "= SQL"],
         [[f"{r['taps']:,}", f"{r['nightly_s']:.2f}", f"{r['claim_s']:.2f}", f"{r['baseline_s']:.2f}",
@@ -256,6 +271,12 @@ def run(*, sizes=SIZES, repeat: int = 3, console, results_dir: Path, pg_url: str
           f"{r['peak_rss_mb']:,.0f}", f"{r['us_per_tap']:.2f}", f"{r['baseline_us_per_tap']:.2f}",
           "yes" if r["agrees_with_sql"] else "NO"] for r in results],
         caption=f"goals: <= {GOAL_RATIO:.0f}× baseline, <= {GOAL_SECONDS:.0f} s, <= {GOAL_MB} MiB; JSON: {path}"))
+    growth = {k: (v if v is not None else float("nan")) for k, v in (doc.get("growth") or {}).items()}
+    if growth:
+        console.print(f"{results[0]['taps']:,} -> {results[-1]['taps']:,} taps (×{growth['taps']:.0f}): nightly "
+                      f"×{growth['nightly_s']:.2f}, baseline ×{growth['baseline_s']:.2f}, claim ×{growth['claim_s']:.2f}, "
+                      f"cost per tap ×{growth['us_per_tap']:.2f} (baseline's ×{growth['baseline_us_per_tap']:.2f}), "
+                      f"peak RSS ×{growth['peak_rss_mb']:.2f}")
     return doc
 
 
@@ -270,5 +291,5 @@ if __name__ == "__main__":
     p.add_argument("--repeat", type=int, default=None)
     p.add_argument("--results", type=Path, default=RESULTS_DIR)
     a = p.parse_args()
-    run(sizes=a.taps or (QUICK_SIZES if a.quick else SIZES), repeat=a.repeat or (1 if a.quick else 3),
+    run(sizes=a.taps or (QUICK_SIZES if a.quick else SIZES), repeat=a.repeat or (1 if a.quick else None),
         console=console(), results_dir=a.results)

@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from clearing.money import yuan, yuan_decimal
@@ -261,6 +262,23 @@ def _about(tables: SettlementTables) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["项目 Item", "值 Value"])
 
 
+def _xlsx_value(value):
+    """A cell's value as openpyxl takes it: None for missing, Python numbers and datetimes for numpy's."""
+    if value is None or value is pd.NaT or (isinstance(value, float) and value != value):
+        return None
+    if value is pd.NA:
+        return None
+    if isinstance(value, pd.Timestamp):
+        return value.to_pydatetime()
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
 def write_settlement_xlsx(tables: SettlementTables, path: str | Path) -> Path:
     """One workbook: an "about" sheet (status, operator, period, clearing run, totals), a "comparison" sheet
     when there is a period before to compare with, then one sheet per table with its totals row in bold, header
@@ -272,30 +290,50 @@ def write_settlement_xlsx(tables: SettlementTables, path: str | Path) -> Path:
     sheets = {"about": _about(tables), **({"comparison": comparison} if comparison is not None else {}), **frames}
 
     def write(tmp: Path) -> None:
-        with pd.ExcelWriter(tmp, engine="openpyxl") as xw:
-            for name, frame in sheets.items():
-                escape_formulas(frame).to_excel(xw, sheet_name=name, index=False,
-                                                freeze_panes=None if name == "about" else (1, 0))
-            for ws in xw.book.worksheets:
-                for cell in ws[1]:
-                    cell.font = Font(bold=True)
-                if ws.max_row > 1 and ws.cell(ws.max_row, 1).value == TOTAL:
-                    for cell in ws[ws.max_row]:
-                        cell.font = Font(bold=True)
-                for i, column in enumerate(ws.iter_cols(min_row=1, max_row=1), start=1):
-                    heading = str(column[0].value)
-                    letter = column[0].column_letter
-                    ws.column_dimensions[letter].width = max(10, min(40, len(heading) + 4))
-                    if heading in YUAN_HEADERS or ws.title in ("about", "comparison"):
-                        for (cell,) in ws.iter_rows(min_row=2, min_col=i, max_col=i):
-                            if isinstance(cell.value, Decimal | float):
-                                cell.number_format = YUAN_FORMAT
-                    if heading == HEADERS["name"] or (ws.title == "about" and i == 1):
-                        ws.column_dimensions[letter].width = 36 if ws.title == "about" else 24
-                if ws.title == "about":
-                    ws.column_dimensions["B"].width = 90
-                if ws.title == "comparison":  # the last column is a percentage with one decimal
-                    for (cell,) in ws.iter_rows(min_row=2, min_col=ws.max_column, max_col=ws.max_column):
-                        cell.number_format = "+0.0;-0.0;0.0"
+        # openpyxl's write-only mode, rows streamed with their styles: a city's 10,000 vehicles and 15,000 drivers
+        # took ~12 s through pandas' cell-by-cell writer and a workbook of cell objects, here a few seconds.
+        from openpyxl import Workbook
+        from openpyxl.cell import WriteOnlyCell
+        from openpyxl.utils import get_column_letter
+
+        book = Workbook(write_only=True)
+        bold = Font(bold=True)
+        for name, frame in sheets.items():
+            ws = book.create_sheet(title=name)
+            safe = escape_formulas(frame)
+            headings = [str(c) for c in safe.columns]
+            for i, heading in enumerate(headings, start=1):
+                width = max(10, min(40, len(heading) + 4))
+                if heading == HEADERS["name"] or (name == "about" and i == 1):
+                    width = 36 if name == "about" else 24
+                if name == "about" and i == 2:
+                    width = 90
+                ws.column_dimensions[get_column_letter(i)].width = width
+            if name != "about":
+                ws.freeze_panes = "A2"
+            yuan = {i for i, h in enumerate(headings) if h in YUAN_HEADERS or name in ("about", "comparison")}
+            percent = len(headings) - 1 if name == "comparison" else -1  # a percentage with one decimal
+
+            def cell(value, *, strong: bool, fmt: str | None, ws=ws):
+                c = WriteOnlyCell(ws, value=value)
+                if strong:
+                    c.font = bold
+                if fmt:
+                    c.number_format = fmt
+                return c
+
+            ws.append([cell(h, strong=True, fmt=None) for h in headings])
+            last = len(safe) - 1
+            for r, values in enumerate(safe.itertuples(index=False, name=None)):
+                strong = r == last and bool(values) and values[0] == TOTAL
+                row = []
+                for i, value in enumerate(values):
+                    value = _xlsx_value(value)
+                    fmt = YUAN_FORMAT if i in yuan and isinstance(value, Decimal | float) else None
+                    if i == percent:
+                        fmt = "+0.0;-0.0;0.0"
+                    row.append(cell(value, strong=strong, fmt=fmt) if strong or fmt else value)
+                ws.append(row)
+        book.save(tmp)
 
     return _atomic(Path(path), write)
