@@ -134,7 +134,9 @@ class Uplink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         self.client = client
+        self._sub_mids: dict[int, list[tuple[str, int]]] = {}  # SUBSCRIBE packet id -> its filters
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -268,12 +270,34 @@ class Uplink:
             log.error("device %s: broker refused the connection: %s (check the device's MQTT user and password)",
                       self.device_id, reason_code)
             return
-        client.subscribe(self._subscriptions)
+        self._subscribe(self._subscriptions)
         self._publish_status("birth", self._connection_at)
         self._connected.set()
         with self._lock:
             self._inflight.clear()  # whatever was in flight is sent again; the back office drops duplicates
         self._wake.set()
+
+    def _subscribe(self, filters: list[tuple[str, int]]) -> None:
+        rc, mid = self.client.subscribe(filters)
+        if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            self._sub_mids[mid] = filters
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        """A filter the broker refused (SUBACK 0x80) is asked for again a few seconds later: without its ``ack``
+        subscription a bus would send its batches for ever and never hear back (seen on a NATS cluster under load:
+        the JetStream consumer behind a subscription timed out, and the SUBACK said so)."""
+        filters = self._sub_mids.pop(mid, [])
+        failed = [f for f, rc in zip(filters, reason_codes, strict=False) if rc.is_failure]
+        if failed and not self._stop.is_set():
+            log.warning("device %s: broker refused subscriptions %s; asking again in 5 s", self.device_id,
+                        [f for f, _ in failed])
+            timer = threading.Timer(5.0, self._resubscribe, args=(failed,))
+            timer.daemon = True
+            timer.start()
+
+    def _resubscribe(self, filters: list[tuple[str, int]]) -> None:
+        if self._connected.is_set() and not self._stop.is_set():
+            self._subscribe(filters)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self._connected.clear()
