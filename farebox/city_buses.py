@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import resource
-import sys
 import time
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -45,7 +44,6 @@ from wire.mqtt_url import parse_mqtt_url
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 500  # taps between two progress reports to the parent
-SWITCH_INTERVAL = 0.05  # seconds: the district process's GIL switch interval (run_district says why)
 HEARTBEAT_SECONDS = 3600  # of the simulated day: a heartbeat an hour (the small demo's every 5 min would be
 # 190,000 status messages for 1,000 buses)
 
@@ -142,10 +140,6 @@ def run_district(d: District, conn, connect_timeout: float = 60.0, drain_timeout
     logging.basicConfig(level=logging.WARNING, filename=str(d.journal_dir / f"district-{d.number:03d}.log"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _raise_nofile()
-    # 200 threads (each bus's sender and paho's network loop) wait on one GIL while the ride loop computes: with
-    # CPython's 5 ms switch interval they keep forcing it to hand over. 50 ms took a quarter less CPU a tap here
-    # (200 buses: 3.0-3.4 ms instead of 4.2); acknowledgements come a little later, which the ride does not wait for.
-    sys.setswitchinterval(SWITCH_INTERVAL)
     now = [d.taps[0].at - timedelta(minutes=15) if d.taps else datetime.combine(d.day, datetime.min.time())]
     clock = lambda: now[0]  # noqa: E731 - the district's simulated clock, read by its terminals and uplinks
     riders = {c.asn: rider_card(c, i, d.day) for i, c in d.cards}
