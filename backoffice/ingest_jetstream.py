@@ -53,7 +53,7 @@ STREAM = "FAREBOX_TAPS"
 DURABLE = "ingest"
 SUBJECTS = f"{topics.PREFIX.replace('/', '.')}.*.*.taps"
 MQTT_MSGS_PREFIX = "$MQTT.msgs."
-JETSTREAM_WAIT = 120.0  # seconds a starting worker waits for the cluster's JetStream to answer  # nats-server's stream of MQTT QoS 1 messages
+JETSTREAM_WAIT = 120.0  # seconds a starting worker waits for JetStream to answer  # nats-server's stream of MQTT QoS 1 messages
 
 
 def nats_urls(value: str | list[str], *, user: str | None = None, password: str | None = None) -> list[str]:

@@ -13,7 +13,8 @@ Terminal, Journal, Uplink with simulated cards; every bus its own paho client wi
 
 Each bus taps ``taps`` times, one tap every ``interval`` seconds (spread over the fleet); latency = a record's
 journal write -> its acknowledgement marked in the journal (publish, broker, ingest, commit, ack back), timed in
-each bus's ``Journal.mark_acked`` (in the bus's own process). Out: p50/p95/p99/max per engine, taps/s, JSON in bench/results/cluster.json.
+each bus's ``Journal.mark_acked`` (in the bus's own process). Out: p50/p95/p99/max per engine, taps/s, JSON in
+bench/results/cluster.json.
 
 :class:`NatsCluster` (start, SIGKILL and restart nodes) is also what tests/integration/test_nats_cluster.py uses.
 """
