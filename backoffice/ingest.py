@@ -11,7 +11,8 @@ caller's transaction,
    device versions, see :class:`DeviceDirectory`), its type and algorithm are known, its TAC verifies with the
    card's TAC key, which only the key service holds (``backoffice.keyservice.KeyService.purchase_tac_ok``: raw
    issuer keys never reach ingest, so an HSM can stand behind it);
-3. looks every purchase up by the card's own counter (card ASN, card TTC): the same transaction already stored from
+3. looks every purchase up by the card's own counter (card ASN, card TTC; on PostgreSQL over the service days within
+   ``CARD_WINDOW_DAYS`` of the batch's, tap being partitioned by day): the same transaction already stored from
    another record with different content is **fraud** (quarantined, a ``fraud_flag`` row naming both records, the
    card's status set to ``fraud`` so the next deny list carries it); with the same content it is a copy, not
    counted twice;
@@ -42,7 +43,7 @@ import logging
 import operator
 import time
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy import Connection, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -64,6 +65,11 @@ TICKET_FIELDS = ("ticket_id", "ticket_use", "presented")
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(TapRecord) if f.name not in TICKET_FIELDS)
 TAP_COLUMNS = (*_RECORD_FIELDS, "received_at", "service_day")
 PURCHASE = RecordKind.PURCHASE.value
+# On PostgreSQL the card counter look-up (step 3) reads the service days within this many days of the batch's
+# own days: tap is partitioned by day, and every attached day's partition costs an index probe per pair (at 372
+# attached days the look-up of 2,000 pairs took 5.7x as long as over one table; bench/ingest.py). A transaction's
+# copy or clone whose days lie further apart is not seen here; SQLite (one table) looks at every day.
+CARD_WINDOW_DAYS = 7
 
 
 @dataclasses.dataclass
@@ -226,7 +232,8 @@ class Ingest:
     """
 
     def __init__(self, *, keys: KeyService, master: bytes, devices: DeviceDirectory | None = None,
-                 accept_unsigned: bool = False, write: str = "copy", tac_cards: int = 100_000):
+                 accept_unsigned: bool = False, write: str = "copy", tac_cards: int = 100_000,
+                 card_window_days: int = CARD_WINDOW_DAYS):
         """``keys``: the issuer key service (raw ``IssuerKeys``, in tests and tools, are wrapped in a
         ``LocalKeyService`` keeping ``tac_cards`` cards' TAC keys ready)."""
         if write not in ("copy", "insert"):
@@ -236,6 +243,7 @@ class Ingest:
         self.devices = devices or DeviceDirectory()
         self.accept_unsigned = accept_unsigned
         self.write = write
+        self.card_window_days = card_window_days
         self._mac_keys = functools.lru_cache(maxsize=100_000)(lambda device: devicekeys.mac_key(master, device))
 
     def mac_key(self, device_id: str) -> bytes:
@@ -286,10 +294,15 @@ class Ingest:
             _store_ticket_uses(conn, ticket_uses, now, quarantine)
         repeats: list[_Candidate] = []  # a key a second time in these messages (filled by _sort_out)
         taps, fraud_flags, fraud_cards = self._sort_out(conn, store, candidates, now, quarantine, repeats)
-        archived = store.archived(taps)  # keys stored in a day detached to the archive: not stored again
-        if archived:
-            taps, repeats = [c for c in taps if c.record.key not in archived], repeats + [
-                c for c in taps if c.record.key in archived]
+        # The key includes the service day (the partition column): a key stored under another day is not seen by
+        # ON CONFLICT. A resend maps to the same day (backoffice.partitions), so such a key is a record with other
+        # content (another time): a conflict, looked for here; and keys of days detached to the archive.
+        elsewhere = store.archived(taps)
+        elsewhere.update(store.on_other_days([c for c in taps if c.record.key not in elsewhere],
+                                             self.card_window_days))
+        if elsewhere:
+            taps, repeats = [c for c in taps if c.record.key not in elsewhere], repeats + [
+                c for c in taps if c.record.key in elsewhere]
         stored = store.insert(taps, now)
         clashes = [c for c in taps if c.record.key not in stored] + repeats
         for c in taps:
@@ -297,8 +310,10 @@ class Ingest:
                 c.result.stored += 1
         # A key already stored is a duplicate only if the stored record is the same record; otherwise (a journal
         # replaced without an epoch, a forgery with the device's key) it is a conflict, held with its reason.
-        before = store.records_by_key({c.record.key for c in clashes}) if clashes else {}
-        before.update(archived)
+        clash_keys = {c.record.key for c in clashes}
+        before = store.records_by_key(clash_keys, {c.day for c in taps + repeats if c.record.key in clash_keys}) \
+            if clashes else {}
+        before.update(elsewhere)
         for c in clashes:
             _duplicate_or_conflict(c, before.get(c.record.key), now, quarantine)
         _mark_signed(quarantine, results)
@@ -398,8 +413,11 @@ class Ingest:
         """Split the candidates into taps to insert and second records of a card transaction (fraud or copy)."""
         purchases = {(c.record.card_asn, c.record.card_ttc) for c in candidates
                      if c.record.kind is RecordKind.PURCHASE}
+        days = [c.day for c in candidates if c.record.kind is RecordKind.PURCHASE]
+        window = (min(days) - timedelta(days=self.card_window_days),
+                  max(days) + timedelta(days=self.card_window_days)) if days else None
         first: dict[tuple[str, int], _Seen] = {}
-        for seen in store.purchases_by_card_counter(purchases):
+        for seen in store.purchases_by_card_counter(purchases, window):
             first.setdefault((seen.card_asn, seen.card_ttc), seen)
         taps, flags, cards = [], [], set()
         keys_here: set[tuple[str, int, int]] = set()
@@ -639,7 +657,16 @@ class _Store:
         """Keys of these candidates already stored in a day detached to the archive (PostgreSQL only)."""
         return {}
 
-    def purchases_by_card_counter(self, pairs: set[tuple[str, int]]) -> Iterable[_Seen]:
+    def on_other_days(self, candidates: list[_Candidate], window_days: int) -> dict[tuple[str, int, int], dict]:
+        """Keys of these candidates stored under another service day than the candidate's (SQLite: any day)."""
+        if not candidates:
+            return {}
+        days = {c.record.key: c.day for c in candidates}
+        found = self.records_by_key(set(days), (), with_day=True)
+        return {k: row for k, row in found.items() if row["service_day"] != days[k]}
+
+    def purchases_by_card_counter(self, pairs: set[tuple[str, int]], window=None) -> Iterable[_Seen]:
+        """Stored purchases with these (card, counter) pairs; SQLite (one table) looks at every day."""
         pairs = sorted(pairs)
         for i in range(0, len(pairs), 400):
             query = (select(Tap.card_asn, Tap.card_ttc, Tap.device_id, Tap.device_seq, Tap.amount, Tap.terminal_id,
@@ -648,13 +675,18 @@ class _Store:
             for row in self.conn.execute(query):
                 yield _Seen(*row[:8], _as_utc_seconds(row[8]), row[9])
 
-    def records_by_key(self, keys: set[tuple[str, int, int]]) -> dict[tuple[str, int, int], dict]:
-        """Stored taps by (device_id, epoch, device_seq): their record fields, to tell a resend from a conflict."""
+    def records_by_key(self, keys: set[tuple[str, int, int]], days=(), *, with_day: bool = False,
+                       ) -> dict[tuple[str, int, int], dict]:
+        """Stored taps by (device_id, epoch, device_seq): their record fields, to tell a resend from a conflict.
+        ``days``: the service days the keys' records map to (a key is stored under its record's day, so only those
+        days' partitions are read)."""
         keys = sorted(keys)
-        columns = [Tap.__table__.c[name] for name in _RECORD_FIELDS]
+        columns = [Tap.__table__.c[name] for name in (*_RECORD_FIELDS, *(("service_day",) if with_day else ()))]
+        on_days = [Tap.service_day.in_(sorted(days))] if days and None not in days else []
         found = {}
         for i in range(0, len(keys), 400):
-            query = select(*columns).where(tuple_(Tap.device_id, Tap.epoch, Tap.device_seq).in_(keys[i:i + 400]))
+            query = select(*columns).where(tuple_(Tap.device_id, Tap.epoch, Tap.device_seq).in_(keys[i:i + 400]),
+                                           *on_days)
             for row in self.conn.execute(query).mappings():
                 found[(row["device_id"], row["epoch"], row["device_seq"])] = row
         return found
@@ -728,18 +760,52 @@ class _PgCopyStore(_Store):
                         ", ".join(tables))
         return found
 
-    def purchases_by_card_counter(self, pairs):
+    def on_other_days(self, candidates, window_days):
+        """Keys stored under another day within ``window_days`` of the candidates' days: one index range scan per
+        device journal and day partition (the keys of a batch are a run of sequences), pruned to those days."""
+        if not candidates:
+            return {}
+        days = {c.record.key: c.day for c in candidates}
+        ranges: dict[tuple[str, int], list[int]] = {}
+        for device_id, epoch, seq in days:
+            r = ranges.setdefault((device_id, epoch), [seq, seq])
+            r[0], r[1] = min(r[0], seq), max(r[1], seq)
+        (devices, epochs), bounds = zip(*ranges, strict=True), list(ranges.values())
+        first = min(days.values()) - timedelta(days=window_days)
+        last = max(days.values()) + timedelta(days=window_days)
+        columns = ", ".join(f"t.{name}" for name in _RECORD_FIELDS)
+        cur = self.pg.cursor()
+        cur.execute(f"SELECT {columns}, t.service_day FROM unnest(%s::text[], %s::bigint[], %s::bigint[], "
+                    "%s::bigint[]) AS q(d, e, lo, hi) JOIN tap t ON t.device_id = q.d AND t.epoch = q.e AND "
+                    "t.device_seq BETWEEN q.lo AND q.hi WHERE t.service_day BETWEEN %s AND %s",
+                    (list(devices), list(epochs), [b[0] for b in bounds], [b[1] for b in bounds], first, last),
+                    prepare=False)
+        names = [d.name for d in cur.description]
+        found = {}
+        for row in cur.fetchall():
+            mapping = dict(zip(names, row, strict=True))
+            key = (mapping["device_id"], mapping["epoch"], mapping["device_seq"])
+            if key in days and mapping["service_day"] != days[key]:
+                found[key] = mapping
+        return found
+
+    def purchases_by_card_counter(self, pairs, window=None):
+        """Stored purchases with these (card, counter) pairs, on the service days of ``window`` (first, last): the
+        day bounds are plain values, so the planner keeps only those days' partitions (and DEFAULT). Over every
+        attached day the look-up's cost grows with the days kept attached (bench/ingest.py measures both)."""
         if not pairs:
             return []
         asns, ttcs = zip(*pairs, strict=True)
+        first, last = window if window is not None else (date.min, date.max)
         rows = self.pg.execute(
             "SELECT t.card_asn, t.card_ttc, t.device_id, t.device_seq, t.amount, t.terminal_id, t.terminal_seq, "
             "t.tac, t.occurred_at, t.epoch FROM unnest(%s::text[], %s::int[]) AS q(asn, ttc) "
-            "JOIN tap t ON t.card_asn = q.asn AND t.card_ttc = q.ttc WHERE t.kind = 'purchase'",
+            "JOIN tap t ON t.card_asn = q.asn AND t.card_ttc = q.ttc WHERE t.kind = 'purchase' "
+            "AND t.service_day BETWEEN %s AND %s",
             # Never a prepared statement: psycopg prepares after five runs, and a generic plan made while `tap` was
             # small scans the whole table for every batch until the next autoanalyze (the fleet bench saw one
             # worker fall behind at 200 validators; with a plan per call it held 2,000).
-            (list(asns), list(ttcs)), prepare=False).fetchall()
+            (list(asns), list(ttcs), first, last), prepare=False).fetchall()
         return [_Seen(*row[:8], int(row[8].timestamp()), row[9]) for row in rows]
 
     def insert(self, candidates, now):

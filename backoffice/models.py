@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     UniqueConstraint,
     select,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -254,11 +255,6 @@ def _service_day_default(context) -> date:
     return tap_service_day(params["occurred_at"], *rules[code])
 
 
-def _received_day_default(context) -> date:
-    at = context.get_current_parameters()["received_at"]
-    return (at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)).date()
-
-
 class Tap(Base):
     """A validator's record, stored once. On PostgreSQL the table is partitioned by ``service_day`` (one partition a
     day, ``tap_2026_11_02``, and ``tap_default`` for days without one: backoffice.partitions, revision 0026); SQLite
@@ -337,7 +333,9 @@ class Quarantine(Base):
     tap_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # the tap a release stored (or found)
     rechecked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     recheck_reason: Mapped[str | None] = mapped_column(String(500), nullable=True)  # a release that still failed
-    received_day: Mapped[date] = mapped_column(Date, default=_received_day_default)  # UTC date of received_at
+    # The UTC date of received_at (ingest writes it); a row inserted without it gets the UTC date it is inserted on
+    # (a server default, so an insert through this class also works on a schema before revision 0026).
+    received_day: Mapped[date] = mapped_column(Date, server_default=text("CURRENT_DATE"))
 
 
 class DeviceStatus(Base):

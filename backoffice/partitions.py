@@ -34,6 +34,13 @@ holds the partition locks. A day detached to the archive is no longer in ``tap``
 wholly after that look) and counts the ones found as duplicates; a first-time late record of an archived day is
 stored in DEFAULT, listed here, and merged into the day's table when it is attached again.
 
+What the day in the key changes, and how ingest makes up for it: a record with the same device key but *other*
+content (another time, so possibly another day: a journal replaced without a new epoch, or a forgery made with the
+device's key) would not meet ``ON CONFLICT`` on another day. Ingest looks for the batch's keys under other days
+within ``backoffice.ingest.CARD_WINDOW_DAYS`` of the batch's days (one index range scan per device journal and day)
+and holds such a record as a conflict, as before. Further apart than that it is stored as a tap of its own day. The
+card counter look-up (fraud, copies) reads the same window of days (bench/ingest.py measures why).
+
 Quarantine's key (device_id, device_seq, reason, received_day): ingest looks for the same record and reason on any
 day before it adds a row (backoffice.ingest._not_yet_quarantined), under the device's advisory lock.
 """

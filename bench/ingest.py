@@ -22,6 +22,14 @@ every 20 ms) sees every row; the order of the phases turns round from one round 
   runs): device MAC, device and PSAM checks, TAC per purchase, fraud look-up by card counter, dedupe, quarantine,
   several messages per transaction, acknowledgement after commit.
 - **farebox x2**: two worker processes on one shared subscription (``$share/<group>/...``).
+
+On PostgreSQL ``tap`` is partitioned by service day (revision 0026, backoffice.partitions): before the rounds the
+bench makes ``partition_days`` day partitions (default 90, a quarter kept attached) so ingest writes into its day's
+partition with the others beside it, as in production; the farebox x2 / raw ratio is the figure "ingest into the
+partitioned table beside the bare COPY subscriber" (goal >= 0.8). After the rounds it times ingest's card counter
+look-up (``purchases_by_card_counter``: 2,000 (card, counter) pairs, the fraud check of every batch) over the
+partitioned table as ingest does it (the days within ``CARD_WINDOW_DAYS``) and over every attached day, beside the
+same SQL over an unpartitioned copy of the same rows with the same index, at 90 and at 365 attached days.
 """
 
 from __future__ import annotations
@@ -480,9 +488,106 @@ def _empty_tables(backend: Backend) -> None:
                 conn.execute(f"DELETE FROM {name}")
 
 
+PARTITION_DAYS = 90
+LOOKUP_PAIRS = 2_000
+LOOKUP_SAMPLES = 25
+
+
+def make_partitions(engine, days: int) -> int:
+    """Day partitions of tap for ``days`` days back from today (and the week ahead the migration made)."""
+    from backoffice import partitions
+
+    today = datetime.now(UTC).date()
+    for n in range(days):
+        with engine.begin() as conn:
+            partitions.make_day(conn, "tap", today - timedelta(days=n))
+    with engine.connect() as conn:
+        return len(partitions.attached(conn, "tap"))
+
+
+def _median_ms(fn, samples: int) -> float:
+    times = []
+    for _ in range(samples):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return round(statistics.median(times), 3)
+
+
+def lookup_figures(engine, more_days: int, log: Callable[[str], None]) -> dict:
+    """Ingest's card counter look-up over the partitioned tap beside the same SQL over an unpartitioned copy."""
+    from backoffice.ingest import CARD_WINDOW_DAYS, _PgCopyStore
+
+    with engine.begin() as conn:
+        pairs = {tuple(r) for r in conn.exec_driver_sql(
+            f"SELECT card_asn, card_ttc FROM tap ORDER BY random() LIMIT {LOOKUP_PAIRS}")}
+        low, high = conn.exec_driver_sql("SELECT min(service_day), max(service_day) FROM tap").one()
+        window = (low - timedelta(days=CARD_WINDOW_DAYS), high + timedelta(days=CARD_WINDOW_DAYS))
+        conn.exec_driver_sql("DROP TABLE IF EXISTS bench_tap_flat")
+        conn.exec_driver_sql("CREATE TABLE bench_tap_flat AS SELECT * FROM tap")
+        conn.exec_driver_sql("CREATE INDEX ON bench_tap_flat (card_asn, card_ttc)")
+        conn.exec_driver_sql("ANALYZE tap")
+        conn.exec_driver_sql("ANALYZE bench_tap_flat")
+    asns, ttcs = (list(x) for x in zip(*sorted(pairs), strict=True))
+    flat_sql = ("SELECT t.card_asn, t.card_ttc, t.device_id, t.device_seq, t.amount, t.terminal_id, t.terminal_seq, "
+                "t.tac, t.occurred_at, t.epoch FROM unnest(%s::text[], %s::int[]) AS q(asn, ttc) "
+                "JOIN bench_tap_flat t ON t.card_asn = q.asn AND t.card_ttc = q.ttc WHERE t.kind = 'purchase'")
+
+    def measure() -> dict:
+        with engine.connect() as conn:
+            store = _PgCopyStore(conn, copy=True)
+            pg = store.pg
+            found = len(list(store.purchases_by_card_counter(pairs, window)))
+            found_all = len(list(store.purchases_by_card_counter(pairs)))
+            flat_found = len(pg.execute(flat_sql, (asns, ttcs), prepare=False).fetchall())
+            windowed = _median_ms(lambda: list(store.purchases_by_card_counter(pairs, window)), LOOKUP_SAMPLES)
+            every_day = _median_ms(lambda: list(store.purchases_by_card_counter(pairs)), LOOKUP_SAMPLES)
+            flat = _median_ms(lambda: pg.execute(flat_sql, (asns, ttcs), prepare=False).fetchall(), LOOKUP_SAMPLES)
+            conn.rollback()
+        if not found == found_all == flat_found == len(pairs):
+            raise RuntimeError(f"card look-up found {found} / {found_all} / {flat_found} of {len(pairs)} pairs")
+        return {"pairs": len(pairs), "window_days": CARD_WINDOW_DAYS, "partitioned_ms": windowed,
+                "every_day_ms": every_day, "flat_ms": flat}
+
+    out = {}
+    with engine.connect() as conn:
+        from backoffice import partitions
+
+        out["attached_before"] = len(partitions.attached(conn, "tap"))
+    out[f"at_{out['attached_before']}"] = first = measure()
+    log(f"  card look-up, {first['pairs']} pairs: partitioned ({out['attached_before']} days) "
+        f"{first['partitioned_ms']} ms (every day: {first['every_day_ms']} ms), unpartitioned copy "
+        f"{first['flat_ms']} ms (medians of {LOOKUP_SAMPLES})")
+    if not more_days:
+        return out
+    attached = make_partitions(engine, more_days)
+    out[f"at_{attached}"] = second = measure()
+    out["attached_after"] = attached
+    log(f"  card look-up, {second['pairs']} pairs: partitioned ({attached} days) {second['partitioned_ms']} ms "
+        f"(every day: {second['every_day_ms']} ms), unpartitioned copy {second['flat_ms']} ms")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE bench_tap_flat")
+    return out
+
+
+def unpartition(engine) -> None:
+    """The baseline of the partitioning figure: tap as one table again, with the same columns, keys, indexes and
+    insert trigger (whatever later revisions put on it), so the same ingest code runs over it."""
+    with engine.begin() as conn:
+        triggers = [r[0] for r in conn.exec_driver_sql(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = 'tap'::regclass AND NOT tgisinternal")]
+        conn.exec_driver_sql("CREATE TABLE tap_flat (LIKE tap INCLUDING ALL)")
+        conn.exec_driver_sql("ALTER SEQUENCE tap_id_seq OWNED BY NONE")
+        conn.exec_driver_sql("DROP TABLE tap CASCADE")  # with its partitions (and views over it: not used here)
+        conn.exec_driver_sql("ALTER TABLE tap_flat RENAME TO tap")
+        for definition in triggers:
+            conn.exec_driver_sql(definition)
+
+
 def run_backend(backend: Backend, *, mqtt_url: str, private: bool, uid: str, validators: int, taps: int,
                 batch: int, rounds: int, window: int, timeout: float, phases=PHASES,
-                log: Callable[[str], None]) -> dict:
+                log: Callable[[str], None], partition_days: int = PARTITION_DAYS, flat: bool = False,
+                lookup_days: int = 365) -> dict:
     from backoffice.db import make_engine, upgrade
     from backoffice.ingest_consumer import WorkerSpec, run_worker
     from farebox.keys import published_test_keys  # each worker opens it: no key crosses to a process
@@ -495,6 +600,13 @@ def run_backend(backend: Backend, *, mqtt_url: str, private: bool, uid: str, val
     register(engine, fleet)
     with engine.begin() as conn:
         conn.exec_driver_sql(RAW_TABLE if backend.kind == "postgresql" else RAW_TABLE.replace("timestamptz", "text"))
+    attached = None
+    if flat:
+        unpartition(engine)
+        log("  tap as one table (unpartitioned baseline)")
+    elif backend.kind == "postgresql":
+        attached = make_partitions(engine, partition_days)
+        log(f"  tap partitioned by service day: {attached} day partitions attached")
     engine.dispose()
     scoped = f"{topics.PREFIX}/{fleet.operator}/+/taps"
     db = backend.libpq_url if backend.kind == "postgresql" else str(backend.sqlite_path)
@@ -566,6 +678,13 @@ def run_backend(backend: Backend, *, mqtt_url: str, private: bool, uid: str, val
         out[f"{phase}_taps_per_s"] = med(phase)
         out[f"{phase}_ratio_to_raw"] = round(statistics.median(per_round), 3) if per_round else None
         out[f"{phase}_ratio_per_round"] = per_round
+    out["tap_partitions_attached"] = attached
+    if backend.kind == "postgresql" and not flat and "farebox_x1" in results:
+        engine = make_engine(backend.database_url)
+        try:
+            out["card_lookup"] = lookup_figures(engine, lookup_days, log)
+        finally:
+            engine.dispose()
     return out
 
 
@@ -581,11 +700,15 @@ def _count(backend: Backend, table_name: str) -> int:
 
 GOAL_TAPS_PER_S = 30_000
 GOAL_RATIO = 0.5
+GOAL_PARTITIONED_X2 = 0.8  # issue 12: ingest into the partitioned table, two workers, beside the bare COPY subscriber
 
 
 def run(*, taps: int = 50_000, validators: int = 100, batch: int = 50, rounds: int = 3,
         backends=("postgres", "sqlite"), window: int = 500, timeout: float = 180.0, console=None,
-        results_dir=None) -> dict:
+        results_dir=None, flat_baseline: bool = False, lookup_days: int = 365) -> dict:
+    """``flat_baseline``: also run PostgreSQL with tap as one table (what partitioning costs ingest, same sitting)."""
+    if flat_baseline and "postgres" in backends:
+        backends = (*backends, "postgres_flat")
     if not 1 <= batch <= codec.MAX_RECORDS:
         raise ValueError(f"--batch must be 1 to {codec.MAX_RECORDS}")
     if taps < validators:
@@ -597,23 +720,26 @@ def run(*, taps: int = 50_000, validators: int = 100, batch: int = 50, rounds: i
     results, skipped = [], {}
     with tempfile.TemporaryDirectory(prefix="farebox_bench_ingest_") as tmp:
         for name in backends:
-            label = "PostgreSQL" if name == "postgres" else "SQLite"
+            label = {"postgres": "PostgreSQL", "postgres_flat": "PostgreSQL, tap unpartitioned"}.get(name, "SQLite")
             try:
                 with private_mosquitto(Path(tmp) / f"mqtt_{name}") as (mqtt_url, private), \
-                        (postgres(pg_url) if name == "postgres" else sqlite_file(Path(tmp) / name)) as backend:
+                        (postgres(pg_url) if name.startswith("postgres") else sqlite_file(Path(tmp) / name)) \
+                        as backend:
                     broker = "private Mosquitto (max_queued_messages 0)" if private else mqtt_url
                     log(f"[bold]ingest[/] on {label} + {broker}: {taps} taps from {validators} validators, "
                         f"run id {uid}")
                     backend.label = f"{label} + Mosquitto"
                     results.append(run_backend(backend, mqtt_url=mqtt_url, private=private, uid=uid,
                                                validators=validators, taps=taps, batch=batch, rounds=rounds,
-                                               window=window, timeout=timeout, log=log))
+                                               window=window, timeout=timeout, log=log,
+                                               flat=name == "postgres_flat", lookup_days=lookup_days))
             except Unavailable as e:
                 skipped[label] = str(e)
                 log(f"[yellow]  skipped: {e}")
     doc = {
         "params": {"taps": taps, "validators": validators, "batch": batch, "rounds": rounds, "window": window},
         "goals": {"taps_per_s": GOAL_TAPS_PER_S, "ratio_to_raw": GOAL_RATIO,
+                  "partitioned_x2_ratio_to_raw": GOAL_PARTITIONED_X2,
                   "note": "PostgreSQL + Mosquitto, 100 validators; the best of 1 and 2 workers"},
         "results": results,
         "skipped": skipped,
@@ -653,3 +779,32 @@ def print_result(console, doc: dict, path) -> None:
                 "writing it with COPY (PostgreSQL) / executemany (SQLite) into a plain table, one commit per batch. "
                 f"Timed from the first publish to the last row counted; ratios are medians of per-round ratios. "
                 f"{doc['seconds']} s. {path}"))
+    flat = next((r for r in doc["results"] if r["backend"].startswith("PostgreSQL, tap unpartitioned")), None)
+    for r in doc["results"]:
+        if flat is not None and r.get("tap_partitions_attached"):
+            console.print(f"two workers into the partitioned tap {fmt(r.get('farebox_x2_taps_per_s'))} taps/s "
+                          f"({fmt_ratio(r.get('farebox_x2_ratio_to_raw'))} of raw) beside tap as one table "
+                          f"{fmt(flat.get('farebox_x2_taps_per_s'))} taps/s "
+                          f"({fmt_ratio(flat.get('farebox_x2_ratio_to_raw'))} of its raw), one after the other")
+        if r.get("tap_partitions_attached"):
+            x2 = r.get("farebox_x2_ratio_to_raw")
+            met = "yes" if x2 is not None and x2 >= GOAL_PARTITIONED_X2 else "no"
+            console.print(f"ingest into the partitioned tap ({r['tap_partitions_attached']} day partitions attached) "
+                          f"beside the bare COPY subscriber, two workers: {fmt(r.get('farebox_x2_taps_per_s'))} "
+                          f"taps/s vs {fmt(r['raw_taps_per_s'])} taps/s = [bold]{fmt_ratio(x2)}[/] "
+                          f"(per round {r.get('farebox_x2_ratio_per_round')}; goal >= {GOAL_PARTITIONED_X2}x: {met})")
+        look = r.get("card_lookup")
+        if look:
+            rows = [[f"{k[3:]} days attached", str(v["pairs"]), f"{v['partitioned_ms']:.2f}",
+                     f"{v['every_day_ms']:.2f}", f"{v['flat_ms']:.2f}",
+                     fmt_ratio(ratio(v["partitioned_ms"], v["flat_ms"])),
+                     fmt_ratio(ratio(v["every_day_ms"], v["flat_ms"]))]
+                    for k, v in look.items() if k.startswith("at_")]
+            days = next(v["window_days"] for k, v in look.items() if k.startswith("at_"))
+            console.print(table("ingest's card counter look-up (the fraud check of each transaction): partitioned "
+                                "tap beside an unpartitioned copy of the same rows and index",
+                                ["tap", "pairs", f"ingest (days +-{days}) ms", "every day ms", "unpartitioned ms",
+                                 "ingest / unpartitioned", "every day / unpartitioned"],
+                                rows, caption=f"medians of {LOOKUP_SAMPLES} runs "
+                                              "(backoffice.ingest._PgCopyStore.purchases_by_card_counter; the "
+                                              "unpartitioned copy with the same SQL)"))

@@ -10,6 +10,7 @@ Default: 300,000 taps (seconds). ``FAREBOX_SOAK=1``: 3,000,000 taps (the "few mi
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -98,7 +99,9 @@ def test_upgrade_moves_every_row_into_day_partitions_and_downgrade_moves_them_ba
         with engine.begin() as conn:
             _fill(conn)
             max_id = conn.execute(text("SELECT max(id) FROM tap")).scalar()
+        started = time.perf_counter()
         _migrate(engine, "upgrade", REVISION)
+        print(f"\nupgrade of {TAPS:,} taps and {QUARANTINED:,} quarantine rows: {time.perf_counter() - started:.1f} s")
         with engine.connect() as conn:
             assert conn.execute(text("SELECT relkind FROM pg_class WHERE relname = 'tap'")).scalar() == "p"
             assert _missing(conn) == {"tap": 0, "quarantine": 0}
@@ -133,7 +136,9 @@ def test_upgrade_moves_every_row_into_day_partitions_and_downgrade_moves_them_ba
                 "'00', 1, 1, 0, 0, '0', 0, '0', '', current_date) RETURNING id")).scalar()
             assert new_id > max_id
             conn.execute(text("DELETE FROM tap WHERE id = :i"), {"i": new_id})
+        started = time.perf_counter()
         _migrate(engine, "downgrade", BEFORE)
+        print(f"downgrade: {time.perf_counter() - started:.1f} s")
         with engine.connect() as conn:
             assert conn.execute(text("SELECT relkind FROM pg_class WHERE relname = 'tap'")).scalar() == "r"
             assert _missing(conn) == {"tap": 0, "quarantine": 0}

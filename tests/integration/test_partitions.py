@@ -340,3 +340,22 @@ def test_cli_list_make_detach_attach(engine, pg_schema_url):
     assert back.returncode == 0, back.stderr
     assert "attached 2026-11-02: 5 row(s) in tap_2026_11_02" in back.stdout
     assert sql(engine, "SELECT count(*), sum(amount) FROM tap_2026_11_02") == [(5, 1000)]
+
+
+def test_same_key_with_other_content_on_another_day_is_a_conflict_not_a_second_row(engine):
+    with engine.begin() as conn:
+        for d in (DAY, DAY + timedelta(days=1)):
+            partitions.make_day(conn, "tap", d)
+    original = day_batch(DAY, [5])
+    assert ingest(engine, original).stored == 1
+    # the same device key (journal 0, seq 5) with another time, a day later: a journal replaced without a new epoch
+    replaced = day_batch(DAY + timedelta(days=1), [5])
+    result = ingest(engine, replaced)
+    assert (result.stored, result.duplicates, result.quarantined) == (0, 0, 1)
+    assert sql(engine, "SELECT count(*) FROM tap WHERE device_id = :d AND device_seq = 5", d=DEV) == [(1,)]
+    reasons = [r[0] for r in sql(engine, "SELECT reason FROM quarantine")]
+    assert len(reasons) == 1 and reasons[0].startswith("conflict: device dev_p1 journal 0 seq 5") and \
+        "occurred_at" in reasons[0]
+    # both in one message: the first is stored, the second held
+    both = ingest(engine, day_batch(DAY, [6]) + day_batch(DAY + timedelta(days=1), [6]))
+    assert (both.stored, both.quarantined) == (1, 1)

@@ -53,6 +53,7 @@ class _Spec:
     key_name: str
     indexes: tuple[tuple[str, tuple[str, ...]], ...]
     fks: tuple[tuple[str, str, str, str], ...] = ()  # (name, column, referred table, referred column)
+    day_default: str = ""  # the day column's default (SQL), for a row inserted without it
 
 
 TAP = _Spec(
@@ -73,6 +74,7 @@ QUARANTINE = _Spec(
     check_sum="coalesce(sum(length(payload)), 0)",
     key=("device_id", "device_seq", "reason"), key_name="uq_quarantine_record_reason",
     indexes=(("ix_quarantine_received_at", ("received_at",)), ("ix_quarantine_status", ("status", "id"))),
+    day_default="((now() AT TIME ZONE 'UTC')::date)",  # the UTC date it is inserted on
 )
 
 
@@ -141,6 +143,8 @@ def _partition(conn, spec: _Spec) -> None:
         _q(conn, f"CREATE TABLE {t}_{day:%Y_%m_%d} PARTITION OF {new} "
                  f"FOR VALUES FROM ('{day.isoformat()}') TO ('{(day + timedelta(days=1)).isoformat()}')")
     _q(conn, f"CREATE TABLE {t}_default PARTITION OF {new} DEFAULT")
+    if spec.day_default:
+        _q(conn, f"ALTER TABLE {new} ALTER COLUMN {spec.day} SET DEFAULT {spec.day_default}")
     _copy_in_chunks(conn, old, new, [*columns, spec.day],
                     ", ".join([*(f"t.{c}" for c in columns), spec.day_sql]), spec.join_sql)
     before, after = _figures(conn, old, spec), _figures(conn, new, spec)
@@ -209,8 +213,9 @@ def _sqlite_upgrade(conn) -> None:
         batch.create_unique_constraint(TAP.key_name, [*TAP.key, TAP.day])
     op.execute("ALTER TABLE quarantine ADD COLUMN received_day DATE")
     op.execute("UPDATE quarantine SET received_day = date(received_at)")  # stored as UTC text
-    with op.batch_alter_table("quarantine") as batch:
-        batch.alter_column("received_day", existing_type=sa.Date, nullable=False)
+    with op.batch_alter_table("quarantine") as batch:  # SQLite's CURRENT_DATE is UTC
+        batch.alter_column("received_day", existing_type=sa.Date, nullable=False,
+                           server_default=sa.text("CURRENT_DATE"))
         batch.drop_constraint(QUARANTINE.key_name, type_="unique")
         batch.create_unique_constraint(QUARANTINE.key_name, [*QUARANTINE.key, QUARANTINE.day])
 
