@@ -247,9 +247,9 @@ def test_the_clearing_revision_upgrades_from_the_previous_one_and_back(request, 
             command.upgrade(cfg, "2026_11_22_0004")
         with engine.begin() as conn:
             cr.set_commission_rate(conn, operator=OP, rate_bp=50, valid_from=DAY)
-        with engine.begin() as conn:  # runs claim taps since revision 0012 (tap.clearing_run_id)
+        with engine.begin() as conn:  # runs claim taps since revision 0012 (tap.clearing_run_id), by block since 0027
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "2026_12_03_0012")
+            command.upgrade(cfg, "2026_12_03_0027")
         with engine.begin() as conn:
             assert cr.clear_day(conn, operator=OP, day=DAY, now=NEXT).totals["day_taps"] == 0
         with engine.begin() as conn:
