@@ -11,9 +11,7 @@ The parent speaks to a district over a multiprocessing pipe: it sends the distri
 connects its buses and says ``ready``; on ``go`` it rides its taps in the day's order on its own simulated clock
 (as fast as the code goes: the day is accelerated), reports progress, waits until the back office has acknowledged
 every record of its journals and says ``ridden``; on ``stop`` the buses sign off (goodbye, DISCONNECT) and it
-reports the cards' final balances and what the journals hold; then, given the back office's database URL, it reads
-the book of each of its cards (backoffice.cards.ledger.card_ledger, as the small demo does) and says how many
-agree with the chip, while the parent clears the day: the districts share the cards' ledgers between them.
+reports the cards' final balances and what the journals hold.
 
 This module imports only the validator side (no back office, no pandas): each district is a fresh interpreter.
 """
@@ -160,9 +158,6 @@ def run_district(d: District, conn, connect_timeout: float = 60.0, drain_timeout
         now[0] = (d.taps[-1].at if d.taps else now[0]) + timedelta(minutes=5)  # switched off at the depot
         goodbyes = sum(bus.uplink.stop(goodbye_timeout=5.0) for bus in buses.values())
         conn.send(("final", _final(buses, riders, goodbyes)))
-        database_url = conn.recv()
-        if database_url:
-            conn.send(("books", card_books(database_url, riders)))
     finally:
         for bus in buses.values():
             bus.uplink.stop(goodbye_timeout=0.5)  # does nothing after a clean stop above
@@ -221,20 +216,3 @@ def _final(buses: dict[int, _Bus], riders: dict[bytes, SimCard], goodbyes: int) 
                  batches_sent=sum(b.uplink.batches_sent for b in buses.values()),
                  resends=sum(b.uplink.resends for b in buses.values()), goodbyes=goodbyes)
 
-
-def card_books(database_url: str, riders: dict[bytes, SimCard]) -> tuple[int, int, int]:
-    """(cards, whose book balance equals what the chip holds now, whose ledger has no findings)."""
-    from backoffice.cards.ledger import card_ledger  # the back office only here: the ride does not need it
-    from backoffice.db import make_engine
-
-    engine = make_engine(database_url)
-    equal = clean = 0
-    try:
-        with engine.connect() as conn:
-            for asn, card in riders.items():
-                ledger = card_ledger(conn, asn=asn.hex())
-                equal += ledger.balance + ledger.refunds == card.balance
-                clean += not ledger.findings
-    finally:
-        engine.dispose()
-    return len(riders), equal, clean

@@ -76,8 +76,7 @@ class Stages:
     clearing_seconds: float = 0.0  # clear the day and store the run
     report_seconds: float = 0.0  # PDF, CSV, XLSX of the stored run
     audit_seconds: float = 0.0
-    books_seconds: float = 0.0  # the districts' card books, read while the day was cleared and audited
-    books_wait_seconds: float = 0.0  # of which, waited for after the audit
+    books_seconds: float = 0.0  # every card's ledger against its chip
 
     @staticmethod
     def rate(n: int, seconds: float) -> float:
@@ -255,9 +254,7 @@ def _run(settings, run_dir, tag, seed, day, n_buses, riders_per_bus, trips_per_h
         ingest.stop()
         if broker:
             broker.stop()
-        for p in pipes:  # each district reads its cards' books while the day is cleared here
-            p.send(database_url)
-        return _close_day(settings, engine, plan, run_dir, ridden, finals, pipes, console, started, audit_books,
+        return _close_day(settings, engine, plan, run_dir, ridden, finals, console, started, audit_books,
                           _count_rows, _print_audit, _print_books, _print_serve, COMMISSION_BP)
     finally:
         for p in pipes:
@@ -336,7 +333,7 @@ def _follow(pipes, total: int, console) -> list[Ridden]:
     return [done[i] for i in range(len(pipes))]
 
 
-def _close_day(settings, engine, plan, run_dir, ridden, finals, pipes, console, started, audit_books, count_rows,
+def _close_day(settings, engine, plan, run_dir, ridden, finals, console, started, audit_books, count_rows,
                print_audit, print_books, print_serve, commission_bp) -> CityResult:
     from backoffice import clearing_runs
     from backoffice.models import Tap
@@ -363,7 +360,7 @@ def _close_day(settings, engine, plan, run_dir, ridden, finals, pipes, console, 
         stages.stored_seconds = (_utc(received_last) - _utc(received_first)).total_seconds()
 
     now = datetime.now(UTC)
-    books_started = t = time.monotonic()
+    t = time.monotonic()
     with engine.begin() as conn:  # clear the day and store the run, as settle does for a new day
         run = clearing_runs.clear_day(conn, operator=plan.operator, day=plan.day, now=now)
         clearing_runs.reconcile_shifts_day(conn, operator=plan.operator, day=plan.day, now=now)
@@ -383,11 +380,8 @@ def _close_day(settings, engine, plan, run_dir, ridden, finals, pipes, console, 
     for f in finals:
         balances.update(f.balances)
     t = time.monotonic()
-    books = (0, 0, 0)
-    for share in _gather(pipes, "books", 600):  # the districts read their cards' books meanwhile
-        books = tuple(a + b for a, b in zip(books, share, strict=True))
-    stages.books_seconds = time.monotonic() - books_started
-    stages.books_wait_seconds = time.monotonic() - t
+    books = _card_books(engine, plan, balances)
+    stages.books_seconds = time.monotonic() - t
     outcomes: dict[str, int] = {}
     for r in ridden:
         for k, v in r.outcomes.items():
@@ -408,6 +402,21 @@ def _close_day(settings, engine, plan, run_dir, ridden, finals, pipes, console, 
     console.print(f"took {city.seconds:.1f} s")
     print_serve(console, settings, plan)
     return city
+
+
+def _card_books(engine, plan: CityPlan, balances: dict[str, int]) -> tuple[int, int, int]:
+    """(cards, whose book balance equals what the chip holds now, whose ledger has no findings), as the small demo
+    reads them. Read here, not in the districts: ten processes reading ledgers beside the clearing run on two cores
+    took 85 s and made the clearing 67 s (60,797 taps); one after the other, 20,000 ledgers took 19 s."""
+    from backoffice.cards.ledger import card_ledger
+
+    equal = clean = 0
+    with engine.connect() as conn:
+        for c in plan.cards:
+            ledger = card_ledger(conn, asn=c.asn.hex())
+            equal += ledger.balance + ledger.refunds == balances[c.asn.hex()]
+            clean += not ledger.findings
+    return len(plan.cards), equal, clean
 
 
 def _utc(value: datetime) -> datetime:
@@ -448,7 +457,7 @@ def _print_stages(console: Console, s: Stages) -> None:
     table.add_row("clearing: clear the day, store the run", "", f"{s.clearing_seconds:.1f}", "")
     table.add_row("reports: PDF, CSV, XLSX", "", f"{s.report_seconds:.1f}", "")
     table.add_row("audit: re-derive the run from the raw tables", "", f"{s.audit_seconds:.1f}", "")
-    table.add_row("card books: every card's ledger (in the districts)", "", f"{s.books_seconds:.1f}", "")
+    table.add_row("card books: every card's ledger", "", f"{s.books_seconds:.1f}", "")
     console.print(table)
     if s.resends:
         console.print(f"({s.resends} of the messages were resends: an acknowledgement not back within the timeout)")
