@@ -4,8 +4,10 @@ PDF, CSV, XLSX) beside a baseline in the same sitting: COPY the day's rows out (
 GROUP BY per breakdown (route, vehicle, driver, card type, hour).
 
 The day is written with COPY into a fresh database (``CREATE DATABASE farebox_bench_<pid>_<hex>``, dropped
-afterwards), migrated by Alembic as the back office's is. Each size clears the same day ``repeat`` times: a run's
-claim is undone between repeats (its row deleted, its taps released), then ``VACUUM ANALYZE``. Peak memory is the
+afterwards), migrated by Alembic as the back office's is, with the bench day's partitions. Each size clears the
+same day ``repeat`` times (3, and 2 from 10 M taps up): a run is undone between repeats (its row deleted, the taps it
+claimed one by one released; its block of the day is only its watermark), then ``VACUUM ANALYZE``. ``claim_s`` is
+``clearing_runs.claim_taps``'s share (before revision 0027 an UPDATE of every tap, 812 s of 869 s at 10 M). Peak memory is the
 process's peak RSS during the settle (``/proc/self/status`` VmHWM, reset through ``/proc/self/clear_refs``).
 Nothing is asserted: figures go to ``bench/results/city.json``.
 """
