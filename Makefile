@@ -64,7 +64,7 @@ test: venv
 	@scripts/ensure-services.sh
 	$(BIN)/pytest -q -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
 
-# The long variants of the reliability tests (about 15-25 minutes here); `make test` runs the short ones.
+# The long variants of the reliability tests (about 40-50 minutes here); `make test` runs the short ones.
 soak: venv
 	@scripts/ensure-services.sh
 	FAREBOX_WIRE_FUZZ=2000000 $(BIN)/pytest -q -p no:cacheprovider tests/reliability/test_wire_fuzz.py
@@ -75,6 +75,9 @@ soak: venv
 	  tests/reliability/test_broker_restart.py tests/reliability/test_live_garbage.py \
 	  tests/reliability/test_ingest_workers.py tests/reliability/test_clearing_race.py \
 	  tests/integration/test_new_company.py
+	FAREBOX_SOAK=1 $(BIN)/pytest -q -s -p no:cacheprovider tests/reliability/test_cluster_failures.py
+	FAREBOX_NATS_VALIDATORS=500 $(BIN)/pytest -q -s -p no:cacheprovider tests/integration/test_nats_cluster.py -k loses
+	FAREBOX_SOAK=1 $(BIN)/pytest -q -p no:cacheprovider tests/e2e/test_demo_city.py
 
 bench: venv
 	$(BIN)/python -m bench
