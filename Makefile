@@ -78,6 +78,7 @@ soak: venv
 	FAREBOX_SOAK=1 $(BIN)/pytest -q -s -p no:cacheprovider tests/reliability/test_cluster_failures.py
 	FAREBOX_NATS_VALIDATORS=500 $(BIN)/pytest -q -s -p no:cacheprovider tests/integration/test_nats_cluster.py -k loses
 	FAREBOX_SOAK=1 $(BIN)/pytest -q -p no:cacheprovider tests/e2e/test_demo_city.py
+	FAREBOX_SOAK=1 $(BIN)/pytest -q -s -p no:cacheprovider tests/integration/test_partition_migration.py -k upgrade_moves
 
 bench: venv
 	$(BIN)/python -m bench

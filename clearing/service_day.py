@@ -77,6 +77,14 @@ def day_bounds(
     )
 
 
+def last_closed_day(now: datetime, tz: str = DEFAULT_TZ, cutoff_hour: int = DEFAULT_CUTOFF_HOUR) -> date:
+    """The latest service day that has ended at ``now`` (aware). Between midnight and the cut-off the calendar's
+    yesterday is still running: at 01:00 local on the 4th the latest closed day is the 2nd, not the 3rd."""
+    _check_cutoff(cutoff_hour)
+    running = (now.astimezone(ZoneInfo(tz)) - timedelta(hours=cutoff_hour)).date()
+    return running - timedelta(days=1)
+
+
 def local_time(at: datetime | None, tz: str = DEFAULT_TZ, fmt: str = "%Y-%m-%d %H:%M") -> str:
     """A moment as a person in ``tz`` reads it (the operator's zone): what pages, the CLI, PDFs and spreadsheets
     show. A naive datetime is UTC (SQLite hands stored UTC back naive); None -> "-". The API keeps UTC with offset."""

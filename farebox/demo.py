@@ -58,6 +58,7 @@ from backoffice.status_consumer import StatusConsumer
 from epurse.apdu import ALG_3DES, ALG_SM4
 from epurse.cardtypes import CardType
 from clearing.money import yuan
+from clearing.service_day import last_closed_day
 from epurse.keys import TEST_ISSUER_KEYS
 from farebox import bootstrap
 from farebox.broker import EmbeddedBroker
@@ -360,7 +361,7 @@ def run_demo(settings: Settings, *, seed: int = 7, day: date | None = None, ride
 
 
 def _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, started) -> DemoResult:
-    day = day or (datetime.now(ZoneInfo("Asia/Shanghai")) - timedelta(days=1)).date()
+    day = day or last_closed_day(datetime.now(UTC))
     plan = plan_city(tag=tag, day=day, seed=seed, riders=riders)
     console.print(f"[bold]farebox demo[/]: {plan.operator_name}, service day {day} (run {tag})")
     console.print(f"{len(plan.routes)} routes, {len(plan.buses)} buses with validators, {len(plan.drivers)} drivers, "

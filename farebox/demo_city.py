@@ -35,7 +35,6 @@ import subprocess
 import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -43,6 +42,7 @@ from rich.table import Table
 from sqlalchemy import func, select
 
 from clearing.money import yuan
+from clearing.service_day import last_closed_day
 from farebox import bootstrap
 from farebox.city_buses import District, Ridden, rider_card, run_district
 from farebox.config import Settings
@@ -196,7 +196,7 @@ def _run(settings, run_dir, tag, seed, day, n_buses, riders_per_bus, trips_per_h
     from farebox.demo import COMMISSION_BP, IngestProcess, _count_rows, _issue_cards, _print_audit, _print_books, \
         _print_serve, _seed_registry
 
-    day = day or (datetime.now(ZoneInfo("Asia/Shanghai")) - timedelta(days=1)).date()
+    day = day or last_closed_day(datetime.now(UTC))
     plan = plan_large_city(tag=tag, day=day, seed=seed, buses=n_buses, riders_per_bus=riders_per_bus,
                            trips_per_hour=trips_per_hour, district=district)
     districts = (n_buses + district - 1) // district
