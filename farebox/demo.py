@@ -25,6 +25,7 @@ a clerk's token.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -347,14 +348,20 @@ def run_demo(settings: Settings, *, seed: int = 7, day: date | None = None, ride
     tag = secrets.token_hex(3)
     run_dir = (settings.var_dir / "demo" / tag).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    # The console shows progress; the details (reconnects, quarantine reasons) go to the run's own log file.
+    with run_log(run_dir):
+        return _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, started)
+
+
+@contextlib.contextmanager
+def run_log(run_dir: Path):
+    """The console shows progress; the details (reconnects, quarantine reasons) go to the run's own log file."""
     log_file = logging.FileHandler(run_dir / "demo.log")
     log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(log_file)
     root.setLevel(logging.INFO)
     try:
-        return _run(settings, run_dir, tag, seed, day, riders, kill_ingest_at, console, started)
+        yield
     finally:
         root.removeHandler(log_file)
         log_file.close()

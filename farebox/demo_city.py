@@ -165,7 +165,7 @@ def city_settings(settings: Settings) -> Settings:
 def run_city(settings: Settings, *, buses: int = 1000, seed: int = 7, day: date | None = None,
              riders_per_bus: int = RIDERS_PER_BUS, trips_per_hour: float = TRIPS_PER_HOUR, district: int = DISTRICT,
              ingest_workers: int = 1, console: Console | None = None) -> CityResult:
-    from farebox.demo import demo_console
+    from farebox.demo import demo_console, run_log
 
     console = console or demo_console()
     settings = city_settings(settings)
@@ -173,20 +173,12 @@ def run_city(settings: Settings, *, buses: int = 1000, seed: int = 7, day: date 
     tag = secrets.token_hex(3)
     run_dir = (settings.var_dir / "runs" / tag).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    log_file = logging.FileHandler(run_dir / "demo.log")
-    log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(log_file)
-    root.setLevel(logging.INFO)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:  # the children inherit it: Mosquitto holds a descriptor per bus
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
+    with run_log(run_dir):
         return _run(settings, run_dir, tag, seed, day, buses, riders_per_bus, trips_per_hour, district,
                     ingest_workers, console, started)
-    finally:
-        root.removeHandler(log_file)
-        log_file.close()
 
 
 def _run(settings, run_dir, tag, seed, day, n_buses, riders_per_bus, trips_per_hour, district, ingest_workers,
