@@ -373,7 +373,8 @@ def test_revisions_0025_and_0023_downgrade_alone_and_back(db, request, tmp_path)
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "2026_12_03_0025@-1")  # the shop's codes (0025, on top of 0023) alone
+        # the shop's codes (0025, on top of 0023) and what came after them on that line (0026 partitions, 0027 claims)
+        command.downgrade(cfg, "2026_12_03_0023")
     reflected = MetaData()
     reflected.reflect(engine)
     assert not {"shop_code", "shop_rate_event"} & set(reflected.tables)
