@@ -148,13 +148,18 @@ def _click_and_wait(driver, element, css: str) -> None:
 
 
 def _downloaded(driver, suffix: str, before: set[str]) -> Path:
-    """The file the browser saved after a click on a download link."""
+    """The file the browser saved after a click on a download link, once it is whole: seen under its final name
+    with the same non-zero size twice 0.2 s apart (CI once read an XLSX that was still being written: BadZipFile)."""
     deadline = time.monotonic() + 30
+    last = None
     while time.monotonic() < deadline:
         new = [p for p in driver.downloads.iterdir() if p.name not in before and p.name.endswith(suffix)]
         if new:
-            return new[0]
-        time.sleep(0.1)
+            size = new[0].stat().st_size
+            if size and size == last:
+                return new[0]
+            last = size
+        time.sleep(0.2)
     raise AssertionError(f"no {suffix} download in {sorted(p.name for p in driver.downloads.iterdir())}")
 
 
