@@ -363,7 +363,8 @@ def test_counter_staff_issue_top_up_lose_refund_and_settle_an_ota_order(counter,
     assert _sql(db, "SELECT status FROM card_load WHERE order_id = ?", order) == [("void",)]
     driver.find_element(By.ID, "refund-why").send_keys("乘客改为柜台充值")
     driver.find_element(By.ID, "refund").click()
-    _wait_for(driver, "#done")
+    # The retry's page also had #done: wait for the refund's own page (a read of the old one went stale in CI).
+    _wait_text(driver, "#order-state", "已退款")
     assert driver.find_element(By.ID, "order-state").text.startswith("已退款")
     assert _sql(db, "SELECT status FROM topup_order WHERE order_id = ?", order) == [("refunded",)]
     assert rider.balance == 1200  # the stuck MAC2 never loaded, and nothing else touched the SIM's money
