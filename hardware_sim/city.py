@@ -132,6 +132,19 @@ def _asn(tag: str, kind: int, n: int) -> bytes:
     return bytes.fromhex(f"{tag}{kind:04d}{n:010d}")
 
 
+def _bus_day(rng, at, bus: int, start: float, end: float, trips_per_hour: float, cards) -> list[Tap]:
+    """One bus's day: the driver signs in at ``start`` and out at ``end`` (hours), riders from ``cards`` tap at
+    random stops between, twice as often in the rush hours."""
+    taps = [Tap(at(start), bus, None), Tap(at(end), bus, None)]  # sign in, sign out
+    hour = start + 0.05
+    while hour < end - 0.05:
+        rush = 2.0 if 7 <= hour < 9 or 17 <= hour < 19 else 1.0
+        hour += rng.expovariate(trips_per_hour * rush)
+        if hour < end - 0.05:
+            taps.append(Tap(at(hour), bus, rng.choice(cards).asn))
+    return taps
+
+
 def plan_city(*, tag: str, day: date, seed: int = 7, riders: int = 200, buses: int = 6,
               trips_per_hour: float = 12.0, tz: str = "Asia/Shanghai") -> CityPlan:
     """The demo city. ``tag`` (6 hex digits) keeps this run's codes, staff numbers and card numbers apart from
@@ -166,14 +179,7 @@ def plan_city(*, tag: str, day: date, seed: int = 7, riders: int = 200, buses: i
     taps: list[Tap] = []
     for b in range(buses):
         start, end = 6.0 + rng.random() * 0.5, 21.5 + rng.random()
-        taps.append(Tap(at(start), b, None))  # sign in
-        taps.append(Tap(at(end), b, None))  # sign out
-        hour = start + 0.05
-        while hour < end - 0.05:
-            rush = 2.0 if 7 <= hour < 9 or 17 <= hour < 19 else 1.0
-            hour += rng.expovariate(trips_per_hour * rush)
-            if hour < end - 0.05:
-                taps.append(Tap(at(hour), b, rng.choice(cards).asn))
+        taps += _bus_day(rng, at, b, start, end, trips_per_hour, cards)
     # The deny-listed card tries its luck twice.
     taps += [Tap(at(8.25), 0, cards[7].asn), Tap(at(17.5), 3, cards[7].asn)]
     taps.sort(key=lambda t: (t.at, t.bus))
@@ -252,14 +258,7 @@ def plan_large_city(*, tag: str, day: date, seed: int = 7, buses: int = 1000, ri
         first = (b // district) * per_district
         pool = cards[first:first + per_district]
         start, end = 5.5 + rng.random(), 21.5 + rng.random()
-        taps.append(Tap(at(start), b, None))  # sign in
-        taps.append(Tap(at(end), b, None))  # sign out
-        hour = start + 0.05
-        while hour < end - 0.05:
-            rush = 2.0 if 7 <= hour < 9 or 17 <= hour < 19 else 1.0
-            hour += rng.expovariate(trips_per_hour * rush)
-            if hour < end - 0.05:
-                taps.append(Tap(at(hour), b, rng.choice(pool).asn))
+        taps += _bus_day(rng, at, b, start, end, trips_per_hour, pool)
     taps.sort(key=lambda t: (t.at, t.bus))
     outages = tuple(Outage(b, at(9.0), at(13.0)) for b in range(2, buses, 100))
     return CityPlan(operator=f"{tag}_bus", operator_name="示例公交 Example City Bus Co.", tz=tz, day=day,
